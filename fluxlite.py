@@ -1,0 +1,1823 @@
+# fluxlite — an event-sourced data store in one file, on stdlib sqlite3.
+#
+# Copyright (c) 2026 the fluxlite developers
+#
+# Permission is hereby granted, free of charge, to any person obtaining a copy
+# of this software and associated documentation files (the "Software"), to deal
+# in the Software without restriction, including without limitation the rights
+# to use, copy, modify, merge, publish, distribute, sublicense, and/or sell
+# copies of the Software, and to permit persons to whom the Software is
+# furnished to do so, subject to the following conditions:
+#
+# The above copyright notice and this permission notice shall be included in
+# all copies or substantial portions of the Software.
+#
+# THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+# IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+# FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+# AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+# LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+# OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+# SOFTWARE.
+#
+# Keep this header when you copy the file into your project.
+"""fluxlite: Redux's model for your data layer, in one file on SQLite.
+
+Dispatch events; pure reducers turn each event into a changeset of row
+operations; the event and its changes commit in one transaction; subscribers
+hear about it after commit; the log is kept, so the past can be replayed.
+
+Quick start (run by the test suite, so it stays true)::
+
+    >>> import fluxlite
+    >>> def reducer(view, event):
+    ...     if event.type == "addUser":
+    ...         return view.users.insert(name=event.payload["name"], role=None)
+    ...     if event.type == "grantAccess":
+    ...         return view.users.update(event.payload["name"], role=event.payload["role"])
+    >>> store = fluxlite.open(":memory:",
+    ...     schema="CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT)",
+    ...     reducer=reducer)
+    >>> event = store.dispatch("addUser", {"name": "Barack"})
+    >>> event.seq, event.type
+    (1, 'addUser')
+    >>> _ = store.dispatch("grantAccess", {"name": "Barack", "role": "President"})
+    >>> store.view.users.get("Barack")
+    {'name': 'Barack', 'role': 'President'}
+    >>> store.verify()   # replaying the log gives exactly the live tables
+    >>> store.close()
+
+Map of this file, in dependency order:
+
+    1. constants and pragmas
+    2. exceptions
+    3. value types: Event, Change
+    4. private helpers: JSON, time, identifiers, SQL splitting
+    5. connection and transactions (_connect, _write_txn)
+    6. schema: checking the user's DDL, reading table shapes
+    7. the read model: applying changesets, the journal, reads (_Model)
+    8. views and tables (View, Table) and reducer helpers (combine)
+    9. the store (Store): dispatch, subscribers, the log, verify
+   10. middleware (authorize)
+   11. open()
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__license__ = "MIT"
+
+__all__ = [
+    "Change",
+    "ChangesetError",
+    "Conflict",
+    "Event",
+    "FluxliteError",
+    "Forbidden",
+    "InvalidEvent",
+    "QueryError",
+    "ReducerError",
+    "Rejected",
+    "ReplayMismatch",
+    "SchemaError",
+    "Store",
+    "Table",
+    "UsageError",
+    "View",
+    "authorize",
+    "combine",
+    "open",
+]
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import sqlite3
+import threading
+import uuid
+from datetime import datetime, timezone
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+_log = logging.getLogger("fluxlite")
+
+###############################################################################
+# 1. Constants and pragmas
+###############################################################################
+
+#: On-disk format. Stored in ``PRAGMA user_version``; a file with a higher
+#: number was written by a newer fluxlite and is refused.
+FORMAT_VERSION = 1
+#: ``PRAGMA application_id``: the ASCII bytes "FLXT", so tools can tell a
+#: fluxlite file from any other SQLite file.
+APPLICATION_ID = 0x464C5854
+
+_DURABILITY = {"full": "FULL", "normal": "NORMAL"}
+
+# Applied by _connect() to every connection, in this order. synchronous is
+# added per store, from its durability (it is per connection, not in the file).
+DEFAULT_PRAGMAS: Dict[str, Any] = {
+    "busy_timeout": 10_000,  # ms a writer waits for another process's lock
+    "journal_mode": "wal",
+    "foreign_keys": "on",
+}
+
+_LOG_DDL = (
+    """CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        payload TEXT,
+        meta TEXT,
+        ts TEXT NOT NULL
+    )""",
+    "CREATE INDEX fluxlite_events_type ON events (type, seq)",
+    # The log is append-only, for anyone holding the file: the sqlite3 shell too.
+    """CREATE TRIGGER fluxlite_events_no_update BEFORE UPDATE ON events
+       BEGIN SELECT RAISE(ABORT, 'fluxlite: the events log is append-only; UPDATE is refused'); END""",
+    """CREATE TRIGGER fluxlite_events_no_delete BEFORE DELETE ON events
+       BEGIN SELECT RAISE(ABORT, 'fluxlite: the events log is append-only; DELETE is refused'); END""",
+    # Every row change, with the whole row before and after: row history and
+    # the past without replaying, and the changes of events written elsewhere.
+    """CREATE TABLE fluxlite_journal (
+        seq INTEGER NOT NULL,
+        n INTEGER NOT NULL,
+        tbl TEXT NOT NULL,
+        key TEXT NOT NULL,
+        op TEXT NOT NULL,
+        before TEXT,
+        after TEXT,
+        PRIMARY KEY (seq, n)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX fluxlite_journal_row ON fluxlite_journal (tbl, key, seq)",
+    "CREATE TABLE fluxlite_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+)
+
+_OPS = ("insert", "update", "upsert", "delete")
+_RESERVED_TABLE = re.compile(r"^(events|fluxlite_.*|sqlite_.*)$", re.IGNORECASE)
+_ALLOWED_DDL = re.compile(r"^CREATE\s+(TABLE|(UNIQUE\s+)?INDEX)\b", re.IGNORECASE)
+
+# sqlite3 authorizer action codes allowed in read-only queries: READ, SELECT,
+# FUNCTION, RECURSIVE (numbers, since Python 3.9 lacks some of the names).
+_READ_ACTIONS = frozenset({20, 21, 31, 33})
+_SQLITE_READ = 20
+_READONLY_TAG = "\n/* fluxlite:read-only */"
+_PAGE = 512  # rows fetched per query when streaming the log
+
+###############################################################################
+# 2. Exceptions
+###############################################################################
+
+
+class FluxliteError(Exception):
+    """Root of every error fluxlite raises on purpose."""
+
+
+class InvalidEvent(FluxliteError):
+    """An event is malformed: bad type, id, payload or meta."""
+
+
+class Rejected(FluxliteError):
+    """Raised by a reducer to refuse an event; nothing is written."""
+
+
+class ReducerError(FluxliteError):
+    """A reducer raised something other than a FluxliteError; see __cause__."""
+
+
+class Forbidden(FluxliteError):
+    """Access control refused an event for its actor; nothing is written."""
+
+
+class ChangesetError(FluxliteError):
+    """A changeset is malformed or cannot be applied to the read model."""
+
+
+class Conflict(FluxliteError):
+    """An id was reused with other content, or expect_seq did not match."""
+
+
+class SchemaError(FluxliteError):
+    """The schema DDL or the file itself is not acceptable."""
+
+
+class QueryError(FluxliteError):
+    """A read-only query was refused or failed."""
+
+
+class ReplayMismatch(FluxliteError):
+    """Replaying the log did not reproduce the live read model."""
+
+
+class UsageError(FluxliteError):
+    """An API was used against its rules (closed store, dispatch in a reducer)."""
+
+
+###############################################################################
+# 3. Value types
+###############################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One committed event: the log's unit. Immutable.
+
+    ``payload`` and ``meta`` are the values as stored (after the JSON round
+    trip), so reducers see the same input live and in replay. ``ts`` is a
+    timezone-aware UTC datetime that never decreases along ``seq``.
+    """
+
+    seq: int
+    id: str
+    type: str
+    payload: Any
+    meta: Dict[str, Any]
+    ts: datetime
+
+    @property
+    def actor(self) -> Optional[str]:
+        """``meta["actor"]``: who dispatched the event, if known."""
+        return self.meta.get("actor")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-ready dict: seq, id, type, payload, meta, ts (ISO-8601)."""
+        return {
+            "seq": self.seq,
+            "id": self.id,
+            "type": self.type,
+            "payload": self.payload,
+            "meta": self.meta,
+            "ts": _format_ts(self.ts),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One row operation: plain data a reducer returns and subscribers receive.
+
+    ``op`` is insert, update, upsert or delete; ``key`` is the primary-key
+    value (a tuple for a composite key; for an insert or upsert it may be None
+    and is then taken from ``values``); ``values`` is the row (insert, upsert)
+    or the columns to set (update), and None for a delete.
+    """
+
+    op: str
+    table: str
+    key: Any = None
+    values: Optional[Dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        if self.op not in _OPS:
+            raise ChangesetError(
+                f"Change op must be one of {', '.join(_OPS)}; received {self.op!r}."
+            )
+        if not isinstance(self.table, str):
+            raise ChangesetError(
+                f"Change table must be a table name (str); received {self.table!r}."
+            )
+        if isinstance(self.key, list):
+            object.__setattr__(self, "key", tuple(self.key))
+        if self.values is not None and not isinstance(self.values, Mapping):
+            raise ChangesetError(
+                f"Change values must be a dict of column -> value or None; received "
+                f"{_describe(self.values)} for a {self.op} on {self.table!r}."
+            )
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-ready dict: op, table, key (a list for a composite key), values."""
+        key = list(self.key) if isinstance(self.key, tuple) else self.key
+        values = dict(self.values) if self.values is not None else None
+        return {"op": self.op, "table": self.table, "key": key, "values": values}
+
+
+###############################################################################
+# 4. Private helpers: JSON, time, identifiers, SQL splitting
+###############################################################################
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} (of type {type(value).__name__})"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _to_json_text(value: Any, what: str) -> str:
+    """Encode as JSON or raise InvalidEvent saying why; the text is valid UTF-8."""
+    try:
+        text = _dumps(value)
+        text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidEvent(
+            f"An event's {what} must be JSON: dicts with str keys, lists, str, "
+            f"int, finite float, bool, None. Received {_describe(value)}: {exc}. "
+            f"Convert it to plain JSON data before dispatching."
+        ) from None
+    return text
+
+
+def _format_ts(ts: datetime) -> str:
+    # Fixed width, one offset: text order equals time order.
+    return ts.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _parse_ts(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _quote(name: str) -> str:
+    """Quote an identifier already checked against the schema."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _strip_leading_comments(sql: str) -> str:
+    text = sql.lstrip()
+    while text.startswith(("--", "/*")):
+        end = text.find("\n") if text.startswith("--") else text.find("*/") + 1
+        if end <= 0:
+            return ""
+        text = text[end + 1 :].lstrip()
+    return text
+
+
+def _split_sql(script: str) -> List[str]:
+    """Split a script into complete statements (semicolons in strings are safe)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if _strip_leading_comments(buffer).strip(" \t\r\n;"):
+                statements.append(buffer.strip())
+            buffer = ""
+    if _strip_leading_comments(buffer).strip(" \t\r\n;"):
+        statements.append(buffer.strip())
+    return statements
+
+
+def _normalize_schema(script: str) -> str:
+    """The schema as compared between opens: comments and whitespace do not count."""
+    out = []
+    for statement in _split_sql(script):
+        text = re.sub(r"--[^\n]*|/\*.*?\*/", " ", statement, flags=re.S)
+        text = re.sub(r"\s+", " ", text).strip().rstrip(";").strip()
+        text = re.sub(r"\s*([(),;])\s*", r"\1", text)
+        out.append(text)
+    return ";\n".join(out)
+
+
+def _check_value(value: Any, table: str, column: str) -> None:
+    if value is None or isinstance(value, (str, int)):
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ChangesetError(
+                f"Column {table}.{column} received {value}, outside SQLite's 64-bit "
+                f"integer range; store it as text (str(value)) instead."
+            )
+        return
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return
+        raise ChangesetError(
+            f"Column {table}.{column} received {value!r}; read-model values must be "
+            f"finite numbers (NaN and infinity do not survive SQLite and JSON). "
+            f"Use None or a sentinel value."
+        )
+    raise ChangesetError(
+        f"Column {table}.{column} received {_describe(value)}; read-model values "
+        f"must be None, bool, int, float or str. Encode structured data with "
+        f"json.dumps() or split it into columns."
+    )
+
+
+###############################################################################
+# 5. Connection and transactions
+###############################################################################
+
+
+def _connect(path: str, durability: str) -> sqlite3.Connection:
+    """The one place a connection is made, with the pragmas fluxlite relies on."""
+    if path not in (":memory:", "") and not os.path.exists(path):
+        # Created here so the file is private to its owner (0600) from the start.
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, cached_statements=256
+    )
+    try:
+        for name, value in DEFAULT_PRAGMAS.items():
+            result = conn.execute(f"PRAGMA {name}={value}").fetchone()
+            if name == "journal_mode" and result and result[0] not in ("wal", "memory"):
+                raise SchemaError(
+                    f"Could not switch {path!r} to WAL mode (got {result[0]!r}); "
+                    f"fluxlite needs WAL. Is the file on a network file system?"
+                )
+        conn.execute(f"PRAGMA synchronous={_DURABILITY[durability]}")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise SchemaError(
+            f"{path!r} is not a SQLite database ({exc}); fluxlite stores are SQLite "
+            f"files. Check the path, or choose a new file name."
+        ) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextlib.contextmanager
+def _write_txn(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT; roll back on any exception, including in COMMIT."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+###############################################################################
+# 6. Schema: checking the user's DDL, reading table shapes
+###############################################################################
+
+
+class _TableInfo:
+    """A read-model table's shape, read from SQLite, with its SQL prepared."""
+
+    __slots__ = ("name", "columns", "column_set", "pk", "rowid_key", "q", "where_key",
+                 "select_key", "delete_key", "order_by", "_insert_sql")
+
+    def __init__(self, name: str, columns: Sequence[str], pk: Sequence[str],
+                 rowid_key: bool) -> None:
+        self.name = name
+        self.columns = tuple(columns)
+        self.column_set = frozenset(columns)
+        self.pk = tuple(pk)
+        self.rowid_key = rowid_key  # INTEGER PRIMARY KEY: SQLite may assign it
+        self.q = _quote(name)
+        self.where_key = " AND ".join(f"{_quote(c)} = ?" for c in pk)
+        self.select_key = f"SELECT * FROM {self.q} WHERE {self.where_key}"
+        self.delete_key = f"DELETE FROM {self.q} WHERE {self.where_key}"
+        self.order_by = ", ".join(_quote(c) for c in pk)
+        self._insert_sql: Dict[Tuple[str, ...], str] = {}
+
+    def insert_sql(self, columns: Tuple[str, ...]) -> str:
+        sql = self._insert_sql.get(columns)
+        if sql is None:
+            names = ", ".join(_quote(c) for c in columns)
+            marks = ", ".join("?" for _ in columns)
+            sql = f"INSERT INTO {self.q} ({names}) VALUES ({marks})"
+            self._insert_sql[columns] = sql
+        return sql
+
+    def key_of(self, row: Mapping[str, Any]) -> Any:
+        if len(self.pk) == 1:
+            return row[self.pk[0]]
+        return tuple(row[c] for c in self.pk)
+
+    def key_params(self, key: Any) -> Tuple[Any, ...]:
+        """The key as bind parameters, or ChangesetError if its shape is wrong."""
+        if len(self.pk) == 1:
+            if isinstance(key, tuple) and len(key) == 1:
+                key = key[0]
+            if isinstance(key, (tuple, dict, set)) or key is None:
+                raise ChangesetError(
+                    f"Table {self.name!r} has the one-column primary key "
+                    f"({self.pk[0]}); a key is a single value, received {_describe(key)}."
+                )
+            _check_value(key, self.name, self.pk[0])
+            return (key,)
+        if not isinstance(key, tuple) or len(key) != len(self.pk):
+            raise ChangesetError(
+                f"Table {self.name!r} has the composite primary key "
+                f"({', '.join(self.pk)}); a key is a tuple of {len(self.pk)} values "
+                f"in that order, received {_describe(key)}."
+            )
+        for column, part in zip(self.pk, key):
+            _check_value(part, self.name, column)
+        return key
+
+
+def _read_table_info(conn: sqlite3.Connection, name: str) -> _TableInfo:
+    rows = conn.execute(f"PRAGMA table_info({_quote(name)})").fetchall()
+    columns = [r[1] for r in rows]
+    pk_rows = sorted((r for r in rows if r[5]), key=lambda r: r[5])
+    pk = [r[1] for r in pk_rows]
+    rowid_key = len(pk_rows) == 1 and pk_rows[0][2].upper() == "INTEGER"
+    return _TableInfo(name, columns, pk, rowid_key)
+
+
+def _check_new_table(conn: sqlite3.Connection, name: str, sql: str) -> None:
+    """The rules a read-model table must follow, so the journal sees every write."""
+    if _RESERVED_TABLE.match(name):
+        raise SchemaError(
+            f"Table name {name!r} is reserved: `events` is fluxlite's log and "
+            f"`fluxlite_*` / `sqlite_*` belong to fluxlite and SQLite. Rename the table."
+        )
+    info = _read_table_info(conn, name)
+    if not info.pk:
+        raise SchemaError(
+            f"Table {name!r} has no primary key; every read-model table needs one "
+            f"so changes can name rows. Add PRIMARY KEY to a column or a "
+            f"PRIMARY KEY (a, b) clause."
+        )
+    for fk in conn.execute(f"PRAGMA foreign_key_list({_quote(name)})"):
+        on_update, on_delete = fk[5].upper(), fk[6].upper()
+        if on_update not in ("NO ACTION", "RESTRICT") or on_delete not in ("NO ACTION", "RESTRICT"):
+            raise SchemaError(
+                f"Table {name!r} has a foreign key with ON UPDATE {on_update} / "
+                f"ON DELETE {on_delete}; cascading actions write rows behind the "
+                f"reducers' back. Use NO ACTION or RESTRICT and return the "
+                f"dependent changes from the reducer."
+            )
+    if re.search(r"\bON\s+CONFLICT\s+(REPLACE|IGNORE)\b", sql, re.IGNORECASE):
+        raise SchemaError(
+            f"Table {name!r} uses ON CONFLICT REPLACE/IGNORE, which silently drops "
+            f"or deletes rows; remove the clause and let constraint errors surface."
+        )
+
+
+def _create_schema(conn: sqlite3.Connection, schema: str) -> List[str]:
+    """Run the user's DDL (inside the caller's transaction); return the new tables."""
+    if not isinstance(schema, str):
+        raise SchemaError(
+            f"schema must be SQL text (CREATE TABLE / CREATE INDEX statements); "
+            f"received {_describe(schema)}."
+        )
+    statements = _split_sql(schema)
+    if not statements:
+        raise SchemaError(
+            "schema is empty; give at least one CREATE TABLE statement for the read model."
+        )
+    before = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    for number, statement in enumerate(statements, 1):
+        if not _ALLOWED_DDL.match(_strip_leading_comments(statement)):
+            raise SchemaError(
+                f"Schema statement {number} is not CREATE TABLE or CREATE INDEX: "
+                f"{statement[:120]!r}. The read-model schema may only create tables "
+                f"and indexes (no triggers, views or temporary tables)."
+            )
+        try:
+            conn.execute(statement)
+        except sqlite3.Error as exc:
+            raise SchemaError(
+                f"Schema statement {number} failed: {exc}. Statement: "
+                f"{statement[:200]!r}. Note `events`, `fluxlite_*` and `sqlite_*` "
+                f"are reserved table names."
+            ) from exc
+    tables = []
+    for name, sql in conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name"
+    ).fetchall():
+        if name not in before:
+            _check_new_table(conn, name, sql)
+            tables.append(name)
+    if not tables:
+        raise SchemaError("schema creates no table; the read model needs at least one.")
+    return tables
+
+
+###############################################################################
+# 7. The read model: applying changesets, the journal, reads
+###############################################################################
+
+
+def _normalize_changes(out: Any, event: Event) -> List[Change]:
+    if out is None:
+        return []
+    if isinstance(out, Change):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        for item in out:
+            if not isinstance(item, Change):
+                raise ChangesetError(
+                    f"Reducer for {event.type!r} returned a list holding "
+                    f"{_describe(item)}; every item must be a Change (build them "
+                    f"with view.<table>.insert/update/upsert/delete)."
+                )
+        return list(out)
+    raise ChangesetError(
+        f"Reducer for {event.type!r} returned {_describe(out)}; a reducer returns "
+        f"None, a Change, or a list of Changes."
+    )
+
+
+class _Model:
+    """The read model on one connection: checked writes with a journal, and reads.
+
+    This is the only code that writes read-model rows, so it is the layer a
+    second backend would replace.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, tables: Mapping[str, _TableInfo],
+                 lock: threading.RLock) -> None:
+        self.conn = conn
+        self.tables = dict(tables)
+        self.lock = lock
+        self.query_mode = 0  # 0 internal, 1 read-only query, 2 reducer's query
+        conn.set_authorizer(self._authorize)
+
+    # -- reads ---------------------------------------------------------------
+
+    def table(self, name: str) -> _TableInfo:
+        info = self.tables.get(name)
+        if info is None:
+            known = ", ".join(sorted(self.tables)) or "none"
+            raise ChangesetError(
+                f"Unknown table {name!r}; the read model has: {known}. Table names "
+                f"are case-sensitive and must match the schema."
+            )
+        return info
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> List[Dict[str, Any]]:
+        with self.lock:
+            cursor = self.conn.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor]
+
+    def get(self, info: _TableInfo, key: Any) -> Optional[Dict[str, Any]]:
+        rows = self._rows(info.select_key, info.key_params(key))
+        return rows[0] if rows else None
+
+    def find(self, info: _TableInfo, equals: Mapping[str, Any]) -> List[Dict[str, Any]]:
+        self.check_columns(info, equals, "find")
+        where = " AND ".join(f"{_quote(c)} IS ?" for c in equals) or "1"
+        sql = f"SELECT * FROM {info.q} WHERE {where} ORDER BY {info.order_by}"
+        return self._rows(sql, tuple(equals.values()))
+
+    def count(self, info: _TableInfo) -> int:
+        with self.lock:
+            return self.conn.execute(f"SELECT count(*) FROM {info.q}").fetchone()[0]
+
+    def query(self, sql: str, params: Any = ()) -> List[Dict[str, Any]]:
+        if not isinstance(sql, str):
+            raise QueryError(f"query() takes SQL text; received {_describe(sql)}.")
+        with self.lock:
+            previous = self.query_mode
+            self.query_mode = 2 if previous == 2 else 1
+            try:
+                # The tag keeps this text apart from fluxlite's own cached
+                # statements, so it is always prepared (and authorized) here.
+                cursor = self.conn.execute(sql + _READONLY_TAG, params)
+                names = [d[0] for d in cursor.description or ()]
+                return [dict(zip(names, row)) for row in cursor]
+            except sqlite3.DatabaseError as exc:
+                if "not authorized" in str(exc):
+                    raise QueryError(
+                        f"query() is read-only (SELECT and WITH only"
+                        + (", on read-model tables, inside a reducer" if self.query_mode == 2 else "")
+                        + f"); refused: {sql[:200]!r}. Change data by dispatching events."
+                    ) from None
+                raise QueryError(f"query failed: {exc}. SQL: {sql[:200]!r}") from exc
+            except (sqlite3.Warning, sqlite3.ProgrammingError, ValueError, OverflowError) as exc:
+                raise QueryError(f"query failed: {exc}. SQL: {sql[:200]!r}") from exc
+            finally:
+                self.query_mode = previous
+
+    def _authorize(self, action: int, arg1: Any, arg2: Any, db: Any, trigger: Any) -> int:
+        if self.query_mode == 0:
+            return sqlite3.SQLITE_OK
+        if action not in _READ_ACTIONS:
+            return sqlite3.SQLITE_DENY
+        if (self.query_mode == 2 and action == _SQLITE_READ
+                and arg1 not in self.tables and not arg1.startswith("sqlite_")):
+            return sqlite3.SQLITE_DENY  # replay has no log: reducers read the model only
+        return sqlite3.SQLITE_OK
+
+    # -- writes --------------------------------------------------------------
+
+    def check_columns(self, info: _TableInfo, values: Mapping[str, Any], op: str) -> None:
+        unknown = [c for c in values if c not in info.column_set]
+        if unknown:
+            raise ChangesetError(
+                f"{op} on {info.name!r} names unknown column(s) "
+                f"{', '.join(map(repr, unknown))}; the table has: "
+                f"{', '.join(info.columns)}."
+            )
+
+    def apply(self, changes: Sequence[Change], seq: int,
+              journal: Optional[List[Tuple[Any, ...]]]) -> List[Change]:
+        """Apply changes inside the caller's transaction; return them as applied."""
+        applied = []
+        for change in changes:
+            info = self.table(change.table)
+            try:
+                done, before, after = self._apply_one(info, change)
+            except sqlite3.IntegrityError as exc:
+                raise ChangesetError(
+                    f"{change.op} on {info.name!r} key {change.key!r} violates a "
+                    f"constraint: {exc}. Check the reducer's values against the schema."
+                ) from exc
+            except (OverflowError, UnicodeEncodeError) as exc:
+                raise ChangesetError(
+                    f"{change.op} on {info.name!r} has a value SQLite cannot store: {exc}."
+                ) from exc
+            applied.append(done)
+            if journal is not None:
+                journal.append((
+                    seq, len(journal), info.name, _dumps(_key_json(done.key)), done.op,
+                    None if before is None else _dumps(before),
+                    None if after is None else _dumps(after),
+                ))
+        return applied
+
+    def _apply_one(self, info: _TableInfo, change: Change
+                   ) -> Tuple[Change, Optional[Dict[str, Any]], Optional[Dict[str, Any]]]:
+        op, values = change.op, change.values
+        if op == "delete":
+            key = info.key_params(change.key)
+            before = self._require_row(info, key, op)
+            self.conn.execute(info.delete_key, key)
+            return Change("delete", info.name, info.key_of(before)), before, None
+        if values is None:
+            if op == "update" or change.key is None:
+                raise ChangesetError(
+                    f"{op} on {info.name!r} needs values (a dict of column -> value); "
+                    f"received None."
+                )
+            values = {}
+        self.check_columns(info, values, op)
+        for column, value in values.items():
+            _check_value(value, info.name, column)
+        if op == "update":
+            key = info.key_params(change.key)
+            touched = [c for c in values if c in info.pk]
+            if touched:
+                raise ChangesetError(
+                    f"update on {info.name!r} may not change primary-key column(s) "
+                    f"{', '.join(touched)}; delete the row and insert a new one."
+                )
+            before = self._require_row(info, key, op)
+            if values:
+                sets = ", ".join(f"{_quote(c)} = ?" for c in values)
+                self.conn.execute(f"UPDATE {info.q} SET {sets} WHERE {info.where_key}",
+                                  (*values.values(), *key))
+            after = self._row(info, key)
+            assert after is not None
+            shown = {c: after[c] for c in values if before[c] != after[c]}
+            return Change("update", info.name, info.key_of(before), shown), before, after
+        # insert / upsert: the key is in the row, or given apart and merged in
+        values = self._with_key(info, change)
+        key = None if any(c not in values for c in info.pk) else info.key_params(
+            _unparams(info, tuple(values[c] for c in info.pk)))
+        before = self._row(info, key) if key is not None else None
+        if op == "upsert" and before is not None:
+            rest = {c: v for c, v in values.items() if c not in info.pk}
+            return self._apply_one(info, Change("update", info.name, _unparams(info, key), rest))
+        if before is not None:
+            raise ChangesetError(
+                f"insert into {info.name!r} of key {_unparams(info, key)!r} which "
+                f"already exists; use update or upsert to change an existing row."
+            )
+        cursor = self.conn.execute(info.insert_sql(tuple(values)), tuple(values.values()))
+        if key is None:  # SQLite assigned an INTEGER PRIMARY KEY
+            key = (cursor.lastrowid,)
+        after = self._row(info, key)
+        assert after is not None
+        return Change("insert", info.name, info.key_of(after), after), None, after
+
+    def _with_key(self, info: _TableInfo, change: Change) -> Dict[str, Any]:
+        values = dict(change.values or {})
+        if change.key is not None:
+            key = info.key_params(change.key)
+            for column, part in zip(info.pk, key):
+                if column in values and values[column] != part:
+                    raise ChangesetError(
+                        f"{change.op} into {info.name!r}: key {change.key!r} disagrees "
+                        f"with the row's {column}={values[column]!r}; leave key=None or "
+                        f"make them equal."
+                    )
+                values[column] = part
+        missing = [c for c in info.pk if c not in values]
+        if missing and not (change.op == "insert" and info.rowid_key):
+            raise ChangesetError(
+                f"{change.op} into {info.name!r} lacks primary-key column(s) "
+                f"{', '.join(missing)}; put them in the row (or pass key=)."
+            )
+        return values
+
+    def _row(self, info: _TableInfo, key: Tuple[Any, ...]) -> Optional[Dict[str, Any]]:
+        cursor = self.conn.execute(info.select_key, key)
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        return dict(zip([d[0] for d in cursor.description], row))
+
+    def _require_row(self, info: _TableInfo, key: Tuple[Any, ...], op: str) -> Dict[str, Any]:
+        row = self._row(info, key)
+        if row is None:
+            raise ChangesetError(
+                f"{op} on {info.name!r} of key {_unparams(info, key)!r} which does not "
+                f"exist; check the key, or insert the row first."
+            )
+        return row
+
+
+def _unparams(info: _TableInfo, key: Tuple[Any, ...]) -> Any:
+    return key[0] if len(info.pk) == 1 else tuple(key)
+
+
+def _key_json(key: Any) -> Any:
+    return list(key) if isinstance(key, tuple) else key
+
+
+###############################################################################
+# 8. Views, tables and reducer helpers
+###############################################################################
+
+
+class Table:
+    """One read-model table: reads, and builders for the Changes a reducer returns.
+
+    Reads see the live model (inside a reducer: the transaction in progress).
+    Builders only make Change values; nothing is written until the reducer
+    returns them and the store applies them.
+    """
+
+    def __init__(self, view: "View", info: _TableInfo) -> None:
+        self.view = view
+        self._info = info
+
+    @property
+    def name(self) -> str:
+        """The table's name."""
+        return self._info.name
+
+    @property
+    def columns(self) -> Tuple[str, ...]:
+        """The table's column names, in schema order."""
+        return self._info.columns
+
+    @property
+    def primary_key(self) -> Tuple[str, ...]:
+        """The primary-key column names, in key order."""
+        return self._info.pk
+
+    def __repr__(self) -> str:
+        return f"<fluxlite.Table {self.name} {self.columns}>"
+
+    # reads
+    def get(self, key: Any) -> Optional[Dict[str, Any]]:
+        """The row with this primary key as a dict, or None."""
+        return self.view._model.get(self._info, _as_key(key))
+
+    def find(self, **equals: Any) -> List[Dict[str, Any]]:
+        """Rows whose columns equal the given values (None matches NULL), by key."""
+        return self.view._model.find(self._info, equals)
+
+    def all(self) -> List[Dict[str, Any]]:
+        """Every row, ordered by primary key."""
+        return self.view._model.find(self._info, {})
+
+    def count(self) -> int:
+        """The number of rows."""
+        return self.view._model.count(self._info)
+
+    def __contains__(self, key: Any) -> bool:
+        return self.get(key) is not None
+
+    # change builders
+    def _values(self, row: Optional[Mapping[str, Any]], columns: Mapping[str, Any],
+                op: str) -> Dict[str, Any]:
+        values = dict(row or {}, **columns)
+        self.view._model.check_columns(self._info, values, op)
+        return values
+
+    def insert(self, row: Optional[Mapping[str, Any]] = None, /, **columns: Any) -> Change:
+        """A Change inserting this row (as a dict, or as keyword arguments)."""
+        return Change("insert", self.name, None, self._values(row, columns, "insert"))
+
+    def upsert(self, row: Optional[Mapping[str, Any]] = None, /, **columns: Any) -> Change:
+        """A Change inserting the row, or updating it if its key exists."""
+        return Change("upsert", self.name, None, self._values(row, columns, "upsert"))
+
+    def update(self, key: Any, values: Optional[Mapping[str, Any]] = None, /,
+               **columns: Any) -> Change:
+        """A Change setting some columns of the row with this key."""
+        return Change("update", self.name, _as_key(key), self._values(values, columns, "update"))
+
+    def delete(self, key: Any) -> Change:
+        """A Change deleting the row with this key."""
+        return Change("delete", self.name, _as_key(key), None)
+
+
+def _as_key(key: Any) -> Any:
+    return tuple(key) if isinstance(key, list) else key
+
+
+class View:
+    """The read model, read-only: ``view.users`` or ``view["users"]`` is a Table."""
+
+    def __init__(self, model: _Model) -> None:
+        self._model = model
+        self._tables = {name: Table(self, info) for name, info in model.tables.items()}
+
+    @property
+    def tables(self) -> List[str]:
+        """The read-model table names, sorted."""
+        return sorted(self._tables)
+
+    def __getitem__(self, name: str) -> Table:
+        table = self._tables.get(name)
+        if table is None:
+            raise KeyError(
+                f"No read-model table {name!r}; the tables are: {', '.join(self.tables)}."
+            )
+        return table
+
+    def __getattr__(self, name: str) -> Table:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(exc.args[0]) from None
+
+    def __iter__(self) -> Iterator[Table]:
+        return iter(self._tables[name] for name in self.tables)
+
+    def query(self, sql: str, params: Any = ()) -> List[Dict[str, Any]]:
+        """Read-only SQL; rows as dicts. Write statements are refused (QueryError)."""
+        return self._model.query(sql, params)
+
+    def __enter__(self) -> "View":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+CollectionReducer = Callable[[Table, Event], Any]
+Reducer = Callable[[View, Event], Any]
+
+
+def combine(reducers: Mapping[str, CollectionReducer]) -> Reducer:
+    """The seed's combineReducers: one reducer per table, called as ``(table, event)``.
+
+    Each may read any table (``table.view``) but may only return changes for
+    its own table; anything else is a ChangesetError. Reducers run in the
+    dict's order and their changes are applied in that order.
+    """
+    if not isinstance(reducers, Mapping) or not reducers:
+        raise UsageError(
+            f"combine() takes a non-empty dict of table name -> reducer(table, event); "
+            f"received {_describe(reducers)}."
+        )
+    for name, reducer in reducers.items():
+        if not isinstance(name, str) or not callable(reducer):
+            raise UsageError(
+                f"combine() needs table names mapped to callables; {name!r} maps to "
+                f"{_describe(reducer)}."
+            )
+    items = list(reducers.items())
+
+    def combined(view: View, event: Event) -> List[Change]:
+        out: List[Change] = []
+        for name, reducer in items:
+            table = view[name] if name in view.tables else None
+            if table is None:
+                raise ChangesetError(
+                    f"combine() has a reducer for table {name!r}, which is not in "
+                    f"the schema (tables: {', '.join(view.tables)})."
+                )
+            for change in _normalize_changes(reducer(table, event), event):
+                if change.table != name:
+                    raise ChangesetError(
+                        f"The {name!r} reducer returned a change for table "
+                        f"{change.table!r} on {event.type!r}; a combined reducer may "
+                        f"only change its own table. Move that logic to the "
+                        f"{change.table!r} reducer."
+                    )
+                out.append(change)
+        return out
+
+    combined.fluxlite_tables = tuple(reducers)  # type: ignore[attr-defined]
+    return combined
+
+
+###############################################################################
+# 9. The store
+###############################################################################
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """An event checked and encoded before its transaction opens."""
+
+    id: str
+    id_given: bool
+    type: str
+    payload_text: str
+    meta_text: str
+    payload: Any
+    meta: Dict[str, Any]
+
+
+def _action_from(type_or_action: Any, payload: Any, meta: Any, id: Any,
+                 actor: Any) -> Dict[str, Any]:
+    if isinstance(type_or_action, Mapping):
+        extra = set(type_or_action) - {"type", "payload", "meta", "id", "error"}
+        if extra:
+            raise InvalidEvent(
+                f"An event dict has the keys type, payload, meta and id (Flux "
+                f"Standard Action); received unknown key(s) {sorted(extra)}."
+            )
+        if payload is not None or meta is not None or id is not None:
+            raise InvalidEvent(
+                "Pass payload, meta and id inside the event dict, not also as arguments."
+            )
+        action = dict(type_or_action)
+        action.setdefault("payload", None)
+        action["meta"] = dict(action.get("meta") or {}) if isinstance(
+            action.get("meta") or {}, Mapping) else action.get("meta")
+        action.setdefault("id", None)
+    else:
+        action = {"type": type_or_action, "payload": payload,
+                  "meta": dict(meta) if isinstance(meta, Mapping) else meta, "id": id}
+        if action["meta"] is None:
+            action["meta"] = {}
+    if actor is not None:
+        if not isinstance(action["meta"], dict):
+            raise InvalidEvent(f"meta must be a dict; received {_describe(action['meta'])}.")
+        action["meta"]["actor"] = actor
+    return action
+
+
+def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
+    if not isinstance(action, Mapping):
+        raise InvalidEvent(
+            f"Middleware must pass an event dict (type, payload, meta, id) to next(); "
+            f"received {_describe(action)}."
+        )
+    kind = action.get("type")
+    if not isinstance(kind, str) or not kind.strip():
+        raise InvalidEvent(
+            f"An event type must be a non-empty string such as 'addUser'; received "
+            f"{_describe(kind)}."
+        )
+    meta = action.get("meta")
+    meta = {} if meta is None else meta
+    if not isinstance(meta, Mapping) or not all(isinstance(k, str) for k in meta):
+        raise InvalidEvent(
+            f"An event's meta must be a dict with str keys; received {_describe(meta)}."
+        )
+    event_id = action.get("id")
+    id_given = event_id is not None
+    if id_given and (not isinstance(event_id, str) or not event_id.strip()):
+        raise InvalidEvent(
+            f"An event id must be a non-empty string (it is the idempotency key); "
+            f"received {_describe(event_id)}. Omit it to have one generated."
+        )
+    payload_text = _to_json_text(action.get("payload"), "payload")
+    meta_text = _to_json_text(dict(meta), "meta")
+    return _Prepared(
+        id=event_id if id_given else ids(), id_given=id_given, type=kind,
+        payload_text=payload_text, meta_text=meta_text,
+        payload=json.loads(payload_text), meta=json.loads(meta_text),
+    )
+
+
+def _event_from_row(row: Sequence[Any]) -> Event:
+    seq, event_id, kind, payload, meta, ts = row
+    return Event(seq, event_id, kind, json.loads(payload) if payload is not None else None,
+                 json.loads(meta) if meta else {}, _parse_ts(ts))
+
+
+_EVENT_COLUMNS = "seq, id, type, payload, meta, ts"
+
+
+class Store:
+    """An event-sourced store on one SQLite file. Make one with fluxlite.open().
+
+    The rules of a dispatch (each enforced in code, with its own error):
+
+    1. An event is checked before any transaction opens: a non-empty str
+       type, JSON payload and meta, a str id if given (InvalidEvent).
+    2. Middleware sees the event first, as a plain dict; it may change it,
+       refuse it by raising (e.g. Forbidden), or dispatch other events.
+    3. One dispatch (or one dispatch_many) is one BEGIN IMMEDIATE
+       transaction: the event rows, the read-model changes and their journal
+       rows commit together, or nothing is written.
+    4. An id already in the log with the same type and payload returns the
+       stored event and applies nothing; with other content it is a Conflict.
+       expect_seq=N is a Conflict unless the head is N at commit time.
+    5. The reducer sees the read model as of the transaction (earlier events
+       of the batch included) and may only read it: query() refuses writes,
+       and inside a reducer reads of the log. It may not dispatch
+       (UsageError). Anything it raises rolls everything back: a
+       FluxliteError (Rejected, ChangesetError...) as itself, anything else
+       as ReducerError naming the event, with the original as __cause__.
+    6. Changes name tables and columns of the schema; they are checked before
+       any SQL is built, and values are always bound parameters.
+    7. Subscribers run after commit only, never for a rolled-back event, in
+       subscription order, on a snapshot of the list taken per event. One
+       that raises is logged and does not stop the others. A subscriber may
+       dispatch; that event is delivered after the current one, so every
+       subscriber hears events in seq order.
+
+    A Store may be shared between threads (a lock serialises its
+    connection); several processes may open and write the same file.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: str, tables: Mapping[str, _TableInfo],
+                 reducer: Optional[Reducer], schema: str, durability: str,
+                 clock: Callable[[], datetime], ids: Callable[[], str]) -> None:
+        self._conn = conn
+        self._lock = threading.RLock()
+        self._model = _Model(conn, tables, self._lock)
+        self._view = View(self._model)
+        self._reducer = reducer
+        self._path = path
+        self._schema = schema
+        self._durability = durability
+        self._clock = clock
+        self._ids = ids
+        self._closed = False
+        self._reducing = False
+        self._subscribers: List[Tuple[Callable[[Event, List[Change]], Any],
+                                      Optional[frozenset]]] = []
+        self._pending: List[Tuple[Event, List[Change]]] = []
+        self._notify_lock = threading.RLock()
+        self._notifying = threading.local()
+        self._frames = threading.local()  # per-thread stack of dispatch frames
+        self._chain: Callable[[Dict[str, Any]], Any] = _refuse_during_setup
+
+    # -- properties ------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """The file path, or ":memory:"."""
+        return self._path
+
+    @property
+    def schema(self) -> str:
+        """The read-model DDL the store was created with."""
+        return self._schema
+
+    @property
+    def durability(self) -> str:
+        """"full" (the default: fsync on every commit) or "normal"."""
+        return self._durability
+
+    @property
+    def readonly(self) -> bool:
+        """True when the store was opened without a reducer: no dispatching."""
+        return self._reducer is None
+
+    @property
+    def view(self) -> View:
+        """The live read model."""
+        self._check_open()
+        return self._view
+
+    @property
+    def head(self) -> int:
+        """The seq of the last event in the log, 0 when it is empty."""
+        with self._lock:
+            self._check_open()
+            row = self._conn.execute("SELECT max(seq) FROM events").fetchone()
+            return row[0] or 0
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"head={self.head}"
+        return f"<fluxlite.Store {self._path!r} {state}>"
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection. Safe to call twice."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError(f"The store {self._path!r} is closed; open it again to use it.")
+
+    # -- dispatch --------------------------------------------------------------
+
+    def dispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None, *,
+                 meta: Optional[Mapping[str, Any]] = None, id: Optional[str] = None,
+                 actor: Optional[str] = None, expect_seq: Optional[int] = None) -> Event:
+        """Dispatch one event; return it as committed.
+
+        ``type`` is the event type, or a whole event dict (type, payload, meta,
+        id). ``actor`` is recorded as ``meta["actor"]``. ``id`` is the
+        idempotency key. ``expect_seq`` makes the dispatch a Conflict unless
+        the log's head is that seq (optimistic concurrency).
+        """
+        action = _action_from(type, payload, meta, id, actor)
+        self._check_dispatchable()
+        frames = self._frame_stack()
+        frames.append((expect_seq, None))
+        try:
+            result = self._chain(action)
+        finally:
+            frames.pop()
+        self._notify()
+        return result
+
+    def dispatch_many(self, events: Iterable[Mapping[str, Any]], *,
+                      expect_seq: Optional[int] = None) -> List[Event]:
+        """Dispatch event dicts in one transaction, all or nothing.
+
+        Each event goes through the middleware chain first (there ``next``
+        returns None, since nothing is committed until the whole batch has
+        passed); a refusal of any one refuses the batch. Each reducer call
+        sees the effects of the events before it. The same id twice: the
+        same content is applied once, different content is a Conflict.
+        """
+        if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Iterable):
+            raise InvalidEvent(
+                f"dispatch_many() takes a list of event dicts; received {_describe(events)}."
+            )
+        actions = [_action_from(e, None, None, None, None) for e in events]
+        self._check_dispatchable()
+        batch: List[Dict[str, Any]] = []
+        frames = self._frame_stack()
+        frames.append((expect_seq, batch))
+        try:
+            for action in actions:
+                self._chain(action)
+        finally:
+            frames.pop()
+        results = self._commit(batch, expect_seq) if batch else []
+        self._notify()
+        return results
+
+    def _frame_stack(self) -> List[Tuple[Optional[int], Optional[List[Dict[str, Any]]]]]:
+        stack = getattr(self._frames, "stack", None)
+        if stack is None:
+            stack = self._frames.stack = []
+        return stack
+
+    def _check_dispatchable(self) -> None:
+        self._check_open()
+        if self._reducer is None:
+            raise UsageError(
+                f"The store {self._path!r} was opened for reading only (no reducer); "
+                f"pass reducer= to fluxlite.open() to dispatch."
+            )
+        if self._reducing and self._lock._is_owned():  # type: ignore[attr-defined]
+            raise UsageError(
+                "Reducers may not dispatch: a reducer must be a pure function of "
+                "(view, event). Return the changes instead, or dispatch from a "
+                "subscriber or middleware."
+            )
+
+    def _core_dispatch(self, action: Dict[str, Any]) -> Optional[Event]:
+        """The innermost step of the middleware chain."""
+        expect_seq, batch = self._frame_stack()[-1]
+        if batch is not None:
+            batch.append(action)
+            return None
+        return self._commit([action], expect_seq)[0]
+
+    def _commit(self, actions: Sequence[Mapping[str, Any]],
+                expect_seq: Optional[int]) -> List[Event]:
+        self._check_dispatchable()
+        prepared = [_prepare(a, self._ids) for a in actions]
+        results: List[Event] = []
+        committed: List[Tuple[Event, List[Change]]] = []
+        with self._lock:
+            self._check_open()
+            with _write_txn(self._conn):
+                row = self._conn.execute(
+                    "SELECT seq, ts FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+                head, last_ts = row if row else (0, "")
+                seen: Dict[str, Tuple[_Prepared, Event]] = {}
+                for item in prepared:
+                    known = self._known_event(item, seen)
+                    if known is not None:
+                        results.append(known)
+                        continue
+                    if expect_seq is not None and head != expect_seq:
+                        raise Conflict(
+                            f"expect_seq={expect_seq} but the log's head is {head}: "
+                            f"another dispatch came first. Re-read the state and retry "
+                            f"with expect_seq={head}."
+                        )
+                    expect_seq = None  # checked once, before the first new event
+                    event, changes, journal = self._reduce_and_apply(item, head + 1, last_ts)
+                    self._conn.execute(
+                        f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                        (event.seq, event.id, event.type, item.payload_text,
+                         item.meta_text, _format_ts(event.ts)),
+                    )
+                    if journal:
+                        self._conn.executemany(
+                            "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)", journal)
+                    head, last_ts = event.seq, _format_ts(event.ts)
+                    seen[item.id] = (item, event)
+                    results.append(event)
+                    committed.append((event, changes))
+            self._pending.extend(committed)
+        return results
+
+    def _known_event(self, item: _Prepared, seen: Dict[str, Tuple[_Prepared, Event]]
+                     ) -> Optional[Event]:
+        """The stored event for a reused id (same content), else None; or Conflict."""
+        if not item.id_given:
+            return None
+        if item.id in seen:
+            first, event = seen[item.id]
+            same = first.type == item.type and first.payload == item.payload
+        else:
+            row = self._conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (item.id,)).fetchone()
+            if row is None:
+                return None
+            event = _event_from_row(row)
+            same = event.type == item.type and event.payload == item.payload
+        if not same:
+            raise Conflict(
+                f"Event id {item.id!r} is already used by a {event.type!r} event "
+                f"(seq {event.seq}) with other content; an id is an idempotency key. "
+                f"Use a new id for a new event."
+            )
+        return event
+
+    def _reduce_and_apply(self, item: _Prepared, seq: int, last_ts: str
+                          ) -> Tuple[Event, List[Change], List[Tuple[Any, ...]]]:
+        now = self._clock()
+        if not isinstance(now, datetime) or now.tzinfo is None:
+            raise UsageError(
+                f"The store's clock must return a timezone-aware datetime; it "
+                f"returned {_describe(now)}. Use datetime.now(timezone.utc)."
+            )
+        ts_text = max(_format_ts(now), last_ts)  # never decreasing along seq
+        event = Event(seq, item.id, item.type, item.payload, item.meta, _parse_ts(ts_text))
+        changes = self._run_reducer(event)
+        journal: List[Tuple[Any, ...]] = []
+        applied = self._model.apply(changes, seq, journal)
+        return event, applied, journal
+
+    def _run_reducer(self, event: Event) -> List[Change]:
+        assert self._reducer is not None
+        self._reducing = True
+        self._model.query_mode = 2
+        try:
+            out = self._reducer(self._view, event)
+        except FluxliteError:
+            raise
+        except Exception as exc:
+            raise ReducerError(
+                f"The reducer raised {type(exc).__name__}: {exc} on event "
+                f"{event.type!r} (id {event.id!r}, seq {event.seq}); nothing was "
+                f"written. Raise fluxlite.Rejected to refuse an event on purpose."
+            ) from exc
+        finally:
+            self._reducing = False
+            self._model.query_mode = 0
+        return _normalize_changes(out, event)
+
+    # -- subscribers -----------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[Event, List[Change]], Any], *,
+                  types: Union[None, str, Iterable[str]] = None) -> Callable[[], None]:
+        """Call ``listener(event, changes)`` after each commit; return unsubscribe.
+
+        ``changes`` are the Changes as applied: each with its key, an upsert
+        as the insert or update it became, an update with the columns it set,
+        a delete with just its key. ``types`` limits the event types heard.
+        """
+        if not callable(listener):
+            raise UsageError(f"subscribe() needs a callable; received {_describe(listener)}.")
+        entry = (listener, _type_filter(types))
+        with self._lock:
+            self._subscribers.append(entry)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if entry in self._subscribers:
+                    self._subscribers.remove(entry)
+
+        return unsubscribe
+
+    def _notify(self) -> None:
+        if getattr(self._notifying, "active", False):
+            return  # the outer loop in this thread delivers it, in order
+        with self._notify_lock:
+            self._notifying.active = True
+            try:
+                while True:
+                    with self._lock:
+                        if not self._pending:
+                            return
+                        event, changes = self._pending.pop(0)
+                        listeners = list(self._subscribers)
+                    for listener, types in listeners:
+                        if types is not None and event.type not in types:
+                            continue
+                        try:
+                            listener(event, list(changes))
+                        except Exception:
+                            _log.exception("fluxlite subscriber %r failed on event %s (%s)",
+                                           listener, event.seq, event.type)
+            finally:
+                self._notifying.active = False
+
+    # -- reading ---------------------------------------------------------------
+
+    def query(self, sql: str, params: Any = ()) -> List[Dict[str, Any]]:
+        """Read-only SQL on the store (read model and log); rows as dicts."""
+        self._check_open()
+        return self._model.query(sql, params)
+
+    def event(self, seq_or_id: Union[int, str]) -> Optional[Event]:
+        """The event with this seq (int) or id (str), or None."""
+        if isinstance(seq_or_id, bool) or not isinstance(seq_or_id, (int, str)):
+            raise UsageError(
+                f"event() takes a seq (int) or an id (str); received {_describe(seq_or_id)}."
+            )
+        column = "seq" if isinstance(seq_or_id, int) else "id"
+        with self._lock:
+            self._check_open()
+            row = self._conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE {column} = ?", (seq_or_id,)
+            ).fetchone()
+        return _event_from_row(row) if row else None
+
+    def events(self, after: int = 0, *, types: Union[None, str, Iterable[str]] = None,
+               limit: Optional[int] = None) -> Iterator[Event]:
+        """Events with seq > after, in seq order; streamed page by page."""
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise UsageError(f"after must be a seq (int >= 0); received {_describe(after)}.")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 0):
+            raise UsageError(f"limit must be an int >= 0 or None; received {_describe(limit)}.")
+        wanted = _type_filter(types)
+        return self._stream(after, wanted, limit)
+
+    def _stream(self, after: int, wanted: Optional[frozenset], limit: Optional[int]
+                ) -> Iterator[Event]:
+        remaining = limit
+        where, params = "seq > ?", [after]
+        if wanted is not None:
+            where += f" AND type IN ({', '.join('?' for _ in wanted)})"
+            params.extend(sorted(wanted))
+        while remaining is None or remaining > 0:
+            page = _PAGE if remaining is None else min(_PAGE, remaining)
+            with self._lock:
+                self._check_open()
+                rows = self._conn.execute(
+                    f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where} ORDER BY seq LIMIT ?",
+                    (*params, page)).fetchall()
+            for row in rows:
+                yield _event_from_row(row)
+            if len(rows) < page:
+                return
+            params[0] = rows[-1][0]
+            if remaining is not None:
+                remaining -= len(rows)
+
+    def changes(self, seq: int) -> List[Change]:
+        """The Changes event ``seq`` made, as applied (read from the journal)."""
+        with self._lock:
+            self._check_open()
+            rows = self._conn.execute(
+                "SELECT tbl, key, op, before, after FROM fluxlite_journal WHERE seq = ? "
+                "ORDER BY n", (seq,)).fetchall()
+        return [_change_from_journal(*row) for row in rows]
+
+    # -- verify ----------------------------------------------------------------
+
+    def verify(self) -> None:
+        """Replay the whole log into a fresh read model; ReplayMismatch unless equal.
+
+        Replays into a temporary on-disk database, so memory stays flat in the
+        size of the log.
+        """
+        self._check_open()
+        if self._reducer is None:
+            raise UsageError("verify() needs the reducer; open the store with reducer=.")
+        with self._lock:
+            self._conn.execute("BEGIN")  # one snapshot for the log and the tables
+            try:
+                replica = _replay(self._schema, self._reducer, self._read_log())
+                try:
+                    problems = _compare(self._model, replica)
+                finally:
+                    replica.conn.close()
+            finally:
+                self._conn.execute("ROLLBACK")
+        if problems:
+            raise ReplayMismatch(
+                "Replaying the log does not give the live read model. Reducers must "
+                "be deterministic (time from event.ts, ids from the event) and only "
+                "fluxlite may write the read-model tables. Differences:\n"
+                + "\n".join(problems)
+            )
+
+    def _read_log(self) -> Iterator[Event]:
+        cursor = self._conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq")
+        while True:
+            rows = cursor.fetchmany(_PAGE)
+            if not rows:
+                return
+            for row in rows:
+                yield _event_from_row(row)
+
+
+def _refuse_during_setup(action: Any) -> Any:
+    raise UsageError(
+        "Dispatching while the middleware chain is being built is not allowed; "
+        "dispatch from inside the function middleware(store) returns, not from "
+        "middleware(store) itself."
+    )
+
+
+def _type_filter(types: Union[None, str, Iterable[str]]) -> Optional[frozenset]:
+    if types is None:
+        return None
+    if isinstance(types, str):
+        return frozenset([types])
+    wanted = frozenset(types)
+    if not all(isinstance(t, str) for t in wanted):
+        raise UsageError(f"types must be a str or an iterable of str; received {types!r}.")
+    return wanted
+
+
+def _change_from_journal(table: str, key: str, op: str, before: Optional[str],
+                         after: Optional[str]) -> Change:
+    key_value = json.loads(key)
+    if isinstance(key_value, list):
+        key_value = tuple(key_value)
+    if op == "delete":
+        return Change("delete", table, key_value, None)
+    after_row = json.loads(after) if after else {}
+    if op == "insert":
+        return Change("insert", table, key_value, after_row)
+    before_row = json.loads(before) if before else {}
+    changed = {c: v for c, v in after_row.items() if before_row.get(c, _MISSING) != v}
+    return Change("update", table, key_value, changed)
+
+
+_MISSING = object()
+
+
+def _replay(schema: str, reducer: Reducer, events: Iterable[Event]) -> _Model:
+    """Build a read model from events in a private temporary database."""
+    conn = sqlite3.connect("", isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode=off")
+        conn.execute("PRAGMA synchronous=off")
+        conn.execute("BEGIN")
+        names = _create_schema(conn, schema)
+        model = _Model(conn, {n: _read_table_info(conn, n) for n in names}, threading.RLock())
+        view = View(model)
+        for event in events:
+            model.query_mode = 2
+            try:
+                out = reducer(view, event)
+            except FluxliteError as exc:
+                raise type(exc)(f"{exc} (while replaying event {event.seq}, "
+                                f"{event.type!r}, id {event.id!r})") from exc
+            except Exception as exc:
+                raise ReducerError(
+                    f"The reducer raised {type(exc).__name__}: {exc} while replaying "
+                    f"event {event.seq} ({event.type!r}, id {event.id!r})."
+                ) from exc
+            finally:
+                model.query_mode = 0
+            model.apply(_normalize_changes(out, event), event.seq, None)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.close()
+        raise
+    return model
+
+
+def _compare(live: _Model, replica: _Model, limit: int = 20) -> List[str]:
+    """Readable differences between two read models with the same tables."""
+    problems: List[str] = []
+    for name in sorted(set(live.tables) | set(replica.tables)):
+        if name not in live.tables or name not in replica.tables:
+            problems.append(f"table {name!r} exists on one side only")
+            continue
+        info = live.tables[name]
+        sql = f"SELECT * FROM {info.q} ORDER BY {info.order_by}"
+        left = {info.key_of(r): r for r in live._rows(sql)}
+        right = {info.key_of(r): r for r in replica._rows(sql)}
+        for key in sorted(set(left) | set(right), key=repr):
+            a, b = left.get(key), right.get(key)
+            if a == b:
+                continue
+            if a is None:
+                problems.append(f"{name} {key!r}: missing live, replay has {b}")
+            elif b is None:
+                problems.append(f"{name} {key!r}: live has {a}, missing in replay")
+            else:
+                cols = ", ".join(f"{c}: live {a[c]!r} != replay {b.get(c)!r}"
+                                 for c in a if a[c] != b.get(c))
+                problems.append(f"{name} {key!r}: {cols}")
+            if len(problems) >= limit:
+                problems.append("... (more differences not shown)")
+                return problems
+    return problems
+
+
+###############################################################################
+# 10. Middleware
+###############################################################################
+
+Middleware = Callable[[Store], Callable[[Callable[[Dict[str, Any]], Any]],
+                                        Callable[[Dict[str, Any]], Any]]]
+
+
+def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool]], *,
+              default: str = "deny") -> Middleware:
+    """Middleware for access control by event type.
+
+    ``rules`` maps an event type (or "*" for any other type) to
+    ``predicate(actor, event) -> bool``, where ``actor`` is
+    ``event["meta"].get("actor")`` (set by ``dispatch(..., actor=...)``).
+    A type with no rule and no "*" rule follows ``default`` ("deny" or
+    "allow"). A refusal raises Forbidden before any transaction opens.
+    """
+    if default not in ("deny", "allow"):
+        raise UsageError(f"authorize(default=...) is 'deny' or 'allow'; received {default!r}.")
+    if not isinstance(rules, Mapping) or not all(callable(p) for p in rules.values()):
+        raise UsageError("authorize() takes a dict of event type -> predicate(actor, event).")
+    table = dict(rules)
+
+    def middleware(store: Store) -> Callable[[Callable[[Dict[str, Any]], Any]],
+                                             Callable[[Dict[str, Any]], Any]]:
+        def wrap(next_: Callable[[Dict[str, Any]], Any]) -> Callable[[Dict[str, Any]], Any]:
+            def check(event: Dict[str, Any]) -> Any:
+                kind = event.get("type")
+                meta = event.get("meta") or {}
+                actor = meta.get("actor") if isinstance(meta, Mapping) else None
+                rule = table.get(kind, table.get("*"))
+                allowed = (default == "allow") if rule is None else bool(rule(actor, event))
+                if not allowed:
+                    raise Forbidden(
+                        f"Actor {actor!r} may not dispatch {kind!r} events"
+                        + ("" if rule else " (no rule for this type; the default is deny)")
+                        + ". Dispatch as an actor the rules allow, or change the rules."
+                    )
+                return next_(event)
+            return check
+        return wrap
+
+    return middleware
+
+
+def _compose_chain(store: Store, middleware: Sequence[Middleware]) -> Callable[[Dict[str, Any]], Any]:
+    """Redux's applyMiddleware: the first middleware is the outermost."""
+    wrappers = [m(store) for m in middleware]
+    chain: Callable[[Dict[str, Any]], Any] = store._core_dispatch
+    for wrap in reversed(wrappers):
+        chain = wrap(chain)
+        if not callable(chain):
+            raise UsageError(
+                f"A middleware returned {_describe(chain)}; middleware has the shape "
+                f"store -> next -> event -> result."
+            )
+    return chain
+
+
+###############################################################################
+# 11. open()
+###############################################################################
+
+
+def _read_meta(conn: sqlite3.Connection) -> Dict[str, Any]:
+    return {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM fluxlite_meta")}
+
+
+def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str]) -> Tuple[str, List[str]]:
+    """Create a new store in an empty database, or load an existing one's meta."""
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "fluxlite_meta" in names:
+        user_version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if user_version > FORMAT_VERSION:
+            raise SchemaError(
+                f"{path!r} was written by a newer fluxlite (on-disk format "
+                f"{user_version}; this is fluxlite {__version__}, format "
+                f"{FORMAT_VERSION}). Upgrade fluxlite to open it."
+            )
+        meta = _read_meta(conn)
+        stored = meta["schema"]
+        if schema is not None and _normalize_schema(schema) != _normalize_schema(stored):
+            raise SchemaError(
+                f"The schema passed to open() differs from the one {path!r} was "
+                f"created with (comments and whitespace aside). Open it with the "
+                f"stored schema (store.schema), or schema=None."
+            )
+        return stored, list(meta["tables"])
+    if names - {"sqlite_sequence"}:
+        raise SchemaError(
+            f"{path!r} is a SQLite database with tables ({', '.join(sorted(names))}) "
+            f"but no fluxlite log; fluxlite will not take over an existing database. "
+            f"Choose a new file."
+        )
+    if schema is None:
+        raise SchemaError(
+            f"{path!r} is a new store and needs a schema: pass schema= with the "
+            f"CREATE TABLE statements of the read model."
+        )
+    for statement in _LOG_DDL:
+        conn.execute(statement)
+    tables = _create_schema(conn, schema)
+    conn.executemany("INSERT INTO fluxlite_meta VALUES (?, ?)", [
+        ("format", _dumps(FORMAT_VERSION)), ("schema", _dumps(schema)),
+        ("tables", _dumps(tables)), ("created_by", _dumps(f"fluxlite {__version__}")),
+    ])
+    conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    return schema, tables
+
+
+def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
+         reducer: Union[None, Reducer, Mapping[str, CollectionReducer]] = None,
+         middleware: Sequence[Middleware] = (), durability: str = "full",
+         clock: Optional[Callable[[], datetime]] = None,
+         ids: Optional[Callable[[], str]] = None) -> Store:
+    """Open (or create) a store.
+
+    ``path`` is a file path or ":memory:". A missing or empty file becomes a
+    new store with ``schema`` (CREATE TABLE / CREATE INDEX statements).
+    ``reducer`` is ``(view, event) -> changeset`` or a dict of table name ->
+    ``(table, event) -> changeset`` (see combine); without it the store is
+    read-only. ``middleware`` is applied first-to-last, outermost first.
+    ``durability`` is "full" (fsync at every commit: nothing acknowledged is
+    lost, even on power failure) or "normal" (WAL with synchronous=NORMAL:
+    faster; a power failure or OS crash may lose the last commits, a process
+    crash loses nothing). ``clock`` and ``ids`` replace the time and id
+    sources (for reproducible tests).
+    """
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise UsageError(f"path must be a str path or ':memory:'; received {_describe(path)}.")
+    if durability not in _DURABILITY:
+        raise UsageError(
+            f"durability must be 'full' or 'normal'; received {durability!r}."
+        )
+    if isinstance(reducer, Mapping):
+        reducer = combine(reducer)
+    if reducer is not None and not callable(reducer):
+        raise UsageError(
+            f"reducer must be a function (view, event) -> changeset or a dict of "
+            f"table -> function; received {_describe(reducer)}."
+        )
+    if isinstance(middleware, Mapping) or not all(callable(m) for m in middleware):
+        raise UsageError(
+            "middleware must be a sequence of functions store -> next -> event -> result."
+        )
+    conn = _connect(path, durability)
+    try:
+        try:
+            with _write_txn(conn):
+                stored_schema, names = _initialise(conn, path, schema)
+                tables = {n: _read_table_info(conn, n) for n in names}
+        except sqlite3.DatabaseError as exc:
+            raise SchemaError(
+                f"{path!r} could not be read as a fluxlite store: {exc}."
+            ) from exc
+        for name in getattr(reducer, "fluxlite_tables", ()):
+            if name not in tables:
+                raise SchemaError(
+                    f"The combined reducer has a reducer for table {name!r}, which "
+                    f"the schema does not create (tables: {', '.join(sorted(tables))})."
+                )
+        store = Store(conn, path, tables, reducer, stored_schema, durability,
+                      clock or _utc_now, ids or _new_id)
+        store._chain = _compose_chain(store, list(middleware))
+    except BaseException:
+        conn.close()
+        raise
+    return store
