@@ -369,16 +369,13 @@ def _strip_leading_comments(sql: str) -> str:
 
 def _split_sql(script: str) -> List[str]:
     """Split a script into complete statements (semicolons in strings are safe)."""
-    statements, buffer = [], ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            if _strip_leading_comments(buffer).strip(" \t\r\n;"):
-                statements.append(buffer.strip())
-            buffer = ""
-    if _strip_leading_comments(buffer).strip(" \t\r\n;"):
-        statements.append(buffer.strip())
-    return statements
+    statements, start = [], 0
+    for end, char in enumerate(script):
+        if char == ";" and sqlite3.complete_statement(script[start:end + 1]):
+            statements.append(script[start:end + 1])
+            start = end + 1
+    statements.append(script[start:])
+    return [s.strip() for s in statements if _strip_leading_comments(s).strip(" \t\r\n;")]
 
 
 def _normalize_schema(script: str) -> str:
@@ -1314,38 +1311,49 @@ class Store:
         committed: List[Tuple[Event, List[Change]]] = []
         with self._lock:
             self._check_open()
-            with _write_txn(self._conn):
-                row = self._conn.execute(
-                    "SELECT seq, ts FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-                head, last_ts = row if row else (0, "")
-                seen: Dict[str, Tuple[_Prepared, Event]] = {}
-                for item in prepared:
-                    known = self._known_event(item, seen)
-                    if known is not None:
-                        results.append(known)
-                        continue
-                    if expect_seq is not None and head != expect_seq:
-                        raise Conflict(
-                            f"expect_seq={expect_seq} but the log's head is {head}: "
-                            f"another dispatch came first. Re-read the state and retry "
-                            f"with expect_seq={head}."
-                        )
-                    expect_seq = None  # checked once, before the first new event
-                    event, changes, journal = self._reduce_and_apply(item, head + 1, last_ts)
-                    self._conn.execute(
-                        f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                        (event.seq, event.id, event.type, item.payload_text,
-                         item.meta_text, _format_ts(event.ts)),
-                    )
-                    if journal:
-                        self._conn.executemany(
-                            "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)", journal)
-                    head, last_ts = event.seq, _format_ts(event.ts)
-                    seen[item.id] = (item, event)
-                    results.append(event)
-                    committed.append((event, changes))
+            try:
+                self._write(prepared, expect_seq, results, committed)
+            except sqlite3.IntegrityError as exc:  # a deferred constraint, at COMMIT
+                raise ChangesetError(
+                    f"The changes violate a deferred constraint checked at commit: "
+                    f"{exc}. Nothing was written; make the reducer return changes "
+                    f"that leave the tables consistent."
+                ) from exc
             self._pending.extend(committed)
         return results
+
+    def _write(self, prepared: List[_Prepared], expect_seq: Optional[int],
+               results: List[Event], committed: List[Tuple[Event, List[Change]]]) -> None:
+        with _write_txn(self._conn):
+            row = self._conn.execute(
+                "SELECT seq, ts FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+            head, last_ts = row if row else (0, "")
+            seen: Dict[str, Tuple[_Prepared, Event]] = {}
+            for item in prepared:
+                known = self._known_event(item, seen)
+                if known is not None:
+                    results.append(known)
+                    continue
+                if expect_seq is not None and head != expect_seq:
+                    raise Conflict(
+                        f"expect_seq={expect_seq} but the log's head is {head}: "
+                        f"another dispatch came first. Re-read the state and retry "
+                        f"with expect_seq={head}."
+                    )
+                expect_seq = None  # checked once, before the first new event
+                event, changes, journal = self._reduce_and_apply(item, head + 1, last_ts)
+                self._conn.execute(
+                    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    (event.seq, event.id, event.type, item.payload_text,
+                     item.meta_text, _format_ts(event.ts)),
+                )
+                if journal:
+                    self._conn.executemany(
+                        "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)", journal)
+                head, last_ts = event.seq, _format_ts(event.ts)
+                seen[item.id] = (item, event)
+                results.append(event)
+                committed.append((event, changes))
 
     def _known_event(self, item: _Prepared, seen: Dict[str, Tuple[_Prepared, Event]]
                      ) -> Optional[Event]:

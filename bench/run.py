@@ -1,0 +1,277 @@
+"""Benchmark fluxlite against raw sqlite3 doing the same SQL work.
+
+    python bench/run.py            # full sizes (a few minutes)
+    python bench/run.py --quick    # smaller sizes (about 30 s)
+    python bench/run.py --profile  # also cProfile the fluxlite side of each case
+
+Every case runs fluxlite and a hand-written sqlite3 equivalent in the same
+process, on real files in a temporary directory, interleaved and repeated
+(best of --repeat); the ratio fluxlite/raw is what to compare across machines.
+Both sides use the same events table as fluxlite; the raw side does no journal,
+no checks and no read-back, so the ratio is the price of those.
+"""
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import resource
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import fluxlite  # noqa: E402
+
+SCHEMA = "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT)"
+# The same log table and index fluxlite creates (its triggers cost nothing on INSERT).
+EVENTS_DDL = """
+CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL, payload TEXT, meta TEXT, ts TEXT NOT NULL);
+CREATE INDEX events_type ON events (type, seq);
+"""
+INSERT_EVENT = "INSERT INTO events (id, type, payload, meta, ts) VALUES (?, ?, ?, ?, ?)"
+INSERT_USER = "INSERT INTO users (id, name, email) VALUES (?, ?, ?)"
+
+
+def reducer(view, event):
+    return view.users.insert(event.payload)
+
+
+def payload(i):
+    return {"id": i, "name": f"user {i}", "email": f"user{i}@example.com"}
+
+
+def now():
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+# -- helpers -------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, tmp, repeat, profile):
+        self.tmp, self.repeat, self.profile, self.rows, self.files = tmp, repeat, profile, [], 0
+
+    def path(self):
+        self.files += 1
+        return os.path.join(self.tmp, f"b{self.files}.db")
+
+    def compare(self, case, n, unit, target, flux, raw):
+        """Time flux(n) and raw(n) alternately, keep the best of each; record the row.
+
+        flux and raw take a fresh state from setup-free callables and return the
+        seconds of the timed part only.
+        """
+        best_f = best_r = float("inf")
+        for _ in range(self.repeat):
+            best_f = min(best_f, flux())
+            best_r = min(best_r, raw())
+        rate_f, rate_r = n / best_f, n / best_r
+        ratio = rate_f / rate_r
+        self.rows.append((case, f"{rate_f:,.0f} {unit}", f"{rate_r:,.0f} {unit}",
+                          f"**{ratio:.2f}**", f">= {target}", ratio >= target))
+        print(f"  {case}: fluxlite {rate_f:,.0f} {unit}, raw {rate_r:,.0f} {unit}, "
+              f"ratio {ratio:.2f} (target >= {target}) {'ok' if ratio >= target else 'MISSED'}",
+              flush=True)
+        if self.profile:
+            prof = cProfile.Profile()
+            prof.runcall(flux)
+            print(f"  cProfile of the fluxlite side of {case!r} (top 12 by own time):")
+            pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(12)
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def open_store(path, durability="full"):
+    return fluxlite.open(path, schema=SCHEMA, reducer=reducer, durability=durability)
+
+
+def raw_connect(path, synchronous):
+    """What a careful hand-written event store opens: the pragmas fluxlite uses."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute("PRAGMA journal_mode=wal")
+    conn.execute("PRAGMA foreign_keys=on")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.executescript(EVENTS_DDL + SCHEMA)
+    return conn
+
+
+def build_store(path, n, chunk=10_000):
+    with open_store(path, "normal") as store:
+        for start in range(0, n, chunk):
+            store.dispatch_many([{"type": "addUser", "payload": payload(i)}
+                                 for i in range(start, min(n, start + chunk))])
+
+
+# -- cases ---------------------------------------------------------------------
+
+def case_single(b, durability, n, target):
+    def flux():
+        with open_store(b.path(), durability) as store:
+            def run():
+                for i in range(n):
+                    store.dispatch("addUser", payload(i))
+            return timed(run)
+
+    def raw():
+        conn = raw_connect(b.path(), durability.upper())
+
+        def run():
+            for i in range(n):
+                p = payload(i)
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(INSERT_EVENT, (str(uuid.uuid4()), "addUser", json.dumps(p), "{}", now()))
+                conn.execute(INSERT_USER, (p["id"], p["name"], p["email"]))
+                conn.execute("COMMIT")
+        try:
+            return timed(run)
+        finally:
+            conn.close()
+
+    b.compare(f"dispatch, 1 event per txn, durability={durability} ({n:,} events)",
+              n, "ev/s", target, flux, raw)
+
+
+def case_many(b, n, batch=1000, target=0.4):
+    def flux():
+        with open_store(b.path()) as store:
+            def run():
+                for start in range(0, n, batch):
+                    store.dispatch_many([{"type": "addUser", "payload": payload(i)}
+                                         for i in range(start, start + batch)])
+            return timed(run)
+
+    def raw():
+        conn = raw_connect(b.path(), "FULL")
+
+        def run():
+            for start in range(0, n, batch):
+                ps = [payload(i) for i in range(start, start + batch)]
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(INSERT_EVENT, [(str(uuid.uuid4()), "addUser", json.dumps(p),
+                                                 "{}", now()) for p in ps])
+                conn.executemany(INSERT_USER, [(p["id"], p["name"], p["email"]) for p in ps])
+                conn.execute("COMMIT")
+        try:
+            return timed(run)
+        finally:
+            conn.close()
+
+    b.compare(f"dispatch_many, {batch:,} events per call, durability=full ({n:,} events)",
+              n, "ev/s", target, flux, raw)
+
+
+def raw_replay(path):
+    """Read the log, json.loads each payload, insert into a fresh table, one txn."""
+    log = sqlite3.connect(path, isolation_level=None)
+    replica = sqlite3.connect("", isolation_level=None)  # a private temporary file
+    replica.execute("PRAGMA journal_mode=off")
+    replica.execute("PRAGMA synchronous=off")
+    replica.execute("BEGIN")
+    replica.execute(SCHEMA)
+    for kind, text in log.execute("SELECT type, payload FROM events ORDER BY seq"):
+        if kind == "addUser":
+            p = json.loads(text)
+            replica.execute(INSERT_USER, (p["id"], p["name"], p["email"]))
+    replica.execute("COMMIT")
+    replica.close()
+    log.close()
+
+
+def case_verify(b, n, target=0.5):
+    path = b.path()
+    build_store(path, n)
+
+    def flux():
+        with open_store(path) as store:
+            return timed(store.verify)
+
+    b.compare(f"verify() = full replay ({n:,} events)", n, "ev/s", target,
+              flux, lambda: timed(raw_replay, path))
+
+
+def verify_memory(b, sizes, limit_mb=20):
+    """Peak RSS growth of verify(), each size in a fresh subprocess."""
+    growth = {}
+    for n in sizes:
+        path = b.path()
+        build_store(path, n)
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--verify-mem", path],
+                             check=True, capture_output=True, text=True).stdout
+        growth[n] = json.loads(out)["rss_growth_mb"]
+        os.remove(path)
+        print(f"  verify() peak RSS growth at {n:,} events: {growth[n]:.1f} MB", flush=True)
+    for n in sizes:
+        b.rows.append((f"verify() peak RSS growth ({n:,} events)", f"{growth[n]:.1f} MB",
+                       "", "", "", None))
+    small, large = min(sizes), max(sizes)
+    spread = growth[large] - growth[small]
+    b.rows.append((f"verify() memory, {large:,} minus {small:,} events", f"{spread:+.1f} MB",
+                   "", "", f"<= {limit_mb} MB", abs(spread) <= limit_mb))
+
+
+def measure_verify_memory(path):
+    """Child process: peak RSS growth (ru_maxrss) across one verify()."""
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    with open_store(path) as store:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        store.verify()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    print(json.dumps({"rss_growth_mb": (after - before) / 2**20}))
+
+
+# -- main ----------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (~30 s)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per side; the best counts")
+    parser.add_argument("--profile", action="store_true", help="cProfile the fluxlite side")
+    parser.add_argument("--dir", help="where to put the database files (default: a temp dir)")
+    parser.add_argument("--verify-mem", metavar="PATH", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.verify_mem:
+        return measure_verify_memory(args.verify_mem)
+
+    q = args.quick
+    versions = (f"Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, "
+                f"fluxlite {fluxlite.__version__}, {sys.platform}")
+    print(f"fluxlite vs raw sqlite3 ({'quick' if q else 'full'} run, best of {args.repeat}); "
+          f"{versions}", flush=True)
+    tmp = tempfile.mkdtemp(prefix="fluxlite-bench-", dir=args.dir)
+    b = Bench(tmp, args.repeat, args.profile)
+    started = time.perf_counter()
+    try:
+        case_single(b, "full", 300 if q else 2_000, 0.85)
+        case_single(b, "normal", 1_000 if q else 5_000, 0.6)
+        case_many(b, 20_000 if q else 100_000)
+        case_verify(b, 20_000 if q else 100_000)
+        verify_memory(b, (10_000, 100_000) if q else (100_000, 1_000_000))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\nDone in {time.perf_counter() - started:.0f} s. Ratio = fluxlite rate / raw "
+          f"sqlite3 rate in the same run (higher is better, 1.00 = as fast as raw).\n")
+    print("| case | fluxlite rate | raw sqlite3 rate | ratio | target |")
+    print("|---|---|---|---|---|")
+    for case, flux, raw, ratio, target, ok in b.rows:
+        mark = "" if ok is None else (" ✅" if ok else " ❌ missed")
+        print(f"| {case} | {flux} | {raw} | {ratio} | {target}{mark} |")
+    print(f"\n{versions}; files in {args.dir or tempfile.gettempdir()}; "
+          f"memory is peak RSS growth (ru_maxrss) across verify() in a fresh subprocess.")
+
+
+if __name__ == "__main__":
+    main()

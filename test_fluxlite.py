@@ -1,0 +1,1239 @@
+"""The fluxlite test suite: every guarantee of the core, on :memory: and on real files."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import logging
+import math
+import os
+import pathlib
+import sqlite3
+import stat
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+import fluxlite
+from fluxlite import Change
+
+ROOT = pathlib.Path(__file__).resolve().parent
+
+SCHEMA = """
+-- the White House read model
+CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT, logins INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE rights (user TEXT NOT NULL, right TEXT NOT NULL, PRIMARY KEY (user, right));
+CREATE INDEX rights_by_right ON rights (right);
+"""
+
+
+def reducer(view, event):
+    p = event.payload
+    if event.type == "addUser":
+        if view.users.get(p["name"]) is not None:
+            raise fluxlite.Rejected(f"user {p['name']!r} exists")
+        return view.users.insert(name=p["name"], role=p.get("role"))
+    if event.type == "grantAccess":
+        if view.users.get(p["name"]) is None:
+            raise fluxlite.Rejected(f"no user {p['name']!r}")
+        return [view.users.update(p["name"], role=p["right"]),
+                view.rights.upsert(user=p["name"], right=p["right"])]
+    if event.type == "revokeAccess":
+        return view.rights.delete((p["name"], p["right"]))
+    if event.type == "removeUser":
+        return view.users.delete(p["name"])
+    if event.type == "login":
+        user = view.users.get(p["name"])
+        return view.users.update(p["name"], logins=user["logins"] + 1)
+    if event.type == "raw":  # a changeset written by hand, from the payload
+        return [Change(c["op"], c["table"], c.get("key"), c.get("values")) for c in p]
+    return None
+
+
+@pytest.fixture(params=["memory", "file"])
+def path(request, tmp_path):
+    return ":memory:" if request.param == "memory" else str(tmp_path / "store.db")
+
+
+@pytest.fixture
+def store(path):
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as s:
+        yield s
+
+
+def snapshot(store):
+    """Every byte of content: schema, rows of every table, sqlite_sequence."""
+    with store._lock:
+        return list(store._conn.iterdump())
+
+
+def add(store, name, **kw):
+    return store.dispatch("addUser", {"name": name}, **kw)
+
+
+# --- the module itself ---------------------------------------------------------
+
+
+def test_module_docstring_quick_start_runs():
+    result = doctest.testmod(fluxlite)
+    assert result.attempted > 5 and result.failed == 0
+
+
+def test_readme_examples_run():
+    readme = ROOT / "README.md"
+    result = doctest.testfile(str(readme), module_relative=False,
+                              optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 5 and result.failed == 0
+
+
+def test_public_api_is_sorted_and_documented():
+    assert fluxlite.__all__ == sorted(fluxlite.__all__)
+    for name in fluxlite.__all__:
+        obj = getattr(fluxlite, name)
+        assert obj.__doc__ and obj.__doc__.strip(), name
+    for name in dir(fluxlite.Store):
+        if not name.startswith("_"):
+            assert getattr(fluxlite.Store, name).__doc__, name
+
+
+def test_errors_form_a_shallow_tree():
+    for name in ["InvalidEvent", "Rejected", "ReducerError", "Forbidden", "ChangesetError",
+                 "Conflict", "SchemaError", "ReplayMismatch", "QueryError", "UsageError"]:
+        assert getattr(fluxlite, name).__bases__ == (fluxlite.FluxliteError,)
+
+
+def test_version_is_read_by_pyproject():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'version = { attr = "fluxlite.__version__" }' in text
+    assert 'name = "fluxlite-store"' in text
+    assert fluxlite.__version__.count(".") == 2
+
+
+# --- opening ---------------------------------------------------------------------
+
+
+def test_new_file_is_created_private_and_in_wal_mode(tmp_path):
+    target = tmp_path / "new.db"
+    with fluxlite.open(str(target), schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+        mode = store.query("SELECT 1 AS one")  # a read works
+        assert mode == [{"one": 1}]
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    conn = sqlite3.connect(target)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == fluxlite.FORMAT_VERSION
+    assert conn.execute("PRAGMA application_id").fetchone()[0] == fluxlite.APPLICATION_ID
+    columns = [(r[1], r[2], r[3], r[5]) for r in conn.execute("PRAGMA table_info(events)")]
+    assert columns == [("seq", "INTEGER", 0, 1), ("id", "TEXT", 1, 0), ("type", "TEXT", 1, 0),
+                       ("payload", "TEXT", 0, 0), ("meta", "TEXT", 0, 0), ("ts", "TEXT", 1, 0)]
+    payload, meta = conn.execute("SELECT payload, meta FROM events").fetchone()
+    assert json.loads(payload) == {"name": "a"} and json.loads(meta) == {}
+    conn.close()
+
+
+def test_reopen_keeps_log_and_model(tmp_path):
+    target = str(tmp_path / "s.db")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+    with fluxlite.open(target, schema=SCHEMA + "\n\n  -- a comment\n", reducer=reducer) as store:
+        assert store.head == 1 and store.view.users.get("a")["name"] == "a"
+        add(store, "b")
+        assert store.head == 2
+
+
+def test_empty_file_becomes_a_store(tmp_path):
+    target = tmp_path / "empty.db"
+    target.write_bytes(b"")
+    with fluxlite.open(str(target), schema=SCHEMA, reducer=reducer) as store:
+        assert add(store, "a").seq == 1
+
+
+def test_reopen_with_another_schema_is_refused(tmp_path):
+    target = str(tmp_path / "s.db")
+    fluxlite.open(target, schema=SCHEMA, reducer=reducer).close()
+    with pytest.raises(fluxlite.SchemaError, match="differs"):
+        fluxlite.open(target, schema="CREATE TABLE other (id INTEGER PRIMARY KEY)", reducer=reducer)
+
+
+def test_file_that_is_not_sqlite_is_refused(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_bytes(b"hello, this is not a database" * 100)
+    with pytest.raises(fluxlite.SchemaError, match="not a SQLite database"):
+        fluxlite.open(str(target), schema=SCHEMA, reducer=reducer)
+    assert target.read_bytes() == b"hello, this is not a database" * 100
+
+
+def test_sqlite_file_without_log_is_refused_and_untouched(tmp_path):
+    target = tmp_path / "app.db"
+    conn = sqlite3.connect(target)
+    conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.execute("INSERT INTO customers VALUES (1, 'ada')")
+    conn.commit()
+    conn.close()
+    with pytest.raises(fluxlite.SchemaError, match="no fluxlite log"):
+        fluxlite.open(str(target), schema=SCHEMA, reducer=reducer)
+    conn = sqlite3.connect(target)
+    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+    assert names == ["customers"]
+
+
+def test_newer_format_is_refused(tmp_path):
+    target = str(tmp_path / "s.db")
+    fluxlite.open(target, schema=SCHEMA, reducer=reducer).close()
+    conn = sqlite3.connect(target)
+    conn.execute(f"PRAGMA user_version={fluxlite.FORMAT_VERSION + 1}")
+    conn.close()
+    with pytest.raises(fluxlite.SchemaError, match="newer fluxlite"):
+        fluxlite.open(target, reducer=reducer)
+
+
+def test_new_store_needs_a_schema(tmp_path):
+    with pytest.raises(fluxlite.SchemaError, match="needs a schema"):
+        fluxlite.open(str(tmp_path / "s.db"), reducer=reducer)
+
+
+@pytest.mark.parametrize("ddl, message", [
+    ("CREATE TABLE t (a TEXT)", "no primary key"),
+    ("CREATE TABLE t (a TEXT PRIMARY KEY, )", "failed"),
+    ("CREATE TABLE events (a TEXT PRIMARY KEY)", "reserved"),
+    ("CREATE TABLE fluxlite_x (a TEXT PRIMARY KEY)", "reserved"),
+    ("CREATE TABLE Events (a TEXT PRIMARY KEY)", "reserved"),
+    ("CREATE TABLE t (a TEXT PRIMARY KEY); CREATE TRIGGER x AFTER INSERT ON t "
+     "BEGIN DELETE FROM t; END;", "not CREATE TABLE"),
+    ("CREATE VIEW v AS SELECT 1", "not CREATE TABLE"),
+    ("CREATE TEMP TABLE t (a TEXT PRIMARY KEY)", "not CREATE TABLE"),
+    ("INSERT INTO x VALUES (1)", "not CREATE TABLE"),
+    ("CREATE TABLE p (id TEXT PRIMARY KEY); CREATE TABLE c (id TEXT PRIMARY KEY, "
+     "p TEXT REFERENCES p(id) ON DELETE CASCADE)", "CASCADE"),
+    ("CREATE TABLE t (a TEXT PRIMARY KEY ON CONFLICT REPLACE)", "ON CONFLICT"),
+    ("   -- only a comment\n", "empty"),
+    (42, "SQL text"),
+])
+def test_bad_schema_is_refused_and_leaves_no_file_content(tmp_path, ddl, message):
+    target = tmp_path / "s.db"
+    with pytest.raises(fluxlite.SchemaError, match=message):
+        fluxlite.open(str(target), schema=ddl, reducer=reducer)
+    conn = sqlite3.connect(target)
+    assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    conn.close()
+
+
+def test_read_only_open_reads_but_refuses_dispatch(tmp_path):
+    target = str(tmp_path / "s.db")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+    with fluxlite.open(target) as reader:
+        assert reader.readonly and reader.head == 1
+        assert reader.view.users.get("a")["name"] == "a"
+        assert [e.type for e in reader.events()] == ["addUser"]
+        assert reader.schema == SCHEMA
+        with pytest.raises(fluxlite.UsageError, match="reading only"):
+            add(reader, "b")
+        assert reader.head == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"durability": "fast"}, "durability"),
+    ({"reducer": 42}, "reducer must be"),
+    ({"middleware": [1]}, "middleware"),
+])
+def test_bad_open_arguments(kwargs, message):
+    with pytest.raises(fluxlite.UsageError, match=message):
+        fluxlite.open(":memory:", **{"schema": SCHEMA, "reducer": reducer, **kwargs})
+
+
+def test_durability_sets_synchronous(tmp_path):
+    for durability, level in [("full", 2), ("normal", 1)]:
+        with fluxlite.open(str(tmp_path / f"{durability}.db"), schema=SCHEMA, reducer=reducer,
+                           durability=durability) as store:
+            assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == level
+            assert store.durability == durability
+            assert store._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+            assert store._conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+
+
+def test_the_log_is_append_only_for_any_sqlite_client(tmp_path):
+    target = str(tmp_path / "s.db")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+    conn = sqlite3.connect(target)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE events SET type = 'x'")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("DELETE FROM events")
+    conn.rollback()
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+    conn.close()
+
+
+# --- dispatch ----------------------------------------------------------------------
+
+
+def test_dispatch_returns_the_committed_event(store):
+    event = store.dispatch("addUser", {"name": "barack"}, meta={"ip": "1.2.3.4"}, actor="admin")
+    assert event.seq == 1 and event.type == "addUser"
+    assert event.payload == {"name": "barack"}
+    assert event.meta == {"ip": "1.2.3.4", "actor": "admin"} and event.actor == "admin"
+    assert event.ts.tzinfo is not None and event.ts.utcoffset() == timedelta(0)
+    assert isinstance(event.id, str) and len(event.id) >= 16
+    assert store.event(1) == event == store.event(event.id)
+    assert json.loads(json.dumps(event.to_dict()))["ts"] == event.ts.isoformat()
+    with pytest.raises(dataclass_frozen_error()):
+        event.seq = 5  # type: ignore[misc]
+
+
+def dataclass_frozen_error():
+    import dataclasses
+    return dataclasses.FrozenInstanceError
+
+
+def test_flux_standard_action_form(store):
+    event = store.dispatch({"type": "addUser", "payload": {"name": "a"}, "meta": {"k": 1},
+                            "id": "evt-1"}, actor="me")
+    assert (event.id, event.meta) == ("evt-1", {"k": 1, "actor": "me"})
+    with pytest.raises(fluxlite.InvalidEvent, match="unknown key"):
+        store.dispatch({"type": "addUser", "name": "b"})
+
+
+def test_payload_is_seen_as_stored(store):
+    seen = []
+    store.subscribe(lambda e, c: seen.append(e.payload))
+    event = store.dispatch("noop", {"t": (1, 2), 3: "three", "f": 1.5})
+    assert event.payload == {"t": [1, 2], "3": "three", "f": 1.5}
+    assert seen == [event.payload] and store.event(1).payload == event.payload
+
+
+def test_seq_is_gap_free_after_failures(store):
+    add(store, "a")
+    with pytest.raises(fluxlite.Rejected):
+        add(store, "a")
+    with pytest.raises(fluxlite.InvalidEvent):
+        store.dispatch("", {})
+    assert add(store, "b").seq == 2
+    assert [e.seq for e in store.events()] == [1, 2]
+
+
+def test_ts_never_decreases_when_the_clock_steps_back():
+    times = iter([datetime(2030, 1, 1, tzinfo=timezone.utc),
+                  datetime(2020, 1, 1, tzinfo=timezone.utc),
+                  datetime(2031, 1, 1, tzinfo=timezone(timedelta(hours=2)))])
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer,
+                       clock=lambda: next(times)) as store:
+        stamps = [add(store, n).ts for n in "abc"]
+    assert stamps[0] == stamps[1] == datetime(2030, 1, 1, tzinfo=timezone.utc)
+    assert stamps[2] == datetime(2030, 12, 31, 22, tzinfo=timezone.utc)
+    assert all(s.tzinfo == timezone.utc for s in stamps)
+
+
+def test_clock_must_be_timezone_aware():
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer,
+                       clock=lambda: datetime(2030, 1, 1)) as store:
+        with pytest.raises(fluxlite.UsageError, match="timezone-aware"):
+            add(store, "a")
+        assert store.head == 0
+
+
+def test_injected_ids_make_the_log_reproducible():
+    def run():
+        counter = iter(range(100))
+        with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer,
+                           clock=lambda: datetime(2030, 1, 1, tzinfo=timezone.utc),
+                           ids=lambda: f"id-{next(counter)}") as store:
+            add(store, "a")
+            add(store, "b")
+            return snapshot(store)
+    assert run() == run()
+
+
+def test_same_id_same_content_is_applied_once(store):
+    calls = []
+    store.subscribe(lambda e, c: calls.append(e.seq))
+    first = add(store, "a", id="k")
+    again = store.dispatch("addUser", {"name": "a"}, id="k", meta={"retry": True})
+    assert again == first and store.head == 1 and calls == [1]
+    assert store.view.users.count() == 1
+
+
+def test_same_id_other_content_is_a_conflict(store):
+    add(store, "a", id="k")
+    before = snapshot(store)
+    with pytest.raises(fluxlite.Conflict, match="'k' is already used"):
+        add(store, "b", id="k")
+    with pytest.raises(fluxlite.Conflict):
+        store.dispatch("removeUser", {"name": "a"}, id="k")
+    assert snapshot(store) == before
+
+
+def test_expect_seq_is_optimistic_concurrency(store):
+    add(store, "a", expect_seq=0)
+    add(store, "b", expect_seq=1)
+    before = snapshot(store)
+    with pytest.raises(fluxlite.Conflict, match="head is 2"):
+        add(store, "c", expect_seq=1)
+    assert snapshot(store) == before
+    with pytest.raises(fluxlite.Conflict):
+        store.dispatch_many([{"type": "addUser", "payload": {"name": "c"}}], expect_seq=0)
+    assert store.dispatch_many([{"type": "addUser", "payload": {"name": "c"}}],
+                               expect_seq=2)[0].seq == 3
+
+
+def test_dispatch_many_is_one_transaction_and_sees_earlier_events(store):
+    events = store.dispatch_many([
+        {"type": "addUser", "payload": {"name": "a"}},
+        {"type": "grantAccess", "payload": {"name": "a", "right": "admin"}},
+    ])
+    assert [e.seq for e in events] == [1, 2]
+    assert store.view.users.get("a")["role"] == "admin"
+    before = snapshot(store)
+    with pytest.raises(fluxlite.Rejected):
+        store.dispatch_many([
+            {"type": "addUser", "payload": {"name": "b"}},
+            {"type": "addUser", "payload": {"name": "b"}},  # rejected: b exists by now
+        ])
+    assert snapshot(store) == before and store.head == 2
+
+
+def test_dispatch_many_with_repeated_ids(store):
+    same = {"type": "addUser", "payload": {"name": "a"}, "id": "x"}
+    events = store.dispatch_many([same, dict(same)])
+    assert events[0] == events[1] and store.head == 1
+    before = snapshot(store)
+    with pytest.raises(fluxlite.Conflict):
+        store.dispatch_many([{"type": "addUser", "payload": {"name": "b"}, "id": "y"},
+                             {"type": "addUser", "payload": {"name": "c"}, "id": "y"}])
+    assert snapshot(store) == before
+    assert store.dispatch_many([]) == []
+
+
+@pytest.mark.parametrize("bad", ["events", {"type": "x"}, 42])
+def test_dispatch_many_needs_a_list(store, bad):
+    with pytest.raises(fluxlite.InvalidEvent, match="list of event dicts"):
+        store.dispatch_many(bad)
+
+
+# --- bad input changes nothing -----------------------------------------------------
+
+
+class Unserialisable:
+    pass
+
+
+def _cyclic():
+    x = []
+    x.append(x)
+    return x
+
+
+BAD_EVENTS = [
+    (lambda s: s.dispatch(None), fluxlite.InvalidEvent, "non-empty string"),
+    (lambda s: s.dispatch(""), fluxlite.InvalidEvent, "non-empty string"),
+    (lambda s: s.dispatch("   "), fluxlite.InvalidEvent, "non-empty string"),
+    (lambda s: s.dispatch(7), fluxlite.InvalidEvent, "non-empty string"),
+    (lambda s: s.dispatch({"payload": {}}), fluxlite.InvalidEvent, "non-empty string"),
+    (lambda s: s.dispatch("addUser", {1, 2}), fluxlite.InvalidEvent, "must be JSON"),
+    (lambda s: s.dispatch("addUser", {"x": math.nan}), fluxlite.InvalidEvent, "must be JSON"),
+    (lambda s: s.dispatch("addUser", {"x": math.inf}), fluxlite.InvalidEvent, "must be JSON"),
+    (lambda s: s.dispatch("addUser", Unserialisable()), fluxlite.InvalidEvent, "must be JSON"),
+    (lambda s: s.dispatch("addUser", b"bytes"), fluxlite.InvalidEvent, "must be JSON"),
+    (lambda s: s.dispatch("addUser", _cyclic()), fluxlite.InvalidEvent, "must be JSON"),
+    (lambda s: s.dispatch("addUser", {"n": "\ud800"}), fluxlite.InvalidEvent, "must be JSON"),
+    (lambda s: s.dispatch("addUser", {(1, 2): 1}), fluxlite.InvalidEvent, "must be JSON"),
+    (lambda s: s.dispatch("addUser", {"name": "z"}, meta=[1]), fluxlite.InvalidEvent, "meta"),
+    (lambda s: s.dispatch("addUser", {"name": "z"}, meta={1: 2}), fluxlite.InvalidEvent, "meta"),
+    (lambda s: s.dispatch("addUser", {"name": "z"}, id=""), fluxlite.InvalidEvent, "id"),
+    (lambda s: s.dispatch("addUser", {"name": "z"}, id=5), fluxlite.InvalidEvent, "id"),
+    (lambda s: s.dispatch("addUser", {"name": "a"}), fluxlite.Rejected, "exists"),
+    (lambda s: s.dispatch("grantAccess", {"name": "nobody", "right": "x"}), fluxlite.Rejected,
+     "no user"),
+    (lambda s: s.dispatch("login", {}), fluxlite.ReducerError, "KeyError"),
+    (lambda s: s.dispatch("raw", [{"op": "insert", "table": "nope", "values": {"a": 1}}]),
+     fluxlite.ChangesetError, "Unknown table 'nope'"),
+    (lambda s: s.dispatch("raw", [{"op": "insert", "table": "users",
+                                   "values": {"name": "q", "age": 3}}]),
+     fluxlite.ChangesetError, "unknown column"),
+    (lambda s: s.dispatch("raw", [{"op": "insert", "table": "users", "values": {"name": "a"}}]),
+     fluxlite.ChangesetError, "already exists"),
+    (lambda s: s.dispatch("raw", [{"op": "update", "table": "users", "key": "zz",
+                                   "values": {"role": "x"}}]),
+     fluxlite.ChangesetError, "does not exist"),
+    (lambda s: s.dispatch("raw", [{"op": "delete", "table": "users", "key": "zz"}]),
+     fluxlite.ChangesetError, "does not exist"),
+    (lambda s: s.dispatch("raw", [{"op": "update", "table": "users", "key": "a",
+                                   "values": {"logins": None}}]),
+     fluxlite.ChangesetError, "NOT NULL"),
+    (lambda s: s.dispatch("raw", [{"op": "update", "table": "users", "key": "a",
+                                   "values": {"name": "b"}}]),
+     fluxlite.ChangesetError, "primary-key"),
+    (lambda s: s.dispatch("raw", [{"op": "update", "table": "users", "key": "a",
+                                   "values": {"logins": 2**70}}]),
+     fluxlite.ChangesetError, "64-bit"),
+    (lambda s: s.dispatch("raw", [{"op": "update", "table": "users", "key": "a",
+                                   "values": {"role": [1, 2]}}]),
+     fluxlite.ChangesetError, "json.dumps"),
+    (lambda s: s.dispatch("raw", [{"op": "delete", "table": "rights", "key": "a"}]),
+     fluxlite.ChangesetError, "composite primary key"),
+    (lambda s: s.dispatch("raw", [{"op": "insert", "table": "rights", "values": {"user": "a"}}]),
+     fluxlite.ChangesetError, "lacks primary-key"),
+    (lambda s: s.dispatch("raw", [{"op": "merge", "table": "users"}]),
+     fluxlite.ChangesetError, "op must be one of"),
+    (lambda s: s.dispatch("raw", [{"op": "insert", "table": "users", "key": "k",
+                                   "values": {"name": "j"}}]),
+     fluxlite.ChangesetError, "disagrees"),
+    (lambda s: s.dispatch("raw", [{"op": "update", "table": "users", "key": "a",
+                                   "values": {"role": {"x": 1}}}]),
+     fluxlite.ChangesetError, "must be None, bool, int, float or str"),
+    (lambda s: s.dispatch("raw", [{"op": "upsert", "table": "users", "values": {"role": "x"}}]),
+     fluxlite.ChangesetError, "lacks primary-key"),
+]
+
+
+@pytest.mark.parametrize("attempt, error, message", BAD_EVENTS)
+def test_bad_input_is_a_clear_error_and_changes_nothing(store, attempt, error, message):
+    add(store, "a")
+    store.dispatch("grantAccess", {"name": "a", "right": "admin"})
+    before, heard = snapshot(store), []
+    store.subscribe(lambda e, c: heard.append(e))
+    with pytest.raises(error, match=message):
+        attempt(store)
+    assert snapshot(store) == before and heard == [] and store.head == 2
+    store.verify()
+    assert add(store, "next").seq == 3  # and the store keeps working
+
+
+def test_changeset_error_in_a_batch_rolls_back_the_whole_batch(store):
+    before = snapshot(store)
+    with pytest.raises(fluxlite.ChangesetError):
+        store.dispatch_many([
+            {"type": "addUser", "payload": {"name": "a"}},
+            {"type": "raw", "payload": [{"op": "delete", "table": "users", "key": "zz"}]},
+        ])
+    assert snapshot(store) == before
+
+
+@pytest.mark.parametrize("returned, message", [
+    (42, "returned 42"),
+    ("users", "returned 'users'"),
+    ([Change("delete", "users", "a"), "x"], "list holding 'x'"),
+    ({"op": "insert"}, "returns None, a Change, or a list"),
+])
+def test_reducer_returning_a_non_changeset_is_refused(returned, message):
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=lambda v, e: returned) as store:
+        with pytest.raises(fluxlite.ChangesetError, match=message):
+            store.dispatch("x")
+        assert store.head == 0
+
+
+def test_reducer_error_names_the_event_and_keeps_the_cause(store):
+    with pytest.raises(fluxlite.ReducerError) as info:
+        store.dispatch("login", {"name": "ghost"}, id="evt-9")
+    assert "login" in str(info.value) and "evt-9" in str(info.value)
+    assert isinstance(info.value.__cause__, TypeError)
+
+
+def test_rejected_propagates_as_itself(store):
+    add(store, "a")
+    with pytest.raises(fluxlite.Rejected, match="exists") as info:
+        add(store, "a")
+    assert type(info.value) is fluxlite.Rejected
+
+
+def test_deferred_foreign_key_failing_at_commit_rolls_back(tmp_path):
+    schema = """CREATE TABLE parent (id TEXT PRIMARY KEY);
+    CREATE TABLE child (id TEXT PRIMARY KEY,
+        parent TEXT REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED);"""
+
+    def r(view, event):
+        return view.child.insert(id=event.payload["id"], parent=event.payload["parent"])
+
+    with fluxlite.open(str(tmp_path / "fk.db"), schema=schema, reducer=r) as store:
+        before = snapshot(store)
+        with pytest.raises(fluxlite.ChangesetError, match="deferred constraint"):
+            store.dispatch("addChild", {"id": "c", "parent": "missing"})
+        assert snapshot(store) == before and not store._conn.in_transaction
+        assert store.head == 0
+
+
+def test_immediate_foreign_key_is_a_changeset_error():
+    schema = """CREATE TABLE parent (id TEXT PRIMARY KEY);
+    CREATE TABLE child (id TEXT PRIMARY KEY, parent TEXT REFERENCES parent(id));"""
+
+    def r(view, event):
+        return view.child.insert(id="c", parent="missing")
+
+    with fluxlite.open(":memory:", schema=schema, reducer=r) as store:
+        with pytest.raises(fluxlite.ChangesetError, match="FOREIGN KEY"):
+            store.dispatch("addChild")
+        assert store.head == 0
+
+
+# --- reducers may only read ---------------------------------------------------------
+
+
+def test_reducer_cannot_write_through_query(store):
+    def sneaky(view, event):
+        view.query("DELETE FROM users")
+
+    add(store, "a")
+    store._reducer = sneaky
+    with pytest.raises(fluxlite.QueryError, match="read-only"):
+        store.dispatch("x")
+    assert store.view.users.count() == 1
+
+
+def test_reducer_cannot_read_the_log(store):
+    store._reducer = lambda view, event: view.query("SELECT count(*) FROM events")
+    with pytest.raises(fluxlite.QueryError, match="read-model tables"):
+        store.dispatch("x")
+    assert store.head == 0
+
+
+def test_reducer_can_query_the_read_model(store):
+    add(store, "a")
+    seen = []
+
+    def counting(view, event):
+        seen.append(view.query("SELECT count(*) AS n FROM users WHERE name > ?", ("",)))
+        return None
+
+    store._reducer = counting
+    store.dispatch("x")
+    assert seen == [[{"n": 1}]]
+
+
+def test_reducer_cannot_dispatch(store):
+    def dispatching(view, event):
+        store.dispatch("addUser", {"name": "inner"})
+
+    store._reducer = dispatching
+    with pytest.raises(fluxlite.UsageError, match="Reducers may not dispatch"):
+        store.dispatch("x")
+    assert store.head == 0
+
+
+def test_reducer_sees_the_transaction_in_progress(store):
+    seen = []
+
+    def watching(view, event):
+        seen.append(view.users.count())
+        return view.users.insert(name=f"u{event.seq}")
+
+    store._reducer = watching
+    store.dispatch_many([{"type": "x"}, {"type": "x"}, {"type": "x"}])
+    assert seen == [0, 1, 2]
+
+
+# --- the read-model API ----------------------------------------------------------------
+
+
+def test_table_reads(store):
+    for name in ["c", "a", "b"]:
+        add(store, name)
+    store.dispatch("grantAccess", {"name": "a", "right": "admin"})
+    store.dispatch("grantAccess", {"name": "b", "right": "admin"})
+    users = store.view.users
+    assert users is store.view["users"] and users.name == "users"
+    assert users.columns == ("name", "role", "logins") and users.primary_key == ("name",)
+    assert [u["name"] for u in users.all()] == ["a", "b", "c"]
+    assert users.count() == 3 and "a" in users and "zz" not in users
+    assert [u["name"] for u in users.find(role="admin")] == ["a", "b"]
+    assert [u["name"] for u in users.find(role=None)] == ["c"]
+    assert store.view.rights.get(("a", "admin")) == {"user": "a", "right": "admin"}
+    assert store.view.rights.get(["b", "admin"]) == {"user": "b", "right": "admin"}
+    assert store.view.tables == ["rights", "users"]
+    with pytest.raises(AttributeError, match="No read-model table 'nope'"):
+        store.view.nope
+    with pytest.raises(fluxlite.ChangesetError, match="unknown column"):
+        users.find(age=3)
+
+
+def test_change_builders_check_columns_at_once(store):
+    with pytest.raises(fluxlite.ChangesetError, match="unknown column"):
+        store.view.users.insert(name="a", age=3)
+    assert store.view.users.insert({"name": "a"}) == Change("insert", "users", None, {"name": "a"})
+    assert store.view.users.update("a", role="x") == Change("update", "users", "a", {"role": "x"})
+    assert store.view.rights.delete(["a", "b"]).key == ("a", "b")
+
+
+def test_changes_are_plain_data():
+    change = Change("insert", "users", "barack", {"role": "president"})
+    assert change.to_dict() == {"op": "insert", "table": "users", "key": "barack",
+                                "values": {"role": "president"}}
+    assert Change("delete", "rights", ["a", "b"]).to_dict()["key"] == ["a", "b"]
+    with pytest.raises(fluxlite.ChangesetError, match="op must be one of"):
+        Change("drop", "users")
+    with pytest.raises(fluxlite.ChangesetError, match="values must be a dict"):
+        Change("insert", "users", None, [1])
+
+
+def test_hand_built_change_with_key_apart_from_values(store):
+    store._reducer = lambda view, event: Change("insert", "users", "barack", {"role": "p"})
+    store.dispatch("x")
+    assert store.view.users.get("barack") == {"name": "barack", "role": "p", "logins": 0}
+
+
+def test_integer_primary_key_can_be_assigned_by_sqlite():
+    schema = "CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT NOT NULL)"
+    heard = []
+    with fluxlite.open(":memory:", schema=schema,
+                       reducer=lambda v, e: v.notes.insert(text=e.payload)) as store:
+        store.subscribe(lambda e, c: heard.extend(c))
+        store.dispatch("note", "first")
+        store.dispatch("note", "second")
+        store.verify()
+    assert [(c.op, c.key, c.values) for c in heard] == [
+        ("insert", 1, {"id": 1, "text": "first"}), ("insert", 2, {"id": 2, "text": "second"})]
+
+
+def test_query_is_read_only(store):
+    add(store, "a")
+    assert store.query("SELECT name FROM users WHERE name = ?", ("a",)) == [{"name": "a"}]
+    assert store.query("WITH x AS (SELECT 1 AS v) SELECT v FROM x") == [{"v": 1}]
+    assert store.query("SELECT type FROM events") == [{"type": "addUser"}]
+    assert store.view.query("SELECT count(*) AS n FROM users") == [{"n": 1}]
+    before = snapshot(store)
+    for sql in ["DELETE FROM users", "UPDATE users SET role = 'x'",
+                "INSERT INTO users (name) VALUES ('z')", "DROP TABLE users",
+                "ATTACH DATABASE ':memory:' AS other", "PRAGMA journal_mode=delete",
+                "CREATE TABLE z (a)", "DELETE FROM events",
+                "INSERT INTO events (id, type, ts) VALUES ('i', 't', 'x')",
+                "SELECT load_extension('x')"]:
+        with pytest.raises(fluxlite.QueryError):
+            store.query(sql)
+    assert snapshot(store) == before
+    with pytest.raises(fluxlite.QueryError, match="syntax error"):
+        store.query("SELEKT 1")
+    with pytest.raises(fluxlite.QueryError):
+        store.query("SELECT 1; SELECT 2")
+    with pytest.raises(fluxlite.QueryError, match="SQL text"):
+        store.query(42)
+
+
+def test_query_refusal_survives_statement_cache(store):
+    """A write text fluxlite itself runs must still be refused through query()."""
+    add(store, "a")
+    internal = "INSERT INTO events (seq, id, type, payload, meta, ts) VALUES (?, ?, ?, ?, ?, ?)"
+    with pytest.raises(fluxlite.QueryError):
+        store.query(internal, (9, "x", "t", None, None, "ts"))
+    assert store.head == 1
+
+
+# --- subscribers -------------------------------------------------------------------------
+
+
+def test_subscribers_run_after_commit_with_applied_changes(store):
+    heard = []
+
+    def listener(event, changes):
+        # after commit: the event and the rows are visible to a fresh reader
+        heard.append((event.seq, [c.to_dict() for c in changes], store.head,
+                      store.view.users.get("a")))
+
+    store.subscribe(listener)
+    add(store, "a")
+    store.dispatch("grantAccess", {"name": "a", "right": "admin"})  # upsert -> insert
+    store.dispatch("grantAccess", {"name": "a", "right": "admin"})  # upsert -> update
+    store.dispatch("removeUser", {"name": "a"})
+    assert heard[0][0:3] == (1, [{"op": "insert", "table": "users", "key": "a",
+                                  "values": {"name": "a", "role": None, "logins": 0}}], 1)
+    assert heard[1][1] == [
+        {"op": "update", "table": "users", "key": "a", "values": {"role": "admin"}},
+        {"op": "insert", "table": "rights", "key": ["a", "admin"],
+         "values": {"user": "a", "right": "admin"}}]
+    assert heard[2][1] == [
+        {"op": "update", "table": "users", "key": "a", "values": {}},
+        {"op": "update", "table": "rights", "key": ["a", "admin"], "values": {}}]
+    assert heard[3][1] == [{"op": "delete", "table": "users", "key": "a", "values": None}]
+    assert heard[3][3] is None
+    for seq, changes, *_ in heard:  # the journal gives the same changes
+        assert [c.to_dict() for c in store.changes(seq)] == changes
+
+
+def test_subscribers_are_not_called_for_failures(store):
+    heard = []
+    store.subscribe(lambda e, c: heard.append(e.seq))
+    add(store, "a")
+    for attempt in [lambda: add(store, "a"), lambda: store.dispatch("login", {})]:
+        with pytest.raises(fluxlite.FluxliteError):
+            attempt()
+    assert heard == [1]
+
+
+def test_subscriber_failure_does_not_stop_others_or_undo(store, caplog):
+    heard = []
+
+    def broken(event, changes):
+        raise RuntimeError("boom")
+
+    store.subscribe(broken)
+    store.subscribe(lambda e, c: heard.append(e.seq))
+    with caplog.at_level(logging.ERROR, logger="fluxlite"):
+        event = add(store, "a")
+    assert event.seq == 1 and heard == [1] and store.view.users.count() == 1
+    assert "boom" in caplog.text and "subscriber" in caplog.text
+
+
+def test_subscribers_in_order_on_a_snapshot(store):
+    calls = []
+    unsubscribe_b = None
+
+    def a(event, changes):
+        calls.append(("a", event.seq))
+        unsubscribe_b()  # b is still called for this event (snapshot), not later
+        store.subscribe(lambda e, c: calls.append(("late", e.seq)))
+
+    def b(event, changes):
+        calls.append(("b", event.seq))
+
+    unsubscribe_a = store.subscribe(a)
+    unsubscribe_b = store.subscribe(b)
+    add(store, "x")
+    unsubscribe_a()
+    add(store, "y")
+    assert calls == [("a", 1), ("b", 1), ("late", 2)]
+
+
+def test_subscriber_may_dispatch_and_everyone_hears_events_in_order(store):
+    first, second = [], []
+
+    def granting(event, changes):
+        first.append(event.seq)
+        if event.type == "addUser":
+            store.dispatch("grantAccess", {"name": event.payload["name"], "right": "guest"})
+
+    store.subscribe(granting)
+    store.subscribe(lambda e, c: second.append(e.seq))
+    add(store, "a")
+    assert first == second == [1, 2]
+    assert store.view.users.get("a")["role"] == "guest"
+
+
+def test_subscribe_filters_by_type_and_unsubscribes(store):
+    heard = []
+    unsubscribe = store.subscribe(lambda e, c: heard.append(e.type), types={"grantAccess"})
+    add(store, "a")
+    store.dispatch("grantAccess", {"name": "a", "right": "r"})
+    unsubscribe()
+    unsubscribe()  # twice is harmless
+    store.dispatch("grantAccess", {"name": "a", "right": "s"})
+    assert heard == ["grantAccess"]
+    with pytest.raises(fluxlite.UsageError):
+        store.subscribe("not callable")
+
+
+def test_batch_subscribers_hear_each_event(store):
+    heard = []
+    store.subscribe(lambda e, c: heard.append((e.seq, len(c))))
+    store.dispatch_many([{"type": "addUser", "payload": {"name": n}} for n in "abc"])
+    assert heard == [(1, 1), (2, 1), (3, 1)]
+
+
+# --- combine ----------------------------------------------------------------------------
+
+
+def users_reducer(table, event):
+    if event.type == "addUser":
+        return table.insert(name=event.payload["name"])
+    return None
+
+
+def rights_reducer(table, event):
+    if event.type == "grantAccess":
+        if table.view.users.get(event.payload["name"]) is None:
+            raise fluxlite.Rejected("unknown user")
+        return table.upsert(user=event.payload["name"], right=event.payload["right"])
+    return None
+
+
+def test_combine_runs_one_reducer_per_table(path):
+    with fluxlite.open(path, schema=SCHEMA,
+                       reducer={"users": users_reducer, "rights": rights_reducer}) as store:
+        add(store, "a")
+        store.dispatch("grantAccess", {"name": "a", "right": "admin"})
+        with pytest.raises(fluxlite.Rejected):
+            store.dispatch("grantAccess", {"name": "b", "right": "admin"})
+        assert store.view.rights.all() == [{"user": "a", "right": "admin"}]
+        store.verify()
+
+
+def test_combined_reducer_may_only_change_its_own_table():
+    def trespassing(table, event):
+        return table.view.rights.insert(user="x", right="y")
+
+    with fluxlite.open(":memory:", schema=SCHEMA,
+                       reducer=fluxlite.combine({"users": trespassing})) as store:
+        with pytest.raises(fluxlite.ChangesetError, match="only change its own table"):
+            store.dispatch("x")
+        assert store.head == 0
+
+
+def test_combine_with_unknown_table_is_refused_at_open():
+    with pytest.raises(fluxlite.SchemaError, match="'people'"):
+        fluxlite.open(":memory:", schema=SCHEMA, reducer={"people": users_reducer})
+    with pytest.raises(fluxlite.UsageError):
+        fluxlite.combine({})
+    with pytest.raises(fluxlite.UsageError):
+        fluxlite.combine({"users": 3})
+
+
+# --- middleware and access control --------------------------------------------------------
+
+
+def logger_middleware(lines):
+    def middleware(store):
+        def wrap(next_):
+            def log(event):
+                lines.append(f"-> {event['type']}")
+                result = next_(event)
+                lines.append(f"<- {result.seq if result else 'batched'}")
+                return result
+            return log
+        return wrap
+    return middleware
+
+
+def stamp(store):
+    def wrap(next_):
+        def stamped(event):
+            return next_({**event, "meta": {**event["meta"], "app": "test"}})
+        return stamped
+    return wrap
+
+
+def test_middleware_wraps_dispatch_first_outermost(path):
+    lines = []
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer,
+                       middleware=[logger_middleware(lines), stamp]) as store:
+        event = add(store, "a", actor="me")
+        assert event.meta == {"actor": "me", "app": "test"}
+        assert lines == ["-> addUser", "<- 1"]
+        lines.clear()
+        store.dispatch_many([{"type": "addUser", "payload": {"name": "b"}}])
+        assert lines == ["-> addUser", "<- batched"]
+        assert store.event(2).meta == {"app": "test"}
+
+
+def test_middleware_can_refuse_and_dispatch(store):
+    def guard(store_):
+        def wrap(next_):
+            def check(event):
+                if event["type"] == "forbidden":
+                    raise fluxlite.Forbidden("no")
+                if event["type"] == "addAdmin":
+                    store_.dispatch("addUser", {"name": "admin"})
+                    return None
+                return next_(event)
+            return check
+        return wrap
+
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[guard]) as s:
+        with pytest.raises(fluxlite.Forbidden):
+            s.dispatch("forbidden")
+        s.dispatch("addAdmin")
+        assert s.head == 1 and s.view.users.get("admin") is not None
+        before = snapshot(s)
+        with pytest.raises(fluxlite.Forbidden):
+            s.dispatch_many([{"type": "addUser", "payload": {"name": "b"}},
+                             {"type": "forbidden"}])
+        assert snapshot(s) == before
+
+
+def test_dispatch_while_building_the_chain_is_refused():
+    def eager(store):
+        store.dispatch("addUser", {"name": "early"})
+        return lambda next_: next_
+
+    with pytest.raises(fluxlite.UsageError, match="middleware chain is being built"):
+        fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[eager])
+
+
+def test_middleware_passing_garbage_to_next_is_invalid_event():
+    def broken(store):
+        return lambda next_: (lambda event: next_("not a dict"))
+
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[broken]) as s:
+        with pytest.raises(fluxlite.InvalidEvent, match="event dict"):
+            s.dispatch("x")
+
+
+def test_authorize_by_event_type(path):
+    rules = {
+        "addUser": lambda actor, event: actor == "admin",
+        "grantAccess": lambda actor, event: actor == "admin" and event["payload"]["right"] != "god",
+        "*": lambda actor, event: actor is not None,
+    }
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer,
+                       middleware=[fluxlite.authorize(rules)]) as store:
+        assert add(store, "a", actor="admin").actor == "admin"
+        before = snapshot(store)
+        with pytest.raises(fluxlite.Forbidden, match="'guest' may not dispatch 'addUser'"):
+            add(store, "b", actor="guest")
+        with pytest.raises(fluxlite.Forbidden):
+            store.dispatch("grantAccess", {"name": "a", "right": "god"}, actor="admin")
+        with pytest.raises(fluxlite.Forbidden):
+            store.dispatch("login", {"name": "a"})  # "*" needs an actor
+        assert snapshot(store) == before
+        store.dispatch("login", {"name": "a"}, actor="a")
+        assert store.view.users.get("a")["logins"] == 1
+
+
+def test_authorize_defaults():
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer,
+                       middleware=[fluxlite.authorize({})]) as store:
+        with pytest.raises(fluxlite.Forbidden, match="default is deny"):
+            add(store, "a", actor="x")
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer,
+                       middleware=[fluxlite.authorize({"removeUser": lambda a, e: False},
+                                                      default="allow")]) as store:
+        add(store, "a")
+        with pytest.raises(fluxlite.Forbidden):
+            store.dispatch("removeUser", {"name": "a"})
+    with pytest.raises(fluxlite.UsageError):
+        fluxlite.authorize({}, default="maybe")
+
+
+# --- reading the log ----------------------------------------------------------------------
+
+
+def test_events_stream_filters_and_limits(store):
+    store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{i}"}} for i in range(1200)])
+    store.dispatch("grantAccess", {"name": "u1", "right": "x"})
+    stream = store.events()
+    assert iter(stream) is stream  # a generator, not a list
+    assert [e.seq for e in stream] == list(range(1, 1202))
+    assert [e.seq for e in store.events(after=1195, limit=3)] == [1196, 1197, 1198]
+    assert [e.seq for e in store.events(types="grantAccess")] == [1201]
+    assert [e.seq for e in store.events(after=1199, types=["grantAccess", "addUser"])] == [1200, 1201]
+    assert list(store.events(limit=0)) == []
+    assert store.event(99999) is None and store.event("nope") is None
+    assert store.head == 1201
+    with pytest.raises(fluxlite.UsageError):
+        store.events(after=-1)
+    with pytest.raises(fluxlite.UsageError):
+        store.event(1.5)
+
+
+# --- verify -------------------------------------------------------------------------------
+
+
+def test_verify_detects_a_tampered_read_model(tmp_path):
+    target = str(tmp_path / "s.db")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+        add(store, "b")
+        store.verify()
+        conn = sqlite3.connect(target)
+        conn.execute("UPDATE users SET role = 'hacker' WHERE name = 'a'")
+        conn.execute("DELETE FROM users WHERE name = 'b'")
+        conn.execute("INSERT INTO users (name) VALUES ('ghost')")
+        conn.commit()
+        conn.close()
+        with pytest.raises(fluxlite.ReplayMismatch) as info:
+            store.verify()
+    text = str(info.value)
+    assert "users 'a': role: live 'hacker' != replay None" in text
+    assert "users 'b': missing live" in text and "users 'ghost'" in text
+
+
+def test_verify_detects_a_nondeterministic_reducer():
+    counter = iter(range(1000))
+
+    def impure(view, event):
+        return view.users.insert(name=event.payload["name"], logins=next(counter))
+
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=impure) as store:
+        add(store, "a")
+        with pytest.raises(fluxlite.ReplayMismatch, match="logins"):
+            store.verify()
+
+
+def test_verify_keeps_working_after_and_needs_a_reducer(tmp_path):
+    target = str(tmp_path / "s.db")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+        store.verify()
+        add(store, "b")
+        store.verify()
+    with fluxlite.open(target) as reader:
+        with pytest.raises(fluxlite.UsageError, match="reducer"):
+            reader.verify()
+
+
+# --- lifecycle and threads -----------------------------------------------------------------
+
+
+def test_closed_store_refuses_use(path):
+    store = fluxlite.open(path, schema=SCHEMA, reducer=reducer)
+    store.close()
+    store.close()
+    for attempt in [lambda: add(store, "a"), lambda: store.head, lambda: store.view,
+                    lambda: list(store.events()), lambda: store.query("SELECT 1")]:
+        with pytest.raises(fluxlite.UsageError, match="closed"):
+            attempt()
+
+
+def test_store_is_shared_between_threads(path):
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        heard, errors = [], []
+        store.subscribe(lambda e, c: heard.append(e.seq))
+
+        def work(n):
+            try:
+                for i in range(50):
+                    add(store, f"t{n}-{i}")
+                    store.view.users.count()
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert [e.seq for e in store.events()] == list(range(1, 201))
+        assert heard == list(range(1, 201))  # each once, in seq order
+        store.verify()
+
+
+# --- the invariants, by property ------------------------------------------------------------
+
+ACCOUNTS = """CREATE TABLE accounts (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, balance INTEGER NOT NULL CHECK (balance >= 0));"""
+
+
+def bank(view, event):
+    p = event.payload
+    acct = view.accounts.get(p["id"])
+    if event.type == "open":
+        if acct is not None:
+            raise fluxlite.Rejected("account exists")
+        return view.accounts.insert(id=p["id"], owner=p["owner"], balance=0)
+    if acct is None:
+        raise fluxlite.Rejected("no such account")
+    if event.type == "deposit":
+        return view.accounts.update(p["id"], balance=acct["balance"] + p["amount"])
+    if event.type == "close":
+        if acct["balance"]:
+            raise fluxlite.Rejected("balance not zero")
+        return view.accounts.delete(p["id"])
+    raise ValueError(f"unknown event {event.type}")
+
+
+ids = st.sampled_from(["a", "b", "c"])
+amounts = st.integers(min_value=-50, max_value=50)
+commands = st.one_of(
+    st.builds(lambda i, o: ("open", {"id": i, "owner": o}), ids, st.text(max_size=5)),
+    st.builds(lambda i, a: ("deposit", {"id": i, "amount": a}), ids, amounts),
+    st.builds(lambda i: ("close", {"id": i}), ids),
+    st.builds(lambda i: ("bogus", {"id": i}), ids),
+)
+
+
+def model_apply(model, kind, payload):
+    """The pure-Python model of `bank`; returns the new model or raises."""
+    model = dict(model)
+    acct = model.get(payload["id"])
+    if kind == "open":
+        if acct is not None:
+            raise fluxlite.Rejected
+        model[payload["id"]] = {"id": payload["id"], "owner": payload["owner"], "balance": 0}
+    elif acct is None:
+        raise fluxlite.Rejected
+    elif kind == "deposit":
+        if acct["balance"] + payload["amount"] < 0:
+            raise fluxlite.ChangesetError  # CHECK constraint
+        model[payload["id"]] = {**acct, "balance": acct["balance"] + payload["amount"]}
+    elif kind == "close":
+        if acct["balance"]:
+            raise fluxlite.Rejected
+        del model[payload["id"]]
+    else:
+        raise fluxlite.ReducerError
+    return model
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """Random valid and invalid events; the store always equals a pure model."""
+
+    def __init__(self):
+        super().__init__()
+        import tempfile
+        self.dir = tempfile.TemporaryDirectory()
+        self.store = fluxlite.open(os.path.join(self.dir.name, "bank.db"),
+                                   schema=ACCOUNTS, reducer=bank)
+        self.model = {}
+        self.count = 0
+
+    def attempt(self, batch):
+        try:
+            expected = self.model
+            for kind, payload in batch:
+                expected = model_apply(expected, kind, payload)
+        except fluxlite.FluxliteError as exc:
+            expected_error = type(exc)
+        else:
+            expected_error = None
+        before = snapshot(self.store)
+        if expected_error is None:
+            if len(batch) == 1:
+                self.store.dispatch(*batch[0])
+            else:
+                self.store.dispatch_many([{"type": k, "payload": p} for k, p in batch])
+            self.model, self.count = expected, self.count + len(batch)
+        else:
+            with pytest.raises(expected_error):
+                self.store.dispatch_many([{"type": k, "payload": p} for k, p in batch])
+            assert snapshot(self.store) == before
+
+    @rule(command=commands)
+    def dispatch_one(self, command):
+        self.attempt([command])
+
+    @rule(batch=st.lists(commands, min_size=1, max_size=4))
+    def dispatch_batch(self, batch):
+        self.attempt(batch)
+
+    @rule(payload=st.one_of(st.floats(allow_nan=True), st.sets(st.integers(), min_size=1)))
+    def dispatch_invalid(self, payload):
+        before = snapshot(self.store)
+        try:
+            self.store.dispatch("deposit", {"id": "a", "amount": payload})
+        except fluxlite.FluxliteError:
+            assert snapshot(self.store) == before
+        else:  # a finite float is valid JSON; the deposit then really happened
+            self.model = model_apply(self.model, "deposit", {"id": "a", "amount": payload})
+            self.count += 1
+
+    @invariant()
+    def live_equals_model_and_replay(self):
+        rows = {r["id"]: r for r in self.store.view.accounts.all()}
+        assert rows == self.model
+        assert [e.seq for e in self.store.events()] == list(range(1, self.count + 1))
+        self.store.verify()
+
+    def teardown(self):
+        self.store.close()
+        self.dir.cleanup()
+
+
+StoreMachine.TestCase.settings = settings(
+    max_examples=25, stateful_step_count=15, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+test_store_state_machine = StoreMachine.TestCase
+
+
+@settings(max_examples=60, deadline=None)
+@given(payload=st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5),
+                                                                      children, max_size=3),
+    max_leaves=10))
+def test_any_json_payload_round_trips_as_stored(payload):
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=lambda v, e: None) as store:
+        event = store.dispatch("anything", payload)
+        assert store.event(1).payload == event.payload == json.loads(json.dumps(payload))
