@@ -89,6 +89,7 @@ __all__ = [
     "open",
 ]
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -103,6 +104,7 @@ from datetime import datetime, timezone
 from typing import (
     Any,
     Callable,
+    Deque,
     Dict,
     Iterable,
     Iterator,
@@ -1156,10 +1158,10 @@ class Store:
         self._clock = clock
         self._ids = ids
         self._closed = False
-        self._reducing = False
+        self._reducing_thread: Optional[int] = None
         self._subscribers: List[Tuple[Callable[[Event, List[Change]], Any],
                                       Optional[frozenset]]] = []
-        self._pending: List[Tuple[Event, List[Change]]] = []
+        self._pending: Deque[Tuple[Event, List[Change]]] = collections.deque()
         self._notify_lock = threading.RLock()
         self._notifying = threading.local()
         self._frames = threading.local()  # per-thread stack of dispatch frames
@@ -1288,7 +1290,7 @@ class Store:
                 f"The store {self._path!r} was opened for reading only (no reducer); "
                 f"pass reducer= to fluxlite.open() to dispatch."
             )
-        if self._reducing and self._lock._is_owned():  # type: ignore[attr-defined]
+        if self._reducing_thread == threading.get_ident():
             raise UsageError(
                 "Reducers may not dispatch: a reducer must be a pure function of "
                 "(view, event). Return the changes instead, or dispatch from a "
@@ -1395,7 +1397,7 @@ class Store:
 
     def _run_reducer(self, event: Event) -> List[Change]:
         assert self._reducer is not None
-        self._reducing = True
+        self._reducing_thread = threading.get_ident()
         self._model.query_mode = 2
         try:
             out = self._reducer(self._view, event)
@@ -1408,7 +1410,7 @@ class Store:
                 f"written. Raise fluxlite.Rejected to refuse an event on purpose."
             ) from exc
         finally:
-            self._reducing = False
+            self._reducing_thread = None
             self._model.query_mode = 0
         return _normalize_changes(out, event)
 
@@ -1445,7 +1447,7 @@ class Store:
                     with self._lock:
                         if not self._pending:
                             return
-                        event, changes = self._pending.pop(0)
+                        event, changes = self._pending.popleft()
                         listeners = list(self._subscribers)
                     for listener, types in listeners:
                         if types is not None and event.type not in types:
@@ -1629,32 +1631,43 @@ def _replay(schema: str, reducer: Reducer, events: Iterable[Event]) -> _Model:
     return model
 
 
-def _compare(live: _Model, replica: _Model, limit: int = 20) -> List[str]:
-    """Readable differences between two read models with the same tables."""
+def _compare(live: _Model, replica: _Model) -> List[str]:
+    """Differences between two read models; streams rows while they agree."""
     problems: List[str] = []
-    for name in sorted(set(live.tables) | set(replica.tables)):
-        if name not in live.tables or name not in replica.tables:
-            problems.append(f"table {name!r} exists on one side only")
-            continue
+    for name in sorted(live.tables):
         info = live.tables[name]
         sql = f"SELECT * FROM {info.q} ORDER BY {info.order_by}"
-        left = {info.key_of(r): r for r in live._rows(sql)}
-        right = {info.key_of(r): r for r in replica._rows(sql)}
-        for key in sorted(set(left) | set(right), key=repr):
-            a, b = left.get(key), right.get(key)
-            if a == b:
-                continue
-            if a is None:
-                problems.append(f"{name} {key!r}: missing live, replay has {b}")
-            elif b is None:
-                problems.append(f"{name} {key!r}: live has {a}, missing in replay")
-            else:
-                cols = ", ".join(f"{c}: live {a[c]!r} != replay {b.get(c)!r}"
-                                 for c in a if a[c] != b.get(c))
-                problems.append(f"{name} {key!r}: {cols}")
-            if len(problems) >= limit:
-                problems.append("... (more differences not shown)")
-                return problems
+        left, right = live.conn.execute(sql), replica.conn.execute(sql)
+        while True:
+            a, b = left.fetchmany(_PAGE), right.fetchmany(_PAGE)
+            if a != b:
+                problems += _diff_table(live, replica, info)
+                break
+            if not a:
+                break
+    return problems
+
+
+def _diff_table(live: _Model, replica: _Model, info: _TableInfo, limit: int = 20) -> List[str]:
+    """A readable diff of one table (only built once the tables are known to differ)."""
+    sql = f"SELECT * FROM {info.q}"
+    left = {info.key_of(r): r for r in live._rows(sql)}
+    right = {info.key_of(r): r for r in replica._rows(sql)}
+    problems = []
+    for key in sorted(set(left) | set(right), key=repr):
+        a, b = left.get(key), right.get(key)
+        if a == b:
+            continue
+        if len(problems) == limit:
+            problems.append(f"{info.name}: ... (more differences not shown)")
+            break
+        if a is None:
+            problems.append(f"{info.name} {key!r}: missing live, replay has {b}")
+        elif b is None:
+            problems.append(f"{info.name} {key!r}: live has {a}, missing in replay")
+        else:
+            cols = ", ".join(f"{c}: live {a[c]!r} != replay {b[c]!r}" for c in a if a[c] != b[c])
+            problems.append(f"{info.name} {key!r}: {cols}")
     return problems
 
 
