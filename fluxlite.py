@@ -180,6 +180,9 @@ _READ_ACTIONS = frozenset({20, 21, 31, 33})
 _SQLITE_READ = 20
 _READONLY_TAG = "\n/* fluxlite:read-only */"
 _PAGE = 512  # rows fetched per query when streaming the log
+# RETURNING (SQLite 3.35, 2021) saves a statement per row change; older
+# SQLite falls back to a SELECT after the write.
+_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 
 ###############################################################################
 # 2. Exceptions
@@ -751,8 +754,12 @@ class _Model:
         op, values = change.op, change.values
         if op == "delete":
             key = info.key_params(change.key)
-            before = self._require_row(info, key, op)
-            self.conn.execute(info.delete_key, key)
+            before = self._delete(info, key)
+            if before is None:
+                raise ChangesetError(
+                    f"delete on {info.name!r} of key {_unparams(info, key)!r} which does "
+                    f"not exist; check the key, or insert the row first."
+                )
             return Change("delete", info.name, info.key_of(before)), before, None
         if values is None:
             if op == "update" or change.key is None:
@@ -765,41 +772,79 @@ class _Model:
         for column, value in values.items():
             _check_value(value, info.name, column)
         if op == "update":
-            key = info.key_params(change.key)
-            touched = [c for c in values if c in info.pk]
-            if touched:
-                raise ChangesetError(
-                    f"update on {info.name!r} may not change primary-key column(s) "
-                    f"{', '.join(touched)}; delete the row and insert a new one."
-                )
-            before = self._require_row(info, key, op)
-            if values:
-                sets = ", ".join(f"{_quote(c)} = ?" for c in values)
-                self.conn.execute(f"UPDATE {info.q} SET {sets} WHERE {info.where_key}",
-                                  (*values.values(), *key))
-            after = self._row(info, key)
-            assert after is not None
-            shown = {c: after[c] for c in values if before[c] != after[c]}
-            return Change("update", info.name, info.key_of(before), shown), before, after
+            return self._update(info, info.key_params(change.key), values)
         # insert / upsert: the key is in the row, or given apart and merged in
         values = self._with_key(info, change)
         key = None if any(c not in values for c in info.pk) else info.key_params(
             _unparams(info, tuple(values[c] for c in info.pk)))
-        before = self._row(info, key) if key is not None else None
-        if op == "upsert" and before is not None:
+        if op == "upsert" and self._row(info, key) is not None:  # type: ignore[arg-type]
             rest = {c: v for c, v in values.items() if c not in info.pk}
-            return self._apply_one(info, Change("update", info.name, _unparams(info, key), rest))
-        if before is not None:
-            raise ChangesetError(
-                f"insert into {info.name!r} of key {_unparams(info, key)!r} which "
-                f"already exists; use update or upsert to change an existing row."
-            )
-        cursor = self.conn.execute(info.insert_sql(tuple(values)), tuple(values.values()))
-        if key is None:  # SQLite assigned an INTEGER PRIMARY KEY
-            key = (cursor.lastrowid,)
-        after = self._row(info, key)
-        assert after is not None
+            return self._update(info, key, rest)  # type: ignore[arg-type]
+        try:
+            after = self._insert(info, values)
+        except sqlite3.IntegrityError:
+            if key is not None and self._row(info, key) is not None:
+                raise ChangesetError(
+                    f"insert into {info.name!r} of key {_unparams(info, key)!r} which "
+                    f"already exists; use update or upsert to change an existing row."
+                ) from None
+            raise
         return Change("insert", info.name, info.key_of(after), after), None, after
+
+    def _update(self, info: _TableInfo, key: Tuple[Any, ...], values: Mapping[str, Any]
+                ) -> Tuple[Change, Optional[Dict[str, Any]], Optional[Dict[str, Any]]]:
+        touched = [c for c in values if c in info.pk]
+        if touched:
+            raise ChangesetError(
+                f"update on {info.name!r} may not change primary-key column(s) "
+                f"{', '.join(touched)}; delete the row and insert a new one."
+            )
+        before = self._row(info, key)
+        if before is None:
+            raise ChangesetError(
+                f"update on {info.name!r} of key {_unparams(info, key)!r} which does not "
+                f"exist; check the key, or insert the row first."
+            )
+        after = before
+        if values:
+            sets = ", ".join(f"{_quote(c)} = ?" for c in values)
+            sql = f"UPDATE {info.q} SET {sets} WHERE {info.where_key}"
+            after = self._write_returning(sql, (*values.values(), *key), info, key)
+        shown = {c: after[c] for c in values if before[c] != after[c]}
+        return Change("update", info.name, info.key_of(before), shown), before, after
+
+    def _insert(self, info: _TableInfo, values: Mapping[str, Any]) -> Dict[str, Any]:
+        sql, params = info.insert_sql(tuple(values)), tuple(values.values())
+        if _HAS_RETURNING:
+            return self._write_returning(sql, params, info, None)
+        cursor = self.conn.execute(sql, params)
+        key = tuple(values[c] for c in info.pk) if all(c in values for c in info.pk) \
+            else (cursor.lastrowid,)  # SQLite assigned an INTEGER PRIMARY KEY
+        row = self._row(info, info.key_params(_unparams(info, key)))
+        assert row is not None
+        return row
+
+    def _delete(self, info: _TableInfo, key: Tuple[Any, ...]) -> Optional[Dict[str, Any]]:
+        if _HAS_RETURNING:
+            cursor = self.conn.execute(info.delete_key + " RETURNING *", key)
+            rows = cursor.fetchall()
+            return dict(zip([d[0] for d in cursor.description], rows[0])) if rows else None
+        before = self._row(info, key)
+        if before is not None:
+            self.conn.execute(info.delete_key, key)
+        return before
+
+    def _write_returning(self, sql: str, params: Sequence[Any], info: _TableInfo,
+                         key: Optional[Tuple[Any, ...]]) -> Dict[str, Any]:
+        """Run an INSERT or UPDATE and return the row as stored (types, defaults)."""
+        if _HAS_RETURNING:
+            cursor = self.conn.execute(sql + " RETURNING *", params)
+            rows = cursor.fetchall()
+            return dict(zip([d[0] for d in cursor.description], rows[0]))
+        self.conn.execute(sql, params)
+        row = self._row(info, key)  # type: ignore[arg-type]
+        assert row is not None
+        return row
 
     def _with_key(self, info: _TableInfo, change: Change) -> Dict[str, Any]:
         values = dict(change.values or {})
@@ -827,15 +872,6 @@ class _Model:
         if row is None:
             return None
         return dict(zip([d[0] for d in cursor.description], row))
-
-    def _require_row(self, info: _TableInfo, key: Tuple[Any, ...], op: str) -> Dict[str, Any]:
-        row = self._row(info, key)
-        if row is None:
-            raise ChangesetError(
-                f"{op} on {info.name!r} of key {_unparams(info, key)!r} which does not "
-                f"exist; check the key, or insert the row first."
-            )
-        return row
 
 
 def _unparams(info: _TableInfo, key: Tuple[Any, ...]) -> Any:

@@ -1237,3 +1237,29 @@ def test_any_json_payload_round_trips_as_stored(payload):
     with fluxlite.open(":memory:", schema=SCHEMA, reducer=lambda v, e: None) as store:
         event = store.dispatch("anything", payload)
         assert store.event(1).payload == event.payload == json.loads(json.dumps(payload))
+
+
+@pytest.mark.parametrize("returning", [True, False])
+def test_writes_report_rows_as_stored_with_and_without_returning(monkeypatch, returning):
+    """SQLite before 3.35 has no RETURNING; the fallback must give the same rows."""
+    monkeypatch.setattr(fluxlite, "_HAS_RETURNING", returning)
+    schema = SCHEMA + "CREATE TABLE notes (id INTEGER PRIMARY KEY, score REAL, text TEXT);"
+    heard = []
+    with fluxlite.open(":memory:", schema=schema, reducer=reducer) as store:
+        store.subscribe(lambda e, c: heard.extend(c))
+        add(store, "a")
+        store.dispatch("raw", [{"op": "insert", "table": "notes", "values": {"score": 2, "text": 5}}])
+        store.dispatch("raw", [{"op": "update", "table": "notes", "key": 1,
+                                "values": {"score": 3}}])
+        store.dispatch("raw", [{"op": "delete", "table": "notes", "key": 1}])
+        with pytest.raises(fluxlite.ChangesetError, match="already exists"):
+            add(store, "b") and store.dispatch(
+                "raw", [{"op": "insert", "table": "users", "values": {"name": "a"}}])
+        with pytest.raises(fluxlite.ChangesetError, match="does not exist"):
+            store.dispatch("raw", [{"op": "delete", "table": "notes", "key": 1}])
+        store.verify()
+    assert [(c.op, c.key, c.values) for c in heard[1:4]] == [
+        ("insert", 1, {"id": 1, "score": 2.0, "text": "5"}),  # as stored: REAL, TEXT affinity
+        ("update", 1, {"score": 3.0}),
+        ("delete", 1, None),
+    ]
