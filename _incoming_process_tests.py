@@ -66,7 +66,7 @@ def _spawn(script, *args, stdout=subprocess.DEVNULL, cwd):
                             cwd=str(cwd), env=env, stdout=stdout, stderr=subprocess.PIPE)
 
 
-def _open(path):
+def _open_proc_store(path):
     return fluxlite.open(path, schema=_PROC_SCHEMA, reducer=_proc_reducer)
 
 
@@ -94,7 +94,7 @@ _WRITER = """
 def test_concurrent_processes_share_one_gap_free_log(tmp_path):
     workers, per_worker = [f"w{n}" for n in range(4)], 300
     path, go = tmp_path / "shared.db", tmp_path / "go"
-    _open(path).close()  # created once, so the children race on writes, not on creation
+    _open_proc_store(path).close()  # created once, so the children race on writes, not on creation
     procs = [_spawn(_child_script(_WRITER), path, w, per_worker, go, cwd=tmp_path)
              for w in workers]
     try:
@@ -114,7 +114,7 @@ def test_concurrent_processes_share_one_gap_free_log(tmp_path):
                 proc.kill()
                 proc.wait()
 
-    with _open(path) as store:
+    with _open_proc_store(path) as store:
         assert _assert_log_gap_free(store) == list(range(1, len(workers) * per_worker + 1))
         by_worker = {}
         for event in store.events():
@@ -150,7 +150,7 @@ _CRASHER = """
 @pytest.mark.slow
 def test_sigkill_mid_dispatch_loses_nothing_acknowledged(tmp_path):
     path = tmp_path / "crash.db"
-    _open(path).close()
+    _open_proc_store(path).close()
     rng = random.Random()
     seed = rng.randrange(2**32)
     rng.seed(seed)
@@ -183,7 +183,7 @@ def test_sigkill_mid_dispatch_loses_nothing_acknowledged(tmp_path):
             assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         finally:
             conn.close()
-        with _open(path) as store:
+        with _open_proc_store(path) as store:
             seqs = _assert_log_gap_free(store)
             ids = {event.seq: event.id for event in store.events()}
             reported.update(acked)

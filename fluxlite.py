@@ -57,9 +57,10 @@ Map of this file, in dependency order:
     6. schema: checking the user's DDL, reading table shapes
     7. the read model: applying changesets, the journal, reads (_Model)
     8. views and tables (View, Table) and reducer helpers (combine)
-    9. the store (Store): dispatch, subscribers, the log, verify
-   10. middleware (authorize)
-   11. open()
+    9. the store (Store): dispatch, subscribers, the log, verify, the past
+   10. replay and the past: as-of views, rebuilds, comparing models
+   11. middleware (authorize)
+   12. open(), adopting an existing database
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ __all__ = [
     "ReducerError",
     "Rejected",
     "ReplayMismatch",
+    "Revision",
     "SchemaError",
     "Store",
     "Table",
@@ -98,6 +100,7 @@ import math
 import os
 import re
 import sqlite3
+import tempfile
 import threading
 import uuid
 from datetime import datetime, timezone
@@ -259,6 +262,15 @@ class Event:
         """``meta["actor"]``: who dispatched the event, if known."""
         return self.meta.get("actor")
 
+    def replace(self, **changes: Any) -> "Event":
+        """A copy with a new type, payload or meta (for upcasters)."""
+        unknown = set(changes) - {"type", "payload", "meta"}
+        if unknown:
+            raise UsageError(
+                f"Event.replace() changes type, payload or meta; received {sorted(unknown)}."
+            )
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict: seq, id, type, payload, meta, ts (ISO-8601)."""
         return {
@@ -308,6 +320,27 @@ class Change:
         key = list(self.key) if isinstance(self.key, tuple) else self.key
         values = dict(self.values) if self.values is not None else None
         return {"op": self.op, "table": self.table, "key": key, "values": values}
+
+
+@dataclasses.dataclass(frozen=True)
+class Revision:
+    """One version of a row, from store.history(): the event that made it and the row.
+
+    ``before`` and ``after`` are whole rows as dicts; ``before`` is None for
+    an insert and ``after`` is None for a delete.
+    """
+
+    seq: int
+    event_id: str
+    type: str
+    ts: datetime
+    op: str
+    before: Optional[Dict[str, Any]]
+    after: Optional[Dict[str, Any]]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-ready dict of the revision."""
+        return {**dataclasses.asdict(self), "ts": _format_ts(self.ts)}
 
 
 ###############################################################################
@@ -462,6 +495,19 @@ def _write_txn(conn: sqlite3.Connection) -> Iterator[None]:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+@contextlib.contextmanager
+def _read_txn(conn: sqlite3.Connection) -> Iterator[None]:
+    """One consistent snapshot for several reads (a no-op inside a transaction)."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("ROLLBACK")
 
 
 ###############################################################################
@@ -647,11 +693,11 @@ class _Model:
 
     # -- reads ---------------------------------------------------------------
 
-    def table(self, name: str) -> _TableInfo:
-        info = self.tables.get(name)
+    def table(self, name: str, error: type = ChangesetError) -> _TableInfo:
+        info = self.tables.get(name) if isinstance(name, str) else None
         if info is None:
             known = ", ".join(sorted(self.tables)) or "none"
-            raise ChangesetError(
+            raise error(
                 f"Unknown table {name!r}; the read model has: {known}. Table names "
                 f"are case-sensitive and must match the schema."
             )
@@ -726,7 +772,7 @@ class _Model:
     def apply(self, changes: Sequence[Change], seq: int,
               journal: Optional[List[Tuple[Any, ...]]]) -> List[Change]:
         """Apply changes inside the caller's transaction; return them as applied."""
-        applied = []
+        applied, start = [], len(journal) if journal is not None else 0
         for change in changes:
             info = self.table(change.table)
             try:
@@ -743,7 +789,7 @@ class _Model:
             applied.append(done)
             if journal is not None:
                 journal.append((
-                    seq, len(journal), info.name, _dumps(_key_json(done.key)), done.op,
+                    seq, len(journal) - start, info.name, _dumps(_key_json(done.key)), done.op,
                     None if before is None else _dumps(before),
                     None if after is None else _dumps(after),
                 ))
@@ -969,9 +1015,21 @@ def _as_key(key: Any) -> Any:
 class View:
     """The read model, read-only: ``view.users`` or ``view["users"]`` is a Table."""
 
-    def __init__(self, model: _Model) -> None:
+    def __init__(self, model: _Model, seq: Optional[int] = None, owned: bool = False) -> None:
         self._model = model
         self._tables = {name: Table(self, info) for name, info in model.tables.items()}
+        self._seq = seq
+        self._owned = owned  # an as-of view owns its private database
+
+    @property
+    def seq(self) -> Optional[int]:
+        """For a view of the past (store.at), the seq it shows; None for the live view."""
+        return self._seq
+
+    def close(self) -> None:
+        """Release a view of the past (its private copy); the live view ignores it."""
+        if self._owned:
+            self._model.conn.close()
 
     @property
     def tables(self) -> List[str]:
@@ -1005,7 +1063,7 @@ class View:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        return None
+        self.close()
 
 
 CollectionReducer = Callable[[Table, Event], Any]
@@ -1056,6 +1114,108 @@ def combine(reducers: Mapping[str, CollectionReducer]) -> Reducer:
     return combined
 
 
+#: Built-in event types. ``fluxlite.restore`` sets a row back to an earlier
+#: version (payload: table, key, row); ``fluxlite.baseline`` records the rows
+#: an adopted database already had (payload: table, rows). They reach the
+#: store's reducer never: fluxlite reduces them itself, live and in replay.
+RESTORE = "fluxlite.restore"
+BASELINE = "fluxlite.baseline"
+
+
+def _restore_reducer(view: View, event: Event) -> List[Change]:
+    p = event.payload
+    if not (isinstance(p, dict) and {"table", "key", "row"} <= set(p)
+            and isinstance(p["row"], dict) and p["table"] in view.tables):
+        raise InvalidEvent(
+            f"A {RESTORE!r} event's payload is {{table, key, row}} naming a read-model "
+            f"table; received {_describe(p)}. Use store.restore() to make one."
+        )
+    table, key = view[p["table"]], _as_key(p["key"])
+    if table.get(key) is None:
+        return [Change("insert", table.name, key, p["row"])]
+    rest = {c: v for c, v in p["row"].items() if c not in table.primary_key}
+    return [Change("update", table.name, key, rest)]
+
+
+def _baseline_reducer(view: View, event: Event) -> List[Change]:
+    p = event.payload
+    if not (isinstance(p, dict) and isinstance(p.get("rows"), list)
+            and p.get("table") in view.tables):
+        raise InvalidEvent(
+            f"A {BASELINE!r} event's payload is {{table, rows}} naming a read-model "
+            f"table; received {_describe(p)}."
+        )
+    return [Change("insert", p["table"], None, row) for row in p["rows"]]
+
+
+_BUILTIN_REDUCERS: Dict[str, Reducer] = {RESTORE: _restore_reducer, BASELINE: _baseline_reducer}
+
+
+def _reduce(reducer: Reducer, view: View, event: Event) -> List[Change]:
+    """Run the reducer (or a built-in) on one event: the same code live and in replay."""
+    model = view._model
+    model.query_mode = 2
+    try:
+        out = _BUILTIN_REDUCERS.get(event.type, reducer)(view, event)
+    except FluxliteError:
+        raise
+    except Exception as exc:
+        raise ReducerError(
+            f"The reducer raised {type(exc).__name__}: {exc} on event {event.seq} "
+            f"({event.type!r}, id {event.id!r}); nothing was written. Raise "
+            f"fluxlite.Rejected to refuse an event on purpose."
+        ) from exc
+    finally:
+        model.query_mode = 0
+    return _normalize_changes(out, event)
+
+
+Upcaster = Callable[[Event], Optional[Event]]
+_MAX_UPCASTS = 16
+
+
+def _make_upcaster(upcasters: Optional[Mapping[str, Upcaster]]) -> Callable[[Event], Event]:
+    """One function applying the upcasters by type until the event stops changing."""
+    if not upcasters:
+        return lambda event: event
+    if not isinstance(upcasters, Mapping) or not all(
+            isinstance(t, str) and callable(f) for t, f in upcasters.items()):
+        raise UsageError(
+            "upcasters must be a dict of event type -> function(event) -> event."
+        )
+    table = dict(upcasters)
+
+    def upcast(event: Event) -> Event:
+        for _ in range(_MAX_UPCASTS):
+            upcaster = table.get(event.type)
+            if upcaster is None:
+                return event
+            try:
+                newer = upcaster(event)
+            except Exception as exc:
+                raise ReducerError(
+                    f"The upcaster for {event.type!r} raised {type(exc).__name__}: {exc} "
+                    f"on event {event.seq} (id {event.id!r})."
+                ) from exc
+            if newer is None or newer == event:
+                return event
+            if not isinstance(newer, Event) or (newer.seq, newer.id, newer.ts) != (
+                    event.seq, event.id, event.ts):
+                raise UsageError(
+                    f"The upcaster for {event.type!r} returned {_describe(newer)}; an "
+                    f"upcaster returns the event with a new type, payload or meta "
+                    f"(event.replace(...)), keeping seq, id and ts."
+                )
+            event = newer
+        raise UsageError(
+            f"Upcasters did not settle on event {event.seq} ({event.type!r}) after "
+            f"{_MAX_UPCASTS} steps; an upcaster must return a current-shape event "
+            f"unchanged (or None)."
+        )
+
+    return upcast
+
+
 ###############################################################################
 # 9. The store
 ###############################################################################
@@ -1072,12 +1232,14 @@ class _Prepared:
     meta_text: str
     payload: Any
     meta: Dict[str, Any]
+    seq: Optional[int] = None  # fixed when copying a logged event (replay, import)
+    ts: Optional[str] = None
 
 
 def _action_from(type_or_action: Any, payload: Any, meta: Any, id: Any,
                  actor: Any) -> Dict[str, Any]:
     if isinstance(type_or_action, Mapping):
-        extra = set(type_or_action) - {"type", "payload", "meta", "id", "error"}
+        extra = set(type_or_action) - {"type", "payload", "meta", "id"}
         if extra:
             raise InvalidEvent(
                 f"An event dict has the keys type, payload, meta and id (Flux "
@@ -1116,6 +1278,11 @@ def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
             f"An event type must be a non-empty string such as 'addUser'; received "
             f"{_describe(kind)}."
         )
+    if kind.startswith("fluxlite.") and kind not in _BUILTIN_REDUCERS:
+        raise InvalidEvent(
+            f"Event types starting with 'fluxlite.' are reserved for built-in events "
+            f"({', '.join(sorted(_BUILTIN_REDUCERS))}); received {kind!r}. Rename the type."
+        )
     meta = action.get("meta")
     meta = {} if meta is None else meta
     if not isinstance(meta, Mapping) or not all(isinstance(k, str) for k in meta):
@@ -1136,6 +1303,14 @@ def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
         payload_text=payload_text, meta_text=meta_text,
         payload=json.loads(payload_text), meta=json.loads(meta_text),
     )
+
+
+def _prepared_from_row(row: Sequence[Any]) -> _Prepared:
+    """A logged event, to be copied exactly (seq, id, ts, payload and meta text)."""
+    seq, event_id, kind, payload, meta, ts = row
+    return _Prepared(id=event_id, id_given=True, type=kind, payload_text=payload,
+                     meta_text=meta, payload=json.loads(payload) if payload is not None else None,
+                     meta=json.loads(meta) if meta else {}, seq=seq, ts=ts)
 
 
 def _event_from_row(row: Sequence[Any]) -> Event:
@@ -1181,9 +1356,16 @@ class Store:
     """
 
     def __init__(self, conn: sqlite3.Connection, path: str, tables: Mapping[str, _TableInfo],
-                 reducer: Optional[Reducer], schema: str, durability: str,
-                 clock: Callable[[], datetime], ids: Callable[[], str]) -> None:
+                 reducer: Optional[Reducer], schema: str, *, durability: str,
+                 clock: Callable[[], datetime], ids: Callable[[], str], version: Any,
+                 generation: int, upcasters: Optional[Mapping[str, Upcaster]],
+                 middleware: Sequence[Middleware]) -> None:
         self._conn = conn
+        self._version = version
+        self._generation = generation
+        self._upcasters = dict(upcasters or {})
+        self._upcast = _make_upcaster(upcasters)
+        self._middleware = list(middleware)
         self._lock = threading.RLock()
         self._model = _Model(conn, tables, self._lock)
         self._view = View(self._model)
@@ -1214,6 +1396,11 @@ class Store:
     def schema(self) -> str:
         """The read-model DDL the store was created with."""
         return self._schema
+
+    @property
+    def version(self) -> Any:
+        """The application's schema/reducer version recorded in the file (any JSON value)."""
+        return self._version
 
     @property
     def durability(self) -> str:
@@ -1344,7 +1531,10 @@ class Store:
     def _commit(self, actions: Sequence[Mapping[str, Any]],
                 expect_seq: Optional[int]) -> List[Event]:
         self._check_dispatchable()
-        prepared = [_prepare(a, self._ids) for a in actions]
+        return self._commit_prepared([_prepare(a, self._ids) for a in actions], expect_seq)
+
+    def _commit_prepared(self, prepared: List[_Prepared],
+                         expect_seq: Optional[int] = None) -> List[Event]:
         results: List[Event] = []
         committed: List[Tuple[Event, List[Change]]] = []
         with self._lock:
@@ -1363,6 +1553,7 @@ class Store:
     def _write(self, prepared: List[_Prepared], expect_seq: Optional[int],
                results: List[Event], committed: List[Tuple[Event, List[Change]]]) -> None:
         with _write_txn(self._conn):
+            self._check_generation()
             row = self._conn.execute(
                 "SELECT seq, ts FROM events ORDER BY seq DESC LIMIT 1").fetchone()
             head, last_ts = row if row else (0, "")
@@ -1379,19 +1570,68 @@ class Store:
                         f"with expect_seq={head}."
                     )
                 expect_seq = None  # checked once, before the first new event
-                event, changes, journal = self._reduce_and_apply(item, head + 1, last_ts)
+                ts_text = self._timestamp(item, head, last_ts)
+                event, changes, journal = self._reduce_and_apply(item, head + 1, ts_text)
                 self._conn.execute(
                     f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                    (event.seq, event.id, event.type, item.payload_text,
-                     item.meta_text, _format_ts(event.ts)),
+                    (head + 1, item.id, item.type, item.payload_text, item.meta_text, ts_text),
                 )
                 if journal:
                     self._conn.executemany(
                         "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)", journal)
-                head, last_ts = event.seq, _format_ts(event.ts)
+                head, last_ts = head + 1, ts_text
                 seen[item.id] = (item, event)
                 results.append(event)
                 committed.append((event, changes))
+
+    def _timestamp(self, item: _Prepared, head: int, last_ts: str) -> str:
+        """The new event's ts text: now, but never before the previous event."""
+        if item.seq is not None:  # a logged event being copied keeps its seq and ts
+            if item.seq != head + 1:
+                raise Conflict(
+                    f"Logged event {item.id!r} has seq {item.seq} but would be seq "
+                    f"{head + 1} here; a log can only be copied onto a store whose "
+                    f"head is the seq right before it."
+                )
+            assert item.ts is not None
+            if item.ts < last_ts:
+                raise InvalidEvent(
+                    f"Logged event seq {item.seq} has ts {item.ts}, before the previous "
+                    f"event's {last_ts}; ts never decreases along seq."
+                )
+            return item.ts
+        now = self._clock()
+        if not isinstance(now, datetime) or now.tzinfo is None:
+            raise UsageError(
+                f"The store's clock must return a timezone-aware datetime; it "
+                f"returned {_describe(now)}. Use datetime.now(timezone.utc)."
+            )
+        return max(_format_ts(now), last_ts)
+
+    def _check_generation(self) -> None:
+        """Refuse to write old-shape changes after another process rebuilt the model."""
+        row = self._conn.execute(
+            "SELECT value FROM fluxlite_meta WHERE key = 'generation'").fetchone()
+        generation = json.loads(row[0]) if row else 0
+        if generation == self._generation:
+            return
+        meta = _read_meta(self._conn)
+        same_code = (_normalize_schema(meta["schema"]) == _normalize_schema(self._schema)
+                     and meta.get("version") == self._version)
+        if not same_code:
+            raise SchemaError(
+                f"The read model of {self._path!r} was rebuilt by another process "
+                f"with another schema or version ({meta.get('version')!r}; this store "
+                f"was opened with {self._version!r}). Reopen it with the new code "
+                f"before dispatching."
+            )
+        self._load_tables(meta["tables"], generation)
+
+    def _load_tables(self, names: Sequence[str], generation: int) -> None:
+        tables = {n: _read_table_info(self._conn, n) for n in names}
+        self._model.tables = tables
+        self._view = View(self._model)
+        self._generation = generation
 
     def _known_event(self, item: _Prepared, seen: Dict[str, Tuple[_Prepared, Event]]
                      ) -> Optional[Event]:
@@ -1406,8 +1646,9 @@ class Store:
                 f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (item.id,)).fetchone()
             if row is None:
                 return None
-            event = _event_from_row(row)
-            same = event.type == item.type and event.payload == item.payload
+            stored = _event_from_row(row)
+            same = stored.type == item.type and stored.payload == item.payload
+            event = self._upcast(stored)
         if not same:
             raise Conflict(
                 f"Event id {item.id!r} is already used by a {event.type!r} event "
@@ -1416,39 +1657,19 @@ class Store:
             )
         return event
 
-    def _reduce_and_apply(self, item: _Prepared, seq: int, last_ts: str
+    def _reduce_and_apply(self, item: _Prepared, seq: int, ts_text: str
                           ) -> Tuple[Event, List[Change], List[Tuple[Any, ...]]]:
-        now = self._clock()
-        if not isinstance(now, datetime) or now.tzinfo is None:
-            raise UsageError(
-                f"The store's clock must return a timezone-aware datetime; it "
-                f"returned {_describe(now)}. Use datetime.now(timezone.utc)."
-            )
-        ts_text = max(_format_ts(now), last_ts)  # never decreasing along seq
-        event = Event(seq, item.id, item.type, item.payload, item.meta, _parse_ts(ts_text))
-        changes = self._run_reducer(event)
+        event = self._upcast(Event(seq, item.id, item.type, item.payload, item.meta,
+                                   _parse_ts(ts_text)))
+        assert self._reducer is not None
+        self._reducing_thread = threading.get_ident()
+        try:
+            changes = _reduce(self._reducer, self._view, event)
+        finally:
+            self._reducing_thread = None
         journal: List[Tuple[Any, ...]] = []
         applied = self._model.apply(changes, seq, journal)
         return event, applied, journal
-
-    def _run_reducer(self, event: Event) -> List[Change]:
-        assert self._reducer is not None
-        self._reducing_thread = threading.get_ident()
-        self._model.query_mode = 2
-        try:
-            out = self._reducer(self._view, event)
-        except FluxliteError:
-            raise
-        except Exception as exc:
-            raise ReducerError(
-                f"The reducer raised {type(exc).__name__}: {exc} on event "
-                f"{event.type!r} (id {event.id!r}, seq {event.seq}); nothing was "
-                f"written. Raise fluxlite.Rejected to refuse an event on purpose."
-            ) from exc
-        finally:
-            self._reducing_thread = None
-            self._model.query_mode = 0
-        return _normalize_changes(out, event)
 
     # -- subscribers -----------------------------------------------------------
 
@@ -1515,7 +1736,7 @@ class Store:
             row = self._conn.execute(
                 f"SELECT {_EVENT_COLUMNS} FROM events WHERE {column} = ?", (seq_or_id,)
             ).fetchone()
-        return _event_from_row(row) if row else None
+        return self._upcast(_event_from_row(row)) if row else None
 
     def events(self, after: int = 0, *, types: Union[None, str, Iterable[str]] = None,
                limit: Optional[int] = None) -> Iterator[Event]:
@@ -1543,7 +1764,7 @@ class Store:
                     f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where} ORDER BY seq LIMIT ?",
                     (*params, page)).fetchall()
             for row in rows:
-                yield _event_from_row(row)
+                yield self._upcast(_event_from_row(row))
             if len(rows) < page:
                 return
             params[0] = rows[-1][0]
@@ -1559,7 +1780,7 @@ class Store:
                 "ORDER BY n", (seq,)).fetchall()
         return [_change_from_journal(*row) for row in rows]
 
-    # -- verify ----------------------------------------------------------------
+    # -- verify and replay --------------------------------------------------
 
     def verify(self) -> None:
         """Replay the whole log into a fresh read model; ReplayMismatch unless equal.
@@ -1567,19 +1788,14 @@ class Store:
         Replays into a temporary on-disk database, so memory stays flat in the
         size of the log.
         """
-        self._check_open()
-        if self._reducer is None:
-            raise UsageError("verify() needs the reducer; open the store with reducer=.")
-        with self._lock:
-            self._conn.execute("BEGIN")  # one snapshot for the log and the tables
+        reducer = self._require_reducer("verify()")
+        with self._lock, _read_txn(self._conn):  # one snapshot: the log and the tables
+            replica = _scratch_model(self._schema, "", journal=False)
             try:
-                replica = _replay(self._schema, self._reducer, self._read_log())
-                try:
-                    problems = _compare(self._model, replica)
-                finally:
-                    replica.conn.close()
+                _apply_events(replica, reducer, self._read_log(), journal=False)
+                problems = _compare(self._model, replica)
             finally:
-                self._conn.execute("ROLLBACK")
+                replica.conn.close()
         if problems:
             raise ReplayMismatch(
                 "Replaying the log does not give the live read model. Reducers must "
@@ -1588,14 +1804,157 @@ class Store:
                 + "\n".join(problems)
             )
 
-    def _read_log(self) -> Iterator[Event]:
-        cursor = self._conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq")
+    def replay(self, upto: Optional[int] = None, *,
+               into: Union[str, "os.PathLike[str]"] = ":memory:") -> "Store":
+        """A new store holding the first ``upto`` events exactly as logged.
+
+        Ids, ts and meta are kept; the read model is what the current reducer
+        (and upcasters) make of them. ``into`` is ":memory:" or the path of a
+        new or empty store. Middleware does not run on the copied events.
+        """
+        reducer = self._require_reducer("replay()")
+        upto = self._check_seq(upto, "upto")
+        target = open(into, schema=self._schema, reducer=reducer, middleware=self._middleware,
+                      durability=self._durability, clock=self._clock, ids=self._ids,
+                      version=self._version, upcasters=self._upcasters)
+        try:
+            if target.head:
+                raise UsageError(
+                    f"replay(into={os.fspath(into)!r}) needs a new or empty store; that "
+                    f"one already has {target.head} events."
+                )
+            after = 0
+            while after < upto:
+                with self._lock:
+                    self._check_open()
+                    rows = self._conn.execute(
+                        f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? AND seq <= ? "
+                        f"ORDER BY seq LIMIT 1000", (after, upto)).fetchall()
+                target._commit_prepared([_prepared_from_row(r) for r in rows])
+                after = rows[-1][0]
+        except BaseException:
+            target.close()
+            raise
+        return target
+
+    def rebuild(self) -> None:
+        """Rebuild the read model by replaying the whole log with the current code.
+
+        The replay runs into a separate database; the new tables and journal
+        are swapped in with one transaction. Until then readers see the old
+        model, and other writers are blocked only for the final catch-up and
+        swap. If any event fails, nothing changes and the error names it.
+        """
+        self._require_reducer("rebuild()")
+        _rebuild(self, self._schema, self._version)
+
+    def _require_reducer(self, what: str) -> Reducer:
+        self._check_open()
+        if self._reducer is None:
+            raise UsageError(f"{what} needs the reducer; open the store with reducer=.")
+        return self._reducer
+
+    def _check_seq(self, seq: Optional[int], name: str) -> int:
+        head = self.head
+        if seq is None:
+            return head
+        if isinstance(seq, bool) or not isinstance(seq, int):
+            raise UsageError(f"{name} must be a seq (int); received {_describe(seq)}.")
+        if not 0 <= seq <= head:
+            raise UsageError(
+                f"{name}={seq} is outside the log: seqs run from 0 (before the first "
+                f"event) to the head, {head}."
+            )
+        return seq
+
+    def _read_log(self, after: int = 0) -> Iterator[Event]:
+        cursor = self._conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq", (after,))
         while True:
             rows = cursor.fetchmany(_PAGE)
             if not rows:
                 return
             for row in rows:
-                yield _event_from_row(row)
+                yield self._upcast(_event_from_row(row))
+
+    # -- the past ----------------------------------------------------------------
+
+    def at(self, seq: Optional[int] = None, *, time: Optional[datetime] = None) -> "View":
+        """The whole read model as it was right after event ``seq`` (read-only).
+
+        Or, with ``time`` (a timezone-aware datetime), right after the last
+        event with ``ts <= time``. ``at(0)`` is the empty model; ``at(head)``
+        equals the live view. Built from the live tables by undoing the
+        journal's changes after ``seq`` (no replay). Close it, or use it as a
+        context manager.
+        """
+        if time is not None:
+            if seq is not None:
+                raise UsageError("at() takes a seq or a time, not both.")
+            seq = self._seq_at_time(time)
+        with self._lock:
+            seq = self._check_seq(seq, "seq")
+            with _read_txn(self._conn):
+                return _as_of(self, seq)
+
+    def _seq_at_time(self, time: datetime) -> int:
+        if not isinstance(time, datetime) or time.tzinfo is None:
+            raise UsageError(
+                f"time must be a timezone-aware datetime (e.g. datetime(2026, 1, 1, "
+                f"tzinfo=timezone.utc)); received {_describe(time)}. A naive time is "
+                f"ambiguous."
+            )
+        with self._lock:
+            self._check_open()
+            row = self._conn.execute(  # ts never decreases along seq: the index on seq will do
+                "SELECT max(seq) FROM events WHERE ts <= ?", (_format_ts(time),)).fetchone()
+        return row[0] or 0
+
+    def history(self, table: str, key: Any) -> List["Revision"]:
+        """Every version of one row, oldest first, from the journal (no replay)."""
+        info = self._model.table(table, error=UsageError)
+        key_text = _dumps(_key_json(_unparams(info, info.key_params(_as_key(key)))))
+        with self._lock:
+            self._check_open()
+            rows = self._conn.execute(
+                "SELECT j.seq, e.id, e.type, e.ts, j.op, j.before, j.after "
+                "FROM fluxlite_journal j JOIN events e ON e.seq = j.seq "
+                "WHERE j.tbl = ? AND j.key = ? ORDER BY j.seq, j.n",
+                (info.name, key_text)).fetchall()
+        return [Revision(seq, event_id, kind, _parse_ts(ts), op,
+                         json.loads(before) if before else None,
+                         json.loads(after) if after else None)
+                for seq, event_id, kind, ts, op, before, after in rows]
+
+    def restore(self, table: str, key: Any, *, at: Optional[int] = None,
+                actor: Optional[str] = None, meta: Optional[Mapping[str, Any]] = None,
+                id: Optional[str] = None) -> Event:
+        """Make a row what it was at seq ``at`` (default: right before its last deletion).
+
+        Dispatches a ``fluxlite.restore`` event (payload: table, key, row)
+        through the normal pipeline, so middleware and access control apply
+        to it by that type and replay reproduces it.
+        """
+        revisions = self.history(table, key)
+        if at is None:
+            deletions = [r for r in revisions if r.op == "delete"]
+            if not deletions:
+                raise UsageError(
+                    f"Row {key!r} of {table!r} was never deleted; pass at=SEQ to set it "
+                    f"back to an earlier version."
+                )
+            row, when = deletions[-1].before, f"before its deletion at seq {deletions[-1].seq}"
+        else:
+            at = self._check_seq(at, "at")
+            earlier = [r for r in revisions if r.seq <= at]
+            row, when = (earlier[-1].after if earlier else None), f"at seq {at}"
+        if row is None:
+            raise UsageError(f"Row {key!r} of {table!r} did not exist {when}; nothing to restore.")
+        if self.view[table].get(key) == row:
+            raise UsageError(f"Row {key!r} of {table!r} is already as it was {when}.")
+        info = self._model.table(table)
+        payload = {"table": table, "key": _key_json(info.key_of(row)), "row": row}
+        return self.dispatch(RESTORE, payload, actor=actor, meta=meta, id=id)
 
 
 def _refuse_during_setup(action: Any) -> Any:
@@ -1635,36 +1994,121 @@ def _change_from_journal(table: str, key: str, op: str, before: Optional[str],
 _MISSING = object()
 
 
-def _replay(schema: str, reducer: Reducer, events: Iterable[Event]) -> _Model:
-    """Build a read model from events in a private temporary database."""
-    conn = sqlite3.connect("", isolation_level=None, check_same_thread=False)
+###############################################################################
+# 10. Replay and the past
+###############################################################################
+
+
+def _scratch_model(schema: str, path: str, journal: bool) -> _Model:
+    """A private database with the schema (and a journal table), for replays."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA journal_mode=off")
         conn.execute("PRAGMA synchronous=off")
-        conn.execute("BEGIN")
-        names = _create_schema(conn, schema)
-        model = _Model(conn, {n: _read_table_info(conn, n) for n in names}, threading.RLock())
-        view = View(model)
-        for event in events:
-            model.query_mode = 2
-            try:
-                out = reducer(view, event)
-            except FluxliteError as exc:
-                raise type(exc)(f"{exc} (while replaying event {event.seq}, "
-                                f"{event.type!r}, id {event.id!r})") from exc
-            except Exception as exc:
-                raise ReducerError(
-                    f"The reducer raised {type(exc).__name__}: {exc} while replaying "
-                    f"event {event.seq} ({event.type!r}, id {event.id!r})."
-                ) from exc
-            finally:
-                model.query_mode = 0
-            model.apply(_normalize_changes(out, event), event.seq, None)
-        conn.execute("COMMIT")
+        with _write_txn(conn):
+            names = _create_schema(conn, schema)
+            if journal:
+                conn.execute(_LOG_DDL[4])  # fluxlite_journal
     except BaseException:
         conn.close()
         raise
-    return model
+    return _Model(conn, {n: _read_table_info(conn, n) for n in names}, threading.RLock())
+
+
+def _apply_events(model: _Model, reducer: Reducer, events: Iterable[Event],
+                  journal: bool) -> int:
+    """Reduce and apply events in one transaction; return the last seq applied."""
+    view, rows, last = View(model), [], 0
+    insert = "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)"
+    with _write_txn(model.conn):
+        for event in events:
+            try:
+                changes = _reduce(reducer, view, event)
+                model.apply(changes, event.seq, rows if journal else None)
+            except FluxliteError as exc:
+                if "while replaying" in str(exc):
+                    raise
+                raise type(exc)(f"{exc} (while replaying event {event.seq}, "
+                                f"{event.type!r}, id {event.id!r})") from exc
+            last = event.seq
+            if len(rows) >= 4096:
+                model.conn.executemany(insert, rows)
+                rows.clear()
+        if rows:
+            model.conn.executemany(insert, rows)
+    return last
+
+
+def _as_of(store: Store, seq: int) -> View:
+    """The model right after ``seq``: the live tables with later changes undone."""
+    model = _scratch_model(store._schema, ":memory:", journal=False)
+    try:
+        conn, live = model.conn, store._conn
+        with _write_txn(conn):
+            for name, info in model.tables.items():
+                rows = live.execute(f"SELECT * FROM {info.q}")
+                conn.executemany(info.insert_sql(info.columns), rows)
+            # The first change to each row after seq holds the row as it was then.
+            undo = live.execute(
+                "SELECT tbl, key, before, min(seq * 4294967296 + n) FROM fluxlite_journal "
+                "WHERE seq > ? GROUP BY tbl, key", (seq,))
+            for table, key, before, _ in undo:
+                info = model.tables[table]
+                key_value = json.loads(key)
+                params = tuple(key_value) if isinstance(key_value, list) else (key_value,)
+                conn.execute(info.delete_key, params)
+                if before is not None:
+                    row = json.loads(before)
+                    conn.execute(info.insert_sql(tuple(row)), tuple(row.values()))
+    except BaseException:
+        model.conn.close()
+        raise
+    return View(model, seq=seq, owned=True)
+
+
+def _rebuild(store: Store, schema: str, version: Any) -> None:
+    """Replay the log into a separate file, then swap tables and journal in one transaction."""
+    reducer = store._reducer
+    assert reducer is not None
+    directory = os.path.dirname(os.path.abspath(store._path)) if store._path != ":memory:" else None
+    fd, scratch = tempfile.mkstemp(prefix=".fluxlite-rebuild-", suffix=".db", dir=directory)
+    os.close(fd)
+    conn = store._conn
+    try:
+        model = _scratch_model(schema, scratch, journal=True)
+        try:
+            with store._lock:
+                with _read_txn(conn):  # the bulk of the log, in one snapshot
+                    done = _apply_events(model, reducer, store._read_log(), journal=True)
+                with _write_txn(conn):  # other writers wait from here on
+                    _apply_events(model, reducer, store._read_log(done), journal=True)
+                    generation = _swap_model(conn, schema, version, model)
+                store._schema, store._version = schema, version
+                store._load_tables(list(model.tables), generation)
+        finally:
+            model.conn.close()
+    finally:
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(scratch + suffix)
+
+
+def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Model) -> int:
+    """Inside the caller's transaction: replace read-model tables and journal."""
+    meta = _read_meta(conn)
+    conn.execute("PRAGMA defer_foreign_keys = ON")  # tables are refilled in any order
+    for name in meta["tables"]:
+        conn.execute(f"DROP TABLE {_quote(name)}")
+    names = _create_schema(conn, schema)
+    for name in names:
+        info = model.tables[name]
+        conn.executemany(info.insert_sql(info.columns), model.conn.execute(f"SELECT * FROM {info.q}"))
+    conn.execute("DELETE FROM fluxlite_journal")
+    conn.executemany("INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     model.conn.execute("SELECT * FROM fluxlite_journal"))
+    generation = meta.get("generation", 0) + 1
+    _write_meta(conn, schema=schema, tables=names, version=version, generation=generation)
+    return generation
 
 
 def _compare(live: _Model, replica: _Model) -> List[str]:
@@ -1708,7 +2152,7 @@ def _diff_table(live: _Model, replica: _Model, info: _TableInfo, limit: int = 20
 
 
 ###############################################################################
-# 10. Middleware
+# 11. Middleware
 ###############################################################################
 
 Middleware = Callable[[Store], Callable[[Callable[[Dict[str, Any]], Any]],
@@ -1768,7 +2212,7 @@ def _compose_chain(store: Store, middleware: Sequence[Middleware]) -> Callable[[
 
 
 ###############################################################################
-# 11. open()
+# 12. open()
 ###############################################################################
 
 
@@ -1776,8 +2220,15 @@ def _read_meta(conn: sqlite3.Connection) -> Dict[str, Any]:
     return {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM fluxlite_meta")}
 
 
-def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str]) -> Tuple[str, List[str]]:
-    """Create a new store in an empty database, or load an existing one's meta."""
+def _write_meta(conn: sqlite3.Connection, **items: Any) -> None:
+    conn.executemany("INSERT OR REPLACE INTO fluxlite_meta VALUES (?, ?)",
+                     [(k, _dumps(v)) for k, v in items.items()])
+
+
+def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], version: Any,
+                adopt: bool, clock: Callable[[], datetime], ids: Callable[[], str]
+                ) -> Dict[str, Any]:
+    """Create a new store in an empty (or adopted) database, or read an existing one's meta."""
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "fluxlite_meta" in names:
         user_version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -1787,20 +2238,13 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str]) -> T
                 f"{user_version}; this is fluxlite {__version__}, format "
                 f"{FORMAT_VERSION}). Upgrade fluxlite to open it."
             )
-        meta = _read_meta(conn)
-        stored = meta["schema"]
-        if schema is not None and _normalize_schema(schema) != _normalize_schema(stored):
-            raise SchemaError(
-                f"The schema passed to open() differs from the one {path!r} was "
-                f"created with (comments and whitespace aside). Open it with the "
-                f"stored schema (store.schema), or schema=None."
-            )
-        return stored, list(meta["tables"])
-    if names - {"sqlite_sequence"}:
+        return _read_meta(conn)
+    existing = names - {"sqlite_sequence"}
+    if existing and not adopt:
         raise SchemaError(
-            f"{path!r} is a SQLite database with tables ({', '.join(sorted(names))}) "
-            f"but no fluxlite log; fluxlite will not take over an existing database. "
-            f"Choose a new file."
+            f"{path!r} is a SQLite database with tables ({', '.join(sorted(existing))}) "
+            f"but no fluxlite log. Pass adopt=True to take it over (its rows become a "
+            f"baseline event), or choose a new file."
         )
     if schema is None:
         raise SchemaError(
@@ -1809,20 +2253,67 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str]) -> T
         )
     for statement in _LOG_DDL:
         conn.execute(statement)
-    tables = _create_schema(conn, schema)
-    conn.executemany("INSERT INTO fluxlite_meta VALUES (?, ?)", [
-        ("format", _dumps(FORMAT_VERSION)), ("schema", _dumps(schema)),
-        ("tables", _dumps(tables)), ("created_by", _dumps(f"fluxlite {__version__}")),
-    ])
+    tables = _adopt(conn, schema, existing, clock, ids) if existing else _create_schema(conn, schema)
+    _write_meta(conn, format=FORMAT_VERSION, schema=schema, tables=tables, version=version,
+                generation=0, created_by=f"fluxlite {__version__}")
     conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
     conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-    return schema, tables
+    return _read_meta(conn)
+
+
+def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
+           clock: Callable[[], datetime], ids: Callable[[], str]) -> List[str]:
+    """Take over an existing database: keep its tables, log their rows as a baseline."""
+    scratch = sqlite3.connect(":memory:")
+    try:
+        declared = _create_schema(scratch, schema)  # the schema's tables, parsed by SQLite
+        shapes = {n: _read_table_info(scratch, n) for n in declared}
+    finally:
+        scratch.close()
+    adopted = [n for n in declared if n in existing]
+    for name in adopted:
+        have = _read_table_info(conn, name)
+        if (have.columns, have.pk) != (shapes[name].columns, shapes[name].pk):
+            raise SchemaError(
+                f"Existing table {name!r} has columns {have.columns} (key {have.pk}) but "
+                f"the schema declares {shapes[name].columns} (key {shapes[name].pk}); "
+                f"make the schema describe the table as it is."
+            )
+    for statement in _split_sql(schema):
+        try:
+            conn.execute(statement)
+        except sqlite3.OperationalError as exc:
+            if "already exists" not in str(exc):
+                raise SchemaError(f"Schema statement failed: {exc}: {statement[:200]!r}") from exc
+    sql_of = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+    for name in declared:
+        _check_new_table(conn, name, sql_of[name])
+    ts = _format_ts(clock())
+    for seq, name in enumerate((n for n in adopted if conn.execute(
+            f"SELECT 1 FROM {_quote(n)} LIMIT 1").fetchone()), 1):
+        info = _read_table_info(conn, name)
+        cursor = conn.execute(f"SELECT * FROM {info.q} ORDER BY {info.order_by}")
+        rows = [dict(zip(info.columns, r)) for r in cursor]
+        for row in rows:
+            for column, value in row.items():
+                try:
+                    _check_value(value, name, column)
+                except ChangesetError as exc:
+                    raise SchemaError(f"Cannot adopt table {name!r}: {exc}") from None
+        payload = _dumps({"table": name, "rows": rows})
+        conn.execute(f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                     (seq, ids(), BASELINE, payload, "{}", ts))
+        conn.executemany("INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, 'insert', NULL, ?)", [
+            (seq, n, name, _dumps(_key_json(info.key_of(row))), _dumps(row))
+            for n, row in enumerate(rows)])
+    return declared
 
 
 def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
          reducer: Union[None, Reducer, Mapping[str, CollectionReducer]] = None,
          middleware: Sequence[Middleware] = (), durability: str = "full",
-         clock: Optional[Callable[[], datetime]] = None,
+         version: Any = None, upcasters: Optional[Mapping[str, Upcaster]] = None,
+         adopt: bool = False, clock: Optional[Callable[[], datetime]] = None,
          ids: Optional[Callable[[], str]] = None) -> Store:
     """Open (or create) a store.
 
@@ -1834,8 +2325,16 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
     ``durability`` is "full" (fsync at every commit: nothing acknowledged is
     lost, even on power failure) or "normal" (WAL with synchronous=NORMAL:
     faster; a power failure or OS crash may lose the last commits, a process
-    crash loses nothing). ``clock`` and ``ids`` replace the time and id
-    sources (for reproducible tests).
+    crash loses nothing).
+
+    ``version`` (any JSON value; None means unchanged) and ``schema``: when
+    either differs from what the file holds, the read model is rebuilt by
+    replaying the log with this reducer into the new schema, swapped in one
+    transaction. ``upcasters`` maps an event type to ``f(event) -> event``
+    that upgrades old event shapes whenever events are read. ``adopt=True``
+    takes over an existing SQLite database: its tables named in the schema
+    keep their rows, recorded as ``fluxlite.baseline`` events. ``clock`` and
+    ``ids`` replace the time and id sources (for reproducible tests).
     """
     path = os.fspath(path)
     if not isinstance(path, str):
@@ -1855,24 +2354,40 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
         raise UsageError(
             "middleware must be a sequence of functions store -> next -> event -> result."
         )
+    _to_json_text(version, "version")
+    upcast_check = _make_upcaster(upcasters)  # validates the dict early
+    del upcast_check
+    clock, ids = clock or _utc_now, ids or _new_id
     conn = _connect(path, durability)
     try:
         try:
             with _write_txn(conn):
-                stored_schema, names = _initialise(conn, path, schema)
-                tables = {n: _read_table_info(conn, n) for n in names}
+                meta = _initialise(conn, path, schema, version, adopt, clock, ids)
+                tables = {n: _read_table_info(conn, n) for n in meta["tables"]}
         except sqlite3.DatabaseError as exc:
             raise SchemaError(
                 f"{path!r} could not be read as a fluxlite store: {exc}."
             ) from exc
+        store = Store(conn, path, tables, reducer, meta["schema"], durability=durability,
+                      clock=clock, ids=ids, version=meta.get("version"),
+                      generation=meta.get("generation", 0), upcasters=upcasters,
+                      middleware=middleware)
+        new_schema = meta["schema"] if schema is None else schema
+        changed_schema = _normalize_schema(new_schema) != _normalize_schema(meta["schema"])
+        new_version = meta.get("version") if version is None else version
+        if changed_schema or new_version != meta.get("version"):
+            if reducer is None:
+                raise SchemaError(
+                    f"The schema or version passed to open() differs from {path!r}'s; "
+                    f"rebuilding the read model needs the reducer: pass reducer=."
+                )
+            _rebuild(store, new_schema, new_version)
         for name in getattr(reducer, "fluxlite_tables", ()):
-            if name not in tables:
+            if name not in store._model.tables:
                 raise SchemaError(
                     f"The combined reducer has a reducer for table {name!r}, which "
-                    f"the schema does not create (tables: {', '.join(sorted(tables))})."
+                    f"the schema does not create (tables: {', '.join(store.view.tables)})."
                 )
-        store = Store(conn, path, tables, reducer, stored_schema, durability,
-                      clock or _utc_now, ids or _new_id)
         store._chain = _compose_chain(store, list(middleware))
     except BaseException:
         conn.close()

@@ -152,11 +152,15 @@ def test_empty_file_becomes_a_store(tmp_path):
         assert add(store, "a").seq == 1
 
 
-def test_reopen_with_another_schema_is_refused(tmp_path):
+def test_reopen_with_another_schema_needs_the_reducer_to_rebuild(tmp_path):
     target = str(tmp_path / "s.db")
-    fluxlite.open(target, schema=SCHEMA, reducer=reducer).close()
-    with pytest.raises(fluxlite.SchemaError, match="differs"):
-        fluxlite.open(target, schema="CREATE TABLE other (id INTEGER PRIMARY KEY)", reducer=reducer)
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+    other = "CREATE TABLE other (id INTEGER PRIMARY KEY)"
+    with pytest.raises(fluxlite.SchemaError, match="needs the reducer"):
+        fluxlite.open(target, schema=other)
+    with fluxlite.open(target, schema=other, reducer=lambda v, e: None) as store:
+        assert store.view.tables == ["other"] and store.head == 1 and store.schema == other
 
 
 def test_file_that_is_not_sqlite_is_refused(tmp_path):

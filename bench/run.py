@@ -87,6 +87,15 @@ class Bench:
             pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(15)
 
 
+def checkout():
+    """The git commit of the fluxlite being measured ("" outside a checkout)."""
+    try:
+        return subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     fn(*args)
@@ -223,22 +232,29 @@ def verify_memory(b, sizes, limit_mb=20):
 
 
 def measure_verify_memory(path):
-    """Child process: peak RSS during verify() minus RSS just before it, in MB."""
-    def rss_now():  # current RSS where /proc exists, else the peak so far
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            return peak()
+    """Child process: peak RSS during verify() minus RSS just before it, in MB.
 
-    def peak():  # ru_maxrss is in KiB on Linux, bytes on macOS
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
-            1 if sys.platform == "darwin" else 1024)
+    Linux: VmHWM/VmRSS from /proc/self/status, the peak reset first through
+    clear_refs (ru_maxrss is no good here: after exec it can still report the
+    parent's RSS). Elsewhere: ru_maxrss, which may under-report a small growth.
+    """
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
 
     with open_store(path) as store:
-        before = rss_now()
-        store.verify()
-        print(json.dumps({"rss_growth_mb": (peak() - before) / 2**20}))
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            before = status("VmRSS:")
+            store.verify()
+            peak = status("VmHWM:")
+        except OSError:
+            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, else KiB
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+            store.verify()
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    print(json.dumps({"rss_growth_mb": (peak - before) / 2**20}))
 
 
 # -- main ----------------------------------------------------------------------
@@ -256,7 +272,7 @@ def main():
 
     q = args.quick
     versions = (f"Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, "
-                f"fluxlite {fluxlite.__version__}, {sys.platform}")
+                f"fluxlite {fluxlite.__version__} {checkout()}, {sys.platform}")
     print(f"fluxlite vs raw sqlite3 ({'quick' if q else 'full'} run, best of {args.repeat}); "
           f"{versions}", flush=True)
     tmp = tempfile.mkdtemp(prefix="fluxlite-bench-", dir=args.dir)
@@ -279,7 +295,7 @@ def main():
         mark = "" if ok is None else (" ✅" if ok else " ❌ missed")
         print(f"| {case} | {flux} | {raw} | {ratio} | {target}{mark} |")
     print(f"\n{versions}; files in {args.dir or tempfile.gettempdir()}; "
-          f"memory is peak RSS growth (ru_maxrss) across verify() in a fresh subprocess.")
+          f"memory is peak RSS (VmHWM) minus RSS before, across verify() in a fresh subprocess.")
 
 
 if __name__ == "__main__":
