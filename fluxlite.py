@@ -1125,10 +1125,16 @@ BASELINE = "fluxlite.baseline"
 def _restore_reducer(view: View, event: Event) -> List[Change]:
     p = event.payload
     if not (isinstance(p, dict) and {"table", "key", "row"} <= set(p)
-            and isinstance(p["row"], dict) and p["table"] in view.tables):
+            and isinstance(p["row"], dict)):
         raise InvalidEvent(
-            f"A {RESTORE!r} event's payload is {{table, key, row}} naming a read-model "
-            f"table; received {_describe(p)}. Use store.restore() to make one."
+            f"A {RESTORE!r} event's payload is {{table, key, row}}; received "
+            f"{_describe(p)}. Use store.restore() to make one."
+        )
+    if p["table"] not in view.tables:
+        raise ChangesetError(
+            f"A {RESTORE!r} event names table {p['table']!r}, which the schema does not "
+            f"have. After renaming a table or column, give open() an upcaster for "
+            f"{RESTORE!r} that renames it in the payload."
         )
     table, key = view[p["table"]], _as_key(p["key"])
     if table.get(key) is None:

@@ -56,18 +56,27 @@ def now():
 # -- helpers -------------------------------------------------------------------
 
 class Bench:
+    """Where the files go, how often to repeat, and the rows of the final table."""
+
     def __init__(self, tmp, repeat, profile):
-        self.tmp, self.repeat, self.profile, self.rows, self.files = tmp, repeat, profile, [], 0
+        self.tmp, self.repeat, self.profile = tmp, repeat, profile
+        self.rows, self.files, self.stores = [], 0, {}
 
     def path(self):
         self.files += 1
         return os.path.join(self.tmp, f"b{self.files}.db")
 
-    def compare(self, case, n, unit, target, flux, raw):
-        """Time flux(n) and raw(n) alternately, keep the best of each; record the row.
+    def store_with(self, n):
+        """The path of a closed store holding n addUser events (built once)."""
+        if n not in self.stores:
+            self.stores[n] = self.path()
+            build_store(self.stores[n], n)
+        return self.stores[n]
 
-        flux and raw take a fresh state from setup-free callables and return the
-        seconds of the timed part only.
+    def compare(self, case, n, unit, target, flux, raw):
+        """Run flux() and raw() alternately, keep the best of each; record the row.
+
+        Each returns the seconds of its timed part for n items, on fresh files.
         """
         best_f = best_r = float("inf")
         for _ in range(self.repeat):
@@ -200,8 +209,7 @@ def raw_replay(path):
 
 
 def case_verify(b, n, target=0.5):
-    path = b.path()
-    build_store(path, n)
+    path = b.store_with(n)
 
     def flux():
         with open_store(path) as store:
@@ -215,12 +223,9 @@ def verify_memory(b, sizes, limit_mb=20):
     """Peak RSS growth of verify(), each size in a fresh subprocess."""
     growth = {}
     for n in sizes:
-        path = b.path()
-        build_store(path, n)
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--verify-mem", path],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--verify-mem",
+                              b.store_with(n)], check=True, capture_output=True, text=True).stdout
         growth[n] = json.loads(out)["rss_growth_mb"]
-        os.remove(path)
         print(f"  verify() peak RSS growth at {n:,} events: {growth[n]:.1f} MB", flush=True)
     for n in sizes:
         b.rows.append((f"verify() peak RSS growth ({n:,} events)", f"{growth[n]:.1f} MB",
@@ -272,18 +277,18 @@ def main():
 
     q = args.quick
     versions = (f"Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, "
-                f"fluxlite {fluxlite.__version__} {checkout()}, {sys.platform}")
+                f"fluxlite {fluxlite.__version__} {checkout()}".rstrip() + f", {sys.platform}")
     print(f"fluxlite vs raw sqlite3 ({'quick' if q else 'full'} run, best of {args.repeat}); "
           f"{versions}", flush=True)
     tmp = tempfile.mkdtemp(prefix="fluxlite-bench-", dir=args.dir)
     b = Bench(tmp, args.repeat, args.profile)
     started = time.perf_counter()
     try:
-        case_single(b, "full", 300 if q else 2_000, 0.85)
+        case_single(b, "full", 500 if q else 2_000, 0.85)
         case_single(b, "normal", 1_000 if q else 5_000, 0.6)
         case_many(b, 20_000 if q else 100_000)
         case_verify(b, 20_000 if q else 100_000)
-        verify_memory(b, (10_000, 100_000) if q else (100_000, 1_000_000))
+        verify_memory(b, (20_000, 100_000) if q else (100_000, 1_000_000))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
