@@ -69,6 +69,7 @@ __version__ = "0.1.0"
 __license__ = "MIT"
 
 __all__ = [
+    "Busy",
     "Change",
     "ChangesetError",
     "Conflict",
@@ -82,6 +83,7 @@ __all__ = [
     "ReplayMismatch",
     "Revision",
     "SchemaError",
+    "StorageError",
     "Store",
     "Table",
     "UsageError",
@@ -234,6 +236,14 @@ class ReplayMismatch(FluxliteError):
 
 class UsageError(FluxliteError):
     """An API was used against its rules (closed store, dispatch in a reducer)."""
+
+
+class Busy(FluxliteError):
+    """Another connection held the write lock longer than busy_timeout; retry."""
+
+
+class StorageError(FluxliteError):
+    """SQLite could not read or write the file (disk full, read-only, I/O error)."""
 
 
 ###############################################################################
@@ -459,7 +469,8 @@ def _connect(path: str, durability: str) -> sqlite3.Connection:
     """The one place a connection is made, with the pragmas fluxlite relies on."""
     if path not in (":memory:", "") and not os.path.exists(path):
         # Created here so the file is private to its owner (0600) from the start.
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        with contextlib.suppress(FileExistsError):  # another process was first: fine
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     conn = sqlite3.connect(
         path, isolation_level=None, check_same_thread=False, cached_statements=256
     )
@@ -510,6 +521,21 @@ def _read_txn(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("ROLLBACK")
 
 
+def _storage_error(exc: sqlite3.Error, path: str) -> FluxliteError:
+    """A SQLite failure below fluxlite's rules, as a FluxliteError saying what to do."""
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return Busy(
+            f"{path!r} stayed locked by another writer for longer than busy_timeout "
+            f"({DEFAULT_PRAGMAS['busy_timeout']} ms): {text}. Nothing was written; retry "
+            f"the dispatch (with the same id, so a retry can never apply twice)."
+        )
+    return StorageError(
+        f"SQLite could not write {path!r}: {text}. Nothing was written. Check free disk "
+        f"space and that the file and its directory are writable, then retry."
+    )
+
+
 ###############################################################################
 # 6. Schema: checking the user's DDL, reading table shapes
 ###############################################################################
@@ -518,12 +544,13 @@ def _read_txn(conn: sqlite3.Connection) -> Iterator[None]:
 class _TableInfo:
     """A read-model table's shape, read from SQLite, with its SQL prepared."""
 
-    __slots__ = ("name", "columns", "column_set", "pk", "rowid_key", "q", "where_key",
-                 "select_key", "delete_key", "order_by", "_insert_sql")
+    __slots__ = ("name", "columns", "column_set", "pk", "pk_types", "rowid_key", "q",
+                 "where_key", "select_key", "delete_key", "order_by", "_insert_sql")
 
     def __init__(self, name: str, columns: Sequence[str], pk: Sequence[str],
-                 rowid_key: bool) -> None:
+                 rowid_key: bool, pk_types: Sequence[str] = ()) -> None:
         self.name = name
+        self.pk_types = tuple(pk_types) or ("",) * len(pk)
         self.columns = tuple(columns)
         self.column_set = frozenset(columns)
         self.pk = tuple(pk)
@@ -578,7 +605,40 @@ def _read_table_info(conn: sqlite3.Connection, name: str) -> _TableInfo:
     pk_rows = sorted((r for r in rows if r[5]), key=lambda r: r[5])
     pk = [r[1] for r in pk_rows]
     rowid_key = len(pk_rows) == 1 and pk_rows[0][2].upper() == "INTEGER"
-    return _TableInfo(name, columns, pk, rowid_key)
+    return _TableInfo(name, columns, pk, rowid_key, [r[2] for r in pk_rows])
+
+
+def _with_affinity(value: Any, declared: str) -> Any:
+    """The value as SQLite would store it in a column of this declared type.
+
+    Keys in the journal are kept as stored; a caller may write 1 for the
+    text key '1', as SQL lookups allow. These are SQLite's affinity rules.
+    """
+    kind = declared.upper()
+    if "INT" in kind:
+        affinity = "integer"
+    elif any(t in kind for t in ("CHAR", "CLOB", "TEXT")):
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    elif "BLOB" in kind or not kind:
+        return value
+    else:
+        affinity = "real" if any(t in kind for t in ("REAL", "FLOA", "DOUB")) else "numeric"
+    number = value
+    if isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            try:
+                number = float(value.strip())
+            except ValueError:
+                return value
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        return value
+    if affinity == "real":
+        return float(number)
+    if isinstance(number, float) and number.is_integer() and abs(number) < 2**63:
+        return int(number)
+    return number
 
 
 def _check_new_table(conn: sqlite3.Connection, name: str, sql: str) -> None:
@@ -1137,6 +1197,14 @@ def _restore_reducer(view: View, event: Event) -> List[Change]:
             f"{RESTORE!r} that renames it in the payload."
         )
     table, key = view[p["table"]], _as_key(p["key"])
+    unknown = [c for c in p["row"] if c not in table.columns]
+    if unknown:
+        raise ChangesetError(
+            f"A {RESTORE!r} event's row has column(s) {', '.join(map(repr, unknown))} that "
+            f"table {table.name!r} no longer has (it has {', '.join(table.columns)}). After "
+            f"renaming or adding columns, give open() an upcaster for {RESTORE!r} that "
+            f"maps the old row to the new shape, filling computed columns too."
+        )
     if table.get(key) is None:
         return [Change("insert", table.name, key, p["row"])]
     rest = {c: v for c, v in p["row"].items() if c not in table.primary_key}
@@ -1553,6 +1621,8 @@ class Store:
                     f"{exc}. Nothing was written; make the reducer return changes "
                     f"that leave the tables consistent."
                 ) from exc
+            except sqlite3.OperationalError as exc:
+                raise _storage_error(exc, self._path) from exc
             self._pending.extend(committed)
         return results
 
@@ -1919,7 +1989,9 @@ class Store:
     def history(self, table: str, key: Any) -> List["Revision"]:
         """Every version of one row, oldest first, from the journal (no replay)."""
         info = self._model.table(table, error=UsageError)
-        key_text = _dumps(_key_json(_unparams(info, info.key_params(_as_key(key)))))
+        params = info.key_params(_as_key(key))
+        stored = tuple(_with_affinity(v, t) for v, t in zip(params, info.pk_types))
+        key_text = _dumps(_key_json(_unparams(info, stored)))
         with self._lock:
             self._check_open()
             rows = self._conn.execute(
@@ -2361,10 +2433,18 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
             "middleware must be a sequence of functions store -> next -> event -> result."
         )
     _to_json_text(version, "version")
-    upcast_check = _make_upcaster(upcasters)  # validates the dict early
-    del upcast_check
-    clock, ids = clock or _utc_now, ids or _new_id
+    _make_upcaster(upcasters)  # validates the dict early
     conn = _connect(path, durability)
+    return _open_connection(conn, path, schema=schema, reducer=reducer, middleware=middleware,
+                            durability=durability, version=version, upcasters=upcasters,
+                            adopt=adopt, clock=clock or _utc_now, ids=ids or _new_id)
+
+
+def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[str],
+                     reducer: Optional[Reducer], middleware: Sequence[Middleware],
+                     durability: str, version: Any, upcasters: Optional[Mapping[str, Upcaster]],
+                     adopt: bool, clock: Callable[[], datetime], ids: Callable[[], str]) -> Store:
+    """The rest of open(), on a connection already made (also used by fork)."""
     try:
         try:
             with _write_txn(conn):

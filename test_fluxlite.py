@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import doctest
+import inspect
 import json
 import logging
 import math
 import os
 import pathlib
+import random
 import sqlite3
 import stat
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -102,7 +108,8 @@ def test_public_api_is_sorted_and_documented():
 
 def test_errors_form_a_shallow_tree():
     for name in ["InvalidEvent", "Rejected", "ReducerError", "Forbidden", "ChangesetError",
-                 "Conflict", "SchemaError", "ReplayMismatch", "QueryError", "UsageError"]:
+                 "Conflict", "SchemaError", "ReplayMismatch", "QueryError", "UsageError",
+                 "Busy", "StorageError"]:
         assert getattr(fluxlite, name).__bases__ == (fluxlite.FluxliteError,)
 
 
@@ -1607,8 +1614,6 @@ print(json.dumps(sorted(seen)))
 
 @pytest.mark.slow
 def test_readers_in_another_process_see_the_old_or_the_new_model(tmp_path):
-    import subprocess
-    import sys
     path = str(tmp_path / "items.db")
     make_items(path, count=3000)
     with fluxlite.open(path, reducer=items_reducer) as store:
@@ -1617,7 +1622,6 @@ def test_readers_in_another_process_see_the_old_or_the_new_model(tmp_path):
                store.query("SELECT count(*) AS c FROM fluxlite_journal")[0]["c"]]
     reader = subprocess.Popen([sys.executable, "-c", READER, path, "2.5"],
                               stdout=subprocess.PIPE, text=True)
-    import time
     time.sleep(0.5)
     with fluxlite.open(path, schema=ITEMS_V2, reducer=items_v2_reducer, version=2) as store:
         new = [("id", "n", "doubled"), store.view.items.count(),
@@ -1650,8 +1654,6 @@ while time.time() < deadline:
 
 @pytest.mark.slow
 def test_writes_during_a_rebuild_are_caught_up_never_lost(tmp_path):
-    import subprocess
-    import sys
     path = str(tmp_path / "items.db")
     make_items(path, count=20000)
     writer = subprocess.Popen([sys.executable, "-c", WRITER, path, str(ROOT)],
@@ -1776,3 +1778,287 @@ def test_adopt_refuses_a_table_unlike_the_schema(tmp_path):
     conn = sqlite3.connect(path)
     assert "events" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
+
+
+# --- real processes: concurrent writers and crashes ---------------------------------------
+
+_REPO_ROOT = os.path.dirname(os.path.abspath(fluxlite.__file__))
+
+_PROC_SCHEMA = """
+CREATE TABLE tallies (worker TEXT PRIMARY KEY, n INTEGER NOT NULL, last_seq INTEGER NOT NULL);
+CREATE TABLE items (id TEXT PRIMARY KEY, worker TEXT NOT NULL, k INTEGER NOT NULL);
+"""
+
+
+def _proc_reducer(view, event):
+    """Counts each writer's events; rejects one that arrives out of its order."""
+    worker, k = event.payload["worker"], event.payload["k"]
+    tally = view.tallies.get(worker)
+    n = tally["n"] if tally else 0
+    if k != n:
+        raise fluxlite.Rejected(f"{worker} sent k={k}, expected k={n}")
+    changes = [
+        view.tallies.upsert(worker=worker, n=n + 1, last_seq=event.seq),
+        view.items.insert(id=event.id, worker=worker, k=k),
+    ]
+    if k % 7 == 6:  # deletes too, so the journal and replay see every op
+        changes.append(view.items.delete(f"{worker}-{k - 3}"))
+    return changes
+
+
+def _batch_size(k):
+    """How many events the crash child dispatches at once from k: 1 (dispatch) or 2-4."""
+    return 1 if k % 3 == 0 else 1 + k % 4
+
+
+def _child_script(body):
+    """A child program: imports fluxlite, defines the shared schema and functions, runs body."""
+    return "\n".join([
+        "import os, sys, time",
+        "import fluxlite",
+        f"SCHEMA = {_PROC_SCHEMA!r}",
+        textwrap.dedent(inspect.getsource(_proc_reducer)),
+        textwrap.dedent(inspect.getsource(_batch_size)),
+        textwrap.dedent(body),
+    ])
+
+
+def _spawn(script, *args, stdout=subprocess.DEVNULL, cwd):
+    env = dict(os.environ, PYTHONPATH=_REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)],
+                            cwd=str(cwd), env=env, stdout=stdout, stderr=subprocess.PIPE)
+
+
+def _open_proc_store(path):
+    return fluxlite.open(path, schema=_PROC_SCHEMA, reducer=_proc_reducer)
+
+
+def _assert_log_gap_free(store):
+    seqs = [event.seq for event in store.events()]
+    assert seqs == list(range(1, len(seqs) + 1))
+    return seqs
+
+
+_WRITER = """
+    path, worker, count, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    with fluxlite.open(path, schema=SCHEMA, reducer=_proc_reducer) as store:
+        open(f"{go}.{worker}", "w").close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(go):  # the start line: every writer begins at once
+            if time.monotonic() > deadline:
+                sys.exit("no start signal")
+            time.sleep(0.001)
+        for k in range(count):
+            store.dispatch("tick", {"worker": worker, "k": k}, id=f"{worker}-{k}")
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_processes_share_one_gap_free_log(tmp_path):
+    workers, per_worker = [f"w{n}" for n in range(4)], 300
+    path, go = tmp_path / "shared.db", tmp_path / "go"
+    _open_proc_store(path).close()  # created once, so the children race on writes, not on creation
+    procs = [_spawn(_child_script(_WRITER), path, w, per_worker, go, cwd=tmp_path)
+             for w in workers]
+    try:
+        deadline = time.monotonic() + 30
+        while not all(os.path.exists(f"{go}.{w}") for w in workers):
+            assert time.monotonic() < deadline, "writers did not start"
+            for proc in procs:
+                assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.005)
+        go.touch()
+        for proc in procs:
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err.decode()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    with _open_proc_store(path) as store:
+        assert _assert_log_gap_free(store) == list(range(1, len(workers) * per_worker + 1))
+        by_worker = {}
+        for event in store.events():
+            by_worker.setdefault(event.payload["worker"], []).append(event.payload["k"])
+            assert event.id == f"{event.payload['worker']}-{event.payload['k']}"
+        assert by_worker == {w: list(range(per_worker)) for w in workers}
+        assert [(t["worker"], t["n"]) for t in store.view.tallies.all()] == [
+            (w, per_worker) for w in workers]
+        store.verify()
+
+
+_CRASHER = """
+    path, name = sys.argv[1], sys.argv[2]
+    out = sys.stdout
+    with fluxlite.open(path, schema=SCHEMA, reducer=_proc_reducer) as store:
+        out.write("ready\\n")
+        out.flush()
+        k, deadline = 0, time.monotonic() + 20  # stops by itself if nobody kills it
+        while time.monotonic() < deadline:
+            size = _batch_size(k)
+            batch = [{"type": "tick", "payload": {"worker": name, "k": k + i},
+                      "id": f"{name}-{k + i}"} for i in range(size)]
+            if size == 1:
+                done = [store.dispatch(batch[0])]
+            else:
+                done = store.dispatch_many(batch)
+            out.write("".join(f"{e.seq} {e.id}\\n" for e in done))  # after dispatch returned
+            out.flush()
+            k += size
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_dispatch_loses_nothing_acknowledged(tmp_path):
+    path = tmp_path / "crash.db"
+    _open_proc_store(path).close()
+    rng = random.Random()
+    seed = rng.randrange(2**32)
+    rng.seed(seed)
+    reported = {}  # seq -> id, every commit any child acknowledged
+    for round_ in range(5):
+        report = tmp_path / f"round{round_}.out"
+        with open(report, "wb") as sink:
+            proc = _spawn(_child_script(_CRASHER), path, f"r{round_}", stdout=sink,
+                          cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 20
+            while not report.read_bytes().startswith(b"ready\n"):
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "child did not open the store"
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.05, 0.5))
+            assert proc.poll() is None, proc.stderr.read().decode()
+            proc.kill()  # SIGKILL on POSIX: no cleanup, no atexit, mid-transaction
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+        lines = report.read_text().split("\n")[1:-1]  # a torn last line is not a report
+        acked = {int(seq): event_id for seq, event_id in (line.split() for line in lines)}
+
+        conn = sqlite3.connect(str(path))
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        finally:
+            conn.close()
+        with _open_proc_store(path) as store:
+            seqs = _assert_log_gap_free(store)
+            ids = {event.seq: event.id for event in store.events()}
+            reported.update(acked)
+            missing = {s: i for s, i in reported.items() if ids.get(s) != i}
+            assert not missing, (
+                f"round {round_} (seed {seed}): acknowledged events lost: {missing}")
+            # All or nothing: the round's events are whole batches, k = 0, 1, 2...
+            ks = [e.payload["k"] for e in store.events() if e.payload["worker"] == f"r{round_}"]
+            assert ks == list(range(len(ks)))
+            boundaries, k = {0}, 0
+            while k < len(ks):
+                k += _batch_size(k)
+                boundaries.add(k)
+            assert len(ks) in boundaries, f"round {round_} left a partial batch: {len(ks)}"
+            store.verify()
+        assert len(seqs) >= len(reported)
+    assert reported, f"no child reported a commit (seed {seed})"
+
+
+def test_a_lock_held_too_long_is_a_clear_busy_error(tmp_path, monkeypatch):
+    path = str(tmp_path / "busy.db")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        store._conn.execute("PRAGMA busy_timeout=50")
+        monkeypatch.setitem(fluxlite.DEFAULT_PRAGMAS, "busy_timeout", 50)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(fluxlite.Busy, match="retry the dispatch"):
+            add(store, "a", id="retry-me")
+        other.execute("ROLLBACK")
+        other.close()
+        assert add(store, "a", id="retry-me").seq == 1  # the retry goes through once
+        assert add(store, "a", id="retry-me").seq == 1
+
+
+def test_a_full_disk_is_a_storage_error_and_the_store_recovers(tmp_path):
+    path = str(tmp_path / "full.db")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+        pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+        store._conn.execute(f"PRAGMA max_page_count={pages}")
+        before = snapshot(store)
+        with pytest.raises(fluxlite.StorageError, match="disk"):
+            store.dispatch("addUser", {"name": "x" * 100_000})
+        assert snapshot(store) == before
+        store._conn.execute("PRAGMA max_page_count=1073741823")
+        assert store.dispatch("addUser", {"name": "x" * 100_000}).seq == 2
+        store.verify()
+
+
+def test_two_processes_creating_one_file_race_safely(tmp_path, monkeypatch):
+    path = str(tmp_path / "race.db")
+    real_exists = os.path.exists
+
+    def lose_the_race(p):
+        exists = real_exists(p)
+        if p == path and not exists:
+            pathlib.Path(p).touch()  # another process creates the file right now
+        return exists
+
+    monkeypatch.setattr(os.path, "exists", lose_the_race)
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        assert add(store, "a").seq == 1
+
+
+@pytest.mark.parametrize("declared, stored, asked", [
+    ("TEXT", "1", 1), ("INTEGER", 7, "7"), ("INTEGER", 7, 7.0), ("REAL", 2.0, 2),
+    ("NUMERIC", 5, "5"), ("VARCHAR(10)", "12", 12)])
+def test_history_and_restore_find_keys_as_sql_lookups_do(declared, stored, asked):
+    schema = f"CREATE TABLE t (k {declared} PRIMARY KEY, v TEXT)"
+
+    def r(view, event):
+        if event.type == "put":
+            return view.t.insert(k=event.payload, v="x")
+        return view.t.delete(event.payload)
+
+    with fluxlite.open(":memory:", schema=schema, reducer=r) as store:
+        store.dispatch("put", stored)
+        assert store.view.t.get(asked) is not None  # SQL applies the column's affinity
+        store.dispatch("del", stored)
+        assert [rev.op for rev in store.history("t", asked)] == ["insert", "delete"]
+        store.restore("t", asked)
+        assert store.view.t.get(stored) == {"k": stored, "v": "x"}
+
+
+def test_restore_of_a_row_with_columns_the_table_lost_names_the_fix(tmp_path):
+    path = str(tmp_path / "items.db")
+    make_items(path)
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.restore("items", "i3")
+    renamed = ITEMS.replace("n INTEGER", "count INTEGER")
+
+    def counting(view, event):
+        p = event.payload
+        if event.type == "put":
+            return view.items.upsert(id=p["id"], count=p["n"])
+        if event.type == "drop":
+            return view.items.delete(p["id"])
+        return None
+
+    before = file_bytes(path)
+    with pytest.raises(fluxlite.ChangesetError, match="upcaster for 'fluxlite.restore'"):
+        fluxlite.open(path, schema=renamed, reducer=counting, version=2)
+    assert file_bytes(path) == before
+
+
+@pytest.mark.parametrize("example, expected", [
+    ("whitehouse.py", "Replay equals live"),
+    ("timetravel.py", "verify()"),
+])
+def test_examples_run_from_a_clean_checkout(tmp_path, example, expected):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / example)], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout and "Traceback" not in result.stdout

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+import textwrap
 from datetime import datetime, timedelta, timezone
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -44,7 +45,6 @@ def new_qty(before, event):
     return qty
 
 
-# Version 1: items (sku, name, qty).
 SCHEMA_V1 = "CREATE TABLE items (sku TEXT PRIMARY KEY, name TEXT NOT NULL, qty INTEGER NOT NULL)"
 
 
@@ -79,7 +79,8 @@ def reducer_v2(view, event):
 
 
 def restore_v1_to_v2(event):
-    """A fluxlite.restore logged under v1 carries a whole v1 row: give it v2's columns."""
+    """A fluxlite.restore logged under v1 carries a whole v1 row, replayed as is: give it
+    v2's columns, the computed one too (else a nullable new column would stay NULL)."""
     p = event.payload
     if p["table"] != "items" or "qty" not in p["row"]:
         return event  # already the current shape: upcasters stop when nothing changes
@@ -94,8 +95,8 @@ def brief(row):
 
 def print_table(title, rows, columns):
     widths = [max([len(c)] + [len(str(row[c])) for row in rows]) for c in columns]
-    line = "    " + "  ".join("{:<%d}" % w for w in widths)
-    print(f"  {title}")
+    line = "     " + "  ".join("{:<%d}" % w for w in widths)
+    print(f"   {title}")
     for cells in [columns, ["-" * w for w in widths]] + [[row[c] for c in columns] for row in rows]:
         print(line.format(*map(str, cells)).rstrip())
 
@@ -109,44 +110,45 @@ def main():
         with fluxlite.open(path, schema=SCHEMA_V1, reducer=reducer_v1, clock=clock) as store:
             for kind, payload in STORY:
                 store.dispatch(kind, payload)
-            print(f"Store: {path}\n")
-            print_table(f"The log (times UTC, {START:%Y-%m-%d})", [
+            print(f"Store: {path}\n\nThe story: {len(STORY)} events, five minutes apart.")
+            print_table(f"the log (times UTC, {START:%Y-%m-%d})", [
                 {"seq": e.seq, "time": f"{e.ts:%H:%M}", "type": e.type,
                  "payload": json.dumps(e.payload)} for e in store.events()],
                 ["seq", "time", "type", "payload"])
-            print_table("Live items", store.view.items.all(), store.view.items.columns)
+            print_table("live items", store.view.items.all(), store.view.items.columns)
 
             print("\n1. store.at(seq) is the whole model right after that event, read-only:")
             with store.at(3) as past:
                 print_table(f"items at seq {past.seq}", past.items.all(), past.items.columns)
             when = datetime(2026, 3, 2, 9, 22, tzinfo=timezone.utc)
-            print(f"   store.at(time=...) is the model after the last event at or before {when:%H:%M}:")
+            print(f"   store.at(time=...) is the model after the last event by {when:%H:%M}:")
             with store.at(time=when) as past:
                 print_table(f"items at {when:%H:%M} (seq {past.seq})", past.items.all(),
                             past.items.columns)
 
-            print("\n2. store.history('items', 'BAN') is every version of one row, from the journal:")
+            print("\n2. store.history('items', 'BAN') is every version of one row (the journal):")
             print_table("history of BAN", [
                 {"seq": r.seq, "time": f"{r.ts:%H:%M}", "event": r.type,
                  "before -> after": f"{brief(r.before)} -> {brief(r.after)}"}
-                for r in store.history("items", "BAN")], ["seq", "time", "event", "before -> after"])
+                for r in store.history("items", "BAN")],
+                ["seq", "time", "event", "before -> after"])
 
             print("\n3. store.restore('items', 'BAN') brings the deleted row back, as a new event:")
-            event = store.restore("items", "BAN")
-            print(f"    dispatched #{event.seq} {event.type} {json.dumps(event.payload)}")
-            print_table("Live items", store.view.items.all(), store.view.items.columns)
+            event = store.restore("items", "BAN", id="restore-BAN")  # id: idempotency key
+            print(f"   dispatched #{event.seq} {event.type} {json.dumps(event.payload)}")
+            print_table("live items", store.view.items.all(), store.view.items.columns)
 
         print("\n4. A new schema without a migration: qty becomes on_hand, a new column stock is\n"
               "   computed by the new reducer; reopening with version=2 replays the log into it.")
-        try:  # Without an upcaster the v1 restore event no longer fits; the file is untouched.
-            fluxlite.open(path, schema=SCHEMA_V2, reducer=reducer_v2, version=2, clock=clock)
+        try:
+            fluxlite.open(path, schema=SCHEMA_V2, reducer=reducer_v2, version=2).close()
         except fluxlite.ChangesetError as exc:
-            print(f"   Without an upcaster the rebuild stops, the file unchanged:\n     {exc}")
-        print("   With upcasters={'fluxlite.restore': restore_v1_to_v2} the old restore carries along:")
-        upcasters = {"fluxlite.restore": restore_v1_to_v2}
-        with fluxlite.open(path, schema=SCHEMA_V2, reducer=reducer_v2, version=2,
-                           upcasters=upcasters, clock=clock) as store:
-            print_table(f"Live items, version {store.version}", store.view.items.all(),
+            print("   Without an upcaster the replay stops at the v1 restore; the file is unchanged:")
+            print(textwrap.fill(str(exc), 88, initial_indent="     ", subsequent_indent="     "))
+        print("   With upcasters={'fluxlite.restore': restore_v1_to_v2} it carries along:")
+        with fluxlite.open(path, schema=SCHEMA_V2, reducer=reducer_v2, version=2, clock=clock,
+                           upcasters={"fluxlite.restore": restore_v1_to_v2}) as store:
+            print_table(f"live items, version {store.version}", store.view.items.all(),
                         store.view.items.columns)
             with store.at(6) as past:
                 print_table("items at seq 6, rebuilt too", past.items.all(), past.items.columns)
