@@ -61,6 +61,7 @@ Map of this file, in dependency order:
    10. replay and the past: as-of views, rebuilds, comparing models
    11. middleware (authorize)
    12. open(), adopting an existing database
+   13. testing helpers: scenario (given / when / then)
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ __all__ = [
     "Rejected",
     "ReplayMismatch",
     "Revision",
+    "Scenario",
     "SchemaError",
     "StorageError",
     "Store",
@@ -91,6 +93,7 @@ __all__ = [
     "authorize",
     "combine",
     "open",
+    "scenario",
 ]
 
 import collections
@@ -105,7 +108,7 @@ import sqlite3
 import tempfile
 import threading
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import (
     Any,
     Callable,
@@ -497,7 +500,20 @@ def _connect(path: str, durability: str) -> sqlite3.Connection:
 
 @contextlib.contextmanager
 def _write_txn(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT; roll back on any exception, including in COMMIT."""
+    """BEGIN IMMEDIATE ... COMMIT; roll back on any exception, including in COMMIT.
+
+    Inside a transaction already open (a preview), it is a SAVEPOINT instead.
+    """
+    if conn.in_transaction:
+        conn.execute("SAVEPOINT fluxlite_nested")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK TO fluxlite_nested")
+            conn.execute("RELEASE fluxlite_nested")
+            raise
+        conn.execute("RELEASE fluxlite_nested")
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
@@ -1457,6 +1473,7 @@ class Store:
         self._notify_lock = threading.RLock()
         self._notifying = threading.local()
         self._frames = threading.local()  # per-thread stack of dispatch frames
+        self._previewing = 0
         self._chain: Callable[[Dict[str, Any]], Any] = _refuse_during_setup
 
     # -- properties ------------------------------------------------------------
@@ -1538,7 +1555,7 @@ class Store:
         action = _action_from(type, payload, meta, id, actor)
         self._check_dispatchable()
         frames = self._frame_stack()
-        frames.append((expect_seq, None))
+        frames.append(_Frame(expect_seq))
         try:
             result = self._chain(action)
         finally:
@@ -1564,7 +1581,7 @@ class Store:
         self._check_dispatchable()
         batch: List[Dict[str, Any]] = []
         frames = self._frame_stack()
-        frames.append((expect_seq, batch))
+        frames.append(_Frame(expect_seq, batch))
         try:
             for action in actions:
                 self._chain(action)
@@ -1574,7 +1591,86 @@ class Store:
         self._notify()
         return results
 
-    def _frame_stack(self) -> List[Tuple[Optional[int], Optional[List[Dict[str, Any]]]]]:
+    def preview(self, type: Union[str, Mapping[str, Any]], payload: Any = None, *,
+                meta: Optional[Mapping[str, Any]] = None, id: Optional[str] = None,
+                actor: Optional[str] = None, expect_seq: Optional[int] = None
+                ) -> Tuple[Event, List[Change]]:
+        """Dry run: what dispatch() would commit, as (event, changes); nothing is kept.
+
+        Middleware, access control and the reducer run inside a transaction
+        that is rolled back (events middleware dispatches included); no
+        subscriber is called and the head does not move. A refusal or error
+        is raised exactly as dispatch() would raise it.
+        """
+        action = _action_from(type, payload, meta, id, actor)
+        self._check_dispatchable()
+        frame = _Frame(expect_seq, preview=True)
+        with self._lock:
+            pending = len(self._pending)
+            self._previewing += 1
+            self._conn.execute("BEGIN IMMEDIATE")
+            frames = self._frame_stack()
+            frames.append(frame)
+            try:
+                event = self._chain(action)
+            finally:
+                frames.pop()
+                self._conn.execute("ROLLBACK")
+                self._previewing -= 1
+                while len(self._pending) > pending:
+                    self._pending.pop()
+        return event, frame.changes
+
+    def fork(self, path: Union[str, "os.PathLike[str]"] = ":memory:") -> "Store":
+        """An independent copy (log, read model, journal), made with SQLite's backup API.
+
+        ``path`` is ":memory:" or a new file. The copy has the same reducer,
+        middleware, upcasters, clock and ids.
+        """
+        path = os.fspath(path)
+        if path != ":memory:" and os.path.exists(path) and os.path.getsize(path):
+            raise UsageError(f"fork(path={path!r}) needs a new file; that one has content.")
+        conn = _connect(path, self._durability)
+        try:
+            with self._lock:
+                self._check_open()
+                self._conn.backup(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return _open_connection(conn, path, schema=None, reducer=self._reducer,
+                                middleware=self._middleware, durability=self._durability,
+                                version=None, upcasters=self._upcasters, adopt=False,
+                                clock=self._clock, ids=self._ids)
+
+    def checkpoint(self) -> _Checkpoint:
+        """Remember the whole store (in memory), to come back with reset_to()."""
+        copy = sqlite3.connect(":memory:", check_same_thread=False)
+        with self._lock:
+            self._check_open()
+            self._conn.backup(copy)
+            return _Checkpoint(copy, self.head)
+
+    def reset_to(self, checkpoint: _Checkpoint) -> None:
+        """Put the whole store back as it was at checkpoint() (log included).
+
+        For test suites: cheap rollback between tests of an on-disk store.
+        Other connections to the file see the reset too.
+        """
+        if not isinstance(checkpoint, _Checkpoint):
+            raise UsageError(
+                f"reset_to() takes what store.checkpoint() returned; received "
+                f"{_describe(checkpoint)}."
+            )
+        with self._lock:
+            self._check_open()
+            checkpoint.conn.backup(self._conn)
+            meta = _read_meta(self._conn)
+            self._schema, self._version = meta["schema"], meta.get("version")
+            self._load_tables(meta["tables"], meta.get("generation", 0))
+            self._pending.clear()
+
+    def _frame_stack(self) -> List["_Frame"]:
         stack = getattr(self._frames, "stack", None)
         if stack is None:
             stack = self._frames.stack = []
@@ -1596,11 +1692,14 @@ class Store:
 
     def _core_dispatch(self, action: Dict[str, Any]) -> Optional[Event]:
         """The innermost step of the middleware chain."""
-        expect_seq, batch = self._frame_stack()[-1]
-        if batch is not None:
-            batch.append(action)
+        frame = self._frame_stack()[-1]
+        if frame.batch is not None:
+            frame.batch.append(action)
             return None
-        return self._commit([action], expect_seq)[0]
+        event = self._commit([action], frame.expect_seq)[0]
+        if frame.preview:
+            frame.changes = next((c for e, c in reversed(self._pending) if e.seq == event.seq), [])
+        return event
 
     def _commit(self, actions: Sequence[Mapping[str, Any]],
                 expect_seq: Optional[int]) -> List[Event]:
@@ -1771,7 +1870,7 @@ class Store:
         return unsubscribe
 
     def _notify(self) -> None:
-        if getattr(self._notifying, "active", False):
+        if self._previewing or getattr(self._notifying, "active", False):
             return  # the outer loop in this thread delivers it, in order
         with self._notify_lock:
             self._notifying.active = True
@@ -2070,6 +2169,29 @@ def _change_from_journal(table: str, key: str, op: str, before: Optional[str],
 
 
 _MISSING = object()
+
+
+@dataclasses.dataclass
+class _Frame:
+    """What one dispatch call tells the core, past the middleware chain."""
+
+    expect_seq: Optional[int] = None
+    batch: Optional[List[Dict[str, Any]]] = None  # dispatch_many collects here
+    preview: bool = False
+    changes: List[Change] = dataclasses.field(default_factory=list)
+
+
+class _Checkpoint:
+    """A copy of a whole store in memory, from Store.checkpoint()."""
+
+    def __init__(self, conn: sqlite3.Connection, seq: int) -> None:
+        self.conn, self.seq = conn, seq
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __repr__(self) -> str:
+        return f"<fluxlite checkpoint at seq {self.seq}>"
 
 
 ###############################################################################
@@ -2479,3 +2601,176 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
         conn.close()
         raise
     return store
+
+
+###############################################################################
+# 13. Testing helpers: scenario (given / when / then)
+###############################################################################
+
+
+def _as_action(item: Any) -> Dict[str, Any]:
+    """An event for a scenario: a dict, a (type, payload) pair, or a bare type."""
+    if isinstance(item, Mapping):
+        return _action_from(item, None, None, None, None)
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        return _action_from(item[0], item[1], None, None, None)
+    if isinstance(item, str):
+        return _action_from(item, None, None, None, None)
+    raise UsageError(
+        f"A scenario event is a dict (type, payload, ...), a (type, payload) pair or a "
+        f"type string; received {_describe(item)}."
+    )
+
+
+def _as_change(item: Any) -> Change:
+    if isinstance(item, Change):
+        return item
+    if isinstance(item, Mapping):
+        return Change(item.get("op"), item.get("table"), item.get("key"),  # type: ignore[arg-type]
+                      item.get("values"))
+    raise UsageError(f"Expected changes are Change objects or dicts; received {_describe(item)}.")
+
+
+def _diff_changes(expected: List[Change], actual: List[Change]) -> List[str]:
+    """Op by op, field by field."""
+    lines = []
+    for number in range(max(len(expected), len(actual))):
+        want = expected[number] if number < len(expected) else None
+        got = actual[number] if number < len(actual) else None
+        if want == got:
+            continue
+        if want is None or got is None:
+            lines.append(f"  change {number + 1}: expected {want}, got {got}")
+            continue
+        lines.append(f"  change {number + 1} ({got.op} on {got.table!r} key {got.key!r}):")
+        for field in ("op", "table", "key"):
+            if getattr(want, field) != getattr(got, field):
+                lines.append(f"    {field}: expected {getattr(want, field)!r}, "
+                             f"got {getattr(got, field)!r}")
+        wv, gv = dict(want.values or {}), dict(got.values or {})
+        for column in sorted(set(wv) | set(gv)):
+            if wv.get(column, _MISSING) != gv.get(column, _MISSING):
+                show = lambda v: "(absent)" if v is _MISSING else repr(v)  # noqa: E731
+                lines.append(f"    values[{column!r}]: expected {show(wv.get(column, _MISSING))}, "
+                             f"got {show(gv.get(column, _MISSING))}")
+    return lines
+
+
+class Scenario:
+    """Given / when / then for reducers, on an in-memory store. See scenario()."""
+
+    def __init__(self, schema: str, reducer: Union[Reducer, Mapping[str, CollectionReducer]],
+                 *, upcasters: Optional[Mapping[str, Upcaster]] = None) -> None:
+        start = datetime(2000, 1, 1, tzinfo=timezone.utc)
+        ticks = iter(range(1, 1 << 62))
+        serial = iter(range(1, 1 << 62))
+        self._returned: List[Change] = []
+        root = combine(reducer) if isinstance(reducer, Mapping) else reducer
+
+        def recording(view: View, event: Event) -> Any:
+            out = root(view, event)
+            self._returned = _normalize_changes(out, event)
+            return out
+
+        self.store = open(":memory:", schema=schema, reducer=recording, upcasters=upcasters,
+                          clock=lambda: start + timedelta(seconds=next(ticks)),
+                          ids=lambda: f"event-{next(serial)}")
+        self._outcome: Optional[Tuple[Optional[Event], Optional[BaseException]]] = None
+
+    def given(self, *events: Any) -> "Scenario":
+        """Events that already happened; each must be accepted."""
+        for number, item in enumerate(events, 1):
+            try:
+                self.store.dispatch(_as_action(item))
+            except FluxliteError as exc:
+                raise AssertionError(
+                    f"given event {number} ({item!r}) was refused: {type(exc).__name__}: {exc}"
+                ) from exc
+        return self
+
+    def when(self, event: Any) -> "Scenario":
+        """The event under test; its outcome is checked by the then_* methods."""
+        self._returned = []
+        try:
+            self._outcome = (self.store.dispatch(_as_action(event)), None)
+        except FluxliteError as exc:
+            self._outcome = (None, exc)
+        return self
+
+    def _accepted(self) -> Event:
+        if self._outcome is None:
+            raise UsageError("Call when(event) before then(...).")
+        event, error = self._outcome
+        if error is not None:
+            raise AssertionError(
+                f"the event was refused: {type(error).__name__}: {error}"
+            ) from error
+        assert event is not None
+        return event
+
+    def then(self, *changes: Any) -> "Scenario":
+        """The reducer returned exactly these changes (Change objects or dicts), in order."""
+        self._accepted()
+        expected = [_as_change(c) for c in (changes[0] if len(changes) == 1 and isinstance(
+            changes[0], list) else changes)]
+        lines = _diff_changes(expected, self._returned)
+        if lines:
+            raise AssertionError("the reducer's changes differ from the expected ones:\n"
+                                 + "\n".join(lines))
+        return self
+
+    def then_rejected(self, match: Optional[str] = None) -> "Scenario":
+        """The event was refused with Rejected (whose message matches ``match``, a regex)."""
+        if self._outcome is None:
+            raise UsageError("Call when(event) before then_rejected().")
+        event, error = self._outcome
+        if not isinstance(error, Rejected):
+            got = f"{type(error).__name__}: {error}" if error else f"accepted as seq {event.seq}"  # type: ignore[union-attr]
+            raise AssertionError(f"expected the event to be rejected, but it was {got}")
+        if match is not None and not re.search(match, str(error)):
+            raise AssertionError(f"rejected with {str(error)!r}, which does not match {match!r}")
+        return self
+
+    def then_state(self, table: str, rows: Sequence[Mapping[str, Any]]) -> "Scenario":
+        """The table holds exactly these rows (in any order)."""
+        info = self.store._model.table(table, error=UsageError)
+        actual = {info.key_of(r): r for r in self.store.view[table].all()}
+        wanted = {info.key_of(r): dict(r) for r in rows}
+        lines = []
+        for key in sorted(set(actual) | set(wanted), key=repr):
+            a, w = actual.get(key), wanted.get(key)
+            if a == w:
+                continue
+            if a is None:
+                lines.append(f"  {key!r}: expected {w}, missing")
+            elif w is None:
+                lines.append(f"  {key!r}: unexpected row {a}")
+            else:
+                lines += [f"  {key!r}.{c}: expected {w.get(c)!r}, got {a.get(c)!r}"
+                          for c in sorted(set(a) | set(w)) if a.get(c) != w.get(c)]
+        if lines:
+            raise AssertionError(f"table {table!r} differs from the expected rows:\n"
+                                 + "\n".join(lines))
+        return self
+
+    def close(self) -> None:
+        """Close the scenario's in-memory store."""
+        self.store.close()
+
+    def __enter__(self) -> "Scenario":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def scenario(schema: str, reducer: Union[Reducer, Mapping[str, CollectionReducer]], *,
+             upcasters: Optional[Mapping[str, Upcaster]] = None) -> Scenario:
+    """Test a reducer without ceremony: ``scenario(schema, reducer).given(...).when(...).then(...)``.
+
+    Runs in memory with a deterministic clock and ids. ``then`` compares the
+    changes the reducer returned for the ``when`` event; ``then_state`` the
+    resulting rows; ``then_rejected`` a refusal. A failure raises
+    AssertionError with a readable diff, so it works in pytest and unittest.
+    """
+    return Scenario(schema, reducer, upcasters=upcasters)

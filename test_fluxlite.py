@@ -2062,3 +2062,188 @@ def test_examples_run_from_a_clean_checkout(tmp_path, example, expected):
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout and "Traceback" not in result.stdout
+
+
+# --- the testing toolkit: scenario, preview, fork, checkpoint -----------------------------
+
+
+def test_scenario_given_when_then_passes():
+    (fluxlite.scenario(SCHEMA, reducer)
+        .given(("addUser", {"name": "a"}))
+        .when({"type": "grantAccess", "payload": {"name": "a", "right": "admin"}})
+        .then(Change("update", "users", "a", {"role": "admin"}),
+              {"op": "upsert", "table": "rights", "key": None,
+               "values": {"user": "a", "right": "admin"}})
+        .then_state("users", [{"name": "a", "role": "admin", "logins": 0}])
+        .then_state("rights", [{"user": "a", "right": "admin"}]))
+    fluxlite.scenario(SCHEMA, reducer).when("noop").then()
+    with fluxlite.scenario(SCHEMA, reducer) as s:
+        s.given(("addUser", {"name": "a"})).when(("addUser", {"name": "a"}))
+        s.then_rejected(match="exists")
+
+
+def test_scenario_failure_shows_a_field_by_field_diff():
+    s = fluxlite.scenario(SCHEMA, reducer).given(("addUser", {"name": "a"}))
+    s.when(("grantAccess", {"name": "a", "right": "admin"}))
+    with pytest.raises(AssertionError) as info:
+        s.then(Change("update", "users", "a", {"role": "root"}),
+               Change("insert", "rights", None, {"user": "a", "right": "admin"}))
+    assert str(info.value) == (
+        "the reducer's changes differ from the expected ones:\n"
+        "  change 1 (update on 'users' key 'a'):\n"
+        "    values['role']: expected 'root', got 'admin'\n"
+        "  change 2 (upsert on 'rights' key None):\n"
+        "    op: expected 'insert', got 'upsert'")
+    with pytest.raises(AssertionError, match=r"change 3: expected Change\(op='delete'"):
+        s.then(Change("update", "users", "a", {"role": "admin"}),
+               Change("upsert", "rights", None, {"user": "a", "right": "admin"}),
+               Change("delete", "users", "b"))
+    with pytest.raises(AssertionError, match=r"'a'.role: expected None, got 'admin'"):
+        s.then_state("users", [{"name": "a", "role": None, "logins": 0}])
+    with pytest.raises(AssertionError, match=r"'b': expected .*, missing"):
+        s.then_state("users", [{"name": "a", "role": "admin", "logins": 0},
+                               {"name": "b", "role": None, "logins": 0}])
+    with pytest.raises(AssertionError, match="expected the event to be rejected, but it was accepted"):
+        s.then_rejected()
+
+
+def test_scenario_reports_refusals_clearly():
+    s = fluxlite.scenario(SCHEMA, reducer)
+    with pytest.raises(AssertionError, match=r"given event 2 .* was refused: Rejected"):
+        s.given(("addUser", {"name": "a"}), ("addUser", {"name": "a"}))
+    s.when(("login", {}))
+    with pytest.raises(AssertionError, match="was ReducerError"):
+        s.then_rejected()
+    with pytest.raises(AssertionError, match="the event was refused: ReducerError"):
+        s.then()
+    s.when(("addUser", {"name": "a"}))
+    with pytest.raises(AssertionError, match="does not match 'nope'"):
+        s.then_rejected(match="nope")
+    with pytest.raises(fluxlite.UsageError, match="when"):
+        fluxlite.scenario(SCHEMA, reducer).then()
+
+
+def test_scenario_works_in_unittest():
+    import unittest
+
+    class WhiteHouse(unittest.TestCase):
+        def test_grant_needs_a_user(self):
+            fluxlite.scenario(SCHEMA, reducer).when(
+                ("grantAccess", {"name": "x", "right": "y"})).then_rejected("no user")
+
+        def test_a_wrong_expectation_fails(self):
+            fluxlite.scenario(SCHEMA, reducer).when(("addUser", {"name": "x"})).then()
+
+    result = unittest.TestResult()
+    unittest.defaultTestLoader.loadTestsFromTestCase(WhiteHouse).run(result)
+    assert result.testsRun == 2 and not result.errors
+    assert [t.id().rsplit(".", 1)[1] for t, _ in result.failures] == ["test_a_wrong_expectation_fails"]
+
+
+def store_files(path):
+    return {p.name: p.read_bytes() for p in pathlib.Path(path).parent.iterdir()
+            if p.name.startswith(pathlib.Path(path).name)}
+
+
+def test_preview_runs_everything_and_keeps_nothing(tmp_path):
+    path = str(tmp_path / "p.db")
+    heard = []
+
+    def audit(store_):
+        def wrap(next_):
+            def log(event):
+                name = (event["payload"] or {}).get("name")
+                if event["type"] == "grantAccess" and name in store_.view.users:
+                    store_.dispatch("login", {"name": name})  # nested
+                return next_(event)
+            return log
+        return wrap
+
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer, middleware=[audit]) as store:
+        add(store, "a")
+        store.subscribe(lambda e, c: heard.append(e.seq))
+        store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        before = store_files(path)
+        event, changes = store.preview("grantAccess", {"name": "a", "right": "admin"}, actor="me")
+        assert (event.seq, event.type, event.actor) == (3, "grantAccess", "me")  # after the nested login
+        assert [c.to_dict() for c in changes] == [
+            {"op": "update", "table": "users", "key": "a", "values": {"role": "admin"}},
+            {"op": "insert", "table": "rights", "key": ["a", "admin"],
+             "values": {"user": "a", "right": "admin"}}]
+        assert store_files(path) == before  # byte for byte, WAL included
+        assert store.head == 1 and heard == [] and store.view.users.get("a")["logins"] == 0
+        with pytest.raises(fluxlite.Rejected, match="no user"):
+            store.preview("grantAccess", {"name": "zz", "right": "x"})
+        with pytest.raises(fluxlite.Conflict):
+            store.preview("addUser", {"name": "b"}, expect_seq=0)
+        assert store_files(path) == before
+        assert add(store, "b").seq == 2 and heard == [2]  # and the store goes on as usual
+
+
+def test_preview_applies_access_control():
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[
+            fluxlite.authorize({"addUser": lambda actor, e: actor == "admin"})]) as store:
+        with pytest.raises(fluxlite.Forbidden):
+            store.preview("addUser", {"name": "a"}, actor="guest")
+        assert store.preview("addUser", {"name": "a"}, actor="admin")[0].seq == 1
+        assert store.head == 0
+
+
+@pytest.mark.parametrize("into", ["memory", "file"])
+def test_fork_is_an_independent_copy(path, tmp_path, into):
+    target = ":memory:" if into == "memory" else str(tmp_path / "fork.db")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+        store.dispatch("removeUser", {"name": "a"})
+        with store.fork(target) as copy:
+            assert list(copy.events()) == list(store.events())
+            assert copy.history("users", "a") == store.history("users", "a")
+            add(copy, "forked")
+            add(store, "original")
+            assert [u["name"] for u in copy.view.users.all()] == ["forked"]
+            assert [u["name"] for u in store.view.users.all()] == ["original"]
+            copy.verify()
+        if into == "file":
+            assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+            with pytest.raises(fluxlite.UsageError, match="needs a new file"):
+                store.fork(target)
+
+
+def test_checkpoint_and_reset_between_tests(tmp_path):
+    path = str(tmp_path / "suite.db")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "prepared")
+        saved = store.checkpoint()
+        before = file_bytes(path)
+        for name in "xyz":
+            add(store, name)
+        store.dispatch("removeUser", {"name": "prepared"})
+        store.reset_to(saved)
+        assert file_bytes(path) == before
+        assert store.head == 1 and [u["name"] for u in store.view.users.all()] == ["prepared"]
+        other = fluxlite.open(path)  # another connection sees the reset too
+        assert other.head == 1
+        other.close()
+        assert add(store, "again").seq == 2
+        store.verify()
+        store.reset_to(saved)
+        assert store.head == 1
+        with pytest.raises(fluxlite.UsageError, match="checkpoint"):
+            store.reset_to("yesterday")
+        saved.close()
+
+
+def test_a_seeded_run_is_reproducible_byte_for_byte(tmp_path):
+    def run(name):
+        ticks = iter(range(1000))
+        serial = iter(range(1000))
+        path = tmp_path / name
+        with fluxlite.open(str(path), schema=SCHEMA, reducer=reducer,
+                           clock=lambda: datetime(2030, 1, 1, tzinfo=timezone.utc)
+                           + timedelta(seconds=next(ticks)),
+                           ids=lambda: f"e{next(serial)}") as store:
+            add(store, "a")
+            store.dispatch("grantAccess", {"name": "a", "right": "r"})
+            store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return store.query("SELECT * FROM events"), file_bytes(str(path))
+    assert run("one.db") == run("two.db")
