@@ -74,6 +74,7 @@ __all__ = [
     "Change",
     "ChangesetError",
     "Conflict",
+    "Consumer",
     "Event",
     "FluxliteError",
     "Forbidden",
@@ -104,9 +105,11 @@ import logging
 import math
 import os
 import re
+import socket
 import sqlite3
 import tempfile
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import (
@@ -114,6 +117,7 @@ from typing import (
     Callable,
     Deque,
     Dict,
+    AsyncIterator,
     Iterable,
     Iterator,
     List,
@@ -177,6 +181,13 @@ _LOG_DDL = (
     "CREATE INDEX fluxlite_journal_row ON fluxlite_journal (tbl, key, seq)",
     "CREATE TABLE fluxlite_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
 )
+# Durable consumers: a position and a lease per name (created on open if missing).
+_CONSUMERS_DDL = """CREATE TABLE IF NOT EXISTS fluxlite_consumers (
+    name TEXT PRIMARY KEY,
+    position INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    lease_until REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID"""
 
 _OPS = ("insert", "update", "upsert", "delete")
 _RESERVED_TABLE = re.compile(r"^(events|fluxlite_.*|sqlite_.*)$", re.IGNORECASE)
@@ -1474,6 +1485,10 @@ class Store:
         self._notifying = threading.local()
         self._frames = threading.local()  # per-thread stack of dispatch frames
         self._previewing = 0
+        self._committed = threading.Condition()  # followers wake on this store's commits
+        self._commit_count = 0
+        self._watcher: Optional[threading.Thread] = None
+        self._own_seqs: set = set()  # committed here, so the watcher skips them
         self._chain: Callable[[Dict[str, Any]], Any] = _refuse_during_setup
 
     # -- properties ------------------------------------------------------------
@@ -1524,7 +1539,12 @@ class Store:
     # -- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the connection. Safe to call twice."""
+        """Close the connection (and stop watch()). Safe to call twice."""
+        watcher, self._watcher = self._watcher, None
+        with self._committed:
+            self._committed.notify_all()
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join()
         with self._lock:
             if not self._closed:
                 self._closed = True
@@ -1696,24 +1716,24 @@ class Store:
         if frame.batch is not None:
             frame.batch.append(action)
             return None
-        event = self._commit([action], frame.expect_seq)[0]
+        event = self._commit([action], frame.expect_seq, frame.ack)[0]
         if frame.preview:
             frame.changes = next((c for e, c in reversed(self._pending) if e.seq == event.seq), [])
         return event
 
-    def _commit(self, actions: Sequence[Mapping[str, Any]],
-                expect_seq: Optional[int]) -> List[Event]:
+    def _commit(self, actions: Sequence[Mapping[str, Any]], expect_seq: Optional[int],
+                ack: Optional[Tuple[str, str, int]] = None) -> List[Event]:
         self._check_dispatchable()
-        return self._commit_prepared([_prepare(a, self._ids) for a in actions], expect_seq)
+        return self._commit_prepared([_prepare(a, self._ids) for a in actions], expect_seq, ack)
 
-    def _commit_prepared(self, prepared: List[_Prepared],
-                         expect_seq: Optional[int] = None) -> List[Event]:
+    def _commit_prepared(self, prepared: List[_Prepared], expect_seq: Optional[int] = None,
+                         ack: Optional[Tuple[str, str, int]] = None) -> List[Event]:
         results: List[Event] = []
         committed: List[Tuple[Event, List[Change]]] = []
         with self._lock:
             self._check_open()
             try:
-                self._write(prepared, expect_seq, results, committed)
+                self._write(prepared, expect_seq, results, committed, ack)
             except sqlite3.IntegrityError as exc:  # a deferred constraint, at COMMIT
                 raise ChangesetError(
                     f"The changes violate a deferred constraint checked at commit: "
@@ -1723,11 +1743,20 @@ class Store:
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, self._path) from exc
             self._pending.extend(committed)
+            if self._watcher is not None:
+                self._own_seqs.update(e.seq for e, _ in committed)
+        if committed:
+            with self._committed:
+                self._commit_count += 1
+                self._committed.notify_all()
         return results
 
     def _write(self, prepared: List[_Prepared], expect_seq: Optional[int],
-               results: List[Event], committed: List[Tuple[Event, List[Change]]]) -> None:
+               results: List[Event], committed: List[Tuple[Event, List[Change]]],
+               ack: Optional[Tuple[str, str, int]] = None) -> None:
         with _write_txn(self._conn):
+            if ack is not None:
+                _advance_consumer(self._conn, *ack)
             self._check_generation()
             row = self._conn.execute(
                 "SELECT seq, ts FROM events ORDER BY seq DESC LIMIT 1").fetchone()
@@ -1955,6 +1984,105 @@ class Store:
                 "ORDER BY n", (seq,)).fetchall()
         return [_change_from_journal(*row) for row in rows]
 
+    # -- live data: followers, watch, consumers, asyncio -----------------------
+
+    def follow(self, after: Optional[int] = None, *,
+               types: Union[None, str, Iterable[str]] = None,
+               timeout: Optional[float] = None) -> Iterator[Tuple[Event, List[Change]]]:
+        """A tail -f of the log: ``(event, changes)`` committed after ``after``, by anyone.
+
+        ``after`` defaults to the head now. Events come in seq order, without
+        gaps or repeats, from this or any other connection or process; then
+        the iterator waits for more. It ends after ``timeout`` seconds without
+        a new event (None: never), or when the store is closed. Idle, it costs
+        one ``PRAGMA data_version`` per poll, backing off to 20 ms.
+        """
+        start = self._check_seq(after, "after")
+        return self._follow(start, _type_filter(types), timeout)
+
+    def _follow(self, position: int, wanted: Optional[frozenset], timeout: Optional[float]
+                ) -> Iterator[Tuple[Event, List[Change]]]:
+        cursor = _FollowCursor(self, position, wanted)
+        while True:
+            batch = cursor.step(timeout if timeout is not None else 3600.0)
+            if batch is None:
+                return
+            if not batch and timeout is not None:
+                return
+            yield from batch
+
+    def watch(self) -> None:
+        """Also call this store's subscribers for events committed elsewhere.
+
+        Starts a background follower (stopped by close()) that delivers every
+        event another connection or process commits, once each, in order.
+        """
+        self._check_open()
+        with self._lock:
+            if self._watcher is not None:
+                return
+            cursor = _FollowCursor(self, self.head, None)
+            thread = threading.Thread(target=self._watch, args=(cursor,),
+                                      name=f"fluxlite-watch {self._path}", daemon=True)
+            self._watcher = thread
+        thread.start()
+
+    def _watch(self, cursor: "_FollowCursor") -> None:
+        while self._watcher is threading.current_thread():
+            try:
+                batch = cursor.step(0.2)
+            except FluxliteError:  # closed underneath us
+                return
+            if batch is None:
+                return
+            with self._lock:
+                for event, changes in batch:
+                    if event.seq in self._own_seqs:
+                        self._own_seqs.discard(event.seq)
+                    else:
+                        self._pending.append((event, changes))
+            self._notify()
+
+    def consumer(self, name: str, *, lease: float = 30.0) -> "Consumer":
+        """A durable consumer: a position kept in the file, advanced by ack().
+
+        Only one process holds a consumer name at a time (a lease in the
+        file, renewed on every read and ack; a holder that died on this
+        machine is taken over at once). Busy if another live holder has it.
+        """
+        return Consumer(self, name, lease)
+
+    async def adispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None,
+                        **kwargs: Any) -> Event:
+        """dispatch() for asyncio: runs in a worker thread, the event loop never blocks."""
+        import asyncio
+        import functools
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            None, functools.partial(self.dispatch, type, payload, **kwargs))
+
+    async def afollow(self, after: Optional[int] = None, *,
+                      types: Union[None, str, Iterable[str]] = None,
+                      timeout: Optional[float] = None
+                      ) -> "AsyncIterator[Tuple[Event, List[Change]]]":
+        """follow() for asyncio: ``async for event, changes in store.afollow():``."""
+        import asyncio
+        loop = asyncio.get_running_loop()
+        cursor = _FollowCursor(self, self._check_seq(after, "after"), _type_filter(types))
+        idle = 0.0
+        while True:
+            batch = await loop.run_in_executor(None, cursor.step, 0.05)  # short: cancellable
+            if batch is None:
+                return
+            if not batch:
+                idle += 0.05
+                if timeout is not None and idle >= timeout:
+                    return
+                continue
+            idle = 0.0
+            for item in batch:
+                yield item
+
     # -- verify and replay --------------------------------------------------
 
     def verify(self) -> None:
@@ -2178,6 +2306,7 @@ class _Frame:
     expect_seq: Optional[int] = None
     batch: Optional[List[Dict[str, Any]]] = None  # dispatch_many collects here
     preview: bool = False
+    ack: Optional[Tuple[str, str, int]] = None  # (consumer, owner, seq) acked in the same txn
     changes: List[Change] = dataclasses.field(default_factory=list)
 
 
@@ -2192,6 +2321,212 @@ class _Checkpoint:
 
     def __repr__(self) -> str:
         return f"<fluxlite checkpoint at seq {self.seq}>"
+
+
+class _FollowCursor:
+    """Where a follower is in the log, and how it waits cheaply for more."""
+
+    def __init__(self, store: Store, position: int, wanted: Optional[frozenset]) -> None:
+        self.store, self.position, self.wanted = store, position, wanted
+        self.version = -1
+        self.commits = -1
+
+    def step(self, wait: float) -> Optional[List[Tuple[Event, List[Change]]]]:
+        """New (event, changes) after the position, waiting up to ``wait`` seconds.
+
+        [] when nothing came in time; None when the store was closed.
+        """
+        store, delay = self.store, 0.001
+        deadline = time.monotonic() + wait
+        while True:
+            with store._committed:
+                commits = store._commit_count
+            with store._lock:
+                if store._closed:
+                    return None
+                version = store._conn.execute("PRAGMA data_version").fetchone()[0]
+                if (version, commits) != (self.version, self.commits):
+                    self.version, self.commits = version, commits
+                    batch = self._read(store)
+                    if batch:
+                        return batch
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            with store._committed:  # a commit here wakes us at once
+                if store._commit_count == commits and not store._closed:
+                    store._committed.wait(min(delay, remaining))
+            delay = min(delay * 2, 0.02)
+
+    def _read(self, store: Store) -> List[Tuple[Event, List[Change]]]:
+        rows = store._conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT 1000",
+            (self.position,)).fetchall()
+        batch = []
+        for row in rows:
+            self.position = row[0]
+            event = store._upcast(_event_from_row(row))
+            if self.wanted is None or event.type in self.wanted:
+                batch.append((event, store.changes(event.seq)))
+        if len(rows) == 1000 or (rows and not batch):  # more to read: look again at once
+            self.version = -1
+        return batch
+
+
+def _lease_owner() -> str:
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+def _holder_is_dead(owner: Optional[str]) -> bool:
+    """True if the owner ran on this machine and its process is gone."""
+    if not owner:
+        return True
+    host, _, rest = owner.partition("/")
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(rest.partition("/")[0]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, PermissionError):
+        return False
+    return False
+
+
+def _advance_consumer(conn: sqlite3.Connection, name: str, owner: str, seq: int) -> None:
+    """Move a consumer's position to seq, inside the caller's transaction."""
+    row = conn.execute("SELECT position, owner FROM fluxlite_consumers WHERE name = ?",
+                       (name,)).fetchone()
+    if row is None or row[1] != owner:
+        raise Conflict(
+            f"Consumer {name!r} lost its lease (now held by {row[1] if row else None!r}); "
+            f"nothing was acknowledged. Another worker took over; reopen the consumer."
+        )
+    if seq > row[0]:
+        conn.execute("UPDATE fluxlite_consumers SET position = ?, lease_until = ? WHERE name = ?",
+                     (seq, time.time() + _LEASE_RENEW, name))
+
+
+_LEASE_RENEW = 30.0
+
+
+class Consumer:
+    """A durable consumer of the log, from store.consumer(name).
+
+    Iterating yields ``(event, changes)`` after the acknowledged position, up
+    to the head (``follow()`` keeps waiting for more). Nothing advances until
+    ``ack(event)`` — or until a ``with`` block is left normally, which acks
+    every event yielded in it. Killed before an ack, a consumer gets the
+    unacknowledged events again: at-least-once. ``dispatch(..., ack=event)``
+    acknowledges in the dispatch's own transaction: exactly-once for work
+    that is itself an event in this store.
+    """
+
+    def __init__(self, store: Store, name: str, lease: float) -> None:
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"A consumer name is a non-empty str; received {_describe(name)}.")
+        self.store, self.name, self._lease = store, name, float(lease)
+        self._owner = _lease_owner()
+        self._yielded = 0
+        self.position = self._acquire()
+
+    def _acquire(self) -> int:
+        store = self.store
+        with store._lock:
+            store._check_open()
+            try:
+                with _write_txn(store._conn):
+                    row = store._conn.execute(
+                        "SELECT position, owner, lease_until FROM fluxlite_consumers "
+                        "WHERE name = ?", (self.name,)).fetchone()
+                    position, owner, until = row if row else (0, None, 0.0)
+                    if owner not in (None, self._owner) and until > time.time() \
+                            and not _holder_is_dead(owner):
+                        raise Busy(
+                            f"Consumer {self.name!r} is held by {owner} until its lease "
+                            f"ends in {until - time.time():.1f} s; one process at a time "
+                            f"may consume a name. Retry later, or use another name."
+                        )
+                    store._conn.execute(
+                        "INSERT OR REPLACE INTO fluxlite_consumers VALUES (?, ?, ?, ?)",
+                        (self.name, position, self._owner, time.time() + self._lease))
+            except sqlite3.OperationalError as exc:
+                raise _storage_error(exc, store._path) from exc
+        return position
+
+    def __iter__(self) -> Iterator[Tuple[Event, List[Change]]]:
+        return self._deliver(self.store._follow(self.position, None, 0))
+
+    def follow(self, timeout: Optional[float] = None) -> Iterator[Tuple[Event, List[Change]]]:
+        """Like iterating, then waiting for new events (see Store.follow)."""
+        return self._deliver(self.store._follow(self.position, None, timeout))
+
+    def _deliver(self, source: Iterator[Tuple[Event, List[Change]]]
+                 ) -> Iterator[Tuple[Event, List[Change]]]:
+        for event, changes in source:
+            if event.seq <= self._yielded:
+                continue
+            self._yielded = event.seq
+            yield event, changes
+
+    def ack(self, event: Union[Event, int]) -> None:
+        """Acknowledge everything up to this event (or seq): it will not come again."""
+        seq = event.seq if isinstance(event, Event) else event
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq > max(self._yielded, self.position):
+            raise UsageError(
+                f"ack() takes an event this consumer yielded (up to seq {self._yielded}); "
+                f"received {_describe(event)}."
+            )
+        store = self.store
+        with store._lock:
+            store._check_open()
+            try:
+                with _write_txn(store._conn):
+                    _advance_consumer(store._conn, self.name, self._owner, seq)
+            except sqlite3.OperationalError as exc:
+                raise _storage_error(exc, store._path) from exc
+        self.position = max(self.position, seq)
+
+    def dispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None, *,
+                 ack: Union[Event, int], **kwargs: Any) -> Event:
+        """Dispatch an event and acknowledge ``ack`` in the same transaction (exactly-once)."""
+        seq = ack.seq if isinstance(ack, Event) else ack
+        store = self.store
+        action = _action_from(type, payload, kwargs.pop("meta", None), kwargs.pop("id", None),
+                              kwargs.pop("actor", None))
+        store._check_dispatchable()
+        frames = store._frame_stack()
+        frames.append(_Frame(kwargs.pop("expect_seq", None), ack=(self.name, self._owner, seq)))
+        try:
+            if kwargs:
+                raise UsageError(f"Unknown dispatch argument(s): {sorted(kwargs)}.")
+            result = store._chain(action)
+        finally:
+            frames.pop()
+        store._notify()
+        self.position = max(self.position, seq)
+        return result
+
+    def close(self) -> None:
+        """Give up the lease so another process may take this consumer at once."""
+        store = self.store
+        with store._lock:
+            if store._closed:
+                return
+            with _write_txn(store._conn):
+                store._conn.execute(
+                    "UPDATE fluxlite_consumers SET owner = NULL, lease_until = 0 "
+                    "WHERE name = ? AND owner = ?", (self.name, self._owner))
+
+    def __enter__(self) -> "Consumer":
+        return self
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        try:
+            if kind is None and self._yielded > self.position:
+                self.ack(self._yielded)
+        finally:
+            self.close()
 
 
 ###############################################################################
@@ -2438,6 +2773,7 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
                 f"{user_version}; this is fluxlite {__version__}, format "
                 f"{FORMAT_VERSION}). Upgrade fluxlite to open it."
             )
+        conn.execute(_CONSUMERS_DDL)
         return _read_meta(conn)
     existing = names - {"sqlite_sequence"}
     if existing and not adopt:
@@ -2451,7 +2787,7 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
             f"{path!r} is a new store and needs a schema: pass schema= with the "
             f"CREATE TABLE statements of the read model."
         )
-    for statement in _LOG_DDL:
+    for statement in (*_LOG_DDL, _CONSUMERS_DDL):
         conn.execute(statement)
     tables = _adopt(conn, schema, existing, clock, ids) if existing else _create_schema(conn, schema)
     _write_meta(conn, format=FORMAT_VERSION, schema=schema, tables=tables, version=version,

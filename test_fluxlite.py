@@ -1157,7 +1157,10 @@ def model_apply(model, kind, payload):
     elif kind == "deposit":
         if acct["balance"] + payload["amount"] < 0:
             raise fluxlite.ChangesetError  # CHECK constraint
-        model[payload["id"]] = {**acct, "balance": acct["balance"] + payload["amount"]}
+        balance = acct["balance"] + payload["amount"]
+        if isinstance(balance, float) and balance.is_integer():
+            balance = int(balance)  # INTEGER affinity: SQLite stores 2.0 as 2
+        model[payload["id"]] = {**acct, "balance": balance}
     elif kind == "close":
         if acct["balance"]:
             raise fluxlite.Rejected
@@ -2247,3 +2250,281 @@ def test_a_seeded_run_is_reproducible_byte_for_byte(tmp_path):
             store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return store.query("SELECT * FROM events"), file_bytes(str(path))
     assert run("one.db") == run("two.db")
+
+
+# --- live data: follow, watch, consumers, asyncio -------------------------------------------
+
+FOLLOWER = r"""
+import sys, json
+sys.path.insert(0, sys.argv[2])
+import fluxlite
+store = fluxlite.open(sys.argv[1])
+print("ready", flush=True)
+seen = [(e.seq, e.type, [c.to_dict() for c in changes])
+        for e, changes in store.follow(after=0, timeout=float(sys.argv[3]))]
+print(json.dumps(seen), flush=True)
+"""
+
+ITEM_WRITER = r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+import fluxlite
+from test_fluxlite import items_reducer
+store = fluxlite.open(sys.argv[1], reducer=items_reducer)
+for n in range(int(sys.argv[4])):
+    store.dispatch("put", {"id": "%s-%d" % (sys.argv[3], n % 5), "n": n})
+"""
+
+
+def test_follow_sees_every_event_of_two_writer_processes_once_in_order(tmp_path):
+    path = str(tmp_path / "live.db")
+    fluxlite.open(path, schema=ITEMS, reducer=items_reducer).close()
+    follower = subprocess.Popen([sys.executable, "-c", FOLLOWER, path, str(ROOT), "2"],
+                                stdout=subprocess.PIPE, text=True)
+    assert follower.stdout.readline().strip() == "ready"
+    writers = [subprocess.Popen([sys.executable, "-c", ITEM_WRITER, path, str(ROOT), name, "150"])
+               for name in ("w1", "w2")]
+    for w in writers:
+        assert w.wait(timeout=60) == 0
+    seen = json.loads(follower.communicate(timeout=60)[0].strip())
+    assert [s[0] for s in seen] == list(range(1, 301))
+    with fluxlite.open(path) as store:  # the same (event, changes) as in-process subscribers
+        assert seen[17][2] == [c.to_dict() for c in store.changes(18)]
+        assert [e.type for e in store.events()] == [s[1] for s in seen]
+
+
+def test_follow_in_process_types_timeout_and_close(store):
+    got = []
+
+    def follow():
+        got.extend((e.seq, e.type) for e, _ in store.follow(types="grantAccess", timeout=1.0))
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    time.sleep(0.1)
+    add(store, "a")
+    store.dispatch("grantAccess", {"name": "a", "right": "x"})
+    thread.join(5)
+    assert got == [(2, "grantAccess")]
+    assert [e.seq for e, _ in store.follow(after=0, timeout=0)] == [1, 2]
+    store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{n}"}} for n in range(1500)])
+    assert len(list(store.follow(after=0, timeout=0))) == 1502  # past one page of 1000
+    ended = []
+    t = threading.Thread(target=lambda: ended.extend(store.follow()))
+    t.start()
+    time.sleep(0.1)
+    store.close()
+    t.join(5)
+    assert not t.is_alive() and ended == []
+
+
+def test_an_idle_follower_costs_next_to_nothing(tmp_path):
+    path = str(tmp_path / "idle.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        # CPU of this thread only, while it waits 2 s for events that do not come
+        start_cpu, start = time.thread_time(), time.monotonic()
+        assert list(store.follow(timeout=2.0)) == []
+        cpu, wall = time.thread_time() - start_cpu, time.monotonic() - start
+    assert wall >= 1.9 and cpu / wall < 0.02, (cpu, wall)
+
+
+def test_follow_latency_from_another_process(tmp_path):
+    path = str(tmp_path / "lat.db")
+    fluxlite.open(path, schema=ITEMS, reducer=items_reducer).close()
+    writer = r"""
+import sys, time
+sys.path.insert(0, sys.argv[2])
+import fluxlite
+from test_fluxlite import items_reducer
+store = fluxlite.open(sys.argv[1], reducer=items_reducer, durability="normal")
+for n in range(20):
+    time.sleep(0.05)
+    store.dispatch("put", {"id": "x", "n": n}, meta={"sent": time.time()})
+"""
+    with fluxlite.open(path, reducer=items_reducer) as store:
+        proc = subprocess.Popen([sys.executable, "-c", writer, path, str(ROOT)])
+        delays = [time.time() - e.meta["sent"] for e, _ in store.follow(timeout=1.5)]
+        proc.wait(10)
+    delays.sort()
+    assert len(delays) == 20 and delays[10] < 0.05, delays
+
+
+def test_watch_calls_subscribers_for_events_from_elsewhere(tmp_path):
+    path = str(tmp_path / "watch.db")
+    heard = []
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store, \
+            fluxlite.open(path, reducer=items_reducer) as other:
+        store.subscribe(lambda e, c: heard.append((e.seq, [x.op for x in c])))
+        store.watch()
+        store.watch()  # once is enough
+        store.dispatch("put", {"id": "mine", "n": 1})
+        other.dispatch("put", {"id": "theirs", "n": 2})
+        other.dispatch("drop", {"id": "theirs"})
+        store.dispatch("put", {"id": "mine", "n": 3})
+        deadline = time.time() + 5
+        while len(heard) < 4 and time.time() < deadline:
+            time.sleep(0.01)
+        watcher = store._watcher
+    assert sorted(heard) == [(1, ["insert"]), (2, ["insert"]), (3, ["delete"]), (4, ["update"])]
+    assert [s for s, _ in heard if s in (2, 3)] == [2, 3]  # foreign events in order
+    assert not watcher.is_alive()  # close() stopped it
+
+
+def test_consumer_acks_and_resumes(tmp_path):
+    path = str(tmp_path / "c.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        for n in range(5):
+            store.dispatch("put", {"id": f"i{n}", "n": n})
+        consumer = store.consumer("mailer")
+        got = [e.seq for e, _ in consumer]
+        assert got == [1, 2, 3, 4, 5]
+        consumer.ack(3)
+        consumer.close()
+        with store.consumer("mailer") as again:  # unacked 4 and 5 come again
+            assert [e.seq for e, _ in again] == [4, 5]
+        with store.consumer("mailer") as third:  # the with block acked them
+            assert list(third) == []
+            store.dispatch("put", {"id": "late", "n": 9})
+            assert [e.seq for e, _ in third] == [6]
+            with pytest.raises(fluxlite.UsageError, match="yielded"):
+                third.ack(7)
+        store.dispatch("put", {"id": "later", "n": 10})  # seq 7
+        with pytest.raises(RuntimeError):
+            with store.consumer("mailer") as c:
+                assert c.position == 6
+                next(iter(c))
+                raise RuntimeError("work failed")  # leaving with an error acks nothing
+        with store.consumer("mailer") as c:
+            assert [e.seq for e, _ in c] == [7]
+        with store.consumer("other") as fresh:  # another name has its own position
+            assert fresh.position == 0
+
+
+def test_consumer_lease_keeps_a_second_holder_out(tmp_path):
+    path = str(tmp_path / "c.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store, \
+            fluxlite.open(path, reducer=items_reducer) as elsewhere:
+        first = store.consumer("indexer")
+        with pytest.raises(fluxlite.Busy, match="held by"):
+            elsewhere.consumer("indexer")
+        first.close()
+        second = elsewhere.consumer("indexer")
+        store.dispatch("put", {"id": "a", "n": 1})
+        assert [e.seq for e, _ in second] == [1]
+        with pytest.raises(fluxlite.Conflict, match="lost its lease"):
+            # pretend the lease was taken over while we worked
+            store._conn.execute("UPDATE fluxlite_consumers SET owner = 'x' WHERE name = 'indexer'")
+            second.ack(1)
+
+
+def test_exactly_once_by_acking_in_the_dispatch_transaction(tmp_path):
+    schema = ITEMS + "CREATE TABLE totals (id TEXT PRIMARY KEY, n INTEGER NOT NULL);"
+
+    def r(view, event):
+        if event.type == "total":
+            return view.totals.upsert(id="all", n=event.payload["n"])
+        return items_reducer(view, event)
+
+    with fluxlite.open(str(tmp_path / "x.db"), schema=schema, reducer=r) as store:
+        for n in range(3):
+            store.dispatch("put", {"id": f"i{n}", "n": n})
+        with store.consumer("summer") as c:
+            for event, _ in c:
+                if event.type == "put":
+                    total = store.view.totals.get("all")
+                    c.dispatch("total", {"n": (total["n"] if total else 0) + event.payload["n"]},
+                               ack=event)
+        assert store.view.totals.get("all")["n"] == 3
+        assert store.query("SELECT position FROM fluxlite_consumers WHERE name = 'summer'") == [
+            {"position": 6}]
+        assert [e.type for e in store.events()].count("total") == 3
+        with store.consumer("summer") as c:  # its own totals were read and acked too
+            assert list(c) == []
+
+
+CONSUMER = r"""
+import sys, os, time, json
+sys.path.insert(0, sys.argv[2])
+import fluxlite
+store = fluxlite.open(sys.argv[1])
+mode = sys.argv[3]
+deadline = time.time() + 8
+while time.time() < deadline:
+    try:
+        consumer = store.consumer("worker", lease=5)
+    except fluxlite.Busy:
+        time.sleep(0.02)
+        continue
+    with consumer:
+        for event, _ in consumer.follow(timeout=0.3):
+            print(event.seq, flush=True)      # "handled"
+            if mode == "crash" and event.seq == 7:
+                os.kill(os.getpid(), 9)        # killed mid-batch, before any ack
+            if mode == "slow":
+                time.sleep(0.005)
+            consumer.ack(event)
+    if mode != "compete":
+        break
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_consumer_gets_the_unacknowledged_tail_again(tmp_path):
+    path = str(tmp_path / "k.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch_many([{"type": "put", "payload": {"id": f"i{n}", "n": n}}
+                             for n in range(10)])
+    first = subprocess.run([sys.executable, "-c", CONSUMER, path, str(ROOT), "crash"],
+                           capture_output=True, text=True, timeout=30)
+    assert first.returncode == -9 and first.stdout.split() == [str(n) for n in range(1, 8)]
+    second = subprocess.run([sys.executable, "-c", CONSUMER, path, str(ROOT), "once"],
+                            capture_output=True, text=True, timeout=30)
+    assert second.stdout.split() == [str(n) for n in range(7, 11)]  # 7 again: at-least-once
+
+
+@pytest.mark.slow
+def test_two_competing_consumer_processes_never_both_handle_an_event(tmp_path):
+    path = str(tmp_path / "compete.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        procs = [subprocess.Popen([sys.executable, "-c", CONSUMER, path, str(ROOT), "slow"],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        for n in range(200):
+            store.dispatch("put", {"id": f"i{n % 9}", "n": n})
+            time.sleep(0.002)
+        outputs = [p.communicate(timeout=60)[0].split() for p in procs]
+    handled = [int(s) for out in outputs for s in out]
+    assert sorted(handled) == sorted(set(handled))  # never twice
+    assert set(handled) <= set(range(1, 201))
+
+
+def test_asyncio_dispatch_and_follow_do_not_block_the_loop(tmp_path):
+    import asyncio
+
+    async def main(store):
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        tick_task = asyncio.ensure_future(ticker())
+        seen = []
+
+        async def follow():
+            async for event, changes in store.afollow(after=0, timeout=0.5):
+                seen.append((event.seq, changes[0].op))
+
+        follower = asyncio.ensure_future(follow())
+        for n in range(5):
+            event = await store.adispatch("put", {"id": "a", "n": n})
+            assert event.seq == n + 1
+        await follower
+        tick_task.cancel()
+        return seen, ticks
+
+    with fluxlite.open(str(tmp_path / "a.db"), schema=ITEMS, reducer=items_reducer) as store:
+        seen, ticks = asyncio.run(main(store))
+    assert seen == [(1, "insert"), (2, "update"), (3, "update"), (4, "update"), (5, "update")]
+    assert ticks >= 50  # the loop kept running while follow waited

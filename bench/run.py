@@ -226,19 +226,20 @@ def verify_memory(b, sizes, limit_mb=20):
     for n in sizes:
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--verify-mem",
                               b.store_with(n)], check=True, capture_output=True, text=True).stdout
-        growth[n] = json.loads(out)["rss_growth_mb"]
-        print(f"  verify() peak RSS growth at {n:,} events: {growth[n]:.1f} MB", flush=True)
-    for n in sizes:
-        b.rows.append((f"verify() peak RSS growth ({n:,} events)", f"{growth[n]:.1f} MB",
+        before, peak = json.loads(out)
+        growth[n] = peak - before
+        b.rows.append((f"verify() peak RSS growth ({n:,} events)",
+                       f"{growth[n]:+.1f} MB (RSS {before:.0f} -> peak {peak:.0f} MB)",
                        "", "", "", None))
+        print(f"  {b.rows[-1][0]}: {b.rows[-1][1]}", flush=True)
     small, large = min(sizes), max(sizes)
     spread = growth[large] - growth[small]
     b.rows.append((f"verify() memory, {large:,} minus {small:,} events", f"{spread:+.1f} MB",
-                   "", "", f"<= {limit_mb} MB", abs(spread) <= limit_mb))
+                   "", "", f"within {limit_mb} MB", abs(spread) <= limit_mb))
 
 
 def measure_verify_memory(path):
-    """Child process: peak RSS during verify() minus RSS just before it, in MB.
+    """Child process: print [RSS just before verify(), peak RSS during it] in MB.
 
     Linux: VmHWM/VmRSS from /proc/self/status, the peak reset first through
     clear_refs (ru_maxrss is no good here: after exec it can still report the
@@ -260,7 +261,7 @@ def measure_verify_memory(path):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
             store.verify()
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    print(json.dumps({"rss_growth_mb": (peak - before) / 2**20}))
+    print(json.dumps([before / 2**20, peak / 2**20]))
 
 
 # -- main ----------------------------------------------------------------------
