@@ -62,6 +62,7 @@ Map of this file, in dependency order:
    11. middleware (authorize)
    12. open(), adopting an existing database
    13. testing helpers: scenario (given / when / then)
+   14. the command line (python -m fluxlite, or the `fluxlite` script)
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ __version__ = "0.1.0"
 __license__ = "MIT"
 
 __all__ = [
+    "App",
     "Busy",
     "Change",
     "ChangesetError",
@@ -93,6 +95,7 @@ __all__ = [
     "View",
     "authorize",
     "combine",
+    "main",
     "open",
     "scenario",
 ]
@@ -110,6 +113,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import (
@@ -479,8 +483,10 @@ def _check_value(value: Any, table: str, column: str) -> None:
 ###############################################################################
 
 
-def _connect(path: str, durability: str) -> sqlite3.Connection:
+def _connect(path: str, durability: str, readonly: bool = False) -> sqlite3.Connection:
     """The one place a connection is made, with the pragmas fluxlite relies on."""
+    if readonly:
+        return _connect_readonly(path)
     if path not in (":memory:", "") and not os.path.exists(path):
         # Created here so the file is private to its owner (0600) from the start.
         with contextlib.suppress(FileExistsError):  # another process was first: fine
@@ -506,6 +512,23 @@ def _connect(path: str, durability: str) -> sqlite3.Connection:
     except BaseException:
         conn.close()
         raise
+    return conn
+
+
+def _connect_readonly(path: str) -> sqlite3.Connection:
+    """A connection that cannot write (SQLite's mode=ro), for inspecting a file."""
+    if path == ":memory:" or not os.path.isfile(path):
+        raise UsageError(f"No such store file: {path!r}. Check the path.")
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout={DEFAULT_PRAGMAS['busy_timeout']}")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise SchemaError(
+            f"{path!r} is not a SQLite database ({exc}); fluxlite stores are SQLite files."
+        ) from exc
     return conn
 
 
@@ -1485,6 +1508,7 @@ class Store:
         self._notifying = threading.local()
         self._frames = threading.local()  # per-thread stack of dispatch frames
         self._previewing = 0
+        self._readonly_file = False
         self._committed = threading.Condition()  # followers wake on this store's commits
         self._commit_count = 0
         self._watcher: Optional[threading.Thread] = None
@@ -1515,8 +1539,8 @@ class Store:
 
     @property
     def readonly(self) -> bool:
-        """True when the store was opened without a reducer: no dispatching."""
-        return self._reducer is None
+        """True when the store cannot dispatch: opened without a reducer, or readonly=True."""
+        return self._reducer is None or self._readonly_file
 
     @property
     def view(self) -> View:
@@ -1698,10 +1722,11 @@ class Store:
 
     def _check_dispatchable(self) -> None:
         self._check_open()
-        if self._reducer is None:
+        if self._reducer is None or self._readonly_file:
             raise UsageError(
-                f"The store {self._path!r} was opened for reading only (no reducer); "
-                f"pass reducer= to fluxlite.open() to dispatch."
+                f"The store {self._path!r} was opened for reading only ("
+                + ("readonly=True" if self._readonly_file else "no reducer")
+                + "); open it with a reducer and without readonly=True to dispatch."
             )
         if self._reducing_thread == threading.get_ident():
             raise UsageError(
@@ -2085,17 +2110,18 @@ class Store:
 
     # -- verify and replay --------------------------------------------------
 
-    def verify(self) -> None:
+    def verify(self, *, progress: Optional[Callable[[int], None]] = None) -> None:
         """Replay the whole log into a fresh read model; ReplayMismatch unless equal.
 
         Replays into a temporary on-disk database, so memory stays flat in the
-        size of the log.
+        size of the log. ``progress(seq)`` is called every 1,000 events.
         """
         reducer = self._require_reducer("verify()")
         with self._lock, _read_txn(self._conn):  # one snapshot: the log and the tables
             replica = _scratch_model(self._schema, "", journal=False)
             try:
-                _apply_events(replica, reducer, self._read_log(), journal=False)
+                _apply_events(replica, reducer, self._read_log(), journal=False,
+                              progress=progress)
                 problems = _compare(self._model, replica)
             finally:
                 replica.conn.close()
@@ -2140,7 +2166,7 @@ class Store:
             raise
         return target
 
-    def rebuild(self) -> None:
+    def rebuild(self, *, progress: Optional[Callable[[int], None]] = None) -> None:
         """Rebuild the read model by replaying the whole log with the current code.
 
         The replay runs into a separate database; the new tables and journal
@@ -2149,7 +2175,7 @@ class Store:
         swap. If any event fails, nothing changes and the error names it.
         """
         self._require_reducer("rebuild()")
-        _rebuild(self, self._schema, self._version)
+        _rebuild(self, self._schema, self._version, progress)
 
     def _require_reducer(self, what: str) -> Reducer:
         self._check_open()
@@ -2551,7 +2577,7 @@ def _scratch_model(schema: str, path: str, journal: bool) -> _Model:
 
 
 def _apply_events(model: _Model, reducer: Reducer, events: Iterable[Event],
-                  journal: bool) -> int:
+                  journal: bool, progress: Optional[Callable[[int], None]] = None) -> int:
     """Reduce and apply events in one transaction; return the last seq applied."""
     view, rows, last = View(model), [], 0
     insert = "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -2566,6 +2592,8 @@ def _apply_events(model: _Model, reducer: Reducer, events: Iterable[Event],
                 raise type(exc)(f"{exc} (while replaying event {event.seq}, "
                                 f"{event.type!r}, id {event.id!r})") from exc
             last = event.seq
+            if progress is not None and not last % 1000:
+                progress(last)
             if len(rows) >= 4096:
                 model.conn.executemany(insert, rows)
                 rows.clear()
@@ -2601,7 +2629,8 @@ def _as_of(store: Store, seq: int) -> View:
     return View(model, seq=seq, owned=True)
 
 
-def _rebuild(store: Store, schema: str, version: Any) -> None:
+def _rebuild(store: Store, schema: str, version: Any,
+             progress: Optional[Callable[[int], None]] = None) -> None:
     """Replay the log into a separate file, then swap tables and journal in one transaction."""
     reducer = store._reducer
     assert reducer is not None
@@ -2614,7 +2643,8 @@ def _rebuild(store: Store, schema: str, version: Any) -> None:
         try:
             with store._lock:
                 with _read_txn(conn):  # the bulk of the log, in one snapshot
-                    done = _apply_events(model, reducer, store._read_log(), journal=True)
+                    done = _apply_events(model, reducer, store._read_log(), journal=True,
+                                         progress=progress)
                 with _write_txn(conn):  # other writers wait from here on
                     _apply_events(model, reducer, store._read_log(done), journal=True)
                     generation = _swap_model(conn, schema, version, model)
@@ -2760,6 +2790,15 @@ def _write_meta(conn: sqlite3.Connection, **items: Any) -> None:
                      [(k, _dumps(v)) for k, v in items.items()])
 
 
+def _read_existing_meta(conn: sqlite3.Connection, path: str) -> Dict[str, Any]:
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "fluxlite_meta" not in names:
+        raise SchemaError(f"{path!r} is not a fluxlite store (it has no fluxlite log).")
+    if conn.execute("PRAGMA user_version").fetchone()[0] > FORMAT_VERSION:
+        raise SchemaError(f"{path!r} was written by a newer fluxlite; upgrade fluxlite to read it.")
+    return _read_meta(conn)
+
+
 def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], version: Any,
                 adopt: bool, clock: Callable[[], datetime], ids: Callable[[], str]
                 ) -> Dict[str, Any]:
@@ -2845,12 +2884,33 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
     return declared
 
 
+@dataclasses.dataclass(frozen=True)
+class App:
+    """An application's store, described once: schema, reducer, middleware, version, upcasters.
+
+    The one way to describe an application, to Python (``fluxlite.open(path,
+    app=APP)`` or ``APP.open(path)``) and to the command line (``--app
+    myapp:APP``).
+    """
+
+    schema: str
+    reducer: Union[Reducer, Mapping[str, CollectionReducer]]
+    middleware: Sequence[Middleware] = ()
+    version: Any = None
+    upcasters: Optional[Mapping[str, Upcaster]] = None
+
+    def open(self, path: Union[str, "os.PathLike[str]"], **options: Any) -> "Store":
+        """fluxlite.open(path, app=self, **options)."""
+        return open(path, app=self, **options)
+
+
 def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
          reducer: Union[None, Reducer, Mapping[str, CollectionReducer]] = None,
          middleware: Sequence[Middleware] = (), durability: str = "full",
          version: Any = None, upcasters: Optional[Mapping[str, Upcaster]] = None,
          adopt: bool = False, clock: Optional[Callable[[], datetime]] = None,
-         ids: Optional[Callable[[], str]] = None) -> Store:
+         ids: Optional[Callable[[], str]] = None, app: Optional[App] = None,
+         readonly: bool = False) -> Store:
     """Open (or create) a store.
 
     ``path`` is a file path or ":memory:". A missing or empty file becomes a
@@ -2871,7 +2931,20 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
     takes over an existing SQLite database: its tables named in the schema
     keep their rows, recorded as ``fluxlite.baseline`` events. ``clock`` and
     ``ids`` replace the time and id sources (for reproducible tests).
+
+    ``app`` (an App) gives schema, reducer, middleware, version and upcasters
+    in one object. ``readonly=True`` opens an existing file through a
+    connection that cannot write (for inspection, also while others write).
     """
+    if app is not None:
+        if not isinstance(app, App):
+            raise UsageError(f"app must be a fluxlite.App; received {_describe(app)}.")
+        given = [n for n, v in (("schema", schema), ("reducer", reducer), ("version", version),
+                                ("upcasters", upcasters), ("middleware", middleware)) if v]
+        if given:
+            raise UsageError(f"Pass either app= or {', '.join(given)}, not both.")
+        schema, reducer, middleware = app.schema, app.reducer, app.middleware
+        version, upcasters = app.version, app.upcasters
     path = os.fspath(path)
     if not isinstance(path, str):
         raise UsageError(f"path must be a str path or ':memory:'; received {_describe(path)}.")
@@ -2892,21 +2965,26 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
         )
     _to_json_text(version, "version")
     _make_upcaster(upcasters)  # validates the dict early
-    conn = _connect(path, durability)
+    conn = _connect(path, durability, readonly)
     return _open_connection(conn, path, schema=schema, reducer=reducer, middleware=middleware,
                             durability=durability, version=version, upcasters=upcasters,
-                            adopt=adopt, clock=clock or _utc_now, ids=ids or _new_id)
+                            adopt=adopt, clock=clock or _utc_now, ids=ids or _new_id,
+                            readonly=readonly)
 
 
 def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[str],
                      reducer: Optional[Reducer], middleware: Sequence[Middleware],
                      durability: str, version: Any, upcasters: Optional[Mapping[str, Upcaster]],
-                     adopt: bool, clock: Callable[[], datetime], ids: Callable[[], str]) -> Store:
+                     adopt: bool, clock: Callable[[], datetime], ids: Callable[[], str],
+                     readonly: bool = False) -> Store:
     """The rest of open(), on a connection already made (also used by fork)."""
     try:
         try:
-            with _write_txn(conn):
-                meta = _initialise(conn, path, schema, version, adopt, clock, ids)
+            with (_read_txn(conn) if readonly else _write_txn(conn)):
+                if readonly:
+                    meta = _read_existing_meta(conn, path)
+                else:
+                    meta = _initialise(conn, path, schema, version, adopt, clock, ids)
                 tables = {n: _read_table_info(conn, n) for n in meta["tables"]}
         except sqlite3.DatabaseError as exc:
             raise SchemaError(
@@ -2916,10 +2994,16 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                       clock=clock, ids=ids, version=meta.get("version"),
                       generation=meta.get("generation", 0), upcasters=upcasters,
                       middleware=middleware)
+        store._readonly_file = readonly
         new_schema = meta["schema"] if schema is None else schema
         changed_schema = _normalize_schema(new_schema) != _normalize_schema(meta["schema"])
         new_version = meta.get("version") if version is None else version
         if changed_schema or new_version != meta.get("version"):
+            if readonly:
+                raise SchemaError(
+                    f"The schema or version passed to open() differs from {path!r}'s, and "
+                    f"a read-only store cannot be rebuilt; open it writable to rebuild."
+                )
             if reducer is None:
                 raise SchemaError(
                     f"The schema or version passed to open() differs from {path!r}'s; "
@@ -3110,3 +3194,584 @@ def scenario(schema: str, reducer: Union[Reducer, Mapping[str, CollectionReducer
     AssertionError with a readable diff, so it works in pytest and unittest.
     """
     return Scenario(schema, reducer, upcasters=upcasters)
+
+
+###############################################################################
+# 14. The command line: python -m fluxlite …, or the `fluxlite` script
+###############################################################################
+
+
+class _CliError(Exception):
+    """A user error on the command line: one line on stderr, exit 1."""
+
+
+def _load_app(spec: Optional[str]) -> App:
+    """MODULE:ATTR names a fluxlite.App (the current directory is importable)."""
+    import importlib
+    import sys
+    if not spec:
+        raise _CliError("this command needs --app MODULE:ATTR naming a fluxlite.App")
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise _CliError(f"--app {spec!r} is not MODULE:ATTR (for example myapp:APP)")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise _CliError(f"--app {spec!r}: cannot import {module_name!r}: "
+                        f"{type(exc).__name__}: {exc}") from None
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        raise _CliError(f"--app {spec!r}: {module_name}.{attr} is {_describe(app)}, not a "
+                        f"fluxlite.App(schema=..., reducer=...)")
+    return app
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise _CliError(f"{text!r} is not an ISO-8601 time (e.g. 2026-01-31T12:00:00Z)") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _CliError(f"{what} is not valid JSON ({exc}): {text[:80]!r}") from None
+
+
+def _short(value: Any, width: int = 48) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _print_rows(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None,
+                out: Any = None) -> None:
+    import sys
+    out = out or sys.stdout
+    columns = list(columns or (rows[0].keys() if rows else []))
+    cells = [[("" if r.get(c) is None else _short(r.get(c), 60)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    line = "  ".join("{:<%d}" % w for w in widths)
+    print(line.format(*columns).rstrip(), file=out)
+    print(line.format(*["-" * w for w in widths]).rstrip(), file=out)
+    for row in cells:
+        print(line.format(*row).rstrip(), file=out)
+
+
+def _progress(label: str, total: int) -> Optional[Callable[[int], None]]:
+    """A progress bar on stderr, only when stderr is a terminal."""
+    import sys
+    if not sys.stderr.isatty() or total <= 0:
+        return None
+
+    def show(done: int) -> None:
+        filled = int(30 * min(done, total) / total)
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def _event_line(row: Mapping[str, Any]) -> Dict[str, Any]:
+    meta = json.loads(row["meta"]) if row["meta"] else {}
+    payload = json.loads(row["payload"]) if row["payload"] is not None else None
+    return {"seq": row["seq"], "time": row["ts"][:19] + "Z", "type": row["type"],
+            "id": row["id"], "actor": meta.get("actor", ""), "payload": payload}
+
+
+def _raw_event(row: Mapping[str, Any]) -> Dict[str, Any]:
+    """An event exactly as logged (no upcasting): the export format."""
+    return {"seq": row["seq"], "id": row["id"], "type": row["type"],
+            "payload": json.loads(row["payload"]) if row["payload"] is not None else None,
+            "meta": json.loads(row["meta"]) if row["meta"] else {}, "ts": row["ts"]}
+
+
+def _cmd_info(args: Any) -> int:
+    with open(args.db, readonly=True) as store:
+        q = store.query
+        head = store.head
+        first_last = q("SELECT min(ts) AS first, max(ts) AS last FROM events")[0]
+        info = {
+            "file": os.path.abspath(args.db),
+            "size_bytes": sum(os.path.getsize(args.db + s) for s in ("", "-wal")
+                              if os.path.exists(args.db + s)),
+            "format": store._conn.execute("PRAGMA user_version").fetchone()[0],
+            "schema_version": store.version,
+            "head": head,
+            "first_event": first_last["first"], "last_event": first_last["last"],
+            "events_by_type": {r["type"]: r["n"] for r in q(
+                "SELECT type, count(*) AS n FROM events GROUP BY type ORDER BY n DESC, type")},
+            "tables": {t: store.view[t].count() for t in store.view.tables},
+            "journal_rows": q("SELECT count(*) AS n FROM fluxlite_journal")[0]["n"],
+            "consumers": {r["name"]: r["position"] for r in q(
+                "SELECT name, position FROM fluxlite_consumers ORDER BY name")},
+        }
+    if args.json:
+        print(json.dumps(info, ensure_ascii=False))
+        return 0
+    for key in ("file", "size_bytes", "format", "schema_version", "head", "first_event",
+                "last_event", "journal_rows"):
+        print(f"{key.replace('_', ' '):<15} {info[key]}")
+    for title, key in (("events by type", "events_by_type"), ("tables (rows)", "tables"),
+                       ("consumers (position)", "consumers")):
+        print(f"{title}:" if info[key] else f"{title}: none")
+        width = max([len(k) for k in info[key]] + [0])
+        for name, value in info[key].items():
+            print(f"  {name:<{width}}  {value}")
+    return 0
+
+
+def _log_rows(store: Store, args: Any) -> List[Dict[str, Any]]:
+    where, params = ["seq > ?"], [args.after]
+    if args.since:
+        where.append("ts >= ?")
+        params.append(_format_ts(_parse_time(args.since)))
+    if args.until:
+        where.append("ts <= ?")
+        params.append(_format_ts(_parse_time(args.until)))
+    if args.type:
+        where.append(f"type IN ({', '.join('?' for _ in args.type)})")
+        params.extend(args.type)
+    order = "DESC" if args.reverse else "ASC"
+    limit = f" LIMIT {int(args.limit)}" if args.limit is not None else ""
+    return store.query(f"SELECT * FROM events WHERE {' AND '.join(where)} "
+                       f"ORDER BY seq {order}{limit}", params)
+
+
+def _print_events(rows: Sequence[Mapping[str, Any]], as_json: bool) -> None:
+    if as_json:
+        for row in rows:
+            print(json.dumps(_raw_event(row), ensure_ascii=False))
+        return
+    if rows:
+        _print_rows([_event_line(r) for r in rows], ["seq", "time", "type", "id", "actor", "payload"])
+
+
+def _cmd_log(args: Any) -> int:
+    with open(args.db, readonly=True) as store:
+        _print_events(_log_rows(store, args), args.json)
+    return 0
+
+
+def _cmd_tail(args: Any) -> int:
+    import sys
+    with open(args.db, readonly=True) as store:
+        rows = store.query("SELECT * FROM events ORDER BY seq DESC LIMIT ?", (args.n,))[::-1]
+        _print_events(rows, args.json)
+        if not args.follow:
+            return 0
+        try:
+            for event, _ in store.follow():
+                row = store.query("SELECT * FROM events WHERE seq = ?", (event.seq,))
+                if args.json:
+                    _print_events(row, True)
+                else:
+                    line = _event_line(row[0])
+                    print(f"{line['seq']}  {line['time']}  {line['type']}  {line['id']}  "
+                          f"{line['actor']}  {_short(line['payload'], 60)}".rstrip())
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            return 0
+    return 0
+
+
+def _find_event(store: Store, key: str) -> Mapping[str, Any]:
+    rows = store.query("SELECT * FROM events WHERE id = ?", (key,))
+    if not rows and key.isdigit():
+        rows = store.query("SELECT * FROM events WHERE seq = ?", (int(key),))
+    if not rows:
+        raise _CliError(f"no event with seq or id {key!r} (the log runs 1..{store.head})")
+    return rows[0]
+
+
+def _cmd_show(args: Any) -> int:
+    with open(args.db, readonly=True) as store:
+        row = _find_event(store, args.event)
+        event = _raw_event(row)
+        changes = [c.to_dict() for c in store.changes(row["seq"])]
+    if args.json:
+        print(json.dumps({"event": event, "changes": changes}, ensure_ascii=False))
+        return 0
+    for key in ("seq", "id", "type", "ts"):
+        print(f"{key:<8} {event[key]}")
+    print(f"{'meta':<8} {json.dumps(event['meta'], ensure_ascii=False)}")
+    print("payload  " + json.dumps(event["payload"], ensure_ascii=False, indent=2)
+          .replace("\n", "\n         "))
+    print(f"changes  ({len(changes)})" if changes else "changes  none")
+    for c in changes:
+        values = "" if c["values"] is None else " " + json.dumps(c["values"], ensure_ascii=False)
+        print(f"  {c['op']:<6} {c['table']} {json.dumps(c['key'], ensure_ascii=False)}{values}")
+    return 0
+
+
+def _cmd_query(args: Any) -> int:
+    import csv
+    import sys
+    with open(args.db, readonly=True) as store:
+        if args.at is not None or args.time is not None:
+            past = store.at(args.at, time=_parse_time(args.time) if args.time else None)
+            with past:
+                rows = past.query(args.sql)
+        else:
+            rows = store.query(args.sql)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+    elif args.csv:
+        writer = csv.writer(sys.stdout)
+        if rows:
+            writer.writerow(rows[0].keys())
+        writer.writerows(r.values() for r in rows)
+    elif rows:
+        _print_rows(rows)
+    else:
+        print("(no rows)")
+    return 0
+
+
+def _cmd_history(args: Any) -> int:
+    try:
+        key = json.loads(args.key)
+    except json.JSONDecodeError:
+        key = args.key
+    with open(args.db, readonly=True) as store:
+        revisions = store.history(args.table, key)
+    if args.json:
+        for r in revisions:
+            print(json.dumps(r.to_dict(), ensure_ascii=False))
+        return 0
+    if not revisions:
+        print(f"no versions of {args.table} {args.key} in the journal")
+        return 0
+    _print_rows([{"seq": r.seq, "time": _format_ts(r.ts)[:19] + "Z", "type": r.type,
+                  "op": r.op, "after": r.after if r.after is not None else "(deleted)"}
+                 for r in revisions])
+    return 0
+
+
+def _cmd_dispatch(args: Any) -> int:
+    app = _load_app(args.app)
+    payload = _parse_json(args.payload, "PAYLOAD_JSON") if args.payload is not None else None
+    meta = _parse_json(args.meta, "--meta") if args.meta else None
+    if not os.path.exists(args.db):
+        raise _CliError(f"no such store file: {args.db!r}")
+    with open(args.db, app=app) as store:
+        event = store.dispatch(args.type, payload, meta=meta, id=args.id, actor=args.actor)
+        print(json.dumps({"event": event.to_dict(),
+                          "changes": [c.to_dict() for c in store.changes(event.seq)]},
+                         ensure_ascii=False))
+    return 0
+
+
+def _cmd_verify(args: Any) -> int:
+    import sys
+    app = _load_app(args.app)
+    with open(args.db, app=app, readonly=True) as store:
+        head = store.head
+        try:
+            store.verify(progress=_progress("verify", head))
+        except ReplayMismatch as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+    print(f"ok: replaying {head} events gives exactly the live read model")
+    return 0
+
+
+def _cmd_rebuild(args: Any) -> int:
+    app = _load_app(args.app)
+    if not os.path.exists(args.db):
+        raise _CliError(f"no such store file: {args.db!r}")
+    with open(args.db, readonly=True) as peek:
+        head, old = peek.head, (peek.schema, peek.version)
+    progress = _progress("rebuild", head)
+    store = open(args.db, app=App(old[0], app.reducer, app.middleware, old[1], app.upcasters))
+    with store:
+        if (_normalize_schema(app.schema), app.version) == (_normalize_schema(old[0]), old[1]) \
+                or app.version is None and _normalize_schema(app.schema) == _normalize_schema(old[0]):
+            store.rebuild(progress=progress)
+        else:
+            _rebuild(store, app.schema, app.version if app.version is not None else old[1], progress)
+        print(f"rebuilt: {head} events replayed into {', '.join(store.view.tables)} "
+              f"(version {store.version!r})")
+    return 0
+
+
+def _cmd_export(args: Any) -> int:
+    with open(args.db, readonly=True) as store:
+        after = args.after
+        while True:
+            rows = store.query("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT 1000",
+                               (after,))
+            for row in rows:
+                print(json.dumps(_raw_event(row), ensure_ascii=False))
+            if len(rows) < 1000:
+                return 0
+            after = rows[-1]["seq"]
+
+
+def _import_batches(path: str) -> Iterator[List[Dict[str, Any]]]:
+    with builtins_open(path, encoding="utf-8") as lines:
+        batch: List[Dict[str, Any]] = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            item = _parse_json(line, f"{path} line {number}")
+            if not isinstance(item, dict) or not {"seq", "id", "type", "ts"} <= set(item):
+                raise _CliError(f"{path} line {number} is not an exported event "
+                                f"(needs seq, id, type, payload, meta, ts)")
+            batch.append(item)
+            if len(batch) == 1000:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def _cmd_import(args: Any) -> int:
+    app = _load_app(args.app)
+    if not os.path.isfile(args.file):
+        raise _CliError(f"no such file: {args.file!r}")
+    added = skipped = 0
+    with open(args.db, app=app) as store:
+        for batch in _import_batches(args.file):
+            fresh = []
+            for item in batch:
+                seq = item["seq"]
+                if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+                    raise _CliError(f"event {item.get('id')!r} has seq {seq!r}; seqs start at 1")
+                if seq <= store.head + len(fresh):
+                    if seq <= store.head:
+                        have = store.query("SELECT id, type, payload FROM events WHERE seq = ?",
+                                           (seq,))[0]
+                        if (have["id"], have["type"], json.loads(have["payload"] or "null")) != (
+                                item["id"], item["type"], item.get("payload")):
+                            raise _CliError(
+                                f"seq {seq} in {args.file} is {item['id']!r} ({item['type']}) but "
+                                f"the store has {have['id']!r} ({have['type']}) there: the logs "
+                                f"conflict; import into a new file instead")
+                        skipped += 1
+                    continue
+                fresh.append(_Prepared(
+                    id=item["id"], id_given=True, type=item["type"],
+                    payload_text=_to_json_text(item.get("payload"), "payload"),
+                    meta_text=_to_json_text(item.get("meta") or {}, "meta"),
+                    payload=item.get("payload"), meta=item.get("meta") or {},
+                    seq=seq, ts=_format_ts(_parse_ts(item["ts"]))))
+            if fresh:
+                store._commit_prepared(fresh)
+                added += len(fresh)
+    print(f"imported {added} events ({skipped} already present)")
+    return 0
+
+
+def _cmd_backup(args: Any) -> int:
+    if os.path.exists(args.dest) and os.path.getsize(args.dest):
+        raise _CliError(f"{args.dest!r} exists; backup writes a new file")
+    source = _connect_readonly(args.db)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(args.dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        target = sqlite3.connect(args.dest)
+        try:
+            source.backup(target, pages=256)  # steps, so writers are not held up
+            target.execute("PRAGMA journal_mode=wal")
+        finally:
+            target.close()
+    finally:
+        source.close()
+    with open(args.dest, readonly=True) as copy:
+        print(f"backed up {copy.head} events to {args.dest}")
+    return 0
+
+
+def _cmd_demo(args: Any) -> int:
+    import shutil
+    directory = args.dir or tempfile.mkdtemp(prefix="fluxlite-demo-")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "demo.db")
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
+    say = lambda text: print(f"\n» {text}")  # noqa: E731
+    schema = "CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT);"
+
+    def reducer(view: View, event: Event) -> Any:
+        name = event.payload["name"]
+        if event.type == "addUser":
+            if name in view.users:
+                raise Rejected(f"{name} is already a user")
+            return view.users.insert(name=name)
+        if event.type == "grantAccess":
+            return view.users.update(name, role=event.payload["role"])
+        if event.type == "removeUser":
+            return view.users.delete(name)
+        return None
+
+    say(f"A store is one SQLite file: {path}")
+    store = open(path, schema=schema, reducer=reducer)
+    say("A subscriber hears every committed event with the changes it made:")
+    store.subscribe(lambda e, c: print(f"   heard #{e.seq} {e.type}: "
+                                       + "; ".join(f"{x.op} {x.table} {x.key}" for x in c)))
+    say("Dispatching events: each is one transaction (event + row changes).")
+    store.dispatch("addUser", {"name": "Barack"}, actor="demo")
+    store.dispatch("grantAccess", {"name": "Barack", "role": "President"}, actor="demo")
+    store.dispatch("addUser", {"name": "Joe"}, actor="demo")
+    say("A reducer refuses an event by raising Rejected; nothing is written:")
+    try:
+        store.dispatch("addUser", {"name": "Joe"})
+    except Rejected as exc:
+        print(f"   Rejected: {exc} (head is still {store.head})")
+    say("The log, which is the source of truth:")
+    _print_rows([{"seq": e.seq, "type": e.type, "payload": e.payload} for e in store.events()])
+    say("Removing Barack, then time travel: the users table as it was after event 2:")
+    store.dispatch("removeUser", {"name": "Barack"})
+    with store.at(2) as past:
+        _print_rows(past.users.all())
+    say("Restoring the deleted row from the log, as a new event:")
+    print(f"   {store.restore('users', 'Barack').type}: {store.view.users.get('Barack')}")
+    store.close()
+    say("A new schema, no migration: reopening with version=2 rebuilds by replaying the log.")
+    schema2 = "CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT, title TEXT);"
+
+    def reducer2(view: View, event: Event) -> Any:
+        if event.type == "grantAccess":
+            role = event.payload["role"]
+            return view.users.update(event.payload["name"], role=role, title=f"The {role}")
+        return reducer(view, event)
+
+    def restore_v2(event: Event) -> Event:  # the restore event carries a v1 row
+        row = event.payload["row"]
+        if "title" in row:
+            return event
+        title = f"The {row['role']}" if row["role"] else None
+        return event.replace(payload={**event.payload, "row": {**row, "title": title}})
+
+    print("   (an upcaster gives the old fluxlite.restore event's row the new column)")
+    with open(path, schema=schema2, reducer=reducer2, version=2,
+              upcasters={RESTORE: restore_v2}) as store:
+        _print_rows(store.view.users.all())
+        store.verify()
+        say(f"verify(): replaying all {store.head} events gives exactly the live tables.")
+    if args.dir is None and not args.keep:
+        shutil.rmtree(directory, ignore_errors=True)
+        say("Run `python -m fluxlite demo DIR` to keep the store, then "
+            "`python -m fluxlite log DIR/demo.db`.")
+    else:
+        say(f"Look inside with: python -m fluxlite log {path}")
+    return 0
+
+
+builtins_open = __builtins__["open"] if isinstance(__builtins__, dict) else __builtins__.open  # type: ignore[index,attr-defined]
+
+
+def _parser() -> Any:
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="fluxlite", description="Inspect, query, time-travel and maintain a fluxlite store.")
+    parser.add_argument("--version", action="version", version=f"fluxlite {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[Any], int], help: str) -> Any:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    def db(p: Any) -> None:
+        p.add_argument("db", metavar="DB", help="the store file")
+
+    def app(p: Any, required: bool = True) -> None:
+        p.add_argument("--app", metavar="MODULE:ATTR", required=required,
+                       help="a fluxlite.App in an importable module (e.g. myapp:APP)")
+
+    p = command("info", _cmd_info, "size, versions, head, event counts, tables, consumers")
+    db(p)
+    p.add_argument("--json", action="store_true")
+    p = command("log", _cmd_log, "the events, one per line")
+    db(p)
+    p.add_argument("--after", type=int, default=0, metavar="SEQ")
+    p.add_argument("--since", metavar="TIME")
+    p.add_argument("--until", metavar="TIME")
+    p.add_argument("--type", action="append", metavar="T")
+    p.add_argument("--limit", type=int, metavar="N")
+    p.add_argument("--reverse", action="store_true", help="newest first")
+    p.add_argument("--json", action="store_true", help="JSON Lines")
+    p = command("tail", _cmd_tail, "the last events; -f follows new ones until Ctrl-C")
+    db(p)
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-n", type=int, default=10, metavar="N")
+    p.add_argument("--json", action="store_true")
+    p = command("show", _cmd_show, "one event in full, with the changes it made")
+    db(p)
+    p.add_argument("event", metavar="SEQ_OR_ID")
+    p.add_argument("--json", action="store_true")
+    p = command("query", _cmd_query, "read-only SQL, on the live model or on the past")
+    db(p)
+    p.add_argument("sql", metavar="SQL")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--at", type=int, metavar="SEQ")
+    when.add_argument("--time", metavar="TIME")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    p = command("history", _cmd_history, "the versions of one row and the events that made them")
+    db(p)
+    p.add_argument("table", metavar="TABLE")
+    p.add_argument("key", metavar="KEY", help="the key; JSON for numbers or a composite key")
+    p.add_argument("--json", action="store_true")
+    p = command("dispatch", _cmd_dispatch, "dispatch through the application's reducers")
+    db(p)
+    p.add_argument("type", metavar="TYPE")
+    p.add_argument("payload", metavar="PAYLOAD_JSON", nargs="?")
+    p.add_argument("--meta", metavar="JSON")
+    p.add_argument("--id", metavar="ID")
+    p.add_argument("--actor", metavar="NAME")
+    app(p)
+    p = command("verify", _cmd_verify, "replay the log and compare with the live tables")
+    db(p)
+    app(p)
+    p = command("rebuild", _cmd_rebuild, "rebuild the read model with the application's code")
+    db(p)
+    app(p)
+    p = command("export", _cmd_export, "the log as JSON Lines, ids and timestamps kept")
+    db(p)
+    p.add_argument("--after", type=int, default=0, metavar="SEQ")
+    p = command("import", _cmd_import, "append exported events (idempotent)")
+    db(p)
+    p.add_argument("file", metavar="EVENTS_JSONL")
+    app(p)
+    p = command("backup", _cmd_backup, "copy the store with SQLite's online backup API")
+    db(p)
+    p.add_argument("dest", metavar="DEST")
+    p = command("demo", _cmd_demo, "a guided tour in a scratch directory")
+    p.add_argument("dir", metavar="DIR", nargs="?")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The `fluxlite` command. Returns the exit status."""
+    import sys
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (_CliError, FluxliteError, OSError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"fluxlite {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `fluxlite log db | head`
+        return 0
+
+
+if __name__ == "__main__":
+    # Run the CLI in the module applications import (`fluxlite`), not in this
+    # second copy called __main__, so their fluxlite.App is our App.
+    import fluxlite as _fluxlite
+    raise SystemExit(_fluxlite.main())

@@ -98,10 +98,13 @@ class Bench:
 
 
 def checkout():
-    """The git commit of the fluxlite being measured ("" outside a checkout)."""
+    """The commit of the fluxlite.py measured, "+edits" if it has uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
     try:
-        return subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit and commit + ("+edits" if git("status", "--porcelain", "fluxlite.py") else "")
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -233,7 +236,7 @@ def verify_memory(b, sizes, limit_mb=20):
                        "", "", "", None))
         print(f"  {b.rows[-1][0]}: {b.rows[-1][1]}", flush=True)
     small, large = min(sizes), max(sizes)
-    spread = growth[large] - growth[small]
+    spread = round(growth[large] - growth[small], 1) or 0.0  # no "-0.0"
     b.rows.append((f"verify() memory, {large:,} minus {small:,} events", f"{spread:+.1f} MB",
                    "", "", f"within {limit_mb} MB", abs(spread) <= limit_mb))
 

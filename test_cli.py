@@ -1,0 +1,274 @@
+"""The `fluxlite` command, driven as a user would: subprocesses on real files."""
+
+import csv
+import io
+import json
+import os
+import pathlib
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+import fluxlite
+
+ROOT = pathlib.Path(__file__).resolve().parent
+
+APP_MODULE = '''
+import fluxlite
+
+SCHEMA = """
+CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT);
+CREATE TABLE rights (user TEXT, right TEXT, PRIMARY KEY (user, right));
+"""
+
+def reducer(view, event):
+    p = event.payload
+    if event.type == "addUser":
+        if p["name"] in view.users:
+            raise fluxlite.Rejected(p["name"] + " exists")
+        return view.users.insert(name=p["name"])
+    if event.type == "grantAccess":
+        return [view.users.update(p["name"], role=p["right"]),
+                view.rights.upsert(user=p["name"], right=p["right"])]
+    if event.type == "removeUser":
+        return view.users.delete(p["name"])
+
+APP = fluxlite.App(SCHEMA, reducer)
+
+SCHEMA2 = SCHEMA.replace("role TEXT", "role TEXT, shout TEXT")
+
+def reducer2(view, event):
+    if event.type == "grantAccess":
+        p = event.payload
+        return [view.users.update(p["name"], role=p["right"], shout=p["right"].upper()),
+                view.rights.upsert(user=p["name"], right=p["right"])]
+    return reducer(view, event)
+
+APP2 = fluxlite.App(SCHEMA2, reducer2, version=2)
+NOT_AN_APP = 42
+'''
+
+
+def cli(*args, cwd, check=True, input=None, timeout=60):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "fluxlite", *map(str, args)], cwd=cwd,
+                            env=env, capture_output=True, text=True, input=input, timeout=timeout)
+    assert "Traceback" not in result.stderr, result.stderr
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture
+def work(tmp_path):
+    """A directory with the app module and a prepared store of 5 events."""
+    (tmp_path / "cliapp.py").write_text(APP_MODULE)
+    sys.path.insert(0, str(tmp_path))
+    import importlib
+    cliapp = importlib.import_module("cliapp")
+    importlib.reload(cliapp)
+    sys.path.remove(str(tmp_path))
+    clock = iter([f"2026-01-0{d}T12:00:00+00:00" for d in range(1, 10)])
+    from datetime import datetime
+    with fluxlite.open(tmp_path / "app.db", app=cliapp.APP,
+                       clock=lambda: datetime.fromisoformat(next(clock))) as store:
+        store.dispatch("addUser", {"name": "barack"}, actor="admin")
+        store.dispatch("grantAccess", {"name": "barack", "right": "president"}, actor="admin")
+        store.dispatch("addUser", {"name": "joe"})
+        store.dispatch("removeUser", {"name": "joe"})
+        store.dispatch("addUser", {"name": "kamala", "note": "x" * 200})
+    return tmp_path
+
+
+def db_bytes(path):
+    return b"".join(pathlib.Path(str(path) + s).read_bytes()
+                    for s in ("", "-wal") if os.path.exists(str(path) + s))
+
+
+def test_info(work):
+    before = db_bytes(work / "app.db")
+    text = cli("info", "app.db", cwd=work).stdout
+    assert re.search(r"^head +5$", text, re.M) and re.search(r"^  users +2$", text, re.M)
+    assert re.search(r"^  addUser +3$", text, re.M) and "consumers (position): none" in text
+    data = json.loads(cli("info", "app.db", "--json", cwd=work).stdout)
+    assert data["head"] == 5 and data["tables"] == {"rights": 1, "users": 2}
+    assert data["events_by_type"]["addUser"] == 3 and data["format"] == 1
+    assert data["first_event"].startswith("2026-01-01") and data["journal_rows"] == 6
+    assert db_bytes(work / "app.db") == before  # read-only commands write nothing
+
+
+def test_log_filters_and_json(work):
+    lines = cli("log", "app.db", cwd=work).stdout.splitlines()
+    assert lines[0].split() == ["seq", "time", "type", "id", "actor", "payload"]
+    assert len(lines) == 7 and "admin" in lines[2] and lines[2].split()[1] == "2026-01-01T12:00:00Z"
+    assert "…" in lines[-1] and len(lines[-1]) < 200  # long payloads shortened
+    seqs = lambda *a: [json.loads(l)["seq"] for l in cli("log", "app.db", "--json", *a,
+                                                          cwd=work).stdout.splitlines()]
+    assert seqs() == [1, 2, 3, 4, 5]
+    assert seqs("--after", "3") == [4, 5]
+    assert seqs("--type", "addUser", "--type", "removeUser") == [1, 3, 4, 5]
+    assert seqs("--reverse", "--limit", "2") == [5, 4]
+    assert seqs("--since", "2026-01-02", "--until", "2026-01-03T23:00:00Z") == [2, 3]
+    exported = cli("export", "app.db", cwd=work).stdout
+    assert cli("log", "app.db", "--json", cwd=work).stdout == exported
+
+
+def test_tail_and_show(work):
+    lines = cli("tail", "app.db", "-n", "2", cwd=work).stdout.splitlines()
+    assert [l.split()[0] for l in lines[2:]] == ["4", "5"]
+    shown = cli("show", "app.db", "2", cwd=work).stdout
+    assert "type     grantAccess" in shown and "update users" in shown and "insert rights" in shown
+    event_id = json.loads(cli("show", "app.db", "1", "--json", cwd=work).stdout)["event"]["id"]
+    data = json.loads(cli("show", "app.db", event_id, "--json", cwd=work).stdout)
+    assert data["event"]["seq"] == 1 and data["changes"][0]["op"] == "insert"
+
+
+def test_query_now_and_in_the_past(work):
+    table = cli("query", "app.db", "SELECT name, role FROM users ORDER BY name", cwd=work).stdout
+    assert table.splitlines()[2].split() == ["barack", "president"]
+    rows = [json.loads(l) for l in cli("query", "app.db", "SELECT name FROM users", "--at", "3",
+                                       "--json", cwd=work).stdout.splitlines()]
+    assert rows == [{"name": "barack"}, {"name": "joe"}]
+    got = cli("query", "app.db", "SELECT count(*) AS n FROM users", "--time",
+              "2026-01-01T12:30:00Z", "--csv", cwd=work).stdout
+    assert list(csv.reader(io.StringIO(got))) == [["n"], ["1"]]
+    refused = cli("query", "app.db", "DELETE FROM users", cwd=work, check=False)
+    assert refused.returncode == 1 and "read-only" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    bad = cli("query", "app.db", "SELEKT", cwd=work, check=False)
+    assert bad.returncode == 1 and "syntax error" in bad.stderr
+
+
+def test_history(work):
+    lines = cli("history", "app.db", "users", "joe", cwd=work).stdout.splitlines()
+    assert [l.split()[3] for l in lines[2:]] == ["insert", "delete"]
+    revisions = [json.loads(l) for l in cli("history", "app.db", "rights",
+                                            '["barack", "president"]', "--json",
+                                            cwd=work).stdout.splitlines()]
+    assert revisions[0]["after"] == {"user": "barack", "right": "president"}
+
+
+def test_dispatch_verify_and_rebuild(work):
+    out = json.loads(cli("dispatch", "app.db", "addUser", '{"name": "hillary"}', "--actor", "me",
+                         "--id", "cli-1", "--app", "cliapp:APP", cwd=work).stdout)
+    assert out["event"]["seq"] == 6 and out["event"]["meta"] == {"actor": "me"}
+    assert out["changes"][0]["values"]["name"] == "hillary"
+    rejected = cli("dispatch", "app.db", "addUser", '{"name": "hillary"}', "--app", "cliapp:APP",
+                   cwd=work, check=False)
+    assert rejected.returncode == 1 and "hillary exists" in rejected.stderr
+    assert "replaying 6 events" in cli("verify", "app.db", "--app", "cliapp:APP", cwd=work).stdout
+    conn = sqlite3.connect(work / "app.db")
+    conn.execute("UPDATE users SET role = 'hacker'")
+    conn.commit()
+    conn.close()
+    failed = cli("verify", "app.db", "--app", "cliapp:APP", cwd=work, check=False)
+    assert failed.returncode == 1 and "live 'hacker' != replay" in failed.stderr
+    assert "rebuilt: 6 events" in cli("rebuild", "app.db", "--app", "cliapp:APP", cwd=work).stdout
+    cli("verify", "app.db", "--app", "cliapp:APP", cwd=work)
+    assert "version 2" in cli("rebuild", "app.db", "--app", "cliapp:APP2", cwd=work).stdout
+    rows = json.loads(cli("query", "app.db", "SELECT shout FROM users WHERE name = 'barack'",
+                          "--json", cwd=work).stdout)
+    assert rows == {"shout": "PRESIDENT"}
+
+
+def test_export_import_round_trip_is_idempotent(work):
+    exported = cli("export", "app.db", cwd=work).stdout
+    (work / "events.jsonl").write_text(exported)
+    assert "imported 5 events (0 already" in cli("import", "copy.db", "events.jsonl", "--app",
+                                                  "cliapp:APP", cwd=work).stdout
+    assert "imported 0 events (5 already" in cli("import", "copy.db", "events.jsonl", "--app",
+                                                  "cliapp:APP", cwd=work).stdout
+    cli("verify", "copy.db", "--app", "cliapp:APP", cwd=work)
+    assert cli("export", "copy.db", cwd=work).stdout == exported
+    same = "SELECT * FROM users ORDER BY name"
+    assert cli("query", "copy.db", same, cwd=work).stdout == cli("query", "app.db", same,
+                                                                  cwd=work).stdout
+    lines = exported.splitlines()
+    (work / "first.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    (work / "rest.jsonl").write_text("\n".join(lines[2:]) + "\n")
+    cli("import", "part.db", "first.jsonl", "--app", "cliapp:APP", cwd=work)
+    assert "imported 3 events" in cli("import", "part.db", "rest.jsonl", "--app", "cliapp:APP",
+                                      cwd=work).stdout
+    with fluxlite.open(work / "other.db", app=__import__("cliapp").APP) as other:
+        other.dispatch("addUser", {"name": "someone else"})
+    conflict = cli("import", "other.db", "events.jsonl", "--app", "cliapp:APP", cwd=work,
+                   check=False)
+    assert conflict.returncode == 1 and "the logs conflict" in conflict.stderr
+    assert json.loads(cli("info", "other.db", "--json", cwd=work).stdout)["head"] == 1
+
+
+def test_backup_while_a_writer_runs(work):
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path[:0] = [{str(ROOT)!r}, {str(work)!r}]
+import fluxlite, cliapp
+store = fluxlite.open({str(work / 'app.db')!r}, app=cliapp.APP, durability="normal")
+for n in range(3000):
+    store.dispatch("addUser", {{"name": "w%d" % n}})
+"""])
+    time.sleep(0.3)
+    out = cli("backup", "app.db", "snap.db", cwd=work).stdout
+    assert writer.wait(60) == 0
+    copied = int(out.split()[2])
+    assert 5 <= copied <= 3005
+    conn = sqlite3.connect(work / "snap.db")
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    cli("verify", "snap.db", "--app", "cliapp:APP", cwd=work)
+    again = cli("backup", "app.db", "snap.db", cwd=work, check=False)
+    assert again.returncode == 1 and "exists" in again.stderr
+
+
+def test_tail_follow_picks_up_another_process_and_stops_cleanly(work):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    tail = subprocess.Popen([sys.executable, "-m", "fluxlite", "tail", "-f", "-n", "1",
+                             "app.db"], cwd=work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for _ in range(3):
+        tail.stdout.readline()  # header, rule, the last event
+    cli("dispatch", "app.db", "addUser", '{"name": "live"}', "--app", "cliapp:APP", cwd=work)
+    line = tail.stdout.readline()
+    assert line.split()[0] == "6" and "addUser" in line
+    tail.send_signal(signal.SIGINT)
+    assert tail.wait(10) == 0
+    assert "Traceback" not in tail.stderr.read()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["info", "missing.db"], "No such store file"),
+    (["info", "notes.txt"], "not a SQLite database"),
+    (["info", "plain.db"], "not a fluxlite store"),
+    (["show", "app.db", "nope"], "no event with seq or id 'nope'"),
+    (["dispatch", "app.db", "addUser", "{bad json", "--app", "cliapp:APP"], "not valid JSON"),
+    (["dispatch", "app.db", "addUser", "--app", "nomodule:APP"], "cannot import 'nomodule'"),
+    (["dispatch", "app.db", "addUser", "--app", "cliapp:NOT_AN_APP"], "not a fluxlite.App"),
+    (["dispatch", "app.db", "addUser", "--app", "cliapp"], "is not MODULE:ATTR"),
+    (["verify", "missing.db", "--app", "cliapp:APP"], "No such store file"),
+    (["query", "app.db", "SELECT 1", "--time", "yesterday"], "not an ISO-8601 time"),
+    (["query", "app.db", "SELECT 1", "--at", "99"], "outside the log"),
+    (["import", "new.db", "missing.jsonl", "--app", "cliapp:APP"], "no such file"),
+    (["history", "app.db", "people", "x"], "Unknown table 'people'"),
+])
+def test_user_errors_are_one_line_and_exit_1(work, args, message):
+    (work / "notes.txt").write_text("not a database" * 100)
+    conn = sqlite3.connect(work / "plain.db")
+    conn.execute("CREATE TABLE t (a)")
+    conn.close()
+    result = cli(*args, cwd=work, check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not os.path.exists(work / "missing.db")
+
+
+def test_demo_tells_the_tour(tmp_path):
+    out = cli("demo", tmp_path / "tour", cwd=tmp_path).stdout
+    for step in ["one SQLite file", "subscriber", "Rejected", "The log", "time travel",
+                 "Restoring", "no migration", "verify()"]:
+        assert step in out
+    assert (tmp_path / "tour" / "demo.db").exists()
+    assert "Look inside" in out
