@@ -386,6 +386,12 @@ def _describe(value: Any) -> str:
 
 
 _dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def _loads(text: str) -> Any:
+    """Decode JSON that fluxlite wrote (no surrounding whitespace to skip)."""
+    return _raw_decode(text)[0]
 
 
 def _to_json_text(value: Any, what: str) -> str:
@@ -545,6 +551,54 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
     return conn
 
 
+class _Checkpointer:
+    """Runs WAL checkpoints in a background thread, off the dispatch path.
+
+    SQLite's automatic checkpoint runs inside whichever COMMIT crosses 1,000
+    WAL pages, stalling that dispatch; with it off, this thread runs a
+    PASSIVE checkpoint (which never blocks writers or readers) every
+    ``_CHECKPOINT_EVERY`` commits and after a second of quiet. The WAL stays
+    bounded: once checkpointed, SQLite writes it again from the start.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.commits = 0
+        self.wake = threading.Event()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name=f"fluxlite-checkpoint {path}",
+                                       daemon=True)
+        self.thread.start()
+
+    def committed(self) -> None:
+        self.commits += 1
+        if self.commits >= _CHECKPOINT_EVERY:
+            self.wake.set()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA busy_timeout=1000")
+            while not self.stopped:
+                self.wake.wait(1.0)
+                self.wake.clear()
+                if self.commits and not self.stopped:
+                    self.commits = 0
+                    with contextlib.suppress(sqlite3.Error):  # busy or closing: next time
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.wake.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+
+
+_CHECKPOINT_EVERY = 256
+
+
 @contextlib.contextmanager
 def _write_txn(conn: sqlite3.Connection) -> Iterator[None]:
     """BEGIN IMMEDIATE ... COMMIT; roll back on any exception, including in COMMIT.
@@ -608,11 +662,21 @@ class _TableInfo:
     """A read-model table's shape, read from SQLite, with its SQL prepared."""
 
     __slots__ = ("name", "columns", "column_set", "pk", "pk_types", "rowid_key", "q",
-                 "where_key", "select_key", "delete_key", "order_by", "_insert_sql")
+                 "where_key", "select_key", "delete_key", "order_by", "_insert_sql",
+                 "writable", "exact_types", "defaults")
 
     def __init__(self, name: str, columns: Sequence[str], pk: Sequence[str],
-                 rowid_key: bool, pk_types: Sequence[str] = ()) -> None:
+                 rowid_key: bool, pk_types: Sequence[str] = (),
+                 writable: Optional[Sequence[str]] = None,
+                 exact_types: Optional[Mapping[str, Tuple[type, ...]]] = None,
+                 defaults: Optional[Mapping[str, Any]] = None) -> None:
         self.name = name
+        self.writable = frozenset(columns if writable is None else writable)
+        # Per column, the Python types SQLite stores unchanged (its affinity),
+        # and the constant defaults: with both, an insert's stored row is known
+        # without asking SQLite for it back (see _Model._stored_row).
+        self.exact_types = dict(exact_types or {})
+        self.defaults = dict(defaults or {})
         self.pk_types = tuple(pk_types) or ("",) * len(pk)
         self.columns = tuple(columns)
         self.column_set = frozenset(columns)
@@ -672,12 +736,50 @@ class _TableInfo:
 
 
 def _read_table_info(conn: sqlite3.Connection, name: str) -> _TableInfo:
-    rows = conn.execute(f"PRAGMA table_info({_quote(name)})").fetchall()
+    # table_xinfo also lists generated columns (hidden 2 or 3): SELECT * has them.
+    rows = [r for r in conn.execute(f"PRAGMA table_xinfo({_quote(name)})") if r[6] != 1]
     columns = [r[1] for r in rows]
     pk_rows = sorted((r for r in rows if r[5]), key=lambda r: r[5])
     pk = [r[1] for r in pk_rows]
     rowid_key = len(pk_rows) == 1 and pk_rows[0][2].upper() == "INTEGER"
-    return _TableInfo(name, columns, pk, rowid_key, [r[2] for r in pk_rows])
+    exact, defaults = {}, {}
+    if all(r[6] == 0 for r in rows):  # generated columns: always read the row back
+        for r in rows:
+            exact[r[1]] = _exact_types(r[2])
+            default = _constant_default(conn, r[4])
+            if default is not _MISSING and (default is None or type(default) in exact[r[1]]):
+                defaults[r[1]] = default
+        if rowid_key:
+            defaults.pop(pk[0], None)  # SQLite assigns it: read the row back
+    return _TableInfo(name, columns, pk, rowid_key, [r[2] for r in pk_rows],
+                      writable=[r[1] for r in rows if r[6] == 0], exact_types=exact,
+                      defaults=defaults)
+
+
+def _exact_types(declared: str) -> Tuple[type, ...]:
+    """The types a column of this declared type stores unchanged (SQLite's affinity rules)."""
+    kind = declared.upper()
+    if "INT" in kind:
+        return (int,)
+    if any(t in kind for t in ("CHAR", "CLOB", "TEXT")):
+        return (str,)
+    if "BLOB" in kind or not kind:
+        return (str, int, float)
+    if any(t in kind for t in ("REAL", "FLOA", "DOUB")):
+        return (float,)
+    return (int,)  # NUMERIC
+
+
+_LITERAL = re.compile(r"^(NULL|[-+]?\d+(\.\d+)?([eE][-+]?\d+)?|'([^']|'')*')$", re.IGNORECASE)
+
+
+def _constant_default(conn: sqlite3.Connection, text: Optional[str]) -> Any:
+    """A column default that is a literal, evaluated; _MISSING for an expression."""
+    if text is None:
+        return None
+    if not _LITERAL.match(text.strip()):
+        return _MISSING
+    return conn.execute(f"SELECT {text}").fetchone()[0]
 
 
 def _with_affinity(value: Any, declared: str) -> Any:
@@ -893,8 +995,14 @@ class _Model:
     # -- writes --------------------------------------------------------------
 
     def check_columns(self, info: _TableInfo, values: Mapping[str, Any], op: str) -> None:
-        if values.keys() <= info.column_set:
+        if values.keys() <= info.writable:
             return
+        generated = [c for c in values if c in info.column_set and c not in info.writable]
+        if generated:
+            raise ChangesetError(
+                f"{op} on {info.name!r} sets generated column(s) "
+                f"{', '.join(map(repr, generated))}; SQLite computes them. Leave them out."
+            )
         unknown = [c for c in values if c not in info.column_set]
         raise ChangesetError(
             f"{op} on {info.name!r} names unknown column(s) "
@@ -1009,13 +1117,22 @@ class _Model:
             raise _missing_row(info, "update", key)
         after = before
         if values:
-            after = self._write_returning(info.update_sql(tuple(values)),
-                                          (*values.values(), *key), info, key)
+            sql, params = info.update_sql(tuple(values)), (*values.values(), *key)
+            known = _stored_row(info, values, before)
+            if known is not None:
+                self.conn.execute(sql, params)
+                after = known
+            else:
+                after = self._write_returning(sql, params, info, key)
         shown = {c: after[c] for c in values if before[c] != after[c]}
         return _change("update", info.name, info.key_of(before), shown), before, after
 
     def _insert(self, info: _TableInfo, values: Mapping[str, Any]) -> Dict[str, Any]:
         sql, params = info.insert_sql(tuple(values)), tuple(values.values())
+        known = _stored_row(info, values, info.defaults)
+        if known is not None:
+            self.conn.execute(sql, params)
+            return known
         if _HAS_RETURNING:
             return self._write_returning(sql, params, info, None)
         cursor = self.conn.execute(sql, params)
@@ -1084,6 +1201,28 @@ def _constraint_errors(change: Change, info: _TableInfo) -> Iterator[None]:
         raise ChangesetError(
             f"{change.op} on {info.name!r} has a value SQLite cannot store: {exc}."
         ) from exc
+
+
+def _stored_row(info: _TableInfo, values: Mapping[str, Any], rest: Mapping[str, Any]
+                ) -> Optional[Dict[str, Any]]:
+    """The row SQLite will store, when no affinity or default can change it; else None.
+
+    ``rest`` gives the columns ``values`` lacks (the defaults for an insert,
+    the row before an update).
+    """
+    exact = info.exact_types
+    for column, value in values.items():
+        if value is not None and type(value) not in exact.get(column, ()):
+            return None
+    row = {}
+    for column in info.columns:
+        if column in values:
+            row[column] = values[column]
+        elif column in rest:
+            row[column] = rest[column]
+        else:
+            return None  # an expression default, or SQLite assigns the rowid
+    return row
 
 
 def _missing_row(info: _TableInfo, op: str, key: Any) -> ChangesetError:
@@ -1516,11 +1655,20 @@ def _prepared_from_row(row: Sequence[Any]) -> _Prepared:
 
 def _event_from_row(row: Sequence[Any]) -> Event:
     seq, event_id, kind, payload, meta, ts = row
-    return Event(seq, event_id, kind, json.loads(payload) if payload is not None else None,
-                 json.loads(meta) if meta else {}, _parse_ts(ts))
+    event = object.__new__(Event)  # the fields come from the log: no checks (hot path)
+    event.__dict__.update(
+        seq=seq, id=event_id, type=kind,
+        payload=_loads(payload) if payload is not None else None,
+        meta=_loads(meta) if meta and meta != "{}" else {}, ts=_parse_ts(ts))
+    return event
 
 
 _EVENT_COLUMNS = "seq, id, type, payload, meta, ts"
+# What a write transaction reads first, in one statement: the rebuild
+# generation, the head and the last event's ts.
+_HEAD_SQL = """SELECT (SELECT value FROM fluxlite_meta WHERE key = 'generation'),
+    (SELECT seq FROM events ORDER BY seq DESC LIMIT 1),
+    (SELECT ts FROM events ORDER BY seq DESC LIMIT 1)"""
 
 
 class Store:
@@ -1560,7 +1708,7 @@ class Store:
                  reducer: Optional[Reducer], schema: str, *, durability: str,
                  clock: Callable[[], datetime], ids: Callable[[], str], version: Any,
                  generation: int, upcasters: Optional[Mapping[str, Upcaster]],
-                 middleware: Sequence[Middleware]) -> None:
+                 middleware: Sequence[Middleware], readonly_file: bool = False) -> None:
         self._conn = conn
         self._version = version
         self._generation = generation
@@ -1589,6 +1737,10 @@ class Store:
         self._committed = threading.Condition()  # followers wake on this store's commits
         self._commit_count = 0
         self._watcher: Optional[threading.Thread] = None
+        self._checkpointer: Optional[_Checkpointer] = None
+        if path not in (":memory:", "") and not readonly_file:
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # _Checkpointer does it, off-path
+            self._checkpointer = _Checkpointer(path)
         self._own_seqs: set = set()  # committed here, so the watcher skips them
         self._chain: Callable[[Dict[str, Any]], Any] = _refuse_during_setup
 
@@ -1641,6 +1793,9 @@ class Store:
 
     def close(self) -> None:
         """Close the connection (and stop watch()). Safe to call twice."""
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            checkpointer.stop()
         watcher, self._watcher = self._watcher, None
         with self._committed:
             self._committed.notify_all()
@@ -1851,18 +2006,22 @@ class Store:
             with self._committed:
                 self._commit_count += 1
                 self._committed.notify_all()
+            if self._checkpointer is not None:
+                self._checkpointer.committed()
         return results
 
     def _write(self, prepared: List[_Prepared], expect_seq: Optional[int],
                results: List[Event], committed: List[Tuple[Event, List[Change]]],
                ack: Optional[Tuple[str, str, int]] = None) -> None:
-        with _write_txn(self._conn):
+        conn = self._conn
+        with _write_txn(conn):
             if ack is not None:
-                _advance_consumer(self._conn, *ack)
-            self._check_generation()
-            row = self._conn.execute(
-                "SELECT seq, ts FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-            head, last_ts = row if row else (0, "")
+                _advance_consumer(conn, *ack)
+            generation, head, last_ts = conn.execute(_HEAD_SQL).fetchone()
+            self._check_generation(generation)
+            head, last_ts = head or 0, last_ts or ""
+            event_rows: List[Tuple[Any, ...]] = []
+            journal: List[Tuple[Any, ...]] = []
             seen: Dict[str, Tuple[_Prepared, Event]] = {}
             for item in prepared:
                 known = self._known_event(item, seen)
@@ -1877,18 +2036,20 @@ class Store:
                     )
                 expect_seq = None  # checked once, before the first new event
                 ts_text = self._timestamp(item, head, last_ts)
-                event, changes, journal = self._reduce_and_apply(item, head + 1, ts_text)
-                self._conn.execute(
-                    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                    (head + 1, item.id, item.type, item.payload_text, item.meta_text, ts_text),
-                )
-                if journal:
-                    self._conn.executemany(
-                        "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)", journal)
+                event, changes = self._reduce_and_apply(item, head + 1, ts_text, journal)
+                event_rows.append((head + 1, item.id, item.type, item.payload_text,
+                                   item.meta_text, ts_text))
                 head, last_ts = head + 1, ts_text
                 seen[item.id] = (item, event)
                 results.append(event)
                 committed.append((event, changes))
+            # Reducers cannot read the log, so its rows can wait for one write at the end.
+            if event_rows:
+                conn.executemany(
+                    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", event_rows)
+            if journal:
+                conn.executemany("INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 journal)
 
     def _timestamp(self, item: _Prepared, head: int, last_ts: str) -> str:
         """The new event's ts text: now, but never before the previous event."""
@@ -1914,11 +2075,9 @@ class Store:
             )
         return max(_format_ts(now), last_ts)
 
-    def _check_generation(self) -> None:
+    def _check_generation(self, stored: Optional[str]) -> None:
         """Refuse to write old-shape changes after another process rebuilt the model."""
-        row = self._conn.execute(
-            "SELECT value FROM fluxlite_meta WHERE key = 'generation'").fetchone()
-        generation = json.loads(row[0]) if row else 0
+        generation = json.loads(stored) if stored else 0
         if generation == self._generation:
             return
         meta = _read_meta(self._conn)
@@ -1963,8 +2122,8 @@ class Store:
             )
         return event
 
-    def _reduce_and_apply(self, item: _Prepared, seq: int, ts_text: str
-                          ) -> Tuple[Event, List[Change], List[Tuple[Any, ...]]]:
+    def _reduce_and_apply(self, item: _Prepared, seq: int, ts_text: str,
+                          journal: List[Tuple[Any, ...]]) -> Tuple[Event, List[Change]]:
         event = self._upcast(Event(seq, item.id, item.type, item.payload, item.meta,
                                    _parse_ts(ts_text)))
         assert self._reducer is not None
@@ -1973,9 +2132,7 @@ class Store:
             changes = _reduce(self._reducer, self._view, event)
         finally:
             self._reducing_thread = None
-        journal: List[Tuple[Any, ...]] = []
-        applied = self._model.apply(changes, seq, journal)
-        return event, applied, journal
+        return event, self._model.apply(changes, seq, journal)
 
     # -- subscribers -----------------------------------------------------------
 
@@ -3073,7 +3230,7 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
         store = Store(conn, path, tables, reducer, meta["schema"], durability=durability,
                       clock=clock, ids=ids, version=meta.get("version"),
                       generation=meta.get("generation", 0), upcasters=upcasters,
-                      middleware=middleware)
+                      middleware=middleware, readonly_file=readonly)
         store._readonly_file = readonly
         new_schema = meta["schema"] if schema is None else schema
         changed_schema = _normalize_schema(new_schema) != _normalize_schema(meta["schema"])
