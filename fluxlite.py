@@ -551,54 +551,6 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
     return conn
 
 
-class _Checkpointer:
-    """Runs WAL checkpoints in a background thread, off the dispatch path.
-
-    SQLite's automatic checkpoint runs inside whichever COMMIT crosses 1,000
-    WAL pages, stalling that dispatch; with it off, this thread runs a
-    PASSIVE checkpoint (which never blocks writers or readers) every
-    ``_CHECKPOINT_EVERY`` commits and after a second of quiet. The WAL stays
-    bounded: once checkpointed, SQLite writes it again from the start.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.commits = 0
-        self.wake = threading.Event()
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run, name=f"fluxlite-checkpoint {path}",
-                                       daemon=True)
-        self.thread.start()
-
-    def committed(self) -> None:
-        self.commits += 1
-        if self.commits >= _CHECKPOINT_EVERY:
-            self.wake.set()
-
-    def _run(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA busy_timeout=1000")
-            while not self.stopped:
-                self.wake.wait(1.0)
-                self.wake.clear()
-                if self.commits and not self.stopped:
-                    self.commits = 0
-                    with contextlib.suppress(sqlite3.Error):  # busy or closing: next time
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.wake.set()
-        if self.thread is not threading.current_thread():
-            self.thread.join()
-
-
-_CHECKPOINT_EVERY = 256
-
-
 @contextlib.contextmanager
 def _write_txn(conn: sqlite3.Connection) -> Iterator[None]:
     """BEGIN IMMEDIATE ... COMMIT; roll back on any exception, including in COMMIT.
@@ -1211,6 +1163,8 @@ def _stored_row(info: _TableInfo, values: Mapping[str, Any], rest: Mapping[str, 
     the row before an update).
     """
     exact = info.exact_types
+    if not exact:  # generated columns: only SQLite knows their values
+        return None
     for column, value in values.items():
         if value is not None and type(value) not in exact.get(column, ()):
             return None
@@ -1664,6 +1618,15 @@ def _event_from_row(row: Sequence[Any]) -> Event:
 
 
 _EVENT_COLUMNS = "seq, id, type, payload, meta, ts"
+_INSERT_EVENT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+_INSERT_JOURNAL = "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+
+def _insert_rows(conn: sqlite3.Connection, sql: str, rows: List[Tuple[Any, ...]]) -> None:
+    if len(rows) == 1:
+        conn.execute(sql, rows[0])  # cheaper than executemany for one row
+    elif rows:
+        conn.executemany(sql, rows)
 # What a write transaction reads first, in one statement: the rebuild
 # generation, the head and the last event's ts.
 _HEAD_SQL = """SELECT (SELECT value FROM fluxlite_meta WHERE key = 'generation'),
@@ -1733,14 +1696,11 @@ class Store:
         self._notifying = threading.local()
         self._frames = threading.local()  # per-thread stack of dispatch frames
         self._previewing = 0
+        self._head_cache: Optional[Tuple[Any, ...]] = None  # (data_version, generation, head, ts)
         self._readonly_file = False
         self._committed = threading.Condition()  # followers wake on this store's commits
         self._commit_count = 0
         self._watcher: Optional[threading.Thread] = None
-        self._checkpointer: Optional[_Checkpointer] = None
-        if path not in (":memory:", "") and not readonly_file:
-            conn.execute("PRAGMA wal_autocheckpoint=0")  # _Checkpointer does it, off-path
-            self._checkpointer = _Checkpointer(path)
         self._own_seqs: set = set()  # committed here, so the watcher skips them
         self._chain: Callable[[Dict[str, Any]], Any] = _refuse_during_setup
 
@@ -1793,9 +1753,6 @@ class Store:
 
     def close(self) -> None:
         """Close the connection (and stop watch()). Safe to call twice."""
-        checkpointer, self._checkpointer = self._checkpointer, None
-        if checkpointer is not None:
-            checkpointer.stop()
         watcher, self._watcher = self._watcher, None
         with self._committed:
             self._committed.notify_all()
@@ -1892,6 +1849,7 @@ class Store:
             finally:
                 frames.pop()
                 self._conn.execute("ROLLBACK")
+                self._head_cache = None
                 self._previewing -= 1
                 while len(self._pending) > pending:
                     self._pending.pop()
@@ -1941,6 +1899,7 @@ class Store:
         with self._lock:
             self._check_open()
             checkpoint.conn.backup(self._conn)
+            self._head_cache = None
             meta = _read_meta(self._conn)
             self._schema, self._version = meta["schema"], meta.get("version")
             self._load_tables(meta["tables"], meta.get("generation", 0))
@@ -2006,18 +1965,24 @@ class Store:
             with self._committed:
                 self._commit_count += 1
                 self._committed.notify_all()
-            if self._checkpointer is not None:
-                self._checkpointer.committed()
         return results
 
     def _write(self, prepared: List[_Prepared], expect_seq: Optional[int],
                results: List[Event], committed: List[Tuple[Event, List[Change]]],
                ack: Optional[Tuple[str, str, int]] = None) -> None:
         conn = self._conn
+        outermost = not conn.in_transaction  # a preview's transaction is rolled back
         with _write_txn(conn):
             if ack is not None:
                 _advance_consumer(conn, *ack)
-            generation, head, last_ts = conn.execute(_HEAD_SQL).fetchone()
+            # data_version moves only when another connection commits: until then the
+            # head this store last wrote is still the head (saves a query per dispatch).
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            cached = self._head_cache
+            if cached is not None and cached[0] == version and outermost:
+                generation, head, last_ts = cached[1:]
+            else:
+                generation, head, last_ts = conn.execute(_HEAD_SQL).fetchone()
             self._check_generation(generation)
             head, last_ts = head or 0, last_ts or ""
             event_rows: List[Tuple[Any, ...]] = []
@@ -2044,12 +2009,10 @@ class Store:
                 results.append(event)
                 committed.append((event, changes))
             # Reducers cannot read the log, so its rows can wait for one write at the end.
-            if event_rows:
-                conn.executemany(
-                    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", event_rows)
-            if journal:
-                conn.executemany("INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                 journal)
+            _insert_rows(conn, _INSERT_EVENT, event_rows)
+            _insert_rows(conn, _INSERT_JOURNAL, journal)
+            generation = _dumps(self._generation)
+        self._head_cache = (version, generation, head, last_ts) if outermost else None
 
     def _timestamp(self, item: _Prepared, head: int, last_ts: str) -> str:
         """The new event's ts text: now, but never before the previous event."""
@@ -2093,6 +2056,7 @@ class Store:
         self._load_tables(meta["tables"], generation)
 
     def _load_tables(self, names: Sequence[str], generation: int) -> None:
+        self._head_cache = None
         tables = {n: _read_table_info(self._conn, n) for n in names}
         self._model.tables = tables
         self._view = View(self._model)
