@@ -1264,19 +1264,19 @@ class Table:
         return self.get(key) is not None
 
     # change builders
-    def _values(self, row: Optional[Mapping[str, Any]], columns: Mapping[str, Any],
+    def _values(self, row: Optional[Mapping[str, Any]], columns: Dict[str, Any],
                 op: str) -> Dict[str, Any]:
-        values = dict(row or {}, **columns)
+        values = dict(row, **columns) if row else columns
         self.view._model.check_columns(self._info, values, op)
         return values
 
     def insert(self, row: Optional[Mapping[str, Any]] = None, /, **columns: Any) -> Change:
         """A Change inserting this row (as a dict, or as keyword arguments)."""
-        return Change("insert", self.name, None, self._values(row, columns, "insert"))
+        return _change("insert", self._info.name, None, self._values(row, columns, "insert"))
 
     def upsert(self, row: Optional[Mapping[str, Any]] = None, /, **columns: Any) -> Change:
         """A Change inserting the row, or updating it if its key exists."""
-        return Change("upsert", self.name, None, self._values(row, columns, "upsert"))
+        return _change("upsert", self._info.name, None, self._values(row, columns, "upsert"))
 
     def update(self, key: Any, values: Optional[Mapping[str, Any]] = None, /,
                **columns: Any) -> Change:
@@ -1591,11 +1591,11 @@ def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
             f"received {_describe(event_id)}. Omit it to have one generated."
         )
     payload_text = _to_json_text(action.get("payload"), "payload")
-    meta_text = _to_json_text(dict(meta), "meta")
+    meta_text = _to_json_text(dict(meta), "meta") if meta else "{}"
     return _Prepared(
         id=event_id if id_given else ids(), id_given=id_given, type=kind,
         payload_text=payload_text, meta_text=meta_text,
-        payload=json.loads(payload_text), meta=json.loads(meta_text),
+        payload=_loads(payload_text), meta=_loads(meta_text) if meta else {},
     )
 
 
