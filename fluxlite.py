@@ -924,7 +924,7 @@ class _Model:
             except sqlite3.DatabaseError as exc:
                 if "not authorized" in str(exc):
                     raise QueryError(
-                        f"query() is read-only (SELECT and WITH only"
+                        "query() is read-only (SELECT and WITH only"
                         + (", on read-model tables, inside a reducer" if self.query_mode == 2 else "")
                         + f"); refused: {sql[:200]!r}. Change data by dispatching events."
                     ) from None
@@ -2809,7 +2809,7 @@ def _as_of(store: Store, seq: int) -> View:
     try:
         conn, live = model.conn, store._conn
         with _write_txn(conn):
-            for name, info in model.tables.items():
+            for info in model.tables.values():
                 rows = live.execute(f"SELECT * FROM {info.q}")
                 conn.executemany(info.insert_sql(info.columns), rows)
             # The first change to each row after seq holds the row as it was then.

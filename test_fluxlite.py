@@ -656,7 +656,7 @@ def test_table_reads(store):
     assert store.view.rights.get(["b", "admin"]) == {"user": "b", "right": "admin"}
     assert store.view.tables == ["rights", "users"]
     with pytest.raises(AttributeError, match="No read-model table 'nope'"):
-        store.view.nope
+        _ = store.view.nope
     with pytest.raises(fluxlite.ChangesetError, match="unknown column"):
         users.find(age=3)
 
