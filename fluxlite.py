@@ -1959,7 +1959,7 @@ class Store:
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, self._path) from exc
             self._pending.extend(committed)
-            if self._watcher is not None:
+            if self._watcher is not None and not self._previewing:  # a preview rolls back
                 self._own_seqs.update(e.seq for e, _ in committed)
         if committed:
             with self._committed:

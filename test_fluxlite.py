@@ -2568,3 +2568,18 @@ def test_generated_columns_are_read_but_not_written():
             k="a", g="mine")) as store:
         with pytest.raises(fluxlite.ChangesetError, match="generated column"):
             store.dispatch("x")
+
+
+def test_a_preview_does_not_hide_the_next_event_from_the_watcher(tmp_path):
+    path = str(tmp_path / "w.db")
+    heard = []
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store, \
+            fluxlite.open(path, reducer=items_reducer) as other:
+        store.subscribe(lambda e, c: heard.append(e.seq))
+        store.watch()
+        store.preview("put", {"id": "what-if", "n": 1})  # would be seq 1, rolled back
+        other.dispatch("put", {"id": "real", "n": 2})  # really seq 1, from elsewhere
+        deadline = time.time() + 5
+        while not heard and time.time() < deadline:
+            time.sleep(0.01)
+    assert heard == [1]
