@@ -272,3 +272,21 @@ def test_demo_tells_the_tour(tmp_path):
         assert step in out
     assert (tmp_path / "tour" / "demo.db").exists()
     assert "Look inside" in out
+
+
+def test_progress_bar_only_when_stderr_is_a_terminal(work):
+    import pty
+    with fluxlite.open(work / "big.db", app=__import__("cliapp").APP) as store:
+        store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{n}"}}
+                             for n in range(2500)])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    primary, secondary = pty.openpty()
+    proc = subprocess.run([sys.executable, "-m", "fluxlite", "verify", "big.db", "--app",
+                           "cliapp:APP"], cwd=work, env=env, stdout=subprocess.PIPE,
+                          stderr=secondary, timeout=60)
+    os.close(secondary)
+    shown = os.read(primary, 65536).decode()
+    os.close(primary)
+    assert proc.returncode == 0 and "verify [" in shown and "2000/2500" in shown
+    piped = cli("verify", "big.db", "--app", "cliapp:APP", cwd=work)
+    assert piped.stderr == ""  # not a terminal: no progress bar
