@@ -1938,12 +1938,12 @@ class Store:
         return event
 
     def _commit(self, actions: Sequence[Mapping[str, Any]], expect_seq: Optional[int],
-                ack: Optional[Tuple[str, str, int]] = None) -> List[Event]:
+                ack: Optional[Tuple[str, str, int, float]] = None) -> List[Event]:
         self._check_dispatchable()
         return self._commit_prepared([_prepare(a, self._ids) for a in actions], expect_seq, ack)
 
     def _commit_prepared(self, prepared: List[_Prepared], expect_seq: Optional[int] = None,
-                         ack: Optional[Tuple[str, str, int]] = None) -> List[Event]:
+                         ack: Optional[Tuple[str, str, int, float]] = None) -> List[Event]:
         results: List[Event] = []
         committed: List[Tuple[Event, List[Change]]] = []
         with self._lock:
@@ -1969,7 +1969,7 @@ class Store:
 
     def _write(self, prepared: List[_Prepared], expect_seq: Optional[int],
                results: List[Event], committed: List[Tuple[Event, List[Change]]],
-               ack: Optional[Tuple[str, str, int]] = None) -> None:
+               ack: Optional[Tuple[str, str, int, float]] = None) -> None:
         conn = self._conn
         outermost = not conn.in_transaction  # a preview's transaction is rolled back
         with _write_txn(conn):
@@ -2530,7 +2530,7 @@ class _Frame:
     expect_seq: Optional[int] = None
     batch: Optional[List[Dict[str, Any]]] = None  # dispatch_many collects here
     preview: bool = False
-    ack: Optional[Tuple[str, str, int]] = None  # (consumer, owner, seq) acked in the same txn
+    ack: Optional[Tuple[str, str, int, float]] = None  # (consumer, owner, seq, lease) acked too
     changes: List[Change] = dataclasses.field(default_factory=list)
 
 
@@ -2617,8 +2617,9 @@ def _holder_is_dead(owner: Optional[str]) -> bool:
     return False
 
 
-def _advance_consumer(conn: sqlite3.Connection, name: str, owner: str, seq: int) -> None:
-    """Move a consumer's position to seq, inside the caller's transaction."""
+def _advance_consumer(conn: sqlite3.Connection, name: str, owner: str, seq: int,
+                      lease: float = 30.0) -> None:
+    """Move a consumer's position to seq (renewing its lease), in the caller's transaction."""
     row = conn.execute("SELECT position, owner FROM fluxlite_consumers WHERE name = ?",
                        (name,)).fetchone()
     if row is None or row[1] != owner:
@@ -2626,12 +2627,8 @@ def _advance_consumer(conn: sqlite3.Connection, name: str, owner: str, seq: int)
             f"Consumer {name!r} lost its lease (now held by {row[1] if row else None!r}); "
             f"nothing was acknowledged. Another worker took over; reopen the consumer."
         )
-    if seq > row[0]:
-        conn.execute("UPDATE fluxlite_consumers SET position = ?, lease_until = ? WHERE name = ?",
-                     (seq, time.time() + _LEASE_RENEW, name))
-
-
-_LEASE_RENEW = 30.0
+    conn.execute("UPDATE fluxlite_consumers SET position = ?, lease_until = ? WHERE name = ?",
+                 (max(seq, row[0]), time.time() + lease, name))
 
 
 class Consumer:
@@ -2653,6 +2650,7 @@ class Consumer:
         self._owner = _lease_owner()
         self._yielded = 0
         self.position = self._acquire()
+        self._renewed = time.monotonic()
 
     def _acquire(self) -> int:
         store = self.store
@@ -2690,6 +2688,8 @@ class Consumer:
         for event, changes in source:
             if event.seq <= self._yielded:
                 continue
+            if time.monotonic() - self._renewed > self._lease / 3:
+                self.ack(self.position)  # renews the lease (or raises Conflict if lost)
             self._yielded = event.seq
             yield event, changes
 
@@ -2706,10 +2706,11 @@ class Consumer:
             store._check_open()
             try:
                 with _write_txn(store._conn):
-                    _advance_consumer(store._conn, self.name, self._owner, seq)
+                    _advance_consumer(store._conn, self.name, self._owner, seq, self._lease)
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, store._path) from exc
         self.position = max(self.position, seq)
+        self._renewed = time.monotonic()
 
     def dispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None, *,
                  ack: Union[Event, int], **kwargs: Any) -> Event:
@@ -2720,7 +2721,8 @@ class Consumer:
                               kwargs.pop("actor", None))
         store._check_dispatchable()
         frames = store._frame_stack()
-        frames.append(_Frame(kwargs.pop("expect_seq", None), ack=(self.name, self._owner, seq)))
+        frames.append(_Frame(kwargs.pop("expect_seq", None),
+                             ack=(self.name, self._owner, seq, self._lease)))
         try:
             if kwargs:
                 raise UsageError(f"Unknown dispatch argument(s): {sorted(kwargs)}.")
@@ -2737,10 +2739,13 @@ class Consumer:
         with store._lock:
             if store._closed:
                 return
-            with _write_txn(store._conn):
-                store._conn.execute(
-                    "UPDATE fluxlite_consumers SET owner = NULL, lease_until = 0 "
-                    "WHERE name = ? AND owner = ?", (self.name, self._owner))
+            try:
+                with _write_txn(store._conn):
+                    store._conn.execute(
+                        "UPDATE fluxlite_consumers SET owner = NULL, lease_until = 0 "
+                        "WHERE name = ? AND owner = ?", (self.name, self._owner))
+            except sqlite3.OperationalError as exc:
+                raise _storage_error(exc, store._path) from exc
 
     def __enter__(self) -> "Consumer":
         return self

@@ -2583,3 +2583,24 @@ def test_a_preview_does_not_hide_the_next_event_from_the_watcher(tmp_path):
         while not heard and time.time() < deadline:
             time.sleep(0.01)
     assert heard == [1]
+
+
+def test_reading_renews_a_consumer_lease(tmp_path):
+    path = str(tmp_path / "lease.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store, \
+            fluxlite.open(path, reducer=items_reducer) as elsewhere:
+        for n in range(4):
+            store.dispatch("put", {"id": f"i{n}", "n": n})
+        slow = store.consumer("slow", lease=0.6)
+        for event, _ in slow:  # 0.3 s per event: 1.2 s in all, twice the lease
+            time.sleep(0.3)
+            with pytest.raises(fluxlite.Busy):
+                elsewhere.consumer("slow")  # still ours: reading renewed the lease
+        slow.ack(event)
+        until = store.query("SELECT lease_until FROM fluxlite_consumers")[0]["lease_until"]
+        assert 0 < until - time.time() <= 0.6  # renewed with this consumer's own lease
+        time.sleep(0.7)
+        taken = elsewhere.consumer("slow")  # expired: another process may take over
+        assert taken.position == 4
+        with pytest.raises(fluxlite.Conflict, match="lost its lease"):
+            slow.ack(4)
