@@ -615,7 +615,7 @@ class _TableInfo:
 
     __slots__ = ("name", "columns", "column_set", "pk", "pk_types", "rowid_key", "q",
                  "where_key", "select_key", "delete_key", "order_by", "_insert_sql",
-                 "writable", "exact_types", "defaults")
+                 "writable", "writable_columns", "exact_types", "defaults")
 
     def __init__(self, name: str, columns: Sequence[str], pk: Sequence[str],
                  rowid_key: bool, pk_types: Sequence[str] = (),
@@ -624,6 +624,7 @@ class _TableInfo:
                  defaults: Optional[Mapping[str, Any]] = None) -> None:
         self.name = name
         self.writable = frozenset(columns if writable is None else writable)
+        self.writable_columns = tuple(c for c in columns if c in self.writable)
         # Per column, the Python types SQLite stores unchanged (its affinity),
         # and the constant defaults: with both, an insert's stored row is known
         # without asking SQLite for it back (see _Model._stored_row).
@@ -2809,30 +2810,72 @@ def _apply_events(model: _Model, reducer: Reducer, events: Iterable[Event],
 
 
 def _as_of(store: Store, seq: int) -> View:
-    """The model right after ``seq``: the live tables with later changes undone."""
+    """The model right after ``seq``: the live tables with later changes undone.
+
+    The first change to each row after ``seq`` holds the row as it was then,
+    so one pass over the journal's tail says what to undo; the undo itself is
+    set-based SQL (json_extract), with a row-by-row fallback for SQLite
+    builds without JSON functions.
+    """
     model = _scratch_model(store._schema, ":memory:", journal=False)
     try:
         conn, live = model.conn, store._conn
         with _write_txn(conn):
             for info in model.tables.values():
-                rows = live.execute(f"SELECT * FROM {info.q}")
-                conn.executemany(info.insert_sql(info.columns), rows)
-            # The first change to each row after seq holds the row as it was then.
+                columns = ", ".join(_quote(c) for c in info.writable_columns)
+                conn.executemany(info.insert_sql(info.writable_columns),
+                                 live.execute(f"SELECT {columns} FROM {info.q}"))
+            # "+tbl, +key": group without the (tbl, key, seq) index, so SQLite
+            # searches the primary key for seq > ? instead of scanning it all.
             undo = live.execute(
                 "SELECT tbl, key, before, min(seq * 4294967296 + n) FROM fluxlite_journal "
-                "WHERE seq > ? GROUP BY tbl, key", (seq,))
-            for table, key, before, _ in undo:
-                info = model.tables[table]
-                key_value = json.loads(key)
-                params = tuple(key_value) if isinstance(key_value, list) else (key_value,)
-                conn.execute(info.delete_key, params)
-                if before is not None:
-                    row = json.loads(before)
-                    conn.execute(info.insert_sql(tuple(row)), tuple(row.values()))
+                "WHERE seq > ? GROUP BY +tbl, +key", (seq,))
+            conn.execute("CREATE TEMP TABLE fluxlite_undo (tbl TEXT, key TEXT, before TEXT)")
+            conn.executemany("INSERT INTO fluxlite_undo VALUES (?, ?, ?)",
+                             (row[:3] for row in undo))
+            # A JSON path cannot name every column (a '"' in it): those tables go
+            # row by row, as all do on a SQLite without JSON functions.
+            simple = [n for n, i in model.tables.items()
+                      if not any('"' in c or "\\" in c for c in i.columns)]
+            try:
+                _undo_in_sql(conn, model, simple)
+            except sqlite3.OperationalError:
+                simple = []
+            _undo_in_python(conn, model, [n for n in model.tables if n not in simple])
     except BaseException:
         model.conn.close()
         raise
     return View(model, seq=seq, owned=True)
+
+
+def _undo_in_sql(conn: sqlite3.Connection, model: _Model, names: List[str]) -> None:
+    for name in names:
+        info = model.tables[name]
+        paths = ["'$'"] if len(info.pk) == 1 else [f"'$[{i}]'" for i in range(len(info.pk))]
+        key = ", ".join(f"json_extract(u.key, {p})" for p in paths)
+        pk = ", ".join(_quote(c) for c in info.pk)
+        conn.execute(f"DELETE FROM {info.q} WHERE ({pk}) IN "
+                     f"(SELECT {key} FROM fluxlite_undo u WHERE u.tbl = ?)", (name,))
+        cols = info.writable_columns
+        values = ", ".join(f"json_extract(u.before, ?)" for _ in cols)
+        conn.execute(f"INSERT INTO {info.q} ({', '.join(_quote(c) for c in cols)}) "
+                     f"SELECT {values} FROM fluxlite_undo u "
+                     f"WHERE u.tbl = ? AND u.before IS NOT NULL",
+                     (*("$." + json.dumps(c) for c in cols), name))
+
+
+def _undo_in_python(conn: sqlite3.Connection, model: _Model, names: List[str]) -> None:
+    rows = conn.execute("SELECT * FROM fluxlite_undo").fetchall() if names else []
+    for table, key, before in rows:
+        if table not in names:
+            continue
+        info = model.tables[table]
+        key_value = json.loads(key)
+        conn.execute(info.delete_key,
+                     tuple(key_value) if isinstance(key_value, list) else (key_value,))
+        if before is not None:
+            row = {c: v for c, v in json.loads(before).items() if c in info.writable}
+            conn.execute(info.insert_sql(tuple(row)), tuple(row.values()))
 
 
 def _rebuild(store: Store, schema: str, version: Any,

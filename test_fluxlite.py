@@ -2604,3 +2604,38 @@ def test_reading_renews_a_consumer_lease(tmp_path):
         assert taken.position == 4
         with pytest.raises(fluxlite.Conflict, match="lost its lease"):
             slow.ack(4)
+
+
+@pytest.mark.parametrize("undo", ["sql", "python"])
+def test_at_undoes_in_sql_or_row_by_row_alike(monkeypatch, undo):
+    if undo == "python":  # as on a SQLite build without JSON functions
+        def no_json(conn, model, names):
+            raise sqlite3.OperationalError("no such function: json_extract")
+        monkeypatch.setattr(fluxlite, "_undo_in_sql", no_json)
+    schema = AFFINITIES + ";" + SCHEMA + """
+        CREATE TABLE odd (k TEXT PRIMARY KEY, "a.b" TEXT, "q""uote" TEXT, "$x" INTEGER);"""
+
+    def r(view, event):
+        p = event.payload
+        if event.type == "t":
+            return view.t.upsert(k=p["k"], **p["row"])
+        if event.type == "drop":
+            return view.t.delete(p["k"])
+        if event.type == "odd":
+            return view.odd.upsert(k="1", **{"a.b": p, 'q"uote': p, "$x": len(p)})
+        return reducer(view, event)
+
+    with fluxlite.open(":memory:", schema=schema, reducer=r) as store:
+        store.dispatch("t", {"k": "a", "row": {"i": 1, "r": 2.5, "s": "x", "n": "12", "x": None}})
+        store.dispatch("t", {"k": 'we"ird key', "row": {"b": "blob?", "q": 3}})
+        add(store, "joe")
+        store.dispatch("grantAccess", {"name": "joe", "right": "vp"})
+        store.dispatch("t", {"k": "a", "row": {"i": 9, "s": None}})
+        store.dispatch("drop", {"k": 'we"ird key'})
+        store.dispatch("grantAccess", {"name": "joe", "right": "president"})
+        store.dispatch("odd", "first")
+        store.dispatch("odd", "second")
+        for k in range(store.head + 1):
+            with store.at(k) as past, store.replay(k) as fresh:
+                for table in ("t", "users", "rights", "odd"):
+                    assert past[table].all() == fresh.view[table].all(), (k, table)
