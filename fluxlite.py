@@ -379,7 +379,10 @@ class Revision:
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deeply to show"
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{text} (of type {type(value).__name__})"
@@ -405,6 +408,38 @@ def _to_json_text(value: Any, what: str) -> str:
             f"int, finite float, bool, None. Received {_describe(value)}: {exc}. "
             f"Convert it to plain JSON data before dispatching."
         ) from None
+    # Bracket count bounds the depth; only a deep candidate is measured.
+    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+        raise InvalidEvent(
+            f"An event's {what} nests more than {MAX_DEPTH} levels deep; such data could "
+            f"not be read back safely everywhere (Python's recursion limit). Flatten it."
+        )
+    return text
+
+
+#: How deep an event's payload or meta may nest (lists and dicts).
+MAX_DEPTH = 200
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of lists and dicts, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (list, tuple, dict)):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (
+                item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _check_text(text: str, what: str, error: type) -> str:
+    """Refuse text SQLite cannot store (lone surrogates are not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(f"{what} {text!r} is not valid Unicode text (a lone surrogate); "
+                    f"fix the string's encoding.") from None
     return text
 
 
@@ -524,6 +559,8 @@ def _connect(path: str, durability: str, readonly: bool = False) -> sqlite3.Conn
         conn.execute(f"PRAGMA synchronous={_DURABILITY[durability]}")
     except sqlite3.DatabaseError as exc:
         conn.close()
+        if _is_storage_problem(exc):
+            raise _storage_error(exc, path) from exc
         raise SchemaError(
             f"{path!r} is not a SQLite database ({exc}); fluxlite stores are SQLite "
             f"files. Check the path, or choose a new file name."
@@ -539,12 +576,24 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
     if path == ":memory:" or not os.path.isfile(path):
         raise UsageError(f"No such store file: {path!r}. Check the path.")
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    # On read-only media SQLite cannot make the WAL's -shm file; with no WAL
+    # content to miss, the file can be read as immutable instead.
+    wal = path + "-wal"
+    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK) and not (
+            os.path.exists(wal) and os.path.getsize(wal)) and not os.path.exists(path + "-shm"):
+        uri += "&immutable=1"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout={DEFAULT_PRAGMAS['busy_timeout']}")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as exc:
         conn.close()
+        if _is_storage_problem(exc):
+            raise StorageError(
+                f"SQLite could not open {path!r} for reading: {exc}. On read-only media a "
+                f"store with an unfinished WAL cannot be read; copy the files somewhere "
+                f"writable, or open it once where it is writable so the WAL is checkpointed."
+            ) from exc
         raise SchemaError(
             f"{path!r} is not a SQLite database ({exc}); fluxlite stores are SQLite files."
         ) from exc
@@ -603,6 +652,13 @@ def _storage_error(exc: sqlite3.Error, path: str) -> FluxliteError:
         f"SQLite could not write {path!r}: {text}. Nothing was written. Check free disk "
         f"space and that the file and its directory are writable, then retry."
     )
+
+
+def _is_storage_problem(exc: sqlite3.Error) -> bool:
+    """Locks, full disks, read-only files: not a malformed file."""
+    text = str(exc)
+    return any(s in text for s in ("locked", "busy", "full", "readonly", "read-only",
+                                    "unable to open", "disk I/O"))
 
 
 ###############################################################################
@@ -684,6 +740,12 @@ class _TableInfo:
                 f"in that order, received {_describe(key)}."
             )
         for column, part in zip(self.pk, key):
+            if part is None:
+                raise ChangesetError(
+                    f"Table {self.name!r}: key {key!r} has a None for {column!r}; every "
+                    f"part of a primary key must have a value (SQL's NULL never equals "
+                    f"itself, so the row could never be found again)."
+                )
             _check_value(part, self.name, column)
         return key
 
@@ -820,7 +882,7 @@ def _create_schema(conn: sqlite3.Connection, schema: str) -> List[str]:
             )
         try:
             conn.execute(statement)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeEncodeError) as exc:
             raise SchemaError(
                 f"Schema statement {number} failed: {exc}. Statement: "
                 f"{statement[:200]!r}. Note `events`, `fluxlite_*` and `sqlite_*` "
@@ -892,7 +954,13 @@ class _Model:
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> List[Dict[str, Any]]:
         with self.lock:
-            cursor = self.conn.execute(sql, params)
+            try:
+                cursor = self.conn.execute(sql, params)
+            except UnicodeEncodeError:
+                raise ChangesetError(
+                    f"A value looked up in the read model is not valid Unicode text (a "
+                    f"lone surrogate): {_describe(params)}."
+                ) from None
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row)) for row in cursor]
 
@@ -1538,7 +1606,7 @@ def _action_from(type_or_action: Any, payload: Any, meta: Any, id: Any,
         if extra:
             raise InvalidEvent(
                 f"An event dict has the keys type, payload, meta and id (Flux "
-                f"Standard Action); received unknown key(s) {sorted(extra)}."
+                f"Standard Action); received unknown key(s) {sorted(extra, key=repr)}."
             )
         if payload is not None or meta is not None or id is not None:
             raise InvalidEvent(
@@ -1573,6 +1641,7 @@ def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
             f"An event type must be a non-empty string such as 'addUser'; received "
             f"{_describe(kind)}."
         )
+    _check_text(kind, "An event type", InvalidEvent)
     if kind.startswith("fluxlite.") and kind not in _BUILTIN_REDUCERS:
         raise InvalidEvent(
             f"Event types starting with 'fluxlite.' are reserved for built-in events "
@@ -1591,6 +1660,8 @@ def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
             f"An event id must be a non-empty string (it is the idempotency key); "
             f"received {_describe(event_id)}. Omit it to have one generated."
         )
+    if id_given:
+        _check_text(event_id, "An event id", InvalidEvent)
     payload_text = _to_json_text(action.get("payload"), "payload")
     meta_text = _to_json_text(dict(meta), "meta") if meta else "{}"
     return _Prepared(
@@ -1698,6 +1769,10 @@ class Store:
         self._frames = threading.local()  # per-thread stack of dispatch frames
         self._previewing = 0
         self._head_cache: Optional[Tuple[Any, ...]] = None  # (data_version, generation, head, ts)
+        self._file_id: Optional[Tuple[int, int]] = None
+        if path not in (":memory:", ""):
+            info = os.stat(path)
+            self._file_id = (info.st_dev, info.st_ino)
         self._readonly_file = False
         self._committed = threading.Condition()  # followers wake on this store's commits
         self._commit_count = 0
@@ -1841,8 +1916,11 @@ class Store:
         frame = _Frame(expect_seq, preview=True)
         with self._lock:
             pending = len(self._pending)
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise _storage_error(exc, self._path) from exc
             self._previewing += 1
-            self._conn.execute("BEGIN IMMEDIATE")
             frames = self._frame_stack()
             frames.append(frame)
             try:
@@ -2012,6 +2090,7 @@ class Store:
             # Reducers cannot read the log, so its rows can wait for one write at the end.
             _insert_rows(conn, _INSERT_EVENT, event_rows)
             _insert_rows(conn, _INSERT_JOURNAL, journal)
+            self._check_file()
             generation = _dumps(self._generation)
         self._head_cache = (version, generation, head, last_ts) if outermost else None
 
@@ -2038,6 +2117,25 @@ class Store:
                 f"returned {_describe(now)}. Use datetime.now(timezone.utc)."
             )
         return max(_format_ts(now), last_ts)
+
+    def _check_file(self) -> None:
+        """Refuse to commit into a file that was deleted or replaced since open.
+
+        SQLite would write on to the open (unlinked or stale) file: the commit
+        would be acknowledged, then lost. Nothing is written instead.
+        """
+        if self._file_id is None:
+            return
+        try:
+            info = os.stat(self._path)
+            same = (info.st_dev, info.st_ino) == self._file_id
+        except OSError:
+            same = False
+        if not same:
+            raise StorageError(
+                f"{self._path!r} was deleted or replaced while this store had it open; "
+                f"nothing was written. Close the store and open the file again."
+            )
 
     def _check_generation(self, stored: Optional[str]) -> None:
         """Refuse to write old-shape changes after another process rebuilt the model."""
@@ -2159,6 +2257,8 @@ class Store:
                 f"event() takes a seq (int) or an id (str); received {_describe(seq_or_id)}."
             )
         column = "seq" if isinstance(seq_or_id, int) else "id"
+        if column == "id":
+            _check_text(seq_or_id, "An event id", UsageError)  # type: ignore[arg-type]
         with self._lock:
             self._check_open()
             row = self._conn.execute(
@@ -2443,7 +2543,7 @@ class Store:
         info = self._model.table(table, error=UsageError)
         params = info.key_params(_as_key(key))
         stored = tuple(_with_affinity(v, t) for v, t in zip(params, info.pk_types))
-        key_text = _dumps(_key_json(_unparams(info, stored)))
+        key_text = _check_text(_dumps(_key_json(_unparams(info, stored))), "The key", UsageError)
         with self._lock:
             self._check_open()
             rows = self._conn.execute(
@@ -2499,10 +2599,12 @@ def _type_filter(types: Union[None, str, Iterable[str]]) -> Optional[frozenset]:
     if types is None:
         return None
     if isinstance(types, str):
-        return frozenset([types])
+        return frozenset([_check_text(types, "An event type", UsageError)])
     wanted = frozenset(types)
     if not all(isinstance(t, str) for t in wanted):
         raise UsageError(f"types must be a str or an iterable of str; received {types!r}.")
+    for kind in wanted:
+        _check_text(kind, "An event type", UsageError)
     return wanted
 
 
@@ -2647,6 +2749,7 @@ class Consumer:
     def __init__(self, store: Store, name: str, lease: float) -> None:
         if not isinstance(name, str) or not name:
             raise UsageError(f"A consumer name is a non-empty str; received {_describe(name)}.")
+        _check_text(name, "A consumer name", UsageError)
         self.store, self.name, self._lease = store, name, float(lease)
         self._owner = _lease_owner()
         self._yielded = 0
@@ -2881,10 +2984,22 @@ def _undo_in_python(conn: sqlite3.Connection, model: _Model, names: List[str]) -
 def _rebuild(store: Store, schema: str, version: Any,
              progress: Optional[Callable[[int], None]] = None) -> None:
     """Replay the log into a separate file, then swap tables and journal in one transaction."""
+    try:
+        _rebuild_unmapped(store, schema, version, progress)
+    except sqlite3.OperationalError as exc:
+        if _is_storage_problem(exc):
+            raise _storage_error(exc, store._path) from exc
+        raise
+
+
+def _rebuild_unmapped(store: Store, schema: str, version: Any,
+                      progress: Optional[Callable[[int], None]]) -> None:
     reducer = store._reducer
     assert reducer is not None
     directory = os.path.dirname(os.path.abspath(store._path)) if store._path != ":memory:" else None
-    fd, scratch = tempfile.mkstemp(prefix=".fluxlite-rebuild-", suffix=".db", dir=directory)
+    prefix = f".{os.path.basename(store._path)}.rebuild-"
+    _remove_stale_scratch(directory or tempfile.gettempdir(), prefix)
+    fd, scratch = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".db", dir=directory)
     os.close(fd)
     conn = store._conn
     try:
@@ -2905,6 +3020,18 @@ def _rebuild(store: Store, schema: str, version: Any,
         for suffix in ("", "-journal", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(scratch + suffix)
+
+
+def _remove_stale_scratch(directory: str, prefix: str) -> None:
+    """Delete scratch files of rebuilds whose process died (killed mid-rebuild)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            if not name.startswith(prefix):
+                continue
+            pid = name[len(prefix):].partition("-")[0]
+            if pid.isdigit() and _holder_is_dead(f"{socket.gethostname()}/{pid}/"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(directory, name))
 
 
 def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Model) -> int:
@@ -3236,6 +3363,8 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                     meta = _initialise(conn, path, schema, version, adopt, clock, ids)
                 tables = {n: _read_table_info(conn, n) for n in meta["tables"]}
         except sqlite3.DatabaseError as exc:
+            if _is_storage_problem(exc):
+                raise _storage_error(exc, path) from exc
             raise SchemaError(
                 f"{path!r} could not be read as a fluxlite store: {exc}."
             ) from exc

@@ -2639,3 +2639,18 @@ def test_at_undoes_in_sql_or_row_by_row_alike(monkeypatch, undo):
             with store.at(k) as past, store.replay(k) as fresh:
                 for table in ("t", "users", "rights", "odd"):
                     assert past[table].all() == fresh.view[table].all(), (k, table)
+
+
+def test_a_rebuild_cleans_up_scratch_files_of_killed_rebuilds(tmp_path):
+    path = str(tmp_path / "items.db")
+    make_items(path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".items.db.rebuild-{dead}-abcd.db"
+    alive = tmp_path / f".items.db.rebuild-{os.getpid()}-efgh.db"  # a rebuild still running
+    stale.write_bytes(b"left by a killed rebuild")
+    alive.write_bytes(b"in use")
+    with fluxlite.open(path, reducer=items_reducer) as store:
+        store.rebuild()
+    assert not stale.exists() and alive.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if "rebuild" in p.name) == [alive.name]
