@@ -172,6 +172,11 @@ _LOG_DDL = (
        BEGIN SELECT RAISE(ABORT, 'fluxlite: the events log is append-only; UPDATE is refused'); END""",
     """CREATE TRIGGER fluxlite_events_no_delete BEFORE DELETE ON events
        BEGIN SELECT RAISE(ABORT, 'fluxlite: the events log is append-only; DELETE is refused'); END""",
+    # REPLACE deletes the conflicting row without firing DELETE triggers: refuse
+    # any insert whose seq or id is already in the log, before that happens.
+    """CREATE TRIGGER fluxlite_events_no_replace BEFORE INSERT ON events
+       WHEN EXISTS (SELECT 1 FROM events WHERE seq = NEW.seq OR id = NEW.id)
+       BEGIN SELECT RAISE(ABORT, 'fluxlite: the events log is append-only; REPLACE is refused'); END""",
     # Every row change, with the whole row before and after: row history and
     # the past without replaying, and the changes of events written elsewhere.
     """CREATE TABLE fluxlite_journal (
@@ -204,9 +209,13 @@ _ALLOWED_DDL = re.compile(r"^CREATE\s+(TABLE|(UNIQUE\s+)?INDEX)\b", re.IGNORECAS
 _READ_ACTIONS = frozenset({20, 21, 31, 33})
 _SQLITE_READ = 20
 _READONLY_TAG = "\n/* fluxlite:read-only */"
+_REDUCER_TAG = "\n/* fluxlite:reducer */"
 _PAGE = 512  # rows fetched per query when streaming the log
-# RETURNING (SQLite 3.35, 2021) saves a statement per row change; older
-# SQLite falls back to a SELECT after the write.
+# DELETE ... RETURNING (SQLite 3.35, 2021) saves a statement; older SQLite
+# reads the row first. INSERT/UPDATE ... RETURNING is not used: SQLite 3.40
+# can report a REAL column's affinity on the wrong column (the torture suite
+# found it), so those rows are read back with a SELECT when they are not
+# known in advance (_stored_row).
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 
 ###############################################################################
@@ -565,6 +574,9 @@ def _connect(path: str, durability: str, readonly: bool = False) -> sqlite3.Conn
             f"{path!r} is not a SQLite database ({exc}); fluxlite stores are SQLite "
             f"files. Check the path, or choose a new file name."
         ) from exc
+    except UnicodeDecodeError as exc:  # damaged text in sqlite_master (Python 3.11+)
+        conn.close()
+        raise SchemaError(f"{path!r} is damaged: its schema text is not UTF-8 ({exc}).") from exc
     except BaseException:
         conn.close()
         raise
@@ -986,8 +998,10 @@ class _Model:
             self.query_mode = 2 if previous == 2 else 1
             try:
                 # The tag keeps this text apart from fluxlite's own cached
-                # statements, so it is always prepared (and authorized) here.
-                cursor = self.conn.execute(sql + _READONLY_TAG, params)
+                # statements (and a reducer's apart from query()'s), so it is
+                # always prepared, and authorized, under the rules in force.
+                tag = _REDUCER_TAG if self.query_mode == 2 else _READONLY_TAG
+                cursor = self.conn.execute(sql + tag, params)
                 names = [d[0] for d in cursor.description or ()]
                 return [dict(zip(names, row)) for row in cursor]
             except sqlite3.DatabaseError as exc:
@@ -1154,8 +1168,6 @@ class _Model:
         if known is not None:
             self.conn.execute(sql, params)
             return known
-        if _HAS_RETURNING:
-            return self._write_returning(sql, params, info, None)
         cursor = self.conn.execute(sql, params)
         key = tuple(values[c] for c in info.pk) if all(c in values for c in info.pk) \
             else (cursor.lastrowid,)  # SQLite assigned an INTEGER PRIMARY KEY
@@ -1174,10 +1186,7 @@ class _Model:
 
     def _write_returning(self, sql: str, params: Sequence[Any], info: _TableInfo,
                          key: Optional[Tuple[Any, ...]]) -> Dict[str, Any]:
-        """Run an INSERT or UPDATE and return the row as stored (types, defaults)."""
-        if _HAS_RETURNING:
-            rows = self.conn.execute(sql + " RETURNING *", params).fetchall()
-            return dict(zip(info.columns, rows[0]))
+        """Run an UPDATE and return the row as stored (read back: see _HAS_RETURNING)."""
         self.conn.execute(sql, params)
         row = self._row(info, key)  # type: ignore[arg-type]
         assert row is not None
@@ -1682,11 +1691,32 @@ def _prepared_from_row(row: Sequence[Any]) -> _Prepared:
 def _event_from_row(row: Sequence[Any]) -> Event:
     seq, event_id, kind, payload, meta, ts = row
     event = object.__new__(Event)  # the fields come from the log: no checks (hot path)
-    event.__dict__.update(
-        seq=seq, id=event_id, type=kind,
-        payload=_loads(payload) if payload is not None else None,
-        meta=_loads(meta) if meta and meta != "{}" else {}, ts=_parse_ts(ts))
+    try:
+        event.__dict__.update(
+            seq=seq, id=event_id, type=kind,
+            payload=_loads(payload) if payload is not None else None,
+            meta=_loads(meta) if meta and meta != "{}" else {}, ts=_parse_ts(ts))
+    except (ValueError, TypeError) as exc:
+        raise StorageError(
+            f"Event {seq} in the log is damaged and cannot be read ({exc}). Check the file "
+            f"with PRAGMA integrity_check and restore it from a backup."
+        ) from exc
     return event
+
+
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Reads of the log: SQLite's errors about a damaged file, as StorageError."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        text = str(exc)
+        if "malformed" in text or "decode" in text or "not a database" in text:
+            raise StorageError(
+                f"{path!r} is damaged: {text}. Check it with PRAGMA integrity_check and "
+                f"restore it from a backup."
+            ) from exc
+        raise
 
 
 _EVENT_COLUMNS = "seq, id, type, payload, meta, ts"
@@ -2259,7 +2289,7 @@ class Store:
         column = "seq" if isinstance(seq_or_id, int) else "id"
         if column == "id":
             _check_text(seq_or_id, "An event id", UsageError)  # type: ignore[arg-type]
-        with self._lock:
+        with self._lock, _reading(self._path):
             self._check_open()
             row = self._conn.execute(
                 f"SELECT {_EVENT_COLUMNS} FROM events WHERE {column} = ?", (seq_or_id,)
@@ -2286,7 +2316,7 @@ class Store:
             params.extend(sorted(wanted))
         while remaining is None or remaining > 0:
             page = _PAGE if remaining is None else min(_PAGE, remaining)
-            with self._lock:
+            with self._lock, _reading(self._path):
                 self._check_open()
                 rows = self._conn.execute(
                     f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where} ORDER BY seq LIMIT ?",
@@ -2416,7 +2446,7 @@ class Store:
         size of the log. ``progress(seq)`` is called every 1,000 events.
         """
         reducer = self._require_reducer("verify()")
-        with self._lock, _read_txn(self._conn):  # one snapshot: the log and the tables
+        with self._lock, _reading(self._path), _read_txn(self._conn):  # one snapshot
             replica = _scratch_model(self._schema, "", journal=False)
             try:
                 _apply_events(replica, reducer, self._read_log(), journal=False,
@@ -2496,10 +2526,12 @@ class Store:
         return seq
 
     def _read_log(self, after: int = 0) -> Iterator[Event]:
-        cursor = self._conn.execute(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq", (after,))
+        with _reading(self._path):
+            cursor = self._conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq", (after,))
         while True:
-            rows = cursor.fetchmany(_PAGE)
+            with _reading(self._path):
+                rows = cursor.fetchmany(_PAGE)
             if not rows:
                 return
             for row in rows:
@@ -2686,9 +2718,10 @@ class _FollowCursor:
             delay = min(delay * 2, 0.02)
 
     def _read(self, store: Store) -> List[Tuple[Event, List[Change]]]:
-        rows = store._conn.execute(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT 1000",
-            (self.position,)).fetchall()
+        with _reading(store._path):
+            rows = store._conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT 1000",
+                (self.position,)).fetchall()
         batch = []
         for row in rows:
             self.position = row[0]
@@ -2876,7 +2909,7 @@ def _scratch_model(schema: str, path: str, journal: bool) -> _Model:
         with _write_txn(conn):
             names = _create_schema(conn, schema)
             if journal:
-                conn.execute(_LOG_DDL[4])  # fluxlite_journal
+                conn.execute(next(d for d in _LOG_DDL if "TABLE fluxlite_journal" in d))
     except BaseException:
         conn.close()
         raise
@@ -2939,7 +2972,8 @@ def _as_of(store: Store, seq: int) -> View:
             # A JSON path cannot name every column (a '"' in it): those tables go
             # row by row, as all do on a SQLite without JSON functions.
             simple = [n for n, i in model.tables.items()
-                      if not any('"' in c or "\\" in c for c in i.columns)]
+                      if all(json.dumps(c, ensure_ascii=False) == f'"{c}"' and c.isprintable()
+                             for c in i.columns)]
             try:
                 _undo_in_sql(conn, model, simple)
             except sqlite3.OperationalError:
@@ -2964,7 +2998,7 @@ def _undo_in_sql(conn: sqlite3.Connection, model: _Model, names: List[str]) -> N
         conn.execute(f"INSERT INTO {info.q} ({', '.join(_quote(c) for c in cols)}) "
                      f"SELECT {values} FROM fluxlite_undo u "
                      f"WHERE u.tbl = ? AND u.before IS NOT NULL",
-                     (*("$." + json.dumps(c) for c in cols), name))
+                     (*(f'$."{c}"' for c in cols), name))
 
 
 def _undo_in_python(conn: sqlite3.Connection, model: _Model, names: List[str]) -> None:
@@ -3170,6 +3204,12 @@ def _read_existing_meta(conn: sqlite3.Connection, path: str) -> Dict[str, Any]:
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "fluxlite_meta" not in names:
         raise SchemaError(f"{path!r} is not a fluxlite store (it has no fluxlite log).")
+    missing = {"events", "fluxlite_journal"} - names
+    if missing:
+        raise SchemaError(
+            f"{path!r} has lost fluxlite's {', '.join(sorted(missing))} table (dropped by "
+            f"hand?); the log cannot be trusted. Restore the file from a backup."
+        )
     if conn.execute("PRAGMA user_version").fetchone()[0] > FORMAT_VERSION:
         raise SchemaError(f"{path!r} was written by a newer fluxlite; upgrade fluxlite to read it.")
     return _read_meta(conn)
@@ -3181,6 +3221,15 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
     """Create a new store in an empty (or adopted) database, or read an existing one's meta."""
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "fluxlite_meta" in names:
+        missing = {"events", "fluxlite_journal"} - names
+        if missing:
+            raise SchemaError(
+                f"{path!r} has lost fluxlite's {', '.join(sorted(missing))} table (dropped "
+                f"by hand?); the log cannot be trusted. Restore the file from a backup."
+            )
+        for statement in _LOG_DDL:  # append-only triggers dropped by hand come back
+            if statement.lstrip().startswith("CREATE TRIGGER"):
+                conn.execute(statement.replace("CREATE TRIGGER", "CREATE TRIGGER IF NOT EXISTS", 1))
         user_version = conn.execute("PRAGMA user_version").fetchone()[0]
         if user_version > FORMAT_VERSION:
             raise SchemaError(
@@ -3362,8 +3411,8 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                 else:
                     meta = _initialise(conn, path, schema, version, adopt, clock, ids)
                 tables = {n: _read_table_info(conn, n) for n in meta["tables"]}
-        except sqlite3.DatabaseError as exc:
-            if _is_storage_problem(exc):
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            if isinstance(exc, sqlite3.DatabaseError) and _is_storage_problem(exc):
                 raise _storage_error(exc, path) from exc
             raise SchemaError(
                 f"{path!r} could not be read as a fluxlite store: {exc}."
