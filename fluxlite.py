@@ -836,7 +836,7 @@ def _with_affinity(value: Any, declared: str) -> Any:
     if isinstance(number, bool) or not isinstance(number, (int, float)):
         return value
     if affinity == "real":
-        return float(number)
+        return float(number) + 0.0  # + 0.0: SQLite stores -0.0 as 0.0
     if isinstance(number, float) and number.is_integer() and abs(number) < 2**63:
         return int(number)
     return number
@@ -1057,11 +1057,18 @@ class _Model:
                 done, before, after = self._apply_one(info, *self._checked(info, change))
             applied.append(done)
             if journal is not None:
-                journal.append((
-                    seq, len(journal) - start, info.name, _dumps(_key_json(done.key)), done.op,
-                    None if before is None else _dumps(before),
-                    None if after is None else _dumps(after),
-                ))
+                try:
+                    journal.append((
+                        seq, len(journal) - start, info.name, _dumps(_key_json(done.key)),
+                        done.op, None if before is None else _dumps(before),
+                        None if after is None else _dumps(after),
+                    ))
+                except ValueError as exc:  # e.g. '1e999' that a REAL column made infinite
+                    raise ChangesetError(
+                        f"{change.op} on {info.name!r} stored a value that is not a finite "
+                        f"number ({exc}): SQLite's column affinity turned the given text "
+                        f"into infinity. Give the column a finite number or text it keeps."
+                    ) from None
         return applied
 
     def apply_quietly(self, changes: Sequence[Change]) -> None:
@@ -1172,7 +1179,12 @@ class _Model:
         key = tuple(values[c] for c in info.pk) if all(c in values for c in info.pk) \
             else (cursor.lastrowid,)  # SQLite assigned an INTEGER PRIMARY KEY
         row = self._row(info, info.key_params(_unparams(info, key)))
-        assert row is not None
+        if row is None:
+            raise ChangesetError(
+                f"insert into {info.name!r}: the key {_unparams(info, key)!r} changed when "
+                f"SQLite stored it (the column's type rounded or converted it), so the row "
+                f"could not be found by its key. Use a key of the column's own type."
+            )
         return row
 
     def _delete(self, info: _TableInfo, key: Tuple[Any, ...]) -> Optional[Dict[str, Any]]:
@@ -1246,6 +1258,8 @@ def _stored_row(info: _TableInfo, values: Mapping[str, Any], rest: Mapping[str, 
     for column, value in values.items():
         if value is not None and type(value) not in exact.get(column, ()):
             return None
+        if value == 0 and type(value) is float and math.copysign(1.0, value) < 0:
+            return None  # SQLite stores -0.0 as 0.0
     row = {}
     for column in info.columns:
         if column in values:
@@ -2974,6 +2988,9 @@ def _as_of(store: Store, seq: int) -> View:
             simple = [n for n, i in model.tables.items()
                       if all(json.dumps(c, ensure_ascii=False) == f'"{c}"' and c.isprintable()
                              for c in i.columns)]
+            if conn.execute("SELECT 1 FROM fluxlite_undo WHERE instr(key, '\\u0000') "
+                            "OR instr(before, '\\u0000') LIMIT 1").fetchone():
+                simple = []  # a NUL in the text: json_extract would cut it off
             try:
                 _undo_in_sql(conn, model, simple)
             except sqlite3.OperationalError:

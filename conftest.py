@@ -1,0 +1,67 @@
+"""Root conftest: the options of the torture suite (test_torture.py) and its table of figures.
+
+``python -m pytest -q`` runs test_torture.py at CI scale (short runs);
+``python -m pytest -m torture --torture-scale=full`` runs the long version.
+Each torture test records the figures it measured (kills, throughput, busy
+errors, fuzz examples, WAL size...); they are printed at the end of the run
+as a Markdown table, and written to ``--torture-report=PATH`` if given.
+"""
+
+import pytest
+
+TORTURE_FIGURES = pytest.StashKey[list]()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("torture", "fluxlite torture suite (test_torture.py)")
+    group.addoption(
+        "--torture-scale", choices=("ci", "full"), default="ci",
+        help="ci (default): a short run of each torture test; full: the long run "
+             "(at least 200 kills, 8 processes, a 1,000,000-event soak).")
+    group.addoption(
+        "--torture-report", metavar="PATH", default=None,
+        help="also write the torture figures as a Markdown table to PATH.")
+
+
+def pytest_configure(config):
+    config.stash[TORTURE_FIGURES] = []
+
+
+@pytest.fixture(scope="session")
+def torture_scale(pytestconfig):
+    """'ci' or 'full', from --torture-scale."""
+    return pytestconfig.getoption("--torture-scale")
+
+
+@pytest.fixture
+def figure(request):
+    """record(what, value): one row of the figures table, with the command that reproduces it."""
+    config = request.config
+    scale = config.getoption("--torture-scale")
+    node = request.node.nodeid
+    command = (f"python -m pytest -q -m torture --torture-scale={scale} '{node}'"
+               if scale == "full" else f"python -m pytest -q '{node}'")
+
+    def record(what, value):
+        config.stash[TORTURE_FIGURES].append((what, str(value), command))
+
+    return record
+
+
+def _table(rows):
+    lines = ["| Figure | Value | Reproduce with |", "|---|---|---|"]
+    lines += [f"| {what} | {value} | `{command}` |" for what, value, command in rows]
+    return "\n".join(lines)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    rows = config.stash.get(TORTURE_FIGURES, [])
+    if not rows:
+        return
+    scale = config.getoption("--torture-scale")
+    terminalreporter.write_sep("-", f"torture figures ({scale} scale)")
+    terminalreporter.write_line(_table(rows))
+    path = config.getoption("--torture-report")
+    if path:
+        with open(path, "w", encoding="utf-8") as out:
+            out.write(_table(rows) + "\n")
