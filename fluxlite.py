@@ -155,6 +155,10 @@ DEFAULT_PRAGMAS: Dict[str, Any] = {
     "busy_timeout": 10_000,  # ms a writer waits for another process's lock
     "journal_mode": "wal",
     "foreign_keys": "on",
+    # A big transaction (a rebuild's swap) grows the WAL file; without a limit
+    # SQLite reuses it but never shrinks it. With one, the file is truncated
+    # back to this size each time the WAL restarts after a checkpoint.
+    "journal_size_limit": 64 * 1024 * 1024,
 }
 
 _LOG_DDL = (
@@ -1665,6 +1669,11 @@ def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
             f"{_describe(kind)}."
         )
     _check_text(kind, "An event type", InvalidEvent)
+    if kind == BASELINE:
+        raise InvalidEvent(
+            f"{BASELINE!r} events are recorded by open(..., adopt=True) only: they insert "
+            f"rows without a reducer. Dispatch your own event type instead."
+        )
     if kind.startswith("fluxlite.") and kind not in _BUILTIN_REDUCERS:
         raise InvalidEvent(
             f"Event types starting with 'fluxlite.' are reserved for built-in events "
@@ -1907,6 +1916,7 @@ class Store:
         """
         action = _action_from(type, payload, meta, id, actor)
         self._check_dispatchable()
+        _check_expect_seq(expect_seq)
         frames = self._frame_stack()
         frames.append(_Frame(expect_seq))
         try:
@@ -1932,6 +1942,7 @@ class Store:
             )
         actions = [_action_from(e, None, None, None, None) for e in events]
         self._check_dispatchable()
+        _check_expect_seq(expect_seq)
         batch: List[Dict[str, Any]] = []
         frames = self._frame_stack()
         frames.append(_Frame(expect_seq, batch))
@@ -2631,6 +2642,15 @@ class Store:
         info = self._model.table(table)
         payload = {"table": table, "key": _key_json(info.key_of(row)), "row": row}
         return self.dispatch(RESTORE, payload, actor=actor, meta=meta, id=id)
+
+
+def _check_expect_seq(expect_seq: Any) -> None:
+    if expect_seq is not None and (isinstance(expect_seq, bool) or not isinstance(expect_seq, int)
+                                   or expect_seq < 0):
+        raise UsageError(
+            f"expect_seq is the seq you last saw (an int >= 0) or None; received "
+            f"{_describe(expect_seq)}."
+        )
 
 
 def _refuse_during_setup(action: Any) -> Any:
@@ -3405,7 +3425,13 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
         raise UsageError(
             "middleware must be a sequence of functions store -> next -> event -> result."
         )
-    _to_json_text(version, "version")
+    try:
+        _to_json_text(version, "version")
+    except InvalidEvent:
+        raise UsageError(
+            f"version must be a JSON value (a number, a string, ...); received "
+            f"{_describe(version)}."
+        ) from None
     _make_upcaster(upcasters)  # validates the dict early
     conn = _connect(path, durability, readonly)
     return _open_connection(conn, path, schema=schema, reducer=reducer, middleware=middleware,

@@ -2654,3 +2654,30 @@ def test_a_rebuild_cleans_up_scratch_files_of_killed_rebuilds(tmp_path):
         store.rebuild()
     assert not stale.exists() and alive.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if "rebuild" in p.name) == [alive.name]
+
+
+def test_the_wal_shrinks_back_after_a_big_rebuild(tmp_path, monkeypatch):
+    monkeypatch.setitem(fluxlite.DEFAULT_PRAGMAS, "journal_size_limit", 256 * 1024)
+    path = str(tmp_path / "wal.db")
+    make_items(path, count=60000)  # the rebuild's swap rewrites all of it in one transaction
+    with fluxlite.open(path, schema=ITEMS_V2, reducer=items_v2_reducer, version=2,
+                       durability="normal") as store:
+        grown = os.path.getsize(path + "-wal")
+        for n in range(1500):  # past SQLite's automatic checkpoint, so the WAL restarts
+            store.dispatch("put", {"id": f"x{n % 5}", "n": n})
+        shrunk = os.path.getsize(path + "-wal")
+    checkpoint_size = 1000 * 4096 + 64 * 1024  # the WAL's normal ceiling: 1,000 pages
+    assert grown > 2 * checkpoint_size and shrunk < checkpoint_size, (grown, shrunk)
+
+
+def test_misused_arguments_are_usage_errors(store):
+    for bad in ["1", 1.5, True, -1]:
+        with pytest.raises(fluxlite.UsageError, match="expect_seq"):
+            add(store, "a", expect_seq=bad)
+        with pytest.raises(fluxlite.UsageError, match="expect_seq"):
+            store.dispatch_many([{"type": "addUser", "payload": {"name": "a"}}], expect_seq=bad)
+    with pytest.raises(fluxlite.UsageError, match="version must be a JSON value"):
+        fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, version={1, 2})
+    with pytest.raises(fluxlite.InvalidEvent, match=r"adopt=True\) only"):
+        store.dispatch("fluxlite.baseline", {"table": "users", "rows": [{"name": "x"}]})
+    assert store.head == 0
