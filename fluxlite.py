@@ -1747,6 +1747,18 @@ _INSERT_EVENT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?
 _INSERT_JOURNAL = "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)"
 
 
+def _file_ids(path: str) -> Dict[str, Optional[Tuple[int, int]]]:
+    """(device, inode) of a store file and its -wal and -shm; None where missing."""
+    ids: Dict[str, Optional[Tuple[int, int]]] = {}
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            info = os.stat(path + suffix)
+            ids[suffix] = (info.st_dev, info.st_ino)
+        except OSError:
+            ids[suffix] = None
+    return ids
+
+
 def _insert_rows(conn: sqlite3.Connection, sql: str, rows: List[Tuple[Any, ...]]) -> None:
     if len(rows) == 1:
         conn.execute(sql, rows[0])  # cheaper than executemany for one row
@@ -1822,10 +1834,10 @@ class Store:
         self._frames = threading.local()  # per-thread stack of dispatch frames
         self._previewing = 0
         self._head_cache: Optional[Tuple[Any, ...]] = None  # (data_version, generation, head, ts)
-        self._file_id: Optional[Tuple[int, int]] = None
-        if path not in (":memory:", ""):
-            info = os.stat(path)
-            self._file_id = (info.st_dev, info.st_ino)
+        # The identity of the file and of its -wal and -shm, to notice a file
+        # deleted or replaced while open (see _check_file and close).
+        self._file_ids = _file_ids(path) if path not in (":memory:", "") else {}
+        self._file_id = self._file_ids.get("")
         self._readonly_file = False
         self._committed = threading.Condition()  # followers wake on this store's commits
         self._commit_count = 0
@@ -1890,7 +1902,43 @@ class Store:
         with self._lock:
             if not self._closed:
                 self._closed = True
+                moved = self._file_id is not None and _file_ids(self._path)[""] != self._file_id
+                if moved and os.path.exists(self._path) and not self.readonly:
+                    self._save_replaced()
                 self._conn.close()
+                if moved:
+                    self._remove_stale_companions()
+
+    def _save_replaced(self) -> None:
+        """Copy the store whose file was replaced under it: its last commits live
+        only in its -wal, which the replacement must not inherit."""
+        copy = f"{self._path}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        try:
+            target = _connect(copy, self._durability)
+            try:
+                self._conn.backup(target)
+            finally:
+                target.close()
+        except (OSError, sqlite3.Error) as exc:
+            _log.error("%r was replaced while open; saving the old store to %r failed: %s",
+                       self._path, copy, exc)
+            return
+        _log.warning("%r was replaced while this store had it open; the old store "
+                     "(all its events) is saved as %r.", self._path, copy)
+
+    def _remove_stale_companions(self) -> None:
+        """Remove this store's -wal and -shm once its file is gone or replaced.
+
+        SQLite pairs a -wal with whatever file has the name: left behind, the
+        old store's last commits would be replayed into the next file opened
+        at this path. Only the very files this store opened are removed (a new
+        store made at the path since then has its own).
+        """
+        now = _file_ids(self._path)
+        for suffix in ("-wal", "-shm"):
+            if now[suffix] is not None and now[suffix] == self._file_ids.get(suffix):
+                with contextlib.suppress(OSError):
+                    os.remove(self._path + suffix)
 
     def __enter__(self) -> "Store":
         return self

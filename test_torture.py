@@ -115,14 +115,6 @@ def _replay_hint(seed):
 # bug(name) marks their tests xfail(strict=True): when a fix lands the test XPASSes, which
 # fails the run (strict) until the entry is deleted here; the test then guards the fix.
 OPEN_BUGS = {
-    "file replaced": (
-        "a store file replaced (renamed over) while a store has it open: dispatch() now refuses "
-        "(StorageError), but the old store's -wal stays at the path, and the next open() "
-        "replays it into the replacement (SQLite pairs a -wal with whatever file has the name): "
-        "the replacement silently shows the old store's content. Repro: s = open(p); "
-        "s.dispatch_many(...); os.replace(other_store, p); s.close(); open(p) shows s's events, "
-        "not other_store's. Fix idea: close() notices the path names another file and moves the "
-        "stale p-wal / p-shm aside before closing the connection."),
     "no checksums": (
         "a changed byte inside an event's text that leaves valid JSON (marker-00042 -> "
         "marker-00043 in a field the reducer ignores) opens and passes verify(): the log reads "
@@ -1072,7 +1064,7 @@ def test_a_read_only_store_file_refuses_writes_whole_and_works_once_writable(tmp
         store.verify()
 
 
-@pytest.mark.parametrize("fate", ["deleted", pytest.param("replaced", marks=bug("file replaced"))])
+@pytest.mark.parametrize("fate", ["deleted", "replaced"])
 def test_a_store_file_deleted_or_replaced_while_open_is_a_clear_error(tmp_path, fate):
     path = tmp_path / "store.db"
     store = open_app(path)
@@ -1101,6 +1093,30 @@ def test_a_store_file_deleted_or_replaced_while_open_is_a_clear_error(tmp_path, 
                 f"dispatch() returned seq {event.seq} after the file was {fate}, but the event "
                 f"is not in the file: an acknowledged event was lost")
         assert log == expected_log, f"the file at the path was changed by the old store ({fate})"
+    saved = sorted(tmp_path.glob("store.db.replaced-*"))
+    if fate == "replaced":  # the old store's events are kept beside it, not lost
+        assert len(saved) == 1, os.listdir(tmp_path)
+        with fluxlite.open(saved[0], readonly=True) as old:
+            assert [e.payload for e in old.events()] == [e["payload"] for e in deposits(5)]
+    else:
+        assert saved == []
+
+
+def test_a_store_made_at_the_path_of_a_deleted_one_keeps_its_own_wal(tmp_path):
+    path = tmp_path / "store.db"
+    old = open_app(path)
+    old.dispatch_many(deposits(3))
+    for suffix in ("", "-wal", "-shm"):
+        os.remove(f"{path}{suffix}")
+    new = open_app(path)  # a new store at the same path, while the old one is still open
+    try:
+        new.dispatch_many(deposits(2, "new"))
+        old.close()  # must not remove the new store's -wal (its commits live there)
+        assert len(the_log(new)) == 2
+    finally:
+        new.close()
+    with open_app(path) as again:
+        assert [e.payload for e in again.events()] == [e["payload"] for e in deposits(2, "new")]
 
 
 BIG_SCHEMA = "CREATE TABLE docs (id TEXT PRIMARY KEY, body TEXT NOT NULL, size INTEGER NOT NULL)"
