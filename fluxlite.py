@@ -104,6 +104,7 @@ import collections
 import collections.abc
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -142,7 +143,7 @@ _Mapping = collections.abc.Mapping  # for isinstance: faster than typing.Mapping
 
 #: On-disk format. Stored in ``PRAGMA user_version``; a file with a higher
 #: number was written by a newer fluxlite and is refused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fluxlite_seals (format 1 files are sealed on open)
 #: ``PRAGMA application_id``: the ASCII bytes "FLXT", so tools can tell a
 #: fluxlite file from any other SQLite file.
 APPLICATION_ID = 0x464C5854
@@ -160,6 +161,17 @@ DEFAULT_PRAGMAS: Dict[str, Any] = {
     # back to this size each time the WAL restarts after a checkpoint.
     "journal_size_limit": 64 * 1024 * 1024,
 }
+
+# One seal per write transaction: seq is the last event it wrote; events and
+# journal are links of two sha256 chains over the rows of the log and of the
+# journal up to that seq (see _chain_link). verify() recomputes both, so a
+# byte changed anywhere in either is found, even where the JSON stays valid.
+# A rebuild rewrites the journal links; the events links never change.
+_SEALS_DDL = """CREATE TABLE fluxlite_seals (
+        seq INTEGER PRIMARY KEY,
+        events TEXT NOT NULL,
+        journal TEXT NOT NULL
+    )"""
 
 _LOG_DDL = (
     """CREATE TABLE events (
@@ -195,6 +207,7 @@ _LOG_DDL = (
     ) WITHOUT ROWID""",
     "CREATE INDEX fluxlite_journal_row ON fluxlite_journal (tbl, key, seq)",
     "CREATE TABLE fluxlite_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    _SEALS_DDL,
 )
 # Durable consumers: a position and a lease per name (created on open if missing).
 _CONSUMERS_DDL = """CREATE TABLE IF NOT EXISTS fluxlite_consumers (
@@ -916,6 +929,8 @@ def _create_schema(conn: sqlite3.Connection, schema: str) -> List[str]:
     return tables
 
 
+_EVENT_COLUMNS = "seq, id, type, payload, meta, ts"
+
 ###############################################################################
 # 7. The read model: applying changesets, the journal, reads
 ###############################################################################
@@ -1302,6 +1317,129 @@ def _unparams(info: _TableInfo, key: Tuple[Any, ...]) -> Any:
 
 def _key_json(key: Any) -> Any:
     return list(key) if isinstance(key, tuple) else key
+
+
+_JOURNAL_COLUMNS = "seq, n, tbl, key, op, before, after"
+_LAST_SEAL = "SELECT seq, events, journal FROM fluxlite_seals ORDER BY seq DESC LIMIT 1"
+
+
+def _encode_row(row: Sequence[Any]) -> bytes:
+    """A row's values exactly as stored, unambiguously: text as "<length>:<text>",
+    an integer as "#<digits>;", NULL as "~" (cheaper than JSON: verify() runs
+    this for every row of the log and the journal)."""
+    return "".join([
+        f"{len(v)}:{v}" if v.__class__ is str else "~" if v is None else f"#{v};"
+        for v in row]).encode("utf-8", "surrogatepass")
+
+
+def _chain_link(previous: str, encoded_rows: Iterable[bytes]) -> str:
+    """The next link of a seal chain: sha256 of the previous link, then the rows."""
+    digest = hashlib.sha256(previous.encode())
+    for data in encoded_rows:
+        digest.update(data)
+    return digest.hexdigest()
+
+
+class _Chain:
+    """A seal chain recomputed over rows ordered by seq (a cursor)."""
+
+    def __init__(self, rows: Iterable[Sequence[Any]], link: str = "") -> None:
+        self.rows = iter(rows)
+        self.link = link
+        self.ahead: Optional[Sequence[Any]] = next(self.rows, None)
+
+    def extend_to(self, seq: int) -> str:
+        """The link after the rows up to ``seq``."""
+        self.link = _chain_link(self.link, map(_encode_row, self._upto(seq)))
+        return self.link
+
+    def _upto(self, seq: int) -> Iterator[Sequence[Any]]:
+        while self.ahead is not None and self.ahead[0] <= seq:
+            yield self.ahead
+            self.ahead = next(self.rows, None)
+
+
+def _journal_rows(conn: sqlite3.Connection, after: int = 0) -> sqlite3.Cursor:
+    return conn.execute(f"SELECT {_JOURNAL_COLUMNS} FROM fluxlite_journal WHERE seq > ? "
+                        f"ORDER BY seq, n", (after,))
+
+
+def _seal_unsealed(conn: sqlite3.Connection) -> None:
+    """Seal every event after the last seal with one seal (adopt, a format 1 file)."""
+    last, events_link, journal_link = conn.execute(_LAST_SEAL).fetchone() or (0, "", "")
+    head = conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
+    if head <= last:
+        return
+    events = conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq",
+                          (last,))
+    conn.execute("INSERT INTO fluxlite_seals VALUES (?, ?, ?)", (
+        head, _Chain(events, events_link).extend_to(head),
+        _Chain(_journal_rows(conn, last), journal_link).extend_to(head)))
+
+
+def _reseal_journal(conn: sqlite3.Connection) -> None:
+    """After a rebuild rewrote the journal: its links again, at the same seals."""
+    chain, after = _Chain(_journal_rows(conn)), 0
+    while True:
+        seqs = [r[0] for r in conn.execute(
+            "SELECT seq FROM fluxlite_seals WHERE seq > ? ORDER BY seq LIMIT 1000", (after,))]
+        if not seqs:
+            return
+        conn.executemany("UPDATE fluxlite_seals SET journal = ? WHERE seq = ?",
+                         [(chain.extend_to(seq), seq) for seq in seqs])
+        after = seqs[-1]
+
+
+def _sealed(conn: sqlite3.Connection, path: str, rows: Iterable[Sequence[Any]]
+            ) -> Iterator[Sequence[Any]]:
+    """The log's rows (all of them, in seq order), passed through while both seal
+    chains are recomputed: StorageError where a byte differs from what was sealed,
+    in the log or in the journal, or where events have no seal."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'fluxlite_seals'").fetchone() is None:
+        yield from rows  # a format 1 file opened read-only: it has no seals yet
+        return
+    seals = conn.execute("SELECT seq, events, journal FROM fluxlite_seals ORDER BY seq")
+    journal = _Chain(_journal_rows(conn))
+    digest, last = hashlib.sha256(), 0
+    seal = next(seals, None)
+    for row in rows:
+        while seal is not None and row[0] > seal[0]:
+            _check_seal(path, seal, last, digest, journal)
+            digest, last, seal = hashlib.sha256(seal[1].encode()), seal[0], next(seals, None)
+        if seal is None:
+            raise StorageError(
+                f"{path!r} holds events after seq {last} that no seal covers: they were "
+                f"written outside fluxlite (e.g. an INSERT from the sqlite3 shell), bypassing "
+                f"reducers. Restore the file from a backup."
+            )
+        digest.update(_encode_row(row))
+        yield row
+    while seal is not None:
+        _check_seal(path, seal, last, digest, journal)
+        digest, last, seal = hashlib.sha256(seal[1].encode()), seal[0], next(seals, None)
+    if journal.ahead is not None:
+        raise StorageError(
+            f"{path!r} has journal rows for seq {journal.ahead[0]}, after the last sealed "
+            f"event: they were written outside fluxlite. Restore the file from a backup."
+        )
+
+
+def _check_seal(path: str, seal: Tuple[int, str, str], last: int, events: Any,
+                journal: _Chain) -> None:
+    seq, events_link, journal_link = seal
+    if events.hexdigest() != events_link:
+        raise StorageError(
+            f"{path!r} is damaged: events {last + 1}..{seq} of the log do not match the "
+            f"seal written with them (a byte changed since, by hand or by damage). Restore "
+            f"the file from a backup."
+        )
+    if journal.extend_to(seq) != journal_link:
+        raise StorageError(
+            f"{path!r} is damaged: the journal rows of events {last + 1}..{seq} do not match "
+            f"their seal, so at() and history() could answer wrongly there. If verify() "
+            f"finds the log itself intact, store.rebuild() rewrites the journal from it; "
+            f"otherwise restore the file from a backup."
+        )
 
 
 ###############################################################################
@@ -1742,7 +1880,6 @@ def _reading(path: str) -> Iterator[None]:
         raise
 
 
-_EVENT_COLUMNS = "seq, id, type, payload, meta, ts"
 _INSERT_EVENT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
 _INSERT_JOURNAL = "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)"
 
@@ -1765,10 +1902,11 @@ def _insert_rows(conn: sqlite3.Connection, sql: str, rows: List[Tuple[Any, ...]]
     elif rows:
         conn.executemany(sql, rows)
 # What a write transaction reads first, in one statement: the rebuild
-# generation, the head and the last event's ts.
+# generation, the head, the last event's ts and the last seal's two links.
 _HEAD_SQL = """SELECT (SELECT value FROM fluxlite_meta WHERE key = 'generation'),
     (SELECT seq FROM events ORDER BY seq DESC LIMIT 1),
-    (SELECT ts FROM events ORDER BY seq DESC LIMIT 1)"""
+    (SELECT ts FROM events ORDER BY seq DESC LIMIT 1),
+    (SELECT events || ' ' || journal FROM fluxlite_seals ORDER BY seq DESC LIMIT 1)"""
 
 
 class Store:
@@ -1833,7 +1971,7 @@ class Store:
         self._notifying = threading.local()
         self._frames = threading.local()  # per-thread stack of dispatch frames
         self._previewing = 0
-        self._head_cache: Optional[Tuple[Any, ...]] = None  # (data_version, generation, head, ts)
+        self._head_cache: Optional[Tuple[Any, ...]] = None  # (data_version, generation, head, ts, seal)
         # The identity of the file and of its -wal and -shm, to notice a file
         # deleted or replaced while open (see _check_file and close).
         self._file_ids = _file_ids(path) if path not in (":memory:", "") else {}
@@ -2162,11 +2300,11 @@ class Store:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             cached = self._head_cache
             if cached is not None and cached[0] == version and outermost:
-                generation, head, last_ts = cached[1:]
+                generation, head, last_ts, seal = cached[1:]
             else:
-                generation, head, last_ts = conn.execute(_HEAD_SQL).fetchone()
+                generation, head, last_ts, seal = conn.execute(_HEAD_SQL).fetchone()
             self._check_generation(generation)
-            head, last_ts = head or 0, last_ts or ""
+            head, last_ts, seal = head or 0, last_ts or "", seal or " "
             event_rows: List[Tuple[Any, ...]] = []
             journal: List[Tuple[Any, ...]] = []
             seen: Dict[str, Tuple[_Prepared, Event]] = {}
@@ -2193,9 +2331,14 @@ class Store:
             # Reducers cannot read the log, so its rows can wait for one write at the end.
             _insert_rows(conn, _INSERT_EVENT, event_rows)
             _insert_rows(conn, _INSERT_JOURNAL, journal)
+            if event_rows:
+                events_link, journal_link = seal.split(" ")
+                seal = (f"{_chain_link(events_link, map(_encode_row, event_rows))} "
+                        f"{_chain_link(journal_link, map(_encode_row, journal))}")
+                conn.execute("INSERT INTO fluxlite_seals VALUES (?, ?, ?)", (head, *seal.split(" ")))
             self._check_file()
             generation = _dumps(self._generation)
-        self._head_cache = (version, generation, head, last_ts) if outermost else None
+        self._head_cache = (version, generation, head, last_ts, seal) if outermost else None
 
     def _timestamp(self, item: _Prepared, head: int, last_ts: str) -> str:
         """The new event's ts text: now, but never before the previous event."""
@@ -2522,8 +2665,8 @@ class Store:
         with self._lock, _reading(self._path), _read_txn(self._conn):  # one snapshot
             replica = _scratch_model(self._schema, "", journal=False)
             try:
-                _apply_events(replica, reducer, self._read_log(), journal=False,
-                              progress=progress)
+                log = self._read_log(sealed=True)  # checks the seals as it goes
+                _apply_events(replica, reducer, log, journal=False, progress=progress)
                 problems = _compare(self._model, replica)
             finally:
                 replica.conn.close()
@@ -2598,15 +2741,17 @@ class Store:
             )
         return seq
 
-    def _read_log(self, after: int = 0) -> Iterator[Event]:
+    def _read_log(self, after: int = 0, sealed: bool = False) -> Iterator[Event]:
+        """The log's events after ``after``; ``sealed``: all of them, seals checked."""
         with _reading(self._path):
             cursor = self._conn.execute(
                 f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq", (after,))
-        while True:
-            with _reading(self._path):
-                rows = cursor.fetchmany(_PAGE)
-            if not rows:
-                return
+        pages = iter(lambda: cursor.fetchmany(_PAGE), [])
+        rows = (row for page in pages for row in page)
+        if sealed:
+            assert after == 0
+            rows = _sealed(self._conn, self._path, rows)
+        with _reading(self._path):
             for row in rows:
                 yield self._upcast(_event_from_row(row))
 
@@ -3166,6 +3311,7 @@ def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Mod
     conn.execute("DELETE FROM fluxlite_journal")
     conn.executemany("INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)",
                      model.conn.execute("SELECT * FROM fluxlite_journal"))
+    _reseal_journal(conn)
     generation = meta.get("generation", 0) + 1
     _write_meta(conn, schema=schema, tables=names, version=version, generation=generation)
     return generation
@@ -3289,15 +3435,27 @@ def _read_existing_meta(conn: sqlite3.Connection, path: str) -> Dict[str, Any]:
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "fluxlite_meta" not in names:
         raise SchemaError(f"{path!r} is not a fluxlite store (it has no fluxlite log).")
-    missing = {"events", "fluxlite_journal"} - names
+    _check_format(conn, path, names)
+    return _read_meta(conn)
+
+
+def _check_format(conn: sqlite3.Connection, path: str, names: set) -> int:
+    """The on-disk format of an existing store; SchemaError if newer or missing tables."""
+    user_version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if user_version > FORMAT_VERSION:
+        raise SchemaError(
+            f"{path!r} was written by a newer fluxlite (on-disk format {user_version}; "
+            f"this is fluxlite {__version__}, format {FORMAT_VERSION}). Upgrade fluxlite "
+            f"to open it."
+        )
+    needed = {"events", "fluxlite_journal"} | ({"fluxlite_seals"} if user_version >= 2 else set())
+    missing = needed - names
     if missing:
         raise SchemaError(
             f"{path!r} has lost fluxlite's {', '.join(sorted(missing))} table (dropped by "
             f"hand?); the log cannot be trusted. Restore the file from a backup."
         )
-    if conn.execute("PRAGMA user_version").fetchone()[0] > FORMAT_VERSION:
-        raise SchemaError(f"{path!r} was written by a newer fluxlite; upgrade fluxlite to read it.")
-    return _read_meta(conn)
+    return user_version
 
 
 def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], version: Any,
@@ -3306,23 +3464,16 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
     """Create a new store in an empty (or adopted) database, or read an existing one's meta."""
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "fluxlite_meta" in names:
-        missing = {"events", "fluxlite_journal"} - names
-        if missing:
-            raise SchemaError(
-                f"{path!r} has lost fluxlite's {', '.join(sorted(missing))} table (dropped "
-                f"by hand?); the log cannot be trusted. Restore the file from a backup."
-            )
+        user_version = _check_format(conn, path, names)
         for statement in _LOG_DDL:  # append-only triggers dropped by hand come back
             if statement.lstrip().startswith("CREATE TRIGGER"):
                 conn.execute(statement.replace("CREATE TRIGGER", "CREATE TRIGGER IF NOT EXISTS", 1))
-        user_version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if user_version > FORMAT_VERSION:
-            raise SchemaError(
-                f"{path!r} was written by a newer fluxlite (on-disk format "
-                f"{user_version}; this is fluxlite {__version__}, format "
-                f"{FORMAT_VERSION}). Upgrade fluxlite to open it."
-            )
         conn.execute(_CONSUMERS_DDL)
+        if user_version < 2:  # format 1 had no seals: seal what is there now
+            conn.execute(_SEALS_DDL)
+            _seal_unsealed(conn)
+            _write_meta(conn, format=FORMAT_VERSION)
+            conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
         return _read_meta(conn)
     existing = names - {"sqlite_sequence"}
     if existing and not adopt:
@@ -3391,6 +3542,7 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
         conn.executemany("INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, 'insert', NULL, ?)", [
             (seq, n, name, _dumps(_key_json(info.key_of(row))), _dumps(row))
             for n, row in enumerate(rows)])
+    _seal_unsealed(conn)
     return declared
 
 

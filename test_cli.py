@@ -97,7 +97,7 @@ def test_info(work):
     assert re.search(r"^  addUser +3$", text, re.M) and "consumers (position): none" in text
     data = json.loads(cli("info", "app.db", "--json", cwd=work).stdout)
     assert data["head"] == 5 and data["tables"] == {"rights": 1, "users": 2}
-    assert data["events_by_type"]["addUser"] == 3 and data["format"] == 1
+    assert data["events_by_type"]["addUser"] == 3 and data["format"] == fluxlite.FORMAT_VERSION
     assert data["first_event"].startswith("2026-01-01") and data["journal_rows"] == 6
     assert db_bytes(work / "app.db") == before  # read-only commands write nothing
 

@@ -1049,6 +1049,90 @@ def test_verify_detects_a_tampered_read_model(tmp_path):
     assert "users 'b': missing live" in text and "users 'ghost'" in text
 
 
+def _by_hand(target, *statements):
+    """Change a store file the way someone with the sqlite3 shell could."""
+    conn = sqlite3.connect(target)
+    conn.execute("DROP TRIGGER IF EXISTS fluxlite_events_no_update")
+    for sql in statements:
+        conn.execute(sql)
+    conn.commit()
+    conn.close()
+
+
+def _sealed_store(target):
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+        store.dispatch_many([{"type": "addUser", "payload": {"name": n}} for n in "bc"])
+        store.dispatch("grantAccess", {"name": "b", "right": "x", "note": "marker-1"})
+        store.verify()
+
+
+def test_verify_finds_a_changed_byte_in_an_event_the_reducer_ignores(tmp_path):
+    target = str(tmp_path / "s.db")
+    _sealed_store(target)
+    _by_hand(target, "UPDATE events SET payload = replace(payload, 'marker-1', 'marker-2')")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        assert store.event(4).payload["note"] == "marker-2"  # replay alone cannot tell
+        with pytest.raises(fluxlite.StorageError, match=r"events 4\.\.4 of the log do not match"):
+            store.verify()
+
+
+def test_verify_finds_a_changed_journal_and_rebuild_repairs_it(tmp_path):
+    target = str(tmp_path / "s.db")
+    _sealed_store(target)
+    _by_hand(target, "UPDATE fluxlite_journal SET after = replace(after, '\"x\"', '\"y\"') "
+                     "WHERE seq = 4")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        with pytest.raises(fluxlite.StorageError, match=r"journal rows of events 4\.\.4 .*rebuild"):
+            store.verify()
+        store.rebuild()  # the journal again from the (intact) log, sealed again
+        store.verify()
+        assert store.history("users", "b")[-1].after["role"] == "x"
+
+
+def test_verify_finds_events_written_without_fluxlite(tmp_path):
+    target = str(tmp_path / "s.db")
+    _sealed_store(target)
+    _by_hand(target, "INSERT INTO events (id, type, payload, meta, ts) VALUES "
+                     "('forged', 'addUser', '{\"name\":\"z\"}', '{}', '2100-01-01T00:00:00+00:00')",
+             "INSERT INTO users (name) VALUES ('z')")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        with pytest.raises(fluxlite.StorageError, match="after seq 4 that no seal covers"):
+            store.verify()
+        add(store, "d")  # a later seal does not make the forged event sealed
+        with pytest.raises(fluxlite.StorageError, match=r"events 5\.\.6 of the log do not match"):
+            store.verify()
+
+
+def test_a_format_1_store_is_sealed_when_opened_for_writing(tmp_path):
+    target = str(tmp_path / "s.db")
+    _sealed_store(target)
+    _by_hand(target, "DROP TABLE fluxlite_seals", "PRAGMA user_version = 1")
+    with fluxlite.open(target, readonly=True) as reader:  # read-only: opened as it is
+        assert reader.head == 4
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        store.verify()
+        add(store, "d")
+        store.verify()
+    conn = sqlite3.connect(target)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == fluxlite.FORMAT_VERSION == 2
+    assert conn.execute("SELECT seq FROM fluxlite_seals").fetchall() == [(4,), (5,)]
+    conn.close()
+    _by_hand(target, "UPDATE events SET payload = replace(payload, 'marker-1', 'marker-2')")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        with pytest.raises(fluxlite.StorageError, match=r"events 1\.\.4 of the log"):
+            store.verify()
+
+
+def test_a_store_that_lost_its_seals_is_refused(tmp_path):
+    target = str(tmp_path / "s.db")
+    _sealed_store(target)
+    _by_hand(target, "DROP TABLE fluxlite_seals")
+    for options in ({"schema": SCHEMA, "reducer": reducer}, {"readonly": True}):
+        with pytest.raises(fluxlite.SchemaError, match="lost fluxlite's fluxlite_seals table"):
+            fluxlite.open(target, **options)
+
+
 def test_verify_detects_a_nondeterministic_reducer():
     counter = iter(range(1000))
 
