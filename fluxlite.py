@@ -234,6 +234,7 @@ _PAGE = 512  # rows fetched per query when streaming the log
 # found it), so those rows are read back with a SELECT when they are not
 # known in advance (_stored_row).
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+_HAS_UPSERT = sqlite3.sqlite_version_info >= (3, 24, 0)  # INSERT ... ON CONFLICT DO UPDATE
 
 ###############################################################################
 # 2. Exceptions
@@ -745,6 +746,18 @@ class _TableInfo:
             self._insert_sql[columns] = sql
         return sql
 
+    def upsert_sql(self, columns: Tuple[str, ...]) -> str:
+        """One statement that inserts the row or updates it by key (replay's upsert)."""
+        key = ("upsert",) + columns
+        sql = self._insert_sql.get(key)
+        if sql is None:
+            sets = ", ".join(f"{_quote(c)} = excluded.{_quote(c)}" for c in columns
+                             if c not in self.pk)
+            sql = (f"{self.insert_sql(columns)} ON CONFLICT ({self.order_by}) "
+                   + (f"DO UPDATE SET {sets}" if sets else "DO NOTHING"))
+            self._insert_sql[key] = sql
+        return sql
+
     def key_of(self, row: Mapping[str, Any]) -> Any:
         if len(self.pk) == 1:
             return row[self.pk[0]]
@@ -1136,9 +1149,10 @@ class _Model:
             if before is None:
                 raise _missing_row(info, op, key)
             return _change("delete", info.name, info.key_of(before), None), before, None
-        if op == "update" or (op == "upsert" and self._row(info, key) is not None):  # type: ignore[arg-type]
+        before = self._row(info, key) if op != "insert" and key is not None else None
+        if op == "update" or before is not None:
             rest = {c: v for c, v in values.items() if c not in info.pk}
-            return self._update(info, key, rest)  # type: ignore[arg-type]
+            return self._update(info, key, rest, before)  # type: ignore[arg-type]
         try:
             after = self._insert(info, values)
         except sqlite3.IntegrityError:
@@ -1153,6 +1167,9 @@ class _Model:
         if op == "delete":
             if conn.execute(info.delete_key, key).rowcount == 0:  # type: ignore[arg-type]
                 raise _missing_row(info, op, key)
+            return
+        if op == "upsert" and key is not None and _HAS_UPSERT:
+            conn.execute(info.upsert_sql(tuple(values)), tuple(values.values()))
             return
         if op == "update" or (op == "upsert" and self._row(info, key) is not None):  # type: ignore[arg-type]
             rest = {c: v for c, v in values.items() if c not in info.pk}
@@ -1171,9 +1188,9 @@ class _Model:
                 raise _existing_row(info, key) from None
             raise
 
-    def _update(self, info: _TableInfo, key: Tuple[Any, ...], values: Mapping[str, Any]
+    def _update(self, info: _TableInfo, key: Tuple[Any, ...], values: Mapping[str, Any],
+                before: Optional[Dict[str, Any]]
                 ) -> Tuple[Change, Optional[Dict[str, Any]], Optional[Dict[str, Any]]]:
-        before = self._row(info, key)
         if before is None:
             raise _missing_row(info, "update", key)
         after = before
@@ -3180,7 +3197,10 @@ def _as_of(store: Store, seq: int) -> View:
     set-based SQL (json_extract), with a row-by-row fallback for SQLite
     builds without JSON functions.
     """
-    model = _scratch_model(store._schema, ":memory:", journal=False)
+    # A private temporary file ("", as verify() uses), not ":memory:": the copy
+    # holds every live row, and freed memory stays with the process (glibc keeps
+    # it), so RSS would step up with the size of the model at each at().
+    model = _scratch_model(store._schema, "", journal=False)
     try:
         conn, live = model.conn, store._conn
         with _write_txn(conn):
@@ -3302,7 +3322,7 @@ def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Mod
     """Inside the caller's transaction: replace read-model tables and journal."""
     meta = _read_meta(conn)
     conn.execute("PRAGMA defer_foreign_keys = ON")  # tables are refilled in any order
-    for name in meta["tables"]:
+    for name in _children_first(conn, meta["tables"]):
         conn.execute(f"DROP TABLE {_quote(name)}")
     names = _create_schema(conn, schema)
     for name in names:
@@ -3315,6 +3335,25 @@ def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Mod
     generation = meta.get("generation", 0) + 1
     _write_meta(conn, schema=schema, tables=names, version=version, generation=generation)
     return generation
+
+
+def _children_first(conn: sqlite3.Connection, names: Sequence[str]) -> List[str]:
+    """Tables in an order that drops each before the tables it references.
+
+    With foreign keys on, DROP TABLE of a table still referenced deletes its
+    rows one by one first, and once that leaves the deferred check non-zero,
+    the children's rows too: slow, and memory in proportion to the rows.
+    (A cycle falls back to the given order.)
+    """
+    parents = {n: {r[2].lower() for r in conn.execute(f"PRAGMA foreign_key_list({_quote(n)})")}
+               for n in names}
+    left, order = list(names), []
+    while left:
+        name = next((n for n in left if not any(n.lower() in parents[m] for m in left if m != n)),
+                    left[0])
+        left.remove(name)
+        order.append(name)
+    return order
 
 
 def _compare(live: _Model, replica: _Model) -> List[str]:
@@ -3455,7 +3494,21 @@ def _check_format(conn: sqlite3.Connection, path: str, names: set) -> int:
             f"{path!r} has lost fluxlite's {', '.join(sorted(missing))} table (dropped by "
             f"hand?); the log cannot be trusted. Restore the file from a backup."
         )
+    for table, columns in _OWN_COLUMNS.items():
+        found = tuple(r[1] for r in conn.execute(f"PRAGMA table_info({table})"))
+        if table in needed and found != columns:
+            raise SchemaError(
+                f"{path!r} is damaged: fluxlite's table {table} has the columns {found}, "
+                f"not {columns}. Restore the file from a backup."
+            )
     return user_version
+
+
+_OWN_COLUMNS = {
+    "events": tuple(_EVENT_COLUMNS.split(", ")),
+    "fluxlite_journal": tuple(_JOURNAL_COLUMNS.split(", ")),
+    "fluxlite_seals": ("seq", "events", "journal"),
+}
 
 
 def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], version: Any,

@@ -1664,6 +1664,39 @@ def test_rebuild_on_demand_repairs_a_tampered_model(tmp_path):
         assert store.view.items.count() == 6
 
 
+FK_SCHEMA = """
+CREATE TABLE accounts (id TEXT PRIMARY KEY);
+CREATE TABLE ledger (id INTEGER PRIMARY KEY, item INTEGER NOT NULL REFERENCES items(id));
+CREATE TABLE items (id INTEGER PRIMARY KEY, account TEXT NOT NULL REFERENCES Accounts(id));
+"""
+
+
+def fk_reducer(view, event):
+    n = event.payload
+    changes = [view.items.insert(id=n, account=f"a{n % 3}"), view.ledger.insert(id=n, item=n)]
+    return ([view.accounts.insert(id=f"a{n % 3}")] if n < 3 else []) + changes
+
+
+def test_a_rebuild_drops_children_before_parents_so_no_row_is_deleted_one_by_one(tmp_path):
+    """DROP TABLE of a referenced table deletes rows one by one (memory in proportion)."""
+    path = str(tmp_path / "fk.db")
+    with fluxlite.open(path, schema=FK_SCHEMA, reducer=fk_reducer) as store:
+        store.dispatch_many([{"type": "add", "payload": n} for n in range(30)])
+        conn = store._conn
+        order = fluxlite._children_first(conn, ["accounts", "items", "ledger"])
+        assert order == ["ledger", "items", "accounts"]
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("PRAGMA defer_foreign_keys = ON")
+        before = conn.total_changes
+        for name in order:  # what a rebuild's swap does
+            conn.execute(f"DROP TABLE {name}")
+        assert conn.total_changes - before == 0
+        conn.execute("ROLLBACK")
+        store.rebuild()
+        store.verify()
+        assert store.view.ledger.count() == 30 and store.view.accounts.count() == 3
+
+
 def test_old_code_in_another_connection_is_refused_after_a_rebuild(tmp_path):
     path = str(tmp_path / "items.db")
     make_items(path)

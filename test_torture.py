@@ -2195,6 +2195,7 @@ def test_the_log_refuses_replace_from_any_client(tmp_path, client, verb):
 
 
 @pytest.mark.parametrize("sql", ["DROP TABLE events", "DROP TABLE fluxlite_seals",
+                                 "ALTER TABLE fluxlite_journal RENAME COLUMN after TO later",
                                  "DROP TRIGGER fluxlite_events_no_update",
                                  "DROP TRIGGER fluxlite_events_no_delete"])
 def test_a_log_that_lost_its_table_or_triggers_is_a_clear_error_or_repaired(tmp_path, sql):
