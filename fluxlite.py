@@ -190,8 +190,11 @@ _LOG_DDL = (
        BEGIN SELECT RAISE(ABORT, 'fluxlite: the events log is append-only; DELETE is refused'); END""",
     # REPLACE deletes the conflicting row without firing DELETE triggers: refuse
     # any insert whose seq or id is already in the log, before that happens.
+    # (seq is gap-free, so "at most the head" means "taken"; max(seq) is one
+    # step, where "seq = NEW.seq OR id = NEW.id" cost two index searches.)
     """CREATE TRIGGER fluxlite_events_no_replace BEFORE INSERT ON events
-       WHEN EXISTS (SELECT 1 FROM events WHERE seq = NEW.seq OR id = NEW.id)
+       WHEN NEW.seq > 0 AND NEW.seq <= (SELECT max(seq) FROM events)
+         OR EXISTS (SELECT 1 FROM events WHERE id = NEW.id)
        BEGIN SELECT RAISE(ABORT, 'fluxlite: the events log is append-only; REPLACE is refused'); END""",
     # Every row change, with the whole row before and after: row history and
     # the past without replaying, and the changes of events written elsewhere.
@@ -3518,9 +3521,7 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "fluxlite_meta" in names:
         user_version = _check_format(conn, path, names)
-        for statement in _LOG_DDL:  # append-only triggers dropped by hand come back
-            if statement.lstrip().startswith("CREATE TRIGGER"):
-                conn.execute(statement.replace("CREATE TRIGGER", "CREATE TRIGGER IF NOT EXISTS", 1))
+        _restore_triggers(conn)
         conn.execute(_CONSUMERS_DDL)
         if user_version < 2:  # format 1 had no seals: seal what is there now
             conn.execute(_SEALS_DDL)
@@ -3548,6 +3549,21 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
     conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
     conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
     return _read_meta(conn)
+
+
+def _restore_triggers(conn: sqlite3.Connection) -> None:
+    """The log's append-only triggers as this version defines them: dropped by
+    hand, they come back; defined differently (an older version), replaced."""
+    have = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' "
+                             "AND tbl_name = 'events'"))
+    for statement in _LOG_DDL:
+        if not statement.startswith("CREATE TRIGGER"):
+            continue
+        name = statement.split()[2]
+        if have.get(name) != statement:
+            if name in have:
+                conn.execute(f"DROP TRIGGER {name}")
+            conn.execute(statement)
 
 
 def _adopt(conn: sqlite3.Connection, schema: str, existing: set,

@@ -1124,6 +1124,27 @@ def test_a_format_1_store_is_sealed_when_opened_for_writing(tmp_path):
             store.verify()
 
 
+def test_an_older_definition_of_a_log_trigger_is_replaced_on_open(tmp_path):
+    target = str(tmp_path / "s.db")
+    _sealed_store(target)
+    old = ("CREATE TRIGGER fluxlite_events_no_replace BEFORE INSERT ON events WHEN EXISTS "
+           "(SELECT 1 FROM events WHERE seq = NEW.seq OR id = NEW.id) "
+           "BEGIN SELECT RAISE(ABORT, 'old'); END")
+    _by_hand(target, "DROP TRIGGER fluxlite_events_no_replace", old)
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "d")
+    conn = sqlite3.connect(target)
+    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = "
+                          "'fluxlite_events_no_replace'").fetchone()
+    assert "max(seq)" in sql
+    with pytest.raises(sqlite3.IntegrityError, match="REPLACE is refused"):
+        conn.execute("REPLACE INTO events VALUES (1, 'x', 't', NULL, '{}', '2000')")
+    with pytest.raises(sqlite3.IntegrityError, match="REPLACE is refused"):
+        conn.execute("INSERT OR REPLACE INTO events (id, type, ts) SELECT id, 't', ts FROM events "
+                     "WHERE seq = 2")
+    conn.close()
+
+
 def test_a_store_that_lost_its_seals_is_refused(tmp_path):
     target = str(tmp_path / "s.db")
     _sealed_store(target)
