@@ -2686,7 +2686,16 @@ class Store:
             replica = _scratch_model(self._schema, "", journal=False)
             try:
                 log = self._read_log(sealed=True)  # checks the seals as it goes
-                _apply_events(replica, reducer, log, journal=False, progress=progress)
+                try:
+                    _apply_events(replica, reducer, log, journal=False, progress=progress)
+                except FluxliteError as replay_error:
+                    # A damaged event can fail its reducer before the end of its seal's
+                    # range is reached: read on, so damage is reported as damage.
+                    try:
+                        collections.deque(log, maxlen=0)
+                    except StorageError as damage:
+                        raise damage from replay_error
+                    raise
                 problems = _compare(self._model, replica)
             finally:
                 replica.conn.close()

@@ -1104,6 +1104,46 @@ def test_verify_finds_events_written_without_fluxlite(tmp_path):
             store.verify()
 
 
+@pytest.fixture(scope="module")
+def sealed_bytes(tmp_path_factory):
+    target = str(tmp_path_factory.mktemp("sealed") / "s.db")
+    _sealed_store(target)
+    with open(target, "rb") as f:
+        return f.read()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=st.sampled_from(["events", "fluxlite_journal"]), row=st.integers(0, 20),
+       column=st.integers(0, 6), at=st.integers(0, 200),
+       char=st.characters(blacklist_categories=("Cs",)))
+def test_any_changed_character_in_the_log_or_journal_fails_verify(
+        tmp_path, sealed_bytes, table, row, column, at, char):
+    target = tmp_path / "damaged.db"
+    for suffix in ("", "-wal", "-shm"):
+        pathlib.Path(f"{target}{suffix}").unlink(missing_ok=True)
+    target.write_bytes(sealed_bytes)
+    conn = sqlite3.connect(target)
+    conn.execute("DROP TRIGGER fluxlite_events_no_update")
+    names = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")
+             if r[1] not in ("seq", "n")]  # keys: changing them moves rows, a different test
+    rows = conn.execute(f"SELECT rowid, * FROM {table}" if table == "events" else
+                        f"SELECT seq * 1000 + n, * FROM {table}").fetchall()
+    name = names[column % len(names)]
+    key, old = rows[row % len(rows)][0], dict(zip(["k", *[d[1] for d in conn.execute(
+        f"PRAGMA table_info({table})")]], rows[row % len(rows)]))[name]
+    text = old or ""
+    new = text[:at % (len(text) + 1)] + char + text[at % (len(text) + 1) + 1:]
+    where = "seq = ?" if table == "events" else "seq * 1000 + n = ?"
+    conn.execute(f"UPDATE {table} SET {name} = ? WHERE {where}", (new, key))
+    conn.commit()
+    conn.close()
+    if new == old:
+        return
+    with fluxlite.open(str(target), schema=SCHEMA, reducer=reducer) as store:
+        with pytest.raises(fluxlite.StorageError):
+            store.verify()
+
+
 def test_a_format_1_store_is_sealed_when_opened_for_writing(tmp_path):
     target = str(tmp_path / "s.db")
     _sealed_store(target)
