@@ -3286,6 +3286,25 @@ def _rebuild(store: Store, schema: str, version: Any,
         if _is_storage_problem(exc):
             raise _storage_error(exc, store._path) from exc
         raise
+    _truncate_wal(store)
+
+
+def _truncate_wal(store: Store) -> None:
+    """Give back the WAL a rebuild's swap grew (it holds the whole new model and
+    journal): checkpoint it into the file and truncate it, unless readers are
+    still on an older snapshot (then journal_size_limit trims it at the next
+    restart)."""
+    if store._path == ":memory:":
+        return
+    with store._lock:
+        conn = store._conn
+        conn.execute("PRAGMA busy_timeout = 100")
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.OperationalError as exc:  # busy: fine, it is only tidying
+            _log.debug("WAL not truncated after the rebuild of %r: %s", store._path, exc)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {DEFAULT_PRAGMAS['busy_timeout']}")
 
 
 def _rebuild_unmapped(store: Store, schema: str, version: Any,

@@ -2836,16 +2836,35 @@ def test_a_rebuild_cleans_up_scratch_files_of_killed_rebuilds(tmp_path):
 
 def test_the_wal_shrinks_back_after_a_big_rebuild(tmp_path, monkeypatch):
     monkeypatch.setitem(fluxlite.DEFAULT_PRAGMAS, "journal_size_limit", 256 * 1024)
+    checkpoint_size = 1000 * 4096 + 64 * 1024  # the WAL's normal ceiling: 1,000 pages
+    sizes = []
+    truncate = fluxlite._truncate_wal
+
+    def measured(store):
+        sizes.append(os.path.getsize(store.path + "-wal"))  # what the swap grew it to
+        truncate(store)
+        sizes.append(os.path.getsize(store.path + "-wal"))
+
+    monkeypatch.setattr(fluxlite, "_truncate_wal", measured)
     path = str(tmp_path / "wal.db")
     make_items(path, count=60000)  # the rebuild's swap rewrites all of it in one transaction
+    # 1. Nobody reading: truncated right after the rebuild.
     with fluxlite.open(path, schema=ITEMS_V2, reducer=items_v2_reducer, version=2,
+                       durability="normal"):
+        pass
+    assert sizes[0] > 2 * checkpoint_size and sizes[1] == 0, sizes
+    # 2. A reader on an older snapshot blocks that; the next WAL restart trims it.
+    reader = sqlite3.connect(path)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM events").fetchone()
+    with fluxlite.open(path, schema=ITEMS_V2 + ";\n", reducer=items_v2_reducer, version=3,
                        durability="normal") as store:
-        grown = os.path.getsize(path + "-wal")
+        reader.close()
+        assert sizes[2] > 2 * checkpoint_size and sizes[3] == sizes[2], sizes
         for n in range(1500):  # past SQLite's automatic checkpoint, so the WAL restarts
             store.dispatch("put", {"id": f"x{n % 5}", "n": n})
         shrunk = os.path.getsize(path + "-wal")
-    checkpoint_size = 1000 * 4096 + 64 * 1024  # the WAL's normal ceiling: 1,000 pages
-    assert grown > 2 * checkpoint_size and shrunk < checkpoint_size, (grown, shrunk)
+    assert shrunk < checkpoint_size, (sizes, shrunk)
 
 
 def test_misused_arguments_are_usage_errors(store):
