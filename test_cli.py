@@ -176,6 +176,16 @@ def test_dispatch_verify_and_rebuild(work):
     assert rows == {"shout": "PRESIDENT"}
 
 
+def test_verify_reports_a_changed_event_as_damage(work):
+    conn = sqlite3.connect(work / "app.db")
+    conn.execute("DROP TRIGGER fluxlite_events_no_update")
+    conn.execute("UPDATE events SET meta = '{\"note\":\"edited\"}' WHERE seq = 2")
+    conn.commit()
+    conn.close()
+    failed = cli("verify", "app.db", "--app", "cliapp:APP", cwd=work, check=False)
+    assert failed.returncode == 1 and "events 2..2 of the log do not match" in failed.stderr
+
+
 def test_export_import_round_trip_is_idempotent(work):
     exported = cli("export", "app.db", cwd=work).stdout
     (work / "events.jsonl").write_text(exported)
