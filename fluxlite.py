@@ -1374,7 +1374,14 @@ class _Chain:
         return self.link
 
     def _upto(self, seq: int) -> Iterator[Sequence[Any]]:
-        while self.ahead is not None and self.ahead[0] <= seq:
+        while self.ahead is not None:
+            if self.ahead[0].__class__ is not int:  # SQLite does not enforce types on read
+                raise StorageError(
+                    f"The store is damaged: a journal or log row has the seq "
+                    f"{self.ahead[0]!r}. Restore the file from a backup."
+                )
+            if self.ahead[0] > seq:
+                return
             yield self.ahead
             self.ahead = next(self.rows, None)
 
