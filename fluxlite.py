@@ -110,6 +110,7 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import sqlite3
 import tempfile
@@ -1094,7 +1095,8 @@ class _Model:
             if journal is not None:
                 try:
                     journal.append((
-                        seq, len(journal) - start, info.name, _dumps(_key_json(done.key)),
+                        seq, len(journal) - start, info.name,
+                        str(done.key) if done.key.__class__ is int else _dumps(_key_json(done.key)),
                         done.op, None if before is None else _dumps(before),
                         None if after is None else _dumps(after),
                     ))
@@ -2460,8 +2462,10 @@ class Store:
 
     def _reduce_and_apply(self, item: _Prepared, seq: int, ts_text: str,
                           journal: List[Tuple[Any, ...]]) -> Tuple[Event, List[Change]]:
-        event = self._upcast(Event(seq, item.id, item.type, item.payload, item.meta,
-                                   _parse_ts(ts_text)))
+        event = object.__new__(Event)  # checked in _prepare: no dataclass __init__ (hot path)
+        event.__dict__.update(seq=seq, id=item.id, type=item.type, payload=item.payload,
+                              meta=item.meta, ts=_parse_ts(ts_text))
+        event = self._upcast(event)
         assert self._reducer is not None
         self._reducing_thread = threading.get_ident()
         try:
@@ -4140,18 +4144,31 @@ def _cmd_tail(args: Any) -> int:
         _print_events(rows, args.json)
         if not args.follow:
             return 0
+        # Ctrl-C sets a flag the loop checks between polls, rather than raising
+        # KeyboardInterrupt wherever it lands (inside a lock, the close could hang).
+        stop, previous = threading.Event(), None
+        with contextlib.suppress(ValueError):  # not the main thread: Ctrl-C raises as usual
+            previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+        position = store.head
         try:
-            for event, _ in store.follow():
-                row = store.query("SELECT * FROM events WHERE seq = ?", (event.seq,))
-                if args.json:
-                    _print_events(row, True)
-                else:
-                    line = _event_line(row[0])
-                    print(f"{line['seq']}  {line['time']}  {line['type']}  {line['id']}  "
-                          f"{line['actor']}  {_short(line['payload'], 60)}".rstrip())
-                sys.stdout.flush()
+            while not stop.is_set():
+                for event, _ in store.follow(after=position, timeout=0.2):
+                    position = event.seq
+                    row = store.query("SELECT * FROM events WHERE seq = ?", (event.seq,))
+                    if args.json:
+                        _print_events(row, True)
+                    else:
+                        line = _event_line(row[0])
+                        print(f"{line['seq']}  {line['time']}  {line['type']}  {line['id']}  "
+                              f"{line['actor']}  {_short(line['payload'], 60)}".rstrip())
+                    sys.stdout.flush()
+                    if stop.is_set():
+                        break
         except KeyboardInterrupt:
             return 0
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
     return 0
 
 
