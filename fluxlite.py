@@ -105,6 +105,7 @@ import collections.abc
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -419,7 +420,21 @@ def _describe(value: Any) -> str:
     return f"{text} (of type {type(value).__name__})"
 
 
-_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+def _make_dumps() -> Callable[[Any], str]:
+    """Compact JSON text, no NaN, non-ASCII kept: JSONEncoder.encode without the new
+    C encoder that JSONEncoder.iterencode builds on every call (about a microsecond
+    per value, and the hot paths encode several values per event). No markers dict:
+    a circular value is a RecursionError, which callers treat like any bad value."""
+    encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if make_encoder is None:  # an interpreter without the _json accelerator
+        return encoder.encode
+    chunks = make_encoder(None, encoder.default, json.encoder.encode_basestring, None,
+                          ":", ",", False, False, False)
+    return lambda value: "".join(chunks(value, 0))
+
+
+_dumps = _make_dumps()
 _raw_decode = json.JSONDecoder().raw_decode
 
 
@@ -1089,8 +1104,10 @@ class _Model:
         applied, start = [], len(journal) if journal is not None else 0
         for change in changes:
             info = self.table(change.table)
-            with _constraint_errors(change, info):
+            try:
                 done, before, after = self._apply_one(info, *self._checked(info, change))
+            except _STORAGE_REFUSALS as exc:
+                raise _constraint_error(change, info, exc) from exc
             applied.append(done)
             if journal is not None:
                 try:
@@ -1112,8 +1129,10 @@ class _Model:
         """Apply changes with the same checks, reporting nothing (replay for verify)."""
         for change in changes:
             info = self.table(change.table)
-            with _constraint_errors(change, info):
+            try:
                 self._apply_quietly(info, *self._checked(info, change))
+            except _STORAGE_REFUSALS as exc:
+                raise _constraint_error(change, info, exc) from exc
 
     def _checked(self, info: _TableInfo, change: Change
                  ) -> Tuple[str, Dict[str, Any], Optional[Tuple[Any, ...]]]:
@@ -1270,20 +1289,17 @@ class _Model:
         return None if row is None else dict(zip(info.columns, row))
 
 
-@contextlib.contextmanager
-def _constraint_errors(change: Change, info: _TableInfo) -> Iterator[None]:
-    """SQLite's refusals of a change, as ChangesetError naming the change."""
-    try:
-        yield
-    except sqlite3.IntegrityError as exc:
-        raise ChangesetError(
+_STORAGE_REFUSALS = (sqlite3.IntegrityError, OverflowError, UnicodeEncodeError)
+
+
+def _constraint_error(change: Change, info: _TableInfo, exc: Exception) -> ChangesetError:
+    """SQLite's refusal of a change, as a ChangesetError naming the change."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        return ChangesetError(
             f"{change.op} on {info.name!r} key {change.key!r} violates a "
             f"constraint: {exc}. Check the reducer's values against the schema."
-        ) from exc
-    except (OverflowError, UnicodeEncodeError) as exc:
-        raise ChangesetError(
-            f"{change.op} on {info.name!r} has a value SQLite cannot store: {exc}."
-        ) from exc
+        )
+    return ChangesetError(f"{change.op} on {info.name!r} has a value SQLite cannot store: {exc}.")
 
 
 def _stored_row(info: _TableInfo, values: Mapping[str, Any], rest: Mapping[str, Any]
@@ -1345,20 +1361,26 @@ _JOURNAL_COLUMNS = "seq, n, tbl, key, op, before, after"
 _LAST_SEAL = "SELECT seq, events, journal FROM fluxlite_seals ORDER BY seq DESC LIMIT 1"
 
 
-def _encode_row(row: Sequence[Any]) -> bytes:
-    """A row's values exactly as stored, unambiguously: text as "<length>:<text>",
-    an integer as "#<digits>;", NULL as "~" (cheaper than JSON: verify() runs
-    this for every row of the log and the journal)."""
+def _encode_rows(rows: Iterable[Sequence[Any]]) -> bytes:
+    """Rows' values exactly as stored, one after another, unambiguously: text as
+    "<length>:<text>", an integer as "#<digits>;", NULL as "~" (cheaper than
+    JSON: verify() runs this over every row of the log and the journal; many
+    rows at once, since a call per row costs half as much again)."""
     return "".join([
         f"{len(v)}:{v}" if v.__class__ is str else "~" if v is None else f"#{v};"
-        for v in row]).encode("utf-8", "surrogatepass")
+        for row in rows for v in row]).encode("utf-8", "surrogatepass")
 
 
-def _chain_link(previous: str, encoded_rows: Iterable[bytes]) -> str:
+_HASH_CHUNK = 1024  # rows encoded at a time: bounds memory for a seal of any size
+
+
+def _chain_link(previous: str, rows: Iterable[Sequence[Any]]) -> str:
     """The next link of a seal chain: sha256 of the previous link, then the rows."""
-    digest = hashlib.sha256(previous.encode())
-    for data in encoded_rows:
-        digest.update(data)
+    digest, rows = hashlib.sha256(previous.encode()), iter(rows)
+    chunk = list(itertools.islice(rows, _HASH_CHUNK))
+    while chunk:
+        digest.update(_encode_rows(chunk))
+        chunk = list(itertools.islice(rows, _HASH_CHUNK))
     return digest.hexdigest()
 
 
@@ -1372,7 +1394,7 @@ class _Chain:
 
     def extend_to(self, seq: int) -> str:
         """The link after the rows up to ``seq``."""
-        self.link = _chain_link(self.link, map(_encode_row, self._upto(seq)))
+        self.link = _chain_link(self.link, self._upto(seq))
         return self.link
 
     def _upto(self, seq: int) -> Iterator[Sequence[Any]]:
@@ -1429,10 +1451,12 @@ def _sealed(conn: sqlite3.Connection, path: str, rows: Iterable[Sequence[Any]]
         return
     seals = conn.execute("SELECT seq, events, journal FROM fluxlite_seals ORDER BY seq")
     journal = _Chain(_journal_rows(conn))
-    digest, last = hashlib.sha256(), 0
+    digest, last, unhashed = hashlib.sha256(), 0, []
     seal = next(seals, None)
     for row in rows:
         while seal is not None and row[0] > seal[0]:
+            digest.update(_encode_rows(unhashed))
+            unhashed.clear()
             _check_seal(path, seal, last, digest, journal)
             digest, last, seal = hashlib.sha256(seal[1].encode()), seal[0], next(seals, None)
         if seal is None:
@@ -1441,8 +1465,12 @@ def _sealed(conn: sqlite3.Connection, path: str, rows: Iterable[Sequence[Any]]
                 f"written outside fluxlite (e.g. an INSERT from the sqlite3 shell), bypassing "
                 f"reducers. Restore the file from a backup."
             )
-        digest.update(_encode_row(row))
+        unhashed.append(row)
+        if len(unhashed) == _HASH_CHUNK:
+            digest.update(_encode_rows(unhashed))
+            unhashed.clear()
         yield row
+    digest.update(_encode_rows(unhashed))
     while seal is not None:
         _check_seal(path, seal, last, digest, journal)
         digest, last, seal = hashlib.sha256(seal[1].encode()), seal[0], next(seals, None)
@@ -2349,8 +2377,8 @@ class Store:
                         f"with expect_seq={head}."
                     )
                 expect_seq = None  # checked once, before the first new event
-                ts_text = self._timestamp(item, head, last_ts)
-                event, changes = self._reduce_and_apply(item, head + 1, ts_text, journal)
+                ts_text, ts = self._timestamp(item, head, last_ts)
+                event, changes = self._reduce_and_apply(item, head + 1, ts, journal)
                 event_rows.append((head + 1, item.id, item.type, item.payload_text,
                                    item.meta_text, ts_text))
                 head, last_ts = head + 1, ts_text
@@ -2362,15 +2390,15 @@ class Store:
             _insert_rows(conn, _INSERT_JOURNAL, journal)
             if event_rows:
                 events_link, journal_link = seal.split(" ")
-                seal = (f"{_chain_link(events_link, map(_encode_row, event_rows))} "
-                        f"{_chain_link(journal_link, map(_encode_row, journal))}")
+                seal = f"{_chain_link(events_link, event_rows)} {_chain_link(journal_link, journal)}"
                 conn.execute("INSERT INTO fluxlite_seals VALUES (?, ?, ?)", (head, *seal.split(" ")))
             self._check_file()
             generation = _dumps(self._generation)
         self._head_cache = (version, generation, head, last_ts, seal) if outermost else None
 
-    def _timestamp(self, item: _Prepared, head: int, last_ts: str) -> str:
-        """The new event's ts text: now, but never before the previous event."""
+    def _timestamp(self, item: _Prepared, head: int, last_ts: str) -> Tuple[str, datetime]:
+        """The new event's ts, as text and as the datetime that text reads back as:
+        now, but never before the previous event."""
         if item.seq is not None:  # a logged event being copied keeps its seq and ts
             if item.seq != head + 1:
                 raise Conflict(
@@ -2384,14 +2412,19 @@ class Store:
                     f"Logged event seq {item.seq} has ts {item.ts}, before the previous "
                     f"event's {last_ts}; ts never decreases along seq."
                 )
-            return item.ts
+            return item.ts, _parse_ts(item.ts)
         now = self._clock()
         if not isinstance(now, datetime) or now.tzinfo is None:
             raise UsageError(
                 f"The store's clock must return a timezone-aware datetime; it "
                 f"returned {_describe(now)}. Use datetime.now(timezone.utc)."
             )
-        return max(_format_ts(now), last_ts)
+        utc = now.astimezone(timezone.utc)
+        text = utc.isoformat(timespec="microseconds")
+        if text < last_ts or utc.__class__ is not datetime:  # a step back, or a subclass
+            text = max(text, last_ts)
+            return text, _parse_ts(text)
+        return text, utc
 
     def _check_file(self) -> None:
         """Refuse to commit into a file that was deleted or replaced since open.
@@ -2460,11 +2493,11 @@ class Store:
             )
         return event
 
-    def _reduce_and_apply(self, item: _Prepared, seq: int, ts_text: str,
+    def _reduce_and_apply(self, item: _Prepared, seq: int, ts: datetime,
                           journal: List[Tuple[Any, ...]]) -> Tuple[Event, List[Change]]:
         event = object.__new__(Event)  # checked in _prepare: no dataclass __init__ (hot path)
         event.__dict__.update(seq=seq, id=item.id, type=item.type, payload=item.payload,
-                              meta=item.meta, ts=_parse_ts(ts_text))
+                              meta=item.meta, ts=ts)
         event = self._upcast(event)
         assert self._reducer is not None
         self._reducing_thread = threading.get_ident()

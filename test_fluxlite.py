@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import hashlib
 import inspect
 import json
 import logging
@@ -1065,6 +1066,40 @@ def _sealed_store(target):
         store.dispatch_many([{"type": "addUser", "payload": {"name": n}} for n in "bc"])
         store.dispatch("grantAccess", {"name": "b", "right": "x", "note": "marker-1"})
         store.verify()
+
+
+def test_seals_are_the_documented_sha256_chains(tmp_path):
+    """The on-disk seal format, computed here independently of fluxlite's code:
+    each link is sha256(previous link + the rows of one write transaction), a
+    row's values as "<len>:<text>", "#<int>;" or "~" (README: On-disk format)."""
+    target = str(tmp_path / "s.db")
+    _sealed_store(target)
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        # more rows than fluxlite hashes at a time, in one seal
+        store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{i}"}} for i in range(2500)])
+        store.verify()
+    conn = sqlite3.connect(target)
+
+    def encode(row):
+        return "".join(f"{len(v)}:{v}" if isinstance(v, str) else "~" if v is None
+                       else f"#{v};" for v in row).encode()
+
+    links = {"events": "", "journal": ""}
+    after = 0
+    seals = conn.execute("SELECT seq, events, journal FROM fluxlite_seals ORDER BY seq").fetchall()
+    assert [s[0] for s in seals] == [1, 3, 4, 2504]  # one seal per write transaction
+    for seq, events_link, journal_link in seals:
+        for name, sql in (("events", "SELECT seq, id, type, payload, meta, ts FROM events "
+                                     "WHERE seq > ? AND seq <= ? ORDER BY seq"),
+                          ("journal", "SELECT seq, n, tbl, key, op, before, after FROM "
+                                      "fluxlite_journal WHERE seq > ? AND seq <= ? ORDER BY seq, n")):
+            digest = hashlib.sha256(links[name].encode())
+            for row in conn.execute(sql, (after, seq)):
+                digest.update(encode(row))
+            links[name] = digest.hexdigest()
+        assert (events_link, journal_link) == (links["events"], links["journal"])
+        after = seq
+    conn.close()
 
 
 def test_verify_finds_a_changed_byte_in_an_event_the_reducer_ignores(tmp_path):
