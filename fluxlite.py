@@ -649,30 +649,38 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
     return conn
 
 
-@contextlib.contextmanager
-def _write_txn(conn: sqlite3.Connection) -> Iterator[None]:
+class _write_txn:
     """BEGIN IMMEDIATE ... COMMIT; roll back on any exception, including in COMMIT.
 
     Inside a transaction already open (a preview), it is a SAVEPOINT instead.
+    A class rather than a generator: every dispatch enters one.
     """
-    if conn.in_transaction:
-        conn.execute("SAVEPOINT fluxlite_nested")
-        try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK TO fluxlite_nested")
+
+    __slots__ = ("conn", "nested")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.nested = conn.in_transaction
+
+    def __enter__(self) -> None:
+        self.conn.execute("SAVEPOINT fluxlite_nested" if self.nested else "BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        conn = self.conn
+        if self.nested:
+            if kind is not None:
+                conn.execute("ROLLBACK TO fluxlite_nested")
             conn.execute("RELEASE fluxlite_nested")
+            return
+        try:
+            if kind is None:
+                conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("RELEASE fluxlite_nested")
-        return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
+        if kind is not None and conn.in_transaction:
             conn.execute("ROLLBACK")
-        raise
 
 
 @contextlib.contextmanager
@@ -718,7 +726,7 @@ def _is_storage_problem(exc: sqlite3.Error) -> bool:
 class _TableInfo:
     """A read-model table's shape, read from SQLite, with its SQL prepared."""
 
-    __slots__ = ("name", "columns", "column_set", "pk", "pk_types", "rowid_key", "q",
+    __slots__ = ("name", "columns", "column_set", "pk", "pk_set", "pk_types", "rowid_key", "q",
                  "where_key", "select_key", "delete_key", "order_by", "_insert_sql",
                  "writable", "writable_columns", "exact_types", "defaults")
 
@@ -739,6 +747,7 @@ class _TableInfo:
         self.columns = tuple(columns)
         self.column_set = frozenset(columns)
         self.pk = tuple(pk)
+        self.pk_set = frozenset(pk)
         self.rowid_key = rowid_key  # INTEGER PRIMARY KEY: SQLite may assign it
         self.q = _quote(name)
         self.where_key = " AND ".join(f"{_quote(c)} = ?" for c in pk)
@@ -1160,6 +1169,11 @@ class _Model:
                 )
             return op, dict(values), info.key_params(change.key)
         # insert / upsert: the key is in the row, or given apart and merged in
+        if change.key is None and values.keys() >= info.pk_set:  # the usual case
+            if len(info.pk) == 1:  # its value is checked above: only None is no key
+                key = values[info.pk[0]]
+                return op, dict(values), (key,) if key is not None else info.key_params(key)
+            return op, dict(values), info.key_params(tuple(values[c] for c in info.pk))
         values = self._with_key(info, change)
         if any(c not in values for c in info.pk):
             return op, values, None  # SQLite assigns the INTEGER PRIMARY KEY
@@ -1376,7 +1390,11 @@ _HASH_CHUNK = 1024  # rows encoded at a time: bounds memory for a seal of any si
 
 def _chain_link(previous: str, rows: Iterable[Sequence[Any]]) -> str:
     """The next link of a seal chain: sha256 of the previous link, then the rows."""
-    digest, rows = hashlib.sha256(previous.encode()), iter(rows)
+    digest = hashlib.sha256(previous.encode())
+    if rows.__class__ is list and len(rows) <= _HASH_CHUNK:  # a transaction's rows
+        digest.update(_encode_rows(rows))
+        return digest.hexdigest()
+    rows = iter(rows)
     chunk = list(itertools.islice(rows, _HASH_CHUNK))
     while chunk:
         digest.update(_encode_rows(chunk))
@@ -1821,10 +1839,13 @@ class _Prepared:
     ts: Optional[str] = None
 
 
+_ACTION_KEYS = frozenset(("type", "payload", "meta", "id"))
+
+
 def _action_from(type_or_action: Any, payload: Any, meta: Any, id: Any,
                  actor: Any) -> Dict[str, Any]:
-    if isinstance(type_or_action, _Mapping):
-        extra = set(type_or_action) - {"type", "payload", "meta", "id"}
+    if type_or_action.__class__ is dict or isinstance(type_or_action, _Mapping):
+        extra = type_or_action.keys() - _ACTION_KEYS
         if extra:
             raise InvalidEvent(
                 f"An event dict has the keys type, payload, meta and id (Flux "
@@ -1836,8 +1857,8 @@ def _action_from(type_or_action: Any, payload: Any, meta: Any, id: Any,
             )
         action = dict(type_or_action)
         action.setdefault("payload", None)
-        action["meta"] = dict(action.get("meta") or {}) if isinstance(
-            action.get("meta") or {}, _Mapping) else action.get("meta")
+        meta = action.get("meta") or {}
+        action["meta"] = dict(meta) if meta.__class__ is dict or isinstance(meta, _Mapping) else meta
         action.setdefault("id", None)
     else:
         action = {"type": type_or_action, "payload": payload,
@@ -1852,13 +1873,13 @@ def _action_from(type_or_action: Any, payload: Any, meta: Any, id: Any,
 
 
 def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
-    if not isinstance(action, _Mapping):
+    if action.__class__ is not dict and not isinstance(action, _Mapping):
         raise InvalidEvent(
             f"Middleware must pass an event dict (type, payload, meta, id) to next(); "
             f"received {_describe(action)}."
         )
     kind = action.get("type")
-    if not isinstance(kind, str) or not kind.strip():
+    if kind.__class__ is not str and not isinstance(kind, str) or not kind.strip():
         raise InvalidEvent(
             f"An event type must be a non-empty string such as 'addUser'; received "
             f"{_describe(kind)}."
@@ -1876,7 +1897,8 @@ def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
         )
     meta = action.get("meta")
     meta = {} if meta is None else meta
-    if not isinstance(meta, _Mapping) or not all(isinstance(k, str) for k in meta):
+    if (meta.__class__ is not dict and not isinstance(meta, _Mapping)
+            or meta and not all(k.__class__ is str or isinstance(k, str) for k in meta)):
         raise InvalidEvent(
             f"An event's meta must be a dict with str keys; received {_describe(meta)}."
         )
@@ -2365,6 +2387,7 @@ class Store:
             event_rows: List[Tuple[Any, ...]] = []
             journal: List[Tuple[Any, ...]] = []
             seen: Dict[str, Tuple[_Prepared, Event]] = {}
+            batch_ts: Optional[Tuple[str, datetime]] = None
             for item in prepared:
                 known = self._known_event(item, seen)
                 if known is not None:
@@ -2377,7 +2400,9 @@ class Store:
                         f"with expect_seq={head}."
                     )
                 expect_seq = None  # checked once, before the first new event
-                ts_text, ts = self._timestamp(item, head, last_ts)
+                ts_text, ts = self._timestamp(item, head, last_ts, batch_ts)
+                if item.seq is None:  # a copied event's ts is its own
+                    batch_ts = (ts_text, ts)
                 event, changes = self._reduce_and_apply(item, head + 1, ts, journal)
                 event_rows.append((head + 1, item.id, item.type, item.payload_text,
                                    item.meta_text, ts_text))
@@ -2396,9 +2421,12 @@ class Store:
             generation = _dumps(self._generation)
         self._head_cache = (version, generation, head, last_ts, seal) if outermost else None
 
-    def _timestamp(self, item: _Prepared, head: int, last_ts: str) -> Tuple[str, datetime]:
+    def _timestamp(self, item: _Prepared, head: int, last_ts: str,
+                   batch_ts: Optional[Tuple[str, datetime]]) -> Tuple[str, datetime]:
         """The new event's ts, as text and as the datetime that text reads back as:
-        now, but never before the previous event."""
+        now, but never before the previous event. The events of one transaction
+        share one ts, ``batch_ts`` once the first has it: they commit at one instant,
+        and one clock read per batch is cheaper."""
         if item.seq is not None:  # a logged event being copied keeps its seq and ts
             if item.seq != head + 1:
                 raise Conflict(
@@ -2413,6 +2441,8 @@ class Store:
                     f"event's {last_ts}; ts never decreases along seq."
                 )
             return item.ts, _parse_ts(item.ts)
+        if batch_ts is not None and batch_ts[0] >= last_ts:
+            return batch_ts
         now = self._clock()
         if not isinstance(now, datetime) or now.tzinfo is None:
             raise UsageError(
@@ -2447,6 +2477,8 @@ class Store:
 
     def _check_generation(self, stored: Optional[str]) -> None:
         """Refuse to write old-shape changes after another process rebuilt the model."""
+        if stored is not None and stored == _dumps(self._generation):
+            return  # the usual case, without parsing
         generation = json.loads(stored) if stored else 0
         if generation == self._generation:
             return

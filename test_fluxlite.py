@@ -341,6 +341,25 @@ def test_ts_never_decreases_when_the_clock_steps_back():
     assert all(s.tzinfo == timezone.utc for s in stamps)
 
 
+def test_a_batch_shares_one_ts_read_once_from_the_clock():
+    ticks = []
+
+    def clock():
+        ticks.append(None)
+        return datetime(2030, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=len(ticks))
+
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, clock=clock) as store:
+        batch = store.dispatch_many([{"type": "addUser", "payload": {"name": n}} for n in "abc"])
+        later = add(store, "d")
+        assert len(ticks) == 2
+        assert {e.ts for e in batch} == {datetime(2030, 1, 1, 0, 1, tzinfo=timezone.utc)}
+        assert later.ts == datetime(2030, 1, 1, 0, 2, tzinfo=timezone.utc)
+        assert [e.ts for e in store.events()] == [e.ts for e in batch] + [later.ts]
+        with store.replay() as copy:  # a copied log keeps each event's own ts
+            assert [e.ts for e in copy.events()] == [e.ts for e in store.events()]
+        assert len(ticks) == 2
+
+
 def test_clock_must_be_timezone_aware():
     with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer,
                        clock=lambda: datetime(2030, 1, 1)) as store:
