@@ -3232,9 +3232,9 @@ class Consumer:
 ###############################################################################
 
 
-def _scratch_model(schema: str, path: str, journal: bool) -> _Model:
+def _scratch_model(schema: str, path: str, journal: bool, uri: bool = False) -> _Model:
     """A private database with the schema (and a journal table), for replays."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, uri=uri)
     try:
         conn.execute("PRAGMA journal_mode=off")
         conn.execute("PRAGMA synchronous=off")
@@ -3288,39 +3288,91 @@ def _as_of(store: Store, seq: int) -> View:
     # A private temporary file ("", as verify() uses), not ":memory:": the copy
     # holds every live row, and freed memory stays with the process (glibc keeps
     # it), so RSS would step up with the size of the model at each at().
-    model = _scratch_model(store._schema, "", journal=False)
+    model = _scratch_model(store._schema, "", journal=False, uri=True)
     try:
-        conn, live = model.conn, store._conn
-        with _write_txn(conn):
+        conn = model.conn
+        # The live file attached read-only: rows go across inside SQLite, not
+        # through Python. Its snapshot may be newer than the store's: undoing
+        # from a later head still ends at seq. A store with a transaction of its
+        # own open (a preview) or no file is copied through Python instead.
+        live = "fluxlite_live" if _attach_live(conn, store) else None
+        first_changes = _first_changes_sql(f"{live}.fluxlite_journal" if live else "fluxlite_journal",
+                                           tail=store.head - seq, head=store.head)
+        try:
+            conn.execute("BEGIN")  # not IMMEDIATE: that would lock the attached file too
+            conn.execute("CREATE TEMP TABLE fluxlite_undo (tbl TEXT, key TEXT, before TEXT)")
             for info in model.tables.values():
                 columns = ", ".join(_quote(c) for c in info.writable_columns)
-                conn.executemany(info.insert_sql(info.writable_columns),
-                                 live.execute(f"SELECT {columns} FROM {info.q}"))
-            # "+tbl, +key": group without the (tbl, key, seq) index, so SQLite
-            # searches the primary key for seq > ? instead of scanning it all.
-            undo = live.execute(
-                "SELECT tbl, key, before, min(seq * 4294967296 + n) FROM fluxlite_journal "
-                "WHERE seq > ? GROUP BY +tbl, +key", (seq,))
-            conn.execute("CREATE TEMP TABLE fluxlite_undo (tbl TEXT, key TEXT, before TEXT)")
-            conn.executemany("INSERT INTO fluxlite_undo VALUES (?, ?, ?)",
-                             (row[:3] for row in undo))
-            # A JSON path cannot name every column (a '"' in it): those tables go
-            # row by row, as all do on a SQLite without JSON functions.
-            simple = [n for n, i in model.tables.items()
-                      if all(json.dumps(c, ensure_ascii=False) == f'"{c}"' and c.isprintable()
-                             for c in i.columns)]
-            if conn.execute("SELECT 1 FROM fluxlite_undo WHERE instr(key, '\\u0000') "
-                            "OR instr(before, '\\u0000') LIMIT 1").fetchone():
-                simple = []  # a NUL in the text: json_extract would cut it off
-            try:
-                _undo_in_sql(conn, model, simple)
-            except sqlite3.OperationalError:
-                simple = []
-            _undo_in_python(conn, model, [n for n in model.tables if n not in simple])
+                if live:
+                    conn.execute(f"INSERT INTO main.{info.q} ({columns}) "
+                                 f"SELECT {columns} FROM {live}.{info.q}")
+                else:
+                    conn.executemany(info.insert_sql(info.writable_columns),
+                                     store._conn.execute(f"SELECT {columns} FROM {info.q}"))
+            if live:
+                conn.execute(f"INSERT INTO fluxlite_undo {first_changes}", (seq,))
+            else:
+                conn.executemany("INSERT INTO fluxlite_undo VALUES (?, ?, ?)",
+                                 store._conn.execute(first_changes, (seq,)))
+            _undo(conn, model)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if live:
+            conn.execute(f"DETACH {live}")
     except BaseException:
         model.conn.close()
         raise
     return View(model, seq=seq, owned=True)
+
+
+def _attach_live(conn: sqlite3.Connection, store: Store) -> bool:
+    """Attach the store's file to ``conn`` read-only, as fluxlite_live, if it can be."""
+    if store._path in (":memory:", "") or store._previewing:
+        return False
+    uri = "file:" + urllib.parse.quote(os.path.abspath(store._path)) + "?mode=ro"
+    try:
+        conn.execute("ATTACH ? AS fluxlite_live", (uri,))
+    except sqlite3.Error as exc:  # e.g. read-only media without the -shm file
+        _log.debug("at(): %r not attached (%s); copying through Python", store._path, exc)
+        return False
+    return True
+
+
+def _first_changes_sql(journal: str, tail: int, head: int) -> str:
+    """(tbl, key, before) of the first change to each row after seq ?1.
+
+    Grouping the tail sorts every journal row after ?1, before-images and
+    all; for a long tail it is cheaper to list the changed rows from the
+    (tbl, key, seq) index and look up each one's first change there.
+    """
+    if tail * 10 < head:
+        # "+tbl, +key": group without the (tbl, key, seq) index, so SQLite
+        # searches the primary key for seq > ? instead of scanning it all.
+        return (f"SELECT tbl, key, before FROM (SELECT tbl, key, before, "
+                f"min(seq * 4294967296 + n) FROM {journal} WHERE seq > ?1 GROUP BY +tbl, +key)")
+    return (f"SELECT d.tbl, d.key, (SELECT j.before FROM {journal} j WHERE j.tbl = d.tbl "
+            f"AND j.key = d.key AND j.seq > ?1 ORDER BY j.seq, j.n LIMIT 1) "
+            f"FROM (SELECT DISTINCT tbl, key FROM {journal} WHERE seq > ?1) d")
+
+
+def _undo(conn: sqlite3.Connection, model: _Model) -> None:
+    """Put back each row of fluxlite_undo as it was before its first later change."""
+    # A JSON path cannot name every column (a '"' in it): those tables go
+    # row by row, as all do on a SQLite without JSON functions.
+    simple = [n for n, i in model.tables.items()
+              if all(json.dumps(c, ensure_ascii=False) == f'"{c}"' and c.isprintable()
+                     for c in i.columns)]
+    if conn.execute("SELECT 1 FROM fluxlite_undo WHERE instr(key, '\\u0000') "
+                    "OR instr(before, '\\u0000') LIMIT 1").fetchone():
+        simple = []  # a NUL in the text: json_extract would cut it off
+    try:
+        _undo_in_sql(conn, model, simple)
+    except sqlite3.OperationalError:
+        simple = []
+    _undo_in_python(conn, model, [n for n in model.tables if n not in simple])
 
 
 def _undo_in_sql(conn: sqlite3.Connection, model: _Model, names: List[str]) -> None:

@@ -15,6 +15,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -1516,9 +1517,12 @@ def dispatch_all(store, events):
 
 
 @settings(max_examples=40, deadline=None)
-@given(events=item_events, data=st.data())
-def test_at_equals_a_fresh_replay_and_history_agrees(events, data):
-    with fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer) as store:
+@given(events=item_events, data=st.data(), on_disk=st.booleans())
+def test_at_equals_a_fresh_replay_and_history_agrees(events, data, on_disk):
+    # on disk, at() copies through SQLite (the file attached); in memory, through Python
+    with tempfile.TemporaryDirectory() as directory, fluxlite.open(
+            os.path.join(directory, "s.db") if on_disk else ":memory:",
+            schema=ITEMS, reducer=items_reducer) as store:
         dispatch_all(store, events)
         k = data.draw(st.integers(0, store.head))
         with store.at(k) as past, store.replay(k) as replayed:
@@ -1566,6 +1570,26 @@ def test_at_bounds_and_time(tmp_path):
                 past.query("DELETE FROM items")
         with pytest.raises(sqlite3.ProgrammingError):
             past.items.all()  # closed on leaving the with block
+        with store.at(1) as past:  # an open past view holds nothing of the live file
+            store.dispatch("put", {"id": "b", "n": 7})
+            assert store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+            assert os.path.getsize(store.path + "-wal") == 0
+            assert past.items.all() == [{"id": "a", "n": 0}]
+        assert store.at(3).items.all() == [{"id": "a", "n": 2}]
+
+
+def test_at_a_store_whose_file_cannot_be_attached_copies_through_python(tmp_path, monkeypatch,
+                                                                         caplog):
+    with fluxlite.open(str(tmp_path / "t.db"), schema=ITEMS, reducer=items_reducer) as store:
+        for n in range(3):
+            store.dispatch("put", {"id": "a", "n": n})
+        monkeypatch.setattr(store, "_path", str(tmp_path / "elsewhere" / "t.db"))  # attach fails
+        with caplog.at_level(logging.DEBUG, logger="fluxlite"):
+            past = store.at(2)
+        monkeypatch.undo()
+        with past:
+            assert past.items.all() == [{"id": "a", "n": 1}]
+    assert "copying through Python" in caplog.text
 
 
 def test_history_returns_revisions_without_replay(store):
@@ -2838,8 +2862,9 @@ def test_reading_renews_a_consumer_lease(tmp_path):
             slow.ack(4)
 
 
+@pytest.mark.parametrize("where", ["file", ":memory:"])
 @pytest.mark.parametrize("undo", ["sql", "python"])
-def test_at_undoes_in_sql_or_row_by_row_alike(monkeypatch, undo):
+def test_at_undoes_in_sql_or_row_by_row_alike(monkeypatch, tmp_path, undo, where):
     if undo == "python":  # as on a SQLite build without JSON functions
         def no_json(conn, model, names):
             raise sqlite3.OperationalError("no such function: json_extract")
@@ -2857,7 +2882,8 @@ def test_at_undoes_in_sql_or_row_by_row_alike(monkeypatch, undo):
             return view.odd.upsert(k="1", **{"a.b": p, 'q"uote': p, "$x": len(p)})
         return reducer(view, event)
 
-    with fluxlite.open(":memory:", schema=schema, reducer=r) as store:
+    path = str(tmp_path / "s.db") if where == "file" else where
+    with fluxlite.open(path, schema=schema, reducer=r) as store:
         store.dispatch("t", {"k": "a", "row": {"i": 1, "r": 2.5, "s": "x", "n": "12", "x": None}})
         store.dispatch("t", {"k": 'we"ird key', "row": {"b": "blob?", "q": 3}})
         add(store, "joe")
