@@ -3452,9 +3452,7 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
                 with _read_txn(conn):  # the bulk of the log, in one snapshot
                     done = _apply_events(model, reducer, store._read_log(), journal=True,
                                          progress=progress)
-                with _write_txn(conn):  # other writers wait from here on
-                    _apply_events(model, reducer, store._read_log(done), journal=True)
-                    generation = _swap_model(conn, schema, version, model)
+                generation = _swap_in(store, schema, version, model, scratch, done)
                 store._schema, store._version = schema, version
                 store._load_tables(list(model.tables), generation)
         finally:
@@ -3463,6 +3461,37 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
         for suffix in ("", "-journal", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(scratch + suffix)
+
+
+def _swap_in(store: Store, schema: str, version: Any, model: _Model, scratch: str,
+             done: int, tries: int = 3) -> int:
+    """Catch up with the events logged since ``done`` and swap the new model in,
+    in one write transaction; return the new generation.
+
+    The store's connection copies the new tables and journal from the scratch
+    file attached to it, inside SQLite. Attached, the scratch file is locked by
+    that write transaction, so events logged meanwhile are caught up before it,
+    and the swap is tried again; after ``tries`` such rounds (writers that never
+    pause), the catch-up runs inside the transaction and rows go through Python.
+    """
+    conn = store._conn
+    for _ in range(tries):
+        with _read_txn(conn):
+            done = _apply_events(model, store._reducer, store._read_log(done), journal=True) or done
+        try:
+            conn.execute("ATTACH ? AS fluxlite_scratch", (scratch,))
+        except sqlite3.OperationalError as exc:
+            _log.debug("rebuild: scratch not attached (%s); copying through Python", exc)
+            break
+        try:
+            with _write_txn(conn):  # other writers wait from here on
+                if (conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0) == done:
+                    return _swap_model(conn, schema, version, model, "fluxlite_scratch")
+        finally:
+            conn.execute("DETACH fluxlite_scratch")
+    with _write_txn(conn):
+        _apply_events(model, store._reducer, store._read_log(done), journal=True)
+        return _swap_model(conn, schema, version, model)
 
 
 def _remove_stale_scratch(directory: str, prefix: str) -> None:
@@ -3477,19 +3506,25 @@ def _remove_stale_scratch(directory: str, prefix: str) -> None:
                     os.remove(os.path.join(directory, name))
 
 
-def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Model) -> int:
-    """Inside the caller's transaction: replace read-model tables and journal."""
+def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Model,
+                attached: Optional[str] = None) -> int:
+    """Inside the caller's transaction: replace read-model tables and journal,
+    read from the model's database ``attached`` to ``conn``, or else through Python."""
     meta = _read_meta(conn)
     conn.execute("PRAGMA defer_foreign_keys = ON")  # tables are refilled in any order
     for name in _children_first(conn, meta["tables"]):
-        conn.execute(f"DROP TABLE {_quote(name)}")
+        conn.execute(f"DROP TABLE main.{_quote(name)}")
     names = _create_schema(conn, schema)
-    for name in names:
-        info = model.tables[name]
-        conn.executemany(info.insert_sql(info.columns), model.conn.execute(f"SELECT * FROM {info.q}"))
-    conn.execute("DELETE FROM fluxlite_journal")
-    conn.executemany("INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     model.conn.execute("SELECT * FROM fluxlite_journal"))
+    conn.execute("DELETE FROM main.fluxlite_journal")
+    for name, columns in [(model.tables[n].q, model.tables[n].writable_columns) for n in names] \
+            + [("fluxlite_journal", _JOURNAL_COLUMNS.split(", "))]:
+        listed = ", ".join(_quote(c) for c in columns)
+        if attached:
+            conn.execute(f"INSERT INTO main.{name} ({listed}) SELECT {listed} FROM {attached}.{name}")
+        else:
+            conn.executemany(f"INSERT INTO main.{name} ({listed}) VALUES "
+                             f"({', '.join('?' * len(columns))})",
+                             model.conn.execute(f"SELECT {listed} FROM {name}"))
     _reseal_journal(conn)
     generation = meta.get("generation", 0) + 1
     _write_meta(conn, schema=schema, tables=names, version=version, generation=generation)
@@ -3654,11 +3689,20 @@ def _check_format(conn: sqlite3.Connection, path: str, names: set) -> int:
             f"hand?); the log cannot be trusted. Restore the file from a backup."
         )
     for table, columns in _OWN_COLUMNS.items():
-        found = tuple(r[1] for r in conn.execute(f"PRAGMA table_info({table})"))
+        info = conn.execute(f"PRAGMA table_info({table})").fetchall()
+        found = tuple(r[1] for r in info)
         if table in needed and found != columns:
             raise SchemaError(
                 f"{path!r} is damaged: fluxlite's table {table} has the columns {found}, "
                 f"not {columns}. Restore the file from a backup."
+            )
+        # Its key must still be INTEGER (for a rowid table, the rowid itself):
+        # a damaged type name would make every seq read back as NULL.
+        key = [(r[1], r[2].upper()) for r in sorted(info, key=lambda r: r[5]) if r[5]]
+        if table in needed and key != [(c, "INTEGER") for c in _OWN_KEYS[table]]:
+            raise SchemaError(
+                f"{path!r} is damaged: fluxlite's table {table} has the primary key "
+                f"{key}, not {', '.join(_OWN_KEYS[table])} INTEGER. Restore the file from a backup."
             )
     return user_version
 
@@ -3668,6 +3712,7 @@ _OWN_COLUMNS = {
     "fluxlite_journal": tuple(_JOURNAL_COLUMNS.split(", ")),
     "fluxlite_seals": ("seq", "events", "journal"),
 }
+_OWN_KEYS = {"events": ("seq",), "fluxlite_journal": ("seq", "n"), "fluxlite_seals": ("seq",)}
 
 
 def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], version: Any,

@@ -1159,6 +1159,28 @@ def test_verify_finds_events_written_without_fluxlite(tmp_path):
             store.verify()
 
 
+@pytest.mark.parametrize("table, column", [("events", "seq"), ("fluxlite_seals", "seq"),
+                                           ("fluxlite_journal", "n")])
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_damaged_key_type_in_the_schema_is_refused_on_open(tmp_path, table, column, readonly):
+    # Damage seen in the torture run: "seq INTEGER PRIMARY KEY" with one byte
+    # changed is no longer the rowid, and every seq then reads back as NULL.
+    target = str(tmp_path / "s.db")
+    _sealed_store(target)
+    conn = sqlite3.connect(target)
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute("UPDATE sqlite_master SET sql = replace(sql, ?, ?) WHERE name = ?",
+                 (f"{column} INTEGER", f"{column} INTEGEQ", table))
+    assert conn.total_changes == 1
+    conn.commit()
+    conn.close()
+    options = {"readonly": True} if readonly else {"schema": SCHEMA, "reducer": reducer}
+    # SQLite itself refuses AUTOINCREMENT on a column that is not the rowid
+    message = "malformed" if table == "events" else f"{table} has the primary key .*INTEGEQ"
+    with pytest.raises(fluxlite.FluxliteError, match=message):
+        fluxlite.open(target, **options)
+
+
 @pytest.fixture(scope="module")
 def sealed_bytes(tmp_path_factory):
     target = str(tmp_path_factory.mktemp("sealed") / "s.db")
