@@ -2037,6 +2037,9 @@ class Store:
         self._view = View(self._model)
         self._reducer = reducer
         self._path = path
+        # Absolute, for the checks on the file itself: a chdir must not point them
+        # at another file (SQLite keeps the file it opened).
+        self._file = os.path.abspath(path) if path not in (":memory:", "") else path
         self._schema = schema
         self._durability = durability
         self._clock = clock
@@ -2053,7 +2056,7 @@ class Store:
         self._head_cache: Optional[Tuple[Any, ...]] = None  # (data_version, generation, head, ts, seal)
         # The identity of the file and of its -wal and -shm, to notice a file
         # deleted or replaced while open (see _check_file and close).
-        self._file_ids = _file_ids(path) if path not in (":memory:", "") else {}
+        self._file_ids = _file_ids(self._file) if path not in (":memory:", "") else {}
         self._file_id = self._file_ids.get("")
         self._readonly_file = False
         self._committed = threading.Condition()  # followers wake on this store's commits
@@ -2119,8 +2122,8 @@ class Store:
         with self._lock:
             if not self._closed:
                 self._closed = True
-                moved = self._file_id is not None and _file_ids(self._path)[""] != self._file_id
-                if moved and os.path.exists(self._path) and not self.readonly:
+                moved = self._file_id is not None and _file_ids(self._file)[""] != self._file_id
+                if moved and os.path.exists(self._file) and not self.readonly:
                     self._save_replaced()
                 self._conn.close()
                 if moved:
@@ -2129,7 +2132,7 @@ class Store:
     def _save_replaced(self) -> None:
         """Copy the store whose file was replaced under it: its last commits live
         only in its -wal, which the replacement must not inherit."""
-        copy = f"{self._path}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        copy = f"{self._file}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         try:
             target = _connect(copy, self._durability)
             try:
@@ -2151,11 +2154,11 @@ class Store:
         at this path. Only the very files this store opened are removed (a new
         store made at the path since then has its own).
         """
-        now = _file_ids(self._path)
+        now = _file_ids(self._file)
         for suffix in ("-wal", "-shm"):
             if now[suffix] is not None and now[suffix] == self._file_ids.get(suffix):
                 with contextlib.suppress(OSError):
-                    os.remove(self._path + suffix)
+                    os.remove(self._file + suffix)
 
     def __enter__(self) -> "Store":
         return self
@@ -2465,7 +2468,7 @@ class Store:
         if self._file_id is None:
             return
         try:
-            info = os.stat(self._path)
+            info = os.stat(self._file)
             same = (info.st_dev, info.st_ino) == self._file_id
         except OSError:
             same = False
@@ -3332,7 +3335,11 @@ def _attach_live(conn: sqlite3.Connection, store: Store) -> bool:
     """Attach the store's file to ``conn`` read-only, as fluxlite_live, if it can be."""
     if store._path in (":memory:", "") or store._previewing:
         return False
-    uri = "file:" + urllib.parse.quote(os.path.abspath(store._path)) + "?mode=ro"
+    path = store._file
+    if store._file_id is None or _file_ids(path)[""] != store._file_id:
+        _log.debug("at(): %r is not the file this store opened; copying through Python", path)
+        return False
+    uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
     try:
         conn.execute("ATTACH ? AS fluxlite_live", (uri,))
     except sqlite3.Error as exc:  # e.g. read-only media without the -shm file
@@ -3439,7 +3446,7 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
                       progress: Optional[Callable[[int], None]]) -> None:
     reducer = store._reducer
     assert reducer is not None
-    directory = os.path.dirname(os.path.abspath(store._path)) if store._path != ":memory:" else None
+    directory = os.path.dirname(store._file) if store._path != ":memory:" else None
     prefix = f".{os.path.basename(store._path)}.rebuild-"
     _remove_stale_scratch(directory or tempfile.gettempdir(), prefix)
     fd, scratch = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".db", dir=directory)

@@ -1605,13 +1605,34 @@ def test_at_a_store_whose_file_cannot_be_attached_copies_through_python(tmp_path
     with fluxlite.open(str(tmp_path / "t.db"), schema=ITEMS, reducer=items_reducer) as store:
         for n in range(3):
             store.dispatch("put", {"id": "a", "n": n})
-        monkeypatch.setattr(store, "_path", str(tmp_path / "elsewhere" / "t.db"))  # attach fails
+        monkeypatch.setattr(store, "_file", str(tmp_path / "elsewhere" / "t.db"))  # attach fails
         with caplog.at_level(logging.DEBUG, logger="fluxlite"):
             past = store.at(2)
         monkeypatch.undo()
         with past:
             assert past.items.all() == [{"id": "a", "n": 1}]
     assert "copying through Python" in caplog.text
+
+
+def test_a_store_opened_by_a_relative_path_keeps_its_file_after_a_chdir(tmp_path, monkeypatch,
+                                                                         caplog):
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        with fluxlite.open(str(tmp_path / name / "t.db"), schema=ITEMS,
+                           reducer=items_reducer) as store:
+            store.dispatch("put", {"id": name, "n": 1})
+            store.dispatch("put", {"id": name, "n": 2})
+    monkeypatch.chdir(tmp_path / "one")
+    with fluxlite.open("t.db", schema=ITEMS, reducer=items_reducer) as store:
+        monkeypatch.chdir(tmp_path / "two")  # "t.db" here is another store
+        with store.at(1) as past:
+            assert past.items.all() == [{"id": "one", "n": 1}]
+        store.dispatch("put", {"id": "one", "n": 3})  # not "replaced": the same file
+        store.rebuild()
+        assert store.view.items.all() == [{"id": "one", "n": 3}]
+    assert "replaced" not in caplog.text and os.listdir(tmp_path / "two") == ["t.db"]
+    with fluxlite.open(str(tmp_path / "one" / "t.db")) as again:
+        assert again.head == 3
 
 
 def test_history_returns_revisions_without_replay(store):
@@ -1948,6 +1969,42 @@ def test_writes_during_a_rebuild_are_caught_up_never_lost(tmp_path):
         written = [e for e in store.events() if e.payload["id"].startswith("w")]
         assert len(written) == int(out[out.index("refused") + 1])
         assert store.view.items.count() == 6 + len(written)
+        store.verify()
+
+
+def test_a_rebuild_racing_a_writer_catches_up_then_swaps_through_python(tmp_path, monkeypatch):
+    """Events logged after each catch-up make the swap (scratch attached) start
+    again; after three rounds the catch-up runs inside the write transaction."""
+    path = str(tmp_path / "items.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store, \
+            fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as other:
+        for n in range(5):
+            store.dispatch("put", {"id": f"a{n}", "n": n})
+        apply_events, swap_model = fluxlite._apply_events, fluxlite._swap_model
+        caught_up, swaps = [], []
+
+        def racing(model, reducer, events, journal, progress=None):
+            done = apply_events(model, reducer, events, journal, progress)
+            caught_up.append(done)
+            if len(caught_up) <= 4:  # the bulk and three catch-ups: a writer never pausing
+                other.dispatch("put", {"id": f"w{len(caught_up)}", "n": len(caught_up)})
+            return done
+
+        def swap(conn, schema, version, model, attached=None):
+            swaps.append(attached)
+            return swap_model(conn, schema, version, model, attached)
+
+        monkeypatch.setattr(fluxlite, "_apply_events", racing)
+        monkeypatch.setattr(fluxlite, "_swap_model", swap)
+        store.rebuild()
+        assert caught_up == [5, 6, 7, 8, 9] and swaps == [None]
+        monkeypatch.undo()
+        assert [r["id"] for r in store.view.items.all()] == \
+            ["a0", "a1", "a2", "a3", "a4", "w1", "w2", "w3", "w4"]
+        store.verify()
+        other.dispatch("put", {"id": "w5", "n": 5})  # same code: it carries on
+        store.rebuild()  # no writer: the scratch attached, swapped in SQLite
+        assert store.view.items.count() == 10
         store.verify()
 
 
