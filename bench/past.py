@@ -160,7 +160,7 @@ def main():
             case_history(b, store)
             b.compare(f"rebuild() ({n:,} events) vs a raw replay loop", n, "ev/s", 0.5,
                       lambda: timed(store.rebuild), lambda: timed(raw_replay, store.path))
-            b.compare("  the floor: the raw loop plus writing and hashing the journal", n,
+            b.compare("  by hand: the raw loop plus writing and hashing the journal", n,
                       "ev/s", None, lambda: timed(journaled_replay, store.path),
                       lambda: timed(raw_replay, store.path))
 

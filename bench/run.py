@@ -166,7 +166,7 @@ def case_single(b, durability, n, target):
 
     b.compare(f"dispatch, 1 event per txn, durability={durability} ({n:,} events)",
               n, "ev/s", target, flux, raw)
-    b.compare(f"  the floor: fluxlite's statements by hand, durability={durability}",
+    b.compare(f"  by hand: fluxlite's own statements, durability={durability}",
               n, "ev/s", None, lambda: by_hand(b, durability, n, 1), raw)
 
 
@@ -197,7 +197,7 @@ def case_many(b, n, batch=1000, target=0.4):
 
     b.compare(f"dispatch_many, {batch:,} events per call, durability=full ({n:,} events)",
               n, "ev/s", target, flux, raw)
-    b.compare("  the floor: fluxlite's statements by hand, batched", n, "ev/s", None,
+    b.compare("  by hand: fluxlite's own statements, batched", n, "ev/s", None,
               lambda: by_hand(b, "full", n, batch), raw)
 
 
@@ -303,7 +303,7 @@ def case_verify(b, n, target=0.5):
 
     b.compare(f"verify() = full replay ({n:,} events)", n, "ev/s", target,
               flux, lambda: timed(raw_replay, path))
-    b.compare("  the floor: the raw replay plus reading and hashing what the seals cover",
+    b.compare("  by hand: the raw replay plus reading and hashing what the seals cover",
               n, "ev/s", None, lambda: timed(sealed_replay, path), lambda: timed(raw_replay, path))
 
 
