@@ -426,12 +426,17 @@ def _make_dumps() -> Callable[[Any], str]:
     per value, and the hot paths encode several values per event). No markers dict:
     a circular value is a RecursionError, which callers treat like any bad value."""
     encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    make_encoder = getattr(json.encoder, "c_make_encoder", None)
-    if make_encoder is None:  # an interpreter without the _json accelerator
-        return encoder.encode
-    chunks = make_encoder(None, encoder.default, json.encoder.encode_basestring, None,
-                          ":", ",", False, False, False)
-    return lambda value: "".join(chunks(value, 0))
+    try:
+        chunks = json.encoder.c_make_encoder(  # type: ignore[attr-defined,misc]
+            None, encoder.default, json.encoder.encode_basestring, None,
+            ":", ",", False, False, False)
+        fast = lambda value: "".join(chunks(value, 0))  # noqa: E731
+        sample = {"a": [1, -2.5, "\u00e9\n\"", None, True, {}]}
+        if fast(sample) == encoder.encode(sample):
+            return fast
+    except Exception:  # no C accelerator, or another interpreter's internals
+        pass
+    return encoder.encode
 
 
 _dumps = _make_dumps()

@@ -1473,6 +1473,20 @@ def test_any_json_payload_round_trips_as_stored(payload):
     with fluxlite.open(":memory:", schema=SCHEMA, reducer=lambda v, e: None) as store:
         event = store.dispatch("anything", payload)
         assert store.event(1).payload == event.payload == json.loads(json.dumps(payload))
+        # the stored text is what the public json API writes with these options
+        assert store.query("SELECT payload FROM events")[0]["payload"] == json.dumps(
+            payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def test_json_encoding_falls_back_to_the_public_api(monkeypatch):
+    """_dumps uses CPython's C encoder directly; without it (or if its internals
+    change) the public encoder takes over, with the same text."""
+    monkeypatch.setattr(json.encoder, "c_make_encoder", None)
+    dumps = fluxlite._make_dumps()
+    assert dumps.__name__ == "encode"
+    assert dumps({"a": [1, 2.5, "é", None]}) == '{"a":[1,2.5,"é",null]}'
+    with pytest.raises(ValueError):
+        dumps(float("nan"))
 
 
 @pytest.mark.parametrize("returning", [True, False])
