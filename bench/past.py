@@ -62,11 +62,7 @@ def build(path, n, keys):
 def raw_replay(path):
     """The hand-written replay loop rebuild() is compared with."""
     log = sqlite3.connect(path, isolation_level=None)
-    replica = sqlite3.connect("", isolation_level=None)  # a private temporary file
-    replica.execute("PRAGMA journal_mode=off")
-    replica.execute("PRAGMA synchronous=off")
-    replica.execute("BEGIN")
-    replica.execute(SCHEMA)
+    replica = run.scratch(SCHEMA)
     for kind, text in log.execute("SELECT type, payload FROM events ORDER BY seq"):
         p = json.loads(text)
         if kind == "put":
@@ -84,11 +80,7 @@ def journaled_replay(path):
     index, then hashed as the seals do. No reducer, no checks, no swap into the file."""
     columns = ("id", "name", "qty", "note")
     log = sqlite3.connect(path, isolation_level=None)
-    replica = sqlite3.connect("", isolation_level=None)
-    replica.execute("PRAGMA journal_mode=off")
-    replica.execute("PRAGMA synchronous=off")
-    replica.execute("BEGIN")
-    replica.execute(SCHEMA)
+    replica = run.scratch(SCHEMA)
     replica.execute("CREATE TABLE fluxlite_journal (seq INTEGER NOT NULL, n INTEGER NOT NULL, "
                     "tbl TEXT NOT NULL, key TEXT NOT NULL, op TEXT NOT NULL, before TEXT, "
                     "after TEXT, PRIMARY KEY (seq, n)) WITHOUT ROWID")
@@ -98,8 +90,7 @@ def journaled_replay(path):
 
     def flush():
         replica.executemany("INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)", journal)
-        digest.update("".join([f"{len(v)}:{v}" if v.__class__ is str else "~" if v is None
-                               else f"#{v};" for row in journal for v in row]).encode())
+        digest.update(run.seal_encoding(journal))
         journal.clear()
 
     for seq, kind, text in log.execute("SELECT seq, type, payload FROM events ORDER BY seq"):

@@ -201,6 +201,23 @@ def case_many(b, n, batch=1000, target=0.4):
               lambda: by_hand(b, "full", n, batch), raw)
 
 
+def scratch(schema):
+    """A private temporary database (a file SQLite deletes on close), its table
+    created, in one open transaction: where the replays write."""
+    replica = sqlite3.connect("", isolation_level=None)
+    replica.execute("PRAGMA journal_mode=off")
+    replica.execute("PRAGMA synchronous=off")
+    replica.execute("BEGIN")
+    replica.execute(schema)
+    return replica
+
+
+def seal_encoding(rows):
+    """Rows as fluxlite's seals encode them (README: On-disk format)."""
+    return "".join([f"{len(v)}:{v}" if v.__class__ is str else "~" if v is None
+                    else f"#{v};" for row in rows for v in row]).encode()
+
+
 def by_hand(b, durability, n, batch):
     """fluxlite's own statements per transaction, written by hand with sqlite3:
     the store's tables, triggers and pragmas, an event row, the user row, its
@@ -212,10 +229,6 @@ def by_hand(b, durability, n, batch):
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute(f"PRAGMA synchronous={durability.upper()}")
     links, seq = ["", ""], 0
-
-    def encode(row):
-        return "".join(f"{len(v)}:{v}" if isinstance(v, str) else "~" if v is None
-                       else f"#{v};" for v in row).encode()
 
     def run():
         nonlocal seq
@@ -231,7 +244,7 @@ def by_hand(b, durability, n, batch):
                 users.append((p["id"], p["name"], p["email"]))
                 journal.append((seq, 0, "users", str(p["id"]), "insert", None, text))
             for k, rows in enumerate((events, journal)):
-                links[k] = hashlib.sha256(links[k].encode() + b"".join(map(encode, rows))).hexdigest()
+                links[k] = hashlib.sha256(links[k].encode() + seal_encoding(rows)).hexdigest()
             conn.executemany(INSERT_USER, users)
             conn.executemany("INSERT INTO events (seq, id, type, payload, meta, ts) "
                              "VALUES (?, ?, ?, ?, ?, ?)", events)
@@ -248,11 +261,7 @@ def by_hand(b, durability, n, batch):
 def raw_replay(path):
     """Read the log, json.loads each payload, insert into a fresh table, one txn."""
     log = sqlite3.connect(path, isolation_level=None)
-    replica = sqlite3.connect("", isolation_level=None)  # a private temporary file
-    replica.execute("PRAGMA journal_mode=off")
-    replica.execute("PRAGMA synchronous=off")
-    replica.execute("BEGIN")
-    replica.execute(SCHEMA)
+    replica = scratch(SCHEMA)
     for kind, text in log.execute("SELECT type, payload FROM events ORDER BY seq"):
         if kind == "addUser":
             p = json.loads(text)
@@ -266,28 +275,20 @@ def sealed_replay(path):
     """raw_replay plus what the seals make verify() read and hash: every column of
     the log and every journal row, each encoded as the seals encode it, into sha256
     (one digest per seal range is no cheaper). No reducer, no checks, no compare."""
-    def encode(rows):
-        return "".join([f"{len(v)}:{v}" if v.__class__ is str else "~" if v is None
-                        else f"#{v};" for row in rows for v in row]).encode()
-
     log = sqlite3.connect(path, isolation_level=None)
-    replica = sqlite3.connect("", isolation_level=None)
-    replica.execute("PRAGMA journal_mode=off")
-    replica.execute("PRAGMA synchronous=off")
-    replica.execute("BEGIN")
-    replica.execute(SCHEMA)
+    replica = scratch(SCHEMA)
     log.execute("BEGIN")
     events, journal = hashlib.sha256(), hashlib.sha256()
     rows = log.execute("SELECT seq, id, type, payload, meta, ts FROM events ORDER BY seq")
     for page in iter(lambda: rows.fetchmany(1024), []):
-        events.update(encode(page))
+        events.update(seal_encoding(page))
         for seq, _, kind, text, meta, ts in page:
             if kind == "addUser":
                 p = json.loads(text)
                 replica.execute(INSERT_USER, (p["id"], p["name"], p["email"]))
     rows = log.execute("SELECT * FROM fluxlite_journal ORDER BY seq, n")
     for page in iter(lambda: rows.fetchmany(1024), []):
-        journal.update(encode(page))
+        journal.update(seal_encoding(page))
     log.execute("COMMIT")
     replica.execute("COMMIT")
     replica.close()
