@@ -3668,7 +3668,20 @@ def _compose_chain(store: Store, middleware: Sequence[Middleware]) -> Callable[[
 
 
 def _read_meta(conn: sqlite3.Connection) -> Dict[str, Any]:
-    return {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM fluxlite_meta")}
+    """fluxlite_meta as a dict; SchemaError if damage left it unreadable or misshapen."""
+    try:
+        meta = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM fluxlite_meta")}
+        shape_ok = (isinstance(meta.get("schema"), str) and isinstance(meta.get("tables"), list)
+                    and all(isinstance(t, str) for t in meta["tables"])
+                    and isinstance(meta.get("generation", 0), int))
+    except (TypeError, ValueError) as exc:  # a value that is not JSON text
+        meta, shape_ok = {"error": str(exc)}, False
+    if not shape_ok:
+        raise SchemaError(
+            f"The store's fluxlite_meta table is damaged (it holds {_describe(meta)}): "
+            f"its schema, tables and generation cannot be read. Restore the file from a backup."
+        )
+    return meta
 
 
 def _write_meta(conn: sqlite3.Connection, **items: Any) -> None:

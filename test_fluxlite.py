@@ -1181,6 +1181,23 @@ def test_a_damaged_key_type_in_the_schema_is_refused_on_open(tmp_path, table, co
         fluxlite.open(target, **options)
 
 
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_damaged_meta_table_is_refused_on_open(tmp_path, readonly):
+    # Damage seen in the torture run: a changed root page number in the schema
+    # page made fluxlite_meta read the journal's rows, and open() raised a TypeError.
+    target = str(tmp_path / "s.db")
+    _sealed_store(target)
+    conn = sqlite3.connect(target)
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute("UPDATE sqlite_master SET rootpage = (SELECT rootpage FROM sqlite_master "
+                 "WHERE name = 'fluxlite_journal') WHERE name = 'fluxlite_meta'")
+    conn.commit()
+    conn.close()
+    options = {"readonly": True} if readonly else {"schema": SCHEMA, "reducer": reducer}
+    with pytest.raises(fluxlite.SchemaError, match="fluxlite_meta table is damaged"):
+        fluxlite.open(target, **options)
+
+
 @pytest.fixture(scope="module")
 def sealed_bytes(tmp_path_factory):
     target = str(tmp_path_factory.mktemp("sealed") / "s.db")
@@ -1614,18 +1631,23 @@ def test_at_bounds_and_time(tmp_path):
         assert store.at(3).items.all() == [{"id": "a", "n": 2}]
 
 
+@pytest.mark.parametrize("why", ["not the file opened", "ATTACH fails"])
 def test_at_a_store_whose_file_cannot_be_attached_copies_through_python(tmp_path, monkeypatch,
-                                                                         caplog):
+                                                                         caplog, why):
     with fluxlite.open(str(tmp_path / "t.db"), schema=ITEMS, reducer=items_reducer) as store:
         for n in range(3):
             store.dispatch("put", {"id": "a", "n": n})
-        monkeypatch.setattr(store, "_file", str(tmp_path / "elsewhere" / "t.db"))  # attach fails
+        if why == "not the file opened":
+            monkeypatch.setattr(store, "_file", str(tmp_path / "elsewhere" / "t.db"))
+        else:  # as on media where SQLite cannot open the file read-only
+            monkeypatch.setattr(fluxlite.urllib.parse, "quote", lambda path: path + ".missing")
         with caplog.at_level(logging.DEBUG, logger="fluxlite"):
             past = store.at(2)
         monkeypatch.undo()
         with past:
             assert past.items.all() == [{"id": "a", "n": 1}]
-    assert "copying through Python" in caplog.text
+    expected = "not the file this store opened" if why == "not the file opened" else "not attached"
+    assert expected in caplog.text and "copying through Python" in caplog.text
 
 
 def test_a_store_opened_by_a_relative_path_keeps_its_file_after_a_chdir(tmp_path, monkeypatch,
