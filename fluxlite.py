@@ -716,6 +716,12 @@ def _storage_error(exc: sqlite3.Error, path: str) -> FluxliteError:
     )
 
 
+def _is_damage(exc: sqlite3.Error) -> bool:
+    """A malformed file, or text in it that is not UTF-8: damage, not a mistake."""
+    text = str(exc)
+    return "malformed" in text or "decode" in text or "not a database" in text
+
+
 def _is_storage_problem(exc: sqlite3.Error) -> bool:
     """Locks, full disks, read-only files: not a malformed file."""
     text = str(exc)
@@ -1033,13 +1039,17 @@ class _Model:
         with self.lock:
             try:
                 cursor = self.conn.execute(sql, params)
+                names = [d[0] for d in cursor.description]
+                return [dict(zip(names, row)) for row in cursor]
             except UnicodeEncodeError:
                 raise ChangesetError(
                     f"A value looked up in the read model is not valid Unicode text (a "
                     f"lone surrogate): {_describe(params)}."
                 ) from None
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row)) for row in cursor]
+            except sqlite3.DatabaseError as exc:
+                if _is_damage(exc):
+                    raise _damaged_model(exc) from exc
+                raise
 
     def get(self, info: _TableInfo, key: Any) -> Optional[Dict[str, Any]]:
         rows = self._rows(info.select_key, info.key_params(key))
@@ -1053,7 +1063,12 @@ class _Model:
 
     def count(self, info: _TableInfo) -> int:
         with self.lock:
-            return self.conn.execute(f"SELECT count(*) FROM {info.q}").fetchone()[0]
+            try:
+                return self.conn.execute(f"SELECT count(*) FROM {info.q}").fetchone()[0]
+            except sqlite3.DatabaseError as exc:
+                if _is_damage(exc):
+                    raise _damaged_model(exc) from exc
+                raise
 
     def query(self, sql: str, params: Any = ()) -> List[Dict[str, Any]]:
         if not isinstance(sql, str):
@@ -1309,6 +1324,13 @@ class _Model:
 
 
 _STORAGE_REFUSALS = (sqlite3.IntegrityError, OverflowError, UnicodeEncodeError)
+
+
+def _damaged_model(exc: sqlite3.Error) -> StorageError:
+    return StorageError(
+        f"The read model is damaged: {exc}. Check the file with PRAGMA integrity_check; "
+        f"store.rebuild() rewrites the read model from the log."
+    )
 
 
 def _constraint_error(change: Change, info: _TableInfo, exc: Exception) -> ChangesetError:
@@ -1955,10 +1977,9 @@ def _reading(path: str) -> Iterator[None]:
     try:
         yield
     except sqlite3.DatabaseError as exc:
-        text = str(exc)
-        if "malformed" in text or "decode" in text or "not a database" in text:
+        if _is_damage(exc):
             raise StorageError(
-                f"{path!r} is damaged: {text}. Check it with PRAGMA integrity_check and "
+                f"{path!r} is damaged: {exc}. Check it with PRAGMA integrity_check and "
                 f"restore it from a backup."
             ) from exc
         raise
@@ -2885,8 +2906,21 @@ class Store:
             seq = self._seq_at_time(time)
         with self._lock:
             seq = self._check_seq(seq, "seq")
-            with _read_txn(self._conn):
-                return _as_of(self, seq)
+            with _reading(self._path), _read_txn(self._conn):
+                try:
+                    return _as_of(self, seq)
+                except sqlite3.IntegrityError as exc:  # live rows their own schema forbids
+                    raise StorageError(
+                        f"{self._path!r} is damaged: a read-model row breaks the schema's "
+                        f"constraints ({exc}). Check it with PRAGMA integrity_check; "
+                        f"store.rebuild() rewrites the read model from the log."
+                    ) from exc
+                except (ValueError, TypeError) as exc:  # a journal row that is not JSON
+                    raise StorageError(
+                        f"{self._path!r} is damaged: a journal row after seq {seq} cannot be "
+                        f"read ({exc}). If verify() finds the log intact, store.rebuild() "
+                        f"rewrites the journal from it; otherwise restore it from a backup."
+                    ) from exc
 
     def _seq_at_time(self, time: datetime) -> int:
         if not isinstance(time, datetime) or time.tzinfo is None:
@@ -2907,17 +2941,24 @@ class Store:
         params = info.key_params(_as_key(key))
         stored = tuple(_with_affinity(v, t) for v, t in zip(params, info.pk_types))
         key_text = _check_text(_dumps(_key_json(_unparams(info, stored))), "The key", UsageError)
-        with self._lock:
+        with self._lock, _reading(self._path):
             self._check_open()
             rows = self._conn.execute(
                 "SELECT j.seq, e.id, e.type, e.ts, j.op, j.before, j.after "
                 "FROM fluxlite_journal j JOIN events e ON e.seq = j.seq "
                 "WHERE j.tbl = ? AND j.key = ? ORDER BY j.seq, j.n",
                 (info.name, key_text)).fetchall()
-        return [Revision(seq, event_id, kind, _parse_ts(ts), op,
-                         json.loads(before) if before else None,
-                         json.loads(after) if after else None)
-                for seq, event_id, kind, ts, op, before, after in rows]
+        try:
+            return [Revision(seq, event_id, kind, _parse_ts(ts), op,
+                             json.loads(before) if before else None,
+                             json.loads(after) if after else None)
+                    for seq, event_id, kind, ts, op, before, after in rows]
+        except (ValueError, TypeError) as exc:
+            raise StorageError(
+                f"{self._path!r} is damaged: the journal rows of {table!r} {key!r} cannot be "
+                f"read ({exc}). If verify() finds the log intact, store.rebuild() rewrites "
+                f"the journal from it; otherwise restore the file from a backup."
+            ) from exc
 
     def restore(self, table: str, key: Any, *, at: Optional[int] = None,
                 actor: Optional[str] = None, meta: Optional[Mapping[str, Any]] = None,

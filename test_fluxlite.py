@@ -1181,6 +1181,37 @@ def test_a_damaged_key_type_in_the_schema_is_refused_on_open(tmp_path, table, co
         fluxlite.open(target, **options)
 
 
+@pytest.mark.parametrize("damage, read", [
+    # journal text that is not JSON: at() falls back to undoing row by row, then fails
+    ("UPDATE fluxlite_journal SET before = '{\"name\"' WHERE seq = 4",
+     lambda store: store.at(1)),
+    ("UPDATE fluxlite_journal SET after = 'not json' WHERE seq = 4",
+     lambda store: store.history("users", "b")),
+    # a read-model row whose text is not UTF-8
+    ("UPDATE users SET role = CAST(x'ff' AS TEXT) WHERE name = 'b'",
+     lambda store: store.view.users.all()),
+    ("UPDATE users SET role = CAST(x'ff' AS TEXT) WHERE name = 'b'",
+     lambda store: store.view.users.get("b")),
+    # the journal's row index pointing at the log's pages (a changed root page number)
+    ("UPDATE sqlite_master SET rootpage = (SELECT rootpage FROM sqlite_master WHERE "
+     "name = 'events') WHERE name = 'fluxlite_journal_row'", lambda store: store.at(0)),
+])
+def test_damage_read_by_at_history_or_the_view_is_a_storage_error(tmp_path, damage, read):
+    """Found by the torture suite's page damage once it read the past too: these were
+    raw JSONDecodeError, sqlite3.OperationalError and sqlite3.DatabaseError."""
+    target = str(tmp_path / "s.db")
+    _sealed_store(target)
+    conn = sqlite3.connect(target)
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute(damage)
+    assert conn.total_changes >= 1
+    conn.commit()
+    conn.close()
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        with pytest.raises(fluxlite.StorageError, match="damaged"):
+            read(store)
+
+
 @pytest.mark.parametrize("readonly", [False, True])
 def test_a_damaged_meta_table_is_refused_on_open(tmp_path, readonly):
     # Damage seen in the torture run: a changed root page number in the schema

@@ -1957,14 +1957,25 @@ def probe(path, pristine):
     try:
         with store:
             log, journal = the_log(store), journal_rows(store)
+            the_past(store, pristine)
             store.verify()
     except fluxlite.FluxliteError:
-        return "error from a read (events(), query(), verify())"
+        return "error from a read (events(), query(), at(), history(), verify())"
     except Exception as exc:
         return f"UNEXPECTED {type(exc).__module__}.{type(exc).__name__} from a read: {exc}"
     if (log, journal) == (pristine.log, pristine.journal):
         return "unharmed"
     return "SILENT wrong answer (opens, verify() passes, log or journal differ)"
+
+
+def the_past(store, pristine):
+    """What the journal's readers make of the file: at() in the middle of the log,
+    and the history of the first rows the pristine journal names."""
+    with store.at(store.head // 2) as past:
+        tables = [past[name].all() for name in past.tables]
+    rows = sorted({(r["tbl"], r["key"]) for r in pristine.journal})[:5]
+    return tables, [store.history(table, tuple(k) if isinstance(k, list) else k)
+                    for table, k in ((t, json.loads(key)) for t, key in rows)]
 
 
 def write_copy(directory, name, data):
