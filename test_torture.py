@@ -2051,6 +2051,39 @@ def test_corrupted_pages_are_a_clear_error_never_a_raw_exception(tmp_path, prist
         "\n".join(found[:20])
 
 
+def test_a_root_page_number_pointing_at_another_btree_is_a_clear_error(tmp_path, pristine,
+                                                                        figure):
+    """Systematic where the page damage above is random: each of fluxlite's own
+    tables and indexes, its root page number in the schema page changed to that of
+    every other b-tree (one damaged byte can do this). Open, the log, the journal,
+    at(), history() and verify() must each give a clear error or the right answer."""
+    source = write_copy(tmp_path / "roots", "source.db", pristine.data)
+    conn = sqlite3.connect(str(source))
+    btrees = conn.execute("SELECT name, rootpage FROM sqlite_master WHERE rootpage > 0").fetchall()
+    conn.close()
+    own = [name for name, _ in btrees if name in ("events", "sqlite_sequence")
+           or name.startswith(("fluxlite_", "sqlite_autoindex_events"))]
+    outcomes, found = collections.Counter(), []
+    for name in own:
+        for other, root in btrees:
+            if other == name:
+                continue
+            path = write_copy(tmp_path / "roots", "t.db", pristine.data)
+            conn = sqlite3.connect(str(path))
+            conn.execute("PRAGMA writable_schema = ON")
+            conn.execute("UPDATE sqlite_master SET rootpage = ? WHERE name = ?", (root, name))
+            conn.commit()
+            conn.close()
+            outcome = probe(path, pristine)
+            outcomes[outcome.split(":")[0].split(" from ")[0]] += 1
+            if outcome.startswith(("UNEXPECTED", "SILENT")):
+                found.append(f"{name} -> the pages of {other}: {outcome[:200]}")
+    figure("Corruption: a root page number of fluxlite's tables and indexes pointed at "
+           f"each other b-tree ({sum(outcomes.values())} copies)",
+           ", ".join(f"{n} {o}" for o, n in outcomes.most_common()))
+    assert not found, "\n".join(found[:20])
+
+
 def _damage(pristine, kind):
     data = bytearray(pristine.data)
     marker = data.find(b"marker-00042")
