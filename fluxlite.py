@@ -1526,6 +1526,17 @@ def _sealed(conn: sqlite3.Connection, path: str, rows: Iterable[Sequence[Any]]
         )
 
 
+def _check_integrity(conn: sqlite3.Connection, path: str) -> None:
+    """SQLite's own check of every page, and of every index against its table:
+    damage the seals cannot see (an index that answers id lookups wrongly)."""
+    problems = [row[0] for row in conn.execute("PRAGMA integrity_check(10)")]
+    if problems != ["ok"]:
+        raise StorageError(
+            f"{path!r} is damaged: SQLite's integrity_check reports "
+            f"{'; '.join(problems[:5])}. Restore the file from a backup."
+        )
+
+
 def _check_seal(path: str, seal: Tuple[int, str, str], last: int, events: Any,
                 journal: _Chain) -> None:
     seq, events_link, journal_link = seal
@@ -2783,11 +2794,14 @@ class Store:
     def verify(self, *, progress: Optional[Callable[[int], None]] = None) -> None:
         """Replay the whole log into a fresh read model; ReplayMismatch unless equal.
 
+        First SQLite checks the file's structure (PRAGMA integrity_check), then
+        the replay recomputes the seals as it goes: damage is a StorageError.
         Replays into a temporary on-disk database, so memory stays flat in the
         size of the log. ``progress(seq)`` is called every 1,000 events.
         """
         reducer = self._require_reducer("verify()")
         with self._lock, _reading(self._path), _read_txn(self._conn):  # one snapshot
+            _check_integrity(self._conn, self._path)
             replica = _scratch_model(self._schema, "", journal=False)
             try:
                 log = self._read_log(sealed=True)  # checks the seals as it goes

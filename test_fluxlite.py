@@ -1212,6 +1212,30 @@ def test_damage_read_by_at_history_or_the_view_is_a_storage_error(tmp_path, dama
             read(store)
 
 
+def test_verify_finds_a_damaged_index_that_answers_lookups_wrongly(tmp_path):
+    """The seals cover rows, not indexes: an index read as another b-tree answers
+    id lookups wrongly without any error. verify() runs SQLite's integrity_check."""
+    target = str(tmp_path / "s.db")
+    _sealed_store(target)
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        first = store.event(1)
+        assert store.event(first.id) == first
+    conn = sqlite3.connect(target)
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    root = conn.execute("SELECT rootpage FROM sqlite_master "
+                        "WHERE name = 'sqlite_autoindex_events_1'").fetchone()[0]
+    conn.close()
+    data = bytearray(pathlib.Path(target).read_bytes())
+    page = slice((root - 1) * page_size, root * page_size)
+    at = data[page].index(first.id.encode()) + (root - 1) * page_size
+    data[at] = ord("x") if data[at] != ord("x") else ord("y")  # one byte of the id, in the index
+    pathlib.Path(target).write_bytes(bytes(data))
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        assert store.event(first.id) is None  # wrong, and silent
+        with pytest.raises(fluxlite.StorageError, match="integrity_check reports"):
+            store.verify()
+
+
 @pytest.mark.parametrize("readonly", [False, True])
 def test_a_damaged_meta_table_is_refused_on_open(tmp_path, readonly):
     # Damage seen in the torture run: a changed root page number in the schema
