@@ -2066,6 +2066,7 @@ class Store:
         self._conn = conn
         self._version = version
         self._generation = generation
+        self._generation_text = _dumps(generation)  # as fluxlite_meta holds it
         self._upcasters = dict(upcasters or {})
         self._upcast = _make_upcaster(upcasters)
         self._middleware = list(middleware)
@@ -2458,7 +2459,7 @@ class Store:
                 seal = f"{_chain_link(events_link, event_rows)} {_chain_link(journal_link, journal)}"
                 conn.execute("INSERT INTO fluxlite_seals VALUES (?, ?, ?)", (head, *seal.split(" ")))
             self._check_file()
-            generation = _dumps(self._generation)
+            generation = self._generation_text
         self._head_cache = (version, generation, head, last_ts, seal) if outermost else None
 
     def _timestamp(self, item: _Prepared, head: int, last_ts: str,
@@ -2517,7 +2518,7 @@ class Store:
 
     def _check_generation(self, stored: Optional[str]) -> None:
         """Refuse to write old-shape changes after another process rebuilt the model."""
-        if stored is not None and stored == _dumps(self._generation):
+        if stored is not None and stored == self._generation_text:
             return  # the usual case, without parsing
         generation = json.loads(stored) if stored else 0
         if generation == self._generation:
@@ -2539,7 +2540,7 @@ class Store:
         tables = {n: _read_table_info(self._conn, n) for n in names}
         self._model.tables = tables
         self._view = View(self._model)
-        self._generation = generation
+        self._generation, self._generation_text = generation, _dumps(generation)
 
     def _known_event(self, item: _Prepared, seen: Dict[str, Tuple[_Prepared, Event]]
                      ) -> Optional[Event]:
