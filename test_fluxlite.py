@@ -3117,6 +3117,85 @@ def test_the_wal_shrinks_back_after_a_big_rebuild(tmp_path, monkeypatch):
     assert shrunk < checkpoint_size, (sizes, shrunk)
 
 
+def _page_size(path):
+    conn = sqlite3.connect(str(path))
+    try:
+        return conn.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_new_files_have_2048_byte_pages_and_older_stores_keep_theirs(tmp_path, monkeypatch):
+    make_items(str(tmp_path / "new.db"))
+    assert _page_size(tmp_path / "new.db") == 2048
+    with monkeypatch.context() as patch:  # a store made by an earlier fluxlite: 4096
+        patch.setitem(fluxlite.DEFAULT_PRAGMAS, "page_size", 4096)
+        head = make_items(str(tmp_path / "old.db"))
+    old = str(tmp_path / "old.db")
+    with fluxlite.open(old, schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "late", "n": 1})
+        store.verify()
+        # SQLite's backup refuses to copy into a WAL file of another page size:
+        # fork() makes the new file with the source's.
+        with store.fork(str(tmp_path / "fork.db")) as fork:
+            assert fork.head == head + 1 and fork.view.items.get("late") == {"id": "late", "n": 1}
+            fork.verify()
+        # The same copy saves a store whose file was replaced while open (on close).
+        os.replace(tmp_path / "new.db", old)
+    assert _page_size(tmp_path / "fork.db") == 4096
+    saved = list(tmp_path.glob("old.db.replaced-*"))
+    assert len(saved) == 1, os.listdir(tmp_path)
+    with fluxlite.open(str(saved[0]), reducer=items_reducer) as copy:
+        assert copy.head == head + 1
+        copy.verify()
+
+
+def _checkpoint_threads():
+    return [t for t in threading.enumerate() if t.name == "fluxlite-checkpoint"]
+
+
+def test_at_normal_durability_a_background_thread_checkpoints_the_wal(tmp_path):
+    path = str(tmp_path / "bg.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer, durability="normal") as store:
+        start = os.path.getsize(path)
+        # 100 small events write a few hundred WAL pages: below the 1,000 at which
+        # SQLite checkpoints inside a commit, so only the thread copies them into
+        # the database file.
+        for n in range(100):
+            store.dispatch("put", {"id": f"i{n}", "n": n})
+        assert len(_checkpoint_threads()) == 1
+        deadline = time.monotonic() + 10
+        while os.path.getsize(path) == start:
+            assert time.monotonic() < deadline, "no checkpoint ran in the background"
+            time.sleep(0.01)
+    # close() stops the thread and closes its connection first, so the store's
+    # connection is the last to close and SQLite removes the WAL.
+    assert _checkpoint_threads() == [] and not os.path.exists(path + "-wal")
+
+
+def test_full_durability_checkpoints_inline_without_a_thread(tmp_path):
+    with fluxlite.open(str(tmp_path / "full.db"), schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch_many([{"type": "put", "payload": {"id": f"i{n}", "n": n}}
+                             for n in range(200)])
+        assert _checkpoint_threads() == []
+
+
+def test_the_wal_stays_bounded_under_a_steady_stream_at_normal_durability(tmp_path):
+    # Under back-to-back commits a background checkpoint always has newer commits
+    # beside it, so the WAL could never restart; the store's own connection
+    # checkpoints at the ceiling, and the WAL file stays near it.
+    path = str(tmp_path / "stream.db")
+    text = "x" * 600
+    with fluxlite.open(path, schema="CREATE TABLE notes (id INTEGER PRIMARY KEY, note TEXT)",
+                       reducer=lambda view, event: view.notes.insert(event.payload),
+                       durability="normal") as store:
+        for n in range(4000):  # about 40 MB of WAL pages written in all
+            store.dispatch("note", {"id": n, "note": text})
+        wal = os.path.getsize(path + "-wal")
+        assert store.view.notes.count() == 4000
+    assert wal <= 2 * fluxlite._WAL_CEILING + 1024 * 1024, wal
+
+
 def test_misused_arguments_are_usage_errors(store):
     for bad in ["1", 1.5, True, -1]:
         with pytest.raises(fluxlite.UsageError, match="expect_seq"):
