@@ -157,6 +157,7 @@ _DURABILITY = {"full": "FULL", "normal": "NORMAL"}
 # store's own connection checkpoints only once the WAL holds _WAL_CEILING bytes,
 # which bounds it as SQLite's default (1,000 pages of 4 KB) did.
 _CHECKPOINT_EVERY = 64
+_CHECKPOINT_IDLE = 30.0  # seconds without commits before the thread ends
 _WAL_CEILING = 4 * 1024 * 1024
 
 # Applied by _connect() to every connection, in this order. synchronous is
@@ -722,66 +723,63 @@ class _WalCheckpointer:
     start) after a checkpoint that nothing was committed during, so that one
     runs inline, and finds most of the WAL already copied. Not at "full":
     there the thread's fsyncs compete with each commit's and it was slower.
+
+    The thread ends after _CHECKPOINT_IDLE seconds without commits (and closes
+    its connection), so a store that is dropped without close() leaves nothing
+    behind for long; the next commits start it again.
     """
 
-    def __init__(self, conn: sqlite3.Connection, file: str) -> None:
+    def __init__(self, file: str) -> None:
         self._file = file
         self._pending = 0
         self._wake = threading.Event()
         self._stopping = False
-        self._conn: Optional[sqlite3.Connection] = None
+        self._ceiling_set = False
         self._thread: Optional[threading.Thread] = None
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        self._ceiling_pages = max(1000, _WAL_CEILING // page_size)
-        self._store_conn = conn
 
-    def committed(self, events: int) -> None:
-        """Called with the store's lock held, after each commit."""
+    def committed(self, conn: sqlite3.Connection, events: int) -> None:
+        """Called after each commit of the store's connection, with its lock held."""
         self._pending += events
-        if self._pending < _CHECKPOINT_EVERY:
+        if self._pending < _CHECKPOINT_EVERY or self._stopping:
             return
         self._pending = 0
-        if self._thread is None and not self._stopping:
-            self._start()
+        if not self._ceiling_set:
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA wal_autocheckpoint={max(1000, _WAL_CEILING // page_size)}")
+            self._ceiling_set = True
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="fluxlite-checkpoint",
+                                            daemon=True)
+            self._thread.start()
         self._wake.set()
 
-    def _start(self) -> None:
+    def _run(self) -> None:
         # mode=rw: never create a file, should the store's have gone meanwhile.
         uri = "file:" + urllib.parse.quote(self._file) + "?mode=rw"
         try:
-            self._conn = sqlite3.connect(uri, uri=True, isolation_level=None,
-                                         check_same_thread=False)
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-        except sqlite3.Error as exc:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        except sqlite3.Error as exc:  # the inline checkpoint still bounds the WAL
             _log.debug("no background checkpoints for %r: %s", self._file, exc)
-            self._stopping = True  # SQLite's automatic checkpoint stays at its default
             return
-        self._store_conn.execute(f"PRAGMA wal_autocheckpoint={self._ceiling_pages}")
-        self._thread = threading.Thread(target=self._run, name="fluxlite-checkpoint",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        assert self._conn is not None
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            if self._stopping:
-                return
-            try:
-                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except sqlite3.Error as exc:  # the inline checkpoint still bounds the WAL
-                _log.debug("background checkpoint of %r failed: %s", self._file, exc)
+        try:
+            conn.execute("PRAGMA synchronous=NORMAL")
+            while self._wake.wait(_CHECKPOINT_IDLE) and not self._stopping:
+                self._wake.clear()
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    _log.debug("background checkpoint of %r failed: %s", self._file, exc)
+        finally:
+            conn.close()
 
     def stop(self) -> None:
-        """Stop the thread and close its connection (before the store's closes,
-        so that the last connection to close is the store's and removes the WAL)."""
+        """Stop the thread, which closes its connection: before the store's own
+        closes, so that the store's is the last and SQLite removes the WAL."""
         self._stopping = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self._conn is not None:
-            self._conn.close()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
 
 @contextlib.contextmanager
@@ -2198,7 +2196,7 @@ class Store:
         self._watcher: Optional[threading.Thread] = None
         self._own_seqs: set = set()  # committed here, so the watcher skips them
         self._chain: Callable[[Dict[str, Any]], Any] = _refuse_during_setup
-        self._checkpointer = (_WalCheckpointer(conn, self._file)
+        self._checkpointer = (_WalCheckpointer(self._file)
                               if durability == "normal" and path not in (":memory:", "")
                               else None)
 
@@ -2507,7 +2505,7 @@ class Store:
                 raise _storage_error(exc, self._path) from exc
             self._pending.extend(committed)
             if committed and self._checkpointer is not None:
-                self._checkpointer.committed(len(committed))
+                self._checkpointer.committed(self._conn, len(committed))
             if self._watcher is not None and not self._previewing:  # a preview rolls back
                 self._own_seqs.update(e.seq for e, _ in committed)
         if committed:

@@ -2319,9 +2319,9 @@ def test_concurrent_processes_share_one_gap_free_log(tmp_path):
 
 
 _CRASHER = """
-    path, name = sys.argv[1], sys.argv[2]
+    path, name, durability = sys.argv[1], sys.argv[2], sys.argv[3]
     out = sys.stdout
-    with fluxlite.open(path, schema=SCHEMA, reducer=_proc_reducer) as store:
+    with fluxlite.open(path, schema=SCHEMA, reducer=_proc_reducer, durability=durability) as store:
         out.write("ready\\n")
         out.flush()
         k, deadline = 0, time.monotonic() + 20  # stops by itself if nobody kills it
@@ -2340,7 +2340,8 @@ _CRASHER = """
 
 
 @pytest.mark.slow
-def test_sigkill_mid_dispatch_loses_nothing_acknowledged(tmp_path):
+@pytest.mark.parametrize("durability", ["full", "normal"])  # normal: a checkpoint thread too
+def test_sigkill_mid_dispatch_loses_nothing_acknowledged(tmp_path, durability):
     path = tmp_path / "crash.db"
     _open_proc_store(path).close()
     rng = random.Random()
@@ -2350,8 +2351,8 @@ def test_sigkill_mid_dispatch_loses_nothing_acknowledged(tmp_path):
     for round_ in range(5):
         report = tmp_path / f"round{round_}.out"
         with open(report, "wb") as sink:
-            proc = _spawn(_child_script(_CRASHER), path, f"r{round_}", stdout=sink,
-                          cwd=tmp_path)
+            proc = _spawn(_child_script(_CRASHER), path, f"r{round_}", durability,
+                          stdout=sink, cwd=tmp_path)
         try:
             deadline = time.monotonic() + 20
             while not report.read_bytes().startswith(b"ready\n"):
@@ -3171,6 +3172,28 @@ def test_at_normal_durability_a_background_thread_checkpoints_the_wal(tmp_path):
     # close() stops the thread and closes its connection first, so the store's
     # connection is the last to close and SQLite removes the WAL.
     assert _checkpoint_threads() == [] and not os.path.exists(path + "-wal")
+
+
+def test_the_checkpoint_thread_ends_when_idle_and_after_a_store_is_dropped(tmp_path, monkeypatch):
+    monkeypatch.setattr(fluxlite, "_CHECKPOINT_IDLE", 0.2)
+
+    def ended():
+        deadline = time.monotonic() + 10
+        while _checkpoint_threads():
+            assert time.monotonic() < deadline, "the checkpoint thread did not end"
+            time.sleep(0.01)
+        return True
+
+    path = str(tmp_path / "idle.db")
+    store = fluxlite.open(path, schema=ITEMS, reducer=items_reducer, durability="normal")
+    for n in range(64):
+        store.dispatch("put", {"id": f"i{n}", "n": n})
+    assert len(_checkpoint_threads()) == 1 and ended()  # idle: it ends on its own
+    for n in range(64):  # and the next commits start it again
+        store.dispatch("put", {"id": f"j{n}", "n": n})
+    assert len(_checkpoint_threads()) == 1
+    del store  # never closed: the thread holds neither the store nor its connection
+    assert ended()
 
 
 def test_full_durability_checkpoints_inline_without_a_thread(tmp_path):
