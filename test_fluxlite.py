@@ -1212,10 +1212,9 @@ def test_damage_read_by_at_history_or_the_view_is_a_storage_error(tmp_path, dama
             read(store)
 
 
-def test_verify_finds_a_damaged_index_that_answers_lookups_wrongly(tmp_path):
-    """The seals cover rows, not indexes: an index read as another b-tree answers
-    id lookups wrongly without any error. verify() runs SQLite's integrity_check."""
-    target = str(tmp_path / "s.db")
+def _damage_the_id_index(target):
+    """One byte of the first event's id changed in the events' id index (not in
+    the table): returns that event."""
     _sealed_store(target)
     with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
         first = store.event(1)
@@ -1230,10 +1229,46 @@ def test_verify_finds_a_damaged_index_that_answers_lookups_wrongly(tmp_path):
     at = data[page].index(first.id.encode()) + (root - 1) * page_size
     data[at] = ord("x") if data[at] != ord("x") else ord("y")  # one byte of the id, in the index
     pathlib.Path(target).write_bytes(bytes(data))
+    return first
+
+
+def test_verify_finds_a_damaged_index_that_answers_lookups_wrongly(tmp_path):
+    """The seals cover rows, not indexes: an index read as another b-tree answers
+    id lookups wrongly without any error. verify() runs SQLite's integrity_check."""
+    target = str(tmp_path / "s.db")
+    first = _damage_the_id_index(target)
     with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
         assert store.event(first.id) is None  # wrong, and silent
         with pytest.raises(fluxlite.StorageError, match="integrity_check reports"):
             store.verify()
+
+
+def test_verify_checks_inline_when_a_second_connection_cannot_read(tmp_path, monkeypatch):
+    def cannot_read(self, conn):
+        conn.close()
+        self._error = sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(fluxlite._IntegrityCheck, "_run", cannot_read)
+    target = str(tmp_path / "s.db")
+    _damage_the_id_index(target)
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        with pytest.raises(fluxlite.StorageError, match="integrity_check reports"):
+            store.verify()
+
+
+def test_verify_reports_damage_before_what_the_replay_made_of_it(tmp_path):
+    # The integrity check runs on a second connection beside the replay (on a
+    # file); whichever ends first, damage is what verify() reports.
+    target = str(tmp_path / "s.db")
+    _damage_the_id_index(target)
+
+    def failing(view, event):
+        raise RuntimeError("this reducer fails on every event")
+
+    with fluxlite.open(target, schema=SCHEMA, reducer=failing) as store:
+        with pytest.raises(fluxlite.StorageError, match="integrity_check reports") as caught:
+            store.verify()
+    assert isinstance(caught.value.__cause__, fluxlite.ReducerError)
 
 
 @pytest.mark.parametrize("readonly", [False, True])
