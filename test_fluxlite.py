@@ -2305,7 +2305,8 @@ def _assert_log_gap_free(store):
 
 _WRITER = """
     path, worker, count, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    with fluxlite.open(path, schema=SCHEMA, reducer=_proc_reducer) as store:
+    durability = sys.argv[5]
+    with fluxlite.open(path, schema=SCHEMA, reducer=_proc_reducer, durability=durability) as store:
         open(f"{go}.{worker}", "w").close()
         deadline = time.monotonic() + 30
         while not os.path.exists(go):  # the start line: every writer begins at once
@@ -2318,11 +2319,12 @@ _WRITER = """
 
 
 @pytest.mark.slow
-def test_concurrent_processes_share_one_gap_free_log(tmp_path):
+@pytest.mark.parametrize("durability", ["full", "normal"])  # normal: 4 checkpoint threads too
+def test_concurrent_processes_share_one_gap_free_log(tmp_path, durability):
     workers, per_worker = [f"w{n}" for n in range(4)], 300
     path, go = tmp_path / "shared.db", tmp_path / "go"
     _open_proc_store(path).close()  # created once, so the children race on writes, not on creation
-    procs = [_spawn(_child_script(_WRITER), path, w, per_worker, go, cwd=tmp_path)
+    procs = [_spawn(_child_script(_WRITER), path, w, per_worker, go, durability, cwd=tmp_path)
              for w in workers]
     try:
         deadline = time.monotonic() + 30
