@@ -647,11 +647,16 @@ def _connect(path: str, durability: str, readonly: bool = False,
     return conn
 
 
+def _file_uri(path: str, mode: str) -> str:
+    """A SQLite URI for an absolute path: mode=ro cannot write, mode=rw cannot create."""
+    return "file:" + urllib.parse.quote(path) + "?mode=" + mode
+
+
 def _connect_readonly(path: str) -> sqlite3.Connection:
     """A connection that cannot write (SQLite's mode=ro), for inspecting a file."""
     if path == ":memory:" or not os.path.isfile(path):
         raise UsageError(f"No such store file: {path!r}. Check the path.")
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    uri = _file_uri(os.path.abspath(path), "ro")
     # On read-only media SQLite cannot make the WAL's -shm file; with no WAL
     # content to miss, the file can be read as immutable instead.
     wal = path + "-wal"
@@ -755,7 +760,7 @@ class _WalCheckpointer:
 
     def _run(self) -> None:
         # mode=rw: never create a file, should the store's have gone meanwhile.
-        uri = "file:" + urllib.parse.quote(self._file) + "?mode=rw"
+        uri = _file_uri(self._file, "rw")
         try:
             conn = sqlite3.connect(uri, uri=True, isolation_level=None)
         except sqlite3.Error as exc:  # the inline checkpoint still bounds the WAL
@@ -1648,7 +1653,7 @@ class _IntegrityCheck:
         self._thread: Optional[threading.Thread] = None
         if store._path in (":memory:", "") or store._previewing:
             return
-        if store._file_id is None or _file_ids(store._file)[""] != store._file_id:
+        if not store._file_is_its_own():
             return  # not the file this store opened: check through its own connection
         try:
             conn = _connect_readonly(store._file)
@@ -2329,6 +2334,11 @@ class Store:
                 self._conn.close()
                 if moved:
                     self._remove_stale_companions()
+
+    def _file_is_its_own(self) -> bool:
+        """Whether the file at the store's path is still the one it opened (for a
+        second connection to it: at() attaching it, verify() checking it)."""
+        return self._file_id is not None and _file_ids(self._file)[""] == self._file_id
 
     def _page_size(self) -> int:
         return self._conn.execute("PRAGMA page_size").fetchone()[0]
@@ -3584,10 +3594,10 @@ def _attach_live(conn: sqlite3.Connection, store: Store) -> bool:
     if store._path in (":memory:", "") or store._previewing:
         return False
     path = store._file
-    if store._file_id is None or _file_ids(path)[""] != store._file_id:
+    if not store._file_is_its_own():
         _log.debug("at(): %r is not the file this store opened; copying through Python", path)
         return False
-    uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
+    uri = _file_uri(path, "ro")
     try:
         conn.execute("ATTACH ? AS fluxlite_live", (uri,))
     except sqlite3.Error as exc:  # e.g. read-only media without the -shm file
