@@ -2265,6 +2265,7 @@ class Store:
         self._watcher: Optional[threading.Thread] = None
         self._own_seqs: set = set()  # committed here, so the watcher skips them
         self._chain: Callable[[Dict[str, Any]], Any] = _refuse_during_setup
+        self._bare = False  # True once open() found no middleware (dispatch's fast path)
         self._checkpointer = (_WalCheckpointer(self._file)
                               if durability == "normal" and path not in (":memory:", "")
                               else None)
@@ -2399,12 +2400,15 @@ class Store:
         action = _action_from(type, payload, meta, id, actor)
         self._check_dispatchable()
         _check_expect_seq(expect_seq)
-        frames = self._frame_stack()
-        frames.append(_Frame(expect_seq))
-        try:
-            result = self._chain(action)
-        finally:
-            frames.pop()
+        if self._bare:  # no middleware: the chain is the core, and needs no frame
+            result = self._commit_prepared([_prepare(action, self._ids)], expect_seq)[0]
+        else:
+            frames = self._frame_stack()
+            frames.append(_Frame(expect_seq))
+            try:
+                result = self._chain(action)
+            finally:
+                frames.pop()
         self._notify()
         return result
 
@@ -2604,14 +2608,15 @@ class Store:
                 generation, head, last_ts, seal = cached[1:]
             else:
                 generation, head, last_ts, seal = conn.execute(_HEAD_SQL).fetchone()
-            self._check_generation(generation)
+            if generation != self._generation_text:
+                self._check_generation(generation)
             head, last_ts, seal = head or 0, last_ts or "", seal or " "
             event_rows: List[Tuple[Any, ...]] = []
             journal: List[Tuple[Any, ...]] = []
             seen: Dict[str, Tuple[_Prepared, Event]] = {}
             batch_ts: Optional[Tuple[str, datetime]] = None
             for item in prepared:
-                known = self._known_event(item, seen)
+                known = self._known_event(item, seen) if item.id_given else None
                 if known is not None:
                     results.append(known)
                     continue
@@ -2785,7 +2790,14 @@ class Store:
         return unsubscribe
 
     def _notify(self) -> None:
-        if self._previewing or getattr(self._notifying, "active", False):
+        if self._previewing:
+            return  # a preview's events are rolled back: nobody hears of them
+        if not self._subscribers:  # nobody to tell (the usual case, and cheap)
+            if self._pending:
+                with self._lock:
+                    self._pending.clear()
+            return
+        if getattr(self._notifying, "active", False):
             return  # the outer loop in this thread delivers it, in order
         with self._notify_lock:
             self._notifying.active = True
@@ -4236,6 +4248,7 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                     f"the schema does not create (tables: {', '.join(store.view.tables)})."
                 )
         store._chain = _compose_chain(store, list(middleware))
+        store._bare = not middleware
     except BaseException:
         conn.close()
         raise

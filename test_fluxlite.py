@@ -856,6 +856,18 @@ def test_subscribe_filters_by_type_and_unsubscribes(store):
         store.subscribe("not callable")
 
 
+def test_a_late_subscriber_hears_only_events_after_it_subscribed(store):
+    # Without subscribers dispatch takes a short path: the events it committed
+    # must not be kept for, and delivered to, whoever subscribes later.
+    for name in ("a", "b", "c"):
+        add(store, name)
+    heard = []
+    store.subscribe(lambda e, c: heard.append((e.seq, [x.key for x in c])))
+    add(store, "d")
+    store.dispatch_many([{"type": "addUser", "payload": {"name": "e"}}])
+    assert heard == [(4, ["d"]), (5, ["e"])]
+
+
 def test_batch_subscribers_hear_each_event(store):
     heard = []
     store.subscribe(lambda e, c: heard.append((e.seq, len(c))))
