@@ -1325,7 +1325,10 @@ class _Model:
             if conn.execute(info.delete_key, key).rowcount == 0:  # type: ignore[arg-type]
                 raise _missing_row(info, op, key)
             return
-        if op == "upsert" and key is not None and _HAS_UPSERT:
+        # One statement only for a whole row: SQLite checks NOT NULL and CHECK on
+        # the row an upsert would insert before it looks for the conflict, so a
+        # partial row that would update an existing one must go the live way.
+        if op == "upsert" and key is not None and _HAS_UPSERT and len(values) == len(info.writable):
             conn.execute(info.upsert_sql(tuple(values)), tuple(values.values()))
             return
         if op == "update" or (op == "upsert" and self._row(info, key) is not None):  # type: ignore[arg-type]
