@@ -2432,14 +2432,15 @@ class Store:
         actions = [_action_from(e, None, None, None, None) for e in events]
         self._check_dispatchable()
         _check_expect_seq(expect_seq)
-        batch: List[Dict[str, Any]] = []
-        frames = self._frame_stack()
-        frames.append(_Frame(expect_seq, batch))
-        try:
-            for action in actions:
-                self._chain(action)
-        finally:
-            frames.pop()
+        batch: List[Dict[str, Any]] = actions if self._bare else []  # no middleware: as given
+        if not self._bare:
+            frames = self._frame_stack()
+            frames.append(_Frame(expect_seq, batch))
+            try:
+                for action in actions:
+                    self._chain(action)
+            finally:
+                frames.pop()
         results = self._commit(batch, expect_seq) if batch else []
         self._notify()
         return results
