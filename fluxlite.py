@@ -977,37 +977,39 @@ def _constant_default(conn: sqlite3.Connection, text: Optional[str]) -> Any:
     return conn.execute(f"SELECT {text}").fetchone()[0]
 
 
-def _with_affinity(value: Any, declared: str) -> Any:
-    """The value as SQLite would store it in a column of this declared type.
-
-    Keys in the journal are kept as stored; a caller may write 1 for the
-    text key '1', as SQL lookups allow. These are SQLite's affinity rules.
-    """
+def _affinity(declared: str) -> str:
+    """The column affinity SQLite gives a declared type (its five rules, in order)."""
     kind = declared.upper()
     if "INT" in kind:
-        affinity = "integer"
-    elif any(t in kind for t in ("CHAR", "CLOB", "TEXT")):
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-    elif "BLOB" in kind or not kind:
-        return value
-    else:
-        affinity = "real" if any(t in kind for t in ("REAL", "FLOA", "DOUB")) else "numeric"
-    number = value
-    if isinstance(value, str):
-        try:
-            number = int(value.strip())
-        except ValueError:
-            try:
-                number = float(value.strip())
-            except ValueError:
-                return value
-    if isinstance(number, bool) or not isinstance(number, (int, float)):
-        return value
-    if affinity == "real":
-        return float(number) + 0.0  # + 0.0: SQLite stores -0.0 as 0.0
-    if isinstance(number, float) and number.is_integer() and abs(number) < 2**63:
-        return int(number)
-    return number
+        return "integer"
+    if any(t in kind for t in ("CHAR", "CLOB", "TEXT")):
+        return "text"
+    if "BLOB" in kind or not kind:
+        return "blob"
+    return "real" if any(t in kind for t in ("REAL", "FLOA", "DOUB")) else "numeric"
+
+
+def _as_stored(values: Sequence[Any], declared: Sequence[str]) -> Tuple[Any, ...]:
+    """Values as SQLite stores them in columns of these declared types.
+
+    Keys in the journal are kept as stored; a caller may write 1 for the text
+    key '1', as SQL lookups allow. SQLite itself applies the affinity, in a
+    scratch table on a private in-memory database: Python's int() and float()
+    read text SQLite does not ('INF', '1_000', non-ASCII digits).
+    """
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE TABLE a (integer INTEGER, text TEXT, blob BLOB, real REAL, "
+                     "numeric NUMERIC)")
+        stored = []
+        for value, kind in zip(values, declared):
+            column = _affinity(kind)  # one of the five fixed column names above
+            conn.execute(f"INSERT INTO a ({column}) VALUES (?)", (value,))
+            stored.append(conn.execute(f"SELECT {column} FROM a").fetchone()[0])
+            conn.execute("DELETE FROM a")
+        return tuple(stored)
+    finally:
+        conn.close()
 
 
 def _check_new_table(conn: sqlite3.Connection, name: str, sql: str) -> None:
@@ -3167,8 +3169,14 @@ class Store:
         """Every version of one row, oldest first, from the journal (no replay)."""
         info = self._model.table(table, error=UsageError)
         params = info.key_params(_as_key(key))
-        stored = tuple(_with_affinity(v, t) for v, t in zip(params, info.pk_types))
-        key_text = _check_text(_dumps(_key_json(_unparams(info, stored))), "The key", UsageError)
+        for part in params:
+            if isinstance(part, str):
+                _check_text(part, "The key", UsageError)
+        try:
+            stored = _as_stored(params, info.pk_types)
+            key_text = _dumps(_key_json(_unparams(info, stored)))
+        except (sqlite3.Error, OverflowError, ValueError):
+            return []  # no row has it: SQLite cannot store it, or made it infinite
         with self._lock, _reading(self._path):
             self._check_open()
             rows = self._conn.execute(
