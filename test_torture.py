@@ -1548,6 +1548,25 @@ def assert_no_foreign_identifier_in_sql(recorder):
             f"an identifier from an event reached SQL text: {text!r:.300}")
 
 
+FUZZ_KEYS = {"accounts": "name", "items": "id", "audits": "id"}
+
+
+def assert_the_past_agrees(store):
+    """The past of whatever was applied: at(k) equals a replay of the first k events
+    for every k, each row's history ends at the row, and a rebuild changes nothing."""
+    for k in range(store.head + 1):
+        with store.at(k) as past, store.replay(k) as replayed:
+            for name in FUZZ_KEYS:
+                assert past[name].all() == replayed.view[name].all(), f"at({k}) of {name}"
+    live = {name: store.view[name].all() for name in FUZZ_KEYS}
+    for name, key in FUZZ_KEYS.items():
+        for row in live[name]:
+            assert store.history(name, row[key])[-1].after == row, f"history of {name} {row}"
+    store.rebuild()
+    assert {name: store.view[name].all() for name in FUZZ_KEYS} == live, "rebuild changed rows"
+    store.verify()
+
+
 def test_fuzzed_changesets_from_reducers_are_applied_by_the_rules_or_refused(scale, figure):
     examples = collections.Counter()
 
@@ -1579,15 +1598,19 @@ def test_fuzzed_changesets_from_reducers_are_applied_by_the_rules_or_refused(sca
                 else:
                     examples["applied"] += 1
             assert_no_foreign_identifier_in_sql(recorder)
+            store._conn = store._model.conn = recorder._conn
             assert store.query("SELECT name, sql FROM sqlite_master ORDER BY name") == schema
             assert_gap_free(store)
             store.verify()
+            assert_the_past_agrees(store)
 
     run()
     figure("Fuzz: changesets returned by reducers (any op, table, key, values; builders; "
-           "junk objects; hostile names)",
+           "junk objects; hostile names); then verify(), at(k) = replay(k) for every k, "
+           "history() and rebuild()",
            f"{examples['examples']} examples, {examples['applied']} applied, "
-           f"{examples['refused']} refused, 0 unexpected exceptions, 0 foreign identifiers in SQL")
+           f"{examples['refused']} refused, 0 unexpected exceptions, 0 foreign identifiers in SQL, "
+           f"the past and a rebuild agreeing with live every time")
 
 
 # --- SQL given to query() ------------------------------------------------------------------
