@@ -1815,6 +1815,12 @@ class View:
         self._tables = {name: Table(self, info) for name, info in model.tables.items()}
         self._seq = seq
         self._owned = owned  # an as-of view owns its private database
+        # Each table as a plain attribute too: reducers read view.<table> on every
+        # event, and this skips __getattr__. A name View itself uses (or a private
+        # one) stays a view[name] lookup, as before.
+        for name, table in self._tables.items():
+            if not name.startswith("_") and not hasattr(View, name):
+                self.__dict__[name] = table
 
     @property
     def seq(self) -> Optional[int]:

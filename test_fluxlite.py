@@ -682,6 +682,26 @@ def test_table_reads(store):
         users.find(age=3)
 
 
+def test_tables_named_like_the_views_own_attributes_are_reached_by_index():
+    schema = ("CREATE TABLE query (k TEXT PRIMARY KEY); CREATE TABLE tables (k TEXT PRIMARY KEY);"
+              "CREATE TABLE seq (k TEXT PRIMARY KEY); CREATE TABLE notes (k TEXT PRIMARY KEY);")
+
+    def reducer(view, event):
+        return [view[name].insert(k=event.payload) for name in ("query", "tables", "seq")] + [
+            view.notes.insert(k=event.payload)]
+
+    with fluxlite.open(":memory:", schema=schema, reducer=reducer) as store:
+        store.dispatch("put", "x")
+        view = store.view
+        assert view.tables == ["notes", "query", "seq", "tables"]  # the property, not a table
+        assert view.seq is None and callable(view.query)
+        assert view.query("SELECT k FROM query") == [{"k": "x"}]
+        assert view["tables"].all() == view["seq"].all() == view.notes.all() == [{"k": "x"}]
+        assert view.notes is view["notes"]
+        with store.at(1) as past:
+            assert past.seq == 1 and past["query"].all() == past.notes.all() == [{"k": "x"}]
+
+
 def test_change_builders_check_columns_at_once(store):
     with pytest.raises(fluxlite.ChangesetError, match="unknown column"):
         store.view.users.insert(name="a", age=3)
