@@ -248,12 +248,10 @@ _SQLITE_READ = 20
 _READONLY_TAG = "\n/* fluxlite:read-only */"
 _REDUCER_TAG = "\n/* fluxlite:reducer */"
 _PAGE = 512  # rows fetched per query when streaming the log
-# DELETE ... RETURNING (SQLite 3.35, 2021) saves a statement; older SQLite
-# reads the row first. INSERT/UPDATE ... RETURNING is not used: SQLite 3.40
-# can report a REAL column's affinity on the wrong column (the torture suite
-# found it), so those rows are read back with a SELECT when they are not
-# known in advance (_stored_row).
-_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+# RETURNING is not used: SQLite 3.40 can report a REAL column's affinity on
+# the wrong column (the torture suite found it for INSERT/UPDATE, and later for
+# DELETE, which then journaled an integer key as 0.0), so rows are read with a
+# SELECT when they are not known in advance (_stored_row).
 _HAS_UPSERT = sqlite3.sqlite_version_info >= (3, 24, 0)  # INSERT ... ON CONFLICT DO UPDATE
 
 ###############################################################################
@@ -1386,9 +1384,7 @@ class _Model:
         return row
 
     def _delete(self, info: _TableInfo, key: Tuple[Any, ...]) -> Optional[Dict[str, Any]]:
-        if _HAS_RETURNING:
-            rows = self.conn.execute(info.delete_key + " RETURNING *", key).fetchall()
-            return dict(zip(info.columns, rows[0])) if rows else None
+        # Read first, not DELETE ... RETURNING, which SQLite 3.40 can get wrong.
         before = self._row(info, key)
         if before is not None:
             self.conn.execute(info.delete_key, key)
@@ -1396,7 +1392,7 @@ class _Model:
 
     def _write_returning(self, sql: str, params: Sequence[Any], info: _TableInfo,
                          key: Optional[Tuple[Any, ...]]) -> Dict[str, Any]:
-        """Run an UPDATE and return the row as stored (read back: see _HAS_RETURNING)."""
+        """Run an UPDATE and return the row as stored (read back: not RETURNING)."""
         self.conn.execute(sql, params)
         row = self._row(info, key)  # type: ignore[arg-type]
         assert row is not None
