@@ -987,6 +987,9 @@ def _affinity(declared: str) -> str:
     return "real" if any(t in kind for t in ("REAL", "FLOA", "DOUB")) else "numeric"
 
 
+_affinity_scratch = threading.local()  # its .conn: the thread's scratch for _as_stored
+
+
 def _as_stored(values: Sequence[Any], declared: Sequence[str]) -> Tuple[Any, ...]:
     """Values as SQLite stores them in columns of these declared types.
 
@@ -995,19 +998,20 @@ def _as_stored(values: Sequence[Any], declared: Sequence[str]) -> Tuple[Any, ...
     scratch table on a private in-memory database: Python's int() and float()
     read text SQLite does not ('INF', '1_000', non-ASCII digits).
     """
-    conn = sqlite3.connect(":memory:")
-    try:
+    conn = getattr(_affinity_scratch, "conn", None)
+    if conn is None:  # one per thread, kept: opening one costs more than history()'s query
+        conn = _affinity_scratch.conn = sqlite3.connect(":memory:", isolation_level=None)
         conn.execute("CREATE TABLE a (integer INTEGER, text TEXT, blob BLOB, real REAL, "
                      "numeric NUMERIC)")
-        stored = []
-        for value, kind in zip(values, declared):
-            column = _affinity(kind)  # one of the five fixed column names above
+    stored = []
+    for value, kind in zip(values, declared):
+        column = _affinity(kind)  # one of the five fixed column names above
+        try:
             conn.execute(f"INSERT INTO a ({column}) VALUES (?)", (value,))
             stored.append(conn.execute(f"SELECT {column} FROM a").fetchone()[0])
+        finally:
             conn.execute("DELETE FROM a")
-        return tuple(stored)
-    finally:
-        conn.close()
+    return tuple(stored)
 
 
 def _check_new_table(conn: sqlite3.Connection, name: str, sql: str) -> None:
