@@ -2715,9 +2715,10 @@ class Store:
             )
 
     def _check_generation(self, stored: Optional[str]) -> None:
-        """Refuse to write old-shape changes after another process rebuilt the model."""
-        if stored is not None and stored == self._generation_text:
-            return  # the usual case, without parsing
+        """Refuse to write old-shape changes after another process rebuilt the model.
+
+        Called only when ``stored`` is not this store's generation text (the usual
+        case is checked by the caller, _write, without a call)."""
         generation = json.loads(stored) if stored else 0
         if generation == self._generation:
             return
@@ -2742,9 +2743,10 @@ class Store:
 
     def _known_event(self, item: _Prepared, seen: Dict[str, Tuple[_Prepared, Event]]
                      ) -> Optional[Event]:
-        """The stored event for a reused id (same content), else None; or Conflict."""
-        if not item.id_given:
-            return None
+        """The stored event for a reused id (same content), else None; or Conflict.
+
+        Called only for an id the caller gave (a generated one is new by
+        construction; _write skips the call for those)."""
         if item.id in seen:
             first, event = seen[item.id]
             same = first.type == item.type and first.payload == item.payload
