@@ -3060,15 +3060,21 @@ class Store:
         """
         reducer = self._require_reducer("replay()")
         upto = self._check_seq(upto, "upto")
+        file = os.fspath(into)
+        created = file != ":memory:" and not os.path.exists(file)
+        if not created and file != ":memory:" and os.path.getsize(file) > 0:
+            # Looked at read-only first: opening it with this store's schema would
+            # rebuild its read model before its events could be counted.
+            with open(file, readonly=True) as existing:
+                if existing.head:
+                    raise UsageError(
+                        f"replay(into={file!r}) needs a new or empty store; that one "
+                        f"already has {existing.head} events. Pass a new path."
+                    )
         target = open(into, schema=self._schema, reducer=reducer, middleware=self._middleware,
                       durability=self._durability, clock=self._clock, ids=self._ids,
                       version=self._version, upcasters=self._upcasters)
         try:
-            if target.head:
-                raise UsageError(
-                    f"replay(into={os.fspath(into)!r}) needs a new or empty store; that "
-                    f"one already has {target.head} events."
-                )
             after = 0
             while after < upto:
                 with self._lock:
@@ -3080,6 +3086,10 @@ class Store:
                 after = rows[-1][0]
         except BaseException:
             target.close()
+            if created:  # a part of the log would pass for a whole one
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(file + suffix)
             raise
         return target
 

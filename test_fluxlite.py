@@ -1931,6 +1931,39 @@ def test_replay_copies_events_exactly_into_a_new_file(tmp_path):
             assert full.view.users.all() == store.view.users.all()
 
 
+def test_replay_into_a_store_with_events_refuses_and_leaves_it_as_it_was(tmp_path):
+    other = tmp_path / "other.db"
+    with fluxlite.open(str(other), schema="CREATE TABLE notes (id TEXT PRIMARY KEY);",
+                       reducer=lambda view, event: view.notes.insert(id=event.payload)) as b:
+        b.dispatch("note", "keep me")
+    before = other.read_bytes()
+    with fluxlite.open(str(tmp_path / "a.db"), schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+        with pytest.raises(fluxlite.UsageError, match="already has 1 events"):
+            store.replay(into=str(other))
+    assert other.read_bytes() == before  # not rebuilt with this store's schema first
+    with fluxlite.open(str(other)) as b:
+        assert b.view.notes.all() == [{"id": "keep me"}]
+
+
+def test_a_replay_that_fails_leaves_no_partial_store_behind(tmp_path):
+    with fluxlite.open(str(tmp_path / "a.db"), schema=SCHEMA, reducer=reducer) as store:
+        for name in ("a", "b", "c"):
+            add(store, name)
+        calls = []
+
+        def failing(view, event):
+            calls.append(event.seq)
+            if event.seq == 3:
+                raise RuntimeError("new code breaks on old event")
+            return reducer(view, event)
+        store._reducer = failing
+        with pytest.raises(fluxlite.ReducerError):
+            store.replay(into=str(tmp_path / "copy.db"))
+    assert calls == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.db"]
+
+
 # --- rebuilds: migration-free schema and reducer changes --------------------------------
 
 ITEMS_V2 = "CREATE TABLE items (id TEXT PRIMARY KEY, n INTEGER NOT NULL, doubled INTEGER);"
