@@ -3535,12 +3535,18 @@ class Consumer:
 ###############################################################################
 
 
-def _scratch_model(schema: str, path: str, journal: bool, uri: bool = False) -> _Model:
-    """A private database with the schema (and a journal table), for replays."""
+def _scratch_model(schema: str, path: str, journal: bool, uri: bool = False,
+                   replay: bool = True) -> _Model:
+    """A private database with the schema (and a journal table), for replays.
+
+    A replay checks foreign keys as the live store does, so that an event the
+    new code cannot apply is named; a copy (at()) fills tables in any order.
+    """
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, uri=uri)
     try:
         conn.execute("PRAGMA journal_mode=off")
         conn.execute("PRAGMA synchronous=off")
+        conn.execute(f"PRAGMA foreign_keys={'on' if replay else 'off'}")
         with _write_txn(conn):
             names = _create_schema(conn, schema)
             if journal:
@@ -3591,7 +3597,7 @@ def _as_of(store: Store, seq: int) -> View:
     # A private temporary file ("", as verify() uses), not ":memory:": the copy
     # holds every live row, and freed memory stays with the process (glibc keeps
     # it), so RSS would step up with the size of the model at each at().
-    model = _scratch_model(store._schema, "", journal=False, uri=True)
+    model = _scratch_model(store._schema, "", journal=False, uri=True, replay=False)
     try:
         conn = model.conn
         # The live file attached read-only: rows go across inside SQLite, not
@@ -3782,6 +3788,19 @@ def _swap_in(store: Store, schema: str, version: Any, model: _Model, scratch: st
     pause), the catch-up runs inside the transaction and rows go through Python.
     """
     conn = store._conn
+    # Off for the swap: with foreign keys on, DROP TABLE deletes the rows first,
+    # and ON DELETE CASCADE / SET NULL would reach into tables fluxlite does not
+    # manage. _check_references() checks what the keys would have, instead.
+    conn.execute("PRAGMA foreign_keys = OFF")
+    try:
+        return _swap_in_unchecked(store, schema, version, model, scratch, done, tries)
+    finally:
+        conn.execute("PRAGMA foreign_keys = ON")
+
+
+def _swap_in_unchecked(store: Store, schema: str, version: Any, model: _Model, scratch: str,
+                       done: int, tries: int) -> int:
+    conn = store._conn
     for _ in range(tries):
         with _read_txn(conn):
             done = _apply_events(model, store._reducer, store._read_log(done), journal=True) or done
@@ -3818,8 +3837,7 @@ def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Mod
     """Inside the caller's transaction: replace read-model tables and journal,
     read from the model's database ``attached`` to ``conn``, or else through Python."""
     meta = _read_meta(conn)
-    conn.execute("PRAGMA defer_foreign_keys = ON")  # tables are refilled in any order
-    for name in _children_first(conn, meta["tables"]):
+    for name in meta["tables"]:
         conn.execute(f"DROP TABLE main.{_quote(name)}")
     names = _create_schema(conn, schema)
     conn.execute("DELETE FROM main.fluxlite_journal")
@@ -3832,29 +3850,34 @@ def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Mod
             conn.executemany(f"INSERT INTO main.{name} ({listed}) VALUES "
                              f"({', '.join('?' * len(columns))})",
                              model.conn.execute(f"SELECT {listed} FROM {name}"))
+    _check_references(conn, names)
     _reseal_journal(conn)
     generation = meta.get("generation", 0) + 1
     _write_meta(conn, schema=schema, tables=names, version=version, generation=generation)
     return generation
 
 
-def _children_first(conn: sqlite3.Connection, names: Sequence[str]) -> List[str]:
-    """Tables in an order that drops each before the tables it references.
-
-    With foreign keys on, DROP TABLE of a table still referenced deletes its
-    rows one by one first, and once that leaves the deferred check non-zero,
-    the children's rows too: slow, and memory in proportion to the rows.
-    (A cycle falls back to the given order.)
-    """
-    parents = {n: {r[2].lower() for r in conn.execute(f"PRAGMA foreign_key_list({_quote(n)})")}
-               for n in names}
-    left, order = list(names), []
-    while left:
-        name = next((n for n in left if not any(n.lower() in parents[m] for m in left if m != n)),
-                    left[0])
-        left.remove(name)
-        order.append(name)
-    return order
+def _check_references(conn: sqlite3.Connection, names: Sequence[str]) -> None:
+    """After a swap made with foreign keys off: every reference from or to the
+    new tables must hold, as the deferred check at COMMIT would have required."""
+    managed = {n.lower() for n in names}
+    tables = [r[0] for r in conn.execute(
+        "SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+    for table in tables:
+        parents = {r[2].lower() for r in conn.execute(f"PRAGMA main.foreign_key_list({_quote(table)})")}
+        if not parents or not (table.lower() in managed or parents & managed):
+            continue
+        broken = conn.execute(f"PRAGMA main.foreign_key_check({_quote(table)})").fetchone()
+        if broken is None:
+            continue
+        whose = ("a table of the read model" if table.lower() in managed else
+                 "a table the schema does not list, which fluxlite leaves as it is")
+        raise SchemaError(
+            f"The rebuilt read model breaks a foreign key: row {broken[1]} of {table!r} "
+            f"({whose}) references {broken[2]!r}, which no longer has the row it points "
+            f"to. Nothing was changed; make the new reducers keep the referenced rows, "
+            f"or change the reference."
+        )
 
 
 def _compare(live: _Model, replica: _Model) -> List[str]:

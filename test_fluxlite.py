@@ -2105,24 +2105,71 @@ def fk_reducer(view, event):
     return ([view.accounts.insert(id=f"a{n % 3}")] if n < 3 else []) + changes
 
 
-def test_a_rebuild_drops_children_before_parents_so_no_row_is_deleted_one_by_one(tmp_path):
-    """DROP TABLE of a referenced table deletes rows one by one (memory in proportion)."""
+def test_a_rebuild_with_foreign_keys_deletes_no_row_one_by_one(tmp_path):
+    """With foreign keys on, DROP TABLE of a referenced table deletes its rows one
+    by one first (slow, memory in proportion): the swap runs with them off."""
     path = str(tmp_path / "fk.db")
     with fluxlite.open(path, schema=FK_SCHEMA, reducer=fk_reducer) as store:
         store.dispatch_many([{"type": "add", "payload": n} for n in range(30)])
-        conn = store._conn
-        order = fluxlite._children_first(conn, ["accounts", "items", "ledger"])
-        assert order == ["ledger", "items", "accounts"]
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("PRAGMA defer_foreign_keys = ON")
-        before = conn.total_changes
-        for name in order:  # what a rebuild's swap does
-            conn.execute(f"DROP TABLE {name}")
-        assert conn.total_changes - before == 0
-        conn.execute("ROLLBACK")
+        deletes = []
+        store._conn.set_trace_callback(deletes.append)
         store.rebuild()
+        store._conn.set_trace_callback(None)
+        assert not [sql for sql in deletes if sql.lstrip().upper().startswith("DELETE FROM MAIN.\"")]
+        assert store._conn.execute("PRAGMA foreign_keys").fetchone() == (1,)  # back on
         store.verify()
         assert store.view.ledger.count() == 30 and store.view.accounts.count() == 3
+
+
+def legacy_with_notes(path, on_delete):
+    conn = sqlite3.connect(path)
+    conn.executescript(f"""
+        CREATE TABLE p (id TEXT PRIMARY KEY);
+        CREATE TABLE notes (id INTEGER PRIMARY KEY, pid TEXT REFERENCES p(id) {on_delete}, body TEXT);
+        INSERT INTO p VALUES ('a'); INSERT INTO notes (pid, body) VALUES ('a', 'hello');""")
+    conn.close()
+
+
+@pytest.mark.parametrize("on_delete", ["ON DELETE CASCADE", "ON DELETE SET NULL"])
+def test_a_rebuild_leaves_rows_of_tables_the_schema_does_not_list_alone(tmp_path, on_delete):
+    path = str(tmp_path / "legacy.db")
+    legacy_with_notes(path, on_delete)
+    schema = "CREATE TABLE p (id TEXT PRIMARY KEY);"
+    with fluxlite.open(path, schema=schema, reducer=lambda view, event: None, adopt=True) as store:
+        store.rebuild()
+        assert store.query("SELECT * FROM notes") == [{"id": 1, "pid": "a", "body": "hello"}]
+        store.verify()
+
+
+def test_a_rebuild_that_would_orphan_rows_of_an_unlisted_table_is_refused(tmp_path):
+    path = str(tmp_path / "legacy.db")
+    legacy_with_notes(path, "ON DELETE CASCADE")
+    schema = "CREATE TABLE p (id TEXT PRIMARY KEY);"
+    with fluxlite.open(path, schema=schema, reducer=lambda view, event: None, adopt=True) as store:
+        store.dispatch("purge")  # a no-op for this code
+    before = file_bytes(path)
+
+    def purges(view, event):
+        return view.p.delete("a")
+    with pytest.raises(fluxlite.SchemaError, match=r"row 1 of 'notes' \(a table the schema does "
+                                                   r"not list.*references 'p'"):
+        fluxlite.open(path, schema=schema, reducer=purges, version=2)
+    assert file_bytes(path) == before
+
+
+def test_a_rebuild_whose_new_foreign_key_old_events_break_names_the_event(tmp_path):
+    path = str(tmp_path / "fk.db")
+    loose = "CREATE TABLE p (id TEXT PRIMARY KEY); CREATE TABLE c (id TEXT PRIMARY KEY, p TEXT);"
+    strict = loose.replace("p TEXT)", "p TEXT REFERENCES p(id))")
+
+    def reducer(view, event):
+        return view.c.insert(id="c1", p="missing")
+    with fluxlite.open(path, schema=loose, reducer=reducer) as store:
+        store.dispatch("attach")
+    before = file_bytes(path)
+    with pytest.raises(fluxlite.ChangesetError, match=r"FOREIGN KEY.*while replaying event 1"):
+        fluxlite.open(path, schema=strict, reducer=reducer, version=2)
+    assert file_bytes(path) == before
 
 
 def test_old_code_in_another_connection_is_refused_after_a_rebuild(tmp_path):
