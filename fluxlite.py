@@ -1076,7 +1076,7 @@ def _create_schema(conn: sqlite3.Connection, schema: str) -> List[str]:
     for name, sql in conn.execute(
         "SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name"
     ).fetchall():
-        if name not in before:
+        if name not in before and not name.startswith("sqlite_"):  # sqlite_sequence: AUTOINCREMENT
             _check_new_table(conn, name, sql)
             tables.append(name)
     if not tables:
@@ -3850,11 +3850,24 @@ def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Mod
             conn.executemany(f"INSERT INTO main.{name} ({listed}) VALUES "
                              f"({', '.join('?' * len(columns))})",
                              model.conn.execute(f"SELECT {listed} FROM {name}"))
+    _carry_autoincrement(conn, model, names)
     _check_references(conn, names)
     _reseal_journal(conn)
     generation = meta.get("generation", 0) + 1
     _write_meta(conn, schema=schema, tables=names, version=version, generation=generation)
     return generation
+
+
+def _carry_autoincrement(conn: sqlite3.Connection, model: _Model, names: Sequence[str]) -> None:
+    """AUTOINCREMENT never reuses a key, not even a deleted row's: the next key
+    is in sqlite_sequence, which the copied rows alone would not restore."""
+    if model.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'"
+                          ).fetchone() is None:
+        return
+    counters = [(n, s) for n, s in model.conn.execute("SELECT name, seq FROM sqlite_sequence")
+                if n in names]
+    conn.executemany("DELETE FROM main.sqlite_sequence WHERE name = ?", [(n,) for n, _ in counters])
+    conn.executemany("INSERT INTO main.sqlite_sequence (name, seq) VALUES (?, ?)", counters)
 
 
 def _check_references(conn: sqlite3.Connection, names: Sequence[str]) -> None:
@@ -4116,39 +4129,46 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
     scratch = sqlite3.connect(":memory:")
     try:
         declared = _create_schema(scratch, schema)  # the schema's tables, parsed by SQLite
-        shapes = {n: _read_table_info(scratch, n) for n in declared}
+        scratch_shapes = {n: scratch.execute(f"PRAGMA table_xinfo({_quote(n)})").fetchall()
+                          for n in declared}
     finally:
         scratch.close()
-    adopted = [n for n in declared if n in existing]
+    # SQLite's names are case-insensitive: the schema's "Users" is the file's "users".
+    existing_names = {n.lower() for n in existing}
+    adopted = [n for n in declared if n.lower() in existing_names]
     for name in adopted:
-        have = _read_table_info(conn, name)
-        if (have.columns, have.pk) != (shapes[name].columns, shapes[name].pk):
-            raise SchemaError(
-                f"Existing table {name!r} has columns {have.columns} (key {have.pk}) but "
-                f"the schema declares {shapes[name].columns} (key {shapes[name].pk}); "
-                f"make the schema describe the table as it is."
-            )
+        _check_adoptable(conn, name, _columns_as_declared(scratch_shapes[name]),
+                         _columns_as_declared(conn.execute(f"PRAGMA table_xinfo({_quote(name)})")))
     for statement in _split_sql(schema):
         try:
             conn.execute(statement)
         except sqlite3.OperationalError as exc:
             if "already exists" not in str(exc):
                 raise SchemaError(f"Schema statement failed: {exc}: {statement[:200]!r}") from exc
-    sql_of = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+    sql_of = {n.lower(): sql for n, sql in conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'table'")}
     for name in declared:
-        _check_new_table(conn, name, sql_of[name])
+        _check_new_table(conn, name, sql_of[name.lower()])
     ts = _format_ts(clock())
     for seq, name in enumerate((n for n in adopted if conn.execute(
             f"SELECT 1 FROM {_quote(n)} LIMIT 1").fetchone()), 1):
         info = _read_table_info(conn, name)
-        cursor = conn.execute(f"SELECT * FROM {info.q} ORDER BY {info.order_by}")
-        rows = [dict(zip(info.columns, r)) for r in cursor]
+        listed = ", ".join(_quote(c) for c in info.writable_columns)  # generated: SQLite's
+        cursor = conn.execute(f"SELECT {listed} FROM {info.q} ORDER BY {info.order_by}")
+        rows = [dict(zip(info.writable_columns, r)) for r in cursor]
         for row in rows:
             for column, value in row.items():
                 try:
                     _check_value(value, name, column)
                 except ChangesetError as exc:
                     raise SchemaError(f"Cannot adopt table {name!r}: {exc}") from None
+            if any(row[c] is None for c in info.pk):
+                raise SchemaError(
+                    f"Cannot adopt table {name!r}: a row has NULL in its primary key "
+                    f"{info.pk} ({row}); fluxlite finds rows by key. Give those rows a "
+                    f"key, or delete them, before adopting."
+                )
+        _check_autoincrement_counter(conn, info, rows)
         payload = _dumps({"table": name, "rows": rows})
         conn.execute(f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
                      (seq, ids(), BASELINE, payload, "{}", ts))
@@ -4157,6 +4177,54 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
             for n, row in enumerate(rows)])
     _seal_unsealed(conn)
     return declared
+
+
+def _columns_as_declared(xinfo: Iterable[Sequence[Any]]) -> List[Tuple[Any, ...]]:
+    """PRAGMA table_xinfo rows without cid, the type in one case."""
+    return [(r[1], r[2].upper(), r[3], r[4], r[5], r[6]) for r in xinfo]
+
+
+def _check_adoptable(conn: sqlite3.Connection, name: str, declared: List[Tuple[Any, ...]],
+                     have: List[Tuple[Any, ...]]) -> None:
+    """An adopted table must be what the schema says, and only fluxlite may write it:
+    otherwise a replay (which creates the table from the schema) differs from it."""
+    if declared != have:
+        show = lambda cols: ", ".join(  # noqa: E731
+            f"{c[0]} {c[1]}".strip() + (" PRIMARY KEY" if c[4] else "") +
+            (" NOT NULL" if c[2] else "") +
+            (f" DEFAULT {c[3]}" if c[3] is not None else "") + (" GENERATED" if c[5] else "")
+            for c in cols)
+        raise SchemaError(
+            f"Existing table {name!r} has columns ({show(have)}) but the schema declares "
+            f"({show(declared)}); a replay would create the schema's table. Make the "
+            f"schema describe the table as it is (same names, types, NOT NULL, defaults "
+            f"and primary key)."
+        )
+    trigger = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND "
+                           "tbl_name = ? COLLATE NOCASE", (name,)).fetchone()
+    if trigger is not None:
+        raise SchemaError(
+            f"Cannot adopt table {name!r}: trigger {trigger[0]!r} writes when it is "
+            f"written, which a replay would not repeat. Drop the trigger and do its "
+            f"work in a reducer."
+        )
+
+
+def _check_autoincrement_counter(conn: sqlite3.Connection, info: _TableInfo,
+                                 rows: List[Dict[str, Any]]) -> None:
+    if not info.rowid_key or conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone() is None:
+        return
+    counter = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ? COLLATE NOCASE",
+                           (info.name,)).fetchone()
+    largest = max((row[info.pk[0]] for row in rows), default=0)
+    if counter is not None and counter[0] > largest:
+        raise SchemaError(
+            f"Cannot adopt table {info.name!r}: its AUTOINCREMENT counter is {counter[0]}, "
+            f"past its largest key {largest} (rows were deleted), and a replay of the "
+            f"baseline would hand out those keys again. To allow that, run UPDATE "
+            f"sqlite_sequence SET seq = {largest} WHERE name = '{info.name}' first."
+        )
 
 
 @dataclasses.dataclass(frozen=True)

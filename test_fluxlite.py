@@ -2121,6 +2121,29 @@ def test_a_rebuild_with_foreign_keys_deletes_no_row_one_by_one(tmp_path):
         assert store.view.ledger.count() == 30 and store.view.accounts.count() == 3
 
 
+def test_autoincrement_keys_replay_as_live_across_rebuilds(tmp_path):
+    """AUTOINCREMENT never reuses a deleted row's key: a rebuild carries the counter."""
+    schema = "CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT)"
+
+    def reducer(view, event):
+        return view.t.insert(v=event.payload) if event.type == "add" else view.t.delete(event.payload)
+    path = str(tmp_path / "auto.db")
+    with fluxlite.open(path, schema=schema, reducer=reducer) as store:
+        for v in "abc":
+            store.dispatch("add", v)
+        store.dispatch("remove", 3)
+        store.verify()
+        with store.at(3) as past:
+            assert [r["id"] for r in past.t.all()] == [1, 2, 3]
+        store.rebuild()
+        assert store.dispatch("add", "d") and store.view.t.get(4) == {"id": 4, "v": "d"}
+        store.verify()
+    with fluxlite.open(path, schema=schema + " ", reducer=reducer, version=2) as store:
+        store.dispatch("add", "e")
+        assert [r["id"] for r in store.view.t.all()] == [1, 2, 4, 5]
+        store.verify()
+
+
 def legacy_with_notes(path, on_delete):
     conn = sqlite3.connect(path)
     conn.executescript(f"""
@@ -2395,7 +2418,7 @@ def test_adopt_an_existing_database_with_a_baseline(tmp_path):
 def test_adopt_refuses_a_table_unlike_the_schema(tmp_path):
     path = str(tmp_path / "legacy.db")
     prefilled(path)
-    with pytest.raises(fluxlite.SchemaError, match="make the schema describe the table"):
+    with pytest.raises(fluxlite.SchemaError, match="Make the schema describe the table"):
         fluxlite.open(path, schema="CREATE TABLE users (name TEXT PRIMARY KEY, email TEXT)",
                       reducer=reducer, adopt=True)
     conn = sqlite3.connect(path)
@@ -2409,6 +2432,53 @@ def test_adopt_refuses_a_table_unlike_the_schema(tmp_path):
     conn = sqlite3.connect(path)
     assert "events" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
+
+
+@pytest.mark.parametrize("existing, schema, refusal", [
+    ("CREATE TABLE t (id TEXT PRIMARY KEY, a INTEGER); INSERT INTO t VALUES ('x', 5);",
+     "CREATE TABLE t (id TEXT PRIMARY KEY, a TEXT)", r"has columns \(id TEXT PRIMARY KEY, a "
+     r"INTEGER\) but the schema declares \(id TEXT PRIMARY KEY, a TEXT\)"),
+    ("CREATE TABLE t (id TEXT PRIMARY KEY, a INTEGER); CREATE TRIGGER bump AFTER INSERT ON t "
+     "BEGIN UPDATE t SET a = a + 100 WHERE id = new.id; END; INSERT INTO t VALUES ('x', 1);",
+     "CREATE TABLE t (id TEXT PRIMARY KEY, a INTEGER)", "trigger 'bump' writes"),
+    ("CREATE TABLE t (id TEXT PRIMARY KEY, a INTEGER); INSERT INTO t VALUES (NULL, 1);",
+     "CREATE TABLE t (id TEXT PRIMARY KEY, a INTEGER)", "NULL in its primary key"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, a TEXT); INSERT INTO t (a) "
+     "VALUES ('x'), ('y'), ('z'); DELETE FROM t WHERE id = 3;",
+     "CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, a TEXT)",
+     "AUTOINCREMENT counter is 3, past its largest key 2"),
+])
+def test_adopt_refuses_what_a_replay_could_not_reproduce(tmp_path, existing, schema, refusal):
+    path = str(tmp_path / "legacy.db")
+    conn = sqlite3.connect(path)
+    conn.executescript(existing)
+    conn.close()
+    before = file_bytes(path)
+    with pytest.raises(fluxlite.SchemaError, match=refusal):
+        fluxlite.open(path, schema=schema, reducer=lambda view, event: None, adopt=True)
+    assert file_bytes(path) == before
+
+
+@pytest.mark.parametrize("schema, rows", [
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, a TEXT)", "(a) VALUES ('x'), ('y')"),
+    ("CREATE TABLE t (id TEXT PRIMARY KEY, a INTEGER, b INTEGER GENERATED ALWAYS AS (a * 2))",
+     "(id, a) VALUES ('x', 1), ('y', 2)"),
+    ("CREATE TABLE T (id TEXT PRIMARY KEY, a INTEGER)", "VALUES ('x', 1)"),
+])
+def test_adopted_tables_replay_as_they_are_live(tmp_path, schema, rows):
+    path = str(tmp_path / "legacy.db")
+    conn = sqlite3.connect(path)
+    conn.executescript(f"{schema.replace('CREATE TABLE T', 'CREATE TABLE t')}; INSERT INTO t {rows};")
+    conn.close()
+
+    def reducer(view, event):
+        return view["T" if "TABLE T " in schema else "t"].insert(a=7, **(
+            {} if "AUTOINCREMENT" in schema else {"id": event.id}))
+    with fluxlite.open(path, schema=schema, reducer=reducer, adopt=True) as store:
+        store.dispatch("add")
+        store.verify()
+        store.rebuild()
+        store.verify()
 
 
 # --- real processes: concurrent writers and crashes ---------------------------------------
