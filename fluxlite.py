@@ -555,14 +555,36 @@ def _split_sql(script: str) -> List[str]:
     return [s.strip() for s in statements if _strip_leading_comments(s).strip(" \t\r\n;")]
 
 
+# SQL as tokens: a string literal, a quoted identifier, a comment, whitespace,
+# a run of anything else, or one character. Literals stay whole, so what looks
+# like a comment or a keyword inside one is not taken for it.
+_SQL_TOKEN = re.compile(r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|`(?:[^`]|``)*`?|\[[^\]]*\]?"""
+                        r"""|--[^\n]*|/\*.*?(?:\*/|\Z)|\s+|[^'"`\[\-/\s]+|.""", re.S)
+
+
+def _sql_code(sql: str, literals: bool = True) -> List[str]:
+    """The statement's tokens, each comment and run of whitespace made one " ";
+    with literals=False, string literals are made "''" (to search the code only)."""
+    tokens: List[str] = []
+    for token in _SQL_TOKEN.findall(sql):
+        if token.isspace() or token.startswith(("--", "/*")):
+            if tokens and tokens[-1] != " ":
+                tokens.append(" ")
+        else:
+            tokens.append(token if literals or token[0] != "'" else "''")
+    return tokens
+
+
 def _normalize_schema(script: str) -> str:
-    """The schema as compared between opens: comments and whitespace do not count."""
+    """The schema as compared between opens: comments and whitespace (outside
+    string literals and quoted names) do not count."""
     out = []
     for statement in _split_sql(script):
-        text = re.sub(r"--[^\n]*|/\*.*?\*/", " ", statement, flags=re.S)
-        text = re.sub(r"\s+", " ", text).strip().rstrip(";").strip()
-        text = re.sub(r"\s*([(),;])\s*", r"\1", text)
-        out.append(text)
+        tokens = _sql_code(statement)
+        kept = [t for i, t in enumerate(tokens) if t != " " or (
+            0 < i < len(tokens) - 1 and tokens[i - 1][-1] not in "(),;"
+            and tokens[i + 1][0] not in "(),;")]
+        out.append("".join(kept).rstrip(";").strip())
     return ";\n".join(out)
 
 
@@ -1014,6 +1036,20 @@ def _as_stored(values: Sequence[Any], declared: Sequence[str]) -> Tuple[Any, ...
     return tuple(stored)
 
 
+# Column defaults a replay would not repeat (the time, random values, counters).
+_NONDETERMINISTIC = re.compile(
+    r"\bCURRENT_(TIME|DATE|TIMESTAMP)\b|\b(random|randomblob|changes|total_changes|"
+    r"last_insert_rowid)\s*\(", re.IGNORECASE)
+_DATE_FUNCTION = re.compile(r"\b(date|time|datetime|julianday|strftime|unixepoch|timediff)\s*\(",
+                            re.IGNORECASE)
+
+
+def _nondeterministic(default: str) -> bool:
+    code = "".join(_sql_code(default, literals=False))  # 'CURRENT_TIMESTAMP' is text
+    return bool(_NONDETERMINISTIC.search(code) or _DATE_FUNCTION.search(code) and (
+        "'now'" in default.lower() or "'localtime'" in default.lower()))
+
+
 def _check_new_table(conn: sqlite3.Connection, name: str, sql: str) -> None:
     """The rules a read-model table must follow, so the journal sees every write."""
     if _RESERVED_TABLE.match(name):
@@ -1037,10 +1073,20 @@ def _check_new_table(conn: sqlite3.Connection, name: str, sql: str) -> None:
                 f"reducers' back. Use NO ACTION or RESTRICT and return the "
                 f"dependent changes from the reducer."
             )
-    if re.search(r"\bON\s+CONFLICT\s+(REPLACE|IGNORE)\b", sql, re.IGNORECASE):
+    for column in conn.execute(f"PRAGMA table_xinfo({_quote(name)})"):
+        if column[4] is not None and _nondeterministic(column[4]):
+            raise SchemaError(
+                f"Column {name}.{column[1]} has DEFAULT {column[4]}, which gives another "
+                f"value each time it runs: a replay would not give the live rows. Drop "
+                f"the default and set the value in the reducer (from event.ts for a time)."
+            )
+    code = "".join(_sql_code(sql, literals=False))
+    clause = re.search(r"\bON\s*CONFLICT\s*(REPLACE|IGNORE|ROLLBACK)\b", code, re.IGNORECASE)
+    if clause:
         raise SchemaError(
-            f"Table {name!r} uses ON CONFLICT REPLACE/IGNORE, which silently drops "
-            f"or deletes rows; remove the clause and let constraint errors surface."
+            f"Table {name!r} uses ON CONFLICT {clause.group(1).upper()}, which silently "
+            f"drops or deletes rows, or ends the whole transaction; remove the clause "
+            f"and let constraint errors surface."
         )
 
 

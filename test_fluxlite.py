@@ -223,6 +223,12 @@ def test_new_store_needs_a_schema(tmp_path):
     ("CREATE TABLE p (id TEXT PRIMARY KEY); CREATE TABLE c (id TEXT PRIMARY KEY, "
      "p TEXT REFERENCES p(id) ON DELETE CASCADE)", "CASCADE"),
     ("CREATE TABLE t (a TEXT PRIMARY KEY ON CONFLICT REPLACE)", "ON CONFLICT"),
+    ("CREATE TABLE t (a TEXT PRIMARY KEY, b UNIQUE ON /* hidden */ CONFLICT REPLACE)",
+     "ON CONFLICT REPLACE"),
+    ("CREATE TABLE t (a TEXT PRIMARY KEY, b UNIQUE ON CONFLICT ROLLBACK)", "ON CONFLICT ROLLBACK"),
+    ("CREATE TABLE t (a TEXT PRIMARY KEY, at TEXT DEFAULT CURRENT_TIMESTAMP)", "another value"),
+    ("CREATE TABLE t (a TEXT PRIMARY KEY, n INTEGER DEFAULT (random()))", "another value"),
+    ("CREATE TABLE t (a TEXT PRIMARY KEY, d TEXT DEFAULT (datetime('now')))", "event.ts"),
     ("   -- only a comment\n", "empty"),
     (42, "SQL text"),
 ])
@@ -233,6 +239,34 @@ def test_bad_schema_is_refused_and_leaves_no_file_content(tmp_path, ddl, message
     conn = sqlite3.connect(target)
     assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
     conn.close()
+
+
+def test_clauses_inside_string_literals_are_text_not_sql(tmp_path):
+    schema = ("CREATE TABLE t (a TEXT PRIMARY KEY, note TEXT DEFAULT 'ON CONFLICT REPLACE', "
+              "at TEXT DEFAULT 'CURRENT_TIMESTAMP')")
+    with fluxlite.open(str(tmp_path / "s.db"), schema=schema,
+                       reducer=lambda view, event: view.t.insert(a=event.id)) as store:
+        store.dispatch("add")
+        store.verify()
+
+
+@pytest.mark.parametrize("old, new", [
+    ("CREATE TABLE t (id TEXT PRIMARY KEY, sep TEXT DEFAULT '--')",
+     "CREATE TABLE t (id TEXT PRIMARY KEY, sep TEXT DEFAULT '--', extra INTEGER)"),
+    ("CREATE TABLE t (id TEXT PRIMARY KEY, sep TEXT DEFAULT 'a  b')",
+     "CREATE TABLE t (id TEXT PRIMARY KEY, sep TEXT DEFAULT 'a b')"),
+    ('CREATE TABLE t (id TEXT PRIMARY KEY, "a  b" TEXT)', 'CREATE TABLE t (id TEXT PRIMARY KEY, "a b" TEXT)'),
+])
+def test_a_schema_change_inside_literals_or_after_one_rebuilds(tmp_path, old, new):
+    path = str(tmp_path / "s.db")
+    fluxlite.open(path, schema=old, reducer=lambda view, event: None).close()
+    with fluxlite.open(path, schema=new, reducer=lambda view, event: None) as store:
+        assert fluxlite._normalize_schema(store.schema) == fluxlite._normalize_schema(new)
+
+
+def test_comments_and_whitespace_outside_literals_do_not_count_as_a_schema_change():
+    assert fluxlite._normalize_schema("CREATE TABLE t ( id  TEXT -- the key\n, x) ;") == \
+        fluxlite._normalize_schema("create TABLE t(id TEXT,x) /* same */".replace("create", "CREATE"))
 
 
 def test_read_only_open_reads_but_refuses_dispatch(tmp_path):
