@@ -461,6 +461,20 @@ def _loads(text: str) -> Any:
     return _raw_decode(text)[0]
 
 
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON values: 1, 1.0, true and -0.0 differ, though Python's == says
+    they are equal."""
+    if a.__class__ is not b.__class__:
+        return False
+    if a.__class__ is dict:
+        return a.keys() == b.keys() and all(_same_json(v, b[k]) for k, v in a.items())
+    if a.__class__ is list:
+        return len(a) == len(b) and all(map(_same_json, a, b))
+    if a.__class__ is float:
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    return a == b
+
+
 def _to_json_text(value: Any, what: str) -> str:
     """Encode as JSON or raise InvalidEvent saying why; the text is valid UTF-8."""
     try:
@@ -2795,14 +2809,15 @@ class Store:
         construction; _write skips the call for those)."""
         if item.id in seen:
             first, event = seen[item.id]
-            same = first.type == item.type and first.payload == item.payload
+            same = first.type == item.type and _same_json(  # as sent: a reducer may
+                _loads(first.payload_text), _loads(item.payload_text))  # mutate payloads
         else:
             row = self._conn.execute(
                 f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (item.id,)).fetchone()
             if row is None:
                 return None
             stored = _event_from_row(row)
-            same = stored.type == item.type and stored.payload == item.payload
+            same = stored.type == item.type and _same_json(stored.payload, _loads(item.payload_text))
             event = self._upcast(stored)
         if not same:
             raise Conflict(

@@ -434,6 +434,29 @@ def test_same_id_other_content_is_a_conflict(store):
     assert snapshot(store) == before
 
 
+@pytest.mark.parametrize("sent, retried", [
+    ({"n": 1}, {"n": True}), ({"n": 1}, {"n": 1.0}), ([0.0], [-0.0]), ({"a": [1]}, {"a": [1.0]}),
+])
+def test_a_retry_must_send_the_same_json_not_merely_equal_python(store, sent, retried):
+    first = store.dispatch("note", sent, id="k")
+    assert store.dispatch("note", json.loads(json.dumps(sent)), id="k") == first
+    with pytest.raises(fluxlite.Conflict, match="'k' is already used"):
+        store.dispatch("note", retried, id="k")
+    with pytest.raises(fluxlite.Conflict, match="other content"):
+        store.dispatch_many([{"type": "x", "payload": sent, "id": "b"},
+                             {"type": "x", "payload": retried, "id": "b"}])
+    assert store.head == 1
+
+
+def test_a_reducer_mutating_its_payload_does_not_make_a_batch_retry_a_conflict(tmp_path):
+    def mutating(view, event):
+        event.payload["seen"] = True  # impure, but the batch's duplicate is still the same
+    with fluxlite.open(str(tmp_path / "s.db"), schema=SCHEMA, reducer=mutating) as store:
+        first, again = store.dispatch_many([{"type": "x", "payload": {"n": 1}, "id": "b"},
+                                            {"type": "x", "payload": {"n": 1}, "id": "b"}])
+        assert first.seq == again.seq == 1 and store.head == 1
+
+
 def test_expect_seq_is_optimistic_concurrency(store):
     add(store, "a", expect_seq=0)
     add(store, "b", expect_seq=1)
