@@ -1426,7 +1426,9 @@ class _Model:
                 after = known
             else:
                 after = self._write_returning(sql, params, info, key)
-        shown = {c: after[c] for c in values if before[c] != after[c]}
+        # Generated columns change with the columns they are computed from.
+        columns = values if len(info.writable_columns) == len(info.columns) else info.columns
+        shown = {c: after[c] for c in columns if _differs(before[c], after[c])}
         return _change("update", info.name, info.key_of(before), shown), before, after
 
     def _insert(self, info: _TableInfo, values: Mapping[str, Any]) -> Dict[str, Any]:
@@ -2006,9 +2008,11 @@ def _restore_reducer(view: View, event: Event) -> List[Change]:
             f"renaming or adding columns, give open() an upcaster for {RESTORE!r} that "
             f"maps the old row to the new shape, filling computed columns too."
         )
+    writable = table._info.writable  # generated columns: SQLite computes them again
+    row = {c: v for c, v in p["row"].items() if c in writable}
     if table.get(key) is None:
-        return [Change("insert", table.name, key, p["row"])]
-    rest = {c: v for c, v in p["row"].items() if c not in table.primary_key}
+        return [Change("insert", table.name, key, row)]
+    rest = {c: v for c, v in row.items() if c not in table.primary_key}
     return [Change("update", table.name, key, rest)]
 
 
@@ -3347,8 +3351,13 @@ def _change_from_journal(table: str, key: str, op: str, before: Optional[str],
     if op == "insert":
         return Change("insert", table, key_value, after_row)
     before_row = json.loads(before) if before else {}
-    changed = {c: v for c, v in after_row.items() if before_row.get(c, _MISSING) != v}
+    changed = {c: v for c, v in after_row.items() if _differs(before_row.get(c, _MISSING), v)}
     return Change("update", table, key_value, changed)
+
+
+def _differs(old: Any, new: Any) -> bool:
+    """A stored value changed: 1 became 1.0 too (Python's == says they are equal)."""
+    return old != new or old.__class__ is not new.__class__
 
 
 _MISSING = object()

@@ -1948,6 +1948,45 @@ def test_restore_a_deleted_row_and_an_earlier_version(store):
     assert snapshot(store) == before
 
 
+GENERATED = ("CREATE TABLE t (id TEXT PRIMARY KEY, a, "
+             "b INTEGER GENERATED ALWAYS AS (a * 2) VIRTUAL)")
+
+
+def put_or_delete(view, event):
+    if event.type == "put":
+        return view.t.upsert(id="x", a=event.payload)
+    return view.t.delete("x")
+
+
+def test_restore_of_a_row_with_a_generated_column(tmp_path):
+    with fluxlite.open(str(tmp_path / "g.db"), schema=GENERATED, reducer=put_or_delete) as store:
+        store.dispatch("put", 1)
+        store.dispatch("delete")
+        store.restore("t", "x")
+        assert store.view.t.get("x") == {"id": "x", "a": 1, "b": 2}
+        store.dispatch("put", 5)
+        store.restore("t", "x", at=1)
+        assert store.view.t.get("x") == {"id": "x", "a": 1, "b": 2}
+        store.verify()
+
+
+def test_subscribers_followers_and_changes_report_an_update_alike(tmp_path):
+    """Generated columns that an update changes, and a value that kept its Python
+    equality but changed type (1 -> 1.0 in an untyped column), are reported by all."""
+    with fluxlite.open(str(tmp_path / "g.db"), schema=GENERATED, reducer=put_or_delete) as store:
+        heard = []
+        store.subscribe(lambda event, changes: heard.append(changes))
+        store.dispatch("put", 1)
+        store.dispatch("put", 5)
+        store.dispatch("put", 5.0)
+        followed = [changes for _, changes in store.follow(after=0, timeout=0)]
+        logged = [store.changes(seq) for seq in (1, 2, 3)]
+        assert heard == followed == logged
+        assert heard[1][0].values == {"a": 5, "b": 10}
+        assert heard[2][0].values == {"a": 5.0}  # b, an INTEGER, stays 10
+        assert type(heard[2][0].values["a"]) is float
+
+
 def test_restore_goes_through_middleware_and_access_control():
     rules = {"fluxlite.restore": lambda actor, event: actor == "admin",
              "*": lambda actor, event: True}
