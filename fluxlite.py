@@ -3776,14 +3776,16 @@ def _undo_in_sql(conn: sqlite3.Connection, model: _Model, names: List[str]) -> N
 
 def _undo_in_python(conn: sqlite3.Connection, model: _Model, names: List[str]) -> None:
     rows = conn.execute("SELECT * FROM fluxlite_undo").fetchall() if names else []
-    for table, key, before in rows:
-        if table not in names:
-            continue
-        info = model.tables[table]
+    rows = [r for r in rows if r[0] in names]
+    # Every changed row out first, then the old versions in: one at a time, an old
+    # version could meet a UNIQUE value that another row held later.
+    for table, key, _ in rows:
         key_value = json.loads(key)
-        conn.execute(info.delete_key,
+        conn.execute(model.tables[table].delete_key,
                      tuple(key_value) if isinstance(key_value, list) else (key_value,))
+    for table, _, before in rows:
         if before is not None:
+            info = model.tables[table]
             row = {c: v for c, v in json.loads(before).items() if c in info.writable}
             conn.execute(info.insert_sql(tuple(row)), tuple(row.values()))
 

@@ -3445,6 +3445,22 @@ def test_at_undoes_in_sql_or_row_by_row_alike(monkeypatch, tmp_path, undo, where
                     assert past[table].all() == fresh.view[table].all(), (k, table)
 
 
+@pytest.mark.parametrize("undo", ["sql", "python"])
+def test_at_undoes_rows_that_swapped_a_unique_value(monkeypatch, undo):
+    if undo == "python":
+        def no_json(conn, model, names):
+            raise sqlite3.OperationalError("no such function: json_extract")
+        monkeypatch.setattr(fluxlite, "_undo_in_sql", no_json)
+    schema = "CREATE TABLE t (id TEXT PRIMARY KEY, u INTEGER UNIQUE)"
+    with fluxlite.open(":memory:", schema=schema,
+                       reducer=lambda view, event: view.t.upsert(event.payload)) as store:
+        for id_, u in [("A", 1), ("B", 2), ("A", 3), ("B", 1)]:
+            store.dispatch("set", {"id": id_, "u": u})
+        for k in range(store.head + 1):
+            with store.at(k) as past, store.replay(k) as fresh:
+                assert past.t.all() == fresh.view.t.all(), k
+
+
 def test_a_rebuild_cleans_up_scratch_files_of_killed_rebuilds(tmp_path):
     path = str(tmp_path / "items.db")
     make_items(path)
