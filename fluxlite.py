@@ -2936,23 +2936,31 @@ class Store:
                 ) -> Iterator[Event]:
         remaining = limit
         where, params = "seq > ?", [after]
-        if wanted is not None:
+        # Upcasters can change an event's type: then the upcast events are filtered
+        # (as followers and subscribers filter), not the log's rows.
+        after_upcast = wanted if wanted is not None and self._upcasters else None
+        if wanted is not None and after_upcast is None:
             where += f" AND type IN ({', '.join('?' for _ in wanted)})"
             params.extend(sorted(wanted))
         while remaining is None or remaining > 0:
-            page = _PAGE if remaining is None else min(_PAGE, remaining)
+            page = _PAGE if remaining is None or after_upcast else min(_PAGE, remaining)
             with self._lock, _reading(self._path):
                 self._check_open()
                 rows = self._conn.execute(
                     f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where} ORDER BY seq LIMIT ?",
                     (*params, page)).fetchall()
             for row in rows:
-                yield self._upcast(_event_from_row(row))
+                event = self._upcast(_event_from_row(row))
+                if after_upcast is not None and event.type not in after_upcast:
+                    continue
+                yield event
+                if remaining is not None:
+                    remaining -= 1
+                    if remaining == 0:
+                        return
             if len(rows) < page:
                 return
             params[0] = rows[-1][0]
-            if remaining is not None:
-                remaining -= len(rows)
 
     def changes(self, seq: int) -> List[Change]:
         """The Changes event ``seq`` made, as applied (read from the journal)."""

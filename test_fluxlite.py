@@ -2454,6 +2454,11 @@ def test_upcasters_apply_on_every_read_path(tmp_path):
             assert copy.view.items.all() == store.view.items.all()
         raw = store.query("SELECT payload FROM events WHERE seq = 3")[0]["payload"]
         assert json.loads(raw) == {"item": "c", "count": 3}  # the log keeps what was sent
+        # types= filters the upcast events, on every path alike
+        assert [e.seq for e in store.events(types="put")] == [1, 2, 3]
+        assert [e.seq for e in store.events(types="put", limit=2)] == [1, 2]
+        assert list(store.events(types="addItem")) == []
+        assert [e.seq for e, _ in store.follow(after=0, types="put", timeout=0)] == [1, 2, 3]
 
 
 def test_bad_upcasters_are_clear_errors():
