@@ -1209,10 +1209,8 @@ class _Model:
                     f"A value looked up in the read model is not valid Unicode text (a "
                     f"lone surrogate): {_describe(params)}."
                 ) from None
-            except sqlite3.DatabaseError as exc:
-                if _is_damage(exc):
-                    raise _damaged_model(exc) from exc
-                raise
+            except (sqlite3.Error, OverflowError) as exc:
+                raise _read_failure(exc, params) from exc
 
     def get(self, info: _TableInfo, key: Any) -> Optional[Dict[str, Any]]:
         rows = self._rows(info.select_key, info.key_params(key))
@@ -1228,10 +1226,8 @@ class _Model:
         with self.lock:
             try:
                 return self.conn.execute(f"SELECT count(*) FROM {info.q}").fetchone()[0]
-            except sqlite3.DatabaseError as exc:
-                if _is_damage(exc):
-                    raise _damaged_model(exc) from exc
-                raise
+            except sqlite3.Error as exc:
+                raise _read_failure(exc, ()) from exc
 
     def query(self, sql: str, params: Any = ()) -> List[Dict[str, Any]]:
         if not isinstance(sql, str):
@@ -1490,6 +1486,27 @@ class _Model:
 
 
 _STORAGE_REFUSALS = (sqlite3.IntegrityError, OverflowError, UnicodeEncodeError)
+
+
+def _read_failure(exc: Exception, params: Sequence[Any]) -> FluxliteError:
+    """What a failed read of the read model (get, find, count, all) means."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.Error) and _is_damage(exc):
+        return _damaged_model(exc)
+    if "closed" in text:
+        return UsageError("The store is closed; a view or table read after close() "
+                          "has nothing to read. Open the store again.")
+    if "no such table" in text or "no such column" in text:
+        return SchemaError(
+            f"The read model's tables are not the ones this store opened ({text}): another "
+            f"process rebuilt the file with a new schema. Reopen the store with that code."
+        )
+    if isinstance(exc, (OverflowError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        return UsageError(
+            f"A value looked up in the read model cannot be a SQLite value ({text}): "
+            f"received {_describe(params)}. Look up text, a number within 64 bits, or None."
+        )
+    return StorageError(f"Reading the read model failed: {text}.")
 
 
 def _damaged_model(exc: sqlite3.Error) -> StorageError:
@@ -2778,6 +2795,14 @@ class Store:
                 f"nothing was written. Close the store and open the file again."
             )
 
+    def _check_model_current(self) -> None:
+        """Before reading the past or rebuilding with this store's idea of the tables:
+        the generation in the file is this store's (or the same code's)."""
+        row = self._conn.execute(
+            "SELECT value FROM fluxlite_meta WHERE key = 'generation'").fetchone()
+        if row is not None and row[0] != self._generation_text:
+            self._check_generation(row[0])
+
     def _check_generation(self, stored: Optional[str]) -> None:
         """Refuse to write old-shape changes after another process rebuilt the model.
 
@@ -2794,7 +2819,7 @@ class Store:
                 f"The read model of {self._path!r} was rebuilt by another process "
                 f"with another schema or version ({meta.get('version')!r}; this store "
                 f"was opened with {self._version!r}). Reopen it with the new code "
-                f"before dispatching."
+                f"before dispatching, reading its past or rebuilding."
             )
         self._load_tables(meta["tables"], generation)
 
@@ -3104,6 +3129,7 @@ class Store:
                             check_integrity: bool) -> List[str]:
         """verify()'s replay, in one snapshot of the log: the differences found."""
         with self._lock, _reading(self._path), _read_txn(self._conn):
+            self._check_model_current()
             if check_integrity:
                 _check_integrity(self._conn, self._path)
             replica = _scratch_model(self._schema, "", journal=False)
@@ -3175,6 +3201,8 @@ class Store:
         swap. If any event fails, nothing changes and the error names it.
         """
         self._require_reducer("rebuild()")
+        with self._lock:
+            self._check_model_current()
         _rebuild(self, self._schema, self._version, progress)
 
     def _require_reducer(self, what: str) -> Reducer:
@@ -3228,6 +3256,7 @@ class Store:
         with self._lock:
             seq = self._check_seq(seq, "seq")
             with _reading(self._path), _read_txn(self._conn):
+                self._check_model_current()
                 try:
                     return _as_of(self, seq)
                 except sqlite3.IntegrityError as exc:  # live rows their own schema forbids
@@ -3258,6 +3287,9 @@ class Store:
 
     def history(self, table: str, key: Any) -> List["Revision"]:
         """Every version of one row, oldest first, from the journal (no replay)."""
+        with self._lock:
+            self._check_open()
+            self._check_model_current()
         info = self._model.table(table, error=UsageError)
         params = info.key_params(_as_key(key))
         for part in params:
@@ -3891,11 +3923,13 @@ def _swap_in_unchecked(store: Store, schema: str, version: Any, model: _Model, s
             break
         try:
             with _write_txn(conn):  # other writers wait from here on
+                store._check_model_current()  # no other process rebuilt it meanwhile
                 if (conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0) == done:
                     return _swap_model(conn, schema, version, model, "fluxlite_scratch")
         finally:
             conn.execute("DETACH fluxlite_scratch")
     with _write_txn(conn):
+        store._check_model_current()
         _apply_events(model, store._reducer, store._read_log(done), journal=True)
         return _swap_model(conn, schema, version, model)
 

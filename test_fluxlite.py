@@ -2304,10 +2304,28 @@ def test_old_code_in_another_connection_is_refused_after_a_rebuild(tmp_path):
         before = file_bytes(path)
         with pytest.raises(fluxlite.SchemaError, match="rebuilt by another process"):
             old.dispatch("bump", {"id": "i1"})
-        assert file_bytes(path) == before
+        for reading_the_past in (lambda: old.at(1), old.verify, old.rebuild,
+                                 lambda: old.history("items", "i1")):
+            with pytest.raises(fluxlite.SchemaError, match="rebuilt by another process"):
+                reading_the_past()
+        assert file_bytes(path) == before  # the old code's rebuild did not undo the new one
     finally:
         old.close()
         same.close()
+
+
+def test_old_code_reading_tables_another_process_replaced_gets_a_clear_error(tmp_path):
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as old:
+        add(old, "a")
+        users = old.view.users
+        fluxlite.open(path, schema="CREATE TABLE people (name TEXT PRIMARY KEY)", version=2,
+                      reducer=lambda view, event: None).close()
+        for read in (users.all, users.count, lambda: users.get("a"), lambda: users.find(name="a")):
+            with pytest.raises(fluxlite.SchemaError, match="another process rebuilt the file"):
+                read()
+    with pytest.raises(fluxlite.UsageError, match="store is closed"):
+        users.all()
 
 
 READER = r"""
