@@ -1494,8 +1494,8 @@ def _read_failure(exc: Exception, params: Sequence[Any]) -> FluxliteError:
     if isinstance(exc, sqlite3.Error) and _is_damage(exc):
         return _damaged_model(exc)
     if "closed" in text:
-        return UsageError("The store is closed; a view or table read after close() "
-                          "has nothing to read. Open the store again.")
+        return UsageError("The store (or the at() view) is closed; a table read after "
+                          "close() has nothing to read. Open it again.")
     if "no such table" in text or "no such column" in text:
         return SchemaError(
             f"The read model's tables are not the ones this store opened ({text}): another "
