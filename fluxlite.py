@@ -245,8 +245,13 @@ _ALLOWED_DDL = re.compile(r"^CREATE\s+(TABLE|(UNIQUE\s+)?INDEX)\b", re.IGNORECAS
 # FUNCTION, RECURSIVE (numbers, since Python 3.9 lacks some of the names).
 _READ_ACTIONS = frozenset({20, 21, 31, 33})
 _SQLITE_READ = 20
-_READONLY_TAG = "\n/* fluxlite:read-only */"
-_REDUCER_TAG = "\n/* fluxlite:reducer */"
+# Prefixes, not suffixes: SQLite names a result column by its text, which for
+# the last column ran on into a comment after it.
+_READONLY_TAG = "/* fluxlite:read-only */\n"
+_REDUCER_TAG = "/* fluxlite:reducer */\n"
+# A table-valued function (json_each, json_tree) is set up with an UPDATE of
+# sqlite_master in the authorizer's eyes; the query itself only reads.
+_SQLITE_UPDATE = 23
 _PAGE = 512  # rows fetched per query when streaming the log
 # RETURNING is not used: SQLite 3.40 can report a REAL column's affinity on
 # the wrong column (the torture suite found it for INSERT/UPDATE, and later for
@@ -1240,11 +1245,11 @@ class _Model:
                 # statements (and a reducer's apart from query()'s), so it is
                 # always prepared, and authorized, under the rules in force.
                 tag = _REDUCER_TAG if self.query_mode == 2 else _READONLY_TAG
-                cursor = self.conn.execute(sql + tag, params)
+                cursor = self.conn.execute(tag + sql, params)
                 names = [d[0] for d in cursor.description or ()]
                 return [dict(zip(names, row)) for row in cursor]
             except sqlite3.DatabaseError as exc:
-                if "not authorized" in str(exc):
+                if "not authorized" in str(exc) or "prohibited" in str(exc):
                     raise QueryError(
                         "query() is read-only (SELECT and WITH only"
                         + (", on read-model tables, inside a reducer" if self.query_mode == 2 else "")
@@ -1260,9 +1265,15 @@ class _Model:
         if self.query_mode == 0:
             return sqlite3.SQLITE_OK
         if action not in _READ_ACTIONS:
+            # Safe to allow: SQLite itself refuses to write sqlite_master unless
+            # PRAGMA writable_schema is on, and no PRAGMA passes here.
+            if action == _SQLITE_UPDATE and arg1 in ("sqlite_master", "sqlite_schema") \
+                    and trigger is None:
+                return sqlite3.SQLITE_OK
             return sqlite3.SQLITE_DENY
-        if (self.query_mode == 2 and action == _SQLITE_READ
-                and arg1 not in self.tables and not arg1.startswith("sqlite_")):
+        if (self.query_mode == 2 and action == _SQLITE_READ and arg1 not in self.tables
+                and (arg1 == "sqlite_sequence" or not arg1.startswith("sqlite_"))
+                and arg1 not in ("json_each", "json_tree")):
             return sqlite3.SQLITE_DENY  # replay has no log: reducers read the model only
         return sqlite3.SQLITE_OK
 
@@ -2404,13 +2415,16 @@ class Store:
             return row[0] or 0
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"head={self.head}"
+        reducing = self._reducing_thread == threading.get_ident()
+        state = "closed" if self._closed else "reducing" if reducing else f"head={self.head}"
         return f"<fluxlite.Store {self._path!r} {state}>"
 
     # -- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
         """Close the connection (and stop watch()). Safe to call twice."""
+        if not self._closed:
+            self._check_open()  # not from inside a reducer
         watcher, self._watcher = self._watcher, None
         with self._committed:
             self._committed.notify_all()
@@ -2476,6 +2490,12 @@ class Store:
     def _check_open(self) -> None:
         if self._closed:
             raise UsageError(f"The store {self._path!r} is closed; open it again to use it.")
+        if self._reducing_thread is not None and self._reducing_thread == threading.get_ident():
+            raise UsageError(  # the authorizer alone misses statements already prepared
+                "A reducer may read only its view (view.<table>, view.query()): the "
+                "store's log, head and methods are not there when the log is replayed. "
+                "Take what the reducer needs from the event."
+            )
 
     # -- dispatch --------------------------------------------------------------
 
@@ -2628,18 +2648,18 @@ class Store:
         return stack
 
     def _check_dispatchable(self) -> None:
+        if self._reducing_thread == threading.get_ident():
+            raise UsageError(
+                "Reducers may not dispatch: a reducer must be a pure function of "
+                "(view, event). Return the changes instead, or dispatch from a "
+                "subscriber or middleware."
+            )
         self._check_open()
         if self._reducer is None or self._readonly_file:
             raise UsageError(
                 f"The store {self._path!r} was opened for reading only ("
                 + ("readonly=True" if self._readonly_file else "no reducer")
                 + "); open it with a reducer and without readonly=True to dispatch."
-            )
-        if self._reducing_thread == threading.get_ident():
-            raise UsageError(
-                "Reducers may not dispatch: a reducer must be a pure function of "
-                "(view, event). Return the changes instead, or dispatch from a "
-                "subscriber or middleware."
             )
 
     def _core_dispatch(self, action: Dict[str, Any]) -> Optional[Event]:

@@ -680,6 +680,41 @@ def test_reducer_cannot_read_the_log(store):
     assert store.head == 0
 
 
+@pytest.mark.parametrize("peek", [
+    lambda store, view: store.head,  # prepared before, outside the reducer: cached
+    lambda store, view: store.event(1),
+    lambda store, view: list(store.events()),
+    lambda store, view: store.query("SELECT 1"),
+    lambda store, view: store.close(),
+    lambda store, view: view.query("SELECT seq FROM sqlite_sequence"),  # holds the head
+])
+def test_a_reducer_cannot_reach_the_log_through_the_store(store, peek):
+    add(store, "a")
+    store.head, store.event(1), list(store.events())  # their statements now cached
+    store._reducer = lambda view, event: peek(store, view)
+    with pytest.raises((fluxlite.UsageError, fluxlite.QueryError),
+                       match="may read only its view|read-model tables"):
+        store.dispatch("x")
+    assert store.head == 1 and "reducing" not in repr(store)
+
+
+def test_query_reads_json_and_names_columns_as_written(store):
+    add(store, "a")
+    assert list(store.query("SELECT count(*)")[0]) == ["count(*)"]
+    assert list(store.query("SELECT 1+1")[0]) == ["1+1"]
+    assert store.query("SELECT key, value FROM events, json_each(events.payload)") == \
+        [{"key": "name", "value": "a"}]
+    seen = []
+
+    def reads_json(view, event):
+        seen.append(view.query("SELECT value FROM users, json_each('[1, 2]')"))
+    store._reducer = reads_json
+    store.dispatch("x")
+    assert seen == [[{"value": 1}, {"value": 2}]]
+    with pytest.raises(fluxlite.QueryError):
+        store.query("UPDATE sqlite_master SET sql = 'x'")
+
+
 def test_reducer_can_query_the_read_model(store):
     add(store, "a")
     seen = []
