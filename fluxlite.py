@@ -2357,6 +2357,7 @@ class Store:
         self._notifying = threading.local()
         self._frames = threading.local()  # per-thread stack of dispatch frames
         self._previewing = 0
+        self._preview_thread: Optional[int] = None  # previews hold _lock: one thread at a time
         self._head_cache: Optional[Tuple[Any, ...]] = None  # (data_version, generation, head, ts, seal)
         # The identity of the file and of its -wal and -shm, to notice a file
         # deleted or replaced while open (see _check_file and close).
@@ -2575,6 +2576,7 @@ class Store:
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, self._path) from exc
             self._previewing += 1
+            self._preview_thread = threading.get_ident()
             frames = self._frame_stack()
             frames.append(frame)
             try:
@@ -2914,8 +2916,9 @@ class Store:
         return unsubscribe
 
     def _notify(self) -> None:
-        if self._previewing:
+        if self._previewing and self._preview_thread == threading.get_ident():
             return  # a preview's events are rolled back: nobody hears of them
+        # (Another thread's preview holds _lock until it has taken its events back.)
         if not self._subscribers:  # nobody to tell (the usual case, and cheap)
             if self._pending:
                 with self._lock:

@@ -3008,6 +3008,32 @@ def store_files(path):
             if p.name.startswith(pathlib.Path(path).name)}
 
 
+def test_a_preview_in_one_thread_does_not_silence_another_threads_commit():
+    committed, previewing = threading.Event(), threading.Event()
+
+    def stall(store):
+        def wrap(next_):
+            def run(action):
+                if action["type"] == "peek":
+                    previewing.set()
+                    return next_(action)
+                event = next_(action)  # committed; its subscribers not told yet
+                committed.set()
+                previewing.wait(5)
+                return event
+            return run
+        return wrap
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[stall]) as store:
+        heard = []
+        store.subscribe(lambda event, changes: heard.append(event.type))
+        other = threading.Thread(target=add, args=(store, "a"))
+        other.start()
+        assert committed.wait(5)
+        store.preview("peek")
+        other.join(5)
+        assert heard == ["addUser"]
+
+
 def test_preview_runs_everything_and_keeps_nothing(tmp_path):
     path = str(tmp_path / "p.db")
     heard = []
