@@ -2161,19 +2161,30 @@ def _action_from(type_or_action: Any, payload: Any, meta: Any, id: Any,
             )
         action = dict(type_or_action)
         action.setdefault("payload", None)
-        meta = action.get("meta") or {}
-        action["meta"] = dict(meta) if meta.__class__ is dict or isinstance(meta, _Mapping) else meta
+        meta = action.get("meta")
         action.setdefault("id", None)
     else:
-        action = {"type": type_or_action, "payload": payload,
-                  "meta": dict(meta) if isinstance(meta, _Mapping) else meta, "id": id}
-        if action["meta"] is None:
-            action["meta"] = {}
+        action = {"type": type_or_action, "payload": payload, "meta": meta, "id": id}
+    # Checked before the middleware chain, so that middleware sees a type and a meta
+    # it can use (_prepare checks the rest after it).
+    _check_type(action.get("type"))
+    if meta is None:
+        action["meta"] = {}
+    elif meta.__class__ is dict or isinstance(meta, _Mapping):
+        action["meta"] = dict(meta)
+    else:
+        raise InvalidEvent(f"An event's meta must be a dict; received {_describe(meta)}.")
     if actor is not None:
-        if not isinstance(action["meta"], dict):
-            raise InvalidEvent(f"meta must be a dict; received {_describe(action['meta'])}.")
         action["meta"]["actor"] = actor
     return action
+
+
+def _check_type(kind: Any) -> None:
+    if kind.__class__ is not str and not isinstance(kind, str) or not kind.strip():
+        raise InvalidEvent(
+            f"An event type must be a non-empty string such as 'addUser'; received "
+            f"{_describe(kind)}."
+        )
 
 
 def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
@@ -2183,11 +2194,7 @@ def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
             f"received {_describe(action)}."
         )
     kind = action.get("type")
-    if kind.__class__ is not str and not isinstance(kind, str) or not kind.strip():
-        raise InvalidEvent(
-            f"An event type must be a non-empty string such as 'addUser'; received "
-            f"{_describe(kind)}."
-        )
+    _check_type(kind)
     _check_text(kind, "An event type", InvalidEvent)
     if kind == BASELINE:
         raise InvalidEvent(

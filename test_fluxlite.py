@@ -533,6 +533,10 @@ BAD_EVENTS = [
     (lambda s: s.dispatch("addUser", {(1, 2): 1}), fluxlite.InvalidEvent, "must be JSON"),
     (lambda s: s.dispatch("addUser", {"name": "z"}, meta=[1]), fluxlite.InvalidEvent, "meta"),
     (lambda s: s.dispatch("addUser", {"name": "z"}, meta={1: 2}), fluxlite.InvalidEvent, "meta"),
+    (lambda s: s.dispatch({"type": "addUser", "meta": []}), fluxlite.InvalidEvent, "meta"),
+    (lambda s: s.dispatch({"type": "addUser", "meta": 0}), fluxlite.InvalidEvent, "meta"),
+    (lambda s: s.dispatch(["addUser"]), fluxlite.InvalidEvent, "non-empty string"),
+    (lambda s: s.dispatch_many([{"type": {"x": 1}}]), fluxlite.InvalidEvent, "non-empty string"),
     (lambda s: s.dispatch("addUser", {"name": "z"}, id=""), fluxlite.InvalidEvent, "id"),
     (lambda s: s.dispatch("addUser", {"name": "z"}, id=5), fluxlite.InvalidEvent, "id"),
     (lambda s: s.dispatch("addUser", {"name": "a"}), fluxlite.Rejected, "exists"),
@@ -2020,6 +2024,16 @@ def test_subscribers_followers_and_changes_report_an_update_alike(tmp_path):
         assert heard[1][0].values == {"a": 5, "b": 10}
         assert heard[2][0].values == {"a": 5.0}  # b, an INTEGER, stays 10
         assert type(heard[2][0].values["a"]) is float
+
+
+def test_middleware_sees_only_events_with_a_type_and_a_meta_dict():
+    policy = fluxlite.authorize({"*": lambda actor, event: True})
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[policy]) as store:
+        for bad in (lambda: store.dispatch(["a"]), lambda: store.dispatch_many([{"type": {}}]),
+                    lambda: store.dispatch({"type": "a", "meta": [1]})):
+            with pytest.raises(fluxlite.InvalidEvent):  # not authorize()'s TypeError
+                bad()
+        assert store.head == 0
 
 
 def test_restore_goes_through_middleware_and_access_control():
