@@ -4128,6 +4128,12 @@ def _compose_chain(store: Store, middleware: Sequence[Middleware]) -> Callable[[
     wrappers = [m(store) for m in middleware]
     chain: Callable[[Dict[str, Any]], Any] = store._core_dispatch
     for wrap in reversed(wrappers):
+        if not callable(wrap):
+            raise UsageError(
+                f"A middleware returned {_describe(wrap)} when given the store; middleware "
+                f"has the shape store -> next -> event -> result (did it forget to return "
+                f"its inner function?)."
+            )
         chain = wrap(chain)
         if not callable(chain):
             raise UsageError(
@@ -4433,13 +4439,22 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
             raise UsageError(f"Pass either app= or {', '.join(given)}, not both.")
         schema, reducer, middleware = app.schema, app.reducer, app.middleware
         version, upcasters = app.version, app.upcasters
-    path = os.fspath(path)
-    if not isinstance(path, str):
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         raise UsageError(f"path must be a str path or ':memory:'; received {_describe(path)}.")
-    if durability not in _DURABILITY:
+    path = os.fspath(path)
+    if path == "" or os.path.isdir(path):
+        raise UsageError(f"path must name a file (or be ':memory:'); {path!r} is "
+                         f"{'a directory' if path else 'empty'}.")
+    if path != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UsageError(f"The directory of {path!r} does not exist; create it first.")
+    if not isinstance(durability, str) or durability not in _DURABILITY:
         raise UsageError(
-            f"durability must be 'full' or 'normal'; received {durability!r}."
+            f"durability must be 'full' or 'normal'; received {_describe(durability)}."
         )
+    for name, given in (("clock", clock), ("ids", ids)):
+        if given is not None and not callable(given):
+            raise UsageError(f"{name} must be a function of no arguments; received "
+                             f"{_describe(given)}.")
     if isinstance(reducer, _Mapping):
         reducer = combine(reducer)
     if reducer is not None and not callable(reducer):
@@ -4447,9 +4462,12 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
             f"reducer must be a function (view, event) -> changeset or a dict of "
             f"table -> function; received {_describe(reducer)}."
         )
-    if isinstance(middleware, _Mapping) or not all(callable(m) for m in middleware):
+    if isinstance(middleware, (_Mapping, str)) or callable(middleware) or \
+            not isinstance(middleware, collections.abc.Iterable) or \
+            not all(callable(m) for m in middleware):
         raise UsageError(
-            "middleware must be a sequence of functions store -> next -> event -> result."
+            f"middleware must be a list of functions store -> next -> event -> result; "
+            f"received {_describe(middleware)}. Pass a list, e.g. middleware=[logger]."
         )
     try:
         _to_json_text(version, "version")
@@ -4462,8 +4480,20 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
     conn = _connect(path, durability, readonly)
     return _open_connection(conn, path, schema=schema, reducer=reducer, middleware=middleware,
                             durability=durability, version=version, upcasters=upcasters,
-                            adopt=adopt, clock=clock or _utc_now, ids=ids or _new_id,
-                            readonly=readonly)
+                            adopt=adopt, clock=clock or _utc_now,
+                            ids=_checked_ids(ids) if ids else _new_id, readonly=readonly)
+
+
+def _checked_ids(ids: Callable[[], Any]) -> Callable[[], str]:
+    """The user's id source, each id checked as a given id is."""
+    def checked() -> str:
+        value = ids()
+        if not isinstance(value, str) or not value.strip():
+            raise UsageError(f"ids() must return a non-empty string; it returned "
+                             f"{_describe(value)}.")
+        _check_text(value, "An id from ids()", UsageError)
+        return value
+    return checked
 
 
 def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[str],

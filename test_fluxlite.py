@@ -287,10 +287,34 @@ def test_read_only_open_reads_but_refuses_dispatch(tmp_path):
     ({"durability": "fast"}, "durability"),
     ({"reducer": 42}, "reducer must be"),
     ({"middleware": [1]}, "middleware"),
+    ({"middleware": lambda store: store}, "Pass a list"),  # one function, not a list
+    ({"middleware": None}, "Pass a list"),
+    ({"middleware": [lambda store: None]}, "forget to return"),
+    ({"durability": []}, "durability"),
+    ({"clock": datetime(2026, 1, 1, tzinfo=timezone.utc)}, "clock must be a function"),
 ])
 def test_bad_open_arguments(kwargs, message):
     with pytest.raises(fluxlite.UsageError, match=message):
         fluxlite.open(":memory:", **{"schema": SCHEMA, "reducer": reducer, **kwargs})
+
+
+@pytest.mark.parametrize("where, message", [
+    (lambda tmp: None, "str path"), (lambda tmp: "", "empty"),
+    (lambda tmp: str(tmp), "a directory"), (lambda tmp: str(tmp / "no" / "s.db"), "does not exist"),
+])
+def test_a_path_that_cannot_be_a_store_is_a_usage_error(tmp_path, where, message):
+    with pytest.raises(fluxlite.UsageError, match=message):
+        fluxlite.open(where(tmp_path), schema=SCHEMA, reducer=reducer)
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("ids, message", [(lambda: 7, "non-empty string"),
+                                          (lambda: "\ud800", "lone surrogate")])
+def test_ids_must_give_valid_ids(ids, message):
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, ids=ids) as store:
+        with pytest.raises(fluxlite.UsageError, match=message):
+            add(store, "a")
+        assert store.head == 0
 
 
 def test_durability_sets_synchronous(tmp_path):
