@@ -4238,11 +4238,7 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
         return _read_meta(conn)
     existing = names - {"sqlite_sequence"}
     if existing and not adopt:
-        raise SchemaError(
-            f"{path!r} is a SQLite database with tables ({', '.join(sorted(existing))}) "
-            f"but no fluxlite log. Pass adopt=True to take it over (its rows become a "
-            f"baseline event), or choose a new file."
-        )
+        raise _not_a_store(path, existing)
     if schema is None:
         raise SchemaError(
             f"{path!r} is a new store and needs a schema: pass schema= with the "
@@ -4256,6 +4252,33 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
     conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
     conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
     return _read_meta(conn)
+
+
+def _not_a_store(path: str, tables: Iterable[str]) -> SchemaError:
+    return SchemaError(
+        f"{path!r} is a SQLite database with tables ({', '.join(sorted(tables))}) "
+        f"but no fluxlite log. Pass adopt=True to take it over (its rows become a "
+        f"baseline event), or choose a new file."
+    )
+
+
+def _foreign_database(path: str) -> Optional[Tuple[List[str], str]]:
+    """For an existing SQLite file with tables but no fluxlite log: its tables and
+    journal mode, read without changing it (opening for writing switches it to WAL)."""
+    if path == ":memory:" or not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    try:
+        conn = sqlite3.connect(_file_uri(os.path.abspath(path), "ro"), uri=True)
+        try:
+            names = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:  # not SQLite, or not readable so: _connect() says what it is
+        return None
+    tables = sorted(names - {"sqlite_sequence"})
+    return None if "fluxlite_meta" in names or not tables else (tables, mode)
 
 
 def _restore_triggers(conn: sqlite3.Connection) -> None:
@@ -4477,11 +4500,24 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
             f"{_describe(version)}."
         ) from None
     _make_upcaster(upcasters)  # validates the dict early
+    foreign = None if readonly else _foreign_database(path)
+    if foreign is not None and not adopt:
+        raise _not_a_store(path, foreign[0])
     conn = _connect(path, durability, readonly)
-    return _open_connection(conn, path, schema=schema, reducer=reducer, middleware=middleware,
-                            durability=durability, version=version, upcasters=upcasters,
-                            adopt=adopt, clock=clock or _utc_now,
-                            ids=_checked_ids(ids) if ids else _new_id, readonly=readonly)
+    try:
+        return _open_connection(conn, path, schema=schema, reducer=reducer,
+                                middleware=middleware, durability=durability, version=version,
+                                upcasters=upcasters, adopt=adopt, clock=clock or _utc_now,
+                                ids=_checked_ids(ids) if ids else _new_id, readonly=readonly)
+    except BaseException:
+        if foreign is not None and foreign[1] != "wal":  # adoption refused: as it was
+            with contextlib.suppress(sqlite3.Error):
+                restore = sqlite3.connect(path, isolation_level=None)
+                try:
+                    restore.execute(f"PRAGMA journal_mode={foreign[1]}")
+                finally:
+                    restore.close()
+        raise
 
 
 def _checked_ids(ids: Callable[[], Any]) -> Callable[[], str]:

@@ -187,11 +187,19 @@ def test_sqlite_file_without_log_is_refused_and_untouched(tmp_path):
     conn.execute("INSERT INTO customers VALUES (1, 'ada')")
     conn.commit()
     conn.close()
+    before = target.read_bytes()
     with pytest.raises(fluxlite.SchemaError, match="no fluxlite log"):
         fluxlite.open(str(target), schema=SCHEMA, reducer=reducer)
+    assert target.read_bytes() == before  # not even switched to WAL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+    with pytest.raises(fluxlite.SchemaError, match="Cannot adopt|columns"):
+        fluxlite.open(str(target), schema="CREATE TABLE customers (id TEXT PRIMARY KEY)",
+                      reducer=reducer, adopt=True)
     conn = sqlite3.connect(target)
     names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
     assert names == ["customers"]
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    conn.close()
 
 
 def test_newer_format_is_refused(tmp_path):
