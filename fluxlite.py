@@ -3558,6 +3558,10 @@ class Consumer:
         if not isinstance(name, str) or not name:
             raise UsageError(f"A consumer name is a non-empty str; received {_describe(name)}.")
         _check_text(name, "A consumer name", UsageError)
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) \
+                or not 0 < lease < math.inf:
+            raise UsageError(f"A consumer's lease is a number of seconds above 0; received "
+                             f"{_describe(lease)}.")
         self.store, self.name, self._lease = store, name, float(lease)
         self._owner = _lease_owner()
         self._yielded = 0
@@ -3584,6 +3588,7 @@ class Consumer:
                     store._conn.execute(
                         "INSERT OR REPLACE INTO fluxlite_consumers VALUES (?, ?, ?, ?)",
                         (self.name, position, self._owner, time.time() + self._lease))
+                    store._check_file()
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, store._path) from exc
         return position
@@ -3592,8 +3597,28 @@ class Consumer:
         return self._deliver(self.store._follow(self.position, None, 0))
 
     def follow(self, timeout: Optional[float] = None) -> Iterator[Tuple[Event, List[Change]]]:
-        """Like iterating, then waiting for new events (see Store.follow)."""
-        return self._deliver(self.store._follow(self.position, None, timeout))
+        """Like iterating, then waiting for new events (see Store.follow); the
+        lease is renewed while it waits, so an idle consumer keeps its name."""
+        return self._deliver(self._wait_renewing(timeout))
+
+    def _wait_renewing(self, timeout: Optional[float]) -> Iterator[Tuple[Event, List[Change]]]:
+        cursor = _FollowCursor(self.store, self.position, None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = self._lease / 3
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
+            batch = cursor.step(wait)
+            if batch is None:
+                return
+            if batch:
+                yield from batch
+                if deadline is not None:  # timeout: seconds without new events
+                    deadline = time.monotonic() + timeout
+            elif deadline is not None and time.monotonic() >= deadline:
+                return
+            elif time.monotonic() - self._renewed > self._lease / 3:
+                self.ack(self.position)  # renews the lease (or raises Conflict if lost)
 
     def _deliver(self, source: Iterator[Tuple[Event, List[Change]]]
                  ) -> Iterator[Tuple[Event, List[Change]]]:
@@ -3607,18 +3632,14 @@ class Consumer:
 
     def ack(self, event: Union[Event, int]) -> None:
         """Acknowledge everything up to this event (or seq): it will not come again."""
-        seq = event.seq if isinstance(event, Event) else event
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq > max(self._yielded, self.position):
-            raise UsageError(
-                f"ack() takes an event this consumer yielded (up to seq {self._yielded}); "
-                f"received {_describe(event)}."
-            )
+        seq = self._ackable(event, "ack()")
         store = self.store
         with store._lock:
             store._check_open()
             try:
                 with _write_txn(store._conn):
                     _advance_consumer(store._conn, self.name, self._owner, seq, self._lease)
+                    store._check_file()  # an ack into a replaced file would be lost
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, store._path) from exc
         self.position = max(self.position, seq)
@@ -3627,7 +3648,7 @@ class Consumer:
     def dispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None, *,
                  ack: Union[Event, int], **kwargs: Any) -> Event:
         """Dispatch an event and acknowledge ``ack`` in the same transaction (exactly-once)."""
-        seq = ack.seq if isinstance(ack, Event) else ack
+        seq = self._ackable(ack, "dispatch(ack=...)")
         store = self.store
         action = _action_from(type, payload, kwargs.pop("meta", None), kwargs.pop("id", None),
                               kwargs.pop("actor", None))
@@ -3644,6 +3665,16 @@ class Consumer:
         store._notify()
         self.position = max(self.position, seq)
         return result
+
+    def _ackable(self, event: Union[Event, int], what: str) -> int:
+        seq = event.seq if isinstance(event, Event) else event
+        if isinstance(seq, bool) or not isinstance(seq, int) or not \
+                0 <= seq <= max(self._yielded, self.position):
+            raise UsageError(
+                f"{what} takes an event this consumer yielded (up to seq "
+                f"{max(self._yielded, self.position)}); received {_describe(event)}."
+            )
+        return seq
 
     def close(self) -> None:
         """Give up the lease so another process may take this consumer at once."""

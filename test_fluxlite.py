@@ -3540,6 +3540,55 @@ def test_reading_renews_a_consumer_lease(tmp_path):
             slow.ack(4)
 
 
+def test_an_idle_following_consumer_keeps_its_lease(tmp_path):
+    path = str(tmp_path / "lease.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store, \
+            fluxlite.open(path, reducer=items_reducer) as elsewhere:
+        store.dispatch("put", {"id": "a", "n": 1})
+        idle = store.consumer("idle", lease=0.6)
+        outcome = []
+
+        def take_over_while_idle():
+            time.sleep(1.0)  # idle for longer than the lease, inside follow()
+            try:
+                elsewhere.consumer("idle")
+                outcome.append("taken")
+            except fluxlite.Busy:
+                outcome.append("busy")
+        other = threading.Thread(target=take_over_while_idle)
+        other.start()
+        seen = [event.seq for event, _ in idle.follow(timeout=1.5)]
+        other.join()
+        assert seen == [1] and outcome == ["busy"]
+
+
+def test_consumer_acks_and_leases_are_checked(tmp_path):
+    with fluxlite.open(str(tmp_path / "c.db"), schema=ITEMS, reducer=items_reducer) as store:
+        for n in range(3):
+            store.dispatch("put", {"id": f"i{n}", "n": n})
+        mailer = store.consumer("mailer")
+        next(iter(mailer))  # seq 1 yielded
+        for ack in (999, "x", None, True, -1):
+            with pytest.raises(fluxlite.UsageError, match="takes an event this consumer yielded"):
+                mailer.dispatch("put", {"id": "z", "n": 0}, ack=ack)
+        assert store.head == 3 and mailer.position == 0
+        for lease in ("abc", None, math.nan, -1, 0, math.inf):
+            with pytest.raises(fluxlite.UsageError, match="lease"):
+                store.consumer("other", lease=lease)
+
+
+def test_an_ack_into_a_replaced_file_is_refused(tmp_path):
+    path = str(tmp_path / "c.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        fluxlite.main(["backup", path, path + ".bak"])
+        mailer = store.consumer("mailer")
+        list(mailer)
+        os.replace(path + ".bak", path)
+        with pytest.raises(fluxlite.StorageError, match="deleted or replaced"):
+            mailer.ack(1)
+
+
 @pytest.mark.parametrize("where", ["file", ":memory:"])
 @pytest.mark.parametrize("undo", ["sql", "python"])
 def test_at_undoes_in_sql_or_row_by_row_alike(monkeypatch, tmp_path, undo, where):
