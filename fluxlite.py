@@ -3103,14 +3103,22 @@ class Store:
         return await loop.run_in_executor(
             None, functools.partial(self.dispatch, type, payload, **kwargs))
 
-    async def afollow(self, after: Optional[int] = None, *,
-                      types: Union[None, str, Iterable[str]] = None,
-                      timeout: Optional[float] = None
-                      ) -> "AsyncIterator[Tuple[Event, List[Change]]]":
-        """follow() for asyncio: ``async for event, changes in store.afollow():``."""
+    def afollow(self, after: Optional[int] = None, *,
+                types: Union[None, str, Iterable[str]] = None,
+                timeout: Optional[float] = None
+                ) -> "AsyncIterator[Tuple[Event, List[Change]]]":
+        """follow() for asyncio: ``async for event, changes in store.afollow():``.
+
+        As with follow(), the position is taken when afollow() is called, so
+        events committed before the first iteration are not missed.
+        """
+        cursor = _FollowCursor(self, self._check_seq(after, "after"), _type_filter(types))
+        return self._afollow(cursor, timeout)
+
+    async def _afollow(self, cursor: "_FollowCursor", timeout: Optional[float]
+                       ) -> "AsyncIterator[Tuple[Event, List[Change]]]":
         import asyncio
         loop = asyncio.get_running_loop()
-        cursor = _FollowCursor(self, self._check_seq(after, "after"), _type_filter(types))
         idle = 0.0
         while True:
             batch = await loop.run_in_executor(None, cursor.step, 0.05)  # short: cancellable

@@ -3462,6 +3462,18 @@ def test_asyncio_dispatch_and_follow_do_not_block_the_loop(tmp_path):
     assert ticks >= 50  # the loop kept running while follow waited
 
 
+def test_afollow_starts_where_it_was_called_like_follow(tmp_path):
+    import asyncio
+
+    async def main(store):
+        following = store.afollow(timeout=0.2)  # the head now: seq 0
+        await store.adispatch("put", {"id": "a", "n": 1})  # before the first iteration
+        return [event.seq async for event, _ in following]
+
+    with fluxlite.open(str(tmp_path / "a.db"), schema=ITEMS, reducer=items_reducer) as store:
+        assert asyncio.run(main(store)) == [1]
+
+
 AFFINITIES = """CREATE TABLE t (
     k TEXT PRIMARY KEY, i INTEGER DEFAULT 7, r REAL DEFAULT 1.5, n NUMERIC, b BLOB,
     x, s TEXT DEFAULT 'dflt', e TEXT DEFAULT (upper('expr')), q INTEGER DEFAULT '12',
