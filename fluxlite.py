@@ -2436,7 +2436,10 @@ class Store:
         watcher, self._watcher = self._watcher, None
         with self._committed:
             self._committed.notify_all()
-        if watcher is not None and watcher is not threading.current_thread():
+        # Not from a subscriber: the watcher may be waiting to deliver through the
+        # notify lock this thread holds. It sees it was stopped and ends by itself.
+        if watcher is not None and watcher is not threading.current_thread() \
+                and not getattr(self._notifying, "active", False):
             watcher.join()
         with self._lock:
             if not self._closed:

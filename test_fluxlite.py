@@ -3462,6 +3462,25 @@ def test_asyncio_dispatch_and_follow_do_not_block_the_loop(tmp_path):
     assert ticks >= 50  # the loop kept running while follow waited
 
 
+def test_a_subscriber_may_close_a_watching_store(tmp_path):
+    path = str(tmp_path / "w.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store, \
+            fluxlite.open(path, reducer=items_reducer) as other:
+        store.watch()
+
+        def closing(event, changes):
+            if event.payload["id"] == "mine":
+                other.dispatch("put", {"id": "theirs", "n": 2})  # the watcher picks it up
+                time.sleep(0.5)  # and waits to deliver through this thread's notify lock
+                store.close()
+        store.subscribe(closing)
+        done = threading.Thread(target=store.dispatch, args=("put", {"id": "mine", "n": 1}),
+                                daemon=True)
+        done.start()
+        done.join(10)
+        assert not done.is_alive()  # close() did not wait for the watcher it was blocking
+
+
 def test_afollow_starts_where_it_was_called_like_follow(tmp_path):
     import asyncio
 
