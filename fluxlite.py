@@ -2498,6 +2498,12 @@ class Store:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def _check_writable(self, what: str) -> None:
+        self._check_open()
+        if self._readonly_file:
+            raise UsageError(f"{what} writes to the file, but this store was opened with "
+                             f"readonly=True; open it without readonly=True.")
+
     def _check_open(self) -> None:
         if self._closed:
             raise UsageError(f"The store {self._path!r} is closed; open it again to use it.")
@@ -2644,9 +2650,14 @@ class Store:
                 f"reset_to() takes what store.checkpoint() returned; received "
                 f"{_describe(checkpoint)}."
             )
+        self._check_writable("reset_to()")
         with self._lock:
             self._check_open()
-            checkpoint.conn.backup(self._conn)
+            try:
+                checkpoint.conn.backup(self._conn)
+            except sqlite3.ProgrammingError as exc:  # the checkpoint's copy was closed
+                raise UsageError(f"That checkpoint cannot be read ({exc}); take a new one "
+                                 f"with store.checkpoint().") from exc
             self._head_cache = None
             meta = _read_meta(self._conn)
             self._schema, self._version = meta["schema"], meta.get("version")
@@ -3095,6 +3106,7 @@ class Store:
         file, renewed on every read and ack; a holder that died on this
         machine is taken over at once). Busy if another live holder has it.
         """
+        self._check_writable("consumer()")  # its position and lease are in the file
         return Consumer(self, name, lease)
 
     async def adispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None,
@@ -3242,6 +3254,7 @@ class Store:
         swap. If any event fails, nothing changes and the error names it.
         """
         self._require_reducer("rebuild()")
+        self._check_writable("rebuild()")
         with self._lock:
             self._check_model_current()
         _rebuild(self, self._schema, self._version, progress)

@@ -291,6 +291,22 @@ def test_read_only_open_reads_but_refuses_dispatch(tmp_path):
         assert reader.head == 1
 
 
+def test_writes_on_a_readonly_store_are_usage_errors(tmp_path):
+    target = str(tmp_path / "s.db")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+        saved = store.checkpoint()
+        with fluxlite.open(target, readonly=True, reducer=reducer) as reader:
+            for write in (lambda: reader.reset_to(saved), lambda: reader.consumer("c"),
+                          reader.rebuild):
+                with pytest.raises(fluxlite.UsageError, match="readonly=True"):
+                    write()
+        saved.close()
+        with pytest.raises(fluxlite.UsageError, match="take a new one"):
+            store.reset_to(saved)
+        assert store.head == 1
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"durability": "fast"}, "durability"),
     ({"reducer": 42}, "reducer must be"),
