@@ -5147,6 +5147,13 @@ def _cmd_export(args: Any) -> int:
 
 
 def _import_batches(path: str) -> Iterator[List[Dict[str, Any]]]:
+    try:
+        yield from _read_import_batches(path)
+    except UnicodeDecodeError as exc:
+        raise _CliError(f"{path} is not UTF-8 text ({exc}); export writes UTF-8 JSON lines")
+
+
+def _read_import_batches(path: str) -> Iterator[List[Dict[str, Any]]]:
     with builtins_open(path, encoding="utf-8") as lines:
         batch: List[Dict[str, Any]] = []
         for number, line in enumerate(lines, 1):
@@ -5164,6 +5171,28 @@ def _import_batches(path: str) -> Iterator[List[Dict[str, Any]]]:
             yield batch
 
 
+def _imported(item: Dict[str, Any], seq: int) -> _Prepared:
+    """An exported event, checked as a dispatched one is, keeping its seq and ts."""
+    fields = {k: item.get(k) for k in ("type", "payload", "meta", "id")}
+    baseline = fields["type"] == BASELINE  # dispatch refuses it; a copied log has it
+    try:
+        prepared = _prepare({**fields, "type": "baseline"} if baseline else fields, _new_id)
+    except InvalidEvent as exc:
+        raise _CliError(f"event at seq {seq}: {exc}") from None
+    if baseline:
+        prepared = dataclasses.replace(prepared, type=BASELINE)
+    ts = item.get("ts")
+    try:
+        when = _parse_ts(ts) if isinstance(ts, str) else None
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None or not prepared.id_given:
+        raise _CliError(f"event at seq {seq} needs an id and a ts with a time zone "
+                        f"(ISO-8601, as export writes); it has id {item.get('id')!r}, "
+                        f"ts {ts!r}")
+    return dataclasses.replace(prepared, seq=seq, ts=_format_ts(when))
+
+
 def _cmd_import(args: Any) -> int:
     app = _load_app(args.app)
     if not os.path.isfile(args.file):
@@ -5176,24 +5205,23 @@ def _cmd_import(args: Any) -> int:
                 seq = item["seq"]
                 if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
                     raise _CliError(f"event {item.get('id')!r} has seq {seq!r}; seqs start at 1")
+                prepared = _imported(item, seq)
                 if seq <= store.head + len(fresh):
                     if seq <= store.head:
                         have = store.query("SELECT id, type, payload FROM events WHERE seq = ?",
                                            (seq,))[0]
-                        if (have["id"], have["type"], json.loads(have["payload"] or "null")) != (
-                                item["id"], item["type"], item.get("payload")):
-                            raise _CliError(
-                                f"seq {seq} in {args.file} is {item['id']!r} ({item['type']}) but "
-                                f"the store has {have['id']!r} ({have['type']}) there: the logs "
-                                f"conflict; import into a new file instead")
-                        skipped += 1
+                        have = (have["id"], have["type"], have["payload"])
+                    else:
+                        earlier = fresh[seq - store.head - 1]
+                        have = (earlier.id, earlier.type, earlier.payload_text)
+                    if have != (prepared.id, prepared.type, prepared.payload_text):
+                        raise _CliError(
+                            f"seq {seq} in {args.file} is {prepared.id!r} ({prepared.type}) "
+                            f"but {have[0]!r} ({have[1]}) is there already: the logs "
+                            f"conflict; import into a new file instead")
+                    skipped += 1
                     continue
-                fresh.append(_Prepared(
-                    id=item["id"], id_given=True, type=item["type"],
-                    payload_text=_to_json_text(item.get("payload"), "payload"),
-                    meta_text=_to_json_text(item.get("meta") or {}, "meta"),
-                    payload=item.get("payload"), meta=item.get("meta") or {},
-                    seq=seq, ts=_format_ts(_parse_ts(item["ts"]))))
+                fresh.append(prepared)
             if fresh:
                 store._commit_prepared(fresh)
                 added += len(fresh)
@@ -5391,14 +5419,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.handler(args)
+    except BrokenPipeError:  # e.g. `fluxlite log db | head` (before OSError, its base)
+        with contextlib.suppress(OSError):  # no second error when Python flushes at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (_CliError, FluxliteError, OSError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"fluxlite {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # e.g. `fluxlite log db | head`
-        return 0
 
 
 if __name__ == "__main__":

@@ -212,6 +212,47 @@ def test_export_import_round_trip_is_idempotent(work):
     assert json.loads(cli("info", "other.db", "--json", cwd=work).stdout)["head"] == 1
 
 
+@pytest.mark.parametrize("change, error", [
+    (lambda e: {**e, "type": 5}, "non-empty string"),
+    (lambda e: {**e, "type": ""}, "non-empty string"),
+    (lambda e: {**e, "id": 7}, "id"),
+    (lambda e: {**e, "meta": [1]}, "meta"),
+    (lambda e: {**e, "ts": "garbage"}, "time zone"),
+    (lambda e: {**e, "ts": 5}, "time zone"),
+    (lambda e: {**e, "ts": "2026-11-29T10:09:06"}, "time zone"),
+])
+def test_import_checks_each_event_as_dispatch_does(work, change, error):
+    first = json.loads(cli("export", "app.db", cwd=work).stdout.splitlines()[0])
+    (work / "bad.jsonl").write_text(json.dumps(change(first)) + "\n")
+    result = cli("import", "new.db", "bad.jsonl", "--app", "cliapp:APP", cwd=work, check=False)
+    assert result.returncode == 1 and error in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_import_refuses_two_different_events_at_one_seq_in_its_file(work):
+    lines = cli("export", "app.db", cwd=work).stdout.splitlines()
+    other = {**json.loads(lines[1]), "id": "another"}
+    (work / "twice.jsonl").write_text("\n".join(lines[:2] + [json.dumps(other)]) + "\n")
+    result = cli("import", "new.db", "twice.jsonl", "--app", "cliapp:APP", cwd=work, check=False)
+    assert result.returncode == 1 and "the logs conflict" in result.stderr
+    (work / "latin1.jsonl").write_bytes(b"\xff\xfe")
+    result = cli("import", "new2.db", "latin1.jsonl", "--app", "cliapp:APP", cwd=work, check=False)
+    assert result.returncode == 1 and "not UTF-8" in result.stderr
+
+
+def test_a_closed_pipe_ends_the_command_quietly(work):
+    with fluxlite.open(work / "app.db", app=__import__("cliapp").APP) as store:
+        store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{n}"}}
+                             for n in range(5000)])  # more than a pipe's buffer holds
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = subprocess.Popen([sys.executable, "-m", "fluxlite", "log", "app.db"], cwd=work,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log.stdout.readline()
+    log.stdout.close()  # as `| head -1` does
+    assert log.wait(30) == 0
+    assert log.stderr.read() == b""
+
+
 def test_backup_while_a_writer_runs(work):
     writer = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
