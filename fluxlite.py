@@ -4861,8 +4861,16 @@ def _parse_json(text: str, what: str) -> Any:
         raise _CliError(f"{what} is not valid JSON ({exc}): {text[:80]!r}") from None
 
 
+def _blob_as_hex(value: Any) -> Any:
+    """json.dumps(default=...): a BLOB (which only query() can return) as x'..' text."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"x'{bytes(value).hex()}'"
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
 def _short(value: Any, width: int = 48) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = value if isinstance(value, str) else _blob_as_hex(value) if isinstance(
+        value, bytes) else json.dumps(value, ensure_ascii=False, default=_blob_as_hex)
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
@@ -5053,12 +5061,13 @@ def _cmd_query(args: Any) -> int:
             rows = store.query(args.sql)
     if args.json:
         for row in rows:
-            print(json.dumps(row, ensure_ascii=False))
+            print(json.dumps(row, ensure_ascii=False, default=_blob_as_hex))
     elif args.csv:
         writer = csv.writer(sys.stdout)
         if rows:
             writer.writerow(rows[0].keys())
-        writer.writerows(r.values() for r in rows)
+        writer.writerows([_blob_as_hex(v) if isinstance(v, bytes) else v for v in r.values()]
+                         for r in rows)
     elif rows:
         _print_rows(rows)
     else:
@@ -5232,7 +5241,9 @@ def _cmd_import(args: Any) -> int:
 def _cmd_backup(args: Any) -> int:
     if os.path.exists(args.dest) and os.path.getsize(args.dest):
         raise _CliError(f"{args.dest!r} exists; backup writes a new file")
+    open(args.db, readonly=True).close()  # a fluxlite store: else say so, of the source
     source = _connect_readonly(args.db)
+    created = not os.path.exists(args.dest)
     try:
         with contextlib.suppress(FileExistsError):
             os.close(os.open(args.dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -5242,6 +5253,12 @@ def _cmd_backup(args: Any) -> int:
             target.execute("PRAGMA journal_mode=wal")
         finally:
             target.close()
+    except BaseException:
+        if created:  # no half-made copy left behind
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(args.dest + suffix)
+        raise
     finally:
         source.close()
     with open(args.dest, readonly=True) as copy:

@@ -253,6 +253,24 @@ def test_a_closed_pipe_ends_the_command_quietly(work):
     assert log.stderr.read() == b""
 
 
+def test_query_prints_blobs_as_sql_hex_literals(work):
+    sql = "SELECT x'00ff' AS b, 1 AS n"
+    assert "x'00ff'  1" in cli("query", "app.db", sql, cwd=work).stdout
+    assert json.loads(cli("query", "app.db", sql, "--json", cwd=work).stdout) == \
+        {"b": "x'00ff'", "n": 1}
+    assert cli("query", "app.db", sql, "--csv", cwd=work).stdout.splitlines()[1] == "x'00ff',1"
+
+
+def test_backup_of_a_file_that_is_not_a_store_names_it_and_leaves_nothing(work):
+    conn = sqlite3.connect(work / "plain.db")
+    conn.execute("CREATE TABLE z (a)")
+    conn.commit()
+    conn.close()
+    result = cli("backup", "plain.db", "copy.db", cwd=work, check=False)
+    assert result.returncode == 1 and "plain.db' is not a fluxlite store" in result.stderr
+    assert not list(work.glob("copy.db*"))
+
+
 def test_backup_while_a_writer_runs(work):
     writer = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
