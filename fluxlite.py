@@ -4704,6 +4704,9 @@ class Scenario:
         serial = iter(range(1, 1 << 62))
         self._returned: List[Change] = []
         root = combine(reducer) if isinstance(reducer, _Mapping) else reducer
+        if not callable(root):
+            raise UsageError(f"scenario() needs the reducer to test, a function (view, event) "
+                             f"-> changeset or a dict of them; received {_describe(reducer)}.")
 
         def recording(view: View, event: Event) -> Any:
             out = root(view, event)
@@ -4773,6 +4776,12 @@ class Scenario:
         """The table holds exactly these rows (in any order)."""
         info = self.store._model.table(table, error=UsageError)
         actual = {info.key_of(r): r for r in self.store.view[table].all()}
+        if isinstance(rows, (str, _Mapping)) or not all(isinstance(r, _Mapping) for r in rows):
+            raise UsageError(f"then_state() takes a list of row dicts; received {_describe(rows)}.")
+        keyless = [r for r in rows if not info.pk_set <= r.keys()]
+        if keyless:
+            raise UsageError(f"then_state({table!r}): every expected row needs its primary key "
+                             f"{info.pk}; {keyless[0]} has not.")
         wanted = {info.key_of(r): dict(r) for r in rows}
         lines = []
         for key in sorted(set(actual) | set(wanted), key=repr):

@@ -3032,6 +3032,17 @@ def test_scenario_failure_shows_a_field_by_field_diff():
         s.then_rejected()
 
 
+def test_scenario_misuse_is_a_usage_error():
+    with pytest.raises(fluxlite.UsageError, match="needs the reducer"):
+        fluxlite.scenario(SCHEMA, None)
+    with fluxlite.scenario(SCHEMA, reducer) as s:
+        s.given(("addUser", {"name": "a"}))
+        with pytest.raises(fluxlite.UsageError, match="needs its primary key"):
+            s.then_state("users", [{"role": None}])
+        with pytest.raises(fluxlite.UsageError, match="list of row dicts"):
+            s.then_state("users", [5])
+
+
 def test_scenario_reports_refusals_clearly():
     s = fluxlite.scenario(SCHEMA, reducer)
     with pytest.raises(AssertionError, match=r"given event 2 .* was refused: Rejected"):
