@@ -2687,7 +2687,14 @@ class Store:
 
     def _core_dispatch(self, action: Dict[str, Any]) -> Optional[Event]:
         """The innermost step of the middleware chain."""
-        frame = self._frame_stack()[-1]
+        frames = self._frame_stack()
+        if not frames:
+            raise UsageError(
+                "A middleware called next() outside the dispatch it was given (in another "
+                "thread, or after returning): call next(event) within the call, in the "
+                "dispatching thread, and return what it returns."
+            )
+        frame = frames[-1]
         if frame.batch is not None:
             frame.batch.append(action)
             return None

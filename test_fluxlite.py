@@ -2074,6 +2074,19 @@ def test_subscribers_followers_and_changes_report_an_update_alike(tmp_path):
         assert type(heard[2][0].values["a"]) is float
 
 
+def test_middleware_calling_next_from_another_thread_is_a_usage_error():
+    import concurrent.futures
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def offload(store):
+        return lambda next_: lambda event: pool.submit(next_, event).result()
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[offload]) as store:
+        with pytest.raises(fluxlite.UsageError, match="outside the dispatch"):
+            add(store, "a")
+        assert store.head == 0
+    pool.shutdown()
+
+
 def test_middleware_sees_only_events_with_a_type_and_a_meta_dict():
     policy = fluxlite.authorize({"*": lambda actor, event: True})
     with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[policy]) as store:
