@@ -3340,10 +3340,14 @@ class Store:
                 f"tzinfo=timezone.utc)); received {_describe(time)}. A naive time is "
                 f"ambiguous."
             )
+        try:
+            text = _format_ts(time)
+        except OverflowError:  # in UTC it is before year 1 or after 9999: no ts is
+            return 0 if time.year < 5000 else self.head
         with self._lock:
             self._check_open()
             row = self._conn.execute(  # ts never decreases along seq: the index on seq will do
-                "SELECT max(seq) FROM events WHERE ts <= ?", (_format_ts(time),)).fetchone()
+                "SELECT max(seq) FROM events WHERE ts <= ?", (text,)).fetchone()
         return row[0] or 0
 
     def history(self, table: str, key: Any) -> List["Revision"]:
@@ -4867,7 +4871,12 @@ def _parse_time(text: str) -> datetime:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise _CliError(f"{text!r} is not an ISO-8601 time (e.g. 2026-01-31T12:00:00Z)") from None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    try:
+        value.astimezone(timezone.utc)
+    except OverflowError:
+        raise _CliError(f"{text!r} is outside the years 1 to 9999 in UTC") from None
+    return value
 
 
 def _parse_json(text: str, what: str) -> Any:
@@ -5209,7 +5218,8 @@ def _imported(item: Dict[str, Any], seq: int) -> _Prepared:
     ts = item.get("ts")
     try:
         when = _parse_ts(ts) if isinstance(ts, str) else None
-    except ValueError:
+        when = when if when is None or when.tzinfo is None else when.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
         when = None
     if when is None or when.tzinfo is None or not prepared.id_given:
         raise _CliError(f"event at seq {seq} needs an id and a ts with a time zone "

@@ -1934,6 +1934,9 @@ def test_at_bounds_and_time(tmp_path):
         assert store.at(time=datetime(2030, 1, 1, 1, 1, 30, tzinfo=paris)).seq == 2
         assert store.at(time=datetime(2030, 1, 1, 0, 1, tzinfo=timezone.utc)).items.get("a")["n"] == 1
         assert store.at(time=datetime(2029, 1, 1, tzinfo=timezone.utc)).seq == 0
+        east, west = timezone(timedelta(hours=5)), timezone(timedelta(hours=-5))
+        assert store.at(time=datetime(1, 1, 1, tzinfo=east)).seq == 0  # before year 1 in UTC
+        assert store.at(time=datetime(9999, 12, 31, 23, tzinfo=west)).seq == 3
         for bad in [lambda: store.at(4), lambda: store.at(-1), lambda: store.at("1"),
                     lambda: store.at(time=datetime(2030, 1, 1)),
                     lambda: store.at(1, time=datetime(2030, 1, 1, tzinfo=timezone.utc))]:
