@@ -3362,7 +3362,8 @@ class Store:
                 _check_text(part, "The key", UsageError)
         try:
             stored = _as_stored(params, info.pk_types)
-            key_text = _dumps(_key_json(_unparams(info, stored)))
+            key_texts = [_dumps(_key_json(_unparams(info, k)))
+                         for k in _numeric_spellings(stored, info.pk_types)]
         except (sqlite3.Error, OverflowError, ValueError):
             return []  # no row has it: SQLite cannot store it, or made it infinite
         with self._lock, _reading(self._path):
@@ -3370,8 +3371,8 @@ class Store:
             rows = self._conn.execute(
                 "SELECT j.seq, e.id, e.type, e.ts, j.op, j.before, j.after "
                 "FROM fluxlite_journal j JOIN events e ON e.seq = j.seq "
-                "WHERE j.tbl = ? AND j.key = ? ORDER BY j.seq, j.n",
-                (info.name, key_text)).fetchall()
+                f"WHERE j.tbl = ? AND j.key IN ({', '.join('?' * len(key_texts))}) "
+                "ORDER BY j.seq, j.n", (info.name, *key_texts)).fetchall()
         try:
             return [Revision(seq, event_id, kind, _parse_ts(ts), op,
                              json.loads(before) if before else None,
@@ -3443,6 +3444,17 @@ def _type_filter(types: Union[None, str, Iterable[str]]) -> Optional[frozenset]:
     for kind in wanted:
         _check_text(kind, "An event type", UsageError)
     return wanted
+
+
+def _numeric_spellings(key: Tuple[Any, ...], declared: Sequence[str]) -> List[Tuple[Any, ...]]:
+    """The key as each way it can be stored: in a column of no type (no affinity) a
+    whole number can be held as 1 or as 1.0, and SQL finds either with either."""
+    options = []
+    for value, kind in zip(key, declared):
+        whole = (value.__class__ in (int, float) and not kind.strip() and abs(value) < 2**53
+                 and float(value).is_integer())
+        options.append([int(value), float(value)] if whole else [value])
+    return list(itertools.product(*options))
 
 
 def _change_from_journal(table: str, key: str, op: str, before: Optional[str],

@@ -2951,6 +2951,7 @@ def test_two_processes_creating_one_file_race_safely(tmp_path, monkeypatch):
     ("TEXT", "1", 1), ("INTEGER", 7, "7"), ("INTEGER", 7, 7.0), ("REAL", 2.0, 2),
     ("NUMERIC", 5, "5"), ("VARCHAR(10)", "12", 12), ("NUMERIC", 100000, "1e5"),
     ("INT", 7, " 7 "), ("INT", 1, True), ("", "7", "7"),
+    ("", 1.0, 1), ("", 1, 1.0),  # no type: SQL finds 1.0 with 1 and 1 with 1.0
     # text Python reads as a number and SQLite does not (found by the identifier
     # fuzzer: history() turned 'INF' into infinity, which no key can be)
     ("INT", "INF", "INF"), ("REAL", "nan", "nan"), ("INT", "1_000", "1_000"),
