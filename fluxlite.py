@@ -3791,8 +3791,12 @@ def _apply_events(model: _Model, reducer: Reducer, events: Iterable[Event],
             except FluxliteError as exc:
                 if "while replaying" in str(exc):
                     raise
+                hint = (f" A {RESTORE!r} event carries the row as it was when restored: "
+                        f"after adding or changing columns, give open() an upcaster for "
+                        f"{RESTORE!r} that maps that row to the new shape."
+                        if event.type == RESTORE and "upcaster" not in str(exc) else "")
                 raise type(exc)(f"{exc} (while replaying event {event.seq}, "
-                                f"{event.type!r}, id {event.id!r})") from exc
+                                f"{event.type!r}, id {event.id!r}).{hint}") from exc
             last = event.seq
             if progress is not None and not last % 1000:
                 progress(last)

@@ -2973,6 +2973,23 @@ def test_history_and_restore_find_keys_as_sql_lookups_do(declared, stored, asked
         assert store.view.t.get(stored) == {"k": stored, "v": "x"}
 
 
+def test_a_restore_that_a_new_not_null_column_breaks_says_to_add_an_upcaster(tmp_path):
+    def v1(view, event):
+        return view.t.upsert(id="a", n=1) if event.type == "put" else view.t.delete("a")
+
+    def v2(view, event):
+        return view.t.upsert(id="a", n=1, m=10) if event.type == "put" else view.t.delete("a")
+    path = str(tmp_path / "r.db")
+    with fluxlite.open(path, schema="CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)",
+                       reducer=v1) as store:
+        store.dispatch("put")
+        store.dispatch("drop")
+        store.restore("t", "a")
+    with pytest.raises(fluxlite.ChangesetError, match="upcaster for 'fluxlite.restore'"):
+        fluxlite.open(path, schema="CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER, "
+                                   "m INTEGER NOT NULL)", reducer=v2, version=2)
+
+
 def test_restore_of_a_row_with_columns_the_table_lost_names_the_fix(tmp_path):
     path = str(tmp_path / "items.db")
     make_items(path)
