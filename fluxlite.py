@@ -2988,6 +2988,8 @@ class Store:
                 f"event() takes a seq (int) or an id (str); received {_describe(seq_or_id)}."
             )
         column = "seq" if isinstance(seq_or_id, int) else "id"
+        if column == "seq" and not 0 < seq_or_id < 2**63:  # type: ignore[operator]
+            return None  # no seq is outside SQLite's integers
         if column == "id":
             _check_text(seq_or_id, "An event id", UsageError)  # type: ignore[arg-type]
         with self._lock, _reading(self._path):
@@ -3006,7 +3008,7 @@ class Store:
                                   or limit < 0):
             raise UsageError(f"limit must be an int >= 0 or None; received {_describe(limit)}.")
         wanted = _type_filter(types)
-        return self._stream(after, wanted, limit)
+        return self._stream(min(after, 2**63 - 1), wanted, limit)
 
     def _stream(self, after: int, wanted: Optional[frozenset], limit: Optional[int]
                 ) -> Iterator[Event]:
@@ -3040,6 +3042,10 @@ class Store:
 
     def changes(self, seq: int) -> List[Change]:
         """The Changes event ``seq`` made, as applied (read from the journal)."""
+        if seq == 0 or isinstance(seq, bool) or not isinstance(seq, int):  # seq 0: no event
+            raise UsageError(f"changes() takes the seq of an event (an int from 1); "
+                             f"received {_describe(seq)}.")
+        self._check_seq(seq, "seq")
         with self._lock:
             self._check_open()
             rows = self._conn.execute(
@@ -3438,9 +3444,10 @@ def _type_filter(types: Union[None, str, Iterable[str]]) -> Optional[frozenset]:
         return None
     if isinstance(types, str):
         return frozenset([_check_text(types, "An event type", UsageError)])
-    wanted = frozenset(types)
-    if not all(isinstance(t, str) for t in wanted):
-        raise UsageError(f"types must be a str or an iterable of str; received {types!r}.")
+    listed = list(types) if isinstance(types, collections.abc.Iterable) else [types]
+    if not all(isinstance(t, str) for t in listed):
+        raise UsageError(f"types must be a str or an iterable of str; received {_describe(types)}.")
+    wanted = frozenset(listed)
     for kind in wanted:
         _check_text(kind, "An event type", UsageError)
     return wanted

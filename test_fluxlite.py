@@ -3894,3 +3894,14 @@ def test_misused_arguments_are_usage_errors(store):
     with pytest.raises(fluxlite.InvalidEvent, match=r"adopt=True\) only"):
         store.dispatch("fluxlite.baseline", {"table": "users", "rows": [{"name": "x"}]})
     assert store.head == 0
+    add(store, "a")
+    for bad in ("x", 0, -1, 2, 2**64, None):
+        with pytest.raises(fluxlite.UsageError, match="changes|outside the log"):
+            store.changes(bad)
+    for bad in (5, [["a"]], [None]):
+        with pytest.raises(fluxlite.UsageError, match="types must be"):
+            store.subscribe(print, types=bad)
+    for bad in (2**64, [1], {"a": 1}):
+        with pytest.raises(fluxlite.UsageError, match="cannot be a SQLite value"):
+            store.view.users.find(name=bad)
+    assert store.event(2**64) is None and list(store.events(after=2**64)) == []
