@@ -4182,7 +4182,9 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
     ``predicate(actor, event) -> bool``, where ``actor`` is
     ``event["meta"].get("actor")`` (set by ``dispatch(..., actor=...)``).
     A type with no rule and no "*" rule follows ``default`` ("deny" or
-    "allow"). A refusal raises Forbidden before any transaction opens.
+    "allow"). "*" does not cover fluxlite's built-in types (``fluxlite.restore``
+    writes any row): they follow their own rule, else ``default``. A refusal
+    raises Forbidden before any transaction opens.
     """
     if default not in ("deny", "allow"):
         raise UsageError(f"authorize(default=...) is 'deny' or 'allow'; received {default!r}.")
@@ -4197,12 +4199,13 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
                 kind = event.get("type")
                 meta = event.get("meta") or {}
                 actor = meta.get("actor") if isinstance(meta, _Mapping) else None
-                rule = table.get(kind, table.get("*"))
+                builtin = kind.startswith("fluxlite.")
+                rule = table.get(kind, None if builtin else table.get("*"))
                 allowed = (default == "allow") if rule is None else bool(rule(actor, event))
                 if not allowed:
                     raise Forbidden(
                         f"Actor {actor!r} may not dispatch {kind!r} events"
-                        + ("" if rule else " (no rule for this type; the default is deny)")
+                        + ("" if rule else f" (no rule for this type{', which * does not cover' if builtin else ''}; the default is deny)")
                         + ". Dispatch as an actor the rules allow, or change the rules."
                     )
                 return next_(event)

@@ -2114,6 +2114,24 @@ def test_restore_goes_through_middleware_and_access_control():
         assert store.head == 3 and "a" in store.view.users
 
 
+def test_a_star_rule_does_not_let_anyone_restore_rows():
+    """fluxlite.restore writes any row: "*" (any other type) does not cover it."""
+    rules = {"*": lambda actor, event: actor is not None}
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer,
+                       middleware=[fluxlite.authorize(rules)]) as store:
+        add(store, "a", actor="intern")
+        store.dispatch("removeUser", {"name": "a"}, actor="intern")
+        with pytest.raises(fluxlite.Forbidden, match="which \\* does not cover"):
+            store.restore("users", "a", actor="intern")
+        assert store.head == 2
+    allow = fluxlite.authorize(rules, default="allow")
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[allow]) as store:
+        add(store, "a", actor="intern")
+        store.dispatch("removeUser", {"name": "a"}, actor="intern")
+        store.restore("users", "a", actor="intern")  # default="allow" lets it through
+        assert "a" in store.view.users
+
+
 def test_builtin_prefix_is_reserved(store):
     with pytest.raises(fluxlite.InvalidEvent, match="reserved"):
         store.dispatch("fluxlite.magic", {})
