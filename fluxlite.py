@@ -1445,8 +1445,15 @@ class _Model:
             self.conn.execute(sql, params)
             return known
         cursor = self.conn.execute(sql, params)
-        key = tuple(values[c] for c in info.pk) if all(c in values for c in info.pk) \
-            else (cursor.lastrowid,)  # SQLite assigned an INTEGER PRIMARY KEY
+        assigned = not all(c in values for c in info.pk)  # an INTEGER PRIMARY KEY, by SQLite
+        key = (cursor.lastrowid,) if assigned else tuple(values[c] for c in info.pk)
+        if assigned and key[0] < self.conn.execute(
+                f"SELECT max(rowid) FROM {info.q}").fetchone()[0]:
+            raise ChangesetError(
+                f"insert into {info.name!r} without a key: the largest key (2**63-1) is "
+                f"taken, so SQLite picked one at random, which a replay would not pick "
+                f"again. Give the key in the insert."
+            )
         row = self._row(info, info.key_params(_unparams(info, key)))
         if row is None:
             raise ChangesetError(

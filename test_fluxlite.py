@@ -2077,6 +2077,23 @@ def test_subscribers_followers_and_changes_report_an_update_alike(tmp_path):
         assert type(heard[2][0].values["a"]) is float
 
 
+def test_an_insert_without_a_key_once_the_largest_key_is_taken_is_refused():
+    """SQLite then picks a key at random, which a replay would not pick again."""
+    def r(view, event):
+        if event.type == "last":
+            return view.t.insert(id=2**63 - 1, v="last")
+        return view.t.insert(v=event.payload)
+    with fluxlite.open(":memory:", schema="CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
+                       reducer=r) as store:
+        store.dispatch("add", "first")
+        assert store.view.t.get(1) == {"id": 1, "v": "first"}
+        store.dispatch("last")
+        with pytest.raises(fluxlite.ChangesetError, match="picked one at random"):
+            store.dispatch("add", "next")
+        assert store.head == 2
+        store.verify()
+
+
 def test_middleware_calling_next_from_another_thread_is_a_usage_error():
     import concurrent.futures
     pool = concurrent.futures.ThreadPoolExecutor(1)
