@@ -4537,7 +4537,7 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
     lost, even on power failure) or "normal" (WAL with synchronous=NORMAL:
     faster; a power failure or OS crash may lose the last commits, a process
     crash loses nothing; a background thread checkpoints the WAL, which stays
-    within about 4 MB).
+    near 4 MB: see README, SQLite settings).
 
     ``version`` (any JSON value; None means unchanged) and ``schema``: when
     either differs from what the file holds, the read model is rebuilt by
