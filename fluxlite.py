@@ -3107,7 +3107,12 @@ class Store:
         while self._watcher is threading.current_thread():
             try:
                 batch = cursor.step(0.2)
-            except FluxliteError:  # closed underneath us
+            except FluxliteError as exc:  # closed underneath us, or an upcaster failed
+                if not self._closed:
+                    _log.error("watch() of %r stopped: %s", self._path, exc)
+                with self._lock:
+                    if self._watcher is threading.current_thread():
+                        self._watcher = None  # so that watch() can start it again
                 return
             if batch is None:
                 return
@@ -4912,6 +4917,18 @@ def _parse_time(text: str) -> datetime:
     return value
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0 (a seq, a limit, a count of events)."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return value
+
+
 def _parse_json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
@@ -5429,17 +5446,17 @@ def _parser() -> Any:
     p.add_argument("--json", action="store_true")
     p = command("log", _cmd_log, "the events, one per line")
     db(p)
-    p.add_argument("--after", type=int, default=0, metavar="SEQ")
+    p.add_argument("--after", type=_count, default=0, metavar="SEQ")
     p.add_argument("--since", metavar="TIME")
     p.add_argument("--until", metavar="TIME")
     p.add_argument("--type", action="append", metavar="T")
-    p.add_argument("--limit", type=int, metavar="N")
+    p.add_argument("--limit", type=_count, metavar="N")
     p.add_argument("--reverse", action="store_true", help="newest first")
     p.add_argument("--json", action="store_true", help="JSON Lines")
     p = command("tail", _cmd_tail, "the last events; -f follows new ones until Ctrl-C")
     db(p)
     p.add_argument("-f", "--follow", action="store_true")
-    p.add_argument("-n", type=int, default=10, metavar="N")
+    p.add_argument("-n", type=_count, default=10, metavar="N")
     p.add_argument("--json", action="store_true")
     p = command("show", _cmd_show, "one event in full, with the changes it made")
     db(p)
@@ -5475,7 +5492,7 @@ def _parser() -> Any:
     app(p)
     p = command("export", _cmd_export, "the log as JSON Lines, ids and timestamps kept")
     db(p)
-    p.add_argument("--after", type=int, default=0, metavar="SEQ")
+    p.add_argument("--after", type=_count, default=0, metavar="SEQ")
     p = command("import", _cmd_import, "append exported events (idempotent)")
     db(p)
     p.add_argument("file", metavar="EVENTS_JSONL")

@@ -253,6 +253,13 @@ def test_a_closed_pipe_ends_the_command_quietly(work):
     assert log.stderr.read() == b""
 
 
+@pytest.mark.parametrize("args", [("tail", "app.db", "-n", "-3"), ("log", "app.db", "--limit", "-1"),
+                                  ("log", "app.db", "--after", "x")])
+def test_negative_counts_are_usage_errors(work, args):
+    result = cli(*args, cwd=work, check=False)
+    assert result.returncode == 2 and "whole number >= 0" in result.stderr
+
+
 def test_query_prints_blobs_as_sql_hex_literals(work):
     sql = "SELECT x'00ff' AS b, 1 AS n"
     assert "x'00ff'  1" in cli("query", "app.db", sql, cwd=work).stdout

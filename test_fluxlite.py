@@ -3558,6 +3558,24 @@ def test_asyncio_dispatch_and_follow_do_not_block_the_loop(tmp_path):
     assert ticks >= 50  # the loop kept running while follow waited
 
 
+def test_a_watcher_that_fails_says_so_and_can_be_started_again(tmp_path, caplog):
+    def refuse(event):
+        raise ValueError("no such shape")
+    path = str(tmp_path / "w.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer,
+                       upcasters={"odd": refuse}) as store, \
+            fluxlite.open(path, reducer=lambda view, event: None) as other:
+        store.watch()
+        other.dispatch("odd", {})  # this store cannot read it: its upcaster raises
+        deadline = time.monotonic() + 10
+        while store._watcher is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store._watcher is None
+        assert "watch() of" in caplog.text and "stopped" in caplog.text
+        store.watch()  # starts again
+        assert store._watcher is not None
+
+
 def test_a_subscriber_may_close_a_watching_store(tmp_path):
     path = str(tmp_path / "w.db")
     with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store, \
