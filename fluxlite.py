@@ -2332,7 +2332,8 @@ class Store:
        subscription order, on a snapshot of the list taken per event. One
        that raises is logged and does not stop the others. A subscriber may
        dispatch; that event is delivered after the current one, so every
-       subscriber hears events in seq order.
+       subscriber hears events in seq order. One thread delivers at a time,
+       other threads' events too: their dispatches do not wait for it.
 
     A Store may be shared between threads (a lock serialises its
     connection); several processes may open and write the same file.
@@ -2961,25 +2962,36 @@ class Store:
             return
         if getattr(self._notifying, "active", False):
             return  # the outer loop in this thread delivers it, in order
-        with self._notify_lock:
+        # One thread delivers at a time, everyone's events in seq order. Another
+        # thread that is delivering will deliver this one's events too: waiting
+        # for it would let a slow subscriber hold up every dispatch, and one that
+        # waits on a dispatch in another thread would never return.
+        while self._notify_lock.acquire(blocking=False):
             self._notifying.active = True
             try:
-                while True:
-                    with self._lock:
-                        if not self._pending:
-                            return
-                        event, changes = self._pending.popleft()
-                        listeners = list(self._subscribers)
-                    for listener, types in listeners:
-                        if types is not None and event.type not in types:
-                            continue
-                        try:
-                            listener(event, list(changes))
-                        except Exception:
-                            _log.exception("fluxlite subscriber %r failed on event %s (%s)",
-                                           listener, event.seq, event.type)
+                self._deliver_pending()
             finally:
                 self._notifying.active = False
+                self._notify_lock.release()
+            with self._lock:  # committed while this thread was letting go? deliver it
+                if not self._pending:
+                    return
+
+    def _deliver_pending(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                event, changes = self._pending.popleft()
+                listeners = list(self._subscribers)
+            for listener, types in listeners:
+                if types is not None and event.type not in types:
+                    continue
+                try:
+                    listener(event, list(changes))
+                except Exception:
+                    _log.exception("fluxlite subscriber %r failed on event %s (%s)",
+                                   listener, event.seq, event.type)
 
     # -- reading ---------------------------------------------------------------
 

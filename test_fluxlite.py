@@ -3576,6 +3576,41 @@ def test_a_watcher_that_fails_says_so_and_can_be_started_again(tmp_path, caplog)
         assert store._watcher is not None
 
 
+def test_a_subscriber_waiting_on_another_threads_dispatch_does_not_deadlock():
+    import concurrent.futures
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as store:
+        heard, outcome = [], []
+
+        def listener(event, changes):
+            heard.append(event.payload["name"])
+            if event.payload["name"] == "a":  # waits for a dispatch in another thread
+                try:
+                    pool.submit(add, store, "b").result(timeout=5)
+                    outcome.append("returned")
+                except concurrent.futures.TimeoutError:
+                    outcome.append("stuck")
+        store.subscribe(listener)
+        add(store, "a")
+        assert outcome == ["returned"]
+        assert heard == ["a", "b"]  # b's delivered by this thread, after a's
+    pool.shutdown()
+
+
+def test_threads_dispatching_with_subscribers_deliver_every_event_once_in_order():
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as store:
+        heard = []
+        store.subscribe(lambda event, changes: (heard.append(event.seq), time.sleep(0.0005)))
+        threads = [threading.Thread(target=lambda n=n: [add(store, f"{n}-{i}")
+                                                         for i in range(50)])
+                   for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert heard == list(range(1, 201))  # nothing left undelivered, no repeats
+
+
 def test_a_subscriber_may_close_a_watching_store(tmp_path):
     path = str(tmp_path / "w.db")
     with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store, \
