@@ -4391,8 +4391,8 @@ def _foreign_database(path: str) -> Optional[Tuple[List[str], str]]:
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
         finally:
             conn.close()
-    except sqlite3.Error:  # not SQLite, or not readable so: _connect() says what it is
-        return None
+    except (sqlite3.Error, UnicodeDecodeError):  # not SQLite, damaged, or not readable
+        return None  # so: _connect() and _initialise() say what it is
     tables = sorted(names - {"sqlite_sequence"})
     return None if "fluxlite_meta" in names or not tables else (tables, mode)
 
