@@ -583,14 +583,15 @@ _SQL_TOKEN = re.compile(r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|`(?:[^`]|``)*`?|\[[^
 
 def _sql_code(sql: str, literals: bool = True) -> List[str]:
     """The statement's tokens, each comment and run of whitespace made one " ";
-    with literals=False, string literals are made "''" (to search the code only)."""
+    with literals=False, string literals and quoted names are made "''" (to
+    search the code only)."""
     tokens: List[str] = []
     for token in _SQL_TOKEN.findall(sql):
         if token.isspace() or token.startswith(("--", "/*")):
             if tokens and tokens[-1] != " ":
                 tokens.append(" ")
         else:
-            tokens.append(token if literals or token[0] != "'" else "''")
+            tokens.append(token if literals or token[0] not in "'\"`[" else "''")
     return tokens
 
 
@@ -1064,13 +1065,19 @@ _DATE_FUNCTION = re.compile(r"\b(date|time|datetime|julianday|strftime|unixepoch
 
 
 def _nondeterministic(default: str) -> bool:
+    """A default that may differ on each run. Every date function counts: with no
+    time value (date(), strftime('%s')) or with 'now' it reads the clock."""
     code = "".join(_sql_code(default, literals=False))  # 'CURRENT_TIMESTAMP' is text
-    return bool(_NONDETERMINISTIC.search(code) or _DATE_FUNCTION.search(code) and (
-        "'now'" in default.lower() or "'localtime'" in default.lower()))
+    return bool(_NONDETERMINISTIC.search(code) or _DATE_FUNCTION.search(code))
 
 
-def _check_new_table(conn: sqlite3.Connection, name: str, sql: str) -> None:
-    """The rules a read-model table must follow, so the journal sees every write."""
+def _check_new_table(conn: sqlite3.Connection, name: str, sql: str, new: bool = True) -> None:
+    """The rules a read-model table must follow, so the journal sees every write.
+
+    ``new=False`` for a schema a store already has (a copy for at() or a replay):
+    the rules added since it was accepted (per-run defaults, ON CONFLICT ROLLBACK)
+    do not lock an older store out of its own past.
+    """
     if _RESERVED_TABLE.match(name):
         raise SchemaError(
             f"Table name {name!r} is reserved: `events` is fluxlite's log and "
@@ -1092,7 +1099,7 @@ def _check_new_table(conn: sqlite3.Connection, name: str, sql: str) -> None:
                 f"reducers' back. Use NO ACTION or RESTRICT and return the "
                 f"dependent changes from the reducer."
             )
-    for column in conn.execute(f"PRAGMA table_xinfo({_quote(name)})"):
+    for column in conn.execute(f"PRAGMA table_xinfo({_quote(name)})") if new else ():
         if column[4] is not None and _nondeterministic(column[4]):
             raise SchemaError(
                 f"Column {name}.{column[1]} has DEFAULT {column[4]}, which gives another "
@@ -1100,8 +1107,8 @@ def _check_new_table(conn: sqlite3.Connection, name: str, sql: str) -> None:
                 f"the default and set the value in the reducer (from event.ts for a time)."
             )
     code = "".join(_sql_code(sql, literals=False))
-    clause = re.search(r"\bON\s*CONFLICT\s*(REPLACE|IGNORE|ROLLBACK)\b", code, re.IGNORECASE)
-    if clause:
+    clause = re.search(r"\bON\s+CONFLICT\s+(REPLACE|IGNORE|ROLLBACK)\b", code, re.IGNORECASE)
+    if clause and (new or clause.group(1).upper() != "ROLLBACK"):
         raise SchemaError(
             f"Table {name!r} uses ON CONFLICT {clause.group(1).upper()}, which silently "
             f"drops or deletes rows, or ends the whole transaction; remove the clause "
@@ -1109,8 +1116,9 @@ def _check_new_table(conn: sqlite3.Connection, name: str, sql: str) -> None:
         )
 
 
-def _create_schema(conn: sqlite3.Connection, schema: str) -> List[str]:
-    """Run the user's DDL (inside the caller's transaction); return the new tables."""
+def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> List[str]:
+    """Run the user's DDL (inside the caller's transaction); return the new tables.
+    ``new``: a schema not yet accepted by a store (see _check_new_table)."""
     if not isinstance(schema, str):
         raise SchemaError(
             f"schema must be SQL text (CREATE TABLE / CREATE INDEX statements); "
@@ -1142,7 +1150,7 @@ def _create_schema(conn: sqlite3.Connection, schema: str) -> List[str]:
         "SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name"
     ).fetchall():
         if name not in before and not name.startswith("sqlite_"):  # sqlite_sequence: AUTOINCREMENT
-            _check_new_table(conn, name, sql)
+            _check_new_table(conn, name, sql, new)
             tables.append(name)
     if not tables:
         raise SchemaError("schema creates no table; the read model needs at least one.")
@@ -2761,6 +2769,8 @@ class Store:
                 generation, head, last_ts, seal = conn.execute(_HEAD_SQL).fetchone()
             if generation != self._generation_text:
                 self._check_generation(generation)
+            if prepared and prepared[0].type == BASELINE:  # a copied adoption: whole tables
+                conn.execute("PRAGMA defer_foreign_keys = ON")  # (until this COMMIT)
             head, last_ts, seal = head or 0, last_ts or "", seal or " "
             event_rows: List[Tuple[Any, ...]] = []
             journal: List[Tuple[Any, ...]] = []
@@ -3036,9 +3046,10 @@ class Store:
         # Upcasters can change an event's type: then the upcast events are filtered
         # (as followers and subscribers filter), not the log's rows.
         after_upcast = wanted if wanted is not None and self._upcasters else None
-        if wanted is not None and after_upcast is None:
-            where += f" AND type IN ({', '.join('?' for _ in wanted)})"
-            params.extend(sorted(wanted))
+        if wanted is not None:  # an upcaster changes only the types it is given for
+            logged = wanted | set(self._upcasters or ()) if after_upcast else wanted
+            where += f" AND type IN ({', '.join('?' for _ in logged)})"
+            params.extend(sorted(logged))
         while remaining is None or remaining > 0:
             page = _PAGE if remaining is None or after_upcast else min(_PAGE, remaining)
             with self._lock, _reading(self._path):
@@ -3065,6 +3076,9 @@ class Store:
             raise UsageError(f"changes() takes the seq of an event (an int from 1); "
                              f"received {_describe(seq)}.")
         self._check_seq(seq, "seq")
+        return self._changes(seq)
+
+    def _changes(self, seq: int) -> List[Change]:
         with self._lock:
             self._check_open()
             rows = self._conn.execute(
@@ -3119,7 +3133,7 @@ class Store:
         while self._watcher is threading.current_thread():
             try:
                 batch = cursor.step(0.2)
-            except FluxliteError as exc:  # closed underneath us, or an upcaster failed
+            except Exception as exc:  # closed underneath us, an upcaster failed, ...
                 if not self._closed:
                     _log.error("watch() of %r stopped: %s", self._path, exc)
                 with self._lock:
@@ -3260,10 +3274,16 @@ class Store:
                         f"replay(into={file!r}) needs a new or empty store; that one "
                         f"already has {existing.head} events. Pass a new path."
                     )
-        target = open(into, schema=self._schema, reducer=reducer, middleware=self._middleware,
-                      durability=self._durability, clock=self._clock, ids=self._ids,
-                      version=self._version, upcasters=self._upcasters)
+        if file != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(file))):
+            raise UsageError(f"The directory of {file!r} does not exist; create it first.")
+        target: Optional[Store] = None
         try:
+            # This store's own schema: accepted once, so not judged by rules added since.
+            target = _open_connection(
+                _connect(file, self._durability), file, schema=self._schema, reducer=reducer,
+                middleware=self._middleware, durability=self._durability,
+                version=self._version, upcasters=self._upcasters, adopt=False,
+                clock=self._clock, ids=self._ids, new_schema=False)
             after = 0
             while after < upto:
                 with self._lock:
@@ -3274,7 +3294,8 @@ class Store:
                 target._commit_prepared([_prepared_from_row(r) for r in rows])
                 after = rows[-1][0]
         except BaseException:
-            target.close()
+            if target is not None:
+                target.close()
             if created:  # a part of the log would pass for a whole one
                 for suffix in ("", "-wal", "-shm"):
                     with contextlib.suppress(FileNotFoundError):
@@ -3293,6 +3314,9 @@ class Store:
         self._require_reducer("rebuild()")
         self._check_writable("rebuild()")
         with self._lock:
+            if self._conn.in_transaction:  # a preview's, which would roll the swap back
+                raise UsageError("rebuild() cannot run inside a dispatch or a preview; "
+                                 "call it on its own.")
             self._check_model_current()
         _rebuild(self, self._schema, self._version, progress)
 
@@ -3482,8 +3506,8 @@ def _numeric_spellings(key: Tuple[Any, ...], declared: Sequence[str]) -> List[Tu
     whole number can be held as 1 or as 1.0, and SQL finds either with either."""
     options = []
     for value, kind in zip(key, declared):
-        whole = (value.__class__ in (int, float) and not kind.strip() and abs(value) < 2**53
-                 and float(value).is_integer())
+        whole = (value.__class__ in (int, float) and _affinity(kind) == "blob"
+                 and abs(value) < 2**53 and float(value).is_integer())
         options.append([int(value), float(value)] if whole else [value])
     return list(itertools.product(*options))
 
@@ -3580,7 +3604,7 @@ class _FollowCursor:
             self.position = row[0]
             event = store._upcast(_event_from_row(row))
             if self.wanted is None or event.type in self.wanted:
-                batch.append((event, store.changes(event.seq)))
+                batch.append((event, store._changes(event.seq)))
         if len(rows) == 1000 or (rows and not batch):  # more to read: look again at once
             self.version = -1
         return batch
@@ -3785,21 +3809,26 @@ class Consumer:
 
 
 def _scratch_model(schema: str, path: str, journal: bool, uri: bool = False,
-                   replay: bool = True) -> _Model:
+                   replay: bool = True, new_schema: bool = False) -> _Model:
     """A private database with the schema (and a journal table), for replays.
 
     A replay checks foreign keys as the live store does, so that an event the
-    new code cannot apply is named; a copy (at()) fills tables in any order.
+    new code cannot apply is named; unless the schema references a table it
+    does not create (one the user keeps beside the read model: the scratch
+    has no copy to check against). A copy (at()) fills tables in any order.
     """
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, uri=uri)
     try:
         conn.execute("PRAGMA journal_mode=off")
         conn.execute("PRAGMA synchronous=off")
-        conn.execute(f"PRAGMA foreign_keys={'on' if replay else 'off'}")
         with _write_txn(conn):
-            names = _create_schema(conn, schema)
+            names = _create_schema(conn, schema, new_schema)
             if journal:
                 conn.execute(next(d for d in _LOG_DDL if "TABLE fluxlite_journal" in d))
+        known = {n.lower() for n in names}
+        outside = [fk[2] for n in names for fk in conn.execute(
+            f"PRAGMA foreign_key_list({_quote(n)})") if fk[2].lower() not in known]
+        conn.execute(f"PRAGMA foreign_keys={'on' if replay and not outside else 'off'}")
     except BaseException:
         conn.close()
         raise
@@ -3811,8 +3840,14 @@ def _apply_events(model: _Model, reducer: Reducer, events: Iterable[Event],
     """Reduce and apply events in one transaction; return the last seq applied."""
     view, rows, last = View(model), [], 0
     insert = "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)"
+    baselines = False
     with _write_txn(model.conn):
         for event in events:
+            if (event.type == BASELINE) != baselines:
+                # An adoption's baselines hold whole tables, one event each, in no
+                # particular order: their references are checked once all are in.
+                baselines = not baselines
+                model.conn.execute(f"PRAGMA defer_foreign_keys = {'ON' if baselines else 'OFF'}")
             try:
                 changes = _reduce(reducer, view, event)
                 if journal:
@@ -4014,7 +4049,8 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
     os.close(fd)
     conn = store._conn
     try:
-        model = _scratch_model(schema, scratch, journal=True)
+        model = _scratch_model(schema, scratch, journal=True, new_schema=(
+            _normalize_schema(schema) != _normalize_schema(store._schema)))
         try:
             with store._lock:
                 with _read_txn(conn):  # the bulk of the log, in one snapshot
@@ -4096,7 +4132,7 @@ def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Mod
     meta = _read_meta(conn)
     for name in meta["tables"]:
         conn.execute(f"DROP TABLE main.{_quote(name)}")
-    names = _create_schema(conn, schema)
+    names = _create_schema(conn, schema, new=False)  # checked when the scratch was made
     conn.execute("DELETE FROM main.fluxlite_journal")
     for name, columns in [(model.tables[n].q, model.tables[n].writable_columns) for n in names] \
             + [("fluxlite_journal", _JOURNAL_COLUMNS.split(", "))]:
@@ -4108,7 +4144,7 @@ def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Mod
                              f"({', '.join('?' * len(columns))})",
                              model.conn.execute(f"SELECT {listed} FROM {name}"))
     _carry_autoincrement(conn, model, names)
-    _check_references(conn, names)
+    _check_references(conn, names, meta["tables"])
     _reseal_journal(conn)
     generation = meta.get("generation", 0) + 1
     _write_meta(conn, schema=schema, tables=names, version=version, generation=generation)
@@ -4127,10 +4163,12 @@ def _carry_autoincrement(conn: sqlite3.Connection, model: _Model, names: Sequenc
     conn.executemany("INSERT INTO main.sqlite_sequence (name, seq) VALUES (?, ?)", counters)
 
 
-def _check_references(conn: sqlite3.Connection, names: Sequence[str]) -> None:
+def _check_references(conn: sqlite3.Connection, names: Sequence[str],
+                      dropped: Sequence[str] = ()) -> None:
     """After a swap made with foreign keys off: every reference from or to the
-    new tables must hold, as the deferred check at COMMIT would have required."""
-    managed = {n.lower() for n in names}
+    new tables (or to old ones the swap dropped) must hold, as the deferred
+    check at COMMIT would have required."""
+    managed = {n.lower() for n in (*names, *dropped)}
     tables = [r[0] for r in conn.execute(
         "SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
     for table in tables:
@@ -4221,6 +4259,8 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
         def wrap(next_: Callable[[Dict[str, Any]], Any]) -> Callable[[Dict[str, Any]], Any]:
             def check(event: Dict[str, Any]) -> Any:
                 kind = event.get("type")
+                if not isinstance(kind, str):  # an earlier middleware changed it so
+                    _check_type(kind)
                 meta = event.get("meta") or {}
                 actor = meta.get("actor") if isinstance(meta, _Mapping) else None
                 builtin = kind.startswith("fluxlite.")
@@ -4338,8 +4378,8 @@ _OWN_KEYS = {"events": ("seq",), "fluxlite_journal": ("seq", "n"), "fluxlite_sea
 
 
 def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], version: Any,
-                adopt: bool, clock: Callable[[], datetime], ids: Callable[[], str]
-                ) -> Dict[str, Any]:
+                adopt: bool, clock: Callable[[], datetime], ids: Callable[[], str],
+                new_schema: bool = True) -> Dict[str, Any]:
     """Create a new store in an empty (or adopted) database, or read an existing one's meta."""
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "fluxlite_meta" in names:
@@ -4362,7 +4402,8 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
         )
     for statement in (*_LOG_DDL, _CONSUMERS_DDL):
         conn.execute(statement)
-    tables = _adopt(conn, schema, existing, clock, ids) if existing else _create_schema(conn, schema)
+    tables = (_adopt(conn, schema, existing, clock, ids) if existing
+              else _create_schema(conn, schema, new_schema))
     _write_meta(conn, format=FORMAT_VERSION, schema=schema, tables=tables, version=version,
                 generation=0, created_by=f"fluxlite {__version__}")
     conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
@@ -4439,6 +4480,9 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
     for name in declared:
         _check_new_table(conn, name, sql_of[name.lower()])
     ts = _format_ts(clock())
+    for name in adopted:  # an emptied table's counter counts too
+        if conn.execute(f"SELECT 1 FROM {_quote(name)} LIMIT 1").fetchone() is None:
+            _check_autoincrement_counter(conn, _read_table_info(conn, name), [])
     for seq, name in enumerate((n for n in adopted if conn.execute(
             f"SELECT 1 FROM {_quote(n)} LIMIT 1").fetchone()), 1):
         info = _read_table_info(conn, name)
@@ -4469,15 +4513,26 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
 
 
 def _columns_as_declared(xinfo: Iterable[Sequence[Any]]) -> List[Tuple[Any, ...]]:
-    """PRAGMA table_xinfo rows without cid, the type in one case."""
+    """PRAGMA table_xinfo rows without cid, for display: name, type, NOT NULL,
+    default, position in the key, generated."""
     return [(r[1], r[2].upper(), r[3], r[4], r[5], r[6]) for r in xinfo]
+
+
+def _storing_alike(columns: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
+    """What decides how a column stores values: its name, affinity (INT is INTEGER,
+    except for the key that is the rowid), NOT NULL, the default with whitespace
+    outside literals dropped, its place in the key, and whether it is generated."""
+    rowid = [c for c in columns if c[4]] if len([c for c in columns if c[4]]) == 1 else []
+    return [(c[0].lower(), _affinity(c[1]), bool(rowid) and c is rowid[0] and c[1] == "INTEGER",
+             c[2], None if c[3] is None else "".join(t for t in _sql_code(c[3]) if t != " "),
+             c[4], c[5]) for c in columns]
 
 
 def _check_adoptable(conn: sqlite3.Connection, name: str, declared: List[Tuple[Any, ...]],
                      have: List[Tuple[Any, ...]]) -> None:
     """An adopted table must be what the schema says, and only fluxlite may write it:
     otherwise a replay (which creates the table from the schema) differs from it."""
-    if declared != have:
+    if _storing_alike(declared) != _storing_alike(have):
         show = lambda cols: ", ".join(  # noqa: E731
             f"{c[0]} {c[1]}".strip() + (" PRIMARY KEY" if c[4] else "") +
             (" NOT NULL" if c[2] else "") +
@@ -4652,15 +4707,17 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                      reducer: Optional[Reducer], middleware: Sequence[Middleware],
                      durability: str, version: Any, upcasters: Optional[Mapping[str, Upcaster]],
                      adopt: bool, clock: Callable[[], datetime], ids: Callable[[], str],
-                     readonly: bool = False) -> Store:
-    """The rest of open(), on a connection already made (also used by fork)."""
+                     readonly: bool = False, new_schema: bool = True) -> Store:
+    """The rest of open(), on a connection already made (also used by fork and
+    replay; ``new_schema=False``: the schema is a store's own, already accepted)."""
     try:
         try:
             with (_read_txn(conn) if readonly else _write_txn(conn)):
                 if readonly:
                     meta = _read_existing_meta(conn, path)
                 else:
-                    meta = _initialise(conn, path, schema, version, adopt, clock, ids)
+                    meta = _initialise(conn, path, schema, version, adopt, clock, ids,
+                                       new_schema)
                 tables = {n: _read_table_info(conn, n) for n in meta["tables"]}
         except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             if isinstance(exc, sqlite3.DatabaseError) and _is_storage_problem(exc):
@@ -4936,8 +4993,8 @@ def _count(text: str) -> int:
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0 (and below 2**63)")
     return value
 
 

@@ -215,7 +215,7 @@ def test_export_import_round_trip_is_idempotent(work):
 @pytest.mark.parametrize("change, error", [
     (lambda e: {**e, "type": 5}, "non-empty string"),
     (lambda e: {**e, "type": ""}, "non-empty string"),
-    (lambda e: {**e, "id": 7}, "id"),
+    (lambda e: {**e, "id": 7}, "An event id must be"),
     (lambda e: {**e, "meta": [1]}, "meta"),
     (lambda e: {**e, "ts": "garbage"}, "time zone"),
     (lambda e: {**e, "ts": 5}, "time zone"),
