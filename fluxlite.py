@@ -132,6 +132,7 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Set,
     Tuple,
     Union,
 )
@@ -4461,6 +4462,7 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
         declared = _create_schema(scratch, schema)  # the schema's tables, parsed by SQLite
         scratch_shapes = {n: scratch.execute(f"PRAGMA table_xinfo({_quote(n)})").fetchall()
                           for n in declared}
+        scratch_unique = {n: _inline_unique(scratch, n) for n in declared}
     finally:
         scratch.close()
     # SQLite's names are case-insensitive: the schema's "Users" is the file's "users".
@@ -4469,6 +4471,13 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
     for name in adopted:
         _check_adoptable(conn, name, _columns_as_declared(scratch_shapes[name]),
                          _columns_as_declared(conn.execute(f"PRAGMA table_xinfo({_quote(name)})")))
+        if scratch_unique[name] != _inline_unique(conn, name):
+            raise SchemaError(
+                f"Existing table {name!r} has UNIQUE constraints on "
+                f"{sorted(_inline_unique(conn, name)) or 'no columns'} but the schema declares "
+                f"them on {sorted(scratch_unique[name]) or 'no columns'}; a replay would "
+                f"create the schema's table. Make the schema describe the table as it is."
+            )
     for statement in _split_sql(schema):
         try:
             conn.execute(statement)
@@ -4516,6 +4525,13 @@ def _columns_as_declared(xinfo: Iterable[Sequence[Any]]) -> List[Tuple[Any, ...]
     """PRAGMA table_xinfo rows without cid, for display: name, type, NOT NULL,
     default, position in the key, generated."""
     return [(r[1], r[2].upper(), r[3], r[4], r[5], r[6]) for r in xinfo]
+
+
+def _inline_unique(conn: sqlite3.Connection, name: str) -> Set[Tuple[str, ...]]:
+    """The column sets of a table's own UNIQUE constraints (not CREATE INDEX ones,
+    which adopting runs from the schema anyway)."""
+    return {tuple(r[2].lower() for r in conn.execute(f"PRAGMA index_info({_quote(index[1])})"))
+            for index in conn.execute(f"PRAGMA index_list({_quote(name)})") if index[3] == "u"}
 
 
 def _storing_alike(columns: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:

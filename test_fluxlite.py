@@ -2817,6 +2817,8 @@ def test_adopt_refuses_a_table_unlike_the_schema(tmp_path):
      "CREATE TABLE t (id TEXT PRIMARY KEY, a INTEGER)", "trigger 'bump' writes"),
     ("CREATE TABLE t (id TEXT PRIMARY KEY, a INTEGER); INSERT INTO t VALUES (NULL, 1);",
      "CREATE TABLE t (id TEXT PRIMARY KEY, a INTEGER)", "NULL in its primary key"),
+    ("CREATE TABLE t (id TEXT PRIMARY KEY, a INTEGER); INSERT INTO t VALUES ('x', 1);",
+     "CREATE TABLE t (id TEXT PRIMARY KEY, a INTEGER UNIQUE)", "UNIQUE constraints on"),
     ("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, a TEXT); INSERT INTO t (a) "
      "VALUES ('x'), ('y'), ('z'); DELETE FROM t WHERE id = 3;",
      "CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, a TEXT)",
