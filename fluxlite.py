@@ -582,17 +582,22 @@ _SQL_TOKEN = re.compile(r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|`(?:[^`]|``)*`?|\[[^
                         r"""|--[^\n]*|/\*.*?(?:\*/|\Z)|\s+|[^'"`\[\-/\s]+|.""", re.S)
 
 
-def _sql_code(sql: str, literals: bool = True) -> List[str]:
-    """The statement's tokens, each comment and run of whitespace made one " ";
-    with literals=False, string literals and quoted names are made "''" (to
-    search the code only)."""
+def _sql_code(sql: str, literals: bool = True, names: str = "blank") -> List[str]:
+    """The statement's tokens, each comment and run of whitespace made one " ".
+    With literals=False (to search the code only), string literals are made "''",
+    and quoted names too ("blank"), or are given bare ("bare": "random" is the
+    function random where it is called)."""
     tokens: List[str] = []
     for token in _SQL_TOKEN.findall(sql):
         if token.isspace() or token.startswith(("--", "/*")):
             if tokens and tokens[-1] != " ":
                 tokens.append(" ")
+        elif literals or token[0] not in "'\"`[":
+            tokens.append(token)
+        elif token[0] != "'" and names == "bare":
+            tokens.append(token[1:-1])
         else:
-            tokens.append(token if literals or token[0] not in "'\"`[" else "''")
+            tokens.append("''")
     return tokens
 
 
@@ -987,9 +992,21 @@ def _read_table_info(conn: sqlite3.Connection, name: str) -> _TableInfo:
                 defaults[r[1]] = default
         if rowid_key:
             defaults.pop(pk[0], None)  # SQLite assigns it: read the row back
-    return _TableInfo(name, columns, pk, rowid_key, [r[2] for r in pk_rows],
+    # In a STRICT table, ANY keeps each value as given (no affinity), which is
+    # what an empty declared type means elsewhere.
+    strict_any = _is_strict(conn, name)
+    return _TableInfo(name, columns, pk, rowid_key,
+                      ["" if strict_any and r[2].upper() == "ANY" else r[2] for r in pk_rows],
                       writable=[r[1] for r in rows if r[6] == 0], exact_types=exact,
                       defaults=defaults)
+
+
+def _is_strict(conn: sqlite3.Connection, name: str) -> bool:
+    try:  # PRAGMA table_list: SQLite 3.37+, as are STRICT tables
+        row = conn.execute(f"PRAGMA table_list({_quote(name)})").fetchone()
+    except sqlite3.Error:
+        return False
+    return bool(row and row[5])
 
 
 def _exact_types(declared: str) -> Tuple[type, ...]:
@@ -1068,7 +1085,7 @@ _DATE_FUNCTION = re.compile(r"\b(date|time|datetime|julianday|strftime|unixepoch
 def _nondeterministic(default: str) -> bool:
     """A default that may differ on each run. Every date function counts: with no
     time value (date(), strftime('%s')) or with 'now' it reads the clock."""
-    code = "".join(_sql_code(default, literals=False))  # 'CURRENT_TIMESTAMP' is text
+    code = "".join(_sql_code(default, literals=False, names="bare"))  # 'CURRENT_TIMESTAMP' is text
     return bool(_NONDETERMINISTIC.search(code) or _DATE_FUNCTION.search(code))
 
 
@@ -2770,14 +2787,18 @@ class Store:
                 generation, head, last_ts, seal = conn.execute(_HEAD_SQL).fetchone()
             if generation != self._generation_text:
                 self._check_generation(generation)
-            if prepared and prepared[0].type == BASELINE:  # a copied adoption: whole tables
-                conn.execute("PRAGMA defer_foreign_keys = ON")  # (until this COMMIT)
+            baselines = bool(prepared) and prepared[0].type == BASELINE  # a copied adoption
+            if baselines:
+                conn.execute("PRAGMA defer_foreign_keys = ON")  # whole tables, any order
             head, last_ts, seal = head or 0, last_ts or "", seal or " "
             event_rows: List[Tuple[Any, ...]] = []
             journal: List[Tuple[Any, ...]] = []
             seen: Dict[str, Tuple[_Prepared, Event]] = {}
             batch_ts: Optional[Tuple[str, datetime]] = None
             for item in prepared:
+                if baselines and item.type != BASELINE:
+                    baselines = False
+                    _end_baselines(conn)
                 known = self._known_event(item, seen) if item.id_given else None
                 if known is not None:
                     results.append(known)
@@ -3134,6 +3155,8 @@ class Store:
         while self._watcher is threading.current_thread():
             try:
                 batch = cursor.step(0.2)
+            except Busy:  # another process held the file a while: try again
+                continue
             except Exception as exc:  # closed underneath us, an upcaster failed, ...
                 if not self._closed:
                     _log.error("watch() of %r stopped: %s", self._path, exc)
@@ -3264,7 +3287,10 @@ class Store:
         """
         reducer = self._require_reducer("replay()")
         upto = self._check_seq(upto, "upto")
-        file = os.fspath(into)
+        file = os.fspath(into) if isinstance(into, (str, os.PathLike)) else into
+        if not isinstance(file, str):
+            raise UsageError(f"into must be a path or ':memory:'; received {_describe(into)}.")
+        _check_path(file)
         created = file != ":memory:" and not os.path.exists(file)
         if not created and file != ":memory:" and os.path.getsize(file) > 0:
             # Looked at read-only first: opening it with this store's schema would
@@ -3275,8 +3301,6 @@ class Store:
                         f"replay(into={file!r}) needs a new or empty store; that one "
                         f"already has {existing.head} events. Pass a new path."
                     )
-        if file != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(file))):
-            raise UsageError(f"The directory of {file!r} does not exist; create it first.")
         target: Optional[Store] = None
         try:
             # This store's own schema: accepted once, so not judged by rules added since.
@@ -3285,6 +3309,8 @@ class Store:
                 middleware=self._middleware, durability=self._durability,
                 version=self._version, upcasters=self._upcasters, adopt=False,
                 clock=self._clock, ids=self._ids, new_schema=False)
+            if _outside_references(target._conn, list(target._model.tables)):
+                target._conn.execute("PRAGMA foreign_keys = OFF")  # (as a replay's scratch)
             after = 0
             while after < upto:
                 with self._lock:
@@ -3826,9 +3852,7 @@ def _scratch_model(schema: str, path: str, journal: bool, uri: bool = False,
             names = _create_schema(conn, schema, new_schema)
             if journal:
                 conn.execute(next(d for d in _LOG_DDL if "TABLE fluxlite_journal" in d))
-        known = {n.lower() for n in names}
-        outside = [fk[2] for n in names for fk in conn.execute(
-            f"PRAGMA foreign_key_list({_quote(n)})") if fk[2].lower() not in known]
+        outside = _outside_references(conn, names)
         conn.execute(f"PRAGMA foreign_keys={'on' if replay and not outside else 'off'}")
     except BaseException:
         conn.close()
@@ -3836,43 +3860,81 @@ def _scratch_model(schema: str, path: str, journal: bool, uri: bool = False,
     return _Model(conn, {n: _read_table_info(conn, n) for n in names}, threading.RLock())
 
 
+def _outside_references(conn: sqlite3.Connection, names: Sequence[str]) -> List[str]:
+    """Tables the schema's tables reference but the schema does not create: the
+    user's own tables beside the read model, which a copy of the model lacks."""
+    known = {n.lower() for n in names}
+    return [fk[2] for n in names for fk in conn.execute(f"PRAGMA foreign_key_list({_quote(n)})")
+            if fk[2].lower() not in known]
+
+
 def _apply_events(model: _Model, reducer: Reducer, events: Iterable[Event],
                   journal: bool, progress: Optional[Callable[[int], None]] = None) -> int:
     """Reduce and apply events in one transaction; return the last seq applied."""
-    view, rows, last = View(model), [], 0
+    view, rows = View(model), []
     insert = "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)"
-    baselines = False
-    with _write_txn(model.conn):
-        for event in events:
-            if (event.type == BASELINE) != baselines:
-                # An adoption's baselines hold whole tables, one event each, in no
-                # particular order: their references are checked once all are in.
-                baselines = not baselines
-                model.conn.execute(f"PRAGMA defer_foreign_keys = {'ON' if baselines else 'OFF'}")
-            try:
-                changes = _reduce(reducer, view, event)
-                if journal:
-                    model.apply(changes, event.seq, rows)
-                else:
-                    model.apply_quietly(changes)
-            except FluxliteError as exc:
-                if "while replaying" in str(exc):
-                    raise
-                hint = (f" A {RESTORE!r} event carries the row as it was when restored: "
-                        f"after adding or changing columns, give open() an upcaster for "
-                        f"{RESTORE!r} that maps that row to the new shape."
-                        if event.type == RESTORE and "upcaster" not in str(exc) else "")
-                raise type(exc)(f"{exc} (while replaying event {event.seq}, "
-                                f"{event.type!r}, id {event.id!r}).{hint}") from exc
-            last = event.seq
-            if progress is not None and not last % 1000:
-                progress(last)
-            if len(rows) >= 4096:
-                model.conn.executemany(insert, rows)
-                rows.clear()
-        if rows:
-            model.conn.executemany(insert, rows)
+    try:
+        with _write_txn(model.conn):
+            last = _apply_each(model, reducer, events, journal, progress, view, rows, insert)
+    except sqlite3.IntegrityError as exc:  # a deferred constraint, checked at the end
+        raise ChangesetError(
+            f"The replayed events break a deferred constraint ({exc}), checked once all "
+            f"were applied. Make the reducers return changes that keep it."
+        ) from exc
     return last
+
+
+def _apply_each(model: _Model, reducer: Reducer, events: Iterable[Event], journal: bool,
+                progress: Optional[Callable[[int], None]], view: "View",
+                rows: List[Tuple[Any, ...]], insert: str) -> int:
+    """_apply_events' loop, inside its transaction."""
+    last, baselines = 0, False
+    for event in events:
+        if event.type == BASELINE and not baselines:
+            # An adoption's baselines hold whole tables, one event each, in no
+            # particular order: their references are checked once all are in.
+            baselines = True
+            model.conn.execute("PRAGMA defer_foreign_keys = ON")
+        elif baselines and event.type != BASELINE:
+            baselines = False
+            _end_baselines(model.conn)
+        try:
+            changes = _reduce(reducer, view, event)
+            if journal:
+                model.apply(changes, event.seq, rows)
+            else:
+                model.apply_quietly(changes)
+        except FluxliteError as exc:
+            if "while replaying" in str(exc):
+                raise
+            hint = (f" A {RESTORE!r} event carries the row as it was when restored: "
+                    f"after adding or changing columns, give open() an upcaster for "
+                    f"{RESTORE!r} that maps that row to the new shape."
+                    if event.type == RESTORE and "upcaster" not in str(exc) else "")
+            raise type(exc)(f"{exc} (while replaying event {event.seq}, "
+                            f"{event.type!r}, id {event.id!r}).{hint}") from exc
+        last = event.seq
+        if progress is not None and not last % 1000:
+            progress(last)
+        if len(rows) >= 4096:
+            model.conn.executemany(insert, rows)
+            rows.clear()
+    if rows:
+        model.conn.executemany(insert, rows)
+    return last
+
+
+def _end_baselines(conn: sqlite3.Connection) -> None:
+    """After an adoption's baselines, applied with foreign keys deferred: check them
+    now, and check each later event's references as it is applied."""
+    checked = conn.execute("PRAGMA foreign_keys").fetchone()[0]  # off: outside references
+    broken = conn.execute("PRAGMA foreign_key_check").fetchone() if checked else None
+    if broken is not None:
+        raise ChangesetError(
+            f"The adopted baseline rows break a foreign key: row {broken[1]} of "
+            f"{broken[0]!r} references {broken[2]!r} where no row has that key."
+        )
+    conn.execute("PRAGMA defer_foreign_keys = OFF")
 
 
 def _as_of(store: Store, seq: int) -> View:
@@ -4463,6 +4525,7 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
         scratch_shapes = {n: scratch.execute(f"PRAGMA table_xinfo({_quote(n)})").fetchall()
                           for n in declared}
         scratch_unique = {n: _inline_unique(scratch, n) for n in declared}
+        scratch_features = {n: _table_features(scratch, n) for n in declared}
     finally:
         scratch.close()
     # SQLite's names are case-insensitive: the schema's "Users" is the file's "users".
@@ -4471,6 +4534,13 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
     for name in adopted:
         _check_adoptable(conn, name, _columns_as_declared(scratch_shapes[name]),
                          _columns_as_declared(conn.execute(f"PRAGMA table_xinfo({_quote(name)})")))
+        if scratch_features[name] != _table_features(conn, name):
+            raise SchemaError(
+                f"Existing table {name!r} is {_table_features(conn, name) or 'a plain table'} "
+                f"but the schema declares it {scratch_features[name] or 'a plain table'}; a "
+                f"replay would create the schema's table. Make the schema describe the "
+                f"table as it is."
+            )
         if scratch_unique[name] != _inline_unique(conn, name):
             raise SchemaError(
                 f"Existing table {name!r} has UNIQUE constraints on "
@@ -4517,14 +4587,57 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
         conn.executemany("INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, 'insert', NULL, ?)", [
             (seq, n, name, _dumps(_key_json(info.key_of(row))), _dumps(row))
             for n, row in enumerate(rows)])
+    _check_baselines_replay(conn, schema, declared)
     _seal_unsealed(conn)
     return declared
+
+
+def _check_baselines_replay(conn: sqlite3.Connection, schema: str, declared: List[str]) -> None:
+    """Replay the baselines just written into the schema's own tables, and compare:
+    what the columns do not show (CHECK, COLLATE, a generated column's formula,
+    STRICT, references to rows that are not there) is found here, before the
+    store exists, instead of by the first verify() or rebuild()."""
+    broken = conn.execute("PRAGMA foreign_key_check").fetchone()
+    if broken is not None and broken[0].lower() in {n.lower() for n in declared}:
+        raise SchemaError(
+            f"Cannot adopt table {broken[0]!r}: its row {broken[1]} references {broken[2]!r} "
+            f"where no row has that key. Fix or delete the row before adopting."
+        )
+    events = [_event_from_row(r) for r in conn.execute(
+        f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq")]
+    replica = _scratch_model(schema, "", journal=False, new_schema=False)
+    try:
+        _apply_events(replica, lambda view, event: None, events, journal=False)
+        live = _Model(conn, {n: _read_table_info(conn, n) for n in declared}, threading.RLock())
+        problems = _compare(live, replica)
+    except FluxliteError as exc:
+        problems = [str(exc)]
+    finally:
+        replica.conn.close()
+    if problems:
+        raise SchemaError(
+            "Cannot adopt: a replay of the adopted rows into the schema's tables does not "
+            "give the tables as they are, so replay would never equal live. Make the schema "
+            "describe the tables exactly (CHECK, COLLATE, generated columns, STRICT). "
+            "Differences: " + "; ".join(problems[:5])
+        )
 
 
 def _columns_as_declared(xinfo: Iterable[Sequence[Any]]) -> List[Tuple[Any, ...]]:
     """PRAGMA table_xinfo rows without cid, for display: name, type, NOT NULL,
     default, position in the key, generated."""
     return [(r[1], r[2].upper(), r[3], r[4], r[5], r[6]) for r in xinfo]
+
+
+def _table_features(conn: sqlite3.Connection, name: str) -> Set[str]:
+    """The table options that change how rows are stored or keyed."""
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ? "
+                       "COLLATE NOCASE", (name,)).fetchone()[0]
+    code = "".join(_sql_code(sql, literals=False)).upper()
+    tail = code[code.rfind(")") + 1:]  # table options come after the column list
+    return ({"AUTOINCREMENT"} & {w for w in re.findall(r"[A-Z_]+", code)}) | \
+        {option for option in ("STRICT", "WITHOUT ROWID")
+         if re.search(option.replace(" ", r"\s*"), tail)}
 
 
 def _inline_unique(conn: sqlite3.Connection, name: str) -> Set[Tuple[str, ...]]:
@@ -4535,12 +4648,14 @@ def _inline_unique(conn: sqlite3.Connection, name: str) -> Set[Tuple[str, ...]]:
 
 
 def _storing_alike(columns: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
-    """What decides how a column stores values: its name, affinity (INT is INTEGER,
+    """What decides how a column stores values: its name (as spelled: rows are dicts),
+    affinity (INT is INTEGER,
     except for the key that is the rowid), NOT NULL, the default with whitespace
     outside literals dropped, its place in the key, and whether it is generated."""
     rowid = [c for c in columns if c[4]] if len([c for c in columns if c[4]]) == 1 else []
-    return [(c[0].lower(), _affinity(c[1]), bool(rowid) and c is rowid[0] and c[1] == "INTEGER",
-             c[2], None if c[3] is None else "".join(t for t in _sql_code(c[3]) if t != " "),
+    return [(c[0], _affinity(c[1]), bool(rowid) and c is rowid[0] and c[1] == "INTEGER",
+             c[2], None if c[3] is None else "".join(
+                 t if t[0] in "'\"`[" else t.upper() for t in _sql_code(c[3]) if t != " "),
              c[4], c[5]) for c in columns]
 
 
@@ -4652,11 +4767,7 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         raise UsageError(f"path must be a str path or ':memory:'; received {_describe(path)}.")
     path = os.fspath(path)
-    if path == "" or os.path.isdir(path):
-        raise UsageError(f"path must name a file (or be ':memory:'); {path!r} is "
-                         f"{'a directory' if path else 'empty'}.")
-    if path != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise UsageError(f"The directory of {path!r} does not exist; create it first.")
+    _check_path(path)
     if not isinstance(durability, str) or durability not in _DURABILITY:
         raise UsageError(
             f"durability must be 'full' or 'normal'; received {_describe(durability)}."
@@ -4705,6 +4816,14 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
                 finally:
                     restore.close()
         raise
+
+
+def _check_path(path: str) -> None:
+    if path == "" or os.path.isdir(path):
+        raise UsageError(f"path must name a file (or be ':memory:'); {path!r} is "
+                         f"{'a directory' if path else 'empty'}.")
+    if path != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UsageError(f"The directory of {path!r} does not exist; create it first.")
 
 
 def _checked_ids(ids: Callable[[], Any]) -> Callable[[], str]:

@@ -241,6 +241,8 @@ def test_new_store_needs_a_schema(tmp_path):
     ("CREATE TABLE t (a TEXT PRIMARY KEY, d TEXT DEFAULT (date()))", "event.ts"),
     ("CREATE TABLE t (a TEXT PRIMARY KEY, d TEXT DEFAULT (strftime('%s')))", "event.ts"),
     ("CREATE TABLE t (a TEXT PRIMARY KEY, d REAL DEFAULT (julianday()))", "event.ts"),
+    ('CREATE TABLE t (a TEXT PRIMARY KEY, n INTEGER DEFAULT ("random"()))', "another value"),
+    ("CREATE TABLE t (a TEXT PRIMARY KEY, n INTEGER DEFAULT ([random]()))", "another value"),
     ("   -- only a comment\n", "empty"),
     (42, "SQL text"),
 ])
@@ -2470,6 +2472,68 @@ def test_adopted_tables_that_reference_each_other_replay_in_any_order(tmp_path):
             assert copy.view.orders.all() == [{"id": 10, "user_id": 1}]
 
 
+PARENT_CHILD = """CREATE TABLE parent (id INTEGER PRIMARY KEY, name TEXT);
+CREATE TABLE child (id INTEGER PRIMARY KEY, pid INTEGER REFERENCES parent(id));"""
+
+
+def test_adopting_rows_that_reference_missing_rows_is_refused(tmp_path):
+    path = str(tmp_path / "legacy.db")
+    legacy(path, PARENT_CHILD + "INSERT INTO parent VALUES (1, 'p'); INSERT INTO child VALUES (2, 99);")
+    before = file_bytes(path)
+    with pytest.raises(fluxlite.SchemaError, match="row 2 references 'parent'"):
+        fluxlite.open(path, schema=PARENT_CHILD, reducer=lambda view, event: None, adopt=True)
+    assert file_bytes(path) == before
+
+
+def test_only_the_baselines_of_a_copied_log_have_their_references_deferred(tmp_path):
+    """A copy (replay into a file) defers references for the baselines only: an
+    ordinary event after them that breaks one is refused on its own."""
+    path = str(tmp_path / "legacy.db")
+    legacy(path, PARENT_CHILD + "INSERT INTO parent VALUES (1, 'p');")
+
+    def v1(view, event):
+        return (view.parent.insert(id=7, name="x") if event.type == "a"
+                else view.child.insert(id=7, pid=7))
+
+    def swapped(view, event):  # new code: the child first, its parent one event later
+        return v1(view, fluxlite.Event(event.seq, event.id, "b" if event.type == "a" else "a",
+                                       event.payload, event.meta, event.ts))
+    with fluxlite.open(path, schema=PARENT_CHILD, reducer=v1, adopt=True) as store:
+        store.dispatch("a")
+        store.dispatch("b")
+        store._reducer = swapped
+        with pytest.raises(fluxlite.ChangesetError, match="FOREIGN KEY.*event 2|event 2.*FOREIGN"):
+            store.verify()
+        with pytest.raises(fluxlite.ChangesetError, match="FOREIGN KEY"):
+            store.replay(into=str(tmp_path / "copy.db"))
+    assert not (tmp_path / "copy.db").exists()
+
+
+@pytest.mark.parametrize("have, want, refusal", [
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY, Name TEXT)",
+     "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT)", "has columns"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
+     "CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT)", "AUTOINCREMENT"),
+    ("CREATE TABLE t (id TEXT PRIMARY KEY, v TEXT)",
+     "CREATE TABLE t (id TEXT PRIMARY KEY, v TEXT) WITHOUT ROWID", "WITHOUT ROWID|NOT NULL"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
+     "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT) STRICT", "STRICT"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY, a INT, b INT GENERATED ALWAYS AS (a + 1))",
+     "CREATE TABLE t (id INTEGER PRIMARY KEY, a INT, b INT GENERATED ALWAYS AS (a + 2))",
+     "does not give the tables as they are"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY, a INT)",
+     "CREATE TABLE t (id INTEGER PRIMARY KEY, a INT CHECK (a > 5))",
+     "does not give the tables as they are"),
+])
+def test_adopt_refuses_a_table_that_differs_from_the_schema_beyond_its_columns(
+        tmp_path, have, want, refusal):
+    path = str(tmp_path / "legacy.db")
+    legacy(path, f"{have}; INSERT INTO t (id, {'a' if ' a ' in have else 'v' if ' v ' in have else 'Name'})"
+                 f" VALUES (1, 1);")
+    with pytest.raises(fluxlite.SchemaError, match=refusal):
+        fluxlite.open(path, schema=want, reducer=lambda view, event: None, adopt=True)
+
+
 def test_a_schema_referencing_a_table_it_does_not_list_still_replays(tmp_path):
     path = str(tmp_path / "legacy.db")
     legacy(path, """CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT);
@@ -2482,6 +2546,8 @@ def test_a_schema_referencing_a_table_it_does_not_list_still_replays(tmp_path):
         store.verify()  # the scratch has no users table to check against
         store.rebuild()
         assert store.view.orders.count() == 2
+        with store.replay() as copy, store.replay(into=str(tmp_path / "copy.db")) as file:
+            assert copy.view.orders.count() == file.view.orders.count() == 2
 
 
 def test_a_rebuild_that_drops_a_table_another_table_references_is_refused(tmp_path):
@@ -2523,12 +2589,27 @@ def test_a_store_accepted_before_a_schema_rule_keeps_its_past(tmp_path):
             assert copy.head == 2
 
 
-def test_a_failed_replay_into_a_new_file_leaves_no_file(tmp_path):
+def test_a_failed_replay_into_a_new_file_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with fluxlite.open(str(tmp_path / "a.db"), schema=SCHEMA, reducer=reducer) as store:
         add(store, "a")
         with pytest.raises(fluxlite.UsageError, match="does not exist"):
             store.replay(into=str(tmp_path / "no" / "copy.db"))
+        for bad in ("", str(tmp_path), None):
+            with pytest.raises(fluxlite.UsageError):
+                store.replay(into=bad)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.db"]
+
+
+def test_history_finds_keys_of_a_strict_tables_any_column_as_stored():
+    schema = "CREATE TABLE t (k ANY PRIMARY KEY, v TEXT) STRICT"
+    with fluxlite.open(":memory:", schema=schema, reducer=lambda view, event:
+                       view.t.upsert(k=event.payload[0], v=event.payload[1])) as store:
+        store.dispatch("put", ["1", "a"])  # kept as text: ANY in a STRICT table converts nothing
+        store.dispatch("put", [1.5, "b"])
+        assert [r.op for r in store.history("t", "1")] == ["insert"]
+        assert [r.op for r in store.history("t", 1.5)] == ["insert"]
+        assert store.history("t", 1) == []
 
 
 def test_a_rebuild_whose_new_foreign_key_old_events_break_names_the_event(tmp_path):
