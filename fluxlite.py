@@ -1563,8 +1563,11 @@ def _damaged_model(exc: sqlite3.Error) -> StorageError:
 def _constraint_error(change: Change, info: _TableInfo, exc: Exception) -> ChangesetError:
     """SQLite's refusal of a change, as a ChangesetError naming the change."""
     if isinstance(exc, sqlite3.IntegrityError):
+        key = change.key
+        if key is None and isinstance(change.values, _Mapping) and info.pk_set <= change.values.keys():
+            key = info.key_of(change.values)  # an insert names its key among its values
         return ChangesetError(
-            f"{change.op} on {info.name!r} key {change.key!r} violates a "
+            f"{change.op} on {info.name!r} key {key!r} violates a "
             f"constraint: {exc}. Check the reducer's values against the schema."
         )
     return ChangesetError(f"{change.op} on {info.name!r} has a value SQLite cannot store: {exc}.")
