@@ -34,12 +34,18 @@ class App:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def call(self, method, path, body=None, *, user=None, headers=None, data=None):
-        """(status, decoded JSON body). ``body`` is sent as JSON; ``data`` as raw bytes."""
+        """(status, decoded JSON body). ``body`` is sent as JSON; ``data`` as raw bytes.
+
+        Either goes with ``Content-Type: application/json`` unless ``headers`` say
+        otherwise (urllib would send a form's type).
+        """
         headers = dict(headers or {})
         if user is not None:
             headers["X-User"] = user
         if body is not None:
             data = json.dumps(body).encode()
+        if data is not None:
+            headers.setdefault("Content-Type", "application/json")
         request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=5) as response:

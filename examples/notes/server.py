@@ -8,19 +8,35 @@ other shows at once. The store file is ``notes.db`` in the current directory
 unless ``--db`` says otherwise, so notes (and their whole history) survive a
 restart.
 
+X-User is a name, not authentication: anyone who can reach the server can
+claim any name, "admin" included. The server listens on 127.0.0.1 and refuses
+requests from other web sites (below), but before exposing the app to a
+network, put real authentication in front of it (a reverse proxy that logs
+users in and sets X-User itself, refusing it from clients) and serve it over
+HTTPS.
+
 HTTP API (JSON in, JSON out; errors are ``{"error": "..."}``):
 
     POST /api/command/addNote          {"id", "title", "text"}  (the client makes the id)
-    POST /api/command/editNoteTitle    {"id", "title"}
-    POST /api/command/editNoteContent  {"id", "text"}
+    POST /api/command/editNoteTitle    {"id", "title", "base"?}
+    POST /api/command/editNoteContent  {"id", "text", "base"?}
     POST /api/command/removeNote       {"id"}
         200 {"event": ..., "changes": [...]}; 400 unknown command, invalid JSON or
         a missing/invalid field; 403 not allowed; 409 rejected by the reducer
-        (no such note, the id exists) or an Idempotency-Key reused for other content.
-        The user is the ``X-User`` header (percent-decoded, so any name fits in
-        it) or ``?user=``. Anyone named may add and edit; only a note's author
-        or "admin" may remove it. An optional ``Idempotency-Key`` header becomes
-        the event id, so a retried request is applied once.
+        (no such note, the id exists, the note changed since ``base``) or an
+        Idempotency-Key reused for other content; 413 body too large; 415 not
+        ``Content-Type: application/json``.
+        The user is the ``X-User`` header only, percent-encoded UTF-8 (so any
+        name fits in it; raw non-ASCII is refused with 400). Anyone named may
+        add and edit; only a note's author or "admin" may remove it.
+        ``base`` is the title or text the edit started from: when the note no
+        longer has it (someone else edited it meanwhile), the edit is refused
+        with 409 instead of silently overwriting theirs. Without ``base`` an
+        edit always applies (as events logged before it existed do).
+        An optional ``Idempotency-Key`` header (1-100 of ``A-Za-z0-9_.:-``) is
+        scoped per user: the event id is ``<user, percent-encoded>:<key>``, so
+        a retried request is applied once and one user's key never returns
+        another user's event.
     GET /api/notes                     {"seq": N, "notes": [...]}: the notes as of seq N
     GET /api/events?after=0&limit=100  {"events": [...]}: the log, oldest first
     GET /api/stream?after=N            Server-Sent Events: ``id: <seq>`` and
@@ -28,10 +44,27 @@ HTTP API (JSON in, JSON out; errors are ``{"error": "..."}``):
         ``Last-Event-ID`` header, which a reconnecting EventSource sends; without
         either, after the head), and a comment every 15 s when idle.
     GET /                              the page (index.html next to this file)
+    HEAD, OPTIONS, PUT, PATCH, DELETE: 405 with an ``Allow`` header.
+
+Other web sites: every request must carry a ``Host`` header naming this server
+(the address it is bound to, localhost, 127.0.0.1 or [::1], with its port, or
+the host of an ``--origin``), and an ``Origin`` header, when present, must be
+this same origin (``http://`` + Host) or an ``--origin``; else 403. That stops
+DNS rebinding (a site whose name resolves to 127.0.0.1) and cross-site posts.
+Commands need ``Content-Type: application/json`` and X-User, which a browser
+sends cross-origin only after a CORS preflight (OPTIONS), which this server
+never grants. The page may not be framed (CSP ``frame-ancestors 'none'``).
 
 Every command becomes one event; the reducer turns it into row changes of the
 ``notes`` table; each SSE client follows the log in its own thread and gets the
 changes as committed, which the page applies to its own copy of the table.
+
+Limits: the server speaks HTTP/1.0, one request per connection, and each open
+page holds one stream. Browsers allow 6 connections per host over HTTP/1.x, so
+6 tabs of the app in one browser use them all: a 7th tab, and every command
+from any tab, waits until a stream closes. A real deployment serves it over
+HTTP/2 (behind a proxy) or shares one stream between tabs (a SharedWorker or
+BroadcastChannel).
 """
 import argparse
 import json
@@ -42,10 +75,14 @@ import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import fluxlite  # noqa: E402  (the repo root, so no install is needed)
+try:
+    import fluxlite
+except ImportError:  # not installed: the repo this example sits in (only as a fallback,
+    # so a copy of this file never imports whatever fluxlite.py lies two levels up)
+    sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+    import fluxlite
 
 log = logging.getLogger("notes")
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
@@ -75,11 +112,31 @@ def notes(table, event):
     if event.type in ("editNoteTitle", "editNoteContent", "removeNote") and note_id not in table:
         raise fluxlite.Rejected(f"There is no note with id {note_id!r} (removed meanwhile?).")
     if event.type == "editNoteTitle":
+        _unchanged_since_base(table.get(note_id), "title", event.payload)
         return table.update(note_id, title=event.payload["title"], updated_at=now)
     if event.type == "editNoteContent":
+        _unchanged_since_base(table.get(note_id), "text", event.payload)
         return table.update(note_id, text=event.payload["text"], updated_at=now)
     if event.type == "removeNote":
         return table.delete(note_id)
+
+
+def _unchanged_since_base(note, field, payload):
+    """Reject an edit made over someone else's: the field must still be its "base".
+
+    Events without a base (older clients, events logged before base existed)
+    apply as they always did, so replaying an old log gives the same rows.
+    """
+    if "base" in payload and note[field] != payload["base"]:
+        raise fluxlite.Rejected(
+            f"The note's {field} changed meanwhile (someone else edited it): your edit started "
+            f"from {_preview(payload['base'])}, the note now has {_preview(note[field])}. "
+            f"Nothing was saved; merge your change into the current {field} and send it "
+            f"again with that as base.")
+
+
+def _preview(text, limit=60):
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 REDUCER = fluxlite.combine({"notes": notes})
@@ -133,14 +190,20 @@ def _note_id(value):
     return value
 
 
-FIELDS = {"id": _note_id, "title": _text("title", 200, blank=False), "text": _text("text", 20_000)}
-COMMANDS = {
-    "addNote": ("id", "title", "text"),
-    "editNoteTitle": ("id", "title"),
-    "editNoteContent": ("id", "text"),
-    "removeNote": ("id",),
+TITLE_MAX, TEXT_MAX = 200, 20_000  # characters (code points), as len() counts them
+FIELDS = {"id": _note_id, "title": _text("title", TITLE_MAX, blank=False),
+          "text": _text("text", TEXT_MAX), "base": _text("base", TEXT_MAX)}
+COMMANDS = {  # name: (required fields, optional fields)
+    "addNote": (("id", "title", "text"), ()),
+    "editNoteTitle": (("id", "title"), ("base",)),
+    "editNoteContent": (("id", "text"), ("base",)),
+    "removeNote": (("id",), ()),
 }
-MAX_BODY = 64 * 1024
+# The longest command is editNoteContent: an id, a text and a base. A character
+# takes up to 12 bytes of JSON: an emoji is "\ud83d\ude00" as json.dumps (and
+# so many clients) write it by default. 4 KiB more for names, quotes, spaces.
+MAX_BODY = 12 * (64 + 2 * TEXT_MAX) + 4096
+MAX_EVENT_ID = 1000  # "<user>:<key>": 64 characters percent-encoded (<= 768) + 1 + 100
 
 
 def command_payload(name, body):
@@ -149,20 +212,47 @@ def command_payload(name, body):
         raise ApiError(400, f"Unknown command {name[:80]!r}; the commands are {', '.join(COMMANDS)}.")
     if not isinstance(body, dict):
         raise ApiError(400, f"The body of {name} must be a JSON object.")
-    fields = COMMANDS[name]
-    extra = sorted(set(body) - set(fields))
+    required, optional = COMMANDS[name]
+    extra = sorted(set(body) - set(required) - set(optional))
     if extra:
         raise ApiError(400, f"Unknown field(s) for {name}: {', '.join(map(repr, extra))[:200]}.")
-    missing = [f for f in fields if f not in body]
+    missing = [f for f in required if f not in body]
     if missing:
         raise ApiError(400, f"Missing field(s) for {name}: {', '.join(map(repr, missing))}.")
-    return {f: FIELDS[f](body[f]) for f in fields}
+    return {f: FIELDS[f](body[f]) for f in required + optional if f in body}
+
+
+def scoped_event_id(actor, key):
+    """The event id for an Idempotency-Key: per user, so a key never finds another's event.
+
+    The name is percent-encoded (":" included), so "<user>:<key>" is one
+    user's key only: "a:b" with key "c" and "a" with key "b:c" differ.
+    """
+    if key is None:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,100}", key):
+        raise ApiError(400, f"Idempotency-Key must be 1-100 letters, digits or '-_.:'; "
+                            f"received {key[:120]!r}. A UUID will do.")
+    event_id = f"{quote(actor or '', safe='')}:{key}"
+    if len(event_id) > MAX_EVENT_ID:  # cannot happen with names <= 64 characters
+        raise ApiError(400, f"Idempotency-Key and user name together are too long "
+                            f"({len(event_id)} > {MAX_EVENT_ID} characters); use a shorter key.")
+    return event_id
 
 
 # Errors from dispatch, as HTTP statuses.
 STATUS = ((fluxlite.Forbidden, 403), (fluxlite.Rejected, 409), (fluxlite.Conflict, 409),
           (fluxlite.InvalidEvent, 400), (fluxlite.Busy, 503))
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
+
+# Control characters as \x1b etc. (as BaseHTTPRequestHandler logs them): a request
+# line or path must not write escape sequences to the terminal or forge log lines.
+_CONTROL = str.maketrans({c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))})
+_CONTROL[ord("\\")] = "\\\\"
+
+
+def _escape(text):
+    return text.translate(_CONTROL)
 
 
 # -- HTTP ----------------------------------------------------------------------
@@ -172,9 +262,10 @@ class NotesServer(ThreadingHTTPServer):
 
     daemon_threads = True  # a lingering stream never keeps the process alive
 
-    def __init__(self, address, store, heartbeat):
+    def __init__(self, address, store, heartbeat, origins=()):
         super().__init__(address, Handler)
         self.store, self.heartbeat = store, heartbeat
+        self.origins, self.hosts = set(origins), _hosts(self.server_address, origins)
         self.stopping = threading.Event()
         self._streams = 0
         self._streams_lock = threading.Lock()
@@ -197,6 +288,15 @@ class NotesServer(ThreadingHTTPServer):
         self.server_close()
 
 
+def _hosts(address, origins):
+    """The Host headers that name this server: its address or a loopback name, with its
+    port (or without, on port 80), and the host of each extra origin."""
+    bound, port = address[:2]
+    names = {n if ":" not in n else f"[{n}]" for n in (bound, "localhost", "127.0.0.1", "::1")}
+    hosts = {f"{n}:{port}" for n in names} | (names if port == 80 else set())
+    return hosts | {urlsplit(o).netloc for o in origins}
+
+
 class Handler(BaseHTTPRequestHandler):
     """HTTP/1.0: one request per connection, so a stream simply ends when it closes."""
 
@@ -204,7 +304,7 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 30  # seconds a socket read or write may block: a stuck client is dropped
 
     def log_message(self, format, *args):
-        log.info("%s %s", self.address_string(), format % args)
+        log.info("%s %s", self.address_string(), _escape(format % args))
 
     def do_GET(self):
         self._route("GET")
@@ -218,17 +318,27 @@ class Handler(BaseHTTPRequestHandler):
     def do_DELETE(self):
         self._route("DELETE")
 
+    def do_PATCH(self):
+        self._route("PATCH")
+
+    def do_OPTIONS(self):  # a CORS preflight among others: never granted
+        self._route("OPTIONS")
+
+    def do_HEAD(self):
+        self._route("HEAD")
+
     def _route(self, method):
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         if url.path.startswith("/api/command/"):
-            allowed, action = "POST", lambda: self.api_command(url.path[len("/api/command/"):], query)
+            allowed, action = "POST", lambda: self.api_command(url.path[len("/api/command/"):])
         else:
             allowed, action = "GET", {
                 "/": self.index_page, "/index.html": self.index_page, "/api/notes": self.api_notes,
                 "/api/events": lambda: self.api_events(query), "/api/stream": lambda: self.api_stream(query),
             }.get(url.path)
         try:
+            self.check_host_and_origin()
             if action is None:
                 raise ApiError(404, f"Nothing at {url.path[:100]!r}.")
             if method != allowed:
@@ -239,7 +349,7 @@ class Handler(BaseHTTPRequestHandler):
         except CLIENT_GONE:
             pass  # the client left; nothing to answer
         except Exception as exc:  # a bug or a closed store: answer 500, keep serving
-            log.exception("%s %s failed", method, self.path)
+            log.exception("%s %s failed", method, _escape(self.path))
             self.send_json(503 if isinstance(exc, fluxlite.UsageError) else 500,
                            {"error": f"Internal error: {type(exc).__name__}."})
 
@@ -253,18 +363,65 @@ class Handler(BaseHTTPRequestHandler):
             if status == 405:
                 self.send_header("Allow", "POST" if self.path.startswith("/api/command/") else "GET")
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":  # a HEAD answer has the headers only
+                self.wfile.write(body)
         except CLIENT_GONE:
             pass
 
-    def actor(self, query):
-        """The user: X-User (percent-decoded) or ?user=; None when anonymous."""
+    def check_host_and_origin(self):
+        """403 unless Host names this server and Origin, if sent, is this same origin.
+
+        A browser sends the Host of the URL it thinks it talks to: a site whose
+        name resolves to 127.0.0.1 (DNS rebinding) sends its own name. A
+        browser sends Origin on cross-site posts: another site's page posting
+        here sends its own.
+        """
+        hosts = self.headers.get_all("Host", [])
+        host = hosts[0].strip().lower() if len(hosts) == 1 else None
+        if host not in self.server.hosts:
+            raise ApiError(403, f"The Host header must name this server "
+                                f"({', '.join(sorted(self.server.hosts))}); received "
+                                f"{', '.join(map(repr, hosts))[:120] or 'none'}. Open the app at one "
+                                f"of those addresses, or start the server with --origin for the "
+                                f"public address a proxy serves it at.")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin != f"http://{host}" and origin not in self.server.origins:
+            raise ApiError(403, f"Requests from other web sites are refused: the Origin header must "
+                                f"be http://{host} (or an --origin); received {origin[:120]!r}.")
+
+    def actor(self):
+        """The user: the X-User header, percent-decoded UTF-8; None when anonymous.
+
+        Only a header: a browser sends it cross-site only after a CORS preflight,
+        which is never granted (a ``?user=`` in the URL would need none).
+        """
         header = self.headers.get("X-User")
-        name = unquote(header) if header is not None else query.get("user", [""])[0]
-        name = name.strip()
+        if header is None:
+            return None
+        if not header.isascii():  # the stdlib decodes header bytes as Latin-1: mangled
+            raise ApiError(400, f"X-User must be ASCII: percent-encode the name as UTF-8 "
+                                f"(encodeURIComponent in JavaScript, e.g. J%C3%BCrgen); received "
+                                f"{header[:80]!r}.")
+        try:
+            name = unquote(header, errors="strict").strip()
+        except UnicodeDecodeError:
+            raise ApiError(400, f"X-User is not percent-encoded UTF-8; received "
+                                f"{header[:80]!r}.") from None
         if len(name) > 64 or not name.isprintable():
-            raise ApiError(400, "A user name is at most 64 printable characters.")
+            raise ApiError(400, f"A user name is at most 64 printable characters; received "
+                                f"{name[:80]!r} ({len(name)} characters).")
         return name or None
+
+    def check_json_content_type(self):
+        """415 unless Content-Type is application/json (a charset parameter may follow).
+
+        Another site's page can post text/plain or a form without asking; JSON
+        needs a CORS preflight first, which this server never grants.
+        """
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, f"Commands take Content-Type: application/json; received "
+                                f"{content_type[:80]!r}. Send the body as JSON with that header.")
 
     def read_json(self):
         try:
@@ -285,20 +442,21 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- endpoints ---------------------------------------------------------------
 
-    def api_command(self, name, query):
+    def api_command(self, name):
+        if name in COMMANDS:
+            self.check_json_content_type()
         payload = command_payload(name, self.read_json() if name in COMMANDS else {})
-        actor = self.actor(query)
-        key = self.headers.get("Idempotency-Key")
-        if key is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,100}", key):
-            raise ApiError(400, "Idempotency-Key must be 1-100 letters, digits or '-_.:'.")
+        actor = self.actor()
+        event_id = scoped_event_id(actor, self.headers.get("Idempotency-Key"))
         store = self.server.store
         try:
-            event = store.dispatch(name, payload, actor=actor, id=key)
+            event = store.dispatch(name, payload, actor=actor, id=event_id)
         except fluxlite.FluxliteError as exc:
             status = next((s for kind, s in STATUS if isinstance(exc, kind)), None)
             if status is None:
                 raise
-            hint = " Name yourself: X-User header or ?user=." if status == 403 and actor is None else ""
+            hint = (" Name yourself: send the X-User header (percent-encoded); ?user= is not read."
+                    if status == 403 and actor is None else "")
             raise ApiError(status, str(exc) + hint) from None
         changes = [c.to_dict() for c in store.changes(event.seq)]
         self.send_json(200, {"event": event.to_dict(), "changes": changes})
@@ -325,7 +483,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Content-Security-Policy",  # the page loads nothing from elsewhere
                          "default-src 'self'; script-src 'self' 'unsafe-inline'; "
-                         "style-src 'self' 'unsafe-inline'; img-src data:")
+                         "style-src 'self' 'unsafe-inline'; img-src data:; "
+                         "frame-ancestors 'none'")  # no other site may frame it (clickjacking)
         self.end_headers()
         self.wfile.write(body)
 
@@ -384,18 +543,34 @@ def _int_param(query, name, default):
     return _parse_int(name, values[0]) if values and values[0] != "" else default
 
 
-def make_server(db_path, port=0, host="127.0.0.1", heartbeat=15.0):
+def make_server(db_path, port=0, host="127.0.0.1", heartbeat=15.0, origins=()):
     """Open the store and bind the server (port 0: any free port). Returns (httpd, store).
+
+    ``origins``: extra origins the page is served at, e.g. "https://notes.example.com"
+    behind a proxy; requests from them (and with their Host) are accepted too.
 
     Run it with ``httpd.serve_forever()``; stop it from another thread with
     ``httpd.close()``, which also closes the store.
     """
+    origins = _origins(origins)
     store = open_store(db_path)
     try:
-        return NotesServer((host, port), store, heartbeat), store
+        return NotesServer((host, port), store, heartbeat, origins), store
     except BaseException:
         store.close()
         raise
+
+
+def _origins(origins):
+    """Each origin as scheme://host[:port] in lower case, as a browser sends it."""
+    checked = []
+    for origin in origins:
+        url = urlsplit(origin)
+        if url.scheme not in ("http", "https") or not url.netloc or url.path not in ("", "/"):
+            raise ValueError(f"An origin is scheme://host[:port], like https://notes.example.com; "
+                             f"received {origin!r}.")
+        checked.append(f"{url.scheme}://{url.netloc}".lower())
+    return checked
 
 
 def main(argv=None):
@@ -403,9 +578,16 @@ def main(argv=None):
     parser.add_argument("--db", default="notes.db", help="store file (default: ./notes.db)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--origin", action="append", default=[], metavar="URL",
+                        help="also accept requests for this origin, e.g. https://notes.example.com "
+                             "behind a proxy (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    httpd, store = make_server(args.db, port=args.port, host=args.host)
+    try:
+        origins = _origins(args.origin)
+    except ValueError as exc:
+        parser.error(str(exc))
+    httpd, store = make_server(args.db, port=args.port, host=args.host, origins=origins)
     host, port = httpd.server_address[:2]
     print(f"Notes on http://{host}:{port}/  (store: {os.path.abspath(args.db)}, "
           f"{store.head} events). Ctrl-C stops.", flush=True)

@@ -6,13 +6,17 @@ raw socket reader, so the tests see exactly the bytes a browser would.
 import http.client
 import json
 import logging
+import os
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
 import traceback
 import urllib.request
 
+import notes_server  # server.py, registered under this name by conftest.py
 import pytest
 
 NOTE = {"id": "n1", "title": "Groceries", "text": "milk, eggs"}
@@ -38,7 +42,8 @@ class SSEClient:
     def __init__(self, app, query="", last_event_id=None, timeout=5.0):
         self.sock = socket.create_connection(("127.0.0.1", app.port), timeout=timeout)
         extra = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id is not None else ""
-        self.sock.sendall(f"GET /api/stream{query} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+        self.sock.sendall(f"GET /api/stream{query} HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\n"
+                          f"{extra}\r\n".encode())
         self.file = self.sock.makefile("rb")
         self.status = int(self.file.readline().split()[1])
         self.headers = {}
@@ -112,8 +117,8 @@ def test_each_command_changes_the_notes(app):
     assert [(n["id"], n["title"], n["text"], n["author"]) for n in notes(app)["notes"]] == [
         ("n1", "Groceries", "milk, eggs", "alice")]
 
-    # Anyone named may edit; the user may come from ?user= too.
-    status, body = app.call("POST", "/api/command/editNoteTitle?user=bob", {"id": "n1", "title": "Shopping"})
+    # Anyone named may edit.
+    status, body = app.command("editNoteTitle", {"id": "n1", "title": "Shopping"}, user="bob")
     assert status == 200
     assert body["changes"][0]["op"] == "update"
     assert set(body["changes"][0]["values"]) == {"title", "updated_at"}  # only what changed
@@ -141,7 +146,7 @@ def test_each_command_changes_the_notes(app):
 def test_bad_requests_get_a_status_and_a_json_error(app, caplog):
     assert app.command("addNote", NOTE)[0] == 200
     good = [e.to_dict() for e in app.store.events()]
-    long_body = json.dumps({**NOTE, "text": "x" * 70_000}).encode()
+    long_body = json.dumps({**NOTE, "text": "x" * notes_server.MAX_BODY}).encode()
     cases = [
         (400, "POST", "/api/command/deleteEverything", {"body": {}}),
         (400, "POST", "/api/command/addNote", {"data": b"{not json"}),
@@ -153,6 +158,9 @@ def test_bad_requests_get_a_status_and_a_json_error(app, caplog):
         (400, "POST", "/api/command/addNote", {"body": {"id": "n9", "title": "  ", "text": ""}}),
         (400, "POST", "/api/command/addNote", {"body": {"id": "../x", "title": "t", "text": ""}}),
         (400, "POST", "/api/command/addNote", {"body": {**NOTE, "id": "n9", "extra": 1}}),
+        (400, "POST", "/api/command/addNote", {"body": {**NOTE, "id": "n9", "text": "x" * 20_001}}),
+        (400, "POST", "/api/command/addNote", {"body": {**NOTE, "id": "n9", "base": "x"}}),
+        (400, "POST", "/api/command/editNoteTitle", {"body": {"id": "n1", "title": "t", "base": 1}}),
         (400, "POST", "/api/command/removeNote", {"body": {}}),
         (413, "POST", "/api/command/addNote", {"data": long_body}),
         (409, "POST", "/api/command/addNote", {"body": NOTE}),  # the id exists
@@ -180,6 +188,7 @@ def test_bad_requests_get_a_status_and_a_json_error(app, caplog):
     conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=5)
     conn.putrequest("POST", "/api/command/addNote")
     conn.putheader("X-User", "alice")
+    conn.putheader("Content-Type", "application/json")
     conn.endheaders()
     response = conn.getresponse()
     assert response.status == 411 and "error" in json.loads(response.read())
@@ -197,7 +206,7 @@ def test_an_idempotency_key_applies_a_retry_once(app):
     first = app.command("addNote", NOTE, headers=headers)
     retry = app.command("addNote", NOTE, headers=headers)
     assert first[0] == retry[0] == 200
-    assert retry[1]["event"] == first[1]["event"] and first[1]["event"]["id"] == "req-1"
+    assert retry[1]["event"] == first[1]["event"] and first[1]["event"]["id"] == "alice:req-1"
     assert app.store.head == 1
     status, body = app.command("addNote", {**NOTE, "id": "n2"}, headers=headers)  # other content
     assert status == 409 and "idempotency" in body["error"]
@@ -208,7 +217,207 @@ def test_the_page_is_served(app):
     with urllib.request.urlopen(app.url + "/", timeout=5) as response:
         page = response.read().decode()
         assert response.headers["Content-Type"].startswith("text/html")
+        assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
     assert "EventSource" in page and "function applyChange" in page
+
+
+# -- other web sites, and who the user is -------------------------------------------
+
+def raw_request(app, method, path, headers, body=b""):
+    """(status, headers, body bytes) for a request with exactly these headers (bytes allowed)."""
+    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=5)
+    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    for name, value in headers.items():
+        conn.putheader(name, value)
+    if body:
+        conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body or None)
+    response = conn.getresponse()
+    try:
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+def test_other_sites_cannot_send_commands_or_read_the_notes(app):
+    own = f"127.0.0.1:{app.port}"
+    body = json.dumps(NOTE).encode()
+    json_ = {"Content-Type": "application/json", "X-User": "alice"}
+    refused = [
+        # A no-cors post from another site's page: text/plain needs no preflight.
+        (415, {"Content-Type": "text/plain", "X-User": "alice"}),
+        (415, {"Content-Type": "application/x-www-form-urlencoded", "X-User": "alice"}),
+        (415, {"X-User": "alice"}),
+        (403, {**json_, "Origin": "http://evil.example"}),
+        (403, {**json_, "Origin": "null"}),
+        (403, {**json_, "Origin": f"http://localhost:{app.port}"}),  # Host is 127.0.0.1
+        # DNS rebinding: the attacker's name, resolved to 127.0.0.1, as the Host.
+        (403, {**json_, "Host": f"evil.example:{app.port}"}),
+        (403, {**json_, "Host": "127.0.0.1"}),  # no port
+        (403, {**json_, "Host": None}),  # none at all
+    ]
+    for expected, headers in refused:
+        headers = {"Host": own, **headers}
+        headers = {k: v for k, v in headers.items() if v is not None}
+        status, _, data = raw_request(app, "POST", "/api/command/addNote", headers, body)
+        assert (status, type(json.loads(data)["error"])) == (expected, str), headers
+    assert app.store.head == 0
+
+    # The user comes from X-User only: ?user= names nobody.
+    status, body_ = app.call("POST", "/api/command/addNote?user=alice", NOTE)
+    assert status == 403 and "X-User" in body_["error"] and "?user= is not read" in body_["error"]
+    assert app.store.head == 0
+
+    # Reads too: a rebinding page could read the notes otherwise.
+    for path in ("/", "/api/notes", "/api/events", "/api/stream"):
+        status, _, data = raw_request(app, "GET", path, {"Host": f"evil.example:{app.port}"})
+        assert status == 403 and "Host" in json.loads(data)["error"], path
+
+    # Our own page, by any of the server's names: accepted.
+    for host in (own, f"localhost:{app.port}", f"LocalHost:{app.port}", f"[::1]:{app.port}"):
+        status, _, _ = raw_request(app, "GET", "/api/notes", {"Host": host})
+        assert status == 200, host
+    headers = {"Host": own, "Origin": f"http://{own}", "X-User": "alice",
+               "Content-Type": "application/json; charset=utf-8"}
+    assert raw_request(app, "POST", "/api/command/addNote", headers, body)[0] == 200
+    assert app.store.head == 1
+
+
+def test_an_extra_origin_is_accepted_for_a_proxy(tmp_path):
+    httpd, store = notes_server.make_server(str(tmp_path / "n.db"),
+                                            origins=["https://Notes.Example.com"])
+    try:
+        assert "notes.example.com" in httpd.hosts and "https://notes.example.com" in httpd.origins
+    finally:
+        httpd.server_close()
+        store.close()
+    with pytest.raises(ValueError, match="scheme://host"):
+        notes_server.make_server(str(tmp_path / "n.db"), origins=["notes.example.com"])
+
+
+def test_a_raw_non_ascii_user_name_is_refused_not_mangled(app):
+    headers = {"Host": f"127.0.0.1:{app.port}", "Content-Type": "application/json",
+               "X-User": "Jürgen".encode()}  # UTF-8 bytes, not percent-encoded
+    body = json.dumps(NOTE).encode()
+    status, _, data = raw_request(app, "POST", "/api/command/addNote", headers, body)
+    assert status == 400 and "percent-encode" in json.loads(data)["error"]
+    assert app.command("addNote", NOTE, user="J%FCrgen")[0] == 400  # Latin-1, not UTF-8
+    assert app.store.head == 0
+    assert app.command("addNote", NOTE, user="J%C3%BCrgen")[0] == 200
+    assert notes(app)["notes"][0]["author"] == "Jürgen"
+
+
+def test_other_methods_get_a_json_405_with_allow(app):
+    for method, path, allow in [("HEAD", "/", "GET"), ("OPTIONS", "/api/notes", "GET"),
+                                ("OPTIONS", "/api/command/addNote", "POST"),
+                                ("PATCH", "/api/command/editNoteTitle", "POST"),
+                                ("PATCH", "/api/notes", "GET")]:
+        headers = {"Host": f"127.0.0.1:{app.port}", "Origin": "http://evil.example",
+                   "Access-Control-Request-Method": "POST"} if method == "OPTIONS" else {
+                   "Host": f"127.0.0.1:{app.port}"}
+        if method == "OPTIONS":  # a CORS preflight from another site: refused, no CORS headers
+            status, response_headers, data = raw_request(app, method, path, headers)
+            assert status == 403 and "Access-Control-Allow-Origin" not in response_headers
+            headers.pop("Origin")
+        status, response_headers, data = raw_request(app, method, path, headers)
+        assert (status, response_headers["Allow"]) == (405, allow), (method, path)
+        assert response_headers["Content-Type"] == "application/json"
+        if method == "HEAD":
+            assert data == b""
+        else:
+            assert method in json.loads(data)["error"]
+
+
+def test_control_characters_in_a_request_line_are_escaped_in_the_log(app, caplog):
+    caplog.set_level(logging.INFO, logger="notes")
+    with socket.create_connection(("127.0.0.1", app.port), timeout=5) as sock:
+        sock.sendall(b"GET /\x1b[31mred\x07 HTTP/1.0\r\nHost: 127.0.0.1:%d\r\n\r\n" % app.port)
+        assert b" 404 " in sock.makefile("rb").readline()
+    wait_until(lambda: any("red" in r.getMessage() for r in caplog.records))
+    [message] = [r.getMessage() for r in caplog.records if "red" in r.getMessage()]
+    assert "\\x1b[31mred\\x07" in message and "\x1b" not in message and "\x07" not in message
+
+
+def test_a_copied_server_imports_the_installed_fluxlite_not_one_two_levels_up(tmp_path):
+    import fluxlite
+
+    repo = os.path.dirname(os.path.abspath(fluxlite.__file__))
+    copy = tmp_path / "a" / "b"
+    copy.mkdir(parents=True)
+    shutil.copy(notes_server.__file__, copy / "server.py")
+    (tmp_path / "fluxlite.py").write_text("raise ImportError('the wrong fluxlite')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = "import server, fluxlite; print(fluxlite.__file__)"
+    found = subprocess.run([sys.executable, "-c", script], cwd=copy, capture_output=True, text=True,
+                           env={**env, "PYTHONPATH": repo},  # as if installed
+                           timeout=60, check=False)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == os.path.join(repo, "fluxlite.py")
+    # Where nothing is installed, the example in the repo still finds the repo's.
+    here = subprocess.run([sys.executable, notes_server.__file__, "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert here.returncode == 0 and "--origin" in here.stdout, here.stderr
+
+
+# -- edits over edits, idempotency per user, big notes ----------------------------------
+
+def test_an_edit_started_from_an_old_version_is_refused(app):
+    assert app.command("addNote", NOTE, user="alice")[0] == 200
+    # alice and bob both start from "Groceries"; alice saves first.
+    assert app.command("editNoteTitle", {"id": "n1", "title": "Shopping", "base": "Groceries"},
+                       user="alice")[0] == 200
+    status, body = app.command("editNoteTitle", {"id": "n1", "title": "Food", "base": "Groceries"},
+                               user="bob")
+    assert status == 409 and "changed meanwhile" in body["error"] and "'Shopping'" in body["error"]
+    status, body = app.command("editNoteContent", {"id": "n1", "text": "bread", "base": "milk"},
+                               user="bob")
+    assert status == 409 and "text changed meanwhile" in body["error"]
+    assert [(n["title"], n["text"]) for n in notes(app)["notes"]] == [("Shopping", "milk, eggs")]
+    # From the current version, or without a base (older clients, older events): applied.
+    assert app.command("editNoteTitle", {"id": "n1", "title": "Food", "base": "Shopping"},
+                       user="bob")[0] == 200
+    assert app.command("editNoteContent", {"id": "n1", "text": "bread", "base": "milk, eggs"},
+                       user="bob")[0] == 200
+    assert app.command("editNoteTitle", {"id": "n1", "title": "Old client"}, user="carol")[0] == 200
+    assert app.command("editNoteContent", {"id": "n1", "text": "no base"}, user="carol")[0] == 200
+    assert [(n["title"], n["text"]) for n in notes(app)["notes"]] == [("Old client", "no base")]
+    assert [(e.type, e.actor) for e in app.store.events()] == [
+        ("addNote", "alice"), ("editNoteTitle", "alice"), ("editNoteTitle", "bob"),
+        ("editNoteContent", "bob"), ("editNoteTitle", "carol"), ("editNoteContent", "carol")]
+    app.store.verify()  # replay, base or not, equals live
+
+
+def test_an_idempotency_key_is_scoped_to_its_user(app):
+    assert app.command("addNote", NOTE)[0] == 200
+    edit, key = {"id": "n1", "title": "Shopping"}, {"Idempotency-Key": "k1"}
+    status, mine = app.command("editNoteTitle", edit, user="alice", headers=key)
+    assert status == 200 and mine["event"]["id"] == "alice:k1"
+    # bob's first request with the same key and body is his own event, not alice's.
+    status, his = app.command("editNoteTitle", edit, user="bob", headers=key)
+    assert status == 200 and his["event"]["id"] == "bob:k1"
+    assert his["event"]["meta"] == {"actor": "bob"}
+    assert app.command("editNoteTitle", edit, user="bob", headers=key)[1]["event"] == his["event"]
+    # Names are percent-encoded in the id, so "a:b" + "c" is not "a" + "b:c".
+    assert app.command("editNoteTitle", edit, user="a:b", headers={"Idempotency-Key": "c"})[1][
+        "event"]["id"] == "a%3Ab:c"
+    status, other = app.command("editNoteTitle", edit, user="a", headers={"Idempotency-Key": "b:c"})
+    assert status == 200 and other["event"]["id"] == "a:b:c"
+    assert other["event"]["meta"] == {"actor": "a"}
+    assert app.store.head == 5
+
+
+def test_the_longest_notes_in_any_script_fit_in_a_body(app):
+    for n, char in enumerate(["\U0001f600", "\u00e9", "\x01"]):  # 12, 6 and 6 bytes as escaped JSON
+        text = char * 20_000
+        body = {"id": f"n{n}", "title": char * 200, "text": text}
+        assert len(json.dumps(body)) > 64 * 1024  # json.dumps escapes all but ASCII by default
+        assert app.command("addNote", body)[0] == 200, char
+        # The longest command: a whole text, and the whole text it started from.
+        edit = {"id": f"n{n}", "text": char * 19_999 + "x", "base": text}
+        assert app.command("editNoteContent", edit)[0] == 200, char
+    status, body = app.command("addNote", {**NOTE, "text": "\U0001f600" * 20_001})
+    assert status == 400 and "longer than 20000" in body["error"]
+    app.store.verify()
 
 
 # -- the stream ---------------------------------------------------------------------
@@ -245,13 +454,13 @@ def test_reconnecting_with_last_event_id_resumes_right_after_it(app, streams):
 def test_a_vanished_or_stalled_client_blocks_nothing(app, streams, caplog):
     # One client asks for the stream and vanishes without reading a byte.
     gone = socket.create_connection(("127.0.0.1", app.port), timeout=5)
-    gone.sendall(b"GET /api/stream?after=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+    gone.sendall(f"GET /api/stream?after=0 HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\n\r\n".encode())
     # Another stays connected and never reads, with a tiny receive buffer.
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
     stalled.settimeout(5)
     stalled.connect(("127.0.0.1", app.port))
-    stalled.sendall(b"GET /api/stream?after=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+    stalled.sendall(f"GET /api/stream?after=0 HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\n\r\n".encode())
     wait_until(lambda: app.httpd.streams == 2)
     gone.close()
     live = streams(app, query="?after=0")
