@@ -2708,7 +2708,7 @@ class Store:
         return stack
 
     def _check_dispatchable(self) -> None:
-        if self._reducing_thread == threading.get_ident():
+        if self._reducing_thread is not None and self._reducing_thread == threading.get_ident():
             raise UsageError(
                 "Reducers may not dispatch: a reducer must be a pure function of "
                 "(view, event). Return the changes instead, or dispatch from a "
