@@ -4051,7 +4051,7 @@ def _undo_in_sql(conn: sqlite3.Connection, model: _Model, names: List[str]) -> N
         conn.execute(f"DELETE FROM {info.q} WHERE ({pk}) IN "
                      f"(SELECT {key} FROM fluxlite_undo u WHERE u.tbl = ?)", (name,))
         cols = info.writable_columns
-        values = ", ".join(f"json_extract(u.before, ?)" for _ in cols)
+        values = ", ".join("json_extract(u.before, ?)" for _ in cols)
         conn.execute(f"INSERT INTO {info.q} ({', '.join(_quote(c) for c in cols)}) "
                      f"SELECT {values} FROM fluxlite_undo u "
                      f"WHERE u.tbl = ? AND u.before IS NOT NULL",
