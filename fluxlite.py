@@ -585,8 +585,8 @@ _SQL_TOKEN = re.compile(r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|`(?:[^`]|``)*`?|\[[^
 def _sql_code(sql: str, literals: bool = True, names: str = "blank") -> List[str]:
     """The statement's tokens, each comment and run of whitespace made one " ".
     With literals=False (to search the code only), string literals are made "''",
-    and quoted names too ("blank"), or are given bare ("bare": "random" is the
-    function random where it is called)."""
+    and quoted names too ("blank"), or unquoted where they are called ("calls":
+    "random"() is the function random)."""
     tokens: List[str] = []
     for token in _SQL_TOKEN.findall(sql):
         if token.isspace() or token.startswith(("--", "/*")):
@@ -594,11 +594,22 @@ def _sql_code(sql: str, literals: bool = True, names: str = "blank") -> List[str
                 tokens.append(" ")
         elif literals or token[0] not in "'\"`[":
             tokens.append(token)
-        elif token[0] != "'" and names == "bare":
-            tokens.append(token[1:-1])
+        elif token[0] != "'" and names == "calls":
+            tokens.append(token)  # unquoted below, if a call
+
         else:
             tokens.append("''")
+    if names == "calls":  # "random"() calls random; a lone "x" in a default is the text 'x'
+        return [_called_name(tokens, i) for i in range(len(tokens))]
     return tokens
+
+
+def _called_name(tokens: List[str], i: int) -> str:
+    token = tokens[i]
+    if token[0] not in "\"`[":
+        return token
+    following = [t for t in tokens[i + 1:i + 3] if t != " "]
+    return token[1:-1] if following and following[0].startswith("(") else "''"
 
 
 def _normalize_schema(script: str) -> str:
@@ -849,6 +860,12 @@ def _read_txn(conn: sqlite3.Connection) -> Iterator[None]:
 def _storage_error(exc: sqlite3.Error, path: str) -> FluxliteError:
     """A SQLite failure below fluxlite's rules, as a FluxliteError saying what to do."""
     text = str(exc)
+    if "no such table" in text:
+        return SchemaError(
+            f"{path!r} lacks a table the read model needs ({text}): the schema references "
+            f"a table it does not create, which only the file that has it can check. "
+            f"Nothing was written."
+        )
     if "locked" in text or "busy" in text:
         return Busy(
             f"{path!r} stayed locked by another writer for longer than busy_timeout "
@@ -994,7 +1011,7 @@ def _read_table_info(conn: sqlite3.Connection, name: str) -> _TableInfo:
             defaults.pop(pk[0], None)  # SQLite assigns it: read the row back
     # In a STRICT table, ANY keeps each value as given (no affinity), which is
     # what an empty declared type means elsewhere.
-    strict_any = _is_strict(conn, name)
+    strict_any = any(r[2].upper() == "ANY" for r in pk_rows) and _is_strict(conn, name)
     return _TableInfo(name, columns, pk, rowid_key,
                       ["" if strict_any and r[2].upper() == "ANY" else r[2] for r in pk_rows],
                       writable=[r[1] for r in rows if r[6] == 0], exact_types=exact,
@@ -1085,7 +1102,7 @@ _DATE_FUNCTION = re.compile(r"\b(date|time|datetime|julianday|strftime|unixepoch
 def _nondeterministic(default: str) -> bool:
     """A default that may differ on each run. Every date function counts: with no
     time value (date(), strftime('%s')) or with 'now' it reads the clock."""
-    code = "".join(_sql_code(default, literals=False, names="bare"))  # 'CURRENT_TIMESTAMP' is text
+    code = "".join(_sql_code(default, literals=False, names="calls"))  # 'CURRENT_TIMESTAMP' is text
     return bool(_NONDETERMINISTIC.search(code) or _DATE_FUNCTION.search(code))
 
 
@@ -3312,8 +3329,9 @@ class Store:
                 middleware=self._middleware, durability=self._durability,
                 version=self._version, upcasters=self._upcasters, adopt=False,
                 clock=self._clock, ids=self._ids, new_schema=False)
-            if _outside_references(target._conn, list(target._model.tables)):
-                target._conn.execute("PRAGMA foreign_keys = OFF")  # (as a replay's scratch)
+            outside = _outside_references(target._conn, list(target._model.tables))
+            if outside:  # the copy has no such tables to check against (as a replay's scratch)
+                target._conn.execute("PRAGMA foreign_keys = OFF")
             after = 0
             while after < upto:
                 with self._lock:
@@ -3323,6 +3341,8 @@ class Store:
                         f"ORDER BY seq LIMIT 1000", (after, upto)).fetchall()
                 target._commit_prepared([_prepared_from_row(r) for r in rows])
                 after = rows[-1][0]
+            if outside:  # from here on, a store like any opened on that file
+                target._conn.execute("PRAGMA foreign_keys = ON")
         except BaseException:
             if target is not None:
                 target.close()
@@ -4529,6 +4549,9 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
                           for n in declared}
         scratch_unique = {n: _inline_unique(scratch, n) for n in declared}
         scratch_features = {n: _table_features(scratch, n) for n in declared}
+        scratch_references = {n: _references(scratch, n) for n in declared}
+        scratch_indexes = {i: _index_shape(scratch, i) for (i,) in scratch.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
     finally:
         scratch.close()
     # SQLite's names are case-insensitive: the schema's "Users" is the file's "users".
@@ -4544,12 +4567,28 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
                 f"replay would create the schema's table. Make the schema describe the "
                 f"table as it is."
             )
+        if scratch_references[name] != _references(conn, name):
+            raise SchemaError(
+                f"Existing table {name!r} has the references "
+                f"{sorted(_references(conn, name)) or 'none'} but the schema declares "
+                f"{sorted(scratch_references[name]) or 'none'}; a replay would check the "
+                f"schema's. Make the schema describe the table as it is."
+            )
         if scratch_unique[name] != _inline_unique(conn, name):
             raise SchemaError(
                 f"Existing table {name!r} has UNIQUE constraints on "
                 f"{sorted(_inline_unique(conn, name)) or 'no columns'} but the schema declares "
                 f"them on {sorted(scratch_unique[name]) or 'no columns'}; a replay would "
                 f"create the schema's table. Make the schema describe the table as it is."
+            )
+    for index, shape in scratch_indexes.items():  # the schema's CREATE INDEX, already there
+        have = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ? "
+                            "COLLATE NOCASE", (index,)).fetchone()
+        if have is not None and _index_shape(conn, index) != shape:
+            raise SchemaError(
+                f"Existing index {index!r} is not the one the schema declares (its columns, "
+                f"UNIQUE or WHERE differ); a replay would create the schema's. Make the "
+                f"schema describe it as it is, or drop it first."
             )
     for statement in _split_sql(schema):
         try:
@@ -4600,14 +4639,20 @@ def _check_baselines_replay(conn: sqlite3.Connection, schema: str, declared: Lis
     what the columns do not show (CHECK, COLLATE, a generated column's formula,
     STRICT, references to rows that are not there) is found here, before the
     store exists, instead of by the first verify() or rebuild()."""
-    broken = conn.execute("PRAGMA foreign_key_check").fetchone()
-    if broken is not None and broken[0].lower() in {n.lower() for n in declared}:
-        raise SchemaError(
-            f"Cannot adopt table {broken[0]!r}: its row {broken[1]} references {broken[2]!r} "
-            f"where no row has that key. Fix or delete the row before adopting."
-        )
-    events = [_event_from_row(r) for r in conn.execute(
-        f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq")]
+    for name in declared:
+        try:
+            broken = conn.execute(f"PRAGMA foreign_key_check({_quote(name)})").fetchone()
+        except sqlite3.OperationalError as exc:  # "foreign key mismatch": no such key
+            raise SchemaError(f"Cannot adopt table {name!r}: {exc}. A reference must name "
+                              f"the other table's primary key or a UNIQUE column.") from exc
+        if broken is not None:
+            raise SchemaError(
+                f"Cannot adopt table {broken[0]!r}: its row {broken[1]} references "
+                f"{broken[2]!r} where no row has that key. Fix or delete the row before "
+                f"adopting."
+            )
+    events = (_event_from_row(r) for r in conn.execute(  # a table at a time, not all at once
+        f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq"))
     replica = _scratch_model(schema, "", journal=False, new_schema=False)
     try:
         _apply_events(replica, lambda view, event: None, events, journal=False)
@@ -4643,6 +4688,30 @@ def _table_features(conn: sqlite3.Connection, name: str) -> Set[str]:
          if re.search(option.replace(" ", r"\s*"), tail)}
 
 
+def _references(conn: sqlite3.Connection, name: str) -> Set[Tuple[Any, ...]]:
+    """A table's foreign keys: (columns, parent table, parent columns, actions)."""
+    keys: Dict[int, List[Any]] = {}
+    for fk in conn.execute(f"PRAGMA foreign_key_list({_quote(name)})"):
+        keys.setdefault(fk[0], []).append(fk)
+    return {(tuple(r[3].lower() for r in rows), rows[0][2].lower(),
+             tuple((r[4] or "").lower() for r in rows), rows[0][5], rows[0][6])
+            for rows in keys.values()}
+
+
+def _index_shape(conn: sqlite3.Connection, index: str) -> Tuple[Any, ...]:
+    """An index as it sorts and constrains: UNIQUE, partial, (column, DESC, collation)s."""
+    flags = next((r[2], r[4]) for r in conn.execute(
+        f"PRAGMA index_list({_quote(_index_table(conn, index))})") if r[1].lower() == index.lower())
+    keys = tuple((r[2] and r[2].lower(), r[3], r[4].upper()) for r in conn.execute(
+        f"PRAGMA index_xinfo({_quote(index)})") if r[5])
+    return (*flags, keys)
+
+
+def _index_table(conn: sqlite3.Connection, index: str) -> str:
+    return conn.execute("SELECT tbl_name FROM sqlite_master WHERE type = 'index' AND name = ? "
+                        "COLLATE NOCASE", (index,)).fetchone()[0]
+
+
 def _inline_unique(conn: sqlite3.Connection, name: str) -> Set[Tuple[str, ...]]:
     """The column sets of a table's own UNIQUE constraints (not CREATE INDEX ones,
     which adopting runs from the schema anyway)."""
@@ -4657,8 +4726,7 @@ def _storing_alike(columns: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
     outside literals dropped, its place in the key, and whether it is generated."""
     rowid = [c for c in columns if c[4]] if len([c for c in columns if c[4]]) == 1 else []
     return [(c[0], _affinity(c[1]), bool(rowid) and c is rowid[0] and c[1] == "INTEGER",
-             c[2], None if c[3] is None else "".join(
-                 t if t[0] in "'\"`[" else t.upper() for t in _sql_code(c[3]) if t != " "),
+             c[2], None if c[3] is None else "".join(t for t in _sql_code(c[3]) if t != " "),
              c[4], c[5]) for c in columns]
 
 

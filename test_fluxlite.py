@@ -2476,6 +2476,27 @@ PARENT_CHILD = """CREATE TABLE parent (id INTEGER PRIMARY KEY, name TEXT);
 CREATE TABLE child (id INTEGER PRIMARY KEY, pid INTEGER REFERENCES parent(id));"""
 
 
+def test_adopt_leaves_tables_the_schema_does_not_list_alone_even_if_odd(tmp_path):
+    """A wrongly declared reference between two unlisted tables (SQLite runs it fine
+    with foreign keys off) does not stop the adoption of the others."""
+    path = str(tmp_path / "legacy.db")
+    legacy(path, PARENT_CHILD + "CREATE TABLE a (x TEXT); CREATE TABLE b (y TEXT REFERENCES a(x));"
+                 "INSERT INTO parent VALUES (1, 'p'); INSERT INTO child VALUES (2, 1);")
+    with fluxlite.open(path, schema=PARENT_CHILD, reducer=lambda view, event: None,
+                       adopt=True) as store:
+        store.verify()
+        store.rebuild()
+
+
+def test_a_quoted_text_default_is_a_constant(tmp_path):
+    schema = 'CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT DEFAULT "CURRENT_TIMESTAMP")'
+    with fluxlite.open(str(tmp_path / "s.db"), schema=schema,
+                       reducer=lambda view, event: view.t.insert(id=event.payload)) as store:
+        store.dispatch("add", 1)
+        assert store.view.t.get(1) == {"id": 1, "a": "CURRENT_TIMESTAMP"}
+        store.verify()
+
+
 def test_adopting_rows_that_reference_missing_rows_is_refused(tmp_path):
     path = str(tmp_path / "legacy.db")
     legacy(path, PARENT_CHILD + "INSERT INTO parent VALUES (1, 'p'); INSERT INTO child VALUES (2, 99);")
@@ -2524,12 +2545,19 @@ def test_only_the_baselines_of_a_copied_log_have_their_references_deferred(tmp_p
     ("CREATE TABLE t (id INTEGER PRIMARY KEY, a INT)",
      "CREATE TABLE t (id INTEGER PRIMARY KEY, a INT CHECK (a > 5))",
      "does not give the tables as they are"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT DEFAULT Open)",
+     "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT DEFAULT open)", "DEFAULT open"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT REFERENCES t(id))",
+     "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", "references"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX ix ON t (v)",
+     "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE UNIQUE INDEX ix ON t (v)",
+     "index 'ix' is not the one"),
 ])
 def test_adopt_refuses_a_table_that_differs_from_the_schema_beyond_its_columns(
         tmp_path, have, want, refusal):
     path = str(tmp_path / "legacy.db")
-    legacy(path, f"{have}; INSERT INTO t (id, {'a' if ' a ' in have else 'v' if ' v ' in have else 'Name'})"
-                 f" VALUES (1, 1);")
+    column = 'a' if ' a ' in have else 'v' if ' v ' in have else 'Name'
+    legacy(path, f"{have}; INSERT INTO t (id, {column}) VALUES (1, 1);")
     with pytest.raises(fluxlite.SchemaError, match=refusal):
         fluxlite.open(path, schema=want, reducer=lambda view, event: None, adopt=True)
 
