@@ -4547,9 +4547,7 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
         declared = _create_schema(scratch, schema)  # the schema's tables, parsed by SQLite
         scratch_shapes = {n: scratch.execute(f"PRAGMA table_xinfo({_quote(n)})").fetchall()
                           for n in declared}
-        scratch_unique = {n: _inline_unique(scratch, n) for n in declared}
-        scratch_features = {n: _table_features(scratch, n) for n in declared}
-        scratch_references = {n: _references(scratch, n) for n in declared}
+        scratch_aspects = {n: [read(scratch, n) for _, read in _TABLE_ASPECTS] for n in declared}
         scratch_indexes = {i: _index_shape(scratch, i) for (i,) in scratch.execute(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
     finally:
@@ -4560,27 +4558,14 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
     for name in adopted:
         _check_adoptable(conn, name, _columns_as_declared(scratch_shapes[name]),
                          _columns_as_declared(conn.execute(f"PRAGMA table_xinfo({_quote(name)})")))
-        if scratch_features[name] != _table_features(conn, name):
-            raise SchemaError(
-                f"Existing table {name!r} is {_table_features(conn, name) or 'a plain table'} "
-                f"but the schema declares it {scratch_features[name] or 'a plain table'}; a "
-                f"replay would create the schema's table. Make the schema describe the "
-                f"table as it is."
-            )
-        if scratch_references[name] != _references(conn, name):
-            raise SchemaError(
-                f"Existing table {name!r} has the references "
-                f"{sorted(_references(conn, name)) or 'none'} but the schema declares "
-                f"{sorted(scratch_references[name]) or 'none'}; a replay would check the "
-                f"schema's. Make the schema describe the table as it is."
-            )
-        if scratch_unique[name] != _inline_unique(conn, name):
-            raise SchemaError(
-                f"Existing table {name!r} has UNIQUE constraints on "
-                f"{sorted(_inline_unique(conn, name)) or 'no columns'} but the schema declares "
-                f"them on {sorted(scratch_unique[name]) or 'no columns'}; a replay would "
-                f"create the schema's table. Make the schema describe the table as it is."
-            )
+        for (aspect, read), want in zip(_TABLE_ASPECTS, scratch_aspects[name]):
+            have = read(conn, name)
+            if have != want:
+                raise SchemaError(
+                    f"Existing table {name!r} has {aspect} {sorted(have) or 'none'} but the "
+                    f"schema declares {sorted(want) or 'none'}; a replay would create the "
+                    f"schema's table. Make the schema describe the table as it is."
+                )
     for index, shape in scratch_indexes.items():  # the schema's CREATE INDEX, already there
         have = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ? "
                             "COLLATE NOCASE", (index,)).fetchone()
@@ -4719,10 +4704,17 @@ def _inline_unique(conn: sqlite3.Connection, name: str) -> Set[Tuple[str, ...]]:
             for index in conn.execute(f"PRAGMA index_list({_quote(name)})") if index[3] == "u"}
 
 
+# What adoption compares between a table and the schema's, beyond its columns:
+# (the label in the error, how to read it from a connection).
+_TABLE_ASPECTS: Tuple[Tuple[str, Callable[[sqlite3.Connection, str], Set[Any]]], ...] = (
+    ("the table options", _table_features), ("the references", _references),
+    ("UNIQUE constraints on", _inline_unique))
+
+
 def _storing_alike(columns: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
-    """What decides how a column stores values: its name (as spelled: rows are dicts),
-    affinity (INT is INTEGER,
-    except for the key that is the rowid), NOT NULL, the default with whitespace
+    """What decides how a column stores values: its name (as spelled: rows are
+    dicts), affinity (INT is INTEGER, except for the key that is the rowid),
+    NOT NULL, the default with whitespace
     outside literals dropped, its place in the key, and whether it is generated."""
     rowid = [c for c in columns if c[4]] if len([c for c in columns if c[4]]) == 1 else []
     return [(c[0], _affinity(c[1]), bool(rowid) and c is rowid[0] and c[1] == "INTEGER",
