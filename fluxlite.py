@@ -4714,9 +4714,10 @@ _TABLE_ASPECTS: Tuple[Tuple[str, Callable[[sqlite3.Connection, str], Set[Any]]],
 def _storing_alike(columns: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
     """What decides how a column stores values: its name (as spelled: rows are
     dicts), affinity (INT is INTEGER, except for the key that is the rowid),
-    NOT NULL, the default with whitespace
-    outside literals dropped, its place in the key, and whether it is generated."""
-    rowid = [c for c in columns if c[4]] if len([c for c in columns if c[4]]) == 1 else []
+    NOT NULL, the default with whitespace outside literals dropped, its place in
+    the key, and whether it is generated."""
+    keys = [c for c in columns if c[4]]
+    rowid = keys if len(keys) == 1 else []
     return [(c[0], _affinity(c[1]), bool(rowid) and c is rowid[0] and c[1] == "INTEGER",
              c[2], None if c[3] is None else "".join(t for t in _sql_code(c[3]) if t != " "),
              c[4], c[5]) for c in columns]
