@@ -4261,7 +4261,12 @@ def _check_references(conn: sqlite3.Connection, names: Sequence[str],
         parents = {r[2].lower() for r in conn.execute(f"PRAGMA main.foreign_key_list({_quote(table)})")}
         if not parents or not (table.lower() in managed or parents & managed):
             continue
-        broken = conn.execute(f"PRAGMA main.foreign_key_check({_quote(table)})").fetchone()
+        try:
+            broken = conn.execute(f"PRAGMA main.foreign_key_check({_quote(table)})").fetchone()
+        except sqlite3.OperationalError as exc:  # "foreign key mismatch"
+            raise SchemaError(f"The rebuilt read model cannot be checked against {table!r}: "
+                              f"{exc}. A reference must name a primary key or a UNIQUE "
+                              f"column. Nothing was changed.") from exc
         if broken is None:
             continue
         whose = ("a table of the read model" if table.lower() in managed else
@@ -4624,7 +4629,12 @@ def _check_baselines_replay(conn: sqlite3.Connection, schema: str, declared: Lis
     what the columns do not show (CHECK, COLLATE, a generated column's formula,
     STRICT, references to rows that are not there) is found here, before the
     store exists, instead of by the first verify() or rebuild()."""
-    for name in declared:
+    adopted = {n.lower() for n in declared}
+    children = [t for (t,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        if t.lower() in adopted or {fk[2].lower() for fk in conn.execute(
+            f"PRAGMA foreign_key_list({_quote(t)})")} & adopted]
+    for name in children:  # the adopted tables, and any table that references them
         try:
             broken = conn.execute(f"PRAGMA foreign_key_check({_quote(name)})").fetchone()
         except sqlite3.OperationalError as exc:  # "foreign key mismatch": no such key
@@ -4679,22 +4689,25 @@ def _references(conn: sqlite3.Connection, name: str) -> Set[Tuple[Any, ...]]:
     for fk in conn.execute(f"PRAGMA foreign_key_list({_quote(name)})"):
         keys.setdefault(fk[0], []).append(fk)
     return {(tuple(r[3].lower() for r in rows), rows[0][2].lower(),
-             tuple((r[4] or "").lower() for r in rows), rows[0][5], rows[0][6])
+             tuple(r[4].lower() for r in rows) if rows[0][4] is not None  # REFERENCES p:
+             else _primary_key(conn, rows[0][2]), rows[0][5], rows[0][6])  # p's key
             for rows in keys.values()}
 
 
+def _primary_key(conn: sqlite3.Connection, table: str) -> Tuple[str, ...]:
+    columns = sorted((r[5], r[1].lower()) for r in conn.execute(
+        f"PRAGMA table_info({_quote(table)})") if r[5])
+    return tuple(c for _, c in columns)
+
+
 def _index_shape(conn: sqlite3.Connection, index: str) -> Tuple[Any, ...]:
-    """An index as it sorts and constrains: UNIQUE, partial, (column, DESC, collation)s."""
-    flags = next((r[2], r[4]) for r in conn.execute(
-        f"PRAGMA index_list({_quote(_index_table(conn, index))})") if r[1].lower() == index.lower())
-    keys = tuple((r[2] and r[2].lower(), r[3], r[4].upper()) for r in conn.execute(
-        f"PRAGMA index_xinfo({_quote(index)})") if r[5])
-    return (*flags, keys)
-
-
-def _index_table(conn: sqlite3.Connection, index: str) -> str:
-    return conn.execute("SELECT tbl_name FROM sqlite_master WHERE type = 'index' AND name = ? "
-                        "COLLATE NOCASE", (index,)).fetchone()[0]
+    """An index as it sorts and constrains: UNIQUE or not, and its table, columns or
+    expressions and WHERE, as code (case and spacing outside literals aside)."""
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ? "
+                       "COLLATE NOCASE", (index,)).fetchone()[0]
+    tokens = [t if t[0] == "'" else t.upper() for t in _sql_code(sql) if t != " "]
+    on = tokens.index("ON") if "ON" in tokens else 0  # CREATE [UNIQUE] INDEX name ON ...
+    return ("UNIQUE" in tokens[:on], "".join(tokens[on + 1:]))
 
 
 def _inline_unique(conn: sqlite3.Connection, name: str) -> Set[Tuple[str, ...]]:
@@ -4719,8 +4732,21 @@ def _storing_alike(columns: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
     keys = [c for c in columns if c[4]]
     rowid = keys if len(keys) == 1 else []
     return [(c[0], _affinity(c[1]), bool(rowid) and c is rowid[0] and c[1] == "INTEGER",
-             c[2], None if c[3] is None else "".join(t for t in _sql_code(c[3]) if t != " "),
+             c[2], None if c[3] is None else _default_as_code(c[3]),
              c[4], c[5]) for c in columns]
+
+
+_DEFAULT_CASELESS = re.compile(  # a default's parts whose case does not matter
+    r"[A-Za-z_]\w*(?=\s*\()|\b(?:NULL|TRUE|FALSE|CURRENT_\w+)\b|\b\d[\w.]*|^[xX]$", re.I)
+
+
+def _default_as_code(text: str) -> str:
+    """A column default for comparing: spacing outside literals and the case of
+    keywords, numbers and function names do not count; a bare word's does (SQLite
+    takes DEFAULT Open as the text 'Open')."""
+    tokens = [t for t in _sql_code(text) if t != " "]
+    return "".join(t if t[0] in "'\"`[" else _DEFAULT_CASELESS.sub(lambda m: m[0].upper(), t)
+                   for t in tokens)
 
 
 def _check_adoptable(conn: sqlite3.Connection, name: str, declared: List[Tuple[Any, ...]],

@@ -2488,6 +2488,16 @@ def test_adopt_leaves_tables_the_schema_does_not_list_alone_even_if_odd(tmp_path
         store.rebuild()
 
 
+def test_adopt_refuses_an_unlisted_table_whose_reference_into_it_cannot_work(tmp_path):
+    """c references p(n), which is not unique: SQLite refuses every write to p then."""
+    path = str(tmp_path / "legacy.db")
+    schema = "CREATE TABLE p (id INTEGER PRIMARY KEY, n TEXT)"
+    legacy(path, schema + "; CREATE TABLE c (id INTEGER PRIMARY KEY, pid TEXT REFERENCES p(n));"
+                          "INSERT INTO p VALUES (1, 'x');")
+    with pytest.raises(fluxlite.SchemaError, match="foreign key mismatch"):
+        fluxlite.open(path, schema=schema, reducer=lambda view, event: None, adopt=True)
+
+
 def test_a_quoted_text_default_is_a_constant(tmp_path):
     schema = 'CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT DEFAULT "CURRENT_TIMESTAMP")'
     with fluxlite.open(str(tmp_path / "s.db"), schema=schema,
@@ -2551,6 +2561,12 @@ def test_only_the_baselines_of_a_copied_log_have_their_references_deferred(tmp_p
      "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", "references"),
     ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX ix ON t (v)",
      "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE UNIQUE INDEX ix ON t (v)",
+     "index 'ix' is not the one"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE UNIQUE INDEX ix ON t (v) "
+     "WHERE v > 'm'", "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE UNIQUE INDEX ix "
+     "ON t (v) WHERE v < 'm'", "index 'ix' is not the one"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE UNIQUE INDEX ix ON t (upper(v) || id)",
+     "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE UNIQUE INDEX ix ON t (upper(v))",
      "index 'ix' is not the one"),
 ])
 def test_adopt_refuses_a_table_that_differs_from_the_schema_beyond_its_columns(
@@ -2946,7 +2962,11 @@ def test_adopt_refuses_what_a_replay_could_not_reproduce(tmp_path, existing, sch
 
 @pytest.mark.parametrize("have, want", [("n VARCHAR(10)", "n VARCHAR( 10 )"),
                                         ("n INT DEFAULT (1+1)", "n INT DEFAULT (1 + 1)"),
-                                        ("n INT", "n INTEGER")])
+                                        ("n INT", "n INTEGER"),
+                                        ("n INT DEFAULT null", "n INT DEFAULT NULL"),
+                                        ("n INT DEFAULT (abs(-1))", "n INT DEFAULT (ABS(-1))"),
+                                        ("n INT DEFAULT 0x10", "n INT DEFAULT 0X10"),
+                                        ("n INT REFERENCES t", "n INT REFERENCES t(id)")])
 def test_adopt_takes_a_table_declared_in_other_words(tmp_path, have, want):
     path = str(tmp_path / "legacy.db")
     legacy(path, f"CREATE TABLE t (id INTEGER PRIMARY KEY, {have}); INSERT INTO t (id) VALUES (1);")
