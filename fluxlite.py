@@ -4550,6 +4550,11 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
     scratch = sqlite3.connect(":memory:")
     try:
         declared = _create_schema(scratch, schema)  # the schema's tables, parsed by SQLite
+        for parent in set(_outside_references(scratch, declared)):  # the user's, as they are
+            row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ? "
+                               "COLLATE NOCASE", (parent,)).fetchone()
+            if row is not None:
+                scratch.execute(row[0])
         scratch_shapes = {n: scratch.execute(f"PRAGMA table_xinfo({_quote(n)})").fetchall()
                           for n in declared}
         scratch_aspects = {n: [read(scratch, n) for _, read in _TABLE_ASPECTS] for n in declared}
@@ -4689,9 +4694,16 @@ def _references(conn: sqlite3.Connection, name: str) -> Set[Tuple[Any, ...]]:
     for fk in conn.execute(f"PRAGMA foreign_key_list({_quote(name)})"):
         keys.setdefault(fk[0], []).append(fk)
     return {(tuple(r[3].lower() for r in rows), rows[0][2].lower(),
-             tuple(r[4].lower() for r in rows) if rows[0][4] is not None  # REFERENCES p:
-             else _primary_key(conn, rows[0][2]), rows[0][5], rows[0][6])  # p's key
-            for rows in keys.values()}
+             _referenced_columns(conn, rows), rows[0][5], rows[0][6]) for rows in keys.values()}
+
+
+def _referenced_columns(conn: sqlite3.Connection, rows: List[Any]) -> Any:
+    """REFERENCES p and REFERENCES p(<p's key>) are one reference, whether or not p
+    is there to look its key up in: both are "the key"."""
+    if rows[0][4] is None:
+        return "the key"
+    named = tuple(r[4].lower() for r in rows)
+    return "the key" if named == _primary_key(conn, rows[0][2]) else named
 
 
 def _primary_key(conn: sqlite3.Connection, table: str) -> Tuple[str, ...]:
@@ -4703,11 +4715,15 @@ def _primary_key(conn: sqlite3.Connection, table: str) -> Tuple[str, ...]:
 def _index_shape(conn: sqlite3.Connection, index: str) -> Tuple[Any, ...]:
     """An index as it sorts and constrains: UNIQUE or not, and its table, columns or
     expressions and WHERE, as code (case and spacing outside literals aside)."""
-    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ? "
-                       "COLLATE NOCASE", (index,)).fetchone()[0]
-    tokens = [t if t[0] == "'" else t.upper() for t in _sql_code(sql) if t != " "]
+    sql, table = conn.execute("SELECT sql, tbl_name FROM sqlite_master WHERE type = 'index' "
+                              "AND name = ? COLLATE NOCASE", (index,)).fetchone()
+    tokens = [t if t[0] in "'\"" else t.upper() for t in _sql_code(sql) if t != " "]
     on = tokens.index("ON") if "ON" in tokens else 0  # CREATE [UNIQUE] INDEX name ON ...
-    return ("UNIQUE" in tokens[:on], "".join(tokens[on + 1:]))
+    where = tokens.index("WHERE") if "WHERE" in tokens else len(tokens)
+    keys = tuple((r[2] and r[2].lower(), r[3], r[4].upper()) for r in conn.execute(
+        f"PRAGMA index_xinfo({_quote(index)})") if r[5])  # quoting, ASC, BINARY: as SQLite reads
+    expressions = "".join(tokens[on + 1:where]) if any(k[0] is None for k in keys) else ""
+    return ("UNIQUE" in tokens[:on], table.lower(), keys, expressions, "".join(tokens[where:]))
 
 
 def _inline_unique(conn: sqlite3.Connection, name: str) -> Set[Tuple[str, ...]]:
@@ -4737,7 +4753,8 @@ def _storing_alike(columns: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
 
 
 _DEFAULT_CASELESS = re.compile(  # a default's parts whose case does not matter
-    r"[A-Za-z_]\w*(?=\s*\()|\b(?:NULL|TRUE|FALSE|CURRENT_\w+)\b|\b\d[\w.]*|^[xX]$", re.I)
+    r"[A-Za-z_]\w*(?=\s*\()|\b(?:NULL|TRUE|FALSE|CURRENT_(?:DATE|TIME|TIMESTAMP))\b"
+    r"|\b\d[\w.]*", re.I)
 
 
 def _default_as_code(text: str) -> str:
@@ -4745,8 +4762,11 @@ def _default_as_code(text: str) -> str:
     keywords, numbers and function names do not count; a bare word's does (SQLite
     takes DEFAULT Open as the text 'Open')."""
     tokens = [t for t in _sql_code(text) if t != " "]
-    return "".join(t if t[0] in "'\"`[" else _DEFAULT_CASELESS.sub(lambda m: m[0].upper(), t)
-                   for t in tokens)
+    return "".join(
+        t if t[0] in "'\"`[" else "X" if t in "xX" and tokens[i + 1:i + 2] and
+        tokens[i + 1][0] == "'" else _DEFAULT_CASELESS.sub(lambda m: m[0].upper(), t)
+        for i, t in enumerate(tokens))  # x'00' is a blob; a lone x is the text 'x'
+
 
 
 def _check_adoptable(conn: sqlite3.Connection, name: str, declared: List[Tuple[Any, ...]],

@@ -2557,6 +2557,11 @@ def test_only_the_baselines_of_a_copied_log_have_their_references_deferred(tmp_p
      "does not give the tables as they are"),
     ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT DEFAULT Open)",
      "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT DEFAULT open)", "DEFAULT open"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT DEFAULT x)",
+     "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT DEFAULT X)", "DEFAULT X"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE UNIQUE INDEX ix ON t (v) "
+     "WHERE v = \"a\"", "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE UNIQUE INDEX ix "
+     "ON t (v) WHERE v = \"A\"", "index 'ix' is not the one"),
     ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT REFERENCES t(id))",
      "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", "references"),
     ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX ix ON t (v)",
@@ -2966,10 +2971,14 @@ def test_adopt_refuses_what_a_replay_could_not_reproduce(tmp_path, existing, sch
                                         ("n INT DEFAULT null", "n INT DEFAULT NULL"),
                                         ("n INT DEFAULT (abs(-1))", "n INT DEFAULT (ABS(-1))"),
                                         ("n INT DEFAULT 0x10", "n INT DEFAULT 0X10"),
-                                        ("n INT REFERENCES t", "n INT REFERENCES t(id)")])
+                                        ("n INT REFERENCES t", "n INT REFERENCES t(id)"),
+                                        ("n INT REFERENCES keep", "n INT REFERENCES keep(k)"),
+                                        ("n INT); CREATE INDEX ix ON t (n ASC",
+                                         'n INT); CREATE INDEX ix ON "t" (n COLLATE BINARY')])
 def test_adopt_takes_a_table_declared_in_other_words(tmp_path, have, want):
     path = str(tmp_path / "legacy.db")
-    legacy(path, f"CREATE TABLE t (id INTEGER PRIMARY KEY, {have}); INSERT INTO t (id) VALUES (1);")
+    legacy(path, "CREATE TABLE keep (k INTEGER PRIMARY KEY);"  # a table the schema does not list
+                 f"CREATE TABLE t (id INTEGER PRIMARY KEY, {have}); INSERT INTO t (id) VALUES (1);")
     with fluxlite.open(path, schema=f"CREATE TABLE t (id INTEGER PRIMARY KEY, {want})",
                        reducer=lambda view, event: None, adopt=True) as store:
         store.verify()
