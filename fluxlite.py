@@ -579,7 +579,7 @@ def _split_sql(script: str) -> List[str]:
 # a run of anything else, or one character. Literals stay whole, so what looks
 # like a comment or a keyword inside one is not taken for it.
 _SQL_TOKEN = re.compile(r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|`(?:[^`]|``)*`?|\[[^\]]*\]?"""
-                        r"""|--[^\n]*|/\*.*?(?:\*/|\Z)|\s+|[^'"`\[\-/\s]+|.""", re.S)
+                        r"""|--[^\n]*|/\*.*?(?:\*/|\Z)|\s+|[^'"`\[\-/\s(),]+|.""", re.S)
 
 
 def _sql_code(sql: str, literals: bool = True, names: str = "blank") -> List[str]:
@@ -610,6 +610,16 @@ def _called_name(tokens: List[str], i: int) -> str:
         return token
     following = [t for t in tokens[i + 1:i + 3] if t != " "]
     return token[1:-1] if following and following[0].startswith("(") else "''"
+
+
+_SQLITE_OWN_TABLE = re.compile(
+    r"CREATE\s+TABLE\s+(IF\s+NOT\s+EXISTS\s+)?[\"`\[]?sqlite_sequence[\"`\]]?\s*\(", re.IGNORECASE)
+
+
+def _schema_statements(script: str) -> List[str]:
+    """The schema's statements, less any CREATE TABLE sqlite_sequence: SQLite makes
+    that one itself, and a schema copied from sqlite_master has it."""
+    return [s for s in _split_sql(script) if not _SQLITE_OWN_TABLE.match(_strip_leading_comments(s))]
 
 
 def _normalize_schema(script: str) -> str:
@@ -999,7 +1009,8 @@ def _read_table_info(conn: sqlite3.Connection, name: str) -> _TableInfo:
     columns = [r[1] for r in rows]
     pk_rows = sorted((r for r in rows if r[5]), key=lambda r: r[5])
     pk = [r[1] for r in pk_rows]
-    rowid_key = len(pk_rows) == 1 and pk_rows[0][2].upper() == "INTEGER"
+    rowid_key = len(pk_rows) == 1 and pk_rows[0][2].upper() == "INTEGER" and not any(
+        index[3] == "pk" for index in conn.execute(f"PRAGMA index_list({_quote(name)})"))
     exact, defaults = {}, {}
     if all(r[6] == 0 for r in rows):  # generated columns: always read the row back
         for r in rows:
@@ -1159,7 +1170,7 @@ def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> L
             f"schema must be SQL text (CREATE TABLE / CREATE INDEX statements); "
             f"received {_describe(schema)}."
         )
-    statements = _split_sql(schema)
+    statements = _schema_statements(schema)
     if not statements:
         raise SchemaError(
             "schema is empty; give at least one CREATE TABLE statement for the read model."
@@ -4585,7 +4596,7 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
                 f"UNIQUE or WHERE differ); a replay would create the schema's. Make the "
                 f"schema describe it as it is, or drop it first."
             )
-    for statement in _split_sql(schema):
+    for statement in _schema_statements(schema):
         try:
             conn.execute(statement)
         except sqlite3.OperationalError as exc:
@@ -4683,9 +4694,11 @@ def _table_features(conn: sqlite3.Connection, name: str) -> Set[str]:
                        "COLLATE NOCASE", (name,)).fetchone()[0]
     code = "".join(_sql_code(sql, literals=False)).upper()
     tail = code[code.rfind(")") + 1:]  # table options come after the column list
+    deferred = len(re.findall(r"(?<!NOT)DEFERRABLE\s*INITIALLY\s*DEFERRED", code))
     return ({"AUTOINCREMENT"} & {w for w in re.findall(r"[A-Z_]+", code)}) | \
         {option for option in ("STRICT", "WITHOUT ROWID")
-         if re.search(option.replace(" ", r"\s*"), tail)}
+         if re.search(option.replace(" ", r"\s*"), tail)} | \
+        ({f"{deferred} reference(s) DEFERRABLE INITIALLY DEFERRED"} if deferred else set())
 
 
 def _references(conn: sqlite3.Connection, name: str) -> Set[Tuple[Any, ...]]:
@@ -4737,7 +4750,8 @@ def _inline_unique(conn: sqlite3.Connection, name: str) -> Set[Tuple[str, ...]]:
 # (the label in the error, how to read it from a connection).
 _TABLE_ASPECTS: Tuple[Tuple[str, Callable[[sqlite3.Connection, str], Set[Any]]], ...] = (
     ("the table options", _table_features), ("the references", _references),
-    ("UNIQUE constraints on", _inline_unique))
+    ("UNIQUE constraints on", _inline_unique),
+    ("its key as the rowid:", lambda conn, name: {_read_table_info(conn, name).rowid_key}))
 
 
 def _storing_alike(columns: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
@@ -4747,14 +4761,15 @@ def _storing_alike(columns: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
     the key, and whether it is generated."""
     keys = [c for c in columns if c[4]]
     rowid = keys if len(keys) == 1 else []
-    return [(c[0], _affinity(c[1]), bool(rowid) and c is rowid[0] and c[1] == "INTEGER",
-             c[2], None if c[3] is None else _default_as_code(c[3]),
+    alias = [c for c in rowid if c[1] == "INTEGER"]  # NOT NULL changes nothing there
+    return [(c[0], "integer" if _affinity(c[1]) == "numeric" else _affinity(c[1]),
+             c in alias, c[2] and c not in alias,
+             None if c[3] is None else _default_as_code(c[3]),
              c[4], c[5]) for c in columns]
 
 
-_DEFAULT_CASELESS = re.compile(  # a default's parts whose case does not matter
-    r"[A-Za-z_]\w*(?=\s*\()|\b(?:NULL|TRUE|FALSE|CURRENT_(?:DATE|TIME|TIMESTAMP))\b"
-    r"|\b\d[\w.]*", re.I)
+_DEFAULT_CASELESS = re.compile(  # keywords and numbers: their case does not matter
+    r"NULL|TRUE|FALSE|CURRENT_(?:DATE|TIME|TIMESTAMP)|\.?\d[\w.]*", re.I)
 
 
 def _default_as_code(text: str) -> str:
@@ -4762,10 +4777,18 @@ def _default_as_code(text: str) -> str:
     keywords, numbers and function names do not count; a bare word's does (SQLite
     takes DEFAULT Open as the text 'Open')."""
     tokens = [t for t in _sql_code(text) if t != " "]
-    return "".join(
-        t if t[0] in "'\"`[" else "X" if t in "xX" and tokens[i + 1:i + 2] and
-        tokens[i + 1][0] == "'" else _DEFAULT_CASELESS.sub(lambda m: m[0].upper(), t)
-        for i, t in enumerate(tokens))  # x'00' is a blob; a lone x is the text 'x'
+    out = []
+    for i, t in enumerate(tokens):
+        following = tokens[i + 1] if i + 1 < len(tokens) else ""
+        if t[0] in "'\"`[":
+            out.append(t)
+        elif following == "(" or _DEFAULT_CASELESS.fullmatch(t):  # a call, a keyword, a number
+            out.append(t.upper())
+        elif t in "xX" and following[:1] == "'":  # x'00' is a blob; a lone x, the text 'x'
+            out.append("X")
+        else:
+            out.append(t)
+    return "".join(out)
 
 
 

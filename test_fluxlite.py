@@ -2559,6 +2559,13 @@ def test_only_the_baselines_of_a_copied_log_have_their_references_deferred(tmp_p
      "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT DEFAULT open)", "DEFAULT open"),
     ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT DEFAULT x)",
      "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT DEFAULT X)", "DEFAULT X"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY, v INT REFERENCES t(id) DEFERRABLE INITIALLY DEFERRED)",
+     "CREATE TABLE t (id INTEGER PRIMARY KEY, v INT REFERENCES t(id))", "DEFERRABLE"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY DESC, v TEXT)",
+     "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", "its key as the rowid"),
+    ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE UNIQUE INDEX ix ON t (v) WHERE(v > 'm')",
+     "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE UNIQUE INDEX ix ON t (v)",
+     "index 'ix' is not the one"),
     ("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE UNIQUE INDEX ix ON t (v) "
      "WHERE v = \"a\"", "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE UNIQUE INDEX ix "
      "ON t (v) WHERE v = \"A\"", "index 'ix' is not the one"),
@@ -2974,11 +2981,17 @@ def test_adopt_refuses_what_a_replay_could_not_reproduce(tmp_path, existing, sch
                                         ("n INT REFERENCES t", "n INT REFERENCES t(id)"),
                                         ("n INT REFERENCES keep", "n INT REFERENCES keep(k)"),
                                         ("n INT); CREATE INDEX ix ON t (n ASC",
-                                         'n INT); CREATE INDEX ix ON "t" (n COLLATE BINARY')])
+                                         'n INT); CREATE INDEX ix ON "t" (n COLLATE BINARY'),
+                                        ("n BOOLEAN DEFAULT 0", "n INTEGER DEFAULT 0"),
+                                        ("n INT); CREATE TABLE sqlite_sequence(name,seq",
+                                         "n INT); CREATE TABLE sqlite_sequence(name,seq"),
+                                        ("n INT); CREATE INDEX ix ON t (n) WHERE(n > 0",
+                                         "n INT); CREATE INDEX ix ON t (n) WHERE ( n > 0")])
 def test_adopt_takes_a_table_declared_in_other_words(tmp_path, have, want):
     path = str(tmp_path / "legacy.db")
     legacy(path, "CREATE TABLE keep (k INTEGER PRIMARY KEY);"  # a table the schema does not list
-                 f"CREATE TABLE t (id INTEGER PRIMARY KEY, {have}); INSERT INTO t (id) VALUES (1);")
+                 f"CREATE TABLE t (id INTEGER PRIMARY KEY, {have.replace('sqlite_sequence', 'seqs')});"
+                 "INSERT INTO t (id) VALUES (1);")
     with fluxlite.open(path, schema=f"CREATE TABLE t (id INTEGER PRIMARY KEY, {want})",
                        reducer=lambda view, event: None, adopt=True) as store:
         store.verify()
@@ -3992,11 +4005,11 @@ def test_an_idle_following_consumer_keeps_its_lease(tmp_path):
     with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store, \
             fluxlite.open(path, reducer=items_reducer) as elsewhere:
         store.dispatch("put", {"id": "a", "n": 1})
-        idle = store.consumer("idle", lease=0.6)
+        idle = store.consumer("idle", lease=1.5)
         outcome = []
 
         def take_over_while_idle():
-            time.sleep(1.0)  # idle for longer than the lease, inside follow()
+            time.sleep(2.5)  # idle for longer than the lease, inside follow()
             try:
                 elsewhere.consumer("idle")
                 outcome.append("taken")
@@ -4004,7 +4017,7 @@ def test_an_idle_following_consumer_keeps_its_lease(tmp_path):
                 outcome.append("busy")
         other = threading.Thread(target=take_over_while_idle)
         other.start()
-        seen = [event.seq for event, _ in idle.follow(timeout=1.5)]
+        seen = [event.seq for event, _ in idle.follow(timeout=3.5)]
         other.join()
         assert seen == [1] and outcome == ["busy"]
 
