@@ -4266,20 +4266,9 @@ def _check_references(conn: sqlite3.Connection, names: Sequence[str],
     new tables (or to old ones the swap dropped) must hold, as the deferred
     check at COMMIT would have required."""
     managed = {n.lower() for n in (*names, *dropped)}
-    tables = [r[0] for r in conn.execute(
-        "SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
-    for table in tables:
-        parents = {r[2].lower() for r in conn.execute(f"PRAGMA main.foreign_key_list({_quote(table)})")}
-        if not parents or not (table.lower() in managed or parents & managed):
-            continue
-        try:
-            broken = conn.execute(f"PRAGMA main.foreign_key_check({_quote(table)})").fetchone()
-        except sqlite3.OperationalError as exc:  # "foreign key mismatch"
-            raise SchemaError(f"The rebuilt read model cannot be checked against {table!r}: "
-                              f"{exc}. A reference must name a primary key or a UNIQUE "
-                              f"column. Nothing was changed.") from exc
-        if broken is None:
-            continue
+    broken = _first_broken_reference(conn, managed)
+    if broken is not None:
+        table = broken[0]
         whose = ("a table of the read model" if table.lower() in managed else
                  "a table the schema does not list, which fluxlite leaves as it is")
         raise SchemaError(
@@ -4288,6 +4277,27 @@ def _check_references(conn: sqlite3.Connection, names: Sequence[str],
             f"to. Nothing was changed; make the new reducers keep the referenced rows, "
             f"or change the reference."
         )
+
+
+def _first_broken_reference(conn: sqlite3.Connection, names: Set[str]
+                            ) -> Optional[Tuple[Any, ...]]:
+    """The first (table, rowid, parent) whose reference finds no row, in the tables
+    ``names`` (lower case) or in any table referencing them; a reference that cannot
+    work at all (SQLite's "foreign key mismatch") is a SchemaError."""
+    for (table,) in conn.execute("SELECT name FROM main.sqlite_master WHERE type = 'table' "
+                                 "AND name NOT LIKE 'sqlite_%'").fetchall():
+        parents = {r[2].lower() for r in conn.execute(f"PRAGMA main.foreign_key_list({_quote(table)})")}
+        if not parents or not (table.lower() in names or parents & names):
+            continue
+        try:
+            broken = conn.execute(f"PRAGMA main.foreign_key_check({_quote(table)})").fetchone()
+        except sqlite3.OperationalError as exc:  # "foreign key mismatch"
+            raise SchemaError(f"Table {table!r} cannot have its references checked: {exc}. A "
+                              f"reference must name a primary key or a UNIQUE column. Nothing "
+                              f"was changed.") from exc
+        if broken is not None:
+            return tuple(broken)
+    return None
 
 
 def _compare(live: _Model, replica: _Model) -> List[str]:
@@ -4645,23 +4655,13 @@ def _check_baselines_replay(conn: sqlite3.Connection, schema: str, declared: Lis
     what the columns do not show (CHECK, COLLATE, a generated column's formula,
     STRICT, references to rows that are not there) is found here, before the
     store exists, instead of by the first verify() or rebuild()."""
-    adopted = {n.lower() for n in declared}
-    children = [t for (t,) in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
-        if t.lower() in adopted or {fk[2].lower() for fk in conn.execute(
-            f"PRAGMA foreign_key_list({_quote(t)})")} & adopted]
-    for name in children:  # the adopted tables, and any table that references them
-        try:
-            broken = conn.execute(f"PRAGMA foreign_key_check({_quote(name)})").fetchone()
-        except sqlite3.OperationalError as exc:  # "foreign key mismatch": no such key
-            raise SchemaError(f"Cannot adopt table {name!r}: {exc}. A reference must name "
-                              f"the other table's primary key or a UNIQUE column.") from exc
-        if broken is not None:
-            raise SchemaError(
-                f"Cannot adopt table {broken[0]!r}: its row {broken[1]} references "
-                f"{broken[2]!r} where no row has that key. Fix or delete the row before "
-                f"adopting."
-            )
+    broken = _first_broken_reference(conn, {n.lower() for n in declared})
+    if broken is not None:
+        raise SchemaError(
+            f"Cannot adopt table {broken[0]!r}: its row {broken[1]} references "
+            f"{broken[2]!r} where no row has that key. Fix or delete the row before "
+            f"adopting."
+        )
     events = (_event_from_row(r) for r in conn.execute(  # a table at a time, not all at once
         f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq"))
     replica = _scratch_model(schema, "", journal=False, new_schema=False)
