@@ -278,7 +278,7 @@ class Rejected(FluxliteError):
 
 
 class ReducerError(FluxliteError):
-    """A reducer raised something other than a FluxliteError; see __cause__."""
+    """A reducer (or an upcaster) raised something other than a FluxliteError; see __cause__."""
 
 
 class Forbidden(FluxliteError):
@@ -315,6 +315,16 @@ class Busy(FluxliteError):
 
 class StorageError(FluxliteError):
     """SQLite could not read or write the file (disk full, read-only, I/O error)."""
+
+
+# view.nope and view["nope"]: a UsageError, and what Python's protocols expect
+# there (hasattr() and getattr(view, name, default) rely on AttributeError).
+class _NoTableAttribute(UsageError, AttributeError):
+    pass
+
+
+class _NoTableKey(UsageError, KeyError):
+    __str__ = Exception.__str__  # not KeyError's repr() of the message
 
 
 ###############################################################################
@@ -635,7 +645,8 @@ def _normalize_schema(script: str) -> str:
     return ";\n".join(out)
 
 
-def _check_value(value: Any, table: str, column: str) -> None:
+def _check_value(value: Any, table: str, column: str,
+                 error: Callable[[str], FluxliteError] = ChangesetError) -> None:
     kind = type(value)
     if kind is str or value is None or kind is bool:
         return
@@ -645,7 +656,7 @@ def _check_value(value: Any, table: str, column: str) -> None:
         return
     if value is None or isinstance(value, (str, int)):
         if isinstance(value, int) and not -(2**63) <= value < 2**63:
-            raise ChangesetError(
+            raise error(
                 f"Column {table}.{column} received {value}, outside SQLite's 64-bit "
                 f"integer range; store it as text (str(value)) instead."
             )
@@ -653,12 +664,12 @@ def _check_value(value: Any, table: str, column: str) -> None:
     if isinstance(value, float):
         if math.isfinite(value):
             return
-        raise ChangesetError(
+        raise error(
             f"Column {table}.{column} received {value!r}; read-model values must be "
             f"finite numbers (NaN and infinity do not survive SQLite and JSON). "
             f"Use None or a sentinel value."
         )
-    raise ChangesetError(
+    raise error(
         f"Column {table}.{column} received {_describe(value)}; read-model values "
         f"must be None, bool, int, float or str. Encode structured data with "
         f"json.dumps() or split it into columns."
@@ -974,32 +985,34 @@ class _TableInfo:
             return row[self.pk[0]]
         return tuple(row[c] for c in self.pk)
 
-    def key_params(self, key: Any) -> Tuple[Any, ...]:
-        """The key as bind parameters, or ChangesetError if its shape is wrong."""
+    def key_params(self, key: Any, error: Callable[[str], FluxliteError] = ChangesetError
+                   ) -> Tuple[Any, ...]:
+        """The key as bind parameters, or ``error`` if its shape is wrong (a
+        ChangesetError in a change, a UsageError in a read)."""
         if len(self.pk) == 1:
             if isinstance(key, tuple) and len(key) == 1:
                 key = key[0]
             if isinstance(key, (tuple, dict, set)) or key is None:
-                raise ChangesetError(
+                raise error(
                     f"Table {self.name!r} has the one-column primary key "
                     f"({self.pk[0]}); a key is a single value, received {_describe(key)}."
                 )
-            _check_value(key, self.name, self.pk[0])
+            _check_value(key, self.name, self.pk[0], error)
             return (key,)
         if not isinstance(key, tuple) or len(key) != len(self.pk):
-            raise ChangesetError(
+            raise error(
                 f"Table {self.name!r} has the composite primary key "
                 f"({', '.join(self.pk)}); a key is a tuple of {len(self.pk)} values "
                 f"in that order, received {_describe(key)}."
             )
         for column, part in zip(self.pk, key):
             if part is None:
-                raise ChangesetError(
+                raise error(
                     f"Table {self.name!r}: key {key!r} has a None for {column!r}; every "
                     f"part of a primary key must have a value (SQL's NULL never equals "
                     f"itself, so the row could never be found again)."
                 )
-            _check_value(part, self.name, column)
+            _check_value(part, self.name, column, error)
         return key
 
 
@@ -1264,19 +1277,19 @@ class _Model:
                 names = [d[0] for d in cursor.description]
                 return [dict(zip(names, row)) for row in cursor]
             except UnicodeEncodeError:
-                raise ChangesetError(
+                raise UsageError(
                     f"A value looked up in the read model is not valid Unicode text (a "
-                    f"lone surrogate): {_describe(params)}."
+                    f"lone surrogate): {_describe(params)}. Look up text that encodes as UTF-8."
                 ) from None
             except (sqlite3.Error, OverflowError) as exc:
                 raise _read_failure(exc, params) from exc
 
     def get(self, info: _TableInfo, key: Any) -> Optional[Dict[str, Any]]:
-        rows = self._rows(info.select_key, info.key_params(key))
+        rows = self._rows(info.select_key, info.key_params(key, UsageError))
         return rows[0] if rows else None
 
     def find(self, info: _TableInfo, equals: Mapping[str, Any]) -> List[Dict[str, Any]]:
-        self.check_columns(info, equals, "find")
+        self.check_columns(info, equals, "find", UsageError)
         where = " AND ".join(f"{_quote(c)} IS ?" for c in equals) or "1"
         sql = f"SELECT * FROM {info.q} WHERE {where} ORDER BY {info.order_by}"
         return self._rows(sql, tuple(equals.values()))
@@ -1333,17 +1346,18 @@ class _Model:
 
     # -- writes --------------------------------------------------------------
 
-    def check_columns(self, info: _TableInfo, values: Mapping[str, Any], op: str) -> None:
+    def check_columns(self, info: _TableInfo, values: Mapping[str, Any], op: str,
+                      error: Callable[[str], FluxliteError] = ChangesetError) -> None:
         if values.keys() <= info.writable:
             return
         generated = [c for c in values if c in info.column_set and c not in info.writable]
         if generated:
-            raise ChangesetError(
+            raise error(
                 f"{op} on {info.name!r} sets generated column(s) "
                 f"{', '.join(map(repr, generated))}; SQLite computes them. Leave them out."
             )
         unknown = [c for c in values if c not in info.column_set]
-        raise ChangesetError(
+        raise error(
             f"{op} on {info.name!r} names unknown column(s) "
             f"{', '.join(map(repr, unknown))}; the table has: {', '.join(info.columns)}."
         )
@@ -1994,18 +2008,20 @@ class View:
     def __getitem__(self, name: str) -> Table:
         table = self._tables.get(name)
         if table is None:
-            raise KeyError(
-                f"No read-model table {name!r}; the tables are: {', '.join(self.tables)}."
-            )
+            raise _NoTableKey(self._no_table(name))
         return table
 
     def __getattr__(self, name: str) -> Table:
         if name.startswith("_"):
             raise AttributeError(name)
-        try:
-            return self[name]
-        except KeyError as exc:
-            raise AttributeError(exc.args[0]) from None
+        table = self._tables.get(name)
+        if table is None:
+            raise _NoTableAttribute(self._no_table(name))
+        return table
+
+    def _no_table(self, name: Any) -> str:
+        return (f"No read-model table {name!r}; the tables are: {', '.join(self.tables)}. "
+                f"Table names are case-sensitive and must match the schema.")
 
     def __iter__(self) -> Iterator[Table]:
         return iter(self._tables[name] for name in self.tables)
@@ -2166,7 +2182,9 @@ def _make_upcaster(upcasters: Optional[Mapping[str, Upcaster]]) -> Callable[[Eve
             except Exception as exc:
                 raise ReducerError(
                     f"The upcaster for {event.type!r} raised {type(exc).__name__}: {exc} "
-                    f"on event {event.seq} (id {event.id!r})."
+                    f"on event {event.seq} (id {event.id!r}). An upcaster must accept every "
+                    f"shape of its event type in the log, the current one too (return it "
+                    f"unchanged)."
                 ) from exc
             if newer is None or newer == event:
                 return event
@@ -2830,7 +2848,12 @@ class Store:
                 if baselines and item.type != BASELINE:
                     baselines = False
                     _end_baselines(conn)
-                known = self._known_event(item, seen) if item.id_given else None
+                if item.id_given:
+                    known = self._known_event(item, seen)
+                else:
+                    known = None
+                    if self._ids is not _new_id:  # the user's ids= source: a counter may restart
+                        self._check_generated_id(item.id, seen)
                 if known is not None:
                     results.append(known)
                     continue
@@ -2977,6 +3000,21 @@ class Store:
             )
         return event
 
+    def _check_generated_id(self, event_id: str, seen: Dict[str, Any]) -> None:
+        """An id from the user's ids= source must be new to the file."""
+        if event_id in seen:
+            where = "earlier in this batch"
+        else:
+            row = self._conn.execute("SELECT seq FROM events WHERE id = ?", (event_id,)).fetchone()
+            if row is None:
+                return
+            where = f"in the log (seq {row[0]})"
+        raise UsageError(
+            f"ids() returned {event_id!r}, an id already used {where}; the ids it "
+            f"returns must be unique across the whole file. Continue the counter "
+            f"from the log (a store reopened starts it again), or leave out ids=."
+        )
+
     def _reduce_and_apply(self, item: _Prepared, seq: int, ts: datetime,
                           journal: List[Tuple[Any, ...]]) -> Tuple[Event, List[Change]]:
         event = object.__new__(Event)  # checked in _prepare: no dataclass __init__ (hot path)
@@ -2998,7 +3036,8 @@ class Store:
         """Call ``listener(event, changes)`` after each commit; return unsubscribe.
 
         ``changes`` are the Changes as applied: each with its key, an upsert
-        as the insert or update it became, an update with the columns it set,
+        as the insert or update it became, an update with the columns it changed
+        (a column set to the value it had is left out),
         a delete with just its key. ``types`` limits the event types heard.
         """
         if not callable(listener):
@@ -3471,7 +3510,7 @@ class Store:
             self._check_open()
             self._check_model_current()
         info = self._model.table(table, error=UsageError)
-        params = info.key_params(_as_key(key))
+        params = info.key_params(_as_key(key), UsageError)
         for part in params:
             if isinstance(part, str):
                 _check_text(part, "The key", UsageError)
@@ -5684,9 +5723,9 @@ def _cmd_demo(args: Any) -> int:
     directory = args.dir or tempfile.mkdtemp(prefix="fluxlite-demo-")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "demo.db")
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + suffix)
+    if os.path.lexists(path):  # never someone's file, nor an earlier tour they kept
+        raise _CliError(f"{path!r} exists; demo writes a new store. Name a new directory, "
+                        f"or delete that file first.")
     say = lambda text: print(f"\n» {text}")  # noqa: E731
     schema = "CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT);"
 

@@ -350,6 +350,15 @@ def test_demo_tells_the_tour(tmp_path):
     assert "Look inside" in out
 
 
+def test_demo_never_overwrites_a_file(tmp_path):
+    (tmp_path / "mine").mkdir()
+    precious = tmp_path / "mine" / "demo.db"
+    precious.write_bytes(b"precious notes")
+    again = cli("demo", tmp_path / "mine", cwd=tmp_path, check=False)
+    assert again.returncode == 1 and "exists; demo writes a new store" in again.stderr
+    assert precious.read_bytes() == b"precious notes"
+
+
 def test_progress_bar_only_when_stderr_is_a_terminal(work):
     import pty
     with fluxlite.open(work / "big.db", app=__import__("cliapp").APP) as store:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -345,6 +346,25 @@ def test_ids_must_give_valid_ids(ids, message):
     with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, ids=ids) as store:
         with pytest.raises(fluxlite.UsageError, match=message):
             add(store, "a")
+        assert store.head == 0
+
+
+def test_an_ids_source_that_repeats_an_id_is_a_usage_error_and_writes_nothing(tmp_path):
+    # A test's counter restarts when the store is reopened: the old ids are in the log.
+    def counter():
+        numbers = itertools.count(1)
+        return lambda: f"id-{next(numbers)}"
+    target = str(tmp_path / "s.db")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer, ids=counter()) as store:
+        add(store, "a")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer, ids=counter()) as store:
+        before = snapshot(store)
+        with pytest.raises(fluxlite.UsageError, match=r"ids\(\) returned 'id-1'.*in the log \(seq 1\)"):
+            add(store, "b")
+        assert snapshot(store) == before
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, ids=lambda: "same") as store:
+        with pytest.raises(fluxlite.UsageError, match="earlier in this batch"):
+            store.dispatch_many([{"type": "addUser", "payload": {"name": n}} for n in "ab"])
         assert store.head == 0
 
 
@@ -829,10 +849,21 @@ def test_table_reads(store):
     assert store.view.rights.get(("a", "admin")) == {"user": "a", "right": "admin"}
     assert store.view.rights.get(["b", "admin"]) == {"user": "b", "right": "admin"}
     assert store.view.tables == ["rights", "users"]
-    with pytest.raises(AttributeError, match="No read-model table 'nope'"):
+    # A read used against the rules is a UsageError, and Python's protocols still hold.
+    with pytest.raises(fluxlite.UsageError, match="No read-model table 'nope'") as raised:
         _ = store.view.nope
-    with pytest.raises(fluxlite.ChangesetError, match="unknown column"):
+    assert isinstance(raised.value, AttributeError) and not hasattr(store.view, "nope")
+    with pytest.raises(fluxlite.UsageError, match="^No read-model table 'nope'") as raised:
+        _ = store.view["nope"]
+    assert isinstance(raised.value, KeyError)
+    with pytest.raises(fluxlite.UsageError, match="unknown column"):
         users.find(age=3)
+    with pytest.raises(fluxlite.UsageError, match="a key is a single value"):
+        users.get({"name": "a"})
+    with pytest.raises(fluxlite.UsageError, match="a key is a tuple of 2 values"):
+        store.view.rights.get("a")
+    with pytest.raises(fluxlite.UsageError, match="a key is a tuple of 2 values"):
+        store.history("rights", "a")
 
 
 def test_tables_named_like_the_views_own_attributes_are_reached_by_index():
