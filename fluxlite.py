@@ -105,6 +105,7 @@ import collections.abc
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -732,7 +733,10 @@ def _file_uri(path: str, mode: str) -> str:
 
 def _connect_readonly(path: str) -> sqlite3.Connection:
     """A connection that cannot write (SQLite's mode=ro), for inspecting a file."""
-    if path == ":memory:" or not os.path.isfile(path):
+    if path == ":memory:":
+        raise UsageError("readonly=True opens an existing store file; ':memory:' is always a "
+                         "new, empty store. Pass the path of a store, or leave out readonly=True.")
+    if not os.path.isfile(path):
         raise UsageError(f"No such store file: {path!r}. Check the path.")
     uri = _file_uri(os.path.abspath(path), "ro")
     # On read-only media SQLite cannot make the WAL's -shm file; with no WAL
@@ -1130,6 +1134,18 @@ def _nondeterministic(default: str) -> bool:
     return bool(_NONDETERMINISTIC.search(code) or _DATE_FUNCTION.search(code))
 
 
+# SQLite's words when a schema statement creates a name fluxlite or SQLite holds.
+_TAKEN_NAME = re.compile(r"^table (\S+) already exists$|"
+                         r"^object name reserved for internal use: (\S+)$")
+
+
+def _reserved_table(name: str) -> SchemaError:
+    return SchemaError(
+        f"Table name {name!r} is reserved: `events` is fluxlite's log and "
+        f"`fluxlite_*` / `sqlite_*` belong to fluxlite and SQLite. Rename the table."
+    )
+
+
 def _check_new_table(conn: sqlite3.Connection, name: str, sql: str, new: bool = True) -> None:
     """The rules a read-model table must follow, so the journal sees every write.
 
@@ -1138,10 +1154,7 @@ def _check_new_table(conn: sqlite3.Connection, name: str, sql: str, new: bool = 
     do not lock an older store out of its own past.
     """
     if _RESERVED_TABLE.match(name):
-        raise SchemaError(
-            f"Table name {name!r} is reserved: `events` is fluxlite's log and "
-            f"`fluxlite_*` / `sqlite_*` belong to fluxlite and SQLite. Rename the table."
-        )
+        raise _reserved_table(name)
     info = _read_table_info(conn, name)
     if not info.pk:
         raise SchemaError(
@@ -1199,6 +1212,10 @@ def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> L
         try:
             conn.execute(statement)
         except (sqlite3.Error, UnicodeEncodeError) as exc:
+            taken = _TAKEN_NAME.search(str(exc))
+            name = taken and (taken.group(1) or taken.group(2)).strip('"`[]')
+            if name and _RESERVED_TABLE.match(name):
+                raise _reserved_table(name) from None
             raise SchemaError(
                 f"Schema statement {number} failed: {exc}. Statement: "
                 f"{statement[:200]!r}. Note `events`, `fluxlite_*` and `sqlite_*` "
@@ -1290,6 +1307,8 @@ class _Model:
 
     def find(self, info: _TableInfo, equals: Mapping[str, Any]) -> List[Dict[str, Any]]:
         self.check_columns(info, equals, "find", UsageError)
+        for column, value in equals.items():
+            _check_value(value, info.name, column, UsageError)
         where = " AND ".join(f"{_quote(c)} IS ?" for c in equals) or "1"
         sql = f"SELECT * FROM {info.q} WHERE {where} ORDER BY {info.order_by}"
         return self._rows(sql, tuple(equals.values()))
@@ -1304,6 +1323,14 @@ class _Model:
     def query(self, sql: str, params: Any = ()) -> List[Dict[str, Any]]:
         if not isinstance(sql, str):
             raise QueryError(f"query() takes SQL text; received {_describe(sql)}.")
+        # Python's sqlite3 can report a reused statement's failed bind as the last
+        # error SQLite had (another query's): say what is wrong before that.
+        values = params.values() if isinstance(params, _Mapping) else \
+            params if isinstance(params, (list, tuple)) else ()
+        for value in values:
+            if value.__class__ is int and not -(2**63) <= value < 2**63:
+                raise QueryError(f"query() parameter {value} is outside SQLite's 64-bit "
+                                 f"integers; pass it as text (str(value)). SQL: {sql[:200]!r}.")
         with self.lock:
             previous = self.query_mode
             self.query_mode = 2 if previous == 2 else 1
@@ -1322,9 +1349,9 @@ class _Model:
                         + (", on read-model tables, inside a reducer" if self.query_mode == 2 else "")
                         + f"); refused: {sql[:200]!r}. Change data by dispatching events."
                     ) from None
-                raise QueryError(f"query failed: {exc}. SQL: {sql[:200]!r}") from exc
+                raise _query_failure(exc, sql, params) from exc
             except (sqlite3.Warning, sqlite3.ProgrammingError, ValueError, OverflowError) as exc:
-                raise QueryError(f"query failed: {exc}. SQL: {sql[:200]!r}") from exc
+                raise _query_failure(exc, sql, params) from exc
             finally:
                 self.query_mode = previous
 
@@ -1562,7 +1589,8 @@ class _Model:
         if missing and not (change.op == "insert" and info.rowid_key):
             raise ChangesetError(
                 f"{change.op} into {info.name!r} lacks primary-key column(s) "
-                f"{', '.join(missing)}; put them in the row (or pass key=)."
+                f"{', '.join(missing)}; put them in the row (or, in a Change built by "
+                f"hand, give key=)."
             )
         return values
 
@@ -1572,6 +1600,14 @@ class _Model:
 
 
 _STORAGE_REFUSALS = (sqlite3.IntegrityError, OverflowError, UnicodeEncodeError)
+
+
+def _query_failure(exc: Exception, sql: str, params: Any) -> QueryError:
+    text = f"query failed: {str(exc).rstrip('.')}. SQL: {sql[:200]!r}"
+    if "bind" in str(exc) or isinstance(exc, OverflowError):
+        text += (f"; params: {_describe(params)}. Give one value per ? (a sequence), or a "
+                 f"dict for :name placeholders; values are None, int, float, str or bytes")
+    return QueryError(text + ".")
 
 
 def _read_failure(exc: Exception, params: Sequence[Any]) -> FluxliteError:
@@ -1926,6 +1962,16 @@ class Table:
     def __repr__(self) -> str:
         return f"<fluxlite.Table {self.name} {self.columns}>"
 
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in self.view.tables:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        # A reducer written for the view, given a table by combine().
+        raise _NoTableAttribute(
+            f"Table {self.name!r} has no attribute {name!r}. Under combine() each "
+            f"reducer is given its own table (here {self.name!r}), not the view: read "
+            f"any table as table.view.{name} (or table.view[{name!r}])."
+        )
+
     # reads
     def get(self, key: Any) -> Optional[Dict[str, Any]]:
         """The row with this primary key as a dict, or None."""
@@ -2041,6 +2087,21 @@ CollectionReducer = Callable[[Table, Event], Any]
 Reducer = Callable[[View, Event], Any]
 
 
+def _check_takes_two(function: Callable[..., Any], what: str, arguments: str) -> None:
+    """A reducer is called with two positional arguments: say so at open(), not
+    as a TypeError on the first event. Callables Python cannot inspect pass."""
+    try:
+        inspect.signature(function).bind(None, None)
+    except TypeError:
+        raise UsageError(
+            f"{what} is called as reducer{arguments}, with two arguments; "
+            f"{_describe(function)} cannot take them. Give it the signature "
+            f"{arguments}."
+        ) from None
+    except ValueError:  # no signature to read (some builtins)
+        pass
+
+
 def combine(reducers: Mapping[str, CollectionReducer]) -> Reducer:
     """The seed's combineReducers: one reducer per table, called as ``(table, event)``.
 
@@ -2059,6 +2120,7 @@ def combine(reducers: Mapping[str, CollectionReducer]) -> Reducer:
                 f"combine() needs table names mapped to callables; {name!r} maps to "
                 f"{_describe(reducer)}."
             )
+        _check_takes_two(reducer, f"The reducer for {name!r}", "(table, event)")
     items = list(reducers.items())
 
     def combined(view: View, event: Event) -> List[Change]:
@@ -2165,11 +2227,13 @@ def _make_upcaster(upcasters: Optional[Mapping[str, Upcaster]]) -> Callable[[Eve
     """One function applying the upcasters by type until the event stops changing."""
     if not upcasters:
         return lambda event: event
-    if not isinstance(upcasters, _Mapping) or not all(
-            isinstance(t, str) and callable(f) for t, f in upcasters.items()):
-        raise UsageError(
-            "upcasters must be a dict of event type -> function(event) -> event."
-        )
+    if not isinstance(upcasters, _Mapping):
+        raise UsageError(f"upcasters must be a dict of event type -> function(event) -> "
+                         f"event; received {_describe(upcasters)}.")
+    for kind, upcaster in upcasters.items():
+        if not isinstance(kind, str) or not callable(upcaster):
+            raise UsageError(f"upcasters must map event types (str) to functions(event) -> "
+                             f"event; {kind!r} maps to {_describe(upcaster)}.")
     table = dict(upcasters)
 
     def upcast(event: Event) -> Event:
@@ -2259,6 +2323,16 @@ def _action_from(type_or_action: Any, payload: Any, meta: Any, id: Any,
     if actor is not None:
         action["meta"]["actor"] = actor
     return action
+
+
+def _batch_action(event: Any, position: int) -> Dict[str, Any]:
+    """An item of dispatch_many(): an event dict only (a bare type is dispatch()'s)."""
+    if event.__class__ is not dict and not isinstance(event, _Mapping):
+        raise InvalidEvent(
+            f"dispatch_many() takes event dicts such as {{'type': 'addUser', 'payload': "
+            f"{{...}}}}; item {position} is {_describe(event)}. Nothing was dispatched."
+        )
+    return _action_from(event, None, None, None, None)
 
 
 def _check_type(kind: Any) -> None:
@@ -2386,7 +2460,7 @@ class Store:
     The rules of a dispatch (each enforced in code, with its own error):
 
     1. An event is checked before any transaction opens: a non-empty str
-       type, JSON payload and meta, a str id if given (InvalidEvent).
+       type, JSON payload and meta, a non-empty str id if given (InvalidEvent).
     2. Middleware sees the event first, as a plain dict; it may change it,
        refuse it by raising (e.g. Forbidden), or dispatch other events.
     3. One dispatch (or one dispatch_many) is one BEGIN IMMEDIATE
@@ -2473,7 +2547,7 @@ class Store:
 
     @property
     def schema(self) -> str:
-        """The read-model DDL the store was created with."""
+        """The read-model DDL the file holds now (after a rebuild, the new one)."""
         return self._schema
 
     @property
@@ -2638,7 +2712,7 @@ class Store:
             raise InvalidEvent(
                 f"dispatch_many() takes a list of event dicts; received {_describe(events)}."
             )
-        actions = [_action_from(e, None, None, None, None) for e in events]
+        actions = [_batch_action(e, n) for n, e in enumerate(events)]
         self._check_dispatchable()
         _check_expect_seq(expect_seq)
         batch: List[Dict[str, Any]] = actions if self._bare else []  # no middleware: as given
@@ -4401,8 +4475,14 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
     """
     if default not in ("deny", "allow"):
         raise UsageError(f"authorize(default=...) is 'deny' or 'allow'; received {default!r}.")
-    if not isinstance(rules, _Mapping) or not all(callable(p) for p in rules.values()):
-        raise UsageError("authorize() takes a dict of event type -> predicate(actor, event).")
+    if not isinstance(rules, _Mapping):
+        raise UsageError(f"authorize() takes a dict of event type -> predicate(actor, event); "
+                         f"received {_describe(rules)}.")
+    for kind, predicate in rules.items():
+        if not callable(predicate):
+            raise UsageError(f"authorize() rules map an event type to predicate(actor, event) "
+                             f"-> bool; {kind!r} maps to {_describe(predicate)}. For a type "
+                             f"anyone may dispatch, use lambda actor, event: True.")
     table = dict(rules)
 
     def middleware(store: Store) -> Callable[[Callable[[Dict[str, Any]], Any]],
@@ -4911,8 +4991,8 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
     ``durability`` is "full" (fsync at every commit: nothing acknowledged is
     lost, even on power failure) or "normal" (WAL with synchronous=NORMAL:
     faster; a power failure or OS crash may lose the last commits, a process
-    crash loses nothing; a background thread checkpoints the WAL, which stays
-    near 4 MB: see README, SQLite settings).
+    crash loses nothing; a background thread checkpoints the WAL, bounded by a
+    4 MB ceiling, somewhat more under load: see README, SQLite settings).
 
     ``version`` (any JSON value; None means unchanged) and ``schema``: when
     either differs from what the file holds, the read model is rebuilt by
@@ -4955,6 +5035,8 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
             f"reducer must be a function (view, event) -> changeset or a dict of "
             f"table -> function; received {_describe(reducer)}."
         )
+    if reducer is not None and not getattr(reducer, "fluxlite_tables", None):
+        _check_takes_two(reducer, "The reducer", "(view, event)")
     if isinstance(middleware, (_Mapping, str)) or callable(middleware) or \
             not isinstance(middleware, collections.abc.Iterable) or \
             not all(callable(m) for m in middleware):
@@ -5071,18 +5153,23 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
 ###############################################################################
 
 
+def _check_scenario_event(item: Any) -> None:
+    if not (isinstance(item, (_Mapping, str)) or
+            isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+        raise UsageError(
+            f"A scenario event is a dict (type, payload, ...), a (type, payload) pair or a "
+            f"type string; received {_describe(item)}."
+        )
+
+
 def _as_action(item: Any) -> Dict[str, Any]:
     """An event for a scenario: a dict, a (type, payload) pair, or a bare type."""
+    _check_scenario_event(item)
     if isinstance(item, _Mapping):
         return _action_from(item, None, None, None, None)
-    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+    if isinstance(item, tuple):
         return _action_from(item[0], item[1], None, None, None)
-    if isinstance(item, str):
-        return _action_from(item, None, None, None, None)
-    raise UsageError(
-        f"A scenario event is a dict (type, payload, ...), a (type, payload) pair or a "
-        f"type string; received {_describe(item)}."
-    )
+    return _action_from(item, None, None, None, None)
 
 
 def _as_change(item: Any) -> Change:
@@ -5146,6 +5233,7 @@ class Scenario:
     def given(self, *events: Any) -> "Scenario":
         """Events that already happened; each must be accepted."""
         for number, item in enumerate(events, 1):
+            _check_scenario_event(item)  # not a refusal to assert on: the test's mistake
             try:
                 self.store.dispatch(_as_action(item))
             except FluxliteError as exc:
@@ -5157,6 +5245,7 @@ class Scenario:
     def when(self, event: Any) -> "Scenario":
         """The event under test; its outcome is checked by the then_* methods."""
         self._returned = []
+        _check_scenario_event(event)  # not a refusal to assert on: the test's mistake
         try:
             self._outcome = (self.store.dispatch(_as_action(event)), None)
         except FluxliteError as exc:
@@ -5563,6 +5652,13 @@ def _cmd_dispatch(args: Any) -> int:
 def _cmd_verify(args: Any) -> int:
     import sys
     app = _load_app(args.app)
+    with open(args.db, readonly=True) as peek:
+        built_with = (_normalize_schema(peek.schema), peek.version)
+    if (_normalize_schema(app.schema), built_with[1] if app.version is None else app.version) \
+            != built_with:
+        raise _CliError(f"{args.db!r} was built with another schema or version than "
+                        f"{args.app}'s; run `fluxlite rebuild {args.db} --app {args.app}` "
+                        f"first, or verify with the app the file was built with")
     with open(args.db, app=app, readonly=True) as store:
         head = store.head
         try:
@@ -5658,7 +5754,22 @@ def _cmd_import(args: Any) -> int:
     app = _load_app(args.app)
     if not os.path.isfile(args.file):
         raise _CliError(f"no such file: {args.file!r}")
-    added = skipped = 0
+    created = not os.path.exists(args.db)
+    added = [0]  # committed so far, also when a later batch fails
+    try:
+        _import_into(args, app, added)
+    except BaseException:
+        if created and added[0] == 0:  # an empty store left behind would pass for an import
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(args.db + suffix)
+        raise
+    return 0
+
+
+def _import_into(args: Any, app: "App", added: List[int]) -> None:
+    """_cmd_import's work; ``added[0]`` counts the events committed."""
+    skipped = 0
     with open(args.db, app=app) as store:
         for batch in _import_batches(args.file):
             fresh = []
@@ -5685,9 +5796,8 @@ def _cmd_import(args: Any) -> int:
                 fresh.append(prepared)
             if fresh:
                 store._commit_prepared(fresh)
-                added += len(fresh)
-    print(f"imported {added} events ({skipped} already present)")
-    return 0
+                added[0] += len(fresh)
+    print(f"imported {added[0]} events ({skipped} already present)")
 
 
 def _cmd_backup(args: Any) -> int:

@@ -170,7 +170,13 @@ def test_dispatch_verify_and_rebuild(work):
     assert failed.returncode == 1 and "live 'hacker' != replay" in failed.stderr
     assert "rebuilt: 6 events" in cli("rebuild", "app.db", "--app", "cliapp:APP", cwd=work).stdout
     cli("verify", "app.db", "--app", "cliapp:APP", cwd=work)
+    other = cli("verify", "app.db", "--app", "cliapp:APP2", cwd=work, check=False)
+    assert other.returncode == 1 and "run `fluxlite rebuild app.db --app cliapp:APP2` first" \
+        in other.stderr, other.stderr
     assert "version 2" in cli("rebuild", "app.db", "--app", "cliapp:APP2", cwd=work).stdout
+    cli("verify", "app.db", "--app", "cliapp:APP2", cwd=work)
+    stale = cli("verify", "app.db", "--app", "cliapp:APP", cwd=work, check=False)
+    assert stale.returncode == 1 and "another schema or version" in stale.stderr
     rows = json.loads(cli("query", "app.db", "SELECT shout FROM users WHERE name = 'barack'",
                           "--json", cwd=work).stdout)
     assert rows == {"shout": "PRESIDENT"}
@@ -235,9 +241,21 @@ def test_import_refuses_two_different_events_at_one_seq_in_its_file(work):
     (work / "twice.jsonl").write_text("\n".join(lines[:2] + [json.dumps(other)]) + "\n")
     result = cli("import", "new.db", "twice.jsonl", "--app", "cliapp:APP", cwd=work, check=False)
     assert result.returncode == 1 and "the logs conflict" in result.stderr
+    assert not (work / "new.db").exists()  # nothing imported: no empty store left behind
     (work / "latin1.jsonl").write_bytes(b"\xff\xfe")
     result = cli("import", "new2.db", "latin1.jsonl", "--app", "cliapp:APP", cwd=work, check=False)
     assert result.returncode == 1 and "not UTF-8" in result.stderr
+    assert not (work / "new2.db").exists()
+
+
+def test_an_import_that_fails_part_way_keeps_what_it_committed(work):
+    first = json.loads(cli("export", "app.db", cwd=work).stdout.splitlines()[0])
+    lines = [json.dumps({**first, "seq": n, "id": f"e{n}", "payload": {"name": f"u{n}"}})
+             for n in range(1, 1001)]  # one whole batch, committed before the bad line
+    (work / "long.jsonl").write_text("\n".join(lines + ["not json"]) + "\n")
+    result = cli("import", "new.db", "long.jsonl", "--app", "cliapp:APP", cwd=work, check=False)
+    assert result.returncode == 1 and "long.jsonl line 1001" in result.stderr
+    assert json.loads(cli("info", "new.db", "--json", cwd=work).stdout)["head"] == 1000
 
 
 def test_a_closed_pipe_ends_the_command_quietly(work):

@@ -221,9 +221,11 @@ def test_new_store_needs_a_schema(tmp_path):
 @pytest.mark.parametrize("ddl, message", [
     ("CREATE TABLE t (a TEXT)", "no primary key"),
     ("CREATE TABLE t (a TEXT PRIMARY KEY, )", "failed"),
-    ("CREATE TABLE events (a TEXT PRIMARY KEY)", "reserved"),
-    ("CREATE TABLE fluxlite_x (a TEXT PRIMARY KEY)", "reserved"),
-    ("CREATE TABLE Events (a TEXT PRIMARY KEY)", "reserved"),
+    ("CREATE TABLE events (a TEXT PRIMARY KEY)", "^Table name 'events' is reserved"),
+    ("CREATE TABLE fluxlite_x (a TEXT PRIMARY KEY)", "^Table name 'fluxlite_x' is reserved"),
+    ("CREATE TABLE Events (a TEXT PRIMARY KEY)", "^Table name 'Events' is reserved"),
+    ('CREATE TABLE "fluxlite_journal" (a TEXT PRIMARY KEY)', "^Table name 'fluxlite_journal' is"),
+    ("CREATE TABLE sqlite_x (a TEXT PRIMARY KEY)", "^Table name 'sqlite_x' is reserved"),
     ("CREATE TABLE t (a TEXT PRIMARY KEY); CREATE TRIGGER x AFTER INSERT ON t "
      "BEGIN DELETE FROM t; END;", "not CREATE TABLE"),
     ("CREATE VIEW v AS SELECT 1", "not CREATE TABLE"),
@@ -658,6 +660,10 @@ BAD_EVENTS = [
      fluxlite.ChangesetError, "must be None, bool, int, float or str"),
     (lambda s: s.dispatch("raw", [{"op": "upsert", "table": "users", "values": {"role": "x"}}]),
      fluxlite.ChangesetError, "lacks primary-key"),
+    (lambda s: s.dispatch_many(["addUser"]), fluxlite.InvalidEvent, "item 0 is 'addUser'"),
+    (lambda s: s.dispatch_many([{"type": "addUser", "payload": {"name": "t"}},
+                                ("addUser", {"name": "u"})]),
+     fluxlite.InvalidEvent, r"takes event dicts .*item 1 is \('addUser'"),
 ]
 
 
@@ -957,6 +963,22 @@ def test_query_refusal_survives_statement_cache(store):
     assert store.head == 1
 
 
+def test_a_bad_parameter_is_named_even_after_another_query_failed(store):
+    # Python's sqlite3 reports a failed bind of a reused statement with the last
+    # error SQLite had: here, the unknown column of the query before.
+    for _ in range(2):
+        with pytest.raises(fluxlite.QueryError, match="outside SQLite's 64-bit integers"):
+            store.query("SELECT ?", (2**70,))
+        with pytest.raises(fluxlite.QueryError, match="no such column: nope"):
+            store.query("SELECT nope")
+    with pytest.raises(fluxlite.QueryError, match=r"Incorrect number of bindings.*params: \(1, 2\)"):
+        store.query("SELECT ?", (1, 2))
+    with pytest.raises(fluxlite.UsageError, match="64-bit integer range"):
+        store.view.users.find(name=2**70)
+    with pytest.raises(fluxlite.UsageError, match="must be None, bool, int, float or str"):
+        store.view.users.find(name=["a"])
+
+
 # --- subscribers -------------------------------------------------------------------------
 
 
@@ -1127,6 +1149,26 @@ def test_combine_with_unknown_table_is_refused_at_open():
         fluxlite.combine({"users": 3})
 
 
+@pytest.mark.parametrize("reducer, message", [
+    (lambda event: None, r"called as reducer\(view, event\), with two arguments"),
+    (lambda view, event, extra: None, r"called as reducer\(view, event\)"),
+    ({"users": lambda event: None}, r"reducer for 'users' is called as reducer\(table, event\)"),
+])
+def test_a_reducer_that_cannot_take_two_arguments_is_refused_at_open(tmp_path, reducer, message):
+    with pytest.raises(fluxlite.UsageError, match=message):
+        fluxlite.open(str(tmp_path / "s.db"), schema=SCHEMA, reducer=reducer)
+    assert not (tmp_path / "s.db").exists() or os.path.getsize(tmp_path / "s.db") == 0
+
+
+def test_a_view_reducer_given_a_table_by_combine_is_told_how_to_read_tables():
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer={
+            "users": lambda view, event: view.users.insert(name="a")}) as store:
+        with pytest.raises(fluxlite.UsageError, match=r"given its own table .* table\.view\.users"):
+            store.dispatch("addUser")
+        assert store.head == 0
+        assert not hasattr(store.view.users, "nope") and not hasattr(store.view.users, "users")
+
+
 # --- middleware and access control --------------------------------------------------------
 
 
@@ -1241,6 +1283,10 @@ def test_authorize_defaults():
             store.dispatch("removeUser", {"name": "a"})
     with pytest.raises(fluxlite.UsageError):
         fluxlite.authorize({}, default="maybe")
+    with pytest.raises(fluxlite.UsageError, match=r"takes a dict .* received \['addUser'\]"):
+        fluxlite.authorize(["addUser"])
+    with pytest.raises(fluxlite.UsageError, match=r"'addUser' maps to True .* lambda actor, event"):
+        fluxlite.authorize({"addUser": True})
 
 
 # --- reading the log ----------------------------------------------------------------------
@@ -2903,8 +2949,10 @@ def test_upcasters_apply_on_every_read_path(tmp_path):
 
 
 def test_bad_upcasters_are_clear_errors():
-    with pytest.raises(fluxlite.UsageError, match="upcasters must be"):
+    with pytest.raises(fluxlite.UsageError, match=r"upcasters must map .*'put' maps to 1 \("):
         fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer, upcasters={"put": 1})
+    with pytest.raises(fluxlite.UsageError, match=r"upcasters must be a dict .* received \["):
+        fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer, upcasters=[print])
     flip = {"a": lambda e: e.replace(type="b"), "b": lambda e: e.replace(type="a")}
     with fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer, upcasters=flip) as s:
         with pytest.raises(fluxlite.UsageError, match="did not settle"):
@@ -3421,6 +3469,13 @@ def test_scenario_misuse_is_a_usage_error():
             s.then_state("users", [{"role": None}])
         with pytest.raises(fluxlite.UsageError, match="list of row dicts"):
             s.then_state("users", [5])
+        # A malformed event is the test's mistake, said at once, not a refusal to assert on.
+        for call in (s.when, s.given):
+            with pytest.raises(fluxlite.UsageError, match=r"a \(type, payload\) pair"):
+                call(("addUser", {"name": "b"}, {}))
+        assert s.store.head == 1
+        with pytest.raises(AssertionError, match="refused: InvalidEvent"):  # fluxlite's refusal
+            s.when({"type": ""}).then()
 
 
 def test_scenario_reports_refusals_clearly():
@@ -4301,6 +4356,6 @@ def test_misused_arguments_are_usage_errors(store):
         with pytest.raises(fluxlite.UsageError, match="types must be"):
             store.subscribe(print, types=bad)
     for bad in (2**64, [1], {"a": 1}):
-        with pytest.raises(fluxlite.UsageError, match="cannot be a SQLite value"):
+        with pytest.raises(fluxlite.UsageError, match="64-bit integer range|must be None, bool, int, float or str"):
             store.view.users.find(name=bad)
     assert store.event(2**64) is None and list(store.events(after=2**64)) == []

@@ -24,8 +24,10 @@ HTTP API (JSON in, JSON out; errors are ``{"error": "..."}``):
         200 {"event": ..., "changes": [...]}; 400 unknown command, invalid JSON or
         a missing/invalid field; 403 not allowed; 409 rejected by the reducer
         (no such note, the id exists, the note changed since ``base``) or an
-        Idempotency-Key reused for other content; 413 body too large; 415 not
-        ``Content-Type: application/json``.
+        Idempotency-Key reused for other content; 411 no Content-Length; 413 body
+        too large; 415 not ``Content-Type: application/json``; 503 the store is
+        busy (another writer held it; retry with the same Idempotency-Key) or
+        closing. Any other path is a 404.
         The user is the ``X-User`` header only, percent-encoded UTF-8 (so any
         name fits in it; raw non-ASCII is refused with 400). Anyone named may
         add and edit; only a note's author or "admin" may remove it.

@@ -19,7 +19,7 @@ REQUIRED = os.environ.get("FLUXLITE_REQUIRE_BROWSER") == "1"
 
 def unavailable(reason):
     if REQUIRED:
-        pytest.fail(f"{reason}; FLUXLITE_REQUIRE_BROWSER=1 requires the browser test to run",
+        pytest.fail(f"{reason}; FLUXLITE_REQUIRE_BROWSER=1 requires the browser tests to run",
                     pytrace=False)
     pytest.skip(reason)
 
