@@ -120,6 +120,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import weakref
 from datetime import datetime, timedelta, timezone
 from typing import (
     Any,
@@ -882,6 +883,18 @@ def _read_txn(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("ROLLBACK")
 
 
+# What a child of fork() keeps of the stores its parent had open: their
+# connections (never to be closed here: see Store._forsake) and their files.
+# SQLite's locks do not survive a fork, so the child's own connection to such a
+# file can wait on a lock no process holds: Busy then says so.
+_INHERITED: List[sqlite3.Connection] = []
+_FORKED_FILES: Set[str] = set()
+
+
+def _forked_file(path: str) -> bool:
+    return bool(_FORKED_FILES) and os.path.abspath(path) in _FORKED_FILES
+
+
 def _storage_error(exc: sqlite3.Error, path: str) -> FluxliteError:
     """A SQLite failure below fluxlite's rules, as a FluxliteError saying what to do."""
     text = str(exc)
@@ -892,10 +905,14 @@ def _storage_error(exc: sqlite3.Error, path: str) -> FluxliteError:
             f"Nothing was written."
         )
     if "locked" in text or "busy" in text:
+        forked = (" This process was forked from one that had the store open: SQLite's "
+                  "locks do not survive a fork(), so the lock may be held by no one. Open "
+                  "stores only after forking, or start workers with multiprocessing's "
+                  "'spawn' or 'forkserver' method." if _forked_file(path) else "")
         return Busy(
             f"{path!r} stayed locked by another writer for longer than busy_timeout "
             f"({DEFAULT_PRAGMAS['busy_timeout']} ms): {text}. Nothing was written; retry "
-            f"the dispatch (with the same id, so a retry can never apply twice)."
+            f"the dispatch (with the same id, so a retry can never apply twice).{forked}"
         )
     return StorageError(
         f"SQLite could not write {path!r}: {text}. Nothing was written. Check free disk "
@@ -1602,7 +1619,9 @@ class _Model:
 _STORAGE_REFUSALS = (sqlite3.IntegrityError, OverflowError, UnicodeEncodeError)
 
 
-def _query_failure(exc: Exception, sql: str, params: Any) -> QueryError:
+def _query_failure(exc: Exception, sql: str, params: Any) -> FluxliteError:
+    if isinstance(exc, sqlite3.ProgrammingError) and "closed" in str(exc):
+        return _read_failure(exc, params)  # the store or at() view was closed: UsageError
     text = f"query failed: {str(exc).rstrip('.')}. SQL: {sql[:200]!r}"
     if "bind" in str(exc) or isinstance(exc, OverflowError):
         text += (f"; params: {_describe(params)}. Give one value per ? (a sequence), or a "
@@ -2044,7 +2063,8 @@ class View:
     def close(self) -> None:
         """Release a view of the past (its private copy); the live view ignores it."""
         if self._owned:
-            self._model.conn.close()
+            with self._model.lock:  # closing a connection SQLite is reading crashes the process
+                self._model.conn.close()
 
     @property
     def tables(self) -> List[str]:
@@ -2454,6 +2474,20 @@ _HEAD_SQL = """SELECT (SELECT value FROM fluxlite_meta WHERE key = 'generation')
     (SELECT events || ' ' || journal FROM fluxlite_seals ORDER BY seq DESC LIMIT 1)"""
 
 
+# Stores open in this process: in a child of fork() they are the parent's.
+_OPEN_STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    parent = os.getppid()
+    for store in list(_OPEN_STORES):
+        store._forsake(parent)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Store:
     """An event-sourced store on one SQLite file. Make one with fluxlite.open().
 
@@ -2502,6 +2536,8 @@ class Store:
         self._middleware = list(middleware)
         self._lock = threading.RLock()
         self._model = _Model(conn, tables, self._lock)
+        self._forked_from: Optional[int] = None  # in a child of fork(): the parent's pid
+        _OPEN_STORES.add(self)
         self._view = View(self._model)
         self._reducer = reducer
         self._path = path
@@ -2531,7 +2567,8 @@ class Store:
         self._committed = threading.Condition()  # followers wake on this store's commits
         self._commit_count = 0
         self._watcher: Optional[threading.Thread] = None
-        self._own_seqs: set = set()  # committed here, so the watcher skips them
+        self._watch_cursor: Optional[_FollowCursor] = None  # watch()'s place in the log
+        self._cursors: "weakref.WeakSet[_FollowCursor]" = weakref.WeakSet()  # reset_to() moves them
         self._chain: Callable[[Dict[str, Any]], Any] = _refuse_during_setup
         self._bare = False  # True once open() found no middleware (dispatch's fast path)
         self._checkpointer = (_WalCheckpointer(self._file)
@@ -2590,6 +2627,10 @@ class Store:
         """Close the connection (and stop watch()). Safe to call twice."""
         if not self._closed:
             self._check_open()  # not from inside a reducer
+            if self._previewing and self._preview_thread == threading.get_ident():
+                raise UsageError("close() cannot run inside a preview (from its middleware): "
+                                 "the preview's transaction is still open. Close the store "
+                                 "after preview() returns.")
         watcher, self._watcher = self._watcher, None
         with self._committed:
             self._committed.notify_all()
@@ -2661,8 +2702,28 @@ class Store:
             raise UsageError(f"{what} writes to the file, but this store was opened with "
                              f"readonly=True; open it without readonly=True.")
 
+    def _forsake(self, parent: int) -> None:
+        """In the child of a fork(): this store is the parent's. Its connection is
+        never used, nor closed (closing it could checkpoint or delete the parent's
+        WAL), and its locks start free (their holders did not come along)."""
+        self._lock = self._model.lock = threading.RLock()
+        self._committed = threading.Condition()
+        self._notify_lock = threading.Lock()
+        self._pending.clear()
+        self._watcher, self._checkpointer = None, None
+        if not self._closed:
+            self._closed, self._forked_from = True, parent
+            _INHERITED.append(self._conn)
+            _FORKED_FILES.add(self._file)
+
     def _check_open(self) -> None:
         if self._closed:
+            if self._forked_from is not None:
+                raise UsageError(
+                    f"The store {self._path!r} was opened in process {self._forked_from}, "
+                    f"which this process was forked from; a SQLite connection cannot cross "
+                    f"a fork. Open the store again here, with fluxlite.open()."
+                )
             raise UsageError(f"The store {self._path!r} is closed; open it again to use it.")
         if self._reducing_thread is not None and self._reducing_thread == threading.get_ident():
             raise UsageError(  # the authorizer alone misses statements already prepared
@@ -2695,6 +2756,8 @@ class Store:
                 result = self._chain(action)
             finally:
                 frames.pop()
+                self._notify()  # also when a middleware raised after next() committed
+            return result
         self._notify()
         return result
 
@@ -2716,17 +2779,18 @@ class Store:
         self._check_dispatchable()
         _check_expect_seq(expect_seq)
         batch: List[Dict[str, Any]] = actions if self._bare else []  # no middleware: as given
-        if not self._bare:
-            frames = self._frame_stack()
-            frames.append(_Frame(expect_seq, batch))
-            try:
-                for action in actions:
-                    self._chain(action)
-            finally:
-                frames.pop()
-        results = self._commit(batch, expect_seq) if batch else []
-        self._notify()
-        return results
+        try:
+            if not self._bare:
+                frames = self._frame_stack()
+                frames.append(_Frame(expect_seq, batch))
+                try:
+                    for action in actions:
+                        self._chain(action)
+                finally:
+                    frames.pop()
+            return self._commit(batch, expect_seq) if batch else []
+        finally:
+            self._notify()  # also what a middleware dispatched before the batch was refused
 
     def preview(self, type: Union[str, Mapping[str, Any]], payload: Any = None, *,
                 meta: Optional[Mapping[str, Any]] = None, id: Optional[str] = None,
@@ -2743,6 +2807,7 @@ class Store:
         self._check_dispatchable()
         frame = _Frame(expect_seq, preview=True)
         with self._lock:
+            self._check_open()  # again: another thread may have closed it meanwhile
             pending = len(self._pending)
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -2800,7 +2865,9 @@ class Store:
         """Put the whole store back as it was at checkpoint() (log included).
 
         For test suites: cheap rollback between tests of an on-disk store.
-        Other connections to the file see the reset too.
+        Other connections to the file see the reset too. watch() and this
+        process's followers go on from the checkpoint's head; followers in
+        other processes cannot tell, and wait for seqs past their position.
         """
         if not isinstance(checkpoint, _Checkpoint):
             raise UsageError(
@@ -2811,7 +2878,8 @@ class Store:
         with self._lock:
             self._check_open()
             try:
-                checkpoint.conn.backup(self._conn)
+                with checkpoint.lock:
+                    checkpoint.conn.backup(self._conn)
             except sqlite3.ProgrammingError as exc:  # the checkpoint's copy was closed
                 raise UsageError(f"That checkpoint cannot be read ({exc}); take a new one "
                                  f"with store.checkpoint().") from exc
@@ -2820,6 +2888,9 @@ class Store:
             self._schema, self._version = meta["schema"], meta.get("version")
             self._load_tables(meta["tables"], meta.get("generation", 0))
             self._pending.clear()
+            head = self.head
+            for cursor in list(self._cursors):  # watch() and this process's followers
+                cursor.position, cursor.version = min(cursor.position, head), -1
 
     def _frame_stack(self) -> List["_Frame"]:
         stack = getattr(self._frames, "stack", None)
@@ -2881,11 +2952,11 @@ class Store:
                 ) from exc
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, self._path) from exc
+            if committed and self._watcher is not None and not self._previewing:
+                self._watch_past(committed[0][0].seq, committed[-1][0].seq)
             self._pending.extend(committed)
             if committed and self._checkpointer is not None:
                 self._checkpointer.committed(self._conn, len(committed))
-            if self._watcher is not None and not self._previewing:  # a preview rolls back
-                self._own_seqs.update(e.seq for e, _ in committed)
         if committed:
             with self._committed:
                 self._commit_count += 1
@@ -3132,10 +3203,12 @@ class Store:
             return  # a preview's events are rolled back: nobody hears of them
         # (Another thread's preview holds _lock until it has taken its events back.)
         if not self._subscribers:  # nobody to tell (the usual case, and cheap)
-            if self._pending:
-                with self._lock:
+            if not self._pending:
+                return
+            with self._lock:  # looked at again: one may have subscribed meanwhile
+                if not self._subscribers:
                     self._pending.clear()
-            return
+                    return
         if getattr(self._notifying, "active", False):
             return  # the outer loop in this thread delivers it, in order
         # One thread delivers at a time, everyone's events in seq order. Another
@@ -3289,34 +3362,30 @@ class Store:
         with self._lock:
             if self._watcher is not None:
                 return
-            cursor = _FollowCursor(self, self.head, None)
-            thread = threading.Thread(target=self._watch, args=(cursor,),
+            self._watch_cursor = _FollowCursor(self, self.head, None)
+            # The thread holds the store weakly: one dropped without close() is collected.
+            thread = threading.Thread(target=_watch_loop, args=(weakref.ref(self),),
                                       name=f"fluxlite-watch {self._path}", daemon=True)
             self._watcher = thread
         thread.start()
 
-    def _watch(self, cursor: "_FollowCursor") -> None:
-        while self._watcher is threading.current_thread():
-            try:
-                batch = cursor.step(0.2)
-            except Busy:  # another process held the file a while: try again
-                continue
-            except Exception as exc:  # closed underneath us, an upcaster failed, ...
-                if not self._closed:
-                    _log.error("watch() of %r stopped: %s", self._path, exc)
-                with self._lock:
-                    if self._watcher is threading.current_thread():
-                        self._watcher = None  # so that watch() can start it again
-                return
-            if batch is None:
-                return
-            with self._lock:
-                for event, changes in batch:
-                    if event.seq in self._own_seqs:
-                        self._own_seqs.discard(event.seq)
-                    else:
-                        self._pending.append((event, changes))
-            self._notify()
+    def _watch_past(self, first: int, last: int) -> None:
+        """Before this store's own events first..last are queued for subscribers:
+        the events other connections committed before them, which the watcher
+        has not read yet, so that subscribers hear all of them in seq order.
+        Called with the lock held, which the watcher takes to read."""
+        cursor = self._watch_cursor
+        assert cursor is not None
+        try:
+            while cursor.position < first - 1:
+                reached = cursor.position
+                self._pending.extend(cursor.read(self, before=first))
+                if cursor.position == reached:
+                    break
+        except Exception as exc:  # an upcaster failed: the commit stands, the watch ends
+            _log.error("watch() of %r stopped: %s", self._path, exc)
+            self._watcher = None
+        cursor.position = max(cursor.position, last)
 
     def consumer(self, name: str, *, lease: float = 30.0) -> "Consumer":
         """A durable consumer: a position kept in the file, advanced by ack().
@@ -3400,26 +3469,28 @@ class Store:
     def _replay_and_compare(self, reducer: Reducer, progress: Optional[Callable[[int], None]],
                             check_integrity: bool) -> List[str]:
         """verify()'s replay, in one snapshot of the log: the differences found."""
-        with self._lock, _reading(self._path), _read_txn(self._conn):
-            self._check_model_current()
-            if check_integrity:
-                _check_integrity(self._conn, self._path)
-            replica = _scratch_model(self._schema, "", journal=False)
-            try:
-                log = self._read_log(sealed=True)  # checks the seals as it goes
+        with self._lock:
+            self._check_open()  # again: another thread may have closed it meanwhile
+            with _reading(self._path), _read_txn(self._conn):
+                self._check_model_current()
+                if check_integrity:
+                    _check_integrity(self._conn, self._path)
+                replica = _scratch_model(self._schema, "", journal=False)
                 try:
-                    _apply_events(replica, reducer, log, journal=False, progress=progress)
-                except FluxliteError as replay_error:
-                    # A damaged event can fail its reducer before the end of its seal's
-                    # range is reached: read on, so damage is reported as damage.
+                    log = self._read_log(sealed=True)  # checks the seals as it goes
                     try:
-                        collections.deque(log, maxlen=0)
-                    except StorageError as damage:
-                        raise damage from replay_error
-                    raise
-                return _compare(self._model, replica)
-            finally:
-                replica.conn.close()
+                        _apply_events(replica, reducer, log, journal=False, progress=progress)
+                    except FluxliteError as replay_error:
+                        # A damaged event can fail its reducer before the end of its seal's
+                        # range is reached: read on, so damage is reported as damage.
+                        try:
+                            collections.deque(log, maxlen=0)
+                        except StorageError as damage:
+                            raise damage from replay_error
+                        raise
+                    return _compare(self._model, replica)
+                finally:
+                    replica.conn.close()
 
     def replay(self, upto: Optional[int] = None, *,
                into: Union[str, "os.PathLike[str]"] = ":memory:") -> "Store":
@@ -3488,6 +3559,7 @@ class Store:
         self._require_reducer("rebuild()")
         self._check_writable("rebuild()")
         with self._lock:
+            self._check_open()  # again: another thread may have closed it meanwhile
             if self._conn.in_transaction:  # a preview's, which would roll the swap back
                 raise UsageError("rebuild() cannot run inside a dispatch or a preview; "
                                  "call it on its own.")
@@ -3725,12 +3797,50 @@ class _Checkpoint:
 
     def __init__(self, conn: sqlite3.Connection, seq: int) -> None:
         self.conn, self.seq = conn, seq
+        self.lock = threading.Lock()  # held by reset_to() while it copies from conn
 
     def close(self) -> None:
-        self.conn.close()
+        with self.lock:  # closing a connection SQLite is reading crashes the process
+            self.conn.close()
 
     def __repr__(self) -> str:
         return f"<fluxlite checkpoint at seq {self.seq}>"
+
+
+def _watch_loop(store_ref: "weakref.ReferenceType[Store]") -> None:
+    """watch()'s thread: queue the events other connections commit, in order.
+
+    It holds the store only while it reads: a store dropped without close()
+    is collected, and the thread ends."""
+    me = threading.current_thread()
+    while True:
+        store = store_ref()
+        if store is None or store._watcher is not me:
+            return
+        committed, commits = store._committed, store._commit_count
+        try:
+            batch = store._watch_cursor.step(0, queue=store._pending)  # type: ignore[union-attr]
+        except Busy:  # another process held the file a while: try again
+            continue
+        except Exception as exc:  # closed underneath us, an upcaster failed, ...
+            if not store._closed:
+                _log.error("watch() of %r stopped: %s", store._path, exc)
+            with store._lock:
+                if store._watcher is me:
+                    store._watcher = None  # so that watch() can start it again
+            return
+        if batch is None:
+            return
+        if batch:
+            store._notify()
+            continue
+        del store
+
+        def woken() -> bool:  # a commit here, or the store closed (or dropped)
+            store = store_ref()
+            return store is None or store._watcher is not me or store._commit_count != commits
+        with committed:  # other processes' commits are polled for, every 20 ms
+            committed.wait_for(woken, timeout=0.02)
 
 
 class _FollowCursor:
@@ -3740,11 +3850,14 @@ class _FollowCursor:
         self.store, self.position, self.wanted = store, position, wanted
         self.version = -1
         self.commits = -1
+        store._cursors.add(self)
 
-    def step(self, wait: float) -> Optional[List[Tuple[Event, List[Change]]]]:
+    def step(self, wait: float, queue: Optional[Deque[Any]] = None
+             ) -> Optional[List[Tuple[Event, List[Change]]]]:
         """New (event, changes) after the position, waiting up to ``wait`` seconds.
 
-        [] when nothing came in time; None when the store was closed.
+        [] when nothing came in time; None when the store was closed. With a
+        ``queue``, they are also appended to it, under the store's lock.
         """
         store, delay = self.store, 0.001
         deadline = time.monotonic() + wait
@@ -3757,8 +3870,10 @@ class _FollowCursor:
                 version = store._conn.execute("PRAGMA data_version").fetchone()[0]
                 if (version, commits) != (self.version, self.commits):
                     self.version, self.commits = version, commits
-                    batch = self._read(store)
+                    batch = self.read(store)
                     if batch:
+                        if queue is not None:
+                            queue.extend(batch)
                         return batch
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -3768,11 +3883,13 @@ class _FollowCursor:
                     store._committed.wait(min(delay, remaining))
             delay = min(delay * 2, 0.02)
 
-    def _read(self, store: Store) -> List[Tuple[Event, List[Change]]]:
+    def read(self, store: Store, before: int = 2**63 - 1) -> List[Tuple[Event, List[Change]]]:
+        """The next (event, changes) after the position and before seq ``before``
+        (up to 1,000 events), with the store's lock held; the position moves on."""
         with _reading(store._path):
             rows = store._conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT 1000",
-                (self.position,)).fetchall()
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? AND seq < ? ORDER BY seq "
+                f"LIMIT 1000", (self.position, before)).fetchall()
         batch = []
         for row in rows:
             self.position = row[0]
@@ -3938,7 +4055,7 @@ class Consumer:
             result = store._chain(action)
         finally:
             frames.pop()
-        store._notify()
+            store._notify()  # also when a middleware raised after next() committed
         self.position = max(self.position, seq)
         return result
 
@@ -4238,6 +4355,8 @@ def _truncate_wal(store: Store) -> None:
     if store._path == ":memory:":
         return
     with store._lock:
+        if store._closed:  # by another thread, right after the rebuild
+            return
         conn = store._conn
         conn.execute("PRAGMA busy_timeout = 100")
         try:
@@ -4263,6 +4382,7 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
             _normalize_schema(schema) != _normalize_schema(store._schema)))
         try:
             with store._lock:
+                store._check_open()  # again: another thread may have closed it meanwhile
                 with _read_txn(conn):  # the bulk of the log, in one snapshot
                     done = _apply_events(model, reducer, store._read_log(), journal=True,
                                          progress=progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import gc
 import hashlib
 import inspect
 import itertools
@@ -20,6 +21,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import weakref
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -1723,6 +1725,228 @@ def test_store_is_shared_between_threads(path):
         assert [e.seq for e in store.events()] == list(range(1, 201))
         assert heard == list(range(1, 201))  # each once, in seq order
         store.verify()
+
+
+def run_child(code, timeout=120):
+    """A fresh Python running ``code`` with fluxlite importable: what must not crash."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_closing_a_view_of_the_past_or_a_checkpoint_while_another_thread_reads_it():
+    # Closing a connection SQLite is reading in another thread crashed the process.
+    result = run_child("""
+        import threading, fluxlite
+        store = fluxlite.open(":memory:", schema="CREATE TABLE kv (k TEXT PRIMARY KEY, v)",
+                              reducer=lambda view, e: view.kv.upsert(k=e.payload, v=1))
+        store.dispatch_many([{"type": "set", "payload": f"k{i}"} for i in range(300)])
+        refused = 0
+        for trial in range(60):
+            past, checkpoint = store.at(100), store.checkpoint()
+            def use():
+                global refused
+                try:
+                    while True:
+                        past.kv.all()
+                        store.reset_to(checkpoint)
+                except fluxlite.UsageError:
+                    refused += 1
+            thread = threading.Thread(target=use)
+            thread.start()
+            past.close()
+            checkpoint.close()
+            thread.join(10)
+        print("refused", refused)
+    """)
+    assert result.returncode == 0 and "refused 60" in result.stdout, result.stderr[-2000:]
+
+
+def test_a_subscriber_hears_every_event_committed_after_subscribe_returned():
+    for _ in range(30):
+        with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as store:
+            def writer(prefix):
+                for i in range(60):
+                    add(store, f"{prefix}{i}")
+            threads = [threading.Thread(target=writer, args=(p,)) for p in "ab"]
+            for t in threads:
+                t.start()
+            heard = []
+            store.subscribe(lambda e, c: heard.append(e.seq))
+            after = store.head
+            for t in threads:
+                t.join()
+            assert set(range(after + 1, store.head + 1)) <= set(heard)
+
+
+@pytest.mark.parametrize("how", ["dispatch", "dispatch_many"])
+def test_subscribers_hear_what_committed_before_a_middleware_raised(how):
+    def audit(store):
+        def wrap(next):
+            def handle(event):
+                if event["type"] == "addUser" and event["payload"]["name"] == "a":
+                    store.dispatch("login", {"name": "x"}) if how == "dispatch_many" else None
+                result = next(event)  # committed (in a batch: only queued)
+                if event["payload"]["name"] == "a":
+                    raise OSError("the audit sink is down")
+                return result
+            return handle
+        return wrap
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[audit]) as store:
+        add(store, "x")
+        heard = []
+        store.subscribe(lambda e, c: heard.append(e.type))
+        with pytest.raises(OSError):
+            if how == "dispatch":
+                add(store, "a")
+            else:
+                store.dispatch_many([{"type": "addUser", "payload": {"name": "a"}}])
+        assert heard == (["addUser"] if how == "dispatch" else ["login"]) and store.head == 2
+
+
+def test_watch_delivers_every_event_in_seq_order_with_this_stores_own(tmp_path):
+    target = str(tmp_path / "s.db")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as here, \
+            fluxlite.open(target, schema=SCHEMA, reducer=reducer) as elsewhere:
+        heard = []
+        here.subscribe(lambda e, c: heard.append(e.seq))
+        here.watch()
+        for n in range(20):  # another connection commits just before each of ours
+            add(elsewhere, f"e{n}")
+            here.dispatch("login", {"name": f"e{n}"})
+        deadline = time.monotonic() + 10
+        while len(heard) < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert heard == list(range(1, 41))
+
+
+def test_reset_to_moves_watch_and_followers_back_to_the_checkpoint(tmp_path):
+    target = str(tmp_path / "s.db")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as here, \
+            fluxlite.open(target, schema=SCHEMA, reducer=reducer) as elsewhere:
+        empty = here.checkpoint()
+        heard = []
+        here.subscribe(lambda e, c: heard.append((e.seq, e.payload["name"])))
+        here.watch()
+        follower = here.follow(after=0, timeout=5)
+        for name in ("a", "b", "c"):
+            add(elsewhere, name)
+        assert [next(follower)[0].seq for _ in range(3)] == [1, 2, 3]
+        add(here, "mine")  # seq 4, heard at once
+        here.reset_to(empty)
+        heard.clear()
+        for name in ("d", "e"):
+            add(elsewhere, name)  # seqs 1 and 2 again, of the new history
+        assert [(e.seq, e.payload["name"]) for e, _ in (next(follower), next(follower))] == \
+            [(1, "d"), (2, "e")]
+        deadline = time.monotonic() + 10
+        while len(heard) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert heard == [(1, "d"), (2, "e")]
+
+
+def test_a_watching_store_dropped_without_close_is_collected(tmp_path):
+    refs = []
+    for n in range(5):
+        store = fluxlite.open(str(tmp_path / f"s{n}.db"), schema=SCHEMA, reducer=reducer)
+        store.watch()
+        add(store, "a")
+        refs.append(weakref.ref(store))
+        del store
+    deadline = time.monotonic() + 10
+    while any(r() is not None for r in refs) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert all(r() is None for r in refs)
+    while any(t.name.startswith("fluxlite-watch") for t in threading.enumerate()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not [t for t in threading.enumerate() if t.name.startswith("fluxlite-watch")]
+
+
+def test_close_racing_preview_verify_and_rebuild_is_a_usage_error(tmp_path):
+    for method in ("preview", "verify", "rebuild"):
+        for trial in range(5):
+            store = fluxlite.open(str(tmp_path / f"{method}{trial}.db"), schema=SCHEMA,
+                                  reducer=reducer)
+            add(store, "a")
+            outcome = []
+
+            def loop():
+                try:
+                    while True:
+                        if method == "preview":
+                            store.preview("addUser", {"name": "b"})
+                        else:
+                            getattr(store, method)()
+                except Exception as exc:
+                    outcome.append(exc)
+            thread = threading.Thread(target=loop, daemon=True)
+            thread.start()
+            time.sleep(0.02)
+            store.close()
+            thread.join(30)
+            assert len(outcome) == 1 and isinstance(outcome[0], fluxlite.UsageError), outcome
+    store = fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer)
+    view = store.view
+    store.close()
+    with pytest.raises(fluxlite.UsageError, match="closed"):
+        view.query("SELECT 1")
+
+
+@pytest.mark.parametrize("watching", [False, True])
+def test_close_from_a_middleware_during_a_preview_is_refused(tmp_path, watching):
+    def shutdown(store):
+        def wrap(next):
+            def handle(event):
+                if event["type"] == "shutdown":
+                    store.close()
+                return next(event)
+            return handle
+        return wrap
+    with fluxlite.open(str(tmp_path / "s.db"), schema=SCHEMA, reducer=reducer,
+                       middleware=[shutdown]) as store:
+        if watching:
+            store.watch()
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.append(
+            pytest.raises(fluxlite.UsageError, store.preview, "shutdown")), daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive() and "inside a preview" in str(outcome[0].value)
+        assert add(store, "a").seq == 1  # the store is still open and working
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_a_store_inherited_through_fork_is_a_clear_error_in_the_child(tmp_path):
+    result = run_child(f"""
+        import multiprocessing, threading, fluxlite
+        SCHEMA = "CREATE TABLE kv (k TEXT PRIMARY KEY, v)"
+        store = fluxlite.open({str(tmp_path / "s.db")!r}, schema=SCHEMA,
+                              reducer=lambda view, e: view.kv.upsert(k="k", v=e.payload))
+        stop = threading.Event()
+        def writer():  # holds the store's lock at random moments, as at the fork
+            n = 0
+            while not stop.is_set():
+                store.dispatch("set", n); n += 1
+        def child(queue):
+            try:
+                store.head
+                queue.put("used the parent's store")
+            except fluxlite.UsageError as exc:
+                queue.put(str(exc))
+        if __name__ == "__main__":
+            thread = threading.Thread(target=writer); thread.start()
+            context = multiprocessing.get_context("fork")
+            for _ in range(5):
+                queue = context.Queue()
+                process = context.Process(target=child, args=(queue,)); process.start()
+                print(queue.get(timeout=20)); process.join(20)
+            stop.set(); thread.join(); store.close()
+    """)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and len(lines) == 5, result.stderr[-2000:]
+    assert all("which this process was forked from" in line for line in lines), lines
 
 
 # --- the invariants, by property ------------------------------------------------------------
