@@ -943,14 +943,19 @@ class _TableInfo:
 
     __slots__ = ("name", "columns", "column_set", "pk", "pk_set", "pk_types", "rowid_key", "q",
                  "where_key", "select_key", "delete_key", "order_by", "_insert_sql",
-                 "writable", "writable_columns", "exact_types", "defaults")
+                 "writable", "writable_columns", "exact_types", "defaults", "one_statement_upsert")
 
     def __init__(self, name: str, columns: Sequence[str], pk: Sequence[str],
                  rowid_key: bool, pk_types: Sequence[str] = (),
                  writable: Optional[Sequence[str]] = None,
                  exact_types: Optional[Mapping[str, Tuple[type, ...]]] = None,
-                 defaults: Optional[Mapping[str, Any]] = None) -> None:
+                 defaults: Optional[Mapping[str, Any]] = None,
+                 one_statement_upsert: bool = False) -> None:
         self.name = name
+        # Whether a whole-row upsert may replay as one INSERT .. ON CONFLICT DO
+        # UPDATE: not with CHECKs or references, which SQLite tests on the row it
+        # would insert, with the key as the change spells it (1.0 for 1).
+        self.one_statement_upsert = one_statement_upsert
         self.writable = frozenset(columns if writable is None else writable)
         self.writable_columns = tuple(c for c in columns if c in self.writable)
         # Per column, the Python types SQLite stores unchanged (its affinity),
@@ -985,7 +990,8 @@ class _TableInfo:
         if sql is None:
             names = ", ".join(_quote(c) for c in columns)
             marks = ", ".join("?" for _ in columns)
-            sql = f"INSERT INTO {self.q} ({names}) VALUES ({marks})"
+            sql = (f"INSERT INTO {self.q} ({names}) VALUES ({marks})" if columns else
+                   f"INSERT INTO {self.q} DEFAULT VALUES")  # a row of defaults, a new rowid
             self._insert_sql[columns] = sql
         return sql
 
@@ -1050,17 +1056,25 @@ def _read_table_info(conn: sqlite3.Connection, name: str) -> _TableInfo:
         for r in rows:
             exact[r[1]] = _exact_types(r[2])
             default = _constant_default(conn, r[4])
-            if default is not _MISSING and (default is None or type(default) in exact[r[1]]):
+            negative_zero = type(default) is float and default == 0 and \
+                math.copysign(1.0, default) < 0  # stored as 0.0: read the row back
+            if default is not _MISSING and (default is None or type(default) in exact[r[1]]) \
+                    and not negative_zero:
                 defaults[r[1]] = default
         if rowid_key:
             defaults.pop(pk[0], None)  # SQLite assigns it: read the row back
     # In a STRICT table, ANY keeps each value as given (no affinity), which is
     # what an empty declared type means elsewhere.
     strict_any = any(r[2].upper() == "ANY" for r in pk_rows) and _is_strict(conn, name)
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                       (name,)).fetchone()
+    plain = _HAS_UPSERT and sql is not None and \
+        "CHECK" not in (t.upper() for t in _sql_code(sql[0], literals=False)) and \
+        conn.execute(f"PRAGMA foreign_key_list({_quote(name)})").fetchone() is None
     return _TableInfo(name, columns, pk, rowid_key,
                       ["" if strict_any and r[2].upper() == "ANY" else r[2] for r in pk_rows],
                       writable=[r[1] for r in rows if r[6] == 0], exact_types=exact,
-                      defaults=defaults)
+                      defaults=defaults, one_statement_upsert=plain)
 
 
 def _is_strict(conn: sqlite3.Connection, name: str) -> bool:
@@ -1247,6 +1261,14 @@ def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> L
             tables.append(name)
     if not tables:
         raise SchemaError("schema creates no table; the read model needs at least one.")
+    for name in tables if new else ():
+        try:  # a reference SQLite cannot follow fails every write to the table: say so now
+            conn.execute(f"PRAGMA foreign_key_check({_quote(name)})").fetchone()
+        except sqlite3.OperationalError as exc:
+            raise SchemaError(
+                f"Table {name!r} has a reference SQLite cannot check ({exc}): a reference "
+                f"must name the referenced table's primary key or a UNIQUE column."
+            ) from None
     return tables
 
 
@@ -1419,6 +1441,10 @@ class _Model:
                 done, before, after = self._apply_one(info, *self._checked(info, change))
             except _STORAGE_REFUSALS as exc:
                 raise _constraint_error(change, info, exc) from exc
+            except sqlite3.OperationalError as exc:
+                if str(exc) != "integer overflow":  # the file's: locks, a full disk
+                    raise
+                raise _overflow_error(change, info, exc) from exc
             applied.append(done)
             if journal is not None:
                 try:
@@ -1434,6 +1460,16 @@ class _Model:
                         f"number ({exc}): SQLite's column affinity turned the given text "
                         f"into infinity. Give the column a finite number or text it keeps."
                     ) from None
+                except TypeError:  # bytes: from a DEFAULT x'..' or a generated column
+                    blobs = sorted(c for row in (before, after) if row
+                                   for c, v in row.items() if isinstance(v, bytes))
+                    raise ChangesetError(
+                        f"{change.op} on {info.name!r} left a BLOB in column(s) "
+                        f"{', '.join(map(repr, blobs))}, made by the schema (a DEFAULT x'..' "
+                        f"or a generated column): read-model values are None, bool, int, "
+                        f"float or str, so that the journal can keep them. Make the schema "
+                        f"produce text (hex() of the blob) or a number."
+                    ) from None
         return applied
 
     def apply_quietly(self, changes: Sequence[Change]) -> None:
@@ -1444,6 +1480,10 @@ class _Model:
                 self._apply_quietly(info, *self._checked(info, change))
             except _STORAGE_REFUSALS as exc:
                 raise _constraint_error(change, info, exc) from exc
+            except sqlite3.OperationalError as exc:
+                if str(exc) != "integer overflow":  # the file's: locks, a full disk
+                    raise
+                raise _overflow_error(change, info, exc) from exc
 
     def _checked(self, info: _TableInfo, change: Change
                  ) -> Tuple[str, Dict[str, Any], Optional[Tuple[Any, ...]]]:
@@ -1508,10 +1548,12 @@ class _Model:
             if conn.execute(info.delete_key, key).rowcount == 0:  # type: ignore[arg-type]
                 raise _missing_row(info, op, key)
             return
-        # One statement only for a whole row: SQLite checks NOT NULL and CHECK on
-        # the row an upsert would insert before it looks for the conflict, so a
-        # partial row that would update an existing one must go the live way.
-        if op == "upsert" and key is not None and _HAS_UPSERT and len(values) == len(info.writable):
+        # One statement only for a whole row, and only where it cannot refuse what
+        # the live way (look the row up, update or insert) accepted: SQLite checks
+        # NOT NULL and CHECK on the row an upsert would insert before it looks for
+        # the conflict (and references, with the key as the change spells it).
+        if op == "upsert" and key is not None and info.one_statement_upsert and \
+                len(values) == len(info.writable):
             conn.execute(info.upsert_sql(tuple(values)), tuple(values.values()))
             return
         if op == "update" or (op == "upsert" and self._row(info, key) is not None):  # type: ignore[arg-type]
@@ -1556,8 +1598,18 @@ class _Model:
         if known is not None:
             self.conn.execute(sql, params)
             return known
-        cursor = self.conn.execute(sql, params)
         assigned = not all(c in values for c in info.pk)  # an INTEGER PRIMARY KEY, by SQLite
+        try:
+            cursor = self.conn.execute(sql, params)
+        except sqlite3.OperationalError as exc:  # AUTOINCREMENT past 2**63-1: SQLITE_FULL
+            if assigned and "full" in str(exc) and self.conn.execute(
+                    f"SELECT max(rowid) FROM {info.q}").fetchone()[0] == 2**63 - 1:
+                raise ChangesetError(
+                    f"insert into {info.name!r} without a key: the largest key (2**63-1) "
+                    f"is taken, and AUTOINCREMENT never picks a smaller one. Give the key "
+                    f"in the insert."
+                ) from None
+            raise
         key = (cursor.lastrowid,) if assigned else tuple(values[c] for c in info.pk)
         if assigned and key[0] < self.conn.execute(
                 f"SELECT max(rowid) FROM {info.q}").fetchone()[0]:
@@ -1668,6 +1720,16 @@ def _constraint_error(change: Change, info: _TableInfo, exc: Exception) -> Chang
             f"constraint: {exc}. Check the reducer's values against the schema."
         )
     return ChangesetError(f"{change.op} on {info.name!r} has a value SQLite cannot store: {exc}.")
+
+
+def _overflow_error(change: Change, info: _TableInfo, exc: sqlite3.OperationalError
+                    ) -> ChangesetError:
+    """An expression of the schema that overflowed on a change's values."""
+    return ChangesetError(
+        f"{change.op} on {info.name!r}: an expression of the schema (a CHECK, a generated "
+        f"column or an index on an expression) went past SQLite's 64-bit integers on "
+        f"these values ({exc}). Check the values, or make the expression safe for them."
+    )
 
 
 def _stored_row(info: _TableInfo, values: Mapping[str, Any], rest: Mapping[str, Any]
@@ -3531,10 +3593,24 @@ class Store:
             while after < upto:
                 with self._lock:
                     self._check_open()
+                    # About 1,000 events per transaction, cut where the log's own
+                    # transactions end (their seals): a batch whose deferred
+                    # references hold only at its end must be copied whole.
+                    end = self._transaction_end(min(after + 1000, upto))
                     rows = self._conn.execute(
                         f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? AND seq <= ? "
-                        f"ORDER BY seq LIMIT 1000", (after, upto)).fetchall()
-                target._commit_prepared([_prepared_from_row(r) for r in rows])
+                        f"ORDER BY seq", (after, min(end, upto))).fetchall()
+                try:
+                    target._commit_prepared([_prepared_from_row(r) for r in rows])
+                except ChangesetError as exc:
+                    if end <= upto or "deferred" not in str(exc):
+                        raise
+                    raise ChangesetError(
+                        f"{exc} Event {upto} is inside a transaction that ends at seq "
+                        f"{end}: its deferred references hold only at that end, so the "
+                        f"first {upto} events alone are not a store. Replay up to {end}, "
+                        f"or use at({upto}) to look at that moment."
+                    ) from exc
                 after = rows[-1][0]
             if outside:  # from here on, a store like any opened on that file
                 target._conn.execute("PRAGMA foreign_keys = ON")
@@ -3547,6 +3623,15 @@ class Store:
                         os.remove(file + suffix)
             raise
         return target
+
+    def _transaction_end(self, seq: int) -> int:
+        """The last seq of the write transaction that logged ``seq`` (its seal)."""
+        try:
+            end = self._conn.execute("SELECT min(seq) FROM fluxlite_seals WHERE seq >= ?",
+                                     (seq,)).fetchone()[0]
+        except sqlite3.OperationalError:  # a format 1 file opened read-only: no seals
+            end = None
+        return seq if end is None else end
 
     def rebuild(self, *, progress: Optional[Callable[[int], None]] = None) -> None:
         """Rebuild the read model by replaying the whole log with the current code.
@@ -3661,11 +3746,14 @@ class Store:
             if isinstance(part, str):
                 _check_text(part, "The key", UsageError)
         try:
-            stored = _as_stored(params, info.pk_types)
-            key_texts = [_dumps(_key_json(_unparams(info, k)))
-                         for k in _numeric_spellings(stored, info.pk_types)]
+            stored = [_as_stored(params, info.pk_types)]
         except (sqlite3.Error, OverflowError, ValueError):
             return []  # no row has it: SQLite cannot store it, or made it infinite
+        live = self._model.get(info, _unparams(info, params))
+        if live is not None:  # as the row holds its key (COLLATE NOCASE: 'a' for 'A')
+            stored.append(tuple(live[c] for c in info.pk))
+        key_texts = list(dict.fromkeys(_dumps(_key_json(_unparams(info, k))) for spelled in stored
+                                       for k in _numeric_spellings(spelled, info.pk_types)))
         with self._lock, _reading(self._path):
             self._check_open()
             rows = self._conn.execute(
@@ -3709,7 +3797,7 @@ class Store:
             row, when = (earlier[-1].after if earlier else None), f"at seq {at}"
         if row is None:
             raise UsageError(f"Row {key!r} of {table!r} did not exist {when}; nothing to restore.")
-        if self.view[table].get(key) == row:
+        if _typed(self.view[table].get(key)) == _typed(row):  # 1.0 is not 1 here
             raise UsageError(f"Row {key!r} of {table!r} is already as it was {when}.")
         info = self._model.table(table)
         payload = {"table": table, "key": _key_json(info.key_of(row)), "row": row}
@@ -3754,7 +3842,8 @@ def _numeric_spellings(key: Tuple[Any, ...], declared: Sequence[str]) -> List[Tu
     for value, kind in zip(key, declared):
         whole = (value.__class__ in (int, float) and _affinity(kind) == "blob"
                  and abs(value) < 2**53 and float(value).is_integer())
-        options.append([int(value), float(value)] if whole else [value])
+        options.append([int(value), float(value)] + ([-0.0] if value == 0 else [])
+                       if whole else [value])
     return list(itertools.product(*options))
 
 
@@ -4460,6 +4549,9 @@ def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Mod
     """Inside the caller's transaction: replace read-model tables and journal,
     read from the model's database ``attached`` to ``conn``, or else through Python."""
     meta = _read_meta(conn)
+    # References SQLite's own enforcement let through (a reference whose type
+    # differs from what it references): the rebuild is not to blame for those.
+    already = _broken_references(conn, {n.lower() for n in meta["tables"]})
     for name in meta["tables"]:
         conn.execute(f"DROP TABLE main.{_quote(name)}")
     names = _create_schema(conn, schema, new=False)  # checked when the scratch was made
@@ -4474,7 +4566,7 @@ def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Mod
                              f"({', '.join('?' * len(columns))})",
                              model.conn.execute(f"SELECT {listed} FROM {name}"))
     _carry_autoincrement(conn, model, names)
-    _check_references(conn, names, meta["tables"])
+    _check_references(conn, names, meta["tables"], already)
     _reseal_journal(conn)
     generation = meta.get("generation", 0) + 1
     _write_meta(conn, schema=schema, tables=names, version=version, generation=generation)
@@ -4494,12 +4586,18 @@ def _carry_autoincrement(conn: sqlite3.Connection, model: _Model, names: Sequenc
 
 
 def _check_references(conn: sqlite3.Connection, names: Sequence[str],
-                      dropped: Sequence[str] = ()) -> None:
+                      dropped: Sequence[str] = (),
+                      already: "collections.Counter[Tuple[Any, ...]]" = None  # type: ignore[assignment]
+                      ) -> None:
     """After a swap made with foreign keys off: every reference from or to the
     new tables (or to old ones the swap dropped) must hold, as the deferred
     check at COMMIT would have required."""
     managed = {n.lower() for n in (*names, *dropped)}
-    broken = _first_broken_reference(conn, managed)
+    if already:
+        new = _broken_references(conn, managed) - already
+        broken = next(((t, r, p) for t, p, _, r in new), None)
+    else:
+        broken = _first_broken_reference(conn, managed)
     if broken is not None:
         table = broken[0]
         whose = ("a table of the read model" if table.lower() in managed else
@@ -4512,24 +4610,43 @@ def _check_references(conn: sqlite3.Connection, names: Sequence[str],
         )
 
 
-def _first_broken_reference(conn: sqlite3.Connection, names: Set[str]
+def _broken_references(conn: sqlite3.Connection, names: Set[str]
+                       ) -> "collections.Counter[Tuple[Any, ...]]":
+    """Every reference that finds no row, as _first_broken_reference looks for
+    them: (table, parent, foreign key id, the referencing row) each."""
+    broken: "collections.Counter[Tuple[Any, ...]]" = collections.Counter()
+    _first_broken_reference(conn, names, broken)
+    return broken
+
+
+def _first_broken_reference(conn: sqlite3.Connection, names: Set[str],
+                            collect: "Optional[collections.Counter[Tuple[Any, ...]]]" = None
                             ) -> Optional[Tuple[Any, ...]]:
     """The first (table, rowid, parent) whose reference finds no row, in the tables
     ``names`` (lower case) or in any table referencing them; a reference that cannot
-    work at all (SQLite's "foreign key mismatch") is a SchemaError."""
+    work at all (SQLite's "foreign key mismatch") is a SchemaError. With ``collect``,
+    all of them are counted there instead, each by its row (rowids change in a
+    rebuild), and None is returned."""
     for (table,) in conn.execute("SELECT name FROM main.sqlite_master WHERE type = 'table' "
                                  "AND name NOT LIKE 'sqlite_%'").fetchall():
         parents = {r[2].lower() for r in conn.execute(f"PRAGMA main.foreign_key_list({_quote(table)})")}
         if not parents or not (table.lower() in names or parents & names):
             continue
         try:
-            broken = conn.execute(f"PRAGMA main.foreign_key_check({_quote(table)})").fetchone()
+            check = conn.execute(f"PRAGMA main.foreign_key_check({_quote(table)})")
+            broken = check.fetchone()
         except sqlite3.OperationalError as exc:  # "foreign key mismatch"
             raise SchemaError(f"Table {table!r} cannot have its references checked: {exc}. A "
                               f"reference must name a primary key or a UNIQUE column. Nothing "
                               f"was changed.") from exc
-        if broken is not None:
+        if broken is not None and collect is None:
             return tuple(broken)
+        while broken is not None:
+            _, rowid, parent, fkid = broken
+            row = None if rowid is None else conn.execute(
+                f"SELECT * FROM main.{_quote(table)} WHERE rowid = ?", (rowid,)).fetchone()
+            collect[(table, parent, fkid, row)] += 1  # type: ignore[index]
+            broken = check.fetchone()
     return None
 
 
@@ -4542,7 +4659,9 @@ def _compare(live: _Model, replica: _Model) -> List[str]:
         left, right = live.conn.execute(sql), replica.conn.execute(sql)
         while True:
             a, b = left.fetchmany(_PAGE), right.fetchmany(_PAGE)
-            if a != b:
+            # Python's == takes 1 for 1.0: the types are compared too (typeof()).
+            if a != b or list(map(type, itertools.chain.from_iterable(a))) != \
+                    list(map(type, itertools.chain.from_iterable(b))):
                 problems += _diff_table(live, replica, info)
                 break
             if not a:
@@ -4558,7 +4677,7 @@ def _diff_table(live: _Model, replica: _Model, info: _TableInfo, limit: int = 20
     problems = []
     for key in sorted(set(left) | set(right), key=repr):
         a, b = left.get(key), right.get(key)
-        if a == b:
+        if _typed(a) == _typed(b):
             continue
         if len(problems) == limit:
             problems.append(f"{info.name}: ... (more differences not shown)")
@@ -4568,9 +4687,15 @@ def _diff_table(live: _Model, replica: _Model, info: _TableInfo, limit: int = 20
         elif b is None:
             problems.append(f"{info.name} {key!r}: live has {a}, missing in replay")
         else:
-            cols = ", ".join(f"{c}: live {a[c]!r} != replay {b[c]!r}" for c in a if a[c] != b[c])
+            cols = ", ".join(f"{c}: live {a[c]!r} != replay {b[c]!r}" for c in a
+                             if _typed({c: a[c]}) != _typed({c: b[c]}))
             problems.append(f"{info.name} {key!r}: {cols}")
     return problems
+
+
+def _typed(row: Optional[Mapping[str, Any]]) -> Any:
+    """A row compared as SQLite stores it: 1 and 1.0 differ (as do their typeof())."""
+    return None if row is None else [(c, type(v), v) for c, v in row.items()]
 
 
 ###############################################################################
