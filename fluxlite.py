@@ -883,18 +883,6 @@ def _read_txn(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("ROLLBACK")
 
 
-# What a child of fork() keeps of the stores its parent had open: their
-# connections (never to be closed here: see Store._forsake) and their files.
-# SQLite's locks do not survive a fork, so the child's own connection to such a
-# file can wait on a lock no process holds: Busy then says so.
-_INHERITED: List[sqlite3.Connection] = []
-_FORKED_FILES: Set[str] = set()
-
-
-def _forked_file(path: str) -> bool:
-    return bool(_FORKED_FILES) and os.path.abspath(path) in _FORKED_FILES
-
-
 def _storage_error(exc: sqlite3.Error, path: str) -> FluxliteError:
     """A SQLite failure below fluxlite's rules, as a FluxliteError saying what to do."""
     text = str(exc)
@@ -905,14 +893,10 @@ def _storage_error(exc: sqlite3.Error, path: str) -> FluxliteError:
             f"Nothing was written."
         )
     if "locked" in text or "busy" in text:
-        forked = (" This process was forked from one that had the store open: SQLite's "
-                  "locks do not survive a fork(), so the lock may be held by no one. Open "
-                  "stores only after forking, or start workers with multiprocessing's "
-                  "'spawn' or 'forkserver' method." if _forked_file(path) else "")
         return Busy(
             f"{path!r} stayed locked by another writer for longer than busy_timeout "
             f"({DEFAULT_PRAGMAS['busy_timeout']} ms): {text}. Nothing was written; retry "
-            f"the dispatch (with the same id, so a retry can never apply twice).{forked}"
+            f"the dispatch (with the same id, so a retry can never apply twice)."
         )
     return StorageError(
         f"SQLite could not write {path!r}: {text}. Nothing was written. Check free disk "
@@ -1367,9 +1351,7 @@ class _Model:
         values = params.values() if isinstance(params, _Mapping) else \
             params if isinstance(params, (list, tuple)) else ()
         for value in values:
-            if value.__class__ is int and not -(2**63) <= value < 2**63:
-                raise QueryError(f"query() parameter {value} is outside SQLite's 64-bit "
-                                 f"integers; pass it as text (str(value)). SQL: {sql[:200]!r}.")
+            _check_query_param(value, sql)
         with self.lock:
             previous = self.query_mode
             self.query_mode = 2 if previous == 2 else 1
@@ -1669,6 +1651,24 @@ class _Model:
 
 
 _STORAGE_REFUSALS = (sqlite3.IntegrityError, OverflowError, UnicodeEncodeError)
+
+
+def _check_query_param(value: Any, sql: str) -> None:
+    """What SQLite cannot bind, said here: Python's sqlite3 can report a failed
+    bind of a reused statement with the last error SQLite had (another query's)."""
+    problem = None
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        problem = "is outside SQLite's 64-bit integers; pass it as text (str(value))"
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            problem = "is not valid Unicode text (a lone surrogate)"
+    elif not (value is None or isinstance(value, (int, float, str, bytes, bytearray, memoryview))
+              or (type(value), sqlite3.PrepareProtocol) in sqlite3.adapters):
+        problem = "is of a type SQLite cannot store; pass None, a number, text or bytes"
+    if problem:
+        raise QueryError(f"query() parameter {_describe(value)} {problem}. SQL: {sql[:200]!r}.")
 
 
 def _query_failure(exc: Exception, sql: str, params: Any) -> FluxliteError:
@@ -2171,17 +2171,22 @@ Reducer = Callable[[View, Event], Any]
 
 def _check_takes_two(function: Callable[..., Any], what: str, arguments: str) -> None:
     """A reducer is called with two positional arguments: say so at open(), not
-    as a TypeError on the first event. Callables Python cannot inspect pass."""
+    as a TypeError on the first event. Only plain functions and methods are
+    judged (as they are, not what they wrap); other callables pass."""
+    if not (inspect.isfunction(function) or inspect.ismethod(function)):
+        return
     try:
-        inspect.signature(function).bind(None, None)
+        signature = inspect.signature(function, follow_wrapped=False)
+    except Exception:  # nothing reliable to read
+        return
+    try:
+        signature.bind(None, None)
     except TypeError:
         raise UsageError(
             f"{what} is called as reducer{arguments}, with two arguments; "
             f"{_describe(function)} cannot take them. Give it the signature "
             f"{arguments}."
         ) from None
-    except ValueError:  # no signature to read (some builtins)
-        pass
 
 
 def combine(reducers: Mapping[str, CollectionReducer]) -> Reducer:
@@ -2536,18 +2541,40 @@ _HEAD_SQL = """SELECT (SELECT value FROM fluxlite_meta WHERE key = 'generation')
     (SELECT events || ' ' || journal FROM fluxlite_seals ORDER BY seq DESC LIMIT 1)"""
 
 
-# Stores open in this process: in a child of fork() they are the parent's.
+# Stores open in this process. While the process forks, each store's lock is
+# held, so that none is inside a transaction: the child closes its copies of
+# their connections, and a copy closed in the middle of a write could undo the
+# parent's write in the WAL index the two processes share.
 _OPEN_STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
+_OPEN_STORES_LOCK = threading.Lock()
+_HELD_FOR_FORK: List["Store"] = []
+
+
+def _before_fork() -> None:
+    with _OPEN_STORES_LOCK:
+        stores = list(_OPEN_STORES)
+    for store in stores:
+        if store._lock.acquire(timeout=10):  # a write in progress finishes first
+            _HELD_FOR_FORK.append(store)
+
+
+def _after_fork_in_parent() -> None:
+    while _HELD_FOR_FORK:
+        _HELD_FOR_FORK.pop()._lock.release()
 
 
 def _after_fork_in_child() -> None:
-    parent = os.getppid()
-    for store in list(_OPEN_STORES):
-        store._forsake(parent)
+    quiet = set(map(id, _HELD_FOR_FORK))
+    _after_fork_in_parent()  # this thread's holds, which came along
+    with _OPEN_STORES_LOCK:
+        stores = list(_OPEN_STORES)
+    for store in stores:
+        store._after_fork(id(store) in quiet)
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 class Store:
@@ -2598,8 +2625,10 @@ class Store:
         self._middleware = list(middleware)
         self._lock = threading.RLock()
         self._model = _Model(conn, tables, self._lock)
-        self._forked_from: Optional[int] = None  # in a child of fork(): the parent's pid
-        _OPEN_STORES.add(self)
+        self._pid = os.getpid()  # a child of fork() has a copy: see _after_fork
+        self._forked = False
+        with _OPEN_STORES_LOCK:
+            _OPEN_STORES.add(self)
         self._view = View(self._model)
         self._reducer = reducer
         self._path = path
@@ -2764,27 +2793,37 @@ class Store:
             raise UsageError(f"{what} writes to the file, but this store was opened with "
                              f"readonly=True; open it without readonly=True.")
 
-    def _forsake(self, parent: int) -> None:
-        """In the child of a fork(): this store is the parent's. Its connection is
-        never used, nor closed (closing it could checkpoint or delete the parent's
-        WAL), and its locks start free (their holders did not come along)."""
+    def _after_fork(self, quiet: bool) -> None:
+        """In the child of a fork(), on its copy of this store. Threads did not
+        come along (delivery, watch(), checkpoints), nor locks other threads
+        held. A store in memory is the child's own copy and goes on; a file's
+        connection cannot cross a fork, so it is closed (left alone if it was
+        inside a transaction: ``quiet`` False) and the store refuses use."""
         self._lock = self._model.lock = threading.RLock()
         self._committed = threading.Condition()
         self._notify_lock = threading.Lock()
+        self._watcher, self._watch_cursor, self._checkpointer = None, None, None
+        if self._closed:
+            return
+        if self._path in (":memory:", ""):
+            if self._conn.in_transaction:  # another thread's, in the parent
+                self._conn.execute("ROLLBACK")
+                self._head_cache = None
+            self._pending.clear()
+            return
+        self._closed, self._forked = True, True
         self._pending.clear()
-        self._watcher, self._checkpointer = None, None
-        if not self._closed:
-            self._closed, self._forked_from = True, parent
-            _INHERITED.append(self._conn)
-            _FORKED_FILES.add(self._file)
+        if quiet:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
 
     def _check_open(self) -> None:
         if self._closed:
-            if self._forked_from is not None:
+            if self._forked:
                 raise UsageError(
-                    f"The store {self._path!r} was opened in process {self._forked_from}, "
-                    f"which this process was forked from; a SQLite connection cannot cross "
-                    f"a fork. Open the store again here, with fluxlite.open()."
+                    f"The store {self._path!r} was opened in process {self._pid}, not in "
+                    f"this one: a SQLite connection cannot cross a fork(), so this copy "
+                    f"is closed. Open the store again here, with fluxlite.open()."
                 )
             raise UsageError(f"The store {self._path!r} is closed; open it again to use it.")
         if self._reducing_thread is not None and self._reducing_thread == threading.get_ident():
@@ -2928,8 +2967,9 @@ class Store:
 
         For test suites: cheap rollback between tests of an on-disk store.
         Other connections to the file see the reset too. watch() and this
-        process's followers go on from the checkpoint's head; followers in
-        other processes cannot tell, and wait for seqs past their position.
+        store's followers go on from the checkpoint's head; followers of other
+        stores (in this process or others) cannot tell, and wait for seqs past
+        their position.
         """
         if not isinstance(checkpoint, _Checkpoint):
             raise UsageError(
@@ -2951,8 +2991,8 @@ class Store:
             self._load_tables(meta["tables"], meta.get("generation", 0))
             self._pending.clear()
             head = self.head
-            for cursor in list(self._cursors):  # watch() and this process's followers
-                cursor.position, cursor.version = min(cursor.position, head), -1
+            for cursor in list(self._cursors):  # watch() and this store's followers
+                cursor.position, cursor.version = head, -1
 
     def _frame_stack(self) -> List["_Frame"]:
         stack = getattr(self._frames, "stack", None)
@@ -3189,6 +3229,12 @@ class Store:
         construction; _write skips the call for those)."""
         if item.id in seen:
             first, event = seen[item.id]
+            if not first.id_given:  # the user's ids= source gave it first, in this batch
+                raise UsageError(
+                    f"ids() returned {item.id!r}, which this batch also gives as an event's "
+                    f"id; the ids it returns must differ from every other id. Make ids() "
+                    f"return ids of a form the explicit ids never take."
+                )
             same = first.type == item.type and _same_json(  # as sent: a reducer may
                 _loads(first.payload_text), _loads(item.payload_text))  # mutate payloads
         else:
@@ -3939,7 +3985,8 @@ class _FollowCursor:
         self.store, self.position, self.wanted = store, position, wanted
         self.version = -1
         self.commits = -1
-        store._cursors.add(self)
+        with store._lock:  # reset_to() goes through them with the lock held
+            store._cursors.add(self)
 
     def step(self, wait: float, queue: Optional[Deque[Any]] = None
              ) -> Optional[List[Tuple[Event, List[Change]]]]:

@@ -369,6 +369,9 @@ def test_an_ids_source_that_repeats_an_id_is_a_usage_error_and_writes_nothing(tm
     with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, ids=lambda: "same") as store:
         with pytest.raises(fluxlite.UsageError, match="earlier in this batch"):
             store.dispatch_many([{"type": "addUser", "payload": {"name": n}} for n in "ab"])
+        with pytest.raises(fluxlite.UsageError, match="this batch also gives as an event's id"):
+            store.dispatch_many([{"type": "addUser", "payload": {"name": "a"}},
+                                 {"type": "addUser", "payload": {"name": "a"}, "id": "same"}])
         assert store.head == 0
 
 
@@ -975,6 +978,18 @@ def test_a_bad_parameter_is_named_even_after_another_query_failed(store):
             store.query("SELECT nope")
     with pytest.raises(fluxlite.QueryError, match=r"Incorrect number of bindings.*params: \(1, 2\)"):
         store.query("SELECT ?", (1, 2))
+    import decimal
+    import enum
+
+    class Big(enum.IntEnum):
+        X = 2**64
+    for bad, message in [(Big.X, "outside SQLite's 64-bit"), ("\ud800", "lone surrogate"),
+                         (decimal.Decimal(1), "type SQLite cannot store")]:
+        store.query("SELECT ?", (1,))
+        with pytest.raises(fluxlite.QueryError, match="no such column: nope"):
+            store.query("SELECT nope")
+        with pytest.raises(fluxlite.QueryError, match=message):
+            store.query("SELECT ?", (bad,))
     with pytest.raises(fluxlite.UsageError, match="64-bit integer range"):
         store.view.users.find(name=2**70)
     with pytest.raises(fluxlite.UsageError, match="must be None, bool, int, float or str"):
@@ -1149,6 +1164,34 @@ def test_combine_with_unknown_table_is_refused_at_open():
         fluxlite.combine({})
     with pytest.raises(fluxlite.UsageError):
         fluxlite.combine({"users": 3})
+
+
+def test_reducers_of_every_callable_kind_are_accepted():
+    import functools
+
+    def from_event(handler):
+        @functools.wraps(handler)
+        def reducer(view, event):
+            return handler(event)
+        return reducer
+
+    class StaticCall:
+        @staticmethod
+        def __call__(view, event):
+            return None
+
+    class Opaque:
+        @property
+        def __signature__(self):
+            raise RuntimeError("no introspection here")
+
+        def __call__(self, view, event):
+            return None
+    for candidate in (from_event(lambda event: None), StaticCall(), Opaque(),
+                      functools.partial(lambda extra, view, event: None, 1),
+                      lambda view, event, *more, option=None: None):
+        with fluxlite.open(":memory:", schema=SCHEMA, reducer=candidate) as store:
+            assert store.dispatch("x").seq == 1
 
 
 @pytest.mark.parametrize("reducer, message", [
@@ -1845,6 +1888,24 @@ def test_reset_to_moves_watch_and_followers_back_to_the_checkpoint(tmp_path):
         assert heard == [(1, "d"), (2, "e")]
 
 
+def test_reset_to_a_later_checkpoint_delivers_nothing_again(tmp_path):
+    with fluxlite.open(str(tmp_path / "s.db"), schema=SCHEMA, reducer=reducer) as store:
+        heard = []
+        store.subscribe(lambda e, c: heard.append(e.seq))
+        store.watch()
+        base = store.checkpoint()
+        for name in "abc":
+            add(store, name)
+        seeded = store.checkpoint()
+        follower = store.follow(timeout=0.3)
+        store.reset_to(base)
+        store.reset_to(seeded)
+        heard.clear()
+        time.sleep(0.3)
+        assert heard == [] and list(follower) == []
+        assert add(store, "d").seq == 4 and heard == [4]
+
+
 def test_a_watching_store_dropped_without_close_is_collected(tmp_path):
     refs = []
     for n in range(5):
@@ -1946,7 +2007,49 @@ def test_a_store_inherited_through_fork_is_a_clear_error_in_the_child(tmp_path):
     """)
     lines = result.stdout.splitlines()
     assert result.returncode == 0 and len(lines) == 5, result.stderr[-2000:]
-    assert all("which this process was forked from" in line for line in lines), lines
+    assert all("not in this one: a SQLite connection cannot cross a fork()" in line
+               for line in lines), lines
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_a_forked_child_may_open_the_store_again_and_keeps_what_it_writes(tmp_path):
+    # The child's own connection while the parent writes (and reopens): nothing lost.
+    result = run_child(f"""
+        import multiprocessing, threading, fluxlite
+        PATH = {str(tmp_path / "s.db")!r}
+        SCHEMA = "CREATE TABLE kv (k TEXT PRIMARY KEY, v)"
+        reducer = lambda view, e: view.kv.upsert(k=e.payload["by"], v=e.payload["n"])
+        store = fluxlite.open(PATH, schema=SCHEMA, reducer=reducer)
+        memory = fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer)
+        memory.dispatch("set", {{"by": "parent", "n": 0}})
+        stop = threading.Event()
+        def writer():
+            n = 0
+            while not stop.is_set():
+                store.dispatch("set", {{"by": "parent", "n": n}}); n += 1
+        def child(queue):
+            memory.dispatch("set", {{"by": "child", "n": 1}})  # its own copy
+            with fluxlite.open(PATH, schema=SCHEMA, reducer=reducer) as own:
+                for n in range(20):
+                    own.dispatch("set", {{"by": "child", "n": n}})
+            queue.put(memory.head)
+        if __name__ == "__main__":
+            thread = threading.Thread(target=writer); thread.start()
+            context = multiprocessing.get_context("fork")
+            for _ in range(3):
+                queue = context.Queue()
+                process = context.Process(target=child, args=(queue,)); process.start()
+                print("memory head in the child", queue.get(timeout=30)); process.join(30)
+                store.close()  # the parent reopens meanwhile: the child's WAL must survive
+                store = fluxlite.open(PATH, schema=SCHEMA, reducer=reducer)
+            stop.set(); thread.join()
+            print("by the children", store.query(
+                "SELECT count(*) AS n FROM events WHERE json_extract(payload, '$.by') = 'child'"))
+            store.verify(); store.close()
+    """, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("memory head in the child 2") == 3, result.stdout
+    assert "by the children [{'n': 60}]" in result.stdout, result.stdout
 
 
 # --- the invariants, by property ------------------------------------------------------------
