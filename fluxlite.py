@@ -1424,9 +1424,10 @@ class _Model:
             except _STORAGE_REFUSALS as exc:
                 raise _constraint_error(change, info, exc) from exc
             except sqlite3.OperationalError as exc:
-                if str(exc) != "integer overflow":  # the file's: locks, a full disk
+                error = _value_error(change, info, exc)
+                if error is None:  # the file's: locks, a full disk
                     raise
-                raise _overflow_error(change, info, exc) from exc
+                raise error from exc
             applied.append(done)
             if journal is not None:
                 try:
@@ -1463,9 +1464,10 @@ class _Model:
             except _STORAGE_REFUSALS as exc:
                 raise _constraint_error(change, info, exc) from exc
             except sqlite3.OperationalError as exc:
-                if str(exc) != "integer overflow":  # the file's: locks, a full disk
+                error = _value_error(change, info, exc)
+                if error is None:  # the file's: locks, a full disk
                     raise
-                raise _overflow_error(change, info, exc) from exc
+                raise error from exc
 
     def _checked(self, info: _TableInfo, change: Change
                  ) -> Tuple[str, Dict[str, Any], Optional[Tuple[Any, ...]]]:
@@ -1722,9 +1724,17 @@ def _constraint_error(change: Change, info: _TableInfo, exc: Exception) -> Chang
     return ChangesetError(f"{change.op} on {info.name!r} has a value SQLite cannot store: {exc}.")
 
 
-def _overflow_error(change: Change, info: _TableInfo, exc: sqlite3.OperationalError
-                    ) -> ChangesetError:
-    """An expression of the schema that overflowed on a change's values."""
+def _value_error(change: Change, info: _TableInfo, exc: sqlite3.OperationalError
+                 ) -> Optional[ChangesetError]:
+    """An expression of the schema that failed on a change's values, or None."""
+    if str(exc).startswith("Could not decode to UTF-8"):
+        return ChangesetError(
+            f"{change.op} on {info.name!r} left text that is not UTF-8 in the row ({exc}), "
+            f"made by the schema from a BLOB (a DEFAULT x'..' or a generated column). "
+            f"Make the schema produce valid text, or hex() of the blob."
+        )
+    if str(exc) != "integer overflow":
+        return None
     return ChangesetError(
         f"{change.op} on {info.name!r}: an expression of the schema (a CHECK, a generated "
         f"column or an index on an expression) went past SQLite's 64-bit integers on "

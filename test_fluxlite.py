@@ -2747,6 +2747,8 @@ def test_history_and_restore_find_a_row_by_any_key_that_finds_it():
     ("CREATE TABLE t (k INTEGER PRIMARY KEY, b BLOB DEFAULT x'00ff');", {"k": 1}, "left a BLOB"),
     ("CREATE TABLE t (k INTEGER PRIMARY KEY, a TEXT, g GENERATED ALWAYS AS (CAST(a AS BLOB)));",
      {"k": 1, "a": "x"}, "left a BLOB in column.*'g'"),
+    ("CREATE TABLE t (k INTEGER PRIMARY KEY, c DEFAULT x'00ff', g GENERATED ALWAYS AS (c || '')"
+     " STORED);", {"k": 1}, "left text that is not UTF-8"),
     ("CREATE TABLE t (k INTEGER PRIMARY KEY, a INTEGER CHECK (abs(a) >= 0));",
      {"k": 1, "a": -2**63}, "went past SQLite's 64-bit integers"),
     ("CREATE TABLE t (k INTEGER PRIMARY KEY, a INTEGER, g GENERATED ALWAYS AS (abs(a)));",
