@@ -783,6 +783,8 @@ class _write_txn:
     def __exit__(self, kind: Any, *exc: Any) -> None:
         conn = self.conn
         if self.nested:
+            if not conn.in_transaction:  # SQLite ended it itself (SQLITE_FULL, ...)
+                return
             if kind is not None:
                 conn.execute("ROLLBACK TO fluxlite_nested")
             conn.execute("RELEASE fluxlite_nested")
@@ -1587,7 +1589,8 @@ class _Model:
             cursor = self.conn.execute(sql, params)
         except sqlite3.OperationalError as exc:  # AUTOINCREMENT past 2**63-1: SQLITE_FULL
             if assigned and "full" in str(exc) and self.conn.execute(
-                    f"SELECT max(rowid) FROM {info.q}").fetchone()[0] == 2**63 - 1:
+                    "SELECT 1 FROM sqlite_sequence WHERE name = ? AND seq = ?",
+                    (info.name, 2**63 - 1)).fetchone() is not None:
                 raise ChangesetError(
                     f"insert into {info.name!r} without a key: the largest key (2**63-1) "
                     f"is taken, and AUTOINCREMENT never picks a smaller one. Give the key "
@@ -1659,6 +1662,9 @@ def _check_query_param(value: Any, sql: str) -> None:
     """What SQLite cannot bind, said here: Python's sqlite3 can report a failed
     bind of a reused statement with the last error SQLite had (another query's)."""
     problem = None
+    if (type(value), sqlite3.PrepareProtocol) in sqlite3.adapters or \
+            hasattr(type(value), "__conform__"):
+        return  # the user taught sqlite3 to bind it
     if isinstance(value, int) and not -(2**63) <= value < 2**63:
         problem = "is outside SQLite's 64-bit integers; pass it as text (str(value))"
     elif isinstance(value, str):
@@ -1666,8 +1672,7 @@ def _check_query_param(value: Any, sql: str) -> None:
             value.encode("utf-8")
         except UnicodeEncodeError:
             problem = "is not valid Unicode text (a lone surrogate)"
-    elif not (value is None or isinstance(value, (int, float, str, bytes, bytearray, memoryview))
-              or (type(value), sqlite3.PrepareProtocol) in sqlite3.adapters):
+    elif not (value is None or isinstance(value, (int, float, str, bytes, bytearray, memoryview))):
         problem = "is of a type SQLite cannot store; pass None, a number, text or bytes"
     if problem:
         raise QueryError(f"query() parameter {_describe(value)} {problem}. SQL: {sql[:200]!r}.")
@@ -2556,34 +2561,37 @@ _HEAD_SQL = """SELECT (SELECT value FROM fluxlite_meta WHERE key = 'generation')
 # their connections, and a copy closed in the middle of a write could undo the
 # parent's write in the WAL index the two processes share.
 _OPEN_STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
-_OPEN_STORES_LOCK = threading.Lock()
-_HELD_FOR_FORK: List["Store"] = []
+_OPEN_STORES_LOCK = threading.Lock()  # held from before a fork until after it
+_HELD_FOR_FORK: Dict[int, List["Store"]] = {}  # per forking thread
+_FORK_WAIT = 5.0  # seconds a fork waits, in all, for stores in use to finish
 
 
 def _before_fork() -> None:
-    with _OPEN_STORES_LOCK:
-        stores = list(_OPEN_STORES)
-    for store in stores:
-        if store._lock.acquire(timeout=10):  # a write in progress finishes first
-            _HELD_FOR_FORK.append(store)
+    _OPEN_STORES_LOCK.acquire()
+    held = _HELD_FOR_FORK.setdefault(threading.get_ident(), [])
+    deadline = time.monotonic() + _FORK_WAIT
+    for store in list(_OPEN_STORES):
+        if store._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            held.append(store)
 
 
-def _after_fork_in_parent() -> None:
-    while _HELD_FOR_FORK:
-        _HELD_FOR_FORK.pop()._lock.release()
+def _release_for_fork() -> List["Store"]:
+    held = _HELD_FOR_FORK.pop(threading.get_ident(), [])
+    for store in held:
+        store._lock.release()
+    _OPEN_STORES_LOCK.release()
+    return held
 
 
 def _after_fork_in_child() -> None:
-    quiet = set(map(id, _HELD_FOR_FORK))
-    _after_fork_in_parent()  # this thread's holds, which came along
-    with _OPEN_STORES_LOCK:
-        stores = list(_OPEN_STORES)
-    for store in stores:
+    quiet = set(map(id, _release_for_fork()))  # this thread's holds, which came along
+    _HELD_FOR_FORK.clear()  # other threads' entries: those threads did not
+    for store in list(_OPEN_STORES):
         store._after_fork(id(store) in quiet)
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+    os.register_at_fork(before=_before_fork, after_in_parent=_release_for_fork,
                         after_in_child=_after_fork_in_child)
 
 
@@ -2637,8 +2645,6 @@ class Store:
         self._model = _Model(conn, tables, self._lock)
         self._pid = os.getpid()  # a child of fork() has a copy: see _after_fork
         self._forked = False
-        with _OPEN_STORES_LOCK:
-            _OPEN_STORES.add(self)
         self._view = View(self._model)
         self._reducer = reducer
         self._path = path
@@ -2675,6 +2681,8 @@ class Store:
         self._checkpointer = (_WalCheckpointer(self._file)
                               if durability == "normal" and path not in (":memory:", "")
                               else None)
+        with _OPEN_STORES_LOCK:  # once whole: a fork may look at it from now on
+            _OPEN_STORES.add(self)
 
     # -- properties ------------------------------------------------------------
 
@@ -2811,18 +2819,20 @@ class Store:
         inside a transaction: ``quiet`` False) and the store refuses use."""
         self._lock = self._model.lock = threading.RLock()
         self._committed = threading.Condition()
-        self._notify_lock = threading.Lock()
+        if not getattr(self._notifying, "active", False):  # else this thread delivers: a
+            self._notify_lock = threading.RLock()           # fork() inside a subscriber
         self._watcher, self._watch_cursor, self._checkpointer = None, None, None
+        self._pending.clear()
         if self._closed:
             return
-        if self._path in (":memory:", ""):
-            if self._conn.in_transaction:  # another thread's, in the parent
+        if quiet and self._path in (":memory:", ""):
+            if self._conn.in_transaction:  # this thread's own (a fork inside a preview)
                 self._conn.execute("ROLLBACK")
                 self._head_cache = None
-            self._pending.clear()
             return
+        # Not quiet: another thread was using the connection, and may have held
+        # SQLite's own mutex of it, which nothing in the child would release.
         self._closed, self._forked = True, True
-        self._pending.clear()
         if quiet:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
@@ -2932,7 +2942,8 @@ class Store:
                 event = self._chain(action)
             finally:
                 frames.pop()
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # SQLite may have ended it itself
+                    self._conn.execute("ROLLBACK")
                 self._head_cache = None
                 self._previewing -= 1
                 while len(self._pending) > pending:
@@ -3002,7 +3013,11 @@ class Store:
             self._pending.clear()
             head = self.head
             for cursor in list(self._cursors):  # watch() and this store's followers
-                cursor.position, cursor.version = head, -1
+                # Back to the checkpoint's head, or where it was if it had not got
+                # there; never before what it delivered in any history (a reset to
+                # an older checkpoint, then to a newer one, delivers nothing again).
+                cursor.reached = max(cursor.reached, cursor.position)
+                cursor.position, cursor.version = min(cursor.reached, head), -1
 
     def _frame_stack(self) -> List["_Frame"]:
         stack = getattr(self._frames, "stack", None)
@@ -3653,11 +3668,14 @@ class Store:
                     # transactions end (their seals): a batch whose deferred
                     # references hold only at its end must be copied whole.
                     end = self._transaction_end(min(after + 1000, upto))
+                    if end - after > 10_000:  # one seal over a whole older log, or a huge batch
+                        end = min(after + 1000, upto)
                     rows = self._conn.execute(
                         f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? AND seq <= ? "
                         f"ORDER BY seq", (after, min(end, upto))).fetchall()
                 try:
                     target._commit_prepared([_prepared_from_row(r) for r in rows])
+                    target._pending.clear()  # nobody subscribed to the copy yet
                 except ChangesetError as exc:
                     if end <= upto or "deferred" not in str(exc):
                         raise
@@ -3841,6 +3859,12 @@ class Store:
         revisions = self.history(table, key)
         if at is None:
             deletions = [r for r in revisions if r.op == "delete"]
+            if not revisions:
+                raise UsageError(
+                    f"Row {key!r} of {table!r} has no history: no event wrote a row with "
+                    f"that key. A deleted row is found by its key as stored (check its "
+                    f"spelling: 1 or '1', its case in a COLLATE NOCASE column)."
+                )
             if not deletions:
                 raise UsageError(
                     f"Row {key!r} of {table!r} was never deleted; pass at=SEQ to set it "
@@ -3993,6 +4017,7 @@ class _FollowCursor:
 
     def __init__(self, store: Store, position: int, wanted: Optional[frozenset]) -> None:
         self.store, self.position, self.wanted = store, position, wanted
+        self.reached = position  # the furthest it has been, across reset_to()s
         self.version = -1
         self.commits = -1
         with store._lock:  # reset_to() goes through them with the lock held
@@ -4682,8 +4707,10 @@ def _first_broken_reference(conn: sqlite3.Connection, names: Set[str],
     """The first (table, rowid, parent) whose reference finds no row, in the tables
     ``names`` (lower case) or in any table referencing them; a reference that cannot
     work at all (SQLite's "foreign key mismatch") is a SchemaError. With ``collect``,
-    all of them are counted there instead, each by its row (rowids change in a
-    rebuild), and None is returned."""
+    all of them are counted there instead, and None is returned; each is named by
+    what a rebuild keeps of it (rowids and foreign key numbers change): the table,
+    the referenced table, the referencing columns, and their values with the
+    row's key (a WITHOUT ROWID row, which the check does not name: by count)."""
     for (table,) in conn.execute("SELECT name FROM main.sqlite_master WHERE type = 'table' "
                                  "AND name NOT LIKE 'sqlite_%'").fetchall():
         parents = {r[2].lower() for r in conn.execute(f"PRAGMA main.foreign_key_list({_quote(table)})")}
@@ -4698,11 +4725,16 @@ def _first_broken_reference(conn: sqlite3.Connection, names: Set[str],
                               f"was changed.") from exc
         if broken is not None and collect is None:
             return tuple(broken)
+        references = conn.execute(f"PRAGMA main.foreign_key_list({_quote(table)})").fetchall()
+        key = [r[1] for r in sorted(conn.execute(f"PRAGMA main.table_info({_quote(table)})"),
+                                    key=lambda r: r[5]) if r[5]]
         while broken is not None:
             _, rowid, parent, fkid = broken
-            row = None if rowid is None else conn.execute(
-                f"SELECT * FROM main.{_quote(table)} WHERE rowid = ?", (rowid,)).fetchone()
-            collect[(table, parent, fkid, row)] += 1  # type: ignore[index]
+            columns = tuple(r[3] for r in references if r[0] == fkid)
+            values = None if rowid is None else conn.execute(
+                f"SELECT {', '.join(_quote(c) for c in (*key, *columns))} FROM "
+                f"main.{_quote(table)} WHERE _rowid_ = ?", (rowid,)).fetchone()
+            collect[(table, parent, columns, values)] += 1  # type: ignore[index]
             broken = check.fetchone()
     return None
 

@@ -978,6 +978,11 @@ def test_a_bad_parameter_is_named_even_after_another_query_failed(store):
             store.query("SELECT nope")
     with pytest.raises(fluxlite.QueryError, match=r"Incorrect number of bindings.*params: \(1, 2\)"):
         store.query("SELECT ?", (1, 2))
+    class Point:  # bound through the sqlite3 protocol, as sqlite3 itself allows
+        def __conform__(self, protocol):
+            return "1;2" if protocol is sqlite3.PrepareProtocol else None
+    assert store.query("SELECT ? AS p", (Point(),)) == [{"p": "1;2"}]
+    assert store.query("SELECT :p AS p", {"p": Point()}) == [{"p": "1;2"}]
     import decimal
     import enum
 
@@ -1904,6 +1909,16 @@ def test_reset_to_a_later_checkpoint_delivers_nothing_again(tmp_path):
         time.sleep(0.3)
         assert heard == [] and list(follower) == []
         assert add(store, "d").seq == 4 and heard == [4]
+    with fluxlite.open(str(tmp_path / "lag.db"), schema=SCHEMA, reducer=reducer) as store:
+        lagging = store.follow(after=0, timeout=0.3)
+        add(store, "a")
+        assert next(lagging)[0].seq == 1
+        add(store, "b")
+        add(store, "c")
+        seeded = store.checkpoint()  # head 3: the follower has read only 1
+        add(store, "d")
+        store.reset_to(seeded)
+        assert [e.seq for e, _ in lagging] == [2, 3]  # what it had not read yet, no gap
 
 
 def test_a_watching_store_dropped_without_close_is_collected(tmp_path):
@@ -2009,6 +2024,43 @@ def test_a_store_inherited_through_fork_is_a_clear_error_in_the_child(tmp_path):
     assert result.returncode == 0 and len(lines) == 5, result.stderr[-2000:]
     assert all("not in this one: a SQLite connection cannot cross a fork()" in line
                for line in lines), lines
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_a_fork_inside_a_subscriber_or_beside_a_busy_thread_leaves_the_child_working():
+    result = run_child("""
+        import os, threading, time, fluxlite
+        fluxlite._FORK_WAIT = 0.2  # the busy thread below holds its store longer
+        SCHEMA = "CREATE TABLE t (k INTEGER PRIMARY KEY)"
+        store = fluxlite.open(":memory:", schema=SCHEMA,
+                              reducer=lambda view, e: view.t.insert(k=e.payload))
+        def subscriber(event, changes):
+            if event.seq == 1 and os.fork() == 0:  # the child goes on delivering, then dispatches
+                subscriber.child = True
+        subscriber.child = False
+        store.subscribe(subscriber)
+        store.dispatch("add", 1)
+        if subscriber.child:
+            store.dispatch("add", 2)
+            print("child of a subscriber: head", store.head, flush=True)
+            os._exit(0)
+        os.wait()
+        busy = fluxlite.open(":memory:", schema=SCHEMA, reducer=lambda view, e: None)
+        busy._conn.create_function("slow", 0, lambda: time.sleep(1.5) or 1)
+        threading.Thread(target=busy.query, args=("SELECT slow()",)).start()
+        time.sleep(0.2)
+        if os.fork() == 0:  # that store was in use: the child must not touch its connection
+            try:
+                busy.head
+            except fluxlite.UsageError as exc:
+                print("child beside a busy thread:", exc, flush=True)
+            print("the idle store goes on: head", store.head, flush=True)
+            os._exit(0)
+        os.wait()
+    """, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "child of a subscriber: head 2" in result.stdout
+    assert "cannot cross a fork()" in result.stdout and "goes on: head 1" in result.stdout
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
@@ -2676,6 +2728,10 @@ def test_replay_copies_a_batch_with_deferred_references_whole():
         store.dispatch_many([{"type": "child", "payload": 7}, {"type": "parent", "payload": 7}])
         with store.replay() as copy:  # copied 1,000 events at a time: the batch straddles
             assert copy.head == 1001 and copy.view.child.get(7) == {"id": 7, "parent": 7}
+            heard = []
+            copy.subscribe(lambda e, c: heard.append(e.seq))
+            copy.dispatch("noop")
+            assert heard == [1002]  # not the 1,001 copied events too
         with pytest.raises(fluxlite.ChangesetError, match="ends at seq 1001.*Replay up to 1001"):
             store.replay(1000)
 
@@ -2707,6 +2763,12 @@ def test_a_rebuild_keeps_a_reference_sqlite_itself_let_dangle(tmp_path):
     with pytest.raises(fluxlite.SchemaError, match="breaks a foreign key: row .*103"):
         fluxlite.open(target, schema=schema, reducer=orphaning, version=2)
     assert file_bytes(target) == before
+    # A schema change that moves the dangling reference's column keeps it too.
+    wider = schema.replace("(id INTEGER PRIMARY KEY, ref", "(id INTEGER PRIMARY KEY, other "
+                           "REFERENCES parent(k), note TEXT, ref")
+    with fluxlite.open(target, schema=wider, reducer=reducer, version=3) as store:
+        assert store.view.child.all() == [{"id": 1, "other": None, "note": None, "ref": 3}]
+        store.verify()
 
 
 def test_verify_tells_1_from_1_0():
@@ -2730,6 +2792,8 @@ def test_history_and_restore_find_a_row_by_any_key_that_finds_it():
         assert [r.seq for r in store.history("t", "A")] == [1, 2]
         store.restore("t", "A", at=1)
         assert store.view.t.get("a") == {"k": "a", "v": 1}
+        with pytest.raises(fluxlite.UsageError, match="has no history.*its case in a COLLATE"):
+            store.restore("t", "zz")
     with fluxlite.open(":memory:", schema="CREATE TABLE t (k PRIMARY KEY, v)",
                        reducer=upsert_payload) as store:
         store.dispatch("put", {"k": -0.0, "v": 1})
@@ -2764,12 +2828,23 @@ def test_values_the_schema_makes_unstorable_are_changeset_errors(tmp_path, ddl, 
 
 
 def test_an_autoincrement_key_past_the_largest_is_a_changeset_error():
+    # SQLite answers SQLITE_FULL and rolls the whole transaction back by itself.
     with fluxlite.open(":memory:", schema="CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, v)",
-                       reducer=lambda view, event: view.t.insert(event.payload)) as store:
+                       reducer=lambda view, event: view.t.insert(event.payload) if event.payload
+                       else view.t.delete(2**63 - 1)) as store:
         store.dispatch("add", {"id": 2**63 - 1})
+        for attempt in (lambda: store.dispatch("add", {"v": "next"}),
+                        lambda: store.preview("add", {"v": "next"}),
+                        lambda: store.dispatch_many([{"type": "add", "payload": {"v": "a"}}])):
+            with pytest.raises(fluxlite.ChangesetError, match="AUTOINCREMENT never picks a smaller"):
+                attempt()
+        heard = []
+        store.subscribe(lambda e, c: heard.append(e.seq))
+        store.dispatch("drop")  # the largest row goes; the counter stays
         with pytest.raises(fluxlite.ChangesetError, match="AUTOINCREMENT never picks a smaller"):
             store.dispatch("add", {"v": "next"})
-        assert store.head == 1
+        assert store.head == 2 and heard == [2]
+        store.verify()
 
 
 def test_a_reference_sqlite_cannot_follow_is_refused_at_open():
