@@ -998,12 +998,7 @@ class Run:
                 if model_state(v1, self.tables) != model_state(v2, self.tables):
                     self.fail("at-time-vs-at-seq", f"k={k} last={last}")
         # 1. verify
-        for s in self.stores:
-            try:
-                s.verify()
-            except Exception as exc:  # noqa: BLE001
-                raw_check(exc, "verify")
-                raise Failure(f"verify:{type(exc).__name__}", str(exc)[:2000])
+        self.verify_all("verify")
         # 2. at(k) vs replay(k) vs oracle snapshots
         self.check_past(head, "")
         # 3. history
@@ -1107,6 +1102,14 @@ class Run:
             tspec = next(x for x in tables if x.name == tbl)
             if revs and trow(revs[-1].after) != trow(fs3.view[tbl].get(k)) and not nocase_pk(tspec):
                 self.fail("history-after-schema-change:last-after-vs-live", f"{tbl} {k!r}")
+
+    def verify_all(self, where):
+        for s in self.stores:
+            try:
+                s.verify()
+            except Exception as exc:  # noqa: BLE001
+                raw_check(exc, where)
+                raise Failure(f"{where}:{type(exc).__name__}", str(exc)[:2000])
 
     def check_past(self, head, tag, ks=None):
         fs, ms = self.stores
@@ -1308,12 +1311,7 @@ class Run:
                     self.fail("restore-at:did-not-exist-but-did", f"{tbl} {key!r} at={at} then={then!r}")
                 self.stats["restore_at_refused:" + type(res).__name__ + ":" + msg[:40]] += 1
         if did:
-            for s in self.stores:
-                try:
-                    s.verify()
-                except Exception as exc:  # noqa: BLE001
-                    raw_check(exc, "verify-after-restore")
-                    raise Failure(f"verify-after-restore:{type(exc).__name__}", str(exc)[:2000])
+            self.verify_all("verify-after-restore")
             live = model_state(fs.view, self.tables)
             for mirror in self.mirrors:
                 for t in self.tables:
