@@ -1663,7 +1663,7 @@ def _check_query_param(value: Any, sql: str) -> None:
     bind of a reused statement with the last error SQLite had (another query's)."""
     problem = None
     if (type(value), sqlite3.PrepareProtocol) in sqlite3.adapters or \
-            hasattr(type(value), "__conform__"):
+            getattr(value, "__conform__", None) is not None:
         return  # the user taught sqlite3 to bind it
     if isinstance(value, int) and not -(2**63) <= value < 2**63:
         problem = "is outside SQLite's 64-bit integers; pass it as text (str(value))"
@@ -1672,7 +1672,7 @@ def _check_query_param(value: Any, sql: str) -> None:
             value.encode("utf-8")
         except UnicodeEncodeError:
             problem = "is not valid Unicode text (a lone surrogate)"
-    elif not (value is None or isinstance(value, (int, float, str, bytes, bytearray, memoryview))):
+    elif isinstance(value, (dict, list, tuple, set, frozenset)):
         problem = "is of a type SQLite cannot store; pass None, a number, text or bytes"
     if problem:
         raise QueryError(f"query() parameter {_describe(value)} {problem}. SQL: {sql[:200]!r}.")
@@ -2561,7 +2561,7 @@ _HEAD_SQL = """SELECT (SELECT value FROM fluxlite_meta WHERE key = 'generation')
 # their connections, and a copy closed in the middle of a write could undo the
 # parent's write in the WAL index the two processes share.
 _OPEN_STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
-_OPEN_STORES_LOCK = threading.Lock()  # held from before a fork until after it
+_OPEN_STORES_LOCK = threading.RLock()  # held from before a fork until after it
 _HELD_FOR_FORK: Dict[int, List["Store"]] = {}  # per forking thread
 _FORK_WAIT = 5.0  # seconds a fork waits, in all, for stores in use to finish
 
@@ -2587,7 +2587,10 @@ def _after_fork_in_child() -> None:
     quiet = set(map(id, _release_for_fork()))  # this thread's holds, which came along
     _HELD_FOR_FORK.clear()  # other threads' entries: those threads did not
     for store in list(_OPEN_STORES):
-        store._after_fork(id(store) in quiet)
+        try:
+            store._after_fork(id(store) in quiet)
+        except Exception:  # one store's trouble must not leave the others usable
+            store._closed = store._forked = True
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
@@ -2826,10 +2829,7 @@ class Store:
         if self._closed:
             return
         if quiet and self._path in (":memory:", ""):
-            if self._conn.in_transaction:  # this thread's own (a fork inside a preview)
-                self._conn.execute("ROLLBACK")
-                self._head_cache = None
-            return
+            return  # a transaction open is this thread's own (a fork inside a preview)
         # Not quiet: another thread was using the connection, and may have held
         # SQLite's own mutex of it, which nothing in the child would release.
         self._closed, self._forked = True, True
@@ -3095,6 +3095,12 @@ class Store:
                ack: Optional[Tuple[str, str, int, float]] = None) -> None:
         conn = self._conn
         outermost = not conn.in_transaction  # a preview's transaction is rolled back
+        if self._previewing and outermost:  # SQLite ended the preview's transaction itself
+            raise ChangesetError(
+                "SQLite ended this preview's transaction after an earlier error in it "
+                "(such as AUTOINCREMENT past its largest key); a preview never commits, "
+                "so nothing more can be tried in it. Preview the events again."
+            )
         with _write_txn(conn):
             if ack is not None:
                 _advance_consumer(conn, *ack)
@@ -3668,8 +3674,6 @@ class Store:
                     # transactions end (their seals): a batch whose deferred
                     # references hold only at its end must be copied whole.
                     end = self._transaction_end(min(after + 1000, upto))
-                    if end - after > 10_000:  # one seal over a whole older log, or a huge batch
-                        end = min(after + 1000, upto)
                     rows = self._conn.execute(
                         f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? AND seq <= ? "
                         f"ORDER BY seq", (after, min(end, upto))).fetchall()
@@ -4734,7 +4738,7 @@ def _first_broken_reference(conn: sqlite3.Connection, names: Set[str],
             values = None if rowid is None else conn.execute(
                 f"SELECT {', '.join(_quote(c) for c in (*key, *columns))} FROM "
                 f"main.{_quote(table)} WHERE _rowid_ = ?", (rowid,)).fetchone()
-            collect[(table, parent, columns, values)] += 1  # type: ignore[index]
+            collect[(table.lower(), parent.lower(), columns, values)] += 1  # type: ignore[index]
             broken = check.fetchone()
     return None
 

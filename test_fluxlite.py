@@ -983,13 +983,15 @@ def test_a_bad_parameter_is_named_even_after_another_query_failed(store):
             return "1;2" if protocol is sqlite3.PrepareProtocol else None
     assert store.query("SELECT ? AS p", (Point(),)) == [{"p": "1;2"}]
     assert store.query("SELECT :p AS p", {"p": Point()}) == [{"p": "1;2"}]
-    import decimal
+    import array
     import enum
+    assert store.query("SELECT ? AS b", (array.array("B", b"ab"),)) == [{"b": b"ab"}]
+    assert store.query("SELECT :a AS a", {"a": 1, "unused": object()}) == [{"a": 1}]
 
     class Big(enum.IntEnum):
         X = 2**64
     for bad, message in [(Big.X, "outside SQLite's 64-bit"), ("\ud800", "lone surrogate"),
-                         (decimal.Decimal(1), "type SQLite cannot store")]:
+                         ({1}, "type SQLite cannot store")]:
         store.query("SELECT ?", (1,))
         with pytest.raises(fluxlite.QueryError, match="no such column: nope"):
             store.query("SELECT nope")
@@ -2045,6 +2047,45 @@ def test_a_fork_inside_a_subscriber_or_beside_a_busy_thread_leaves_the_child_wor
             print("child of a subscriber: head", store.head, flush=True)
             os._exit(0)
         os.wait()
+        def forking(store):  # a fork inside a preview's middleware
+            def wrap(next_):
+                def handle(action):
+                    if action["type"] == "fork" and os.fork() == 0:
+                        forking.child = True
+                    return next_(action)
+                return handle
+            return wrap
+        forking.child = False
+        previewed = fluxlite.open(":memory:", schema=SCHEMA, middleware=[forking],
+                                  reducer=lambda view, e: view.t.insert(k=e.payload))
+        previewed.dispatch("add", 1)
+        previewed.preview("fork", 2)
+        if forking.child:
+            print("in a preview, the child keeps: head", previewed.head, flush=True)
+            os._exit(0)
+        os.wait()
+        import tempfile
+        directory = tempfile.mkdtemp()
+        files = [fluxlite.open(os.path.join(directory, f"{n}.db"), schema=SCHEMA,
+                               reducer=lambda view, e: None) for n in range(2)]
+        def forking_reducer(view, event):  # a reducer's SQL rules still in force at the fork
+            if os.fork() == 0:
+                forking_reducer.child = True
+            return view.t.insert(k=event.payload)
+        forking_reducer.child = False
+        inner = fluxlite.open(":memory:", schema=SCHEMA, reducer=forking_reducer)
+        inner.dispatch("add", 1)
+        if forking_reducer.child:
+            outcome = []
+            for other in files:
+                try:
+                    other.head
+                    outcome.append("used")
+                except fluxlite.UsageError:
+                    outcome.append("refused")
+            print("in a reducer, the file stores:", ", ".join(outcome), flush=True)
+            os._exit(0)
+        os.wait()
         busy = fluxlite.open(":memory:", schema=SCHEMA, reducer=lambda view, e: None)
         busy._conn.create_function("slow", 0, lambda: time.sleep(1.5) or 1)
         threading.Thread(target=busy.query, args=("SELECT slow()",)).start()
@@ -2060,6 +2101,8 @@ def test_a_fork_inside_a_subscriber_or_beside_a_busy_thread_leaves_the_child_wor
     """, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "child of a subscriber: head 2" in result.stdout
+    assert "in a preview, the child keeps: head 1" in result.stdout
+    assert "in a reducer, the file stores: refused, refused" in result.stdout
     assert "cannot cross a fork()" in result.stdout and "goes on: head 1" in result.stdout
 
 
@@ -2723,6 +2766,11 @@ def test_replay_copies_a_batch_with_deferred_references_whole():
         table = view.child if event.type == "child" else view.parent
         return table.insert(id=event.payload, **({"parent": event.payload}
                                                  if event.type == "child" else {}))
+    with fluxlite.open(":memory:", schema=schema, reducer=reducer) as big:  # one long batch
+        big.dispatch_many([{"type": "child", "payload": 1}] + [{"type": "noop"}] * 10_001
+                          + [{"type": "parent", "payload": 1}])
+        with big.replay() as copy:
+            assert copy.head == 10_003
     with fluxlite.open(":memory:", schema=schema, reducer=reducer) as store:
         store.dispatch_many([{"type": "noop"}] * 999)
         store.dispatch_many([{"type": "child", "payload": 7}, {"type": "parent", "payload": 7}])
@@ -2838,6 +2886,22 @@ def test_an_autoincrement_key_past_the_largest_is_a_changeset_error():
                         lambda: store.dispatch_many([{"type": "add", "payload": {"v": "a"}}])):
             with pytest.raises(fluxlite.ChangesetError, match="AUTOINCREMENT never picks a smaller"):
                 attempt()
+        def fallback(store):  # a middleware that tries something else on a refusal
+            def wrap(next_):
+                def handle(action):
+                    try:
+                        return next_(action)
+                    except fluxlite.ChangesetError:
+                        return next_({**action, "payload": {"id": 5}})
+                return handle
+            return wrap
+        with fluxlite.open(":memory:", schema="CREATE TABLE t (id INTEGER PRIMARY KEY "
+                           "AUTOINCREMENT, v)", reducer=lambda view, e: view.t.insert(e.payload),
+                           middleware=[fallback]) as other:
+            other.dispatch("add", {"id": 2**63 - 1})
+            with pytest.raises(fluxlite.ChangesetError, match="ended this preview's transaction"):
+                other.preview("add", {"v": "next"})  # SQLite ended it: nothing may commit
+            assert other.head == 1
         heard = []
         store.subscribe(lambda e, c: heard.append(e.seq))
         store.dispatch("drop")  # the largest row goes; the counter stays
