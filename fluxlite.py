@@ -1424,9 +1424,7 @@ class _Model:
             try:
                 done, before, after = self._apply_one(info, *self._checked(info, change))
             except _STORAGE_REFUSALS as exc:
-                raise _constraint_error(change, info, exc) from exc
-            except sqlite3.OperationalError as exc:
-                error = _value_error(change, info, exc)
+                error = _constraint_error(change, info, exc)
                 if error is None:  # the file's: locks, a full disk
                     raise
                 raise error from exc
@@ -1464,9 +1462,7 @@ class _Model:
             try:
                 self._apply_quietly(info, *self._checked(info, change))
             except _STORAGE_REFUSALS as exc:
-                raise _constraint_error(change, info, exc) from exc
-            except sqlite3.OperationalError as exc:
-                error = _value_error(change, info, exc)
+                error = _constraint_error(change, info, exc)
                 if error is None:  # the file's: locks, a full disk
                     raise
                 raise error from exc
@@ -1655,7 +1651,10 @@ class _Model:
         return None if row is None else dict(zip(info.columns, row))
 
 
-_STORAGE_REFUSALS = (sqlite3.IntegrityError, OverflowError, UnicodeEncodeError)
+# What SQLite may answer a change with (an OperationalError only sometimes the
+# change's fault: see _constraint_error).
+_STORAGE_REFUSALS = (sqlite3.IntegrityError, OverflowError, UnicodeEncodeError,
+                     sqlite3.OperationalError)
 
 
 def _check_query_param(value: Any, sql: str) -> None:
@@ -1716,8 +1715,12 @@ def _damaged_model(exc: sqlite3.Error) -> StorageError:
     )
 
 
-def _constraint_error(change: Change, info: _TableInfo, exc: Exception) -> ChangesetError:
-    """SQLite's refusal of a change, as a ChangesetError naming the change."""
+def _constraint_error(change: Change, info: _TableInfo, exc: Exception
+                      ) -> Optional[ChangesetError]:
+    """SQLite's refusal of a change, as a ChangesetError naming the change; None for
+    an OperationalError that is the file's, not the change's (a lock, a full disk)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return _value_error(change, info, exc)
     if isinstance(exc, sqlite3.IntegrityError):
         key = change.key
         if key is None and isinstance(change.values, _Mapping) and info.pk_set <= change.values.keys():
