@@ -73,6 +73,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -120,6 +121,11 @@ def notes(table, event):
         _unchanged_since_base(table.get(note_id), "text", event.payload)
         return table.update(note_id, text=event.payload["text"], updated_at=now)
     if event.type == "removeNote":
+        # Checked again here, inside the transaction: the rule in access_control runs
+        # before it opens, so a note added meanwhile would pass it as "missing".
+        if event.actor != "admin" and table.get(note_id)["author"] != event.actor:
+            raise fluxlite.Forbidden(f"Only the note's author or admin may remove note "
+                                     f"{note_id!r}; you are {event.actor!r}.")
         return table.delete(note_id)
 
 
@@ -386,7 +392,7 @@ class Handler(BaseHTTPRequestHandler):
                                 f"{', '.join(map(repr, hosts))[:120] or 'none'}. Open the app at one "
                                 f"of those addresses, or start the server with --origin for the "
                                 f"public address a proxy serves it at.")
-        origin = self.headers.get("Origin")
+        origin = self.single_header("Origin")
         if origin is not None and origin != f"http://{host}" and origin not in self.server.origins:
             raise ApiError(403, f"Requests from other web sites are refused: the Origin header must "
                                 f"be http://{host} (or an --origin); received {origin[:120]!r}.")
@@ -397,7 +403,7 @@ class Handler(BaseHTTPRequestHandler):
         Only a header: a browser sends it cross-site only after a CORS preflight,
         which is never granted (a ``?user=`` in the URL would need none).
         """
-        header = self.headers.get("X-User")
+        header = self.single_header("X-User")
         if header is None:
             return None
         if not header.isascii():  # the stdlib decodes header bytes as Latin-1: mangled
@@ -414,13 +420,21 @@ class Handler(BaseHTTPRequestHandler):
                                 f"{name[:80]!r} ({len(name)} characters).")
         return name or None
 
+    def single_header(self, name):
+        """A header's value, None when absent; 400 when sent twice (a proxy that
+        appends its own X-User instead of replacing the client's, for instance)."""
+        values = self.headers.get_all(name, [])
+        if len(values) > 1:
+            raise ApiError(400, f"The {name} header was sent {len(values)} times; send it once.")
+        return values[0] if values else None
+
     def check_json_content_type(self):
         """415 unless Content-Type is application/json (a charset parameter may follow).
 
         Another site's page can post text/plain or a form without asking; JSON
         needs a CORS preflight first, which this server never grants.
         """
-        content_type = self.headers.get("Content-Type", "")
+        content_type = self.single_header("Content-Type") or ""
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise ApiError(415, f"Commands take Content-Type: application/json; received "
                                 f"{content_type[:80]!r}. Send the body as JSON with that header.")
@@ -449,7 +463,7 @@ class Handler(BaseHTTPRequestHandler):
             self.check_json_content_type()
         payload = command_payload(name, self.read_json() if name in COMMANDS else {})
         actor = self.actor()
-        event_id = scoped_event_id(actor, self.headers.get("Idempotency-Key"))
+        event_id = scoped_event_id(actor, self.single_header("Idempotency-Key"))
         store = self.server.store
         try:
             event = store.dispatch(name, payload, actor=actor, id=event_id)
@@ -575,6 +589,10 @@ def _origins(origins):
     return checked
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="The fluxlite notes example server.")
     parser.add_argument("--db", default="notes.db", help="store file (default: ./notes.db)")
@@ -590,10 +608,11 @@ def main(argv=None):
     except ValueError as exc:
         parser.error(str(exc))
     httpd, store = make_server(args.db, port=args.port, host=args.host, origins=origins)
-    host, port = httpd.server_address[:2]
-    print(f"Notes on http://{host}:{port}/  (store: {os.path.abspath(args.db)}, "
-          f"{store.head} events). Ctrl-C stops.", flush=True)
+    signal.signal(signal.SIGTERM, _stop)  # `kill` stops it as cleanly as Ctrl-C
     try:
+        host, port = httpd.server_address[:2]
+        print(f"Notes on http://{host}:{port}/  (store: {os.path.abspath(args.db)}, "
+              f"{store.head} events). Ctrl-C stops.", flush=True)
         httpd.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -361,6 +361,58 @@ def test_a_copied_server_imports_the_installed_fluxlite_not_one_two_levels_up(tm
 
 # -- edits over edits, idempotency per user, big notes ----------------------------------
 
+def test_a_note_added_after_the_rule_ran_is_still_only_its_authors_to_remove(app):
+    # The rule runs before the transaction; in one batch the remove's rule runs while
+    # the note does not exist yet, as when a remove races the note's creation.
+    race = [{"type": "addNote", "payload": {**NOTE, "base": None}, "meta": {"actor": "alice"}},
+            {"type": "removeNote", "payload": {"id": "n1"}, "meta": {"actor": "mallory"}}]
+    race[0]["payload"].pop("base")
+    with pytest.raises(notes_server.fluxlite.Forbidden, match="author or admin"):
+        app.store.dispatch_many(race)
+    assert app.store.head == 0
+    race[1]["meta"]["actor"] = "alice"
+    app.store.dispatch_many(race)
+    assert notes(app)["notes"] == []
+
+
+def test_a_header_sent_twice_is_refused(app):
+    for name, value in [("X-User", "proxyuser"), ("Origin", "http://evil.example"),
+                        ("Content-Type", "text/plain"), ("Idempotency-Key", "k2")]:
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=5)
+        body = json.dumps(NOTE).encode()
+        conn.putrequest("POST", "/api/command/addNote")
+        first = {"X-User": "mallory", "Origin": f"http://127.0.0.1:{app.port}",
+                 "Content-Type": "application/json", "Idempotency-Key": "k1"}
+        for header, first_value in first.items():
+            conn.putheader(header, first_value)
+        conn.putheader(name, value)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        conn.close()
+        assert response.status == 400 and f"The {name} header was sent 2 times" in answer["error"]
+    assert app.store.head == 0
+
+
+def test_sigterm_stops_the_server_as_cleanly_as_ctrl_c(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    db = tmp_path / "notes.db"
+    server = subprocess.Popen([sys.executable, notes_server.__file__, "--db", str(db),
+                               "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "Ctrl-C stops" in server.stdout.readline()
+        server.terminate()
+        assert server.wait(10) == 0
+    finally:
+        server.kill()
+    assert not os.path.exists(f"{db}-wal")  # closed: SQLite removed its WAL
+    with notes_server.open_store(str(db)) as store:
+        store.verify()
+
+
 def test_an_edit_started_from_an_old_version_is_refused(app):
     assert app.command("addNote", NOTE, user="alice")[0] == 200
     # alice and bob both start from "Groceries"; alice saves first.
