@@ -71,17 +71,24 @@ __version__ = "0.1.0"
 __license__ = "MIT"
 
 __all__ = [
+    "APPLICATION_ID",
     "App",
+    "BASELINE",
     "Busy",
     "Change",
     "ChangesetError",
+    "CollectionReducer",
     "Conflict",
     "Consumer",
     "Event",
+    "FORMAT_VERSION",
     "FluxliteError",
     "Forbidden",
     "InvalidEvent",
+    "Middleware",
     "QueryError",
+    "RESTORE",
+    "Reducer",
     "ReducerError",
     "Rejected",
     "ReplayMismatch",
@@ -91,6 +98,7 @@ __all__ = [
     "StorageError",
     "Store",
     "Table",
+    "Upcaster",
     "UsageError",
     "View",
     "authorize",
@@ -100,6 +108,7 @@ __all__ = [
     "scenario",
 ]
 
+import builtins
 import collections
 import collections.abc
 import contextlib
@@ -154,6 +163,7 @@ FORMAT_VERSION = 2  # 2: fluxlite_seals (format 1 files are sealed on open)
 APPLICATION_ID = 0x464C5854
 
 _DURABILITY = {"full": "FULL", "normal": "NORMAL"}
+_MAX_DEPTH = 200  # how deep an event's payload or meta may nest (lists, dicts)
 
 # At durability="normal" the WAL is checkpointed by a background thread (see
 # _WalCheckpointer), every _CHECKPOINT_EVERY events this store commits; the
@@ -165,7 +175,7 @@ _WAL_CEILING = 4 * 1024 * 1024
 
 # Applied by _connect() to every connection, in this order. synchronous is
 # added per store, from its durability (it is per connection, not in the file).
-DEFAULT_PRAGMAS: Dict[str, Any] = {
+_PRAGMAS: Dict[str, Any] = {
     # Takes effect only in a new file (an existing one keeps its own size). A
     # commit writes every page it touches to the WAL whole, and a dispatch
     # touches about eight (the log and its indexes, the row, the journal and
@@ -420,7 +430,8 @@ class Revision:
     """One version of a row, from store.history(): the event that made it and the row.
 
     ``before`` and ``after`` are whole rows as dicts; ``before`` is None for
-    an insert and ``after`` is None for a delete.
+    an insert and ``after`` is None for a delete. ``type`` is the event's type
+    as events() gives it (after the store's upcasters).
     """
 
     seq: int
@@ -505,16 +516,12 @@ def _to_json_text(value: Any, what: str) -> str:
             f"Convert it to plain JSON data before dispatching."
         ) from None
     # Bracket count bounds the depth; only a deep candidate is measured.
-    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+    if text.count("[") + text.count("{") > _MAX_DEPTH and _depth(value) > _MAX_DEPTH:
         raise InvalidEvent(
-            f"An event's {what} nests more than {MAX_DEPTH} levels deep; such data could "
+            f"An event's {what} nests more than {_MAX_DEPTH} levels deep; such data could "
             f"not be read back safely everywhere (Python's recursion limit). Flatten it."
         )
     return text
-
-
-#: How deep an event's payload or meta may nest (lists and dicts).
-MAX_DEPTH = 200
 
 
 def _depth(value: Any) -> int:
@@ -546,6 +553,20 @@ def _format_ts(ts: datetime) -> str:
 
 def _parse_ts(text: str) -> datetime:
     return datetime.fromisoformat(text)
+
+
+_ISO_FRACTION = re.compile(r"([T ]\d\d:\d\d:\d\d)\.(\d{1,6})(?=$|[+-])")
+
+
+def _parse_iso(text: str) -> datetime:
+    """A user's ISO-8601 time: datetime.fromisoformat, plus what Python 3.9 and
+    3.10 refuse there and 3.11 takes: a trailing Z, and 1 to 6 digits of fraction."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        fixed = text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text
+        fixed = _ISO_FRACTION.sub(lambda m: f"{m[1]}.{m[2]:0<6}", fixed)
+        return datetime.fromisoformat(fixed)
 
 
 def _utc_now() -> datetime:
@@ -693,6 +714,7 @@ def _connect(path: str, durability: str, readonly: bool = False,
     if readonly:
         return _connect_readonly(path)
     if path not in (":memory:", "") and not os.path.exists(path):
+        _check_no_orphan_wal(path)
         # Created here so the file is private to its owner (0600) from the start.
         with contextlib.suppress(FileExistsError):  # another process was first: fine
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -700,7 +722,7 @@ def _connect(path: str, durability: str, readonly: bool = False,
         path, isolation_level=None, check_same_thread=False, cached_statements=256
     )
     try:
-        for name, value in DEFAULT_PRAGMAS.items():
+        for name, value in _PRAGMAS.items():
             if name == "page_size" and page_size is not None:
                 value = page_size
             result = conn.execute(f"PRAGMA {name}={value}").fetchone()
@@ -727,6 +749,22 @@ def _connect(path: str, durability: str, readonly: bool = False,
     return conn
 
 
+def _check_no_orphan_wal(path: str) -> None:
+    """Refuse to make a new file beside a -wal that is not its own: SQLite would
+    take the -wal as the new file's and apply another store's pages to it."""
+    with contextlib.suppress(OSError):
+        size = os.path.getsize(path + "-wal")
+        if size:
+            raise StorageError(
+                f"{path!r} does not exist, but {path + '-wal'!r} does ({size} bytes): the "
+                f"write-ahead log of a store whose file was moved or deleted while it was "
+                f"open (or crashed first), which SQLite would apply to a new file here. "
+                f"Close the store that has the file open (it saves its last commits into "
+                f"the moved file), or move {path + '-wal'!r} and {path + '-shm'!r} away; "
+                f"then open again."
+            )
+
+
 def _file_uri(path: str, mode: str) -> str:
     """A SQLite URI for an absolute path: mode=ro cannot write, mode=rw cannot create."""
     return "file:" + urllib.parse.quote(path) + "?mode=" + mode
@@ -748,7 +786,7 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
         uri += "&immutable=1"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     try:
-        conn.execute(f"PRAGMA busy_timeout={DEFAULT_PRAGMAS['busy_timeout']}")
+        conn.execute(f"PRAGMA busy_timeout={_PRAGMAS['busy_timeout']}")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as exc:
         conn.close()
@@ -897,7 +935,7 @@ def _storage_error(exc: sqlite3.Error, path: str) -> FluxliteError:
     if "locked" in text or "busy" in text:
         return Busy(
             f"{path!r} stayed locked by another writer for longer than busy_timeout "
-            f"({DEFAULT_PRAGMAS['busy_timeout']} ms): {text}. Nothing was written; retry "
+            f"({_PRAGMAS['busy_timeout']} ms): {text}. Nothing was written; retry "
             f"the dispatch (with the same id, so a retry can never apply twice)."
         )
     return StorageError(
@@ -1681,6 +1719,9 @@ def _query_failure(exc: Exception, sql: str, params: Any) -> FluxliteError:
     if isinstance(exc, sqlite3.ProgrammingError) and "closed" in str(exc):
         return _read_failure(exc, params)  # the store or at() view was closed: UsageError
     text = f"query failed: {str(exc).rstrip('.')}. SQL: {sql[:200]!r}"
+    if re.search(r"no such table: (main\.)?(events|fluxlite_)", str(exc)):
+        text += ("; an at() view holds only the read-model tables as they were: read "
+                 "the log with store.events(), or query it on the store")
     if "bind" in str(exc) or isinstance(exc, OverflowError):
         text += (f"; params: {_describe(params)}. Give one value per ? (a sequence), or a "
                  f"dict for :name placeholders; values are None, int, float, str or bytes")
@@ -1725,9 +1766,13 @@ def _constraint_error(change: Change, info: _TableInfo, exc: Exception
         key = change.key
         if key is None and isinstance(change.values, _Mapping) and info.pk_set <= change.values.keys():
             key = info.key_of(change.values)  # an insert names its key among its values
+        hint = (" Changes apply in order: insert a parent row before the rows that "
+                "reference it and delete those before it, or declare the reference "
+                "DEFERRABLE INITIALLY DEFERRED to check it at commit."
+                if "FOREIGN KEY" in str(exc) else "")
         return ChangesetError(
             f"{change.op} on {info.name!r} key {key!r} violates a "
-            f"constraint: {exc}. Check the reducer's values against the schema."
+            f"constraint: {exc}. Check the reducer's values against the schema.{hint}"
         )
     return ChangesetError(f"{change.op} on {info.name!r} has a value SQLite cannot store: {exc}.")
 
@@ -2187,9 +2232,10 @@ CollectionReducer = Callable[[Table, Event], Any]
 Reducer = Callable[[View, Event], Any]
 
 
-def _check_takes_two(function: Callable[..., Any], what: str, arguments: str) -> None:
-    """A reducer is called with two positional arguments: say so at open(), not
-    as a TypeError on the first event. Only plain functions and methods are
+def _check_takes_two(function: Callable[..., Any], what: str, arguments: str,
+                     name: str = "reducer") -> None:
+    """A reducer (or a rule's predicate) is called with two positional arguments:
+    say so at open(), not as a TypeError on the first event. Only plain functions and methods are
     judged (as they are, not what they wrap); other callables pass."""
     if not (inspect.isfunction(function) or inspect.ismethod(function)):
         return
@@ -2201,7 +2247,7 @@ def _check_takes_two(function: Callable[..., Any], what: str, arguments: str) ->
         signature.bind(None, None)
     except TypeError:
         raise UsageError(
-            f"{what} is called as reducer{arguments}, with two arguments; "
+            f"{what} is called as {name}{arguments}, with two arguments; "
             f"{_describe(function)} cannot take them. Give it the signature "
             f"{arguments}."
         ) from None
@@ -2212,7 +2258,8 @@ def combine(reducers: Mapping[str, CollectionReducer]) -> Reducer:
 
     Each may read any table (``table.view``) but may only return changes for
     its own table; anything else is a ChangesetError. Reducers run in the
-    dict's order and their changes are applied in that order.
+    dict's order, each on the model as it was before the event (none sees
+    another's changes), and then all their changes are applied in that order.
     """
     if not isinstance(reducers, _Mapping) or not reducers:
         raise UsageError(
@@ -2430,14 +2477,14 @@ def _action_from(type_or_action: Any, payload: Any, meta: Any, id: Any,
     return action
 
 
-def _batch_action(event: Any, position: int) -> Dict[str, Any]:
+def _batch_action(event: Any, position: int, actor: Optional[str] = None) -> Dict[str, Any]:
     """An item of dispatch_many(): an event dict only (a bare type is dispatch()'s)."""
     if event.__class__ is not dict and not isinstance(event, _Mapping):
         raise InvalidEvent(
             f"dispatch_many() takes event dicts such as {{'type': 'addUser', 'payload': "
             f"{{...}}}}; item {position} is {_describe(event)}. Nothing was dispatched."
         )
-    return _action_from(event, None, None, None, None)
+    return _action_from(event, None, None, None, actor)
 
 
 def _check_type(kind: Any) -> None:
@@ -2676,7 +2723,7 @@ class Store:
         # deleted or replaced while open (see _check_file and close).
         self._file_ids = _file_ids(self._file) if path not in (":memory:", "") else {}
         self._file_id = self._file_ids.get("")
-        self._readonly_file = False
+        self._readonly_file = readonly_file
         self._committed = threading.Condition()  # followers wake on this store's commits
         self._commit_count = 0
         self._watcher: Optional[threading.Thread] = None
@@ -2762,6 +2809,12 @@ class Store:
                 moved = self._file_id is not None and _file_ids(self._file)[""] != self._file_id
                 if moved and os.path.exists(self._file) and not self.readonly:
                     self._save_replaced()
+                if moved and not self._readonly_file:
+                    # SQLite does not checkpoint a moved file on close, and its last
+                    # commits would stay in the -wal that _remove_stale_companions
+                    # removes: move them into the file itself (renamed, it keeps them).
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
                 self._conn.close()
                 if moved:
                     self._remove_stale_companions()
@@ -2860,8 +2913,10 @@ class Store:
 
     def dispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None, *,
                  meta: Optional[Mapping[str, Any]] = None, id: Optional[str] = None,
-                 actor: Optional[str] = None, expect_seq: Optional[int] = None) -> Event:
-        """Dispatch one event; return it as committed.
+                 actor: Optional[str] = None, expect_seq: Optional[int] = None
+                 ) -> Optional[Event]:
+        """Dispatch one event; return it as committed (what the middleware chain
+        returns: None if a middleware ends the chain without calling next).
 
         ``type`` is the event type, or a whole event dict (type, payload, meta,
         id). ``actor`` is recorded as ``meta["actor"]``. ``id`` is the
@@ -2886,8 +2941,11 @@ class Store:
         return result
 
     def dispatch_many(self, events: Iterable[Mapping[str, Any]], *,
-                      expect_seq: Optional[int] = None) -> List[Event]:
+                      expect_seq: Optional[int] = None, actor: Optional[str] = None
+                      ) -> List[Event]:
         """Dispatch event dicts in one transaction, all or nothing.
+
+        ``actor`` is recorded as every event's ``meta["actor"]``, as dispatch()'s.
 
         Each event goes through the middleware chain first (there ``next``
         returns None, since nothing is committed until the whole batch has
@@ -2899,7 +2957,7 @@ class Store:
             raise InvalidEvent(
                 f"dispatch_many() takes a list of event dicts; received {_describe(events)}."
             )
-        actions = [_batch_action(e, n) for n, e in enumerate(events)]
+        actions = [_batch_action(e, n, actor) for n, e in enumerate(events)]
         self._check_dispatchable()
         _check_expect_seq(expect_seq)
         batch: List[Dict[str, Any]] = actions if self._bare else []  # no middleware: as given
@@ -2993,7 +3051,8 @@ class Store:
         Other connections to the file see the reset too. watch() and this
         store's followers go on from the checkpoint's head; followers of other
         stores (in this process or others) cannot tell, and wait for seqs past
-        their position.
+        their position. Subscribers are not told either: a copy of the tables a
+        subscriber keeps must be refilled from the store.
         """
         if not isinstance(checkpoint, _Checkpoint):
             raise UsageError(
@@ -3316,6 +3375,17 @@ class Store:
             self._reducing_thread = None
         return event, self._model.apply(changes, seq, journal)
 
+    def _upcast_type(self, action: Mapping[str, Any]) -> str:
+        """The type a dispatched event has once upcast: the type its reducer sees."""
+        kind = action.get("type")
+        if kind not in self._upcasters:
+            return kind  # type: ignore[return-value]
+        prepared = _prepare(action, str)  # checked, and as stored (no id needed here)
+        event = object.__new__(Event)
+        event.__dict__.update(seq=0, id=prepared.id, type=prepared.type,
+                              payload=prepared.payload, meta=prepared.meta, ts=_utc_now())
+        return self._upcast(event).type
+
     # -- subscribers -----------------------------------------------------------
 
     def subscribe(self, listener: Callable[[Event, List[Change]], Any], *,
@@ -3481,6 +3551,7 @@ class Store:
         one ``PRAGMA data_version`` per poll, backing off to 20 ms.
         """
         start = self._check_seq(after, "after")
+        _check_timeout(timeout)
         return self._follow(start, _type_filter(types), timeout)
 
     def _follow(self, position: int, wanted: Optional[frozenset], timeout: Optional[float]
@@ -3540,7 +3611,7 @@ class Store:
         return Consumer(self, name, lease)
 
     async def adispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None,
-                        **kwargs: Any) -> Event:
+                        **kwargs: Any) -> Optional[Event]:
         """dispatch() for asyncio: runs in a worker thread, the event loop never blocks."""
         import asyncio
         import functools
@@ -3557,6 +3628,7 @@ class Store:
         As with follow(), the position is taken when afollow() is called, so
         events committed before the first iteration are not missed.
         """
+        _check_timeout(timeout)
         cursor = _FollowCursor(self, self._check_seq(after, "after"), _type_filter(types))
         return self._afollow(cursor, timeout)
 
@@ -3602,9 +3674,11 @@ class Store:
         integrity.finish(self)
         if problems:
             raise ReplayMismatch(
-                "Replaying the log does not give the live read model. Reducers must "
-                "be deterministic (time from event.ts, ids from the event) and only "
-                "fluxlite may write the read-model tables. Differences:\n"
+                "Replaying the log does not give the live read model. If you changed "
+                "a reducer, open the store with a new version= (or call rebuild()) so "
+                "the model is rebuilt with it. Otherwise: reducers must be deterministic "
+                "(time from event.ts, ids from the event) and only fluxlite may write "
+                "the read-model tables (rebuild() repairs a hand edit). Differences:\n"
                 + "\n".join(problems)
             )
 
@@ -3842,8 +3916,10 @@ class Store:
                 "FROM fluxlite_journal j JOIN events e ON e.seq = j.seq "
                 f"WHERE j.tbl = ? AND j.key IN ({', '.join('?' * len(key_texts))}) "
                 "ORDER BY j.seq, j.n", (info.name, *key_texts)).fetchall()
-        try:
-            return [Revision(seq, event_id, kind, _parse_ts(ts), op,
+        renamed = {seq: self.event(seq) for seq, _, kind, *_ in rows if kind in self._upcasters}
+        try:  # each event's type as events() gives it: after upcasters
+            return [Revision(seq, event_id, kind if seq not in renamed else
+                             getattr(renamed[seq], "type", kind), _parse_ts(ts), op,
                              json.loads(before) if before else None,
                              json.loads(after) if after else None)
                     for seq, event_id, kind, ts, op, before, after in rows]
@@ -3897,6 +3973,15 @@ def _check_expect_seq(expect_seq: Any) -> None:
         raise UsageError(
             f"expect_seq is the seq you last saw (an int >= 0) or None; received "
             f"{_describe(expect_seq)}."
+        )
+
+
+def _check_timeout(timeout: Any) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout >= 0 or math.isinf(timeout)):
+        raise UsageError(
+            f"timeout is seconds without a new event before the iterator ends (a finite "
+            f"number >= 0), or None to wait for ever; received {_describe(timeout)}."
         )
 
 
@@ -4170,6 +4255,7 @@ class Consumer:
     def follow(self, timeout: Optional[float] = None) -> Iterator[Tuple[Event, List[Change]]]:
         """Like iterating, then waiting for new events (see Store.follow); the
         lease is renewed while it waits, so an idle consumer keeps its name."""
+        _check_timeout(timeout)
         return self._deliver(self._wait_renewing(timeout))
 
     def _wait_renewing(self, timeout: Optional[float]) -> Iterator[Tuple[Event, List[Change]]]:
@@ -4217,7 +4303,7 @@ class Consumer:
         self._renewed = time.monotonic()
 
     def dispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None, *,
-                 ack: Union[Event, int], **kwargs: Any) -> Event:
+                 ack: Union[Event, int], **kwargs: Any) -> Optional[Event]:
         """Dispatch an event and acknowledge ``ack`` in the same transaction (exactly-once)."""
         seq = self._ackable(ack, "dispatch(ack=...)")
         store = self.store
@@ -4542,7 +4628,7 @@ def _truncate_wal(store: Store) -> None:
         except sqlite3.OperationalError as exc:  # busy: fine, it is only tidying
             _log.debug("WAL not truncated after the rebuild of %r: %s", store._path, exc)
         finally:
-            conn.execute(f"PRAGMA busy_timeout = {DEFAULT_PRAGMAS['busy_timeout']}")
+            conn.execute(f"PRAGMA busy_timeout = {_PRAGMAS['busy_timeout']}")
 
 
 def _rebuild_unmapped(store: Store, schema: str, version: Any,
@@ -4807,8 +4893,11 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
     """Middleware for access control by event type.
 
     ``rules`` maps an event type (or "*" for any other type) to
-    ``predicate(actor, event) -> bool``, where ``actor`` is
-    ``event["meta"].get("actor")`` (set by ``dispatch(..., actor=...)``).
+    ``predicate(actor, event) -> bool``, where ``event`` is the event dict the
+    middleware chain passes (``event["payload"]``) and ``actor`` is
+    ``event["meta"].get("actor")`` (set by ``dispatch(..., actor=...)``: the
+    rules trust it, so never pass an untrusted client's meta through). A type
+    that upcasters turn into another must pass the other's rule too.
     A type with no rule and no "*" rule follows ``default`` ("deny" or
     "allow"). "*" does not cover fluxlite's built-in types (``fluxlite.restore``
     writes any row): they follow their own rule, else ``default``. A refusal
@@ -4824,6 +4913,7 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
             raise UsageError(f"authorize() rules map an event type to predicate(actor, event) "
                              f"-> bool; {kind!r} maps to {_describe(predicate)}. For a type "
                              f"anyone may dispatch, use lambda actor, event: True.")
+        _check_takes_two(predicate, f"The rule for {kind!r}", "(actor, event)", "predicate")
     table = dict(rules)
 
     def middleware(store: Store) -> Callable[[Callable[[Dict[str, Any]], Any]],
@@ -4835,12 +4925,17 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
                     _check_type(kind)
                 meta = event.get("meta") or {}
                 actor = meta.get("actor") if isinstance(meta, _Mapping) else None
-                builtin = kind.startswith("fluxlite.")
-                rule = table.get(kind, None if builtin else table.get("*"))
-                allowed = (default == "allow") if rule is None else bool(rule(actor, event))
-                if not allowed:
+                # An old type an upcaster renames is the new type to its reducer: the
+                # new type's rule applies too, so a rename cannot open a way around it.
+                newer = store._upcast_type(event)
+                for checked in (kind,) if newer == kind else (kind, newer):
+                    builtin = checked.startswith("fluxlite.")
+                    rule = table.get(checked, None if builtin else table.get("*"))
+                    if (default == "allow") if rule is None else bool(rule(actor, event)):
+                        continue
                     raise Forbidden(
-                        f"Actor {actor!r} may not dispatch {kind!r} events"
+                        f"Actor {actor!r} may not dispatch {checked!r} events"
+                        + ("" if checked == kind else f" (upcasters turn {kind!r} into {checked!r})")
                         + ("" if rule else f" (no rule for this type{', which * does not cover' if builtin else ''}; the default is deny)")
                         + ". Dispatch as an actor the rules allow, or change the rules."
                     )
@@ -5352,7 +5447,8 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
         if not isinstance(app, App):
             raise UsageError(f"app must be a fluxlite.App; received {_describe(app)}.")
         given = [n for n, v in (("schema", schema), ("reducer", reducer), ("version", version),
-                                ("upcasters", upcasters), ("middleware", middleware)) if v]
+                                ("upcasters", upcasters), ("middleware", middleware))
+                 if v is not None and v != ()]  # 0, "" and {} are given too
         if given:
             raise UsageError(f"Pass either app= or {', '.join(given)}, not both.")
         schema, reducer, middleware = app.schema, app.reducer, app.middleware
@@ -5459,7 +5555,6 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                       clock=clock, ids=ids, version=meta.get("version"),
                       generation=meta.get("generation", 0), upcasters=upcasters,
                       middleware=middleware, readonly_file=readonly)
-        store._readonly_file = readonly
         new_schema = meta["schema"] if schema is None else schema
         changed_schema = _normalize_schema(new_schema) != _normalize_schema(meta["schema"])
         new_version = meta.get("version") if version is None else version
@@ -5712,7 +5807,7 @@ def _load_app(spec: Optional[str]) -> App:
 
 def _parse_time(text: str) -> datetime:
     try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        value = _parse_iso(text)
     except ValueError:
         raise _CliError(f"{text!r} is not an ISO-8601 time (e.g. 2026-01-31T12:00:00Z)") from None
     value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
@@ -5756,7 +5851,8 @@ def _short(value: Any, width: int = 48) -> str:
 
 
 def _print_rows(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None,
-                out: Any = None) -> None:
+                out: Any = None) -> List[int]:
+    """Rows under a header, in columns; returns the columns' widths."""
     import sys
     out = out or sys.stdout
     columns = list(columns or (rows[0].keys() if rows else []))
@@ -5767,6 +5863,7 @@ def _print_rows(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[st
     print(line.format(*["-" * w for w in widths]).rstrip(), file=out)
     for row in cells:
         print(line.format(*row).rstrip(), file=out)
+    return widths
 
 
 def _progress(label: str, total: int) -> Optional[Callable[[int], None]]:
@@ -5851,13 +5948,17 @@ def _log_rows(store: Store, args: Any) -> List[Dict[str, Any]]:
                        f"ORDER BY seq {order}{limit}", params)
 
 
-def _print_events(rows: Sequence[Mapping[str, Any]], as_json: bool) -> None:
+_EVENT_LINE = ["seq", "time", "type", "id", "actor", "payload"]
+
+
+def _print_events(rows: Sequence[Mapping[str, Any]], as_json: bool) -> List[int]:
+    """The events, as JSON lines or in columns; returns the columns' widths."""
     if as_json:
         for row in rows:
             print(json.dumps(_raw_event(row), ensure_ascii=False))
-        return
-    if rows:
-        _print_rows([_event_line(r) for r in rows], ["seq", "time", "type", "id", "actor", "payload"])
+    elif rows:
+        return _print_rows([_event_line(r) for r in rows], _EVENT_LINE)
+    return [0] * len(_EVENT_LINE)
 
 
 def _cmd_log(args: Any) -> int:
@@ -5870,7 +5971,7 @@ def _cmd_tail(args: Any) -> int:
     import sys
     with open(args.db, readonly=True) as store:
         rows = store.query("SELECT * FROM events ORDER BY seq DESC LIMIT ?", (args.n,))[::-1]
-        _print_events(rows, args.json)
+        widths = _print_events(rows, args.json)
         if not args.follow:
             return 0
         # Ctrl-C sets a flag the loop checks between polls, rather than raising
@@ -5887,9 +5988,11 @@ def _cmd_tail(args: Any) -> int:
                     if args.json:
                         _print_events(row, True)
                     else:
-                        line = _event_line(row[0])
-                        print(f"{line['seq']}  {line['time']}  {line['type']}  {line['id']}  "
-                              f"{line['actor']}  {_short(line['payload'], 60)}".rstrip())
+                        line = _event_line(row[0])  # in the columns printed so far
+                        cells = ["" if line[c] is None else _short(line[c], 60)
+                                 for c in _EVENT_LINE]
+                        widths = [max(w, len(c)) for w, c in zip(widths, cells)]
+                        print("  ".join(c.ljust(w) for w, c in zip(widths, cells)).rstrip())
                     sys.stdout.flush()
                     if stop.is_set():
                         break
@@ -5962,7 +6065,13 @@ def _cmd_history(args: Any) -> int:
     except json.JSONDecodeError:
         key = args.key
     with open(args.db, readonly=True) as store:
-        revisions = store.history(args.table, key)
+        try:
+            revisions = store.history(args.table, key)
+        except UsageError as exc:
+            if "composite primary key" not in str(exc):
+                raise
+            raise _CliError(f"{exc} On the command line, KEY is then a JSON list of the "
+                            f"key's values in that order, such as '[\"2026-11\", 7]'.") from None
     if args.json:
         for r in revisions:
             print(json.dumps(r.to_dict(), ensure_ascii=False))
@@ -5983,7 +6092,14 @@ def _cmd_dispatch(args: Any) -> int:
     if not os.path.exists(args.db):
         raise _CliError(f"no such store file: {args.db!r}")
     with open(args.db, app=app) as store:
+        head = store.head
         event = store.dispatch(args.type, payload, meta=meta, id=args.id, actor=args.actor)
+        if not isinstance(event, Event):
+            raise _CliError(
+                f"the application's middleware returned "
+                f"{'None' if event is None else _describe(event)} instead of the "
+                f"event (a middleware returns what next() returns); the head was {head} and "
+                f"is {store.head}: see `fluxlite log {args.db} --after {head}`")
         print(json.dumps({"event": event.to_dict(),
                           "changes": [c.to_dict() for c in store.changes(event.seq)]},
                          ensure_ascii=False))
@@ -6051,7 +6167,7 @@ def _import_batches(path: str) -> Iterator[List[Dict[str, Any]]]:
 
 
 def _read_import_batches(path: str) -> Iterator[List[Dict[str, Any]]]:
-    with builtins_open(path, encoding="utf-8") as lines:
+    with builtins.open(path, encoding="utf-8") as lines:  # open() here is fluxlite's
         batch: List[Dict[str, Any]] = []
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -6080,7 +6196,7 @@ def _imported(item: Dict[str, Any], seq: int) -> _Prepared:
         prepared = dataclasses.replace(prepared, type=BASELINE)
     ts = item.get("ts")
     try:
-        when = _parse_ts(ts) if isinstance(ts, str) else None
+        when = _parse_iso(ts) if isinstance(ts, str) else None
         when = when if when is None or when.tzinfo is None else when.astimezone(timezone.utc)
     except (ValueError, OverflowError):
         when = None
@@ -6245,8 +6361,6 @@ def _cmd_demo(args: Any) -> int:
         say(f"Look inside with: python -m fluxlite log {path}")
     return 0
 
-
-builtins_open = __builtins__["open"] if isinstance(__builtins__, dict) else __builtins__.open  # type: ignore[index,attr-defined]
 
 
 def _parser() -> Any:

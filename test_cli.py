@@ -248,6 +248,30 @@ def test_import_refuses_two_different_events_at_one_seq_in_its_file(work):
     assert not (work / "new2.db").exists()
 
 
+def test_import_and_time_options_take_a_z_and_short_fractions_on_every_python(work):
+    first = json.loads(cli("export", "app.db", cwd=work).stdout.splitlines()[0])
+    (work / "z.jsonl").write_text(json.dumps({**first, "ts": "2026-01-01T12:00:00.5Z"}) + "\n")
+    assert "imported 1 events" in cli("import", "z.db", "z.jsonl", "--app", "cliapp:APP",
+                                      cwd=work).stdout
+    event = json.loads(cli("log", "z.db", "--json", cwd=work).stdout)
+    assert event["ts"] == "2026-01-01T12:00:00.500000+00:00"  # stored in fluxlite's own form
+    seqs = [json.loads(line)["seq"] for line in cli(
+        "log", "app.db", "--json", "--since", "2026-01-02T11:59:59.5Z", cwd=work).stdout.splitlines()]
+    assert seqs == [2, 3, 4, 5]
+
+
+def test_dispatch_through_a_middleware_that_ends_the_chain_says_so(work):
+    (work / "dropping.py").write_text(APP_MODULE + """
+def drop_tests(store):
+    return lambda next: lambda event: None if event["type"] == "test" else next(event)
+DROPPING = fluxlite.App(SCHEMA, reducer, middleware=[drop_tests])
+""")
+    result = cli("dispatch", "app.db", "test", "{}", "--app", "dropping:DROPPING", cwd=work,
+                 check=False)
+    assert result.returncode == 1 and "returned None instead of the event" in result.stderr
+    assert "the head was 5 and is 5" in result.stderr
+
+
 def test_an_import_that_fails_part_way_keeps_what_it_committed(work):
     first = json.loads(cli("export", "app.db", cwd=work).stdout.splitlines()[0])
     lines = [json.dumps({**first, "seq": n, "id": f"e{n}", "payload": {"name": f"u{n}"}})
@@ -323,11 +347,13 @@ def test_tail_follow_picks_up_another_process_and_stops_cleanly(work):
     tail = subprocess.Popen([sys.executable, "-m", "fluxlite", "tail", "-f", "-n", "1",
                              "app.db"], cwd=work, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    for _ in range(3):
-        tail.stdout.readline()  # header, rule, the last event
+    header, _, last = (tail.stdout.readline() for _ in range(3))  # header, rule, event 5
     cli("dispatch", "app.db", "addUser", '{"name": "live"}', "--app", "cliapp:APP", cwd=work)
     line = tail.stdout.readline()
     assert line.split()[0] == "6" and "addUser" in line
+    starts = lambda text: [m.start() for m in re.finditer(r"(?<=  )\S", text)][:3] + [
+        text.index("{") if "{" in text else text.index("payload")]
+    assert starts(line) == starts(last) == starts(header), (header, last, line)  # in columns
     tail.send_signal(signal.SIGINT)
     assert tail.wait(10) == 0
     assert "Traceback" not in tail.stderr.read()
@@ -347,6 +373,7 @@ def test_tail_follow_picks_up_another_process_and_stops_cleanly(work):
     (["query", "app.db", "SELECT 1", "--at", "99"], "outside the log"),
     (["import", "new.db", "missing.jsonl", "--app", "cliapp:APP"], "no such file"),
     (["history", "app.db", "people", "x"], "Unknown table 'people'"),
+    (["history", "app.db", "rights", "barack"], "KEY is then a JSON list"),
 ])
 def test_user_errors_are_one_line_and_exit_1(work, args, message):
     (work / "notes.txt").write_text("not a database" * 100)

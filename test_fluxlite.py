@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import doctest
 import gc
 import hashlib
@@ -105,10 +106,26 @@ def test_public_api_is_sorted_and_documented():
     assert fluxlite.__all__ == sorted(fluxlite.__all__)
     for name in fluxlite.__all__:
         obj = getattr(fluxlite, name)
-        assert obj.__doc__ and obj.__doc__.strip(), name
+        if inspect.isclass(obj) or inspect.isfunction(obj):  # not the constants and type aliases
+            assert obj.__doc__ and obj.__doc__.strip(), name
     for name in dir(fluxlite.Store):
         if not name.startswith("_"):
             assert getattr(fluxlite.Store, name).__doc__, name
+
+
+def test_every_public_module_name_is_in_all_and_in_the_readme():
+    tree = ast.parse((ROOT / "fluxlite.py").read_text())
+    defined = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined |= {t.id for t in targets if isinstance(t, ast.Name)}
+    public = {name for name in defined if not name.startswith("_")}
+    assert public == set(fluxlite.__all__)
+    readme = (ROOT / "README.md").read_text()
+    assert [name for name in fluxlite.__all__ if f"`{name}" not in readme] == []
 
 
 def test_errors_form_a_shallow_tree():
@@ -1339,6 +1356,28 @@ def test_authorize_defaults():
         fluxlite.authorize(["addUser"])
     with pytest.raises(fluxlite.UsageError, match=r"'addUser' maps to True .* lambda actor, event"):
         fluxlite.authorize({"addUser": True})
+    with pytest.raises(fluxlite.UsageError, match=r"'addUser' is called as predicate\(actor, ev"):
+        fluxlite.authorize({"addUser": lambda actor: True})
+
+
+def test_a_type_an_upcaster_renames_must_pass_the_rules_of_both_names(path):
+    rules = {"signUp": lambda actor, event: True,  # the old name's rule, left in place
+             "addUser": lambda actor, event: actor == "admin"}
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer, middleware=[fluxlite.authorize(rules)],
+                       upcasters={"signUp": lambda e: e.replace(type="addUser")}) as store:
+        with pytest.raises(fluxlite.Forbidden, match="upcasters turn 'signUp' into 'addUser'"):
+            store.dispatch("signUp", {"name": "mallory"}, actor="mallory")
+        assert store.head == 0 and store.view.users.count() == 0
+        assert store.dispatch("signUp", {"name": "a"}, actor="admin").type == "addUser"
+        assert store.view.users.get("a") is not None
+
+
+def test_dispatch_many_records_its_actor_on_every_event(store):
+    events = store.dispatch_many([{"type": "addUser", "payload": {"name": "a"}},
+                                  {"type": "addUser", "payload": {"name": "b"},
+                                   "meta": {"actor": "spoofed", "trace": 7}}], actor="admin")
+    assert [e.meta for e in events] == [{"actor": "admin"}, {"actor": "admin", "trace": 7}]
+    assert [e.meta for e in store.events()] == [e.meta for e in events]
 
 
 # --- reading the log ----------------------------------------------------------------------
@@ -1724,8 +1763,10 @@ def test_verify_detects_a_nondeterministic_reducer():
 
     with fluxlite.open(":memory:", schema=SCHEMA, reducer=impure) as store:
         add(store, "a")
-        with pytest.raises(fluxlite.ReplayMismatch, match="logins"):
+        with pytest.raises(fluxlite.ReplayMismatch, match="logins") as info:
             store.verify()
+    # The likeliest cause in development says what to do first.
+    assert "If you changed a reducer, open the store with a new version=" in str(info.value)
 
 
 def test_verify_keeps_working_after_and_needs_a_reducer(tmp_path):
@@ -2435,6 +2476,17 @@ def test_at_equals_a_fresh_replay_and_history_agrees(events, data, on_disk):
                 store.restore("items", key)
                 assert store.view.items.get(key) == revisions[-1].before
         store.verify()
+
+
+def test_an_at_view_asked_for_the_log_says_where_the_log_is(store):
+    add(store, "a")
+    with store.at(1) as past:
+        for table in ("events", "fluxlite_journal"):
+            with pytest.raises(fluxlite.QueryError, match="holds only the read-model tables"):
+                past.query(f"SELECT * FROM {table}")
+        with pytest.raises(fluxlite.QueryError) as info:
+            past.query("SELECT * FROM nope")
+        assert "read-model tables" not in str(info.value)
 
 
 def test_at_bounds_and_time(tmp_path):
@@ -3565,6 +3617,7 @@ def test_upcasters_apply_on_every_read_path(tmp_path):
         assert [e.seq for e in store.events(types="put", limit=2)] == [1, 2]
         assert list(store.events(types="addItem")) == []
         assert [e.seq for e, _ in store.follow(after=0, types="put", timeout=0)] == [1, 2, 3]
+        assert [r.type for r in store.history("items", "b")] == ["put"]  # not 'addItem'
 
 
 def test_bad_upcasters_are_clear_errors():
@@ -3918,7 +3971,7 @@ def test_a_lock_held_too_long_is_a_clear_busy_error(tmp_path, monkeypatch):
     path = str(tmp_path / "busy.db")
     with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
         store._conn.execute("PRAGMA busy_timeout=50")
-        monkeypatch.setitem(fluxlite.DEFAULT_PRAGMAS, "busy_timeout", 50)
+        monkeypatch.setitem(fluxlite._PRAGMAS, "busy_timeout", 50)
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")
         with pytest.raises(fluxlite.Busy, match="retry the dispatch"):
@@ -4329,6 +4382,14 @@ def test_follow_in_process_types_timeout_and_close(store):
     store.close()
     t.join(5)
     assert not t.is_alive() and ended == []
+
+
+@pytest.mark.parametrize("timeout", ["1", -1, float("nan"), float("inf"), True])
+def test_a_follow_timeout_that_is_not_a_finite_number_is_refused_at_the_call(store, timeout):
+    with store.consumer("c") as consumer:
+        for start in (store.follow, store.afollow, consumer.follow):
+            with pytest.raises(fluxlite.UsageError, match="finite number >= 0"):
+                start(timeout=timeout)
 
 
 def test_an_idle_follower_costs_next_to_nothing(tmp_path):
@@ -4823,7 +4884,7 @@ def test_a_rebuild_cleans_up_scratch_files_of_killed_rebuilds(tmp_path):
 
 
 def test_the_wal_shrinks_back_after_a_big_rebuild(tmp_path, monkeypatch):
-    monkeypatch.setitem(fluxlite.DEFAULT_PRAGMAS, "journal_size_limit", 256 * 1024)
+    monkeypatch.setitem(fluxlite._PRAGMAS, "journal_size_limit", 256 * 1024)
     checkpoint_size = 1000 * 4096 + 64 * 1024  # the WAL's normal ceiling: 1,000 pages
     sizes = []
     truncate = fluxlite._truncate_wal
@@ -4867,7 +4928,7 @@ def test_new_files_have_2048_byte_pages_and_older_stores_keep_theirs(tmp_path, m
     make_items(str(tmp_path / "new.db"))
     assert _page_size(tmp_path / "new.db") == 2048
     with monkeypatch.context() as patch:  # a store made by an earlier fluxlite: 4096
-        patch.setitem(fluxlite.DEFAULT_PRAGMAS, "page_size", 4096)
+        patch.setitem(fluxlite._PRAGMAS, "page_size", 4096)
         head = make_items(str(tmp_path / "old.db"))
     old = str(tmp_path / "old.db")
     with fluxlite.open(old, schema=ITEMS, reducer=items_reducer) as store:

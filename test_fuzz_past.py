@@ -1014,6 +1014,8 @@ class Run:
         fs = self.stores[0]
         live = model_state(fs.view, self.tables)
         head = fs.head
+        with fs.at(max(0, head - 1)) as v:
+            before_head = model_state(v, self.tables)
         fs.close()
         try:
             fs2 = self.open_store(self.path)
@@ -1048,6 +1050,8 @@ class Run:
         with fs2.at(max(0, head - 1)) as v1, fs2.at(head) as v2:
             if model_state(v2, self.tables) != live:
                 raise Failure("reopen:at-head-differs", "")
+            if model_state(v1, self.tables) != before_head:
+                raise Failure("reopen:at-before-head-differs", "")
         self.check_schema_change(fs2, head)
 
     def check_schema_change(self, fs2, head):

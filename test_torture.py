@@ -815,7 +815,7 @@ def test_a_held_write_lock_is_a_busy_error_on_every_write_path(tmp_path, monkeyp
     path = str(tmp_path / "busy.db")
     with open_app(path) as store:
         store.dispatch_many(deposits(5))
-    monkeypatch.setitem(fluxlite.DEFAULT_PRAGMAS, "busy_timeout", 50)
+    monkeypatch.setitem(fluxlite._PRAGMAS, "busy_timeout", 50)
     store = open_app(path)
     store._conn.execute("PRAGMA busy_timeout=50")
     consumer = store.consumer("c")
@@ -1094,6 +1094,29 @@ def test_a_store_file_deleted_or_replaced_while_open_is_a_clear_error(tmp_path, 
             assert [e.payload for e in old.events()] == [e["payload"] for e in deposits(5)]
     else:
         assert saved == []
+
+
+def test_a_store_file_renamed_while_open_keeps_every_acknowledged_event(tmp_path):
+    path, moved = tmp_path / "store.db", tmp_path / "moved.db"
+    store = open_app(path)
+    try:
+        store.dispatch_many(deposits(5))
+        acknowledged = store.dispatch(deposits(1, "last")[0])
+        os.rename(path, moved)  # `mv store.db moved.db` while the app runs; -wal stays
+        with pytest.raises(fluxlite.StorageError, match="deleted or replaced"):
+            store.dispatch(deposits(1, "after")[0])
+        # Its -wal is still at the old name: a new file there would take it as its own.
+        with pytest.raises(fluxlite.StorageError, match="store.db-wal' does"):
+            open_app(path)
+        assert not path.exists()
+    finally:
+        store.close()
+    with open_app(moved) as kept:  # the last commits went into the moved file on close()
+        assert [e.id for e in kept.events()] == [f"d-{k}" for k in range(5)] + [acknowledged.id]
+        kept.verify()
+    assert sorted(os.listdir(tmp_path)) == ["moved.db"]
+    with open_app(path) as new:
+        assert new.head == 0
 
 
 def test_a_store_made_at_the_path_of_a_deleted_one_keeps_its_own_wal(tmp_path):
