@@ -5591,20 +5591,20 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
 
 def _check_scenario_event(item: Any) -> None:
     if not (isinstance(item, (_Mapping, str)) or
-            isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            isinstance(item, tuple) and len(item) in (2, 3) and isinstance(item[0], str)):
         raise UsageError(
-            f"A scenario event is a dict (type, payload, ...), a (type, payload) pair or a "
-            f"type string; received {_describe(item)}."
+            f"A scenario event is a dict (type, payload, ...), a (type, payload) pair, a "
+            f"(type, payload, meta) triple or a type string; received {_describe(item)}."
         )
 
 
 def _as_action(item: Any) -> Dict[str, Any]:
-    """An event for a scenario: a dict, a (type, payload) pair, or a bare type."""
+    """An event for a scenario: a dict, a (type, payload[, meta]) tuple, or a bare type."""
     _check_scenario_event(item)
     if isinstance(item, _Mapping):
         return _action_from(item, None, None, None, None)
     if isinstance(item, tuple):
-        return _action_from(item[0], item[1], None, None, None)
+        return _action_from(item[0], item[1], item[2] if len(item) == 3 else None, None, None)
     return _action_from(item, None, None, None, None)
 
 
@@ -5646,7 +5646,8 @@ class Scenario:
     """Given / when / then for reducers, on an in-memory store. See scenario()."""
 
     def __init__(self, schema: str, reducer: Union[Reducer, Mapping[str, CollectionReducer]],
-                 *, upcasters: Optional[Mapping[str, Upcaster]] = None) -> None:
+                 *, upcasters: Optional[Mapping[str, Upcaster]] = None,
+                 middleware: Sequence[Middleware] = ()) -> None:
         start = datetime(2000, 1, 1, tzinfo=timezone.utc)
         ticks = iter(range(1, 1 << 62))
         serial = iter(range(1, 1 << 62))
@@ -5662,6 +5663,7 @@ class Scenario:
             return out
 
         self.store = open(":memory:", schema=schema, reducer=recording, upcasters=upcasters,
+                          middleware=middleware,
                           clock=lambda: start + timedelta(seconds=next(ticks)),
                           ids=lambda: f"event-{next(serial)}")
         self._outcome: Optional[Tuple[Optional[Event], Optional[BaseException]]] = None
@@ -5711,11 +5713,12 @@ class Scenario:
         return self
 
     def then_rejected(self, match: Optional[str] = None) -> "Scenario":
-        """The event was refused with Rejected (whose message matches ``match``, a regex)."""
+        """The event was refused with Rejected, or Forbidden by access control (whose
+        message matches ``match``, a regex)."""
         if self._outcome is None:
             raise UsageError("Call when(event) before then_rejected().")
         event, error = self._outcome
-        if not isinstance(error, Rejected):
+        if not isinstance(error, (Rejected, Forbidden)):
             got = f"{type(error).__name__}: {error}" if error else f"accepted as seq {event.seq}"  # type: ignore[union-attr]
             raise AssertionError(f"expected the event to be rejected, but it was {got}")
         if match is not None and not re.search(match, str(error)):
@@ -5762,15 +5765,17 @@ class Scenario:
 
 
 def scenario(schema: str, reducer: Union[Reducer, Mapping[str, CollectionReducer]], *,
-             upcasters: Optional[Mapping[str, Upcaster]] = None) -> Scenario:
+             upcasters: Optional[Mapping[str, Upcaster]] = None,
+             middleware: Sequence[Middleware] = ()) -> Scenario:
     """Test a reducer without ceremony: ``scenario(schema, reducer).given(...).when(...).then(...)``.
 
     Runs in memory with a deterministic clock and ids. ``then`` compares the
     changes the reducer returned for the ``when`` event; ``then_state`` the
     resulting rows; ``then_rejected`` a refusal. A failure raises
     AssertionError with a readable diff, so it works in pytest and unittest.
+    ``middleware`` (access control, say) runs as it would in the store.
     """
-    return Scenario(schema, reducer, upcasters=upcasters)
+    return Scenario(schema, reducer, upcasters=upcasters, middleware=middleware)
 
 
 ###############################################################################

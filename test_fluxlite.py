@@ -4144,10 +4144,21 @@ def test_scenario_misuse_is_a_usage_error():
         # A malformed event is the test's mistake, said at once, not a refusal to assert on.
         for call in (s.when, s.given):
             with pytest.raises(fluxlite.UsageError, match=r"a \(type, payload\) pair"):
-                call(("addUser", {"name": "b"}, {}))
+                call(("addUser", {"name": "b"}, {}, "extra"))
         assert s.store.head == 1
         with pytest.raises(AssertionError, match="refused: InvalidEvent"):  # fluxlite's refusal
             s.when({"type": ""}).then()
+
+
+def test_scenario_runs_middleware_and_takes_meta_in_a_triple():
+    policy = fluxlite.authorize({"addUser": lambda actor, event: actor == "admin"})
+    s = fluxlite.scenario(SCHEMA, reducer, middleware=[policy])
+    s.given(("addUser", {"name": "a"}, {"actor": "admin"}))
+    s.when(("addUser", {"name": "b"}, {"actor": "intern"})).then_rejected(match="'intern' may not")
+    s.when({"type": "addUser", "payload": {"name": "b"}, "meta": {"actor": "admin"}})
+    s.then_state("users", [{"name": "a", "role": None, "logins": 0},
+                           {"name": "b", "role": None, "logins": 0}])
+    assert s.store.event(1).meta == {"actor": "admin"}
 
 
 def test_scenario_reports_refusals_clearly():
