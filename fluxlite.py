@@ -1336,6 +1336,7 @@ class _Model:
         self.tables = dict(tables)
         self.lock = lock
         self.query_mode = 0  # 0 internal, 1 read-only query, 2 reducer's query
+        self.autoincrement: Dict[str, bool] = {}  # by table, looked up on its first keyless insert
         conn.set_authorizer(self._authorize)
 
     # -- reads ---------------------------------------------------------------
@@ -1612,6 +1613,20 @@ class _Model:
         shown = {c: after[c] for c in columns if _differs(before[c], after[c])}
         return _change("update", info.name, info.key_of(before), shown), before, after
 
+    def _counter_at_end(self, info: _TableInfo) -> bool:
+        """Whether an AUTOINCREMENT table's counter is at 2**63-1. Asked before the
+        insert: the SQLITE_FULL it would get ends the transaction, and with it any
+        sign of a counter that this transaction moved there."""
+        known = self.autoincrement.get(info.name)
+        if known is None:
+            row = self.conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND "
+                                    "name = ?", (info.name,)).fetchone()
+            known = self.autoincrement[info.name] = bool(
+                row and re.search(r"\bAUTOINCREMENT\b", row[0] or "", re.IGNORECASE))
+        return known and self.conn.execute(
+            "SELECT 1 FROM sqlite_sequence WHERE name = ? AND seq = ?",
+            (info.name, 2**63 - 1)).fetchone() is not None
+
     def _insert(self, info: _TableInfo, values: Mapping[str, Any]) -> Dict[str, Any]:
         sql, params = info.insert_sql(tuple(values)), tuple(values.values())
         known = _stored_row(info, values, info.defaults)
@@ -1619,6 +1634,12 @@ class _Model:
             self.conn.execute(sql, params)
             return known
         assigned = not all(c in values for c in info.pk)  # an INTEGER PRIMARY KEY, by SQLite
+        if assigned and self._counter_at_end(info):
+            raise ChangesetError(
+                f"insert into {info.name!r} without a key: the largest key (2**63-1) "
+                f"is taken, and AUTOINCREMENT never picks a smaller one. Give the key "
+                f"in the insert."
+            )
         try:
             cursor = self.conn.execute(sql, params)
         except sqlite3.OperationalError as exc:  # AUTOINCREMENT past 2**63-1: SQLITE_FULL
@@ -1895,6 +1916,8 @@ class _Chain:
         return self.link
 
     def _upto(self, seq: int) -> Iterator[Sequence[Any]]:
+        if self.ahead is None:  # ran dry earlier: pages (_Pages) may have more by now
+            self.ahead = next(self.rows, None)
         while self.ahead is not None:
             if self.ahead[0].__class__ is not int:  # SQLite does not enforce types on read
                 raise StorageError(
@@ -1910,6 +1933,56 @@ class _Chain:
 def _journal_rows(conn: sqlite3.Connection, after: int = 0) -> sqlite3.Cursor:
     return conn.execute(f"SELECT {_JOURNAL_COLUMNS} FROM fluxlite_journal WHERE seq > ? "
                         f"ORDER BY seq, n", (after,))
+
+
+class _Pages:
+    """The rows of a table in key order, read a page at a time, each page a short
+    read of its own (fetched whole, no statement left open).
+
+    A statement held open across a long replay would hold its snapshot, and a
+    checkpoint cannot pass a snapshot: every page other processes commit
+    meanwhile would pile up in the WAL. ``sql`` selects rows whose first
+    ``width`` columns are the key, after a key given as ``width`` parameters,
+    then takes a LIMIT. Running dry is not final: the next call reads again
+    (rows committed since, in the same order). ``at_end``, if given, is called
+    the first time a page comes back short (at the head), and the pages after
+    it are read in whatever snapshot it began.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, sql: str, after: Tuple[Any, ...],
+                 at_end: Optional[Callable[[], None]] = None) -> None:
+        self.conn, self.sql, self.after, self.at_end = conn, sql, after, at_end
+        self.buffer: collections.deque = collections.deque()
+
+    def __iter__(self) -> "_Pages":
+        return self
+
+    def __next__(self) -> Sequence[Any]:
+        while not self.buffer:
+            rows = self.conn.execute(self.sql, (*self.after, _PAGE)).fetchall()
+            self.buffer.extend(rows)
+            if rows:
+                self.after = tuple(rows[-1][:len(self.after)])
+            if len(rows) == _PAGE:
+                continue
+            if self.at_end is None:
+                if not rows:
+                    raise StopIteration
+            else:
+                at_end, self.at_end = self.at_end, None
+                at_end()
+        return self.buffer.popleft()
+
+
+def _event_pages(conn: sqlite3.Connection, after: int,
+                 at_end: Optional[Callable[[], None]] = None) -> _Pages:
+    return _Pages(conn, f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq "
+                        f"LIMIT ?", (after,), at_end)
+
+
+def _journal_pages(conn: sqlite3.Connection) -> _Pages:
+    return _Pages(conn, f"SELECT {_JOURNAL_COLUMNS} FROM fluxlite_journal WHERE (seq, n) > "
+                        f"(?, ?) ORDER BY seq, n LIMIT ?", (0, -1))
 
 
 def _seal_unsealed(conn: sqlite3.Connection) -> None:
@@ -1946,8 +2019,9 @@ def _sealed(conn: sqlite3.Connection, path: str, rows: Iterable[Sequence[Any]]
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'fluxlite_seals'").fetchone() is None:
         yield from rows  # a format 1 file opened read-only: it has no seals yet
         return
-    seals = conn.execute("SELECT seq, events, journal FROM fluxlite_seals ORDER BY seq")
-    journal = _Chain(_journal_rows(conn))
+    seals = _Pages(conn, "SELECT seq, events, journal FROM fluxlite_seals WHERE seq > ? "
+                         "ORDER BY seq LIMIT ?", (0,))
+    journal = _Chain(_journal_pages(conn))
     digest, last, unhashed = hashlib.sha256(), 0, []
     seal = next(seals, None)
     for row in rows:
@@ -1971,6 +2045,8 @@ def _sealed(conn: sqlite3.Connection, path: str, rows: Iterable[Sequence[Any]]
     while seal is not None:
         _check_seal(path, seal, last, digest, journal)
         digest, last, seal = hashlib.sha256(seal[1].encode()), seal[0], next(seals, None)
+    if journal.ahead is None:  # read dry before; read again, as of the last rows' read
+        journal.ahead = next(journal.rows, None)
     if journal.ahead is not None:
         raise StorageError(
             f"{path!r} has journal rows for seq {journal.ahead[0]}, after the last sealed "
@@ -2729,6 +2805,7 @@ class Store:
         self._watcher: Optional[threading.Thread] = None
         self._watch_cursor: Optional[_FollowCursor] = None  # watch()'s place in the log
         self._cursors: "weakref.WeakSet[_FollowCursor]" = weakref.WeakSet()  # reset_to() moves them
+        self._consumers: "weakref.WeakSet[Consumer]" = weakref.WeakSet()  # close() releases them
         self._chain: Callable[[Dict[str, Any]], Any] = _refuse_during_setup
         self._bare = False  # True once open() found no middleware (dispatch's fast path)
         self._checkpointer = (_WalCheckpointer(self._file)
@@ -2803,6 +2880,9 @@ class Store:
             watcher.join()
         with self._lock:
             if not self._closed:
+                for consumer in list(self._consumers):  # their names free for others at once
+                    with contextlib.suppress(FluxliteError, sqlite3.Error):
+                        consumer._release()
                 self._closed = True
                 if self._checkpointer is not None:
                     self._checkpointer.stop()
@@ -3160,7 +3240,7 @@ class Store:
         if self._previewing and outermost:  # SQLite ended the preview's transaction itself
             raise ChangesetError(
                 "SQLite ended this preview's transaction after an earlier error in it "
-                "(such as AUTOINCREMENT past its largest key); a preview never commits, "
+                "(such as a full disk); a preview never commits, "
                 "so nothing more can be tried in it. Preview the events again."
             )
         with _write_txn(conn):
@@ -3608,11 +3688,16 @@ class Store:
         machine is taken over at once). Busy if another live holder has it.
         """
         self._check_writable("consumer()")  # its position and lease are in the file
-        return Consumer(self, name, lease)
+        consumer = Consumer(self, name, lease)
+        self._consumers.add(consumer)  # close() gives up its lease
+        return consumer
 
     async def adispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None,
                         **kwargs: Any) -> Optional[Event]:
-        """dispatch() for asyncio: runs in a worker thread, the event loop never blocks."""
+        """dispatch() for asyncio: runs in a worker thread, the event loop never blocks.
+
+        Cancelling it (asyncio.wait_for timing out, say) does not stop the
+        dispatch, which may still commit: retry with the same ``id``."""
         import asyncio
         import functools
         loop = asyncio.get_running_loop()
@@ -3635,20 +3720,26 @@ class Store:
     async def _afollow(self, cursor: "_FollowCursor", timeout: Optional[float]
                        ) -> "AsyncIterator[Tuple[Event, List[Change]]]":
         import asyncio
+        import concurrent.futures
         loop = asyncio.get_running_loop()
-        idle = 0.0
-        while True:
-            batch = await loop.run_in_executor(None, cursor.step, 0.05)  # short: cancellable
-            if batch is None:
-                return
-            if not batch:
-                idle += 0.05
-                if timeout is not None and idle >= timeout:
+        # A thread of its own: waits in the shared default executor would take its
+        # few threads from everything else (adispatch, other followers) and delay all.
+        waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fluxlite-afollow")
+        try:
+            heard = loop.time()
+            while True:
+                batch = await loop.run_in_executor(waiter, cursor.step, 0.05)  # short: cancellable
+                if batch is None:
                     return
-                continue
-            idle = 0.0
-            for item in batch:
-                yield item
+                if not batch:
+                    if timeout is not None and loop.time() - heard >= timeout:
+                        return
+                    continue
+                for item in batch:
+                    yield item
+                heard = loop.time()
+        finally:
+            waiter.shutdown(wait=False)
 
     # -- verify and replay --------------------------------------------------
 
@@ -3684,29 +3775,42 @@ class Store:
 
     def _replay_and_compare(self, reducer: Reducer, progress: Optional[Callable[[int], None]],
                             check_integrity: bool) -> List[str]:
-        """verify()'s replay, in one snapshot of the log: the differences found."""
+        """verify()'s replay: the differences found. The log is read in pages, each
+        a short read, so other processes' commits meanwhile can be checkpointed;
+        from the page that reaches the head on, one snapshot holds the rest of the
+        log and the live tables the replay is compared with."""
+        conn = self._conn
         with self._lock:
             self._check_open()  # again: another thread may have closed it meanwhile
-            with _reading(self._path), _read_txn(self._conn):
+            owned = not conn.in_transaction  # else the caller's snapshot is the one
+            with _reading(self._path):
                 self._check_model_current()
                 if check_integrity:
-                    _check_integrity(self._conn, self._path)
+                    _check_integrity(conn, self._path)
                 replica = _scratch_model(self._schema, "", journal=False)
                 try:
-                    log = self._read_log(sealed=True)  # checks the seals as it goes
+                    log = self._read_log(sealed=True, at_end=(lambda: conn.execute("BEGIN"))
+                                         if owned else None)  # checks the seals as it goes
                     try:
                         _apply_events(replica, reducer, log, journal=False, progress=progress)
+                    except StorageError:
+                        self._check_model_current()  # a rebuild meanwhile is not damage
+                        raise
                     except FluxliteError as replay_error:
                         # A damaged event can fail its reducer before the end of its seal's
                         # range is reached: read on, so damage is reported as damage.
                         try:
                             collections.deque(log, maxlen=0)
                         except StorageError as damage:
+                            self._check_model_current()
                             raise damage from replay_error
                         raise
+                    self._check_model_current()  # in the snapshot: the model replayed
                     return _compare(self._model, replica)
                 finally:
                     replica.conn.close()
+                    if owned and conn.in_transaction:
+                        conn.execute("ROLLBACK")
 
     def replay(self, upto: Optional[int] = None, *,
                into: Union[str, "os.PathLike[str]"] = ":memory:") -> "Store":
@@ -3825,13 +3929,11 @@ class Store:
             )
         return seq
 
-    def _read_log(self, after: int = 0, sealed: bool = False) -> Iterator[Event]:
-        """The log's events after ``after``; ``sealed``: all of them, seals checked."""
-        with _reading(self._path):
-            cursor = self._conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq", (after,))
-        pages = iter(lambda: cursor.fetchmany(_PAGE), [])
-        rows = (row for page in pages for row in page)
+    def _read_log(self, after: int = 0, sealed: bool = False,
+                  at_end: Optional[Callable[[], None]] = None) -> Iterator[Event]:
+        """The log's events after ``after``, read in pages (see _Pages, and its
+        ``at_end``); ``sealed``: all of them, seals checked."""
+        rows: Iterator[Sequence[Any]] = _event_pages(self._conn, after, at_end)
         if sealed:
             assert after == 0
             rows = _sealed(self._conn, self._path, rows)
@@ -4164,8 +4266,18 @@ class _FollowCursor:
         return batch
 
 
+def _machine() -> str:
+    """Where a pid means this process table: the host name, and on Linux the pid
+    namespace (containers on one host name can each have a pid 33 of their own)."""
+    try:
+        namespace = f"~{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname().replace('/', '_')}{namespace}"
+
+
 def _lease_owner() -> str:
-    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+    return f"{_machine()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
 def _holder_is_dead(owner: Optional[str]) -> bool:
@@ -4173,15 +4285,20 @@ def _holder_is_dead(owner: Optional[str]) -> bool:
     if not owner:
         return True
     host, _, rest = owner.partition("/")
-    if host != socket.gethostname():
+    if host != _machine():
         return False
     try:
-        os.kill(int(rest.partition("/")[0]), 0)
+        pid = int(rest.partition("/")[0])
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except (ValueError, PermissionError):
         return False
-    return False
+    try:  # a zombie answers kill(0) until its parent reaps it: dead all the same
+        with builtins.open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _advance_consumer(conn: sqlite3.Connection, name: str, owner: str, seq: int,
@@ -4334,11 +4451,16 @@ class Consumer:
         return seq
 
     def close(self) -> None:
-        """Give up the lease so another process may take this consumer at once."""
+        """Give up the lease so another process may take this consumer at once
+        (closing the store does so too)."""
         store = self.store
         with store._lock:
-            if store._closed:
-                return
+            if not store._closed:
+                self._release()
+
+    def _release(self) -> None:
+        store = self.store
+        with store._lock:
             try:
                 with _write_txn(store._conn):
                     store._conn.execute(
@@ -4636,7 +4758,9 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
     reducer = store._reducer
     assert reducer is not None
     directory = os.path.dirname(store._file) if store._path != ":memory:" else None
-    prefix = f".{os.path.basename(store._path)}.rebuild-"
+    # The machine in the name: another container's pid 33 is not this one's.
+    machine = hashlib.sha256(_machine().encode()).hexdigest()[:8]
+    prefix = f".{os.path.basename(store._path)}.rebuild-{machine}-"
     _remove_stale_scratch(directory or tempfile.gettempdir(), prefix)
     fd, scratch = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".db", dir=directory)
     os.close(fd)
@@ -4647,9 +4771,10 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
         try:
             with store._lock:
                 store._check_open()  # again: another thread may have closed it meanwhile
-                with _read_txn(conn):  # the bulk of the log, in one snapshot
-                    done = _apply_events(model, reducer, store._read_log(), journal=True,
-                                         progress=progress)
+                # The bulk of the log, read in pages (no snapshot held across it, so
+                # writers' WAL pages can be checkpointed meanwhile); _swap_in catches up.
+                done = _apply_events(model, reducer, store._read_log(), journal=True,
+                                     progress=progress)
                 generation = _swap_in(store, schema, version, model, scratch, done)
                 store._schema, store._version = schema, version
                 store._load_tables(list(model.tables), generation)
@@ -4714,7 +4839,7 @@ def _remove_stale_scratch(directory: str, prefix: str) -> None:
             if not name.startswith(prefix):
                 continue
             pid = name[len(prefix):].partition("-")[0]
-            if pid.isdigit() and _holder_is_dead(f"{socket.gethostname()}/{pid}/"):
+            if pid.isdigit() and _holder_is_dead(f"{_machine()}/{pid}/"):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(directory, name))
 
@@ -5905,7 +6030,8 @@ def _cmd_info(args: Any) -> int:
     with open(args.db, readonly=True) as store:
         q = store.query
         head = store.head
-        first_last = q("SELECT min(ts) AS first, max(ts) AS last FROM events")[0]
+        first_last = q("SELECT (SELECT ts FROM events ORDER BY seq LIMIT 1) AS first, "  # ts
+                       "(SELECT ts FROM events ORDER BY seq DESC LIMIT 1) AS last")[0]  # grows by seq
         info = {
             "file": os.path.abspath(args.db),
             "size_bytes": sum(os.path.getsize(args.db + s) for s in ("", "-wal")
@@ -6234,19 +6360,20 @@ def _import_into(args: Any, app: "App", added: List[int]) -> None:
     skipped = 0
     with open(args.db, app=app) as store:
         for batch in _import_batches(args.file):
-            fresh = []
+            fresh: List[_Prepared] = []
+            head = store.head  # a commit with another head is refused (_timestamp)
             for item in batch:
                 seq = item["seq"]
                 if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
                     raise _CliError(f"event {item.get('id')!r} has seq {seq!r}; seqs start at 1")
                 prepared = _imported(item, seq)
-                if seq <= store.head + len(fresh):
-                    if seq <= store.head:
+                if seq <= head + len(fresh):
+                    if seq <= head:
                         have = store.query("SELECT id, type, payload FROM events WHERE seq = ?",
                                            (seq,))[0]
                         have = (have["id"], have["type"], have["payload"])
                     else:
-                        earlier = fresh[seq - store.head - 1]
+                        earlier = fresh[seq - head - 1]
                         have = (earlier.id, earlier.type, earlier.payload_text)
                     if have != (prepared.id, prepared.type, prepared.payload_text):
                         raise _CliError(
@@ -6259,6 +6386,7 @@ def _import_into(args: Any, app: "App", added: List[int]) -> None:
             if fresh:
                 store._commit_prepared(fresh)
                 added[0] += len(fresh)
+                store._notify()  # and let go of the batch: memory stays flat in the log
     print(f"imported {added[0]} events ({skipped} already present)")
 
 

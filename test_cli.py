@@ -272,6 +272,25 @@ DROPPING = fluxlite.App(SCHEMA, reducer, middleware=[drop_tests])
     assert "the head was 5 and is 5" in result.stderr
 
 
+def test_import_lets_go_of_each_batch_it_committed(work, monkeypatch, capsys):
+    first = json.loads(cli("export", "app.db", cwd=work).stdout.splitlines()[0])
+    (work / "many.jsonl").write_text("\n".join(
+        json.dumps({**first, "seq": n, "id": f"e{n}", "payload": {"name": f"u{n}"}})
+        for n in range(1, 3001)) + "\n")
+    held = []
+    commit = fluxlite.Store._commit_prepared
+
+    def spy(store, prepared, *args, **kwargs):
+        held.append(len(store._pending))  # events kept from earlier batches
+        return commit(store, prepared, *args, **kwargs)
+
+    monkeypatch.setattr(fluxlite.Store, "_commit_prepared", spy)
+    monkeypatch.chdir(work)
+    assert fluxlite.main(["import", "many.db", "many.jsonl", "--app", "cliapp:APP"]) == 0
+    assert "imported 3000 events" in capsys.readouterr().out
+    assert held == [0, 0, 0]  # memory flat in the length of the log
+
+
 def test_an_import_that_fails_part_way_keeps_what_it_committed(work):
     first = json.loads(cli("export", "app.db", cwd=work).stdout.splitlines()[0])
     lines = [json.dumps({**first, "seq": n, "id": f"e{n}", "payload": {"name": f"u{n}"}})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import doctest
 import gc
 import hashlib
@@ -16,6 +17,7 @@ import pathlib
 import random
 import sqlite3
 import stat
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1769,6 +1771,41 @@ def test_verify_detects_a_nondeterministic_reducer():
     assert "If you changed a reducer, open the store with a new version=" in str(info.value)
 
 
+def test_verify_and_rebuild_hold_no_snapshot_while_they_replay(tmp_path):
+    """A snapshot held across the whole replay would keep every page other processes
+    commit meanwhile in the WAL (a checkpoint cannot pass it): gigabytes, for a long
+    log and a busy writer. Midway through the replay, another connection commits,
+    and a checkpoint then copies the WAL whole."""
+    path = str(tmp_path / "s.db")
+    probe = {}
+
+    def probing(view, event):
+        if event.seq == 700 and probe.get("other") and not probe.get("seen"):
+            probe["seen"] = True
+            other = probe["other"]
+            other.dispatch("addUser", {"name": f"meanwhile-{event.seq}-{len(probe)}"})
+            for _ in range(300):  # verify's integrity check reads on a thread of its own
+                _, frames, copied = other._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if copied == frames:
+                    break
+                time.sleep(0.01)
+            probe["wal"] = (frames, copied)
+        return reducer(view, event)
+
+    with fluxlite.open(path, schema=SCHEMA, reducer=probing) as store, \
+            fluxlite.open(path, schema=SCHEMA, reducer=reducer) as other:
+        store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{n}"}} for n in range(1000)])
+        probe["other"] = other
+        for run in (store.verify, store.rebuild):
+            probe.pop("seen", None)
+            with contextlib.suppress(fluxlite.ReplayMismatch):  # the row added meanwhile
+                run()
+            frames, copied = probe["wal"]
+            assert frames > 0 and copied == frames, f"{run.__name__}: {probe['wal']}"
+        store.verify()  # the rebuild caught up with what was written meanwhile
+        assert store.view.users.count() == 1002
+
+
 def test_verify_keeps_working_after_and_needs_a_reducer(tmp_path):
     target = str(tmp_path / "s.db")
     with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
@@ -2943,7 +2980,7 @@ def test_an_autoincrement_key_past_the_largest_is_a_changeset_error():
                 def handle(action):
                     try:
                         return next_(action)
-                    except fluxlite.ChangesetError:
+                    except fluxlite.FluxliteError:
                         return next_({**action, "payload": {"id": 5}})
                 return handle
             return wrap
@@ -2951,8 +2988,23 @@ def test_an_autoincrement_key_past_the_largest_is_a_changeset_error():
                            "AUTOINCREMENT, v)", reducer=lambda view, e: view.t.insert(e.payload),
                            middleware=[fallback]) as other:
             other.dispatch("add", {"id": 2**63 - 1})
+            # Refused before SQLite is asked, so the transaction goes on: the retry previews.
+            event, changes = other.preview("add", {"v": "next"})
+            assert [c.key for c in changes] == [5] and other.head == 1
+            # The counter moved to the end by an earlier change of the same transaction
+            # (which the SQLITE_FULL would roll back, and with it any sign of that).
+            with fluxlite.open(":memory:", schema="CREATE TABLE t (id INTEGER PRIMARY KEY "
+                               "AUTOINCREMENT, v)",
+                               reducer=lambda view, e: view.t.insert(e.payload)) as fresh:
+                with pytest.raises(fluxlite.ChangesetError, match="AUTOINCREMENT never picks"):
+                    fresh.dispatch_many([{"type": "add", "payload": {"id": 2**63 - 1}},
+                                         {"type": "add", "payload": {"v": "next"}}])
+                assert fresh.head == 0
+            # A full disk: SQLite ends the preview's transaction itself; nothing may commit.
+            pages = other._conn.execute("PRAGMA page_count").fetchone()[0]
+            other._conn.execute(f"PRAGMA max_page_count = {pages}")
             with pytest.raises(fluxlite.ChangesetError, match="ended this preview's transaction"):
-                other.preview("add", {"v": "next"})  # SQLite ended it: nothing may commit
+                other.preview("add", {"id": 7, "v": "x" * 100_000})
             assert other.head == 1
         heard = []
         store.subscribe(lambda e, c: heard.append(e.seq))
@@ -4502,6 +4554,60 @@ def test_consumer_lease_keeps_a_second_holder_out(tmp_path):
             second.ack(1)
 
 
+def test_closing_the_store_gives_up_its_consumers_leases(tmp_path):
+    path = str(tmp_path / "c.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as elsewhere:
+        store = fluxlite.open(path, reducer=items_reducer)
+        held = store.consumer("indexer")
+        with pytest.raises(fluxlite.Busy):
+            elsewhere.consumer("indexer")
+        store.close()
+        held.close()  # after the store: nothing left to do, and no error
+        elsewhere.consumer("indexer").close()  # at once, not after the 30 s lease
+
+
+ZOMBIE_HOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+import fluxlite
+store = fluxlite.open(sys.argv[1])
+consumer = store.consumer("indexer")
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_holder_not_yet_reaped_is_taken_over_at_once(tmp_path):
+    path = str(tmp_path / "z.db")
+    fluxlite.open(path, schema=ITEMS, reducer=items_reducer).close()
+    holder = subprocess.Popen([sys.executable, "-c", ZOMBIE_HOLDER, path, str(ROOT)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        os.kill(holder.pid, signal.SIGKILL)
+        stat = f"/proc/{holder.pid}/stat"
+        deadline = time.monotonic() + 10
+        while os.path.exists(stat) and open(stat).read().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the killed holder never became a zombie"
+            time.sleep(0.01)
+        with fluxlite.open(path, reducer=items_reducer) as store:
+            store.consumer("indexer").close()  # a zombie is dead: no Busy for the lease
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_holder_in_another_pid_namespace_is_never_taken_for_dead():
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    here = fluxlite._machine()
+    assert fluxlite._lease_owner().startswith(here + "/")
+    assert fluxlite._holder_is_dead(f"{here}/{dead}/x")
+    # The same host name, another container's pid namespace: its pids are not ours.
+    other = f"{here.partition('~')[0]}~{abs(hash(here)) % 10**9 + 1}"
+    assert not fluxlite._holder_is_dead(f"{other}/{dead}/x")
+
+
 def test_exactly_once_by_acking_in_the_dispatch_transaction(tmp_path):
     schema = ITEMS + "CREATE TABLE totals (id TEXT PRIMARY KEY, n INTEGER NOT NULL);"
 
@@ -4613,6 +4719,33 @@ def test_asyncio_dispatch_and_follow_do_not_block_the_loop(tmp_path):
         seen, ticks = asyncio.run(main(store))
     assert seen == [(1, "insert"), (2, "update"), (3, "update"), (4, "update"), (5, "update")]
     assert ticks >= 50  # the loop kept running while follow waited
+
+
+def test_many_idle_afollows_keep_their_timeout_and_delay_nothing(tmp_path):
+    """Each afollow() waits on a thread of its own: 30 idle ones neither stretch
+    each other's timeout nor hold up adispatch() or a new event's delivery."""
+    import asyncio
+
+    async def main(store):
+        async def idle():
+            async for _ in store.afollow(timeout=0.6):
+                pass
+        others = [asyncio.ensure_future(idle()) for _ in range(30)]
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        event = await store.adispatch("put", {"id": "a", "n": 1})
+        dispatched = time.monotonic() - started
+        async for got, _ in store.afollow(after=0, timeout=0.4):
+            assert got.seq == event.seq
+        waited = time.monotonic() - started
+        await asyncio.gather(*others)
+        return dispatched, waited, time.monotonic() - started
+
+    with fluxlite.open(str(tmp_path / "a.db"), schema=ITEMS, reducer=items_reducer) as store:
+        dispatched, waited, ended = asyncio.run(main(store))
+    assert dispatched < 0.3, dispatched  # not queued behind 30 waits of 50 ms
+    assert waited < 1.2, waited  # timeout=0.4 after the one event: about 0.4 s
+    assert ended < 2.0, ended  # the idle ones ended after about their 0.6 s
 
 
 def test_a_watcher_that_fails_says_so_and_can_be_started_again(tmp_path, caplog):
@@ -4884,14 +5017,17 @@ def test_a_rebuild_cleans_up_scratch_files_of_killed_rebuilds(tmp_path):
     make_items(path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    stale = tmp_path / f".items.db.rebuild-{dead}-abcd.db"
-    alive = tmp_path / f".items.db.rebuild-{os.getpid()}-efgh.db"  # a rebuild still running
-    stale.write_bytes(b"left by a killed rebuild")
-    alive.write_bytes(b"in use")
+    here = hashlib.sha256(fluxlite._machine().encode()).hexdigest()[:8]
+    stale = tmp_path / f".items.db.rebuild-{here}-{dead}-abcd.db"
+    alive = tmp_path / f".items.db.rebuild-{here}-{os.getpid()}-efgh.db"  # a rebuild running
+    elsewhere = tmp_path / f".items.db.rebuild-0123abcd-{dead}-ijkl.db"  # another container's
+    for scratch in (stale, alive, elsewhere):
+        scratch.write_bytes(b"a rebuild's scratch file")
     with fluxlite.open(path, reducer=items_reducer) as store:
         store.rebuild()
     assert not stale.exists() and alive.exists()
-    assert sorted(p.name for p in tmp_path.iterdir() if "rebuild" in p.name) == [alive.name]
+    assert sorted(p.name for p in tmp_path.iterdir() if "rebuild" in p.name) == sorted(
+        [alive.name, elsewhere.name])
 
 
 def test_the_wal_shrinks_back_after_a_big_rebuild(tmp_path, monkeypatch):

@@ -510,7 +510,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_leaves_no_mixture(tmp_path,
     elapsed = time.monotonic() - started
     acked = sum(len(ledger.acked) for ledger in ledgers)
     failed = sum(len(ledger.failed) for ledger in ledgers)
-    leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".fluxlite-rebuild-")]
+    leftovers = [n for n in os.listdir(tmp_path) if ".rebuild-" in n]
     assert acked > 0, f"no writer reported a commit {_replay_hint(seed)}"
     if scale.name == "full":  # (at CI scale a run without one is possible, if rare)
         assert kinds["mid-rebuild"] >= scale.kills // 20, (

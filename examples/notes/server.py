@@ -69,6 +69,7 @@ HTTP/2 (behind a proxy) or shares one stream between tabs (a SharedWorker or
 BroadcastChannel).
 """
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -336,6 +337,7 @@ class Handler(BaseHTTPRequestHandler):
         self._route("HEAD")
 
     def _route(self, method):
+        self.body_read = False  # per request: a kept-alive connection reuses this handler
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         if url.path.startswith("/api/command/"):
@@ -353,6 +355,8 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(405, f"{url.path[:100]} takes {allowed}, not {method}.")
             action()
         except ApiError as exc:
+            with contextlib.suppress(*CLIENT_GONE):
+                self.drain_body()
             self.send_json(exc.status, {"error": exc.message})
         except CLIENT_GONE:
             pass  # the client left; nothing to answer
@@ -360,6 +364,37 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("%s %s failed", method, _escape(self.path))
             self.send_json(503 if isinstance(exc, fluxlite.UsageError) else 500,
                            {"error": f"Internal error: {type(exc).__name__}."})
+
+    def send_error(self, code, message=None, explain=None):
+        """The stdlib's own refusals (an unknown method, a malformed request line) as
+        JSON too, like every other error of this API."""
+        self.close_connection = True
+        text = message or self.responses.get(code, ("Error",))[0]
+        body = json.dumps({"error": f"{text[:200]} ({code})."}).encode()
+        try:
+            self.send_response(code, message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if getattr(self, "command", None) != "HEAD":
+                self.wfile.write(body)
+        except CLIENT_GONE:
+            pass
+
+    def drain_body(self):
+        """Read a request body not read yet (up to a limit), so that the client sees
+        the error it gets instead of a connection reset."""
+        if getattr(self, "body_read", False):
+            return
+        self.body_read = True
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            return
+        if 0 < length <= 16 * MAX_BODY:
+            while length > 0:
+                length -= len(self.rfile.read(min(length, MAX_BODY))) or length
 
     def send_json(self, status, data):
         body = json.dumps(data).encode()
@@ -447,10 +482,8 @@ class Handler(BaseHTTPRequestHandler):
         if length < 0:
             raise ApiError(411, "Send the JSON body with a Content-Length.")
         if length > MAX_BODY:
-            if length <= 16 * MAX_BODY:  # read it all, so the client sees our answer, not a reset
-                while length > 0:
-                    length -= len(self.rfile.read(min(length, MAX_BODY))) or length
-            raise ApiError(413, f"The body must be at most {MAX_BODY} bytes.")
+            raise ApiError(413, f"The body must be at most {MAX_BODY} bytes.")  # drained
+        self.body_read = True
         try:
             return json.loads(self.rfile.read(length).decode("utf-8"))
         except (ValueError, RecursionError):

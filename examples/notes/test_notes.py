@@ -328,6 +328,20 @@ def test_other_methods_get_a_json_405_with_allow(app):
             assert method in json.loads(data)["error"]
 
 
+def test_unknown_methods_and_refused_big_bodies_get_a_json_answer(app):
+    own = {"Host": f"127.0.0.1:{app.port}"}
+    for method in ("FOO", "TRACE"):
+        status, headers, data = raw_request(app, method, "/api/notes", own)
+        assert status == 501 and headers["Content-Type"] == "application/json"
+        assert "error" in json.loads(data)
+    big = b"x" * 3_000_000  # unread by a refusal: it must still reach the client whole
+    for headers, expected in [({**own, "Content-Type": "text/plain", "X-User": "a"}, 415),
+                              ({**own, "Content-Type": "application/json", "X-User": "a"}, 400)]:
+        path = "/api/command/addNote" if expected == 415 else "/api/command/nope"  # unknown
+        status, _, data = raw_request(app, "POST", path, headers, big)
+        assert status == expected and "error" in json.loads(data)
+
+
 def test_control_characters_in_a_request_line_are_escaped_in_the_log(app, caplog):
     caplog.set_level(logging.INFO, logger="notes")
     with socket.create_connection(("127.0.0.1", app.port), timeout=5) as sock:
