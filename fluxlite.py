@@ -6062,7 +6062,8 @@ def _cmd_info(args: Any) -> int:
     return 0
 
 
-def _log_rows(store: Store, args: Any) -> List[Dict[str, Any]]:
+def _log_pages(store: Store, args: Any) -> Iterator[List[Dict[str, Any]]]:
+    """The events log selects, a page of 1,000 at a time (memory flat in the log)."""
     where, params = ["seq > ?"], [args.after]
     if args.since:
         where.append("ts >= ?")
@@ -6073,10 +6074,19 @@ def _log_rows(store: Store, args: Any) -> List[Dict[str, Any]]:
     if args.type:
         where.append(f"type IN ({', '.join('?' for _ in args.type)})")
         params.extend(args.type)
-    order = "DESC" if args.reverse else "ASC"
-    limit = f" LIMIT {int(args.limit)}" if args.limit is not None else ""
-    return store.query(f"SELECT * FROM events WHERE {' AND '.join(where)} "
-                       f"ORDER BY seq {order}{limit}", params)
+    order, step = ("DESC", "<") if args.reverse else ("ASC", ">")
+    remaining = args.limit
+    position = 2**63 - 1 if args.reverse else 0
+    while remaining is None or remaining > 0:
+        page = 1000 if remaining is None else min(1000, remaining)
+        rows = store.query(f"SELECT * FROM events WHERE {' AND '.join(where)} AND seq {step} ? "
+                           f"ORDER BY seq {order} LIMIT ?", (*params, position, page))
+        if rows:
+            yield rows
+        if len(rows) < page:
+            return
+        position = rows[-1]["seq"]
+        remaining = None if remaining is None else remaining - len(rows)
 
 
 _EVENT_LINE = ["seq", "time", "type", "id", "actor", "payload"]
@@ -6094,8 +6104,23 @@ def _print_events(rows: Sequence[Mapping[str, Any]], as_json: bool) -> List[int]
 
 def _cmd_log(args: Any) -> int:
     with open(args.db, readonly=True) as store:
-        _print_events(_log_rows(store, args), args.json)
+        widths = None
+        for rows in _log_pages(store, args):
+            if widths is None or args.json:
+                widths = _print_events(rows, args.json)
+            else:  # a later page: in the columns printed so far
+                widths = _print_more_events(rows, widths)
     return 0
+
+
+def _print_more_events(rows: Sequence[Mapping[str, Any]], widths: List[int]) -> List[int]:
+    """Event lines under columns already printed (widening one where a cell needs it)."""
+    for row in rows:
+        line = _event_line(row)
+        cells = ["" if line[c] is None else _short(line[c], 60) for c in _EVENT_LINE]
+        widths = [max(w, len(c)) for w, c in zip(widths, cells)]
+        print("  ".join(c.ljust(w) for w, c in zip(widths, cells)).rstrip())
+    return widths
 
 
 def _cmd_tail(args: Any) -> int:
@@ -6119,11 +6144,7 @@ def _cmd_tail(args: Any) -> int:
                     if args.json:
                         _print_events(row, True)
                     else:
-                        line = _event_line(row[0])  # in the columns printed so far
-                        cells = ["" if line[c] is None else _short(line[c], 60)
-                                 for c in _EVENT_LINE]
-                        widths = [max(w, len(c)) for w, c in zip(widths, cells)]
-                        print("  ".join(c.ljust(w) for w, c in zip(widths, cells)).rstrip())
+                        widths = _print_more_events(row, widths)
                     sys.stdout.flush()
                     if stop.is_set():
                         break

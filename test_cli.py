@@ -118,6 +118,21 @@ def test_log_filters_and_json(work):
     assert cli("log", "app.db", "--json", cwd=work).stdout == exported
 
 
+def test_log_reads_a_long_log_page_by_page(work):
+    with fluxlite.open(work / "app.db", app=__import__("cliapp").APP) as store:
+        store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{n:04d}"}}
+                             for n in range(2500)])
+    seqs = lambda *a: [json.loads(l)["seq"] for l in cli("log", "app.db", "--json", *a,
+                                                          cwd=work).stdout.splitlines()]
+    assert seqs() == list(range(1, 2506))
+    assert seqs("--reverse", "--limit", "1500") == list(range(2505, 1005, -1))
+    assert seqs("--after", "2000", "--limit", "1200") == list(range(2001, 2506))
+    assert seqs("--type", "grantAccess") == [2]
+    lines = cli("log", "app.db", cwd=work).stdout.splitlines()
+    assert len(lines) == 2 + 2505 and lines[-1].split()[0] == "2505"
+    assert lines[-1].index("addUser") == lines[2].index("addUser")  # one set of columns
+
+
 def test_tail_and_show(work):
     lines = cli("tail", "app.db", "-n", "2", cwd=work).stdout.splitlines()
     assert [l.split()[0] for l in lines[2:]] == ["4", "5"]
