@@ -722,16 +722,17 @@ def _connect(path: str, durability: str, readonly: bool = False,
         path, isolation_level=None, check_same_thread=False, cached_statements=256
     )
     try:
-        for name, value in _PRAGMAS.items():
-            if name == "page_size" and page_size is not None:
-                value = page_size
-            result = conn.execute(f"PRAGMA {name}={value}").fetchone()
-            if name == "journal_mode" and result and result[0] not in ("wal", "memory"):
-                raise SchemaError(
-                    f"Could not switch {path!r} to WAL mode (got {result[0]!r}); "
-                    f"fluxlite needs WAL. Is the file on a network file system?"
-                )
-        conn.execute(f"PRAGMA synchronous={_DURABILITY[durability]}")
+        # Switching a new file to WAL needs it to itself, and SQLite answers "locked"
+        # at once rather than wait (processes creating one store together): retry.
+        deadline = time.monotonic() + _PRAGMAS["busy_timeout"] / 1000
+        while True:
+            try:
+                _apply_pragmas(conn, path, durability, page_size)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
     except sqlite3.DatabaseError as exc:
         conn.close()
         if _is_storage_problem(exc):
@@ -749,20 +750,33 @@ def _connect(path: str, durability: str, readonly: bool = False,
     return conn
 
 
-def _check_no_orphan_wal(path: str) -> None:
-    """Refuse to make a new file beside a -wal that is not its own: SQLite would
-    take the -wal as the new file's and apply another store's pages to it."""
-    with contextlib.suppress(OSError):
-        size = os.path.getsize(path + "-wal")
-        if size:
-            raise StorageError(
-                f"{path!r} does not exist, but {path + '-wal'!r} does ({size} bytes): the "
-                f"write-ahead log of a store whose file was moved or deleted while it was "
-                f"open (or crashed first), which SQLite would apply to a new file here. "
-                f"Close the store that has the file open (it saves its last commits into "
-                f"the moved file), or move {path + '-wal'!r} and {path + '-shm'!r} away; "
-                f"then open again."
+def _apply_pragmas(conn: sqlite3.Connection, path: str, durability: str,
+                   page_size: Optional[int]) -> None:
+    for name, value in _PRAGMAS.items():
+        if name == "page_size" and page_size is not None:
+            value = page_size
+        result = conn.execute(f"PRAGMA {name}={value}").fetchone()
+        if name == "journal_mode" and result and result[0] not in ("wal", "memory"):
+            raise SchemaError(
+                f"Could not switch {path!r} to WAL mode (got {result[0]!r}); "
+                f"fluxlite needs WAL. Is the file on a network file system?"
             )
+    conn.execute(f"PRAGMA synchronous={_DURABILITY[durability]}")
+
+
+def _check_no_orphan_wal(path: str) -> None:
+    """Refuse to make a new file beside a -wal or -shm that is not its own: SQLite
+    would take them as the new file's, apply another store's pages to it and
+    share its WAL index with a store that still has them open."""
+    orphans = [path + suffix for suffix in ("-wal", "-shm") if os.path.exists(path + suffix)]
+    if orphans and not os.path.exists(path):  # (looked again: another process may create it)
+        raise StorageError(
+            f"{path!r} does not exist, but {' and '.join(map(repr, orphans))} do: the WAL "
+            f"files of a store whose file was moved or deleted while it was open (or that "
+            f"crashed first), which SQLite would take as a new file's here. Close the "
+            f"store that has them open (it saves its last commits beside the path), or "
+            f"move them away; then open again."
+        )
 
 
 def _file_uri(path: str, mode: str) -> str:
@@ -2030,6 +2044,8 @@ def _sealed(conn: sqlite3.Connection, path: str, rows: Iterable[Sequence[Any]]
             unhashed.clear()
             _check_seal(path, seal, last, digest, journal)
             digest, last, seal = hashlib.sha256(seal[1].encode()), seal[0], next(seals, None)
+        if seal is None:  # read dry before this row was read: its seal may be there now
+            seal = next(seals, None)
         if seal is None:
             raise StorageError(
                 f"{path!r} holds events after seq {last} that no seal covers: they were "
@@ -2880,21 +2896,18 @@ class Store:
             watcher.join()
         with self._lock:
             if not self._closed:
-                for consumer in list(self._consumers):  # their names free for others at once
-                    with contextlib.suppress(FluxliteError, sqlite3.Error):
-                        consumer._release()
+                self._release_leases()
                 self._closed = True
                 if self._checkpointer is not None:
                     self._checkpointer.stop()
-                moved = self._file_id is not None and _file_ids(self._file)[""] != self._file_id
-                if moved and os.path.exists(self._file) and not self.readonly:
+                now = _file_ids(self._file)
+                moved = self._file_id is not None and now[""] != self._file_id
+                # Replaced, or moved away (renamed) with commits still in its own -wal:
+                # SQLite does not checkpoint a moved file on close (another process
+                # may use it under its new name), so those commits are copied out.
+                if moved and not self.readonly and (
+                        now[""] is not None or self._own_wal_has_frames(now)):
                     self._save_replaced()
-                if moved and not self._readonly_file:
-                    # SQLite does not checkpoint a moved file on close, and its last
-                    # commits would stay in the -wal that _remove_stale_companions
-                    # removes: move them into the file itself (renamed, it keeps them).
-                    with contextlib.suppress(sqlite3.Error):
-                        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
                 self._conn.close()
                 if moved:
                     self._remove_stale_companions()
@@ -2907,22 +2920,58 @@ class Store:
     def _page_size(self) -> int:
         return self._conn.execute("PRAGMA page_size").fetchone()[0]
 
+    def _release_leases(self) -> None:
+        """Free the names of consumers still open from this store, for others at once:
+        best effort, in one transaction, waiting at most 0.1 s for the write lock
+        (else their leases simply run out)."""
+        leases = [(c.name, c._owner) for c in list(self._consumers)]
+        if not leases or self._readonly_file:
+            return
+        conn = self._conn
+        try:
+            conn.execute("PRAGMA busy_timeout = 100")
+            with _write_txn(conn):
+                conn.executemany("UPDATE fluxlite_consumers SET owner = NULL, lease_until = 0 "
+                                 "WHERE name = ? AND owner = ?", leases)
+        except sqlite3.Error as exc:
+            _log.debug("consumer leases of %r left to run out: %s", self._path, exc)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute(f"PRAGMA busy_timeout = {_PRAGMAS['busy_timeout']}")
+
+    def _own_wal_has_frames(self, now: Dict[str, Optional[Tuple[int, int]]]) -> bool:
+        """Whether the -wal at the path is still this store's, and not empty."""
+        if now["-wal"] is None or now["-wal"] != self._file_ids.get("-wal"):
+            return False  # deleted with its file: the store was deleted on purpose
+        with contextlib.suppress(OSError):
+            return os.path.getsize(self._file + "-wal") > 0
+        return False
+
     def _save_replaced(self) -> None:
-        """Copy the store whose file was replaced under it: its last commits live
-        only in its -wal, which the replacement must not inherit."""
+        """Copy the store whose file was replaced or moved under it: its last commits
+        live only in its -wal, which a file at the path must not inherit and which
+        SQLite does not move into a moved file. Nothing is written to the file."""
         copy = f"{self._file}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         try:
             target = _connect(copy, self._durability, page_size=self._page_size())
             try:
                 self._conn.backup(target)
+                # A moved file another process writes under its new name can make
+                # the copy a mixture of two states: keep only a sound one.
+                problems = [r[0] for r in target.execute("PRAGMA integrity_check(1)")]
             finally:
                 target.close()
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError(f"the copy failed its integrity check: {problems}")
         except (OSError, sqlite3.Error) as exc:
-            _log.error("%r was replaced while open; saving the old store to %r failed: %s",
-                       self._path, copy, exc)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    os.remove(copy + suffix)
+            _log.error("%r was moved, deleted or replaced while open; saving the old store "
+                       "to %r failed: %s", self._path, copy, exc)
             return
-        _log.warning("%r was replaced while this store had it open; the old store "
-                     "(all its events) is saved as %r.", self._path, copy)
+        _log.warning("%r was moved, deleted or replaced while this store had it open; the "
+                     "old store (all its events) is saved as %r.", self._path, copy)
 
     def _remove_stale_companions(self) -> None:
         """Remove this store's -wal and -shm once its file is gone or replaced.
@@ -3455,16 +3504,21 @@ class Store:
             self._reducing_thread = None
         return event, self._model.apply(changes, seq, journal)
 
-    def _upcast_type(self, action: Mapping[str, Any]) -> str:
-        """The type a dispatched event has once upcast: the type its reducer sees."""
-        kind = action.get("type")
-        if kind not in self._upcasters:
-            return kind  # type: ignore[return-value]
+    def _upcast_action(self, action: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+        """A dispatched event as its reducer will see it once upcast (an event dict),
+        or None when no upcaster changes it. Before the transaction, so provisional:
+        seq is the head's next, ts now."""
+        if action.get("type") not in self._upcasters:
+            return None
         prepared = _prepare(action, str)  # checked, and as stored (no id needed here)
         event = object.__new__(Event)
-        event.__dict__.update(seq=0, id=prepared.id, type=prepared.type,
+        event.__dict__.update(seq=self.head + 1, id=prepared.id, type=prepared.type,
                               payload=prepared.payload, meta=prepared.meta, ts=_utc_now())
-        return self._upcast(event).type
+        newer = self._upcast(event)
+        if newer is event:
+            return None
+        return {"type": newer.type, "payload": newer.payload, "meta": newer.meta,
+                "id": action.get("id")}
 
     # -- subscribers -----------------------------------------------------------
 
@@ -4455,12 +4509,8 @@ class Consumer:
         (closing the store does so too)."""
         store = self.store
         with store._lock:
-            if not store._closed:
-                self._release()
-
-    def _release(self) -> None:
-        store = self.store
-        with store._lock:
+            if store._closed:
+                return
             try:
                 with _write_txn(store._conn):
                     store._conn.execute(
@@ -5022,7 +5072,8 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
     middleware chain passes (``event["payload"]``) and ``actor`` is
     ``event["meta"].get("actor")`` (set by ``dispatch(..., actor=...)``: the
     rules trust it, so never pass an untrusted client's meta through). A type
-    that upcasters turn into another must pass the other's rule too.
+    that upcasters turn into another must pass the other's rule too, which is
+    given the event as upcast (with seq taken as the head's next).
     A type with no rule and no "*" rule follows ``default`` ("deny" or
     "allow"). "*" does not cover fluxlite's built-in types (``fluxlite.restore``
     writes any row): they follow their own rule, else ``default``. A refusal
@@ -5051,12 +5102,16 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
                 meta = event.get("meta") or {}
                 actor = meta.get("actor") if isinstance(meta, _Mapping) else None
                 # An old type an upcaster renames is the new type to its reducer: the
-                # new type's rule applies too, so a rename cannot open a way around it.
-                newer = store._upcast_type(event)
-                for checked in (kind,) if newer == kind else (kind, newer):
+                # new type's rule applies too (to the event as upcast), so a rename
+                # cannot open a way around it.
+                newer = store._upcast_action(event)
+                judged = [(kind, event)]
+                if newer is not None and newer["type"] != kind:
+                    judged.append((newer["type"], newer))
+                for checked, shown in judged:
                     builtin = checked.startswith("fluxlite.")
                     rule = table.get(checked, None if builtin else table.get("*"))
-                    if (default == "allow") if rule is None else bool(rule(actor, event)):
+                    if (default == "allow") if rule is None else bool(rule(actor, shown)):
                         continue
                     raise Forbidden(
                         f"Actor {actor!r} may not dispatch {checked!r} events"
@@ -5573,7 +5628,8 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
             raise UsageError(f"app must be a fluxlite.App; received {_describe(app)}.")
         given = [n for n, v in (("schema", schema), ("reducer", reducer), ("version", version),
                                 ("upcasters", upcasters), ("middleware", middleware))
-                 if v is not None and v != ()]  # 0, "" and {} are given too
+                 if v is not None and not (isinstance(v, (list, tuple, dict)) and not v)]
+        # (0 and "" are given; an empty list of middleware or dict of upcasters is not)
         if given:
             raise UsageError(f"Pass either app= or {', '.join(given)}, not both.")
         schema, reducer, middleware = app.schema, app.reducer, app.middleware
@@ -6246,15 +6302,20 @@ def _cmd_dispatch(args: Any) -> int:
     with open(args.db, app=app) as store:
         head = store.head
         event = store.dispatch(args.type, payload, meta=meta, id=args.id, actor=args.actor)
+        committed = [event] if isinstance(event, Event) else list(store.events(after=head))
         if not isinstance(event, Event):
-            raise _CliError(
-                f"the application's middleware returned "
-                f"{'None' if event is None else _describe(event)} instead of the "
-                f"event (a middleware returns what next() returns); the head was {head} and "
-                f"is {store.head}: see `fluxlite log {args.db} --after {head}`")
-        print(json.dumps({"event": event.to_dict(),
-                          "changes": [c.to_dict() for c in store.changes(event.seq)]},
-                         ensure_ascii=False))
+            returned = "None" if event is None else _describe(event)
+            if not committed:
+                raise _CliError(f"the application's middleware returned {returned} and "
+                                f"committed nothing: the event was not dispatched")
+            import sys
+            print(f"fluxlite dispatch: warning: the application's middleware returned "
+                  f"{returned} instead of the event (a middleware returns what next() "
+                  f"returns); what it committed follows", file=sys.stderr)
+        for done in committed:
+            print(json.dumps({"event": done.to_dict(),
+                              "changes": [c.to_dict() for c in store.changes(done.seq)]},
+                             ensure_ascii=False))
     return 0
 
 

@@ -130,6 +130,18 @@ def test_every_public_module_name_is_in_all_and_in_the_readme():
     assert [name for name in fluxlite.__all__ if f"`{name}" not in readme] == []
 
 
+def test_open_takes_an_app_or_its_parts_not_both():
+    app = fluxlite.App(SCHEMA, reducer, version=3)
+    for given in ({"version": 0}, {"schema": ""}, {"reducer": reducer}, {"version": 5},
+                  {"middleware": [lambda store: lambda next_: next_]},
+                  {"upcasters": {"x": lambda event: None}}):
+        with pytest.raises(fluxlite.UsageError, match="Pass either app= or"):
+            fluxlite.open(":memory:", app=app, **given)
+    for empty in ({"middleware": []}, {"middleware": ()}, {"upcasters": {}}, {"version": None}):
+        with fluxlite.open(":memory:", app=app, **empty) as store:
+            assert store.version == 3
+
+
 def test_errors_form_a_shallow_tree():
     for name in ["InvalidEvent", "Rejected", "ReducerError", "Forbidden", "ChangesetError",
                  "Conflict", "SchemaError", "ReplayMismatch", "QueryError", "UsageError",
@@ -1364,13 +1376,15 @@ def test_authorize_defaults():
 
 def test_a_type_an_upcaster_renames_must_pass_the_rules_of_both_names(path):
     rules = {"signUp": lambda actor, event: True,  # the old name's rule, left in place
-             "addUser": lambda actor, event: actor == "admin"}
+             "addUser": lambda actor, event: actor == "admin" and event["payload"]["name"]}
+    old_shape = lambda e: e.replace(type="addUser", payload={"name": e.payload["login"]})
     with fluxlite.open(path, schema=SCHEMA, reducer=reducer, middleware=[fluxlite.authorize(rules)],
-                       upcasters={"signUp": lambda e: e.replace(type="addUser")}) as store:
+                       upcasters={"signUp": old_shape}) as store:
         with pytest.raises(fluxlite.Forbidden, match="upcasters turn 'signUp' into 'addUser'"):
-            store.dispatch("signUp", {"name": "mallory"}, actor="mallory")
+            store.dispatch("signUp", {"login": "mallory"}, actor="mallory")
         assert store.head == 0 and store.view.users.count() == 0
-        assert store.dispatch("signUp", {"name": "a"}, actor="admin").type == "addUser"
+        # The new name's rule reads the event as upcast (its payload in the new shape).
+        assert store.dispatch("signUp", {"login": "a"}, actor="admin").type == "addUser"
         assert store.view.users.get("a") is not None
 
 
@@ -1804,6 +1818,27 @@ def test_verify_and_rebuild_hold_no_snapshot_while_they_replay(tmp_path):
             assert frames > 0 and copied == frames, f"{run.__name__}: {probe['wal']}"
         store.verify()  # the rebuild caught up with what was written meanwhile
         assert store.view.users.count() == 1002
+
+
+def test_verify_of_an_empty_log_that_another_writer_starts_meanwhile_passes(
+        tmp_path, monkeypatch):
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store, \
+            fluxlite.open(path, schema=SCHEMA, reducer=reducer) as other:
+        real = fluxlite._event_pages
+
+        def first_event_written_after_the_seals_were_read(conn, after, at_end=None):
+            pages = real(conn, after, at_end)
+
+            def rows():
+                add(other, "early")  # another writer's first event, and its seal
+                yield from pages
+            return rows()
+
+        monkeypatch.setattr(fluxlite, "_event_pages",
+                            first_event_written_after_the_seals_were_read)
+        store.verify()  # not "events that no seal covers"
+        assert store.head == 1
 
 
 def test_verify_keeps_working_after_and_needs_a_reducer(tmp_path):
@@ -3941,6 +3976,51 @@ def test_concurrent_processes_share_one_gap_free_log(tmp_path, durability):
         store.verify()
 
 
+@pytest.mark.slow
+def test_processes_creating_one_new_store_at_once_all_open_it(tmp_path):
+    """Switching a new file to WAL mode needs it to itself, and SQLite answers
+    "locked" at once to the others rather than wait: open() waits instead."""
+    workers = [f"w{n}" for n in range(4)]
+    for round_ in range(5):
+        path, go = tmp_path / f"new{round_}.db", tmp_path / f"go{round_}"
+        ready = [tmp_path / f"ready{round_}.{w}" for w in workers]
+        script = _child_script(_CREATOR)
+        procs = [_spawn(script, path, w, go, ready[n], cwd=tmp_path) for n, w in enumerate(workers)]
+        try:
+            deadline = time.monotonic() + 30
+            while not all(r.exists() for r in ready):
+                assert time.monotonic() < deadline, "the processes did not start"
+                time.sleep(0.005)
+            go.write_text(str(time.time() + 0.3))  # one instant for all to start at
+            for proc in procs:
+                _, err = proc.communicate(timeout=60)
+                assert proc.returncode == 0, err.decode()
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        with _open_proc_store(path) as store:
+            assert _assert_log_gap_free(store) == list(range(1, 4 * 5 + 1))
+
+
+_CREATOR = """
+    path, worker, go, ready = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    open(ready, "w").close()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(go) or not open(go).read():
+        if time.monotonic() > deadline:
+            sys.exit("no start signal")
+        time.sleep(0.01)
+    start = float(open(go).read())
+    while time.time() < start:  # the start line: every process creates at once
+        pass
+    with fluxlite.open(path, schema=SCHEMA, reducer=_proc_reducer) as store:
+        for k in range(5):
+            store.dispatch("tick", {"worker": worker, "k": k})
+"""
+
+
 _CRASHER = """
     path, name, durability = sys.argv[1], sys.argv[2], sys.argv[3]
     out = sys.stdout
@@ -4564,6 +4644,18 @@ def test_closing_the_store_gives_up_its_consumers_leases(tmp_path):
         store.close()
         held.close()  # after the store: nothing left to do, and no error
         elsewhere.consumer("indexer").close()  # at once, not after the 30 s lease
+        # Another process holding the write lock: close() does not wait 10 s per consumer.
+        store = fluxlite.open(path, reducer=items_reducer)
+        held = [store.consumer(f"c{n}") for n in range(3)]
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        store.close()
+        assert time.monotonic() - started < 2
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        with pytest.raises(fluxlite.Busy):  # the leases were left to run out
+            elsewhere.consumer("c0")
 
 
 ZOMBIE_HOLDER = """

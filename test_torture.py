@@ -1106,17 +1106,69 @@ def test_a_store_file_renamed_while_open_keeps_every_acknowledged_event(tmp_path
         with pytest.raises(fluxlite.StorageError, match="deleted or replaced"):
             store.dispatch(deposits(1, "after")[0])
         # Its -wal is still at the old name: a new file there would take it as its own.
-        with pytest.raises(fluxlite.StorageError, match="store.db-wal' does"):
+        with pytest.raises(fluxlite.StorageError, match="store.db-wal' and .*-shm' do"):
             open_app(path)
         assert not path.exists()
     finally:
         store.close()
-    with open_app(moved) as kept:  # the last commits went into the moved file on close()
-        assert [e.id for e in kept.events()] == [f"d-{k}" for k in range(5)] + [acknowledged.id]
+    # Its last commits are not written into the moved file (another process may use it
+    # by its new name): they are copied out beside the old path, whole.
+    with open_app(moved) as kept:
         kept.verify()
-    assert sorted(os.listdir(tmp_path)) == ["moved.db"]
+        assert [e.id for e in kept.events()] == [f"d-{k}" for k in range(kept.head)]
+    saved = sorted(tmp_path.glob("store.db.replaced-*"))
+    assert len(saved) == 1 and sorted(os.listdir(tmp_path)) == ["moved.db", saved[0].name]
+    with fluxlite.open(saved[0], readonly=True) as copy:
+        assert [e.id for e in copy.events()] == [f"d-{k}" for k in range(5)] + [acknowledged.id]
     with open_app(path) as new:
         assert new.head == 0
+
+
+def test_no_store_is_made_beside_the_wal_files_of_a_deleted_one_still_open(tmp_path):
+    path = tmp_path / "store.db"
+    with open_app(path) as first:
+        first.dispatch_many(deposits(3))
+    store = open_app(path)  # reopened, its -wal empty: still its own, and its index in -shm
+    os.remove(path)  # `rm store.db` while the app runs
+    with pytest.raises(fluxlite.StorageError, match="does not exist, but .*-shm' do"):
+        open_app(path)
+    store.close()
+    assert sorted(os.listdir(tmp_path)) == []  # deleted on purpose: nothing to save
+    with open_app(path) as new:
+        assert new.head == 0
+        new.dispatch_many(deposits(2))
+        new.verify()
+
+
+RENAMED_WRITER = r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+import test_torture as t
+with t.open_app(sys.argv[1], durability="normal") as store:
+    for k in range(300):
+        store.dispatch(t.deposits(1, f"w{k}")[0])
+"""
+
+
+def test_closing_a_store_whose_file_another_process_now_uses_under_a_new_name_harms_neither(
+        tmp_path):
+    path, moved = tmp_path / "store.db", tmp_path / "moved.db"
+    store = open_app(path)
+    store.dispatch_many(deposits(40))  # in its -wal, not yet in the file
+    os.rename(path, moved)
+    writer = subprocess.run([sys.executable, "-c", RENAMED_WRITER, str(moved),
+                             os.path.dirname(os.path.abspath(__file__))],
+                            capture_output=True, text=True, timeout=120)
+    assert writer.returncode == 0, writer.stderr
+    store.close()  # must not write its old pages into the file the writer used
+    assert integrity(moved) == [("ok",)]
+    with open_app(moved) as kept:
+        kept.verify()
+        assert [e.id for e in kept.events()][-300:] == [f"w{k}-0" for k in range(300)]
+    saved = sorted(tmp_path.glob("store.db.replaced-*"))
+    assert len(saved) == 1
+    with fluxlite.open(saved[0], readonly=True) as copy:
+        assert [e.id for e in copy.events()] == [e["id"] for e in deposits(40)]
 
 
 def test_a_store_made_at_the_path_of_a_deleted_one_keeps_its_own_wal(tmp_path):
