@@ -772,11 +772,26 @@ def _check_no_orphan_wal(path: str) -> None:
     if orphans and not os.path.exists(path):  # (looked again: another process may create it)
         raise StorageError(
             f"{path!r} does not exist, but {' and '.join(map(repr, orphans))} do: the WAL "
-            f"files of a store whose file was moved or deleted while it was open (or that "
-            f"crashed first), which SQLite would take as a new file's here. Close the "
-            f"store that has them open (it saves its last commits beside the path), or "
-            f"move them away; then open again."
+            f"files of a store whose file was moved or deleted while it was open (or left "
+            f"by a process that crashed, or by another program's read-only connection), "
+            f"which SQLite would take as a new file's here. Close the store that has them "
+            f"open (it saves its last commits beside the path); if no process has it "
+            f"open, move them away. Then open again."
         )
+
+
+def _present(path: str) -> Dict[str, bool]:
+    """Which of a store file and its -wal and -shm exist (before making a new one)."""
+    return {suffix: os.path.exists(path + suffix) for suffix in ("", "-wal", "-shm")}
+
+
+def _remove_made(path: str, present: Dict[str, bool]) -> None:
+    """Remove what a failed attempt made of a store file: only the files that were
+    not there before (a -wal beside it may be another store's, still in use)."""
+    for suffix, was in present.items():
+        if not was:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + suffix)
 
 
 def _file_uri(path: str, mode: str) -> str:
@@ -2902,15 +2917,20 @@ class Store:
                     self._checkpointer.stop()
                 now = _file_ids(self._file)
                 moved = self._file_id is not None and now[""] != self._file_id
-                # Replaced, or moved away (renamed) with commits still in its own -wal:
-                # SQLite does not checkpoint a moved file on close (another process
-                # may use it under its new name), so those commits are copied out.
-                if moved and not self.readonly and (
-                        now[""] is not None or self._own_wal_has_frames(now)):
-                    self._save_replaced()
+                # Replaced, or moved away (renamed) with commits still in its own -wal
+                # (this store's, or another's that this one reads): SQLite does not
+                # checkpoint a moved file on close, since another process may use it
+                # by its new name, so those commits are copied out beside the path.
+                frames = moved and self._own_wal_has_frames(now)
+                saved = moved and (now[""] is not None or frames) and self._save_replaced()
                 self._conn.close()
-                if moved:
+                # Their -wal and -shm must not be inherited by a file made at the path;
+                # but a -wal whose commits could not be saved is kept (the moved file's
+                # last commits: open() refuses a new file beside it, and says so).
+                if moved and (saved or now[""] is not None or not frames):
                     self._remove_stale_companions()
+                if not moved and self._readonly_file:
+                    self._tidy_after_reading()
 
     def _file_is_its_own(self) -> bool:
         """Whether the file at the store's path is still the one it opened (for a
@@ -2947,31 +2967,51 @@ class Store:
             return os.path.getsize(self._file + "-wal") > 0
         return False
 
-    def _save_replaced(self) -> None:
+    def _save_replaced(self) -> bool:
         """Copy the store whose file was replaced or moved under it: its last commits
         live only in its -wal, which a file at the path must not inherit and which
-        SQLite does not move into a moved file. Nothing is written to the file."""
+        SQLite does not move into a moved file. Nothing is written to the file.
+        Whether a sound copy was made."""
         copy = f"{self._file}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         try:
             target = _connect(copy, self._durability, page_size=self._page_size())
             try:
                 self._conn.backup(target)
                 # A moved file another process writes under its new name can make
-                # the copy a mixture of two states: keep only a sound one.
+                # the copy a mixture of two states: keep only a sound store.
                 problems = [r[0] for r in target.execute("PRAGMA integrity_check(1)")]
+                if target.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'"
+                                  ).fetchone() is None:
+                    problems.append("it holds no log")
             finally:
                 target.close()
             if problems != ["ok"]:
-                raise sqlite3.DatabaseError(f"the copy failed its integrity check: {problems}")
-        except (OSError, sqlite3.Error) as exc:
+                raise sqlite3.DatabaseError(f"the copy is not a sound store: {problems}")
+        except (OSError, sqlite3.Error, FluxliteError) as exc:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(OSError):
                     os.remove(copy + suffix)
             _log.error("%r was moved, deleted or replaced while open; saving the old store "
                        "to %r failed: %s", self._path, copy, exc)
-            return
+            return False
         _log.warning("%r was moved, deleted or replaced while this store had it open; the "
                      "old store (all its events) is saved as %r.", self._path, copy)
+        return True
+
+    def _tidy_after_reading(self) -> None:
+        """A read-only connection cannot delete the -wal and -shm it leaves (empty and
+        unused once nothing else has the file open), and a new file could not be
+        made at the path beside them: a brief read-write connection closes the file
+        as SQLite does, removing them when it is the last. Only an empty -wal:
+        reading never writes the file."""
+        with contextlib.suppress(OSError, sqlite3.Error):
+            if os.path.getsize(self._file + "-wal") or not self._file_is_its_own():
+                return
+            conn = sqlite3.connect(_file_uri(self._file, "rw"), uri=True, timeout=0)
+            try:
+                conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            finally:
+                conn.close()
 
     def _remove_stale_companions(self) -> None:
         """Remove this store's -wal and -shm once its file is gone or replaced.
@@ -3880,7 +3920,8 @@ class Store:
         if not isinstance(file, str):
             raise UsageError(f"into must be a path or ':memory:'; received {_describe(into)}.")
         _check_path(file)
-        created = file != ":memory:" and not os.path.exists(file)
+        present = _present(file) if file != ":memory:" else {}
+        created = file != ":memory:" and not present[""]
         if not created and file != ":memory:" and os.path.getsize(file) > 0:
             # Looked at read-only first: opening it with this store's schema would
             # rebuild its read model before its events could be counted.
@@ -3931,9 +3972,7 @@ class Store:
             if target is not None:
                 target.close()
             if created:  # a part of the log would pass for a whole one
-                for suffix in ("", "-wal", "-shm"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(file + suffix)
+                _remove_made(file, present)
             raise
         return target
 
@@ -6424,15 +6463,13 @@ def _cmd_import(args: Any) -> int:
     app = _load_app(args.app)
     if not os.path.isfile(args.file):
         raise _CliError(f"no such file: {args.file!r}")
-    created = not os.path.exists(args.db)
+    present = _present(args.db)
     added = [0]  # committed so far, also when a later batch fails
     try:
         _import_into(args, app, added)
     except BaseException:
-        if created and added[0] == 0:  # an empty store left behind would pass for an import
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(args.db + suffix)
+        if not present[""] and added[0] == 0:  # an empty store would pass for an import
+            _remove_made(args.db, present)
         raise
     return 0
 
@@ -6476,8 +6513,10 @@ def _cmd_backup(args: Any) -> int:
     if os.path.exists(args.dest) and os.path.getsize(args.dest):
         raise _CliError(f"{args.dest!r} exists; backup writes a new file")
     open(args.db, readonly=True).close()  # a fluxlite store: else say so, of the source
+    present = _present(args.dest)
+    if not present[""]:
+        _check_no_orphan_wal(args.dest)
     source = _connect_readonly(args.db)
-    created = not os.path.exists(args.dest)
     try:
         with contextlib.suppress(FileExistsError):
             os.close(os.open(args.dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -6488,10 +6527,8 @@ def _cmd_backup(args: Any) -> int:
         finally:
             target.close()
     except BaseException:
-        if created:  # no half-made copy left behind
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(args.dest + suffix)
+        if not present[""]:  # no half-made copy left behind
+            _remove_made(args.dest, present)
         raise
     finally:
         source.close()

@@ -1140,6 +1140,62 @@ def test_no_store_is_made_beside_the_wal_files_of_a_deleted_one_still_open(tmp_p
         new.verify()
 
 
+@pytest.mark.parametrize("reader_closes", ["first", "last"])
+@pytest.mark.parametrize("reader", ["readonly", "no reducer"])
+def test_a_reader_of_a_renamed_store_saves_the_writers_last_commits_not_deletes_them(
+        tmp_path, reader, reader_closes):
+    path, moved = tmp_path / "store.db", tmp_path / "moved.db"
+    writer = open_app(path)
+    watcher = fluxlite.open(path, readonly=True) if reader == "readonly" else fluxlite.open(path)
+    writer.dispatch_many(deposits(20))  # acknowledged, in the -wal (the writer is not last)
+    if reader_closes == "last":
+        writer.close()  # not the last connection: SQLite leaves the commits in the -wal
+    os.rename(path, moved)
+    watcher.close()
+    if reader_closes == "first":
+        writer.close()
+    saved = sorted(tmp_path.glob("store.db.replaced-*"))
+    assert len(saved) == 1, os.listdir(tmp_path)
+    with fluxlite.open(saved[0], readonly=True) as copy:
+        assert [e.id for e in copy.events()] == [e["id"] for e in deposits(20)]
+    assert sorted(os.listdir(tmp_path)) == ["moved.db", saved[0].name]
+
+
+def test_a_refused_copy_to_the_old_path_leaves_the_open_stores_wal_alone(tmp_path):
+    path, moved = tmp_path / "store.db", tmp_path / "moved.db"
+    store = open_app(path)
+    store.dispatch_many(deposits(20))
+    os.rename(path, moved)
+    with open_app(tmp_path / "other.db") as other:
+        with pytest.raises(fluxlite.StorageError, match="does not exist, but"):
+            other.replay(into=str(path))
+    backup = subprocess.run([sys.executable, "-m", "fluxlite", "backup", str(tmp_path / "other.db"),
+                             str(path)], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))})
+    assert backup.returncode == 1 and "does not exist, but" in backup.stderr
+    assert "Traceback" not in backup.stderr
+    assert os.path.getsize(f"{path}-wal") > 0  # still the open store's
+    store.close()
+    saved = sorted(tmp_path.glob("store.db.replaced-*"))
+    with fluxlite.open(saved[0], readonly=True) as copy:
+        assert copy.head == 20
+
+
+def test_reading_a_store_leaves_nothing_that_stops_a_new_one_at_its_path(tmp_path):
+    path = tmp_path / "store.db"
+    with open_app(path) as store:
+        store.dispatch_many(deposits(3))
+    subprocess.run([sys.executable, "-m", "fluxlite", "log", str(path)], check=True,
+                   capture_output=True, timeout=60,
+                   env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))})
+    with fluxlite.open(path, readonly=True) as reader:
+        assert reader.head == 3
+    assert sorted(os.listdir(tmp_path)) == ["store.db"]  # no -wal or -shm left behind
+    os.remove(path)
+    with open_app(path) as new:
+        assert new.head == 0
+
+
 RENAMED_WRITER = r"""
 import sys
 sys.path.insert(0, sys.argv[2])
