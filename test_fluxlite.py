@@ -3924,6 +3924,27 @@ def _assert_log_gap_free(store):
     return seqs
 
 
+def _run_at_once(procs, ready, start):
+    """Wait until ready() says every child is at the start line, start() them, and
+    wait for each to succeed (killing any left, whatever happens)."""
+    try:
+        deadline = time.monotonic() + 30
+        while not ready():
+            assert time.monotonic() < deadline, "the child processes did not start"
+            for proc in procs:
+                assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.005)
+        start()
+        for proc in procs:
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err.decode()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 _WRITER = """
     path, worker, count, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     durability = sys.argv[5]
@@ -3947,22 +3968,7 @@ def test_concurrent_processes_share_one_gap_free_log(tmp_path, durability):
     _open_proc_store(path).close()  # created once, so the children race on writes, not on creation
     procs = [_spawn(_child_script(_WRITER), path, w, per_worker, go, durability, cwd=tmp_path)
              for w in workers]
-    try:
-        deadline = time.monotonic() + 30
-        while not all(os.path.exists(f"{go}.{w}") for w in workers):
-            assert time.monotonic() < deadline, "writers did not start"
-            for proc in procs:
-                assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.005)
-        go.touch()
-        for proc in procs:
-            _, err = proc.communicate(timeout=60)
-            assert proc.returncode == 0, err.decode()
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    _run_at_once(procs, lambda: all(os.path.exists(f"{go}.{w}") for w in workers), go.touch)
 
     with _open_proc_store(path) as store:
         assert _assert_log_gap_free(store) == list(range(1, len(workers) * per_worker + 1))
@@ -3986,20 +3992,8 @@ def test_processes_creating_one_new_store_at_once_all_open_it(tmp_path):
         ready = [tmp_path / f"ready{round_}.{w}" for w in workers]
         script = _child_script(_CREATOR)
         procs = [_spawn(script, path, w, go, ready[n], cwd=tmp_path) for n, w in enumerate(workers)]
-        try:
-            deadline = time.monotonic() + 30
-            while not all(r.exists() for r in ready):
-                assert time.monotonic() < deadline, "the processes did not start"
-                time.sleep(0.005)
-            go.write_text(str(time.time() + 0.3))  # one instant for all to start at
-            for proc in procs:
-                _, err = proc.communicate(timeout=60)
-                assert proc.returncode == 0, err.decode()
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        _run_at_once(procs, lambda: all(r.exists() for r in ready),
+                     lambda: go.write_text(str(time.time() + 0.3)))  # one instant for all
         with _open_proc_store(path) as store:
             assert _assert_log_gap_free(store) == list(range(1, 4 * 5 + 1))
 
