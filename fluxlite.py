@@ -3444,8 +3444,9 @@ class Store:
             same = False
         if not same:
             raise StorageError(
-                f"{self._path!r} was deleted or replaced while this store had it open; "
-                f"nothing was written. Close the store and open the file again."
+                f"{self._path!r} was deleted, renamed or replaced while this store had it "
+                f"open; nothing was written. Close the store (it saves what the moved file "
+                f"lacks beside the path) and open the file again."
             )
 
     def _check_model_current(self) -> None:

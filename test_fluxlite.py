@@ -5041,7 +5041,7 @@ def test_an_ack_into_a_replaced_file_is_refused(tmp_path):
         mailer = store.consumer("mailer")
         list(mailer)
         os.replace(path + ".bak", path)
-        with pytest.raises(fluxlite.StorageError, match="deleted or replaced"):
+        with pytest.raises(fluxlite.StorageError, match="deleted, renamed or replaced"):
             mailer.ack(1)
 
 

@@ -1103,7 +1103,7 @@ def test_a_store_file_renamed_while_open_keeps_every_acknowledged_event(tmp_path
         store.dispatch_many(deposits(5))
         acknowledged = store.dispatch(deposits(1, "last")[0])
         os.rename(path, moved)  # `mv store.db moved.db` while the app runs; -wal stays
-        with pytest.raises(fluxlite.StorageError, match="deleted or replaced"):
+        with pytest.raises(fluxlite.StorageError, match="deleted, renamed or replaced"):
             store.dispatch(deposits(1, "after")[0])
         # Its -wal is still at the old name: a new file there would take it as its own.
         with pytest.raises(fluxlite.StorageError, match="store.db-wal' and .*-shm' do"):
