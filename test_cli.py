@@ -389,16 +389,21 @@ def test_tail_follow_picks_up_another_process_and_stops_cleanly(work):
     tail = subprocess.Popen([sys.executable, "-m", "fluxlite", "tail", "-f", "-n", "1",
                              "app.db"], cwd=work, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    header, _, last = (tail.stdout.readline() for _ in range(3))  # header, rule, event 5
-    cli("dispatch", "app.db", "addUser", '{"name": "live"}', "--app", "cliapp:APP", cwd=work)
-    line = tail.stdout.readline()
-    assert line.split()[0] == "6" and "addUser" in line
-    starts = lambda text: [m.start() for m in re.finditer(r"(?<=  )\S", text)][:3] + [
-        text.index("{") if "{" in text else text.index("payload")]
-    assert starts(line) == starts(last) == starts(header), (header, last, line)  # in columns
-    tail.send_signal(signal.SIGINT)
-    assert tail.wait(10) == 0
-    assert "Traceback" not in tail.stderr.read()
+    try:
+        header, _, last = (tail.stdout.readline() for _ in range(3))  # header, rule, event 5
+        cli("dispatch", "app.db", "addUser", '{"name": "live"}', "--app", "cliapp:APP", cwd=work)
+        line = tail.stdout.readline()
+        assert line.split()[0] == "6" and "addUser" in line
+        starts = lambda text: [m.start() for m in re.finditer(r"(?<=  )\S", text)][:3] + [
+            text.index("{") if "{" in text else text.index("payload")]
+        assert starts(line) == starts(last) == starts(header), (header, last, line)  # columns
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(10) == 0
+        assert "Traceback" not in tail.stderr.read()
+    finally:  # a failed assertion must not leave `tail -f` running for ever
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
 
 
 @pytest.mark.parametrize("args, message", [
