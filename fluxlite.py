@@ -2956,8 +2956,7 @@ class Store:
         try:
             conn.execute("PRAGMA busy_timeout = 100")
             with _write_txn(conn):
-                conn.executemany("UPDATE fluxlite_consumers SET owner = NULL, lease_until = 0 "
-                                 "WHERE name = ? AND owner = ?", leases)
+                conn.executemany(_RELEASE_LEASE, leases)
         except sqlite3.Error as exc:
             _log.debug("consumer leases of %r left to run out: %s", self._path, exc)
         finally:
@@ -4375,6 +4374,11 @@ def _machine() -> str:
     return f"{socket.gethostname().replace('/', '_')}{namespace}"
 
 
+# Frees a consumer's name, only if this holder still has it (not one that took over).
+_RELEASE_LEASE = ("UPDATE fluxlite_consumers SET owner = NULL, lease_until = 0 "
+                  "WHERE name = ? AND owner = ?")
+
+
 def _lease_owner() -> str:
     return f"{_machine()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
@@ -4558,9 +4562,7 @@ class Consumer:
                 return
             try:
                 with _write_txn(store._conn):
-                    store._conn.execute(
-                        "UPDATE fluxlite_consumers SET owner = NULL, lease_until = 0 "
-                        "WHERE name = ? AND owner = ?", (self.name, self._owner))
+                    store._conn.execute(_RELEASE_LEASE, (self.name, self._owner))
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, store._path) from exc
 
