@@ -540,9 +540,10 @@ def _check_text(text: str, what: str, error: type) -> str:
     """Refuse text SQLite cannot store (lone surrogates are not UTF-8)."""
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise error(f"{what} {text!r} is not valid Unicode text (a lone surrogate); "
-                    f"fix the string's encoding.") from None
+    except UnicodeEncodeError as exc:
+        shown = repr(text) if len(text) <= 200 else f"{text[:200]!r}... ({len(text)} characters)"
+        raise error(f"{what} {shown} is not valid Unicode text (a lone surrogate at "
+                    f"character {exc.start}); fix the string's encoding.") from None
     return text
 
 
@@ -1285,6 +1286,7 @@ def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> L
             f"schema must be SQL text (CREATE TABLE / CREATE INDEX statements); "
             f"received {_describe(schema)}."
         )
+    _check_text(schema, "The schema", SchemaError)  # else each Python has its own error
     statements = _schema_statements(schema)
     if not statements:
         raise SchemaError(
@@ -4717,10 +4719,10 @@ def _as_of(store: Store, seq: int) -> View:
                     conn.executemany(info.insert_sql(info.writable_columns),
                                      store._conn.execute(f"SELECT {columns} FROM {info.q}"))
             if live:
-                conn.execute(f"INSERT INTO fluxlite_undo {first_changes}", (seq,))
+                conn.execute(f"INSERT INTO fluxlite_undo {first_changes}", {"seq": seq})
             else:
                 conn.executemany("INSERT INTO fluxlite_undo VALUES (?, ?, ?)",
-                                 store._conn.execute(first_changes, (seq,)))
+                                 store._conn.execute(first_changes, {"seq": seq}))
             _undo(conn, model)
             conn.execute("COMMIT")
         except BaseException:
@@ -4753,9 +4755,10 @@ def _attach_live(conn: sqlite3.Connection, store: Store) -> bool:
 
 
 def _first_changes_sql(journal: str, tail: int, head: int) -> str:
-    """(tbl, key, before) of the first change to each row after seq ?1.
+    """(tbl, key, before) of the first change to each row after seq :seq (a
+    named parameter: Python 3.14 refuses ?1 with a sequence of parameters).
 
-    Grouping the tail sorts every journal row after ?1, before-images and
+    Grouping the tail sorts every journal row after it, before-images and
     all; for a long tail it is cheaper to list the changed rows from the
     (tbl, key, seq) index and look up each one's first change there.
     """
@@ -4763,10 +4766,10 @@ def _first_changes_sql(journal: str, tail: int, head: int) -> str:
         # "+tbl, +key": group without the (tbl, key, seq) index, so SQLite
         # searches the primary key for seq > ? instead of scanning it all.
         return (f"SELECT tbl, key, before FROM (SELECT tbl, key, before, "
-                f"min(seq * 4294967296 + n) FROM {journal} WHERE seq > ?1 GROUP BY +tbl, +key)")
+                f"min(seq * 4294967296 + n) FROM {journal} WHERE seq > :seq GROUP BY +tbl, +key)")
     return (f"SELECT d.tbl, d.key, (SELECT j.before FROM {journal} j WHERE j.tbl = d.tbl "
-            f"AND j.key = d.key AND j.seq > ?1 ORDER BY j.seq, j.n LIMIT 1) "
-            f"FROM (SELECT DISTINCT tbl, key FROM {journal} WHERE seq > ?1) d")
+            f"AND j.key = d.key AND j.seq > :seq ORDER BY j.seq, j.n LIMIT 1) "
+            f"FROM (SELECT DISTINCT tbl, key FROM {journal} WHERE seq > :seq) d")
 
 
 def _undo(conn: sqlite3.Connection, model: _Model) -> None:
