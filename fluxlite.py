@@ -1182,7 +1182,34 @@ def _affinity(declared: str) -> str:
     return "real" if any(t in kind for t in ("REAL", "FLOA", "DOUB")) else "numeric"
 
 
-_affinity_scratch = threading.local()  # its .conn: the thread's scratch for _as_stored
+class _AffinityScratch:
+    """_as_stored's private in-memory database: one per process, kept open (opening
+    one costs more than history()'s query), shared by threads under a lock. Not
+    one per thread: a thread's own would be left unclosed when the thread ends."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.conn: Optional[sqlite3.Connection] = None
+
+    def connection(self) -> sqlite3.Connection:  # with the lock held
+        if self.conn is None:
+            self.conn = sqlite3.connect(":memory:", isolation_level=None,
+                                        check_same_thread=False)
+            self.conn.execute("CREATE TABLE a (integer INTEGER, text TEXT, blob BLOB, "
+                              "real REAL, numeric NUMERIC)")
+        return self.conn
+
+
+_affinity_scratch = _AffinityScratch()
+
+
+def _new_affinity_scratch() -> None:
+    global _affinity_scratch
+    _affinity_scratch = _AffinityScratch()
+
+
+if hasattr(os, "register_at_fork"):  # a fork's child gets its own: the lock may be held
+    os.register_at_fork(after_in_child=_new_affinity_scratch)
 
 
 def _as_stored(values: Sequence[Any], declared: Sequence[str]) -> Tuple[Any, ...]:
@@ -1193,19 +1220,17 @@ def _as_stored(values: Sequence[Any], declared: Sequence[str]) -> Tuple[Any, ...
     scratch table on a private in-memory database: Python's int() and float()
     read text SQLite does not ('INF', '1_000', non-ASCII digits).
     """
-    conn = getattr(_affinity_scratch, "conn", None)
-    if conn is None:  # one per thread, kept: opening one costs more than history()'s query
-        conn = _affinity_scratch.conn = sqlite3.connect(":memory:", isolation_level=None)
-        conn.execute("CREATE TABLE a (integer INTEGER, text TEXT, blob BLOB, real REAL, "
-                     "numeric NUMERIC)")
+    scratch = _affinity_scratch
     stored = []
-    for value, kind in zip(values, declared):
-        column = _affinity(kind)  # one of the five fixed column names above
-        try:
-            conn.execute(f"INSERT INTO a ({column}) VALUES (?)", (value,))
-            stored.append(conn.execute(f"SELECT {column} FROM a").fetchone()[0])
-        finally:
-            conn.execute("DELETE FROM a")
+    with scratch.lock:
+        conn = scratch.connection()
+        for value, kind in zip(values, declared):
+            column = _affinity(kind)  # one of the five fixed column names above
+            try:
+                conn.execute(f"INSERT INTO a ({column}) VALUES (?)", (value,))
+                stored.append(conn.execute(f"SELECT {column} FROM a").fetchone()[0])
+            finally:
+                conn.execute("DELETE FROM a")
     return tuple(stored)
 
 

@@ -24,6 +24,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import warnings
 import weakref
 from datetime import datetime, timedelta, timezone
 
@@ -3508,6 +3509,25 @@ def test_a_failed_replay_into_a_new_file_leaves_no_file(tmp_path, monkeypatch):
             with pytest.raises(fluxlite.UsageError):
                 store.replay(into=bad)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.db"]
+
+
+def test_history_from_many_threads_leaves_no_connection_unclosed(tmp_path):
+    # history() stores the key as SQLite would, in a scratch database of its own:
+    # one per thread was never closed (ResourceWarning "unclosed database" on
+    # Python 3.13 as each thread ended, an error under -W error).
+    with fluxlite.open(str(tmp_path / "h.db"), schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        answers = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(8):
+                thread = threading.Thread(target=lambda: answers.append(
+                    [r.after for r in store.history("items", "a")]))
+                thread.start()
+                thread.join()
+            gc.collect()
+        assert answers == [[{"id": "a", "n": 1}]] * 8
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
 def test_history_finds_keys_of_a_strict_tables_any_column_as_stored():
