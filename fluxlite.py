@@ -930,14 +930,42 @@ class _WalCheckpointer:
         finally:
             conn.close()
 
+    def stop_soon(self) -> None:
+        """Tell the thread to end (and close its connection) without waiting: for
+        a store dropped without close(), whose thread would otherwise wait out
+        _CHECKPOINT_IDLE with the file open."""
+        self._stopping = True
+        self._wake.set()
+
     def stop(self) -> None:
         """Stop the thread, which closes its connection: before the store's own
         closes, so that the store's is the last and SQLite removes the WAL."""
-        self._stopping = True
-        self._wake.set()
+        self.stop_soon()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+
+
+@contextlib.contextmanager
+def _short_wait(conn: sqlite3.Connection) -> Iterator[None]:
+    """busy_timeout 0.1 s, for tidying that must not hold up its caller when other
+    processes are busy with the file (it is simply left for later then)."""
+    conn.execute("PRAGMA busy_timeout = 100")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute(f"PRAGMA busy_timeout = {_PRAGMAS['busy_timeout']}")
+
+
+def _empty_wal(conn: sqlite3.Connection, path: str) -> None:
+    """Checkpoint the WAL into the file and truncate it, unless other connections
+    are busy with it (then journal_size_limit trims it at its next restart)."""
+    try:
+        with _short_wait(conn):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    except sqlite3.Error as exc:
+        _log.debug("the WAL of %r was not truncated: %s", path, exc)
 
 
 @contextlib.contextmanager
@@ -2868,12 +2896,16 @@ class Store:
         self._watcher: Optional[threading.Thread] = None
         self._watch_cursor: Optional[_FollowCursor] = None  # watch()'s place in the log
         self._cursors: "weakref.WeakSet[_FollowCursor]" = weakref.WeakSet()  # reset_to() moves them
-        self._consumers: "weakref.WeakSet[Consumer]" = weakref.WeakSet()  # close() releases them
+        # owner -> name of the consumer leases this store took (plain strings: a
+        # Consumer dropped without close() is released by close() all the same).
+        self._leases: Dict[str, str] = {}
         self._chain: Callable[[Dict[str, Any]], Any] = _refuse_during_setup
         self._bare = False  # True once open() found no middleware (dispatch's fast path)
         self._checkpointer = (_WalCheckpointer(self._file)
                               if durability == "normal" and path not in (":memory:", "")
                               else None)
+        if self._checkpointer is not None:
+            weakref.finalize(self, self._checkpointer.stop_soon)
         with _OPEN_STORES_LOCK:  # once whole: a fork may look at it from now on
             _OPEN_STORES.add(self)
 
@@ -2955,6 +2987,13 @@ class Store:
                 # by its new name, so those commits are copied out beside the path.
                 frames = moved and self._own_wal_has_frames(now)
                 saved = moved and (now[""] is not None or frames) and self._save_replaced()
+                if not moved and not self._readonly_file and self._file not in (":memory:", ""):
+                    # SQLite does this only when the closing connection is the file's
+                    # last. A writer closed before a reader (a readonly=True store
+                    # in the same app) would leave the WAL, which the next open's
+                    # recovery counts as not copied, so it could never restart: it
+                    # would grow by every session's commits.
+                    _empty_wal(self._conn, self._path)
                 self._conn.close()
                 # Their -wal and -shm must not be inherited by a file made at the path;
                 # but a -wal whose commits could not be saved is kept (the moved file's
@@ -2976,19 +3015,14 @@ class Store:
         """Free the names of consumers still open from this store, for others at once:
         best effort, in one transaction, waiting at most 0.1 s for the write lock
         (else their leases simply run out)."""
-        leases = [(c.name, c._owner) for c in list(self._consumers)]
+        leases = [(name, owner) for owner, name in list(self._leases.items())]
         if not leases or self._readonly_file:
             return
-        conn = self._conn
         try:
-            conn.execute("PRAGMA busy_timeout = 100")
-            with _write_txn(conn):
-                conn.executemany(_RELEASE_LEASE, leases)
+            with _short_wait(self._conn), _write_txn(self._conn):
+                self._conn.executemany(_RELEASE_LEASE, leases)
         except sqlite3.Error as exc:
             _log.debug("consumer leases of %r left to run out: %s", self._path, exc)
-        finally:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute(f"PRAGMA busy_timeout = {_PRAGMAS['busy_timeout']}")
 
     def _own_wal_has_frames(self, now: Dict[str, Optional[Tuple[int, int]]]) -> bool:
         """Whether the -wal at the path is still this store's, and not empty."""
@@ -3814,9 +3848,7 @@ class Store:
         machine is taken over at once). Busy if another live holder has it.
         """
         self._check_writable("consumer()")  # its position and lease are in the file
-        consumer = Consumer(self, name, lease)
-        self._consumers.add(consumer)  # close() gives up its lease
-        return consumer
+        return Consumer(self, name, lease)
 
     async def adispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None,
                         **kwargs: Any) -> Optional[Event]:
@@ -4410,6 +4442,18 @@ def _lease_owner() -> str:
     return f"{_machine()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
+# This process's Consumers by lease owner: a lease of this process whose Consumer
+# was dropped without close() is free at once (nothing can use it any more).
+_LIVE_CONSUMERS: "weakref.WeakValueDictionary[str, Consumer]" = weakref.WeakValueDictionary()
+
+
+def _lease_is_free(owner: Optional[str]) -> bool:
+    """True if the holder's process is gone, or it is this one and its Consumer is."""
+    if owner is not None and owner.startswith(f"{_machine()}/{os.getpid()}/"):
+        return owner not in _LIVE_CONSUMERS
+    return _holder_is_dead(owner)
+
+
 def _holder_is_dead(owner: Optional[str]) -> bool:
     """True if the owner ran on this machine and its process is gone."""
     if not owner:
@@ -4468,8 +4512,10 @@ class Consumer:
         self.store, self.name, self._lease = store, name, float(lease)
         self._owner = _lease_owner()
         self._yielded = 0
+        _LIVE_CONSUMERS[self._owner] = self  # first: while it lives, its lease is not free
         self.position = self._acquire()
         self._renewed = time.monotonic()
+        store._leases[self._owner] = name  # store.close() gives it up
 
     def _acquire(self) -> int:
         store = self.store
@@ -4482,7 +4528,7 @@ class Consumer:
                         "WHERE name = ?", (self.name,)).fetchone()
                     position, owner, until = row if row else (0, None, 0.0)
                     if owner not in (None, self._owner) and until > time.time() \
-                            and not _holder_is_dead(owner):
+                            and not _lease_is_free(owner):
                         raise Busy(
                             f"Consumer {self.name!r} is held by {owner} until its lease "
                             f"ends in {until - time.time():.1f} s; one process at a time "
@@ -4592,6 +4638,7 @@ class Consumer:
                     store._conn.execute(_RELEASE_LEASE, (self.name, self._owner))
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, store._path) from exc
+            store._leases.pop(self._owner, None)
 
     def __enter__(self) -> "Consumer":
         return self
@@ -4860,22 +4907,12 @@ def _rebuild(store: Store, schema: str, version: Any,
 
 def _truncate_wal(store: Store) -> None:
     """Give back the WAL a rebuild's swap grew (it holds the whole new model and
-    journal): checkpoint it into the file and truncate it, unless readers are
-    still on an older snapshot (then journal_size_limit trims it at the next
-    restart)."""
+    journal)."""
     if store._path == ":memory:":
         return
     with store._lock:
-        if store._closed:  # by another thread, right after the rebuild
-            return
-        conn = store._conn
-        conn.execute("PRAGMA busy_timeout = 100")
-        try:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        except sqlite3.OperationalError as exc:  # busy: fine, it is only tidying
-            _log.debug("WAL not truncated after the rebuild of %r: %s", store._path, exc)
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {_PRAGMAS['busy_timeout']}")
+        if not store._closed:  # by another thread, right after the rebuild
+            _empty_wal(store._conn, store._path)
 
 
 def _rebuild_unmapped(store: Store, schema: str, version: Any,
@@ -5201,10 +5238,26 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
     return middleware
 
 
+def _weak_core(store: Store) -> Callable[[Dict[str, Any]], Any]:
+    """The innermost next(): the store's own dispatch, held weakly, so that the
+    store and its chain are no reference cycle. A store dropped without close()
+    is then freed at once and stops its checkpoint thread, not at the next
+    collection (its sqlite3 connection, a cycle in CPython itself, still waits)."""
+    core = weakref.WeakMethod(store._core_dispatch)
+
+    def core_dispatch(action: Dict[str, Any]) -> Optional[Event]:
+        dispatch = core()
+        if dispatch is None:
+            raise UsageError("A middleware called next() after its store was gone; "
+                             "call next() only while handling the event.")
+        return dispatch(action)
+    return core_dispatch
+
+
 def _compose_chain(store: Store, middleware: Sequence[Middleware]) -> Callable[[Dict[str, Any]], Any]:
     """Redux's applyMiddleware: the first middleware is the outermost."""
     wrappers = [m(store) for m in middleware]
-    chain: Callable[[Dict[str, Any]], Any] = store._core_dispatch
+    chain: Callable[[Dict[str, Any]], Any] = _weak_core(store)
     for wrap in reversed(wrappers):
         if not callable(wrap):
             raise UsageError(

@@ -4690,6 +4690,27 @@ def test_closing_the_store_gives_up_its_consumers_leases(tmp_path):
             elsewhere.consumer("c0")
 
 
+def test_a_consumer_dropped_without_close_does_not_hold_its_name(tmp_path):
+    path = str(tmp_path / "c.db")
+    store = fluxlite.open(path, schema=ITEMS, reducer=items_reducer)
+    store.dispatch("put", {"id": "a", "n": 1})
+
+    def work():
+        consumer = store.consumer("indexer")
+        for event, _ in consumer:
+            consumer.ack(event)
+    work()  # returns without close(): the Consumer is gone, its lease is not
+    gc.collect()
+    again = store.consumer("indexer")  # this process: at once, not after the 30 s lease
+    assert again.position == 1
+    del again
+    gc.collect()
+    store.close()  # and close() gives up the leases of the store's dropped consumers
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("SELECT owner, position FROM fluxlite_consumers").fetchall() \
+            == [(None, 1)]
+
+
 ZOMBIE_HOLDER = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
@@ -5286,6 +5307,54 @@ def test_the_wal_stays_bounded_under_a_steady_stream_at_normal_durability(tmp_pa
         wal = os.path.getsize(path + "-wal")
         assert store.view.notes.count() == 4000
     assert wal <= 2 * fluxlite._WAL_CEILING + 1024 * 1024, wal
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # unclosed
+def test_a_store_dropped_without_close_stops_its_checkpoint_thread_at_once(tmp_path):
+    # A store at durability="normal" runs a checkpoint thread with a connection of
+    # its own, which waits 30 s for more commits. Dropped without close(), the
+    # store is freed at once (no reference cycle of its own) and tells the thread
+    # to end; SQLite's connection itself waits for a garbage collection (CPython's
+    # sqlite3 connections are a cycle with their statement cache).
+    path = str(tmp_path / "dropped.db")
+    gc.disable()
+    try:
+        store = fluxlite.open(path, schema=ITEMS, reducer=items_reducer, durability="normal")
+        for n in range(100):  # past _CHECKPOINT_EVERY: the thread is running
+            store.dispatch("put", {"id": str(n), "n": n})
+        assert any(t.name == "fluxlite-checkpoint" for t in threading.enumerate())
+        freed = weakref.ref(store)
+        del store
+        assert freed() is None
+        deadline = time.monotonic() + 5
+        while any(t.name == "fluxlite-checkpoint" for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "the checkpoint thread outlived its store"
+            time.sleep(0.01)
+    finally:
+        gc.enable()
+    gc.collect()  # the store's own connection: the last, so SQLite removes the WAL
+    assert not os.path.exists(path + "-wal")
+    with fluxlite.open(path, readonly=True) as reader:
+        assert reader.head == 100
+
+
+def test_a_writer_closed_before_a_reader_leaves_no_wal_to_grow(tmp_path):
+    # The README's pairing: a writer and a readonly=True store on one file. The
+    # writer closes first, so SQLite's own checkpoint-on-close (last connection
+    # only) does not run, and the reader cannot: without one at close() the WAL
+    # stayed, every next open recovered it as uncopied, and it grew each session.
+    path = str(tmp_path / "app.db")
+    for session in range(40):
+        writer = fluxlite.open(path, schema=SCHEMA, reducer=reducer)
+        reader = fluxlite.open(path, readonly=True)
+        add(writer, f"user {session}")
+        writer.close()
+        assert reader.view.users.count() == session + 1
+        reader.close()
+        assert not os.path.exists(path + "-wal"), f"session {session} left its WAL"
+        assert not os.path.exists(path + "-shm")
+    with fluxlite.open(path, readonly=True) as reader:
+        assert reader.head == 40
 
 
 def test_misused_arguments_are_usage_errors(store):
