@@ -4454,12 +4454,16 @@ def _lease_is_free(owner: Optional[str]) -> bool:
     return _holder_is_dead(owner)
 
 
+_POSIX = os.name == "posix"
+
+
 def _holder_is_dead(owner: Optional[str]) -> bool:
-    """True if the owner ran on this machine and its process is gone."""
+    """True if the owner ran on this machine and its process is gone. Only POSIX
+    can ask: on Windows, os.kill(pid, 0) does not probe, it terminates the process."""
     if not owner:
         return True
     host, _, rest = owner.partition("/")
-    if host != _machine():
+    if host != _machine() or not _POSIX:
         return False
     try:
         pid = int(rest.partition("/")[0])

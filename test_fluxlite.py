@@ -4751,6 +4751,26 @@ def test_a_killed_holder_not_yet_reaped_is_taken_over_at_once(tmp_path):
         holder.wait()
 
 
+def test_a_live_holder_is_never_probed_where_probing_would_kill_it(monkeypatch):
+    # On Windows os.kill(pid, 0) is no probe: it terminates the process. Off
+    # POSIX a holder is never taken for dead (its lease runs out instead), and
+    # no signal is ever sent. (Only the branch can be tested on this machine.)
+    sent = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        owner = f"{fluxlite._machine()}/{holder.pid}/x"
+        monkeypatch.setattr(fluxlite, "_POSIX", False)
+        assert not fluxlite._holder_is_dead(owner)
+        assert sent == []
+        monkeypatch.setattr(fluxlite, "_POSIX", True)
+        assert not fluxlite._holder_is_dead(owner)
+        assert sent == [(holder.pid, 0)]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_holder_in_another_pid_namespace_is_never_taken_for_dead():
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
