@@ -124,6 +124,7 @@ import re
 import signal
 import socket
 import sqlite3
+import sys
 import tempfile
 import threading
 import time
@@ -163,6 +164,7 @@ FORMAT_VERSION = 2  # 2: fluxlite_seals (format 1 files are sealed on open)
 APPLICATION_ID = 0x464C5854
 
 _DURABILITY = {"full": "FULL", "normal": "NORMAL"}
+_DARWIN = sys.platform == "darwin"  # see _apply_full_fsync
 _MAX_DEPTH = 200  # how deep an event's payload or meta may nest (lists, dicts)
 
 # At durability="normal" the WAL is checkpointed by a background thread (see
@@ -763,6 +765,18 @@ def _apply_pragmas(conn: sqlite3.Connection, path: str, durability: str,
                 f"fluxlite needs WAL. Is the file on a network file system?"
             )
     conn.execute(f"PRAGMA synchronous={_DURABILITY[durability]}")
+    _apply_full_fsync(conn, durability)
+
+
+def _apply_full_fsync(conn: sqlite3.Connection, durability: str) -> None:
+    """On macOS fsync() leaves the data in the drive's cache, to be written later
+    and out of order; only F_FULLFSYNC (off in SQLite by default) flushes it. So
+    a commit at "full", and every checkpoint (which "normal" relies on for a
+    file that stays sound), asks for it there."""
+    if _DARWIN:
+        conn.execute("PRAGMA checkpoint_fullfsync=ON")
+        if durability == "full":
+            conn.execute("PRAGMA fullfsync=ON")
 
 
 def _check_no_orphan_wal(path: str) -> None:
@@ -791,13 +805,26 @@ def _remove_made(path: str, present: Dict[str, bool]) -> None:
     not there before (a -wal beside it may be another store's, still in use)."""
     for suffix, was in present.items():
         if not was:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path + suffix)
+            _remove_quietly(path + suffix)
+
+
+def _remove_quietly(path: str) -> None:
+    """Remove a file fluxlite made, if it can: a file missing is fine, and one that
+    cannot go (on Windows, while anything holds it open) must not replace the
+    error or result being returned; it is logged instead."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        _log.warning("could not remove %r: %s", path, exc)
 
 
 def _file_uri(path: str, mode: str) -> str:
-    """A SQLite URI for an absolute path: mode=ro cannot write, mode=rw cannot create."""
-    return "file:" + urllib.parse.quote(path) + "?mode=" + mode
+    """A SQLite URI for an absolute path: mode=ro cannot write, mode=rw cannot create.
+    Every "/" is escaped too: "file://x/..." would name a host x (a POSIX path may
+    begin with "//"); SQLite decodes the escapes after looking for one."""
+    return "file:" + urllib.parse.quote(path, safe="") + "?mode=" + mode
 
 
 def _connect_readonly(path: str) -> sqlite3.Connection:
@@ -921,6 +948,7 @@ class _WalCheckpointer:
             return
         try:
             conn.execute("PRAGMA synchronous=NORMAL")
+            _apply_full_fsync(conn, "normal")
             while self._wake.wait(_CHECKPOINT_IDLE) and not self._stopping:
                 self._wake.clear()
                 try:
@@ -4425,7 +4453,19 @@ class _FollowCursor:
 
 def _machine() -> str:
     """Where a pid means this process table: the host name, and on Linux the pid
-    namespace (containers on one host name can each have a pid 33 of their own)."""
+    namespace (containers on one host name can each have a pid 33 of their own).
+    Read once per process: a host name can change while it runs (macOS renames
+    hosts as networks change), and the process's own leases must stay its own."""
+    known = _MACHINE.get(os.getpid())
+    if known is None:
+        known = _MACHINE[os.getpid()] = _read_machine()
+    return known
+
+
+_MACHINE: Dict[int, str] = {}  # by pid: a fork's child may be in another pid namespace
+
+
+def _read_machine() -> str:
     try:
         namespace = f"~{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:
@@ -4930,7 +4970,6 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
     _remove_stale_scratch(directory or tempfile.gettempdir(), prefix)
     fd, scratch = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".db", dir=directory)
     os.close(fd)
-    conn = store._conn
     try:
         model = _scratch_model(schema, scratch, journal=True, new_schema=(
             _normalize_schema(schema) != _normalize_schema(store._schema)))
@@ -4948,8 +4987,7 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
             model.conn.close()
     finally:
         for suffix in ("", "-journal", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(scratch + suffix)
+            _remove_quietly(scratch + suffix)
 
 
 def _swap_in(store: Store, schema: str, version: Any, model: _Model, scratch: str,
@@ -6103,7 +6141,6 @@ class _CliError(Exception):
 def _load_app(spec: Optional[str]) -> App:
     """MODULE:ATTR names a fluxlite.App (the current directory is importable)."""
     import importlib
-    import sys
     if not spec:
         raise _CliError("this command needs --app MODULE:ATTR naming a fluxlite.App")
     module_name, _, attr = spec.partition(":")
@@ -6171,7 +6208,6 @@ def _short(value: Any, width: int = 48) -> str:
 def _print_rows(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None,
                 out: Any = None) -> List[int]:
     """Rows under a header, in columns; returns the columns' widths."""
-    import sys
     out = out or sys.stdout
     columns = list(columns or (rows[0].keys() if rows else []))
     cells = [[("" if r.get(c) is None else _short(r.get(c), 60)) for c in columns] for r in rows]
@@ -6186,7 +6222,6 @@ def _print_rows(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[st
 
 def _progress(label: str, total: int) -> Optional[Callable[[int], None]]:
     """A progress bar on stderr, only when stderr is a terminal."""
-    import sys
     if not sys.stderr.isatty() or total <= 0:
         return None
 
@@ -6312,7 +6347,6 @@ def _print_more_events(rows: Sequence[Mapping[str, Any]], widths: List[int]) -> 
 
 
 def _cmd_tail(args: Any) -> int:
-    import sys
     with open(args.db, readonly=True) as store:
         rows = store.query("SELECT * FROM events ORDER BY seq DESC LIMIT ?", (args.n,))[::-1]
         widths = _print_events(rows, args.json)
@@ -6375,7 +6409,6 @@ def _cmd_show(args: Any) -> int:
 
 def _cmd_query(args: Any) -> int:
     import csv
-    import sys
     with open(args.db, readonly=True) as store:
         if args.at is not None or args.time is not None:
             past = store.at(args.at, time=_parse_time(args.time) if args.time else None)
@@ -6387,7 +6420,7 @@ def _cmd_query(args: Any) -> int:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False, default=_blob_as_hex))
     elif args.csv:
-        writer = csv.writer(sys.stdout)
+        writer = csv.writer(sys.stdout, lineterminator="\n")  # text mode: the platform's own
         if rows:
             writer.writerow(rows[0].keys())
         writer.writerows([_blob_as_hex(v) if isinstance(v, bytes) else v for v in r.values()]
@@ -6440,7 +6473,6 @@ def _cmd_dispatch(args: Any) -> int:
             if not committed:
                 raise _CliError(f"the application's middleware returned {returned} and "
                                 f"committed nothing: the event was not dispatched")
-            import sys
             print(f"fluxlite dispatch: warning: the application's middleware returned "
                   f"{returned} instead of the event (a middleware returns what next() "
                   f"returns); what it committed follows", file=sys.stderr)
@@ -6452,7 +6484,6 @@ def _cmd_dispatch(args: Any) -> int:
 
 
 def _cmd_verify(args: Any) -> int:
-    import sys
     app = _load_app(args.app)
     with open(args.db, readonly=True) as peek:
         built_with = (_normalize_schema(peek.schema), peek.version)
@@ -6512,7 +6543,8 @@ def _import_batches(path: str) -> Iterator[List[Dict[str, Any]]]:
 
 
 def _read_import_batches(path: str) -> Iterator[List[Dict[str, Any]]]:
-    with builtins.open(path, encoding="utf-8") as lines:  # open() here is fluxlite's
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of a line
+    with builtins.open(path, encoding="utf-8-sig") as lines:  # open() here is fluxlite's
         batch: List[Dict[str, Any]] = []
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -6792,9 +6824,19 @@ def _parser() -> Any:
     return parser
 
 
+def _output_in_utf8() -> None:
+    """Write UTF-8, whatever the locale says. On Windows a pipe or a file gets the
+    ANSI code page: an event holding an emoji would fail to print, and one
+    holding "Zoë" would be exported in a form `import` (UTF-8) refuses."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The `fluxlite` command. Returns the exit status."""
-    import sys
+    _output_in_utf8()
     args = _parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -233,6 +233,27 @@ def test_export_import_round_trip_is_idempotent(work):
     assert json.loads(cli("info", "other.db", "--json", cwd=work).stdout)["head"] == 1
 
 
+def test_export_and_import_are_utf8_whatever_the_locale(work):
+    # Windows writes a pipe or file in the ANSI code page: "Zoë" came out in
+    # cp1252 (which import, reading UTF-8, refused) and an emoji not at all.
+    with fluxlite.open(work / "app.db", app=__import__("cliapp").APP) as store:
+        store.dispatch("addUser", {"name": "Zoë \U0001F600"})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "cp1252"}
+    exported = subprocess.run([sys.executable, "-m", "fluxlite", "export", "app.db"], cwd=work,
+                              env=env, capture_output=True, timeout=60)
+    assert exported.returncode == 0, exported.stderr.decode("utf-8", "replace")
+    assert "Zoë \U0001F600" in exported.stdout.decode("utf-8")
+    # What a Windows editor saves: a byte-order mark first, CRLF line ends.
+    text = exported.stdout.decode("utf-8").replace("\n", "\r\n")
+    (work / "events.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert "imported 6 events" in cli("import", "copy.db", "events.jsonl", "--app",
+                                      "cliapp:APP", cwd=work).stdout
+    shown = subprocess.run([sys.executable, "-m", "fluxlite", "query", "copy.db",
+                            "SELECT name FROM users WHERE name LIKE 'Zo%'", "--csv"],
+                           cwd=work, env=env, capture_output=True, timeout=60)
+    assert shown.returncode == 0 and shown.stdout.decode("utf-8") == "name\nZoë \U0001F600\n"
+
+
 @pytest.mark.parametrize("change, error", [
     (lambda e: {**e, "type": 5}, "non-empty string"),
     (lambda e: {**e, "type": ""}, "non-empty string"),

@@ -18,6 +18,7 @@ import random
 import sqlite3
 import stat
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -2623,7 +2624,7 @@ def test_at_a_store_whose_file_cannot_be_attached_copies_through_python(tmp_path
         if why == "not the file opened":
             monkeypatch.setattr(store, "_file", str(tmp_path / "elsewhere" / "t.db"))
         else:  # as on media where SQLite cannot open the file read-only
-            monkeypatch.setattr(fluxlite.urllib.parse, "quote", lambda path: path + ".missing")
+            monkeypatch.setattr(fluxlite.urllib.parse, "quote", lambda path, safe="/": path + ".missing")
         with caplog.at_level(logging.DEBUG, logger="fluxlite"):
             past = store.at(2)
         monkeypatch.undo()
@@ -4769,6 +4770,68 @@ def test_a_live_holder_is_never_probed_where_probing_would_kill_it(monkeypatch):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_path_that_begins_with_two_slashes_opens_every_way(tmp_path):
+    # "//tmp/x.db" is the file /tmp/x.db on POSIX, but "file://tmp/x.db" names a
+    # host "tmp" in a URI: the connections fluxlite opens by URI (readonly=True,
+    # at()'s attach, the checkpoint thread) failed with a raw sqlite3 error.
+    path = "/" + str(tmp_path / "slashes.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer, durability="normal") as store:
+        for n in range(100):
+            store.dispatch("put", {"id": str(n), "n": n})
+        with store.at(50) as past:
+            assert past.items.count() == 50
+        with fluxlite.open(path, readonly=True) as reader:
+            assert reader.head == 100
+
+
+def test_a_scratch_file_that_cannot_be_removed_does_not_fail_the_rebuild(tmp_path, monkeypatch,
+                                                                         caplog):
+    # On Windows a file something still holds open (a virus scanner) cannot be
+    # removed: the rebuild that made it has succeeded all the same.
+    path = str(tmp_path / "held.db")
+    remove = os.remove
+
+    def refuse_scratch(name):
+        if ".rebuild-" in str(name):
+            raise PermissionError(32, "The process cannot access the file", name)
+        remove(name)
+
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        monkeypatch.setattr(os, "remove", refuse_scratch)
+        with caplog.at_level(logging.WARNING, logger="fluxlite"):
+            store.rebuild()
+        monkeypatch.undo()
+        assert store.view.items.get("a") == {"id": "a", "n": 1}
+    assert "could not remove" in caplog.text and ".rebuild-" in caplog.text
+
+
+@pytest.mark.parametrize("durability, full", [("full", 1), ("normal", 0)])
+def test_on_macos_commits_and_checkpoints_flush_the_drive_cache(tmp_path, monkeypatch,
+                                                                durability, full):
+    # macOS's fsync() does not reach the disk; SQLite uses F_FULLFSYNC only when
+    # asked. (The platform is faked: the pragmas are SQLite's on any system.)
+    monkeypatch.setattr(fluxlite, "_DARWIN", True)
+    with fluxlite.open(str(tmp_path / "mac.db"), schema=ITEMS, reducer=items_reducer,
+                       durability=durability) as store:
+        assert store._conn.execute("PRAGMA fullfsync").fetchone()[0] == full
+        assert store._conn.execute("PRAGMA checkpoint_fullfsync").fetchone()[0] == 1
+    monkeypatch.setattr(fluxlite, "_DARWIN", False)
+    with fluxlite.open(str(tmp_path / "linux.db"), schema=ITEMS, reducer=items_reducer) as store:
+        assert store._conn.execute("PRAGMA fullfsync").fetchone()[0] == 0
+
+
+def test_a_host_renamed_while_running_keeps_this_process_s_leases_its_own(tmp_path, monkeypatch):
+    # macOS renames hosts as networks change: the name is read once per process.
+    path = str(tmp_path / "renamed.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        consumer = store.consumer("indexer")
+        del consumer
+        gc.collect()
+        monkeypatch.setattr(socket, "gethostname", lambda: "renamed-host")
+        store.consumer("indexer").close()  # its own dropped lease: free at once
 
 
 def test_a_holder_in_another_pid_namespace_is_never_taken_for_dead():
