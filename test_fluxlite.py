@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import doctest
 import gc
 import hashlib
@@ -5471,3 +5472,207 @@ def test_misused_arguments_are_usage_errors(store):
         with pytest.raises(fluxlite.UsageError, match="64-bit integer range|must be None, bool, int, float or str"):
             store.view.users.find(name=bad)
     assert store.event(2**64) is None and list(store.events(after=2**64)) == []
+
+
+# --- Guarantees a mutation review found untested ---------------------------------------
+# (each of these failed on a copy of fluxlite.py with one rule broken, and on no other)
+
+
+def test_replace_of_the_head_event_with_a_new_id_is_refused(tmp_path):
+    target = str(tmp_path / "s.db")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as s:
+        add(s, "a"); add(s, "b")
+    conn = sqlite3.connect(target)
+    with pytest.raises(sqlite3.IntegrityError, match="REPLACE is refused"):
+        conn.execute("REPLACE INTO events VALUES (2, 'fresh-id', 't', NULL, '{}', '2000')")
+    conn.close()
+
+
+def test_expect_seq_ahead_of_the_head_is_a_conflict():
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as s:
+        add(s, "a")
+        with pytest.raises(fluxlite.Conflict, match="head is 1"):
+            add(s, "b", expect_seq=5)
+        assert s.head == 1
+
+
+def test_expect_seq_is_checked_once_per_batch():
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as s:
+        add(s, "a")
+        out = s.dispatch_many([{"type": "addUser", "payload": {"name": "b"}},
+                               {"type": "addUser", "payload": {"name": "c"}}], expect_seq=1)
+        assert [e.seq for e in out] == [2, 3]
+
+
+def test_same_id_other_type_in_one_batch_is_a_conflict():
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as s:
+        with pytest.raises(fluxlite.Conflict):
+            s.dispatch_many([{"type": "addUser", "payload": {"name": "a"}, "id": "x"},
+                             {"type": "removeUser", "payload": {"name": "a"}, "id": "x"}])
+        assert s.head == 0
+
+
+class _CommitInterrupted:
+    def __init__(self, conn):
+        self._c = conn
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            raise KeyboardInterrupt
+        return self._c.execute(sql, *args)
+
+
+def test_a_commit_interrupted_by_a_base_exception_rolls_back():
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as s:
+        real = s._conn
+        s._conn = _CommitInterrupted(real)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                add(s, "a")
+        finally:
+            s._conn = real
+        assert not real.in_transaction
+        assert s.head == 0 and s.view.users.all() == []
+        assert add(s, "b").seq == 1
+
+
+def test_a_failed_dispatch_inside_a_preview_leaves_nothing_in_it():
+    def mw(store):
+        def wrap(next_):
+            def f(event):
+                if event["type"] == "addUser":
+                    with pytest.raises(fluxlite.ChangesetError):
+                        store.dispatch("raw", [
+                            {"op": "insert", "table": "users", "values": {"name": "x"}},
+                            {"op": "insert", "table": "users", "values": {"name": "x"}}])
+                return next_(event)
+            return f
+        return wrap
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[mw]) as s:
+        event, changes = s.preview("addUser", {"name": "x"})
+        assert [c.op for c in changes] == ["insert"]
+
+
+def test_a_base_exception_in_a_reducer_rolls_back_the_batch():
+    def r(view, event):
+        if event.type == "boom":
+            raise KeyboardInterrupt
+        return reducer(view, event)
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=r) as s:
+        with pytest.raises(KeyboardInterrupt):
+            s.dispatch_many([{"type": "addUser", "payload": {"name": "a"}}, {"type": "boom"}])
+        assert s.head == 0 and s.view.users.all() == []
+        assert add(s, "b").seq == 1
+
+
+def test_replay_refuses_a_log_whose_ts_goes_back(tmp_path):
+    target = str(tmp_path / "s.db")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as s:
+        add(s, "a"); add(s, "b")
+    conn = sqlite3.connect(target)
+    conn.execute("DROP TRIGGER fluxlite_events_no_update")
+    conn.execute("UPDATE events SET ts = '2000-01-01T00:00:00.000000+00:00' WHERE seq = 2")
+    conn.commit(); conn.close()
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as s:
+        with pytest.raises(fluxlite.InvalidEvent, match="never decreases"):
+            s.replay()
+
+
+def _nondeterministic(flag):
+    def r(view, event):
+        if event.type == "maybe":
+            return view.users.insert(name="x") if flag["on"] else None
+        if event.type == "upd":
+            return view.users.update("x", role="r")
+        if event.type == "del":
+            return view.users.delete("x")
+    return r
+
+
+def test_replay_refuses_a_delete_of_a_missing_row():
+    flag = {"on": True}
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=_nondeterministic(flag)) as s:
+        s.dispatch("maybe"); s.dispatch("del")
+        flag["on"] = False
+        with pytest.raises(fluxlite.ChangesetError, match="while replaying event 2"):
+            s.verify()
+
+
+def test_replay_refuses_an_update_of_a_missing_row():
+    flag = {"on": True}
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=_nondeterministic(flag)) as s:
+        s.dispatch("maybe"); s.dispatch("upd"); s.dispatch("del")
+        flag["on"] = False
+        with pytest.raises(fluxlite.ChangesetError, match="while replaying event 2"):
+            s.verify()
+
+
+def test_each_subscriber_gets_its_own_list_of_changes():
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as s:
+        seen = []
+        s.subscribe(lambda e, c: c.clear())
+        s.subscribe(lambda e, c: seen.append(len(c)))
+        add(s, "a")
+        assert seen == [1]
+
+
+def test_journal_rows_after_the_last_seal_fail_verify(tmp_path):
+    target = str(tmp_path / "s.db")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as s:
+        add(s, "a")
+    conn = sqlite3.connect(target)
+    conn.execute("INSERT INTO fluxlite_journal VALUES (2, 0, 'users', '\"z\"', 'insert', NULL, "
+                 "'{\"name\":\"z\",\"role\":null,\"logins\":0}')")
+    conn.commit(); conn.close()
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as s:
+        with pytest.raises(fluxlite.StorageError, match="after the last sealed event"):
+            s.verify()
+
+
+def test_at_with_a_short_tail_undoes_to_a_rows_first_change_after_seq():
+    with fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer) as s:
+        for i in range(30):
+            s.dispatch("put", {"id": f"r{i}", "n": i})
+        s.dispatch("put", {"id": "r0", "n": 100})
+        s.dispatch("put", {"id": "r0", "n": 200})
+        with s.at(30) as past:
+            assert past.items.get("r0") == {"id": "r0", "n": 0}
+
+
+def test_restore_brings_back_the_row_as_before_its_last_deletion():
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as s:
+        add(s, "a")
+        s.dispatch("grantAccess", {"name": "a", "right": "x"})
+        s.dispatch("removeUser", {"name": "a"})
+        add(s, "a")
+        s.dispatch("removeUser", {"name": "a"})
+        s.restore("users", "a")
+        assert s.view.users.get("a")["role"] is None
+
+
+def test_an_upcaster_may_not_change_ts():
+    moving = {"put": lambda e: dataclasses.replace(e, ts=e.ts + timedelta(seconds=1))}
+    with fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer, upcasters=moving) as s:
+        with pytest.raises(fluxlite.UsageError, match="keeping seq, id and ts"):
+            s.dispatch("put", {"id": "a", "n": 1})
+
+
+def test_an_ack_of_an_earlier_event_does_not_move_the_position_back(tmp_path):
+    with fluxlite.open(str(tmp_path / "s.db"), schema=SCHEMA, reducer=reducer) as s:
+        add(s, "a"); add(s, "b"); add(s, "c")
+        c = s.consumer("w")
+        events = [e for e, _ in c]
+        c.ack(events[2]); c.ack(events[0]); c.close()
+        again = s.consumer("w")
+        assert again.position == 3 and list(again) == []
+
+
+def test_a_dispatch_into_a_renamed_file_is_refused(tmp_path):
+    path = tmp_path / "s.db"
+    with fluxlite.open(str(path), schema=SCHEMA, reducer=reducer) as s:
+        add(s, "a")
+        os.rename(path, tmp_path / "moved.db")
+        with pytest.raises(fluxlite.StorageError, match="deleted, renamed or replaced"):
+            add(s, "b")
+        assert s.head == 1
