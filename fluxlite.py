@@ -836,11 +836,21 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
         raise UsageError(f"No such store file: {path!r}. Check the path.")
     uri = _file_uri(os.path.abspath(path), "ro")
     # On read-only media SQLite cannot make the WAL's -shm file; with no WAL
-    # content to miss, the file can be read as immutable instead.
+    # content to miss, the file can be read as immutable instead. Where the
+    # folder says it is writable, try the usual way first: on Windows every
+    # folder says so (os.access ignores permissions there).
     wal = path + "-wal"
-    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK) and not (
-            os.path.exists(wal) and os.path.getsize(wal)) and not os.path.exists(path + "-shm"):
-        uri += "&immutable=1"
+    if (os.path.exists(wal) and os.path.getsize(wal)) or os.path.exists(path + "-shm"):
+        return _reading_connection(path, uri)
+    if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        try:
+            return _reading_connection(path, uri)
+        except StorageError:
+            pass  # the folder is not writable after all: read the file as immutable
+    return _reading_connection(path, uri + "&immutable=1")
+
+
+def _reading_connection(path: str, uri: str) -> sqlite3.Connection:
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout={_PRAGMAS['busy_timeout']}")
