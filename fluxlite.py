@@ -929,7 +929,7 @@ class _WalCheckpointer:
         self._pending = 0
         self._wake = threading.Event()
         self._stopping = False
-        self._ceiling_set = False
+        self._ceiling_frames = 0  # 0 until the store's connection has its ceiling
         self._thread: Optional[threading.Thread] = None
 
     def committed(self, conn: sqlite3.Connection, events: int) -> None:
@@ -938,10 +938,11 @@ class _WalCheckpointer:
         if self._pending < _CHECKPOINT_EVERY or self._stopping:
             return
         self._pending = 0
-        if not self._ceiling_set:
+        if not self._ceiling_frames:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-            conn.execute(f"PRAGMA wal_autocheckpoint={max(1000, _WAL_CEILING // page_size)}")
-            self._ceiling_set = True
+            frames = max(1000, _WAL_CEILING // page_size)
+            conn.execute(f"PRAGMA wal_autocheckpoint={frames}")
+            self._ceiling_frames = frames
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="fluxlite-checkpoint",
                                             daemon=True)
@@ -959,10 +960,19 @@ class _WalCheckpointer:
         try:
             conn.execute("PRAGMA synchronous=NORMAL")
             _apply_full_fsync(conn, "normal")
+            step_aside = False
             while self._wake.wait(_CHECKPOINT_IDLE) and not self._stopping:
                 self._wake.clear()
+                if step_aside:
+                    # The WAL reached its ceiling: only the store's own checkpoint,
+                    # inside a commit, can let it restart, and SQLite skips that one
+                    # while this thread's runs. Under slow disks they kept meeting
+                    # and the WAL grew past 3 times its ceiling: sit one round out.
+                    step_aside = False
+                    continue
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    step_aside = bool(self._ceiling_frames) and frames >= self._ceiling_frames
                 except sqlite3.Error as exc:
                     _log.debug("background checkpoint of %r failed: %s", self._file, exc)
         finally:
