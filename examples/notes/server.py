@@ -1,7 +1,7 @@
 """The seed's collaborative notes app on fluxlite: an HTTP server in the stdlib only.
 
     python examples/notes/server.py                      # notes.db in the current directory
-    python examples/notes/server.py --db /tmp/n.db --port 8080
+    python examples/notes/server.py --db notes.db --port 8080
 
 Then open http://127.0.0.1:8000/ in two browser windows: what one does, the
 other shows at once. The store file is ``notes.db`` in the current directory
@@ -270,6 +270,9 @@ class NotesServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer holding the store; ``close()`` stops it and closes the store."""
 
     daemon_threads = True  # a lingering stream never keeps the process alive
+    # On Windows SO_REUSEADDR lets a second server take a port already in use,
+    # silently; elsewhere it only allows a restart right after a stop.
+    allow_reuse_address = os.name != "nt"
 
     def __init__(self, address, store, heartbeat, origins=()):
         super().__init__(address, Handler)
