@@ -845,8 +845,10 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
     if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
         try:
             return _reading_connection(path, uri)
-        except StorageError:
-            pass  # the folder is not writable after all: read the file as immutable
+        except StorageError as exc:
+            if any(w in str(exc.__cause__) for w in ("locked", "busy")):
+                raise  # a writer has it: immutable would read around its WAL, stale
+            # else the folder is not writable after all: read the file as immutable
     return _reading_connection(path, uri + "&immutable=1")
 
 
@@ -995,10 +997,10 @@ class _WalCheckpointer:
 
 
 @contextlib.contextmanager
-def _short_wait(conn: sqlite3.Connection) -> Iterator[None]:
-    """busy_timeout 0.1 s, for tidying that must not hold up its caller when other
-    processes are busy with the file (it is simply left for later then)."""
-    conn.execute("PRAGMA busy_timeout = 100")
+def _short_wait(conn: sqlite3.Connection, ms: int = 100) -> Iterator[None]:
+    """busy_timeout 0.1 s (or ``ms``), for tidying that must not hold up its caller
+    when other processes are busy with the file (it is simply left for later then)."""
+    conn.execute(f"PRAGMA busy_timeout = {ms}")
     try:
         yield
     finally:
@@ -1006,11 +1008,12 @@ def _short_wait(conn: sqlite3.Connection) -> Iterator[None]:
             conn.execute(f"PRAGMA busy_timeout = {_PRAGMAS['busy_timeout']}")
 
 
-def _empty_wal(conn: sqlite3.Connection, path: str) -> None:
+def _empty_wal(conn: sqlite3.Connection, path: str, wait_ms: int = 100) -> None:
     """Checkpoint the WAL into the file and truncate it, unless other connections
-    are busy with it (then journal_size_limit trims it at its next restart)."""
+    are busy with it (then journal_size_limit trims it at its next restart).
+    While it waits it holds the WAL's write lock: every writer waits too."""
     try:
-        with _short_wait(conn):
+        with _short_wait(conn, wait_ms):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     except sqlite3.Error as exc:
         _log.debug("the WAL of %r was not truncated: %s", path, exc)
@@ -1297,16 +1300,28 @@ def _as_stored(values: Sequence[Any], declared: Sequence[str]) -> Tuple[Any, ...
     read text SQLite does not ('INF', '1_000', non-ASCII digits).
     """
     scratch = _affinity_scratch
+    if scratch.lock.acquire(blocking=False):
+        try:
+            return _stored_in(scratch.connection(), values, declared)
+        finally:
+            scratch.lock.release()
+    spare = _AffinityScratch()  # in use by another thread, or by this one (a signal
+    try:                        # handler): never wait for it
+        return _stored_in(spare.connection(), values, declared)
+    finally:
+        spare.connection().close()
+
+
+def _stored_in(conn: sqlite3.Connection, values: Sequence[Any], declared: Sequence[str]
+               ) -> Tuple[Any, ...]:
     stored = []
-    with scratch.lock:
-        conn = scratch.connection()
-        for value, kind in zip(values, declared):
-            column = _affinity(kind)  # one of the five fixed column names above
-            try:
-                conn.execute(f"INSERT INTO a ({column}) VALUES (?)", (value,))
-                stored.append(conn.execute(f"SELECT {column} FROM a").fetchone()[0])
-            finally:
-                conn.execute("DELETE FROM a")
+    for value, kind in zip(values, declared):
+        column = _affinity(kind)  # one of the five fixed column names above
+        try:
+            conn.execute(f"INSERT INTO a ({column}) VALUES (?)", (value,))
+            stored.append(conn.execute(f"SELECT {column} FROM a").fetchone()[0])
+        finally:
+            conn.execute("DELETE FROM a")
     return tuple(stored)
 
 
@@ -3035,13 +3050,14 @@ class Store:
                 # by its new name, so those commits are copied out beside the path.
                 frames = moved and self._own_wal_has_frames(now)
                 saved = moved and (now[""] is not None or frames) and self._save_replaced()
-                if not moved and not self._readonly_file and self._file not in (":memory:", ""):
+                if not moved and not self._readonly_file and self._wal_outlives_close():
                     # SQLite does this only when the closing connection is the file's
                     # last. A writer closed before a reader (a readonly=True store
                     # in the same app) would leave the WAL, which the next open's
                     # recovery counts as not copied, so it could never restart: it
-                    # would grow by every session's commits.
-                    _empty_wal(self._conn, self._path)
+                    # would grow by every session's commits. Never waiting: it
+                    # would hold up other processes' writers meanwhile.
+                    _empty_wal(self._conn, self._path, wait_ms=0)
                 self._conn.close()
                 # Their -wal and -shm must not be inherited by a file made at the path;
                 # but a -wal whose commits could not be saved is kept (the moved file's
@@ -3055,6 +3071,21 @@ class Store:
         """Whether the file at the store's path is still the one it opened (for a
         second connection to it: at() attaching it, verify() checking it)."""
         return self._file_id is not None and _file_ids(self._file)[""] == self._file_id
+
+    def _wal_outlives_close(self) -> bool:
+        """Whether the WAL would stay behind this close() and need emptying: another
+        store of this process has the file open (SQLite empties it only on the last
+        connection's close), or it has grown past its ceiling (other processes
+        keep the file open, and may only read it)."""
+        if self._file in (":memory:", ""):
+            return False
+        with _OPEN_STORES_LOCK:
+            if any(other is not self and other._file == self._file and not other._closed
+                   for other in list(_OPEN_STORES)):
+                return True
+        with contextlib.suppress(OSError):
+            return os.path.getsize(self._file + "-wal") >= _WAL_CEILING
+        return False
 
     def _page_size(self) -> int:
         return self._conn.execute("PRAGMA page_size").fetchone()[0]
@@ -4483,6 +4514,8 @@ def _machine() -> str:
 
 
 _MACHINE: Dict[int, str] = {}  # by pid: a fork's child may be in another pid namespace
+if hasattr(os, "register_at_fork"):  # where its pid may even equal its parent's
+    os.register_at_fork(after_in_child=_MACHINE.clear)
 
 
 def _read_machine() -> str:
@@ -4601,9 +4634,14 @@ class Consumer:
                     store._conn.execute(
                         "INSERT OR REPLACE INTO fluxlite_consumers VALUES (?, ?, ?, ?)",
                         (self.name, position, self._owner, time.time() + self._lease))
+                    dropped = [(name, owner) for owner, name in list(store._leases.items())
+                               if owner not in _LIVE_CONSUMERS]
+                    store._conn.executemany(_RELEASE_LEASE, dropped)  # nothing uses them
                     store._check_file()
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, store._path) from exc
+            for _, owner in dropped:
+                store._leases.pop(owner, None)
         return position
 
     def __iter__(self) -> Iterator[Tuple[Event, List[Change]]]:
@@ -6851,7 +6889,7 @@ def _output_in_utf8() -> None:
     for stream in (sys.stdout, sys.stderr):
         encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
         if encoding != "utf8" and hasattr(stream, "reconfigure"):
-            stream.reconfigure(encoding="utf-8")
+            stream.reconfigure(encoding="utf-8", errors=stream.errors)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

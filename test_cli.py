@@ -254,6 +254,21 @@ def test_export_and_import_are_utf8_whatever_the_locale(work):
     assert shown.returncode == 0 and shown.stdout.decode("utf-8") == "name\nZoë \U0001F600\n"
 
 
+def test_an_error_naming_an_undecodable_file_name_is_still_shown(work):
+    # Made UTF-8, the output streams keep their error handlers: a file name that
+    # is not UTF-8 (held with surrogate escapes) is shown escaped, not lost.
+    name = os.fsencode(str(work)) + b"/caf\xe9.jsonl"
+    with open(name, "wb") as f:
+        f.write(b"\xff\xfe not utf-8\n")
+    result = subprocess.run([sys.executable, "-m", "fluxlite", "import", "copy.db", name,
+                             "--app", "cliapp:APP"], cwd=work, capture_output=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(ROOT),
+                                 "PYTHONIOENCODING": "latin-1"})
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 1 and "is not UTF-8 text" in stderr, stderr
+    assert "Traceback" not in stderr
+
+
 @pytest.mark.parametrize("change, error", [
     (lambda e: {**e, "type": 5}, "non-empty string"),
     (lambda e: {**e, "type": ""}, "non-empty string"),

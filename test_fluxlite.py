@@ -4835,6 +4835,93 @@ def test_a_host_renamed_while_running_keeps_this_process_s_leases_its_own(tmp_pa
         store.consumer("indexer").close()  # its own dropped lease: free at once
 
 
+def test_closing_beside_a_reader_never_waits_for_it(tmp_path):
+    # close() empties the WAL when another store of this process keeps the file
+    # open; a checkpoint that waits for readers holds the WAL's write lock, and so
+    # every other process's writer, for as long as it waits: it must not wait.
+    path = str(tmp_path / "r.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as keeper:
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM events").fetchone()  # a snapshot held
+        took = []
+        for n in range(5):
+            store = fluxlite.open(path, reducer=items_reducer)
+            store.dispatch("put", {"id": str(n), "n": n})
+            started = time.monotonic()
+            store.close()
+            took.append(time.monotonic() - started)
+        reader.close()
+        assert keeper.head == 5
+    assert min(took) < 0.05, took  # waiting would take the 0.1 s busy timeout each time
+
+
+def test_readonly_never_reads_around_a_writer_that_locks_the_file(tmp_path, monkeypatch):
+    # A folder that says it is writable gets the usual read-only open first; when
+    # that fails because a writer holds the file (EXCLUSIVE locking), reading it as
+    # immutable would skip that writer's WAL: stale, and for good. It is an error.
+    path = str(tmp_path / "x.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+    monkeypatch.setitem(fluxlite._PRAGMAS, "busy_timeout", 200)
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("PRAGMA locking_mode=EXCLUSIVE")
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("SELECT count(*) FROM events").fetchone()
+        writer.execute("COMMIT")  # the exclusive lock stays
+        with pytest.raises(fluxlite.StorageError, match="locked"):
+            fluxlite.open(path, readonly=True)
+    finally:
+        writer.close()
+
+
+def test_a_fork_s_child_reads_its_machine_again():
+    # The child may be in a new pid namespace, where its pid can even be its
+    # parent's: a cached answer would make another process's leases look its own.
+    fluxlite._machine()
+    assert fluxlite._MACHINE
+    reading, writing = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(writing, b"empty" if not fluxlite._MACHINE else b"cached")
+        os._exit(0)
+    os.close(writing)
+    answer = os.read(reading, 16)
+    os.close(reading)
+    os.waitpid(pid, 0)
+    assert answer == b"empty"
+
+
+def test_history_never_waits_for_its_scratch(tmp_path):
+    # Called again while a call holds the shared scratch (another thread, or a
+    # signal handler interrupting this one), history() uses one of its own.
+    with fluxlite.open(str(tmp_path / "h.db"), schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        answers = []
+        with fluxlite._affinity_scratch.lock:
+            thread = threading.Thread(target=lambda: answers.append(
+                [r.after for r in store.history("items", "a")]), daemon=True)
+            thread.start()
+            thread.join(10)
+        assert answers == [[{"id": "a", "n": 1}]]
+
+
+def test_a_new_consumer_frees_the_names_of_its_store_s_dropped_ones(tmp_path):
+    path = str(tmp_path / "c.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        for n in range(50):
+            store.consumer(f"worker {n}")  # dropped at once, never closed
+        gc.collect()
+        kept = store.consumer("indexer")
+        assert list(store._leases.values()) == ["indexer"]
+        with contextlib.closing(sqlite3.connect(path)) as raw:
+            held = raw.execute("SELECT name FROM fluxlite_consumers WHERE owner IS NOT NULL"
+                               ).fetchall()
+        assert held == [("indexer",)]
+        kept.close()
+
+
 def test_a_holder_in_another_pid_namespace_is_never_taken_for_dead():
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
