@@ -3050,7 +3050,7 @@ class Store:
                 # by its new name, so those commits are copied out beside the path.
                 frames = moved and self._own_wal_has_frames(now)
                 saved = moved and (now[""] is not None or frames) and self._save_replaced()
-                if not moved and not self._readonly_file and self._wal_outlives_close():
+                if not moved and not self._readonly_file and self._file not in (":memory:", ""):
                     # SQLite does this only when the closing connection is the file's
                     # last. A writer closed before a reader (a readonly=True store
                     # in the same app) would leave the WAL, which the next open's
@@ -3071,21 +3071,6 @@ class Store:
         """Whether the file at the store's path is still the one it opened (for a
         second connection to it: at() attaching it, verify() checking it)."""
         return self._file_id is not None and _file_ids(self._file)[""] == self._file_id
-
-    def _wal_outlives_close(self) -> bool:
-        """Whether the WAL would stay behind this close() and need emptying: another
-        store of this process has the file open (SQLite empties it only on the last
-        connection's close), or it has grown past its ceiling (other processes
-        keep the file open, and may only read it)."""
-        if self._file in (":memory:", ""):
-            return False
-        with _OPEN_STORES_LOCK:
-            if any(other is not self and other._file == self._file and not other._closed
-                   for other in list(_OPEN_STORES)):
-                return True
-        with contextlib.suppress(OSError):
-            return os.path.getsize(self._file + "-wal") >= _WAL_CEILING
-        return False
 
     def _page_size(self) -> int:
         return self._conn.execute("PRAGMA page_size").fetchone()[0]

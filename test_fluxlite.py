@@ -5489,6 +5489,36 @@ def test_the_wal_stays_bounded_under_a_steady_stream_at_normal_durability(tmp_pa
     assert wal <= 2 * fluxlite._WAL_CEILING + 1024 * 1024, wal
 
 
+READER_ELSEWHERE = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import fluxlite
+with fluxlite.open(sys.argv[1], readonly=True) as reader:
+    print(reader.head, flush=True)
+    sys.stdin.readline()  # until the writer has closed
+    print(reader.head, flush=True)
+"""
+
+
+def test_a_writer_closed_before_a_reader_in_another_process_leaves_nothing(tmp_path):
+    path = str(tmp_path / "app.db")
+    fluxlite.open(path, schema=ITEMS, reducer=items_reducer).close()
+    reader = subprocess.Popen([sys.executable, "-c", READER_ELSEWHERE, path, str(ROOT)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "0"
+        with fluxlite.open(path, reducer=items_reducer) as writer:
+            for n in range(200):
+                writer.dispatch("put", {"id": str(n), "n": n})
+        reader.stdin.write("go\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().strip() == "200"
+        assert reader.wait(30) == 0
+    finally:
+        reader.kill()
+    assert sorted(os.listdir(tmp_path)) == ["app.db"]
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # unclosed
 def test_a_store_dropped_without_close_stops_its_checkpoint_thread_at_once(tmp_path):
     # A store at durability="normal" runs a checkpoint thread with a connection of
