@@ -5429,10 +5429,11 @@ def test_at_normal_durability_a_background_thread_checkpoints_the_wal(tmp_path):
     path = str(tmp_path / "bg.db")
     with fluxlite.open(path, schema=ITEMS, reducer=items_reducer, durability="normal") as store:
         start = os.path.getsize(path)
-        # 100 small events write a few hundred WAL pages: below the 1,000 at which
-        # SQLite checkpoints inside a commit, so only the thread copies them into
-        # the database file.
-        for n in range(100):
+        # 150 small events write about 1,500 WAL pages: below the 2,048 at which
+        # the store's connection checkpoints inside a commit, so only the thread
+        # copies them into the database file (woken twice: with one chance, at
+        # the 64th, this failed once in a full CI run).
+        for n in range(150):
             store.dispatch("put", {"id": f"i{n}", "n": n})
         assert len(_checkpoint_threads()) == 1
         deadline = time.monotonic() + 10
