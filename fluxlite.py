@@ -134,10 +134,11 @@ import weakref
 from datetime import datetime, timedelta, timezone
 from typing import (
     Any,
+    AsyncIterator,
     Callable,
     Deque,
     Dict,
-    AsyncIterator,
+    FrozenSet,
     Iterable,
     Iterator,
     List,
@@ -471,10 +472,13 @@ def _make_dumps() -> Callable[[Any], str]:
     a circular value is a RecursionError, which callers treat like any bad value."""
     encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     try:
-        chunks = json.encoder.c_make_encoder(  # type: ignore[attr-defined,misc]
+        chunks = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
             None, encoder.default, json.encoder.encode_basestring, None,
             ":", ",", False, False, False)
-        fast = lambda value: "".join(chunks(value, 0))  # noqa: E731
+
+        def fast(value: Any) -> str:
+            return "".join(chunks(value, 0))
+
         sample = {"a": [1, -2.5, "\u00e9\n\"", None, True, {}]}
         if fast(sample) == encoder.encode(sample):
             return fast
@@ -503,7 +507,7 @@ def _same_json(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(map(_same_json, a, b))
     if a.__class__ is float:
         return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
-    return a == b
+    return bool(a == b)
 
 
 def _to_json_text(value: Any, what: str) -> str:
@@ -1532,7 +1536,7 @@ class _Model:
     def count(self, info: _TableInfo) -> int:
         with self.lock:
             try:
-                return self.conn.execute(f"SELECT count(*) FROM {info.q}").fetchone()[0]
+                return int(self.conn.execute(f"SELECT count(*) FROM {info.q}").fetchone()[0])
             except sqlite3.Error as exc:
                 raise _read_failure(exc, ()) from exc
 
@@ -2102,9 +2106,9 @@ class _Pages:
     """
 
     def __init__(self, conn: sqlite3.Connection, sql: str, after: Tuple[Any, ...],
-                 at_end: Optional[Callable[[], None]] = None) -> None:
+                 at_end: Optional[Callable[[], Any]] = None) -> None:
         self.conn, self.sql, self.after, self.at_end = conn, sql, after, at_end
-        self.buffer: collections.deque = collections.deque()
+        self.buffer: Deque[Sequence[Any]] = collections.deque()
 
     def __iter__(self) -> "_Pages":
         return self
@@ -2127,7 +2131,7 @@ class _Pages:
 
 
 def _event_pages(conn: sqlite3.Connection, after: int,
-                 at_end: Optional[Callable[[], None]] = None) -> _Pages:
+                 at_end: Optional[Callable[[], Any]] = None) -> _Pages:
     return _Pages(conn, f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq "
                         f"LIMIT ?", (after,), at_end)
 
@@ -2717,12 +2721,13 @@ def _batch_action(event: Any, position: int, actor: Optional[str] = None) -> Dic
     return _action_from(event, None, None, None, actor)
 
 
-def _check_type(kind: Any) -> None:
+def _check_type(kind: Any) -> str:
     if kind.__class__ is not str and not isinstance(kind, str) or not kind.strip():
         raise InvalidEvent(
             f"An event type must be a non-empty string such as 'addUser'; received "
             f"{_describe(kind)}."
         )
+    return kind
 
 
 def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
@@ -2941,7 +2946,7 @@ class Store:
         self._closed = False
         self._reducing_thread: Optional[int] = None
         self._subscribers: List[Tuple[Callable[[Event, List[Change]], Any],
-                                      Optional[frozenset]]] = []
+                                      Optional[FrozenSet[str]]]] = []
         self._pending: Deque[Tuple[Event, List[Change]]] = collections.deque()
         self._notify_lock = threading.RLock()
         self._notifying = threading.local()
@@ -3073,7 +3078,7 @@ class Store:
         return self._file_id is not None and _file_ids(self._file)[""] == self._file_id
 
     def _page_size(self) -> int:
-        return self._conn.execute("PRAGMA page_size").fetchone()[0]
+        return int(self._conn.execute("PRAGMA page_size").fetchone()[0])
 
     def _release_leases(self) -> None:
         """Free the names of consumers still open from this store, for others at once:
@@ -3794,10 +3799,11 @@ class Store:
         wanted = _type_filter(types)
         return self._stream(min(after, 2**63 - 1), wanted, limit)
 
-    def _stream(self, after: int, wanted: Optional[frozenset], limit: Optional[int]
+    def _stream(self, after: int, wanted: Optional[FrozenSet[str]], limit: Optional[int]
                 ) -> Iterator[Event]:
         remaining = limit
-        where, params = "seq > ?", [after]
+        where = "seq > ?"
+        params: List[Any] = [after]
         # Upcasters can change an event's type: then the upcast events are filtered
         # (as followers and subscribers filter), not the log's rows.
         after_upcast = wanted if wanted is not None and self._upcasters else None
@@ -3858,7 +3864,7 @@ class Store:
         _check_timeout(timeout)
         return self._follow(start, _type_filter(types), timeout)
 
-    def _follow(self, position: int, wanted: Optional[frozenset], timeout: Optional[float]
+    def _follow(self, position: int, wanted: Optional[FrozenSet[str]], timeout: Optional[float]
                 ) -> Iterator[Tuple[Event, List[Change]]]:
         cursor = _FollowCursor(self, position, wanted)
         while True:
@@ -4151,7 +4157,7 @@ class Store:
         return seq
 
     def _read_log(self, after: int = 0, sealed: bool = False,
-                  at_end: Optional[Callable[[], None]] = None) -> Iterator[Event]:
+                  at_end: Optional[Callable[[], Any]] = None) -> Iterator[Event]:
         """The log's events after ``after``, read in pages (see _Pages, and its
         ``at_end``); ``sealed``: all of them, seals checked."""
         rows: Iterator[Sequence[Any]] = _event_pages(self._conn, after, at_end)
@@ -4255,7 +4261,7 @@ class Store:
 
     def restore(self, table: str, key: Any, *, at: Optional[int] = None,
                 actor: Optional[str] = None, meta: Optional[Mapping[str, Any]] = None,
-                id: Optional[str] = None) -> Event:
+                id: Optional[str] = None) -> Optional[Event]:
         """Make a row what it was at seq ``at`` (default: right before its last deletion).
 
         Dispatches a ``fluxlite.restore`` event (payload: table, key, row)
@@ -4316,7 +4322,7 @@ def _refuse_during_setup(action: Any) -> Any:
     )
 
 
-def _type_filter(types: Union[None, str, Iterable[str]]) -> Optional[frozenset]:
+def _type_filter(types: Union[None, str, Iterable[str]]) -> Optional[FrozenSet[str]]:
     if types is None:
         return None
     if isinstance(types, str):
@@ -4363,6 +4369,10 @@ def _differs(old: Any, new: Any) -> bool:
 
 
 _MISSING = object()
+
+
+def _shown(value: Any) -> str:
+    return "(absent)" if value is _MISSING else repr(value)
 
 
 @dataclasses.dataclass
@@ -4430,7 +4440,7 @@ def _watch_loop(store_ref: "weakref.ReferenceType[Store]") -> None:
 class _FollowCursor:
     """Where a follower is in the log, and how it waits cheaply for more."""
 
-    def __init__(self, store: Store, position: int, wanted: Optional[frozenset]) -> None:
+    def __init__(self, store: Store, position: int, wanted: Optional[FrozenSet[str]]) -> None:
         self.store, self.position, self.wanted = store, position, wanted
         self.reached = position  # the furthest it has been, across reset_to()s
         self.version = -1
@@ -4650,7 +4660,7 @@ class Consumer:
                 return
             if batch:
                 yield from batch
-                if deadline is not None:  # timeout: seconds without new events
+                if timeout is not None:  # seconds without new events
                     deadline = time.monotonic() + timeout
             elif deadline is not None and time.monotonic() >= deadline:
                 return
@@ -4696,7 +4706,7 @@ class Consumer:
         try:
             if kwargs:
                 raise UsageError(f"Unknown dispatch argument(s): {sorted(kwargs)}.")
-            result = store._chain(action)
+            result: Optional[Event] = store._chain(action)
         finally:
             frames.pop()
             store._notify()  # also when a middleware raised after next() committed
@@ -4779,7 +4789,8 @@ def _outside_references(conn: sqlite3.Connection, names: Sequence[str]) -> List[
 def _apply_events(model: _Model, reducer: Reducer, events: Iterable[Event],
                   journal: bool, progress: Optional[Callable[[int], None]] = None) -> int:
     """Reduce and apply events in one transaction; return the last seq applied."""
-    view, rows = View(model), []
+    view = View(model)
+    rows: List[Tuple[Any, ...]] = []  # the journal's, written in chunks
     insert = "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)"
     try:
         with _write_txn(model.conn):
@@ -5057,10 +5068,11 @@ def _swap_in(store: Store, schema: str, version: Any, model: _Model, scratch: st
 
 def _swap_in_unchecked(store: Store, schema: str, version: Any, model: _Model, scratch: str,
                        done: int, tries: int) -> int:
-    conn = store._conn
+    conn, reducer = store._conn, store._reducer
+    assert reducer is not None
     for _ in range(tries):
         with _read_txn(conn):
-            done = _apply_events(model, store._reducer, store._read_log(done), journal=True) or done
+            done = _apply_events(model, reducer, store._read_log(done), journal=True) or done
         try:
             conn.execute("ATTACH ? AS fluxlite_scratch", (scratch,))
         except sqlite3.OperationalError as exc:
@@ -5075,7 +5087,7 @@ def _swap_in_unchecked(store: Store, schema: str, version: Any, model: _Model, s
             conn.execute("DETACH fluxlite_scratch")
     with _write_txn(conn):
         store._check_model_current()
-        _apply_events(model, store._reducer, store._read_log(done), journal=True)
+        _apply_events(model, reducer, store._read_log(done), journal=True)
         return _swap_model(conn, schema, version, model)
 
 
@@ -5115,7 +5127,7 @@ def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Mod
     _carry_autoincrement(conn, model, names)
     _check_references(conn, names, meta["tables"], already)
     _reseal_journal(conn)
-    generation = meta.get("generation", 0) + 1
+    generation = int(meta.get("generation", 0)) + 1
     _write_meta(conn, schema=schema, tables=names, version=version, generation=generation)
     return generation
 
@@ -5228,7 +5240,7 @@ def _diff_table(live: _Model, replica: _Model, info: _TableInfo, limit: int = 20
     sql = f"SELECT * FROM {info.q}"
     left = {info.key_of(r): r for r in live._rows(sql)}
     right = {info.key_of(r): r for r in replica._rows(sql)}
-    problems = []
+    problems: List[str] = []
     for key in sorted(set(left) | set(right), key=repr):
         a, b = left.get(key), right.get(key)
         if _typed(a) == _typed(b):
@@ -5295,7 +5307,7 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
             def check(event: Dict[str, Any]) -> Any:
                 kind = event.get("type")
                 if not isinstance(kind, str):  # an earlier middleware changed it so
-                    _check_type(kind)
+                    kind = _check_type(kind)
                 meta = event.get("meta") or {}
                 actor = meta.get("actor") if isinstance(meta, _Mapping) else None
                 # An old type an upcaster renames is the new type to its reducer: the
@@ -5307,7 +5319,7 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
                     judged.append((newer["type"], newer))
                 for checked, shown in judged:
                     builtin = checked.startswith("fluxlite.")
-                    rule = table.get(checked, None if builtin else table.get("*"))
+                    rule = table.get(checked) if builtin else table.get(checked, table.get("*"))
                     if (default == "allow") if rule is None else bool(rule(actor, shown)):
                         continue
                     raise Forbidden(
@@ -5394,7 +5406,7 @@ def _read_existing_meta(conn: sqlite3.Connection, path: str) -> Dict[str, Any]:
     return _read_meta(conn)
 
 
-def _check_format(conn: sqlite3.Connection, path: str, names: set) -> int:
+def _check_format(conn: sqlite3.Connection, path: str, names: Set[str]) -> int:
     """The on-disk format of an existing store; SchemaError if newer or missing tables."""
     user_version = conn.execute("PRAGMA user_version").fetchone()[0]
     if user_version > FORMAT_VERSION:
@@ -5426,7 +5438,7 @@ def _check_format(conn: sqlite3.Connection, path: str, names: set) -> int:
                 f"{path!r} is damaged: fluxlite's table {table} has the primary key "
                 f"{key}, not {', '.join(_OWN_KEYS[table])} INTEGER. Restore the file from a backup."
             )
-    return user_version
+    return int(user_version)
 
 
 _OWN_COLUMNS = {
@@ -5513,7 +5525,7 @@ def _restore_triggers(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
-def _adopt(conn: sqlite3.Connection, schema: str, existing: set,
+def _adopt(conn: sqlite3.Connection, schema: str, existing: Set[str],
            clock: Callable[[], datetime], ids: Callable[[], str]) -> List[str]:
     """Take over an existing database: keep its tables, log their rows as a baseline."""
     scratch = sqlite3.connect(":memory:")
@@ -5745,11 +5757,13 @@ def _check_adoptable(conn: sqlite3.Connection, name: str, declared: List[Tuple[A
     """An adopted table must be what the schema says, and only fluxlite may write it:
     otherwise a replay (which creates the table from the schema) differs from it."""
     if _storing_alike(declared) != _storing_alike(have):
-        show = lambda cols: ", ".join(  # noqa: E731
-            f"{c[0]} {c[1]}".strip() + (" PRIMARY KEY" if c[4] else "") +
-            (" NOT NULL" if c[2] else "") +
-            (f" DEFAULT {c[3]}" if c[3] is not None else "") + (" GENERATED" if c[5] else "")
-            for c in cols)
+        def show(cols: Iterable[Sequence[Any]]) -> str:
+            return ", ".join(
+                f"{c[0]} {c[1]}".strip() + (" PRIMARY KEY" if c[4] else "") +
+                (" NOT NULL" if c[2] else "") +
+                (f" DEFAULT {c[3]}" if c[3] is not None else "") + (" GENERATED" if c[5] else "")
+                for c in cols)
+
         raise SchemaError(
             f"Existing table {name!r} has columns ({show(have)}) but the schema declares "
             f"({show(declared)}); a replay would create the schema's table. Make the "
@@ -5855,10 +5869,10 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
         raise UsageError(
             f"durability must be 'full' or 'normal'; received {_describe(durability)}."
         )
-    for name, given in (("clock", clock), ("ids", ids)):
-        if given is not None and not callable(given):
+    for name, function in (("clock", clock), ("ids", ids)):
+        if function is not None and not callable(function):
             raise UsageError(f"{name} must be a function of no arguments; received "
-                             f"{_describe(given)}.")
+                             f"{_describe(function)}.")
     if isinstance(reducer, _Mapping):
         reducer = combine(reducer)
     if reducer is not None and not callable(reducer):
@@ -5949,8 +5963,8 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                       clock=clock, ids=ids, version=meta.get("version"),
                       generation=meta.get("generation", 0), upcasters=upcasters,
                       middleware=middleware, readonly_file=readonly)
-        new_schema = meta["schema"] if schema is None else schema
-        changed_schema = _normalize_schema(new_schema) != _normalize_schema(meta["schema"])
+        wanted_schema = meta["schema"] if schema is None else schema
+        changed_schema = _normalize_schema(wanted_schema) != _normalize_schema(meta["schema"])
         new_version = meta.get("version") if version is None else version
         if changed_schema or new_version != meta.get("version"):
             if readonly:
@@ -5963,7 +5977,7 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                     f"The schema or version passed to open() differs from {path!r}'s; "
                     f"rebuilding the read model needs the reducer: pass reducer=."
                 )
-            _rebuild(store, new_schema, new_version)
+            _rebuild(store, wanted_schema, new_version)
         for name in getattr(reducer, "fluxlite_tables", ()):
             if name not in store._model.tables:
                 raise SchemaError(
@@ -6030,9 +6044,8 @@ def _diff_changes(expected: List[Change], actual: List[Change]) -> List[str]:
         wv, gv = dict(want.values or {}), dict(got.values or {})
         for column in sorted(set(wv) | set(gv)):
             if wv.get(column, _MISSING) != gv.get(column, _MISSING):
-                show = lambda v: "(absent)" if v is _MISSING else repr(v)  # noqa: E731
-                lines.append(f"    values[{column!r}]: expected {show(wv.get(column, _MISSING))}, "
-                             f"got {show(gv.get(column, _MISSING))}")
+                lines.append(f"    values[{column!r}]: expected {_shown(wv.get(column, _MISSING))}, "
+                             f"got {_shown(gv.get(column, _MISSING))}")
     return lines
 
 
@@ -6656,9 +6669,9 @@ def _import_into(args: Any, app: "App", added: List[int]) -> None:
                 prepared = _imported(item, seq)
                 if seq <= head + len(fresh):
                     if seq <= head:
-                        have = store.query("SELECT id, type, payload FROM events WHERE seq = ?",
-                                           (seq,))[0]
-                        have = (have["id"], have["type"], have["payload"])
+                        logged = store.query("SELECT id, type, payload FROM events WHERE seq = ?",
+                                             (seq,))[0]
+                        have = (logged["id"], logged["type"], logged["payload"])
                     else:
                         earlier = fresh[seq - head - 1]
                         have = (earlier.id, earlier.type, earlier.payload_text)
@@ -6713,7 +6726,9 @@ def _cmd_demo(args: Any) -> int:
     if os.path.lexists(path):  # never someone's file, nor an earlier tour they kept
         raise _CliError(f"{path!r} exists; demo writes a new store. Name a new directory, "
                         f"or delete that file first.")
-    say = lambda text: print(f"\n» {text}")  # noqa: E731
+    def say(text: str) -> None:
+        print(f"\n» {text}")
+
     schema = "CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT);"
 
     def reducer(view: View, event: Event) -> Any:
@@ -6749,7 +6764,9 @@ def _cmd_demo(args: Any) -> int:
     with store.at(2) as past:
         _print_rows(past.users.all())
     say("Restoring the deleted row from the log, as a new event:")
-    print(f"   {store.restore('users', 'Barack').type}: {store.view.users.get('Barack')}")
+    restored = store.restore("users", "Barack")
+    assert restored is not None  # (only a middleware could have ended the dispatch)
+    print(f"   {restored.type}: {store.view.users.get('Barack')}")
     store.close()
     say("A new schema, no migration: reopening with version=2 rebuilds by replaying the log.")
     schema2 = "CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT, title TEXT);"
@@ -6882,7 +6899,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _output_in_utf8()
     args = _parser().parse_args(argv)
     try:
-        return args.handler(args)
+        status: int = args.handler(args)
+        return status
     except BrokenPipeError:  # e.g. `fluxlite log db | head` (before OSError, its base)
         with contextlib.suppress(OSError):  # no second error when Python flushes at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
