@@ -5793,3 +5793,43 @@ def test_a_dispatch_into_a_renamed_file_is_refused(tmp_path):
         with pytest.raises(fluxlite.StorageError, match="deleted, renamed or replaced"):
             add(s, "b")
         assert s.head == 1
+
+
+@pytest.mark.parametrize("seq, message", [
+    (2.5, r"a journal or log row has the seq 2\.5"),  # sorts among the ints
+    ("x", r"a journal or log row has the seq 'x'"),  # sorts after them all
+])
+def test_verify_finds_a_journal_row_whose_seq_is_not_an_int(tmp_path, seq, message):
+    target = str(tmp_path / "s.db")
+    _sealed_store(target)
+    conn = sqlite3.connect(target)
+    conn.execute("INSERT INTO fluxlite_journal VALUES (?, 0, 'users', '\"z\"', 'insert', NULL, "
+                 "'{}')", (seq,))
+    conn.commit()
+    conn.close()
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        with pytest.raises(fluxlite.StorageError, match=message):
+            store.verify()
+
+
+@pytest.mark.parametrize("table, seq", [("events", 2000), ("fluxlite_journal", 2000),
+                                        ("fluxlite_journal", 1025), ("fluxlite_journal", 2502)])
+def test_verify_finds_a_changed_row_anywhere_in_a_seal_of_many_chunks(tmp_path, table, seq):
+    """One seal over more rows than are hashed at a time (_HASH_CHUNK), between
+    single-dispatch seals: a change in any of its chunks, or after it, is found."""
+    target = str(tmp_path / "s.db")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+        store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{i}"}}
+                             for i in range(2500)])  # seqs 2..2501, one seal
+        add(store, "ub")
+        store.verify()
+    column = "payload" if table == "events" else "after"
+    _by_hand(target, f"UPDATE {table} SET {column} = replace({column}, 'u', 'U') "
+                     f"WHERE seq = {seq}")
+    span = r"2\.\.2501" if seq <= 2501 else r"2502\.\.2502"
+    message = (rf"events {span} of the log do not match" if table == "events"
+               else rf"journal rows of events {span} do not match")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        with pytest.raises(fluxlite.StorageError, match=message):
+            store.verify()
