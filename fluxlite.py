@@ -2047,7 +2047,7 @@ _HASH_CHUNK = 1024  # rows encoded at a time: bounds memory for a seal of any si
 def _chain_link(previous: str, rows: Iterable[Sequence[Any]]) -> str:
     """The next link of a seal chain: sha256 of the previous link, then the rows."""
     digest = hashlib.sha256(previous.encode())
-    if rows.__class__ is list and len(rows) <= _HASH_CHUNK:  # a transaction's rows
+    if isinstance(rows, list) and len(rows) <= _HASH_CHUNK:  # a transaction's rows
         digest.update(_encode_rows(rows))
         return digest.hexdigest()
     rows = iter(rows)
@@ -2190,7 +2190,8 @@ def _sealed(conn: sqlite3.Connection, path: str, rows: Iterable[Sequence[Any]]
     seals = _Pages(conn, "SELECT seq, events, journal FROM fluxlite_seals WHERE seq > ? "
                          "ORDER BY seq LIMIT ?", (0,))
     journal = _Chain(_journal_pages(conn))
-    digest, last, unhashed = hashlib.sha256(), 0, []
+    digest, last = hashlib.sha256(), 0
+    unhashed: List[Sequence[Any]] = []
     seal = next(seals, None)
     for row in rows:
         while seal is not None and row[0] > seal[0]:
@@ -2299,7 +2300,7 @@ class _IntegrityCheck:
             raise _integrity_error(self._path, self._problems) from cause
 
 
-def _check_seal(path: str, seal: Tuple[int, str, str], last: int, events: Any,
+def _check_seal(path: str, seal: Sequence[Any], last: int, events: Any,
                 journal: _Chain) -> None:
     seq, events_link, journal_link = seal
     if events.hexdigest() != events_link:
@@ -2736,7 +2737,7 @@ def _batch_action(event: Any, position: int, actor: Optional[str] = None) -> Dic
 
 
 def _check_type(kind: Any) -> str:
-    if kind.__class__ is not str and not isinstance(kind, str) or not kind.strip():
+    if not isinstance(kind, str) or not kind.strip():
         raise InvalidEvent(
             f"An event type must be a non-empty string such as 'addUser'; received "
             f"{_describe(kind)}."
@@ -2750,9 +2751,7 @@ def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
             f"Middleware must pass an event dict (type, payload, meta, id) to next(); "
             f"received {_describe(action)}."
         )
-    kind = action.get("type")
-    _check_type(kind)
-    _check_text(kind, "An event type", InvalidEvent)
+    kind = _check_text(_check_type(action.get("type")), "An event type", InvalidEvent)
     if kind == BASELINE:
         raise InvalidEvent(
             f"{BASELINE!r} events are recorded by open(..., adopt=True) only: they insert "
@@ -2771,19 +2770,19 @@ def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
             f"An event's meta must be a dict with str keys; received {_describe(meta)}."
         )
     event_id = action.get("id")
-    id_given = event_id is not None
-    if id_given and (not isinstance(event_id, str) or not event_id.strip()):
+    if event_id is not None and (not isinstance(event_id, str) or not event_id.strip()):
         raise InvalidEvent(
             f"An event id must be a non-empty string (it is the idempotency key); "
             f"received {_describe(event_id)}. Omit it to have one generated."
         )
-    if id_given:
+    if event_id is not None:
         _check_text(event_id, "An event id", InvalidEvent)
     payload_text = _to_json_text(action.get("payload"), "payload")
     meta_text = _to_json_text(dict(meta), "meta") if meta else "{}"
     # Positional, in the fields' order: keyword arguments to a class cost a dict per call.
-    return _Prepared(event_id if id_given else ids(), id_given, kind, payload_text, meta_text,
-                     _loads(payload_text), _loads(meta_text) if meta else {})
+    return _Prepared(ids() if event_id is None else event_id, event_id is not None, kind,
+                     payload_text, meta_text, _loads(payload_text),
+                     _loads(meta_text) if meta else {})
 
 
 def _prepared_from_row(row: Sequence[Any]) -> _Prepared:
@@ -3247,6 +3246,7 @@ class Store:
         action = _action_from(type, payload, meta, id, actor)
         self._check_dispatchable()
         _check_expect_seq(expect_seq)
+        result: Optional[Event]
         if self._bare:  # no middleware: the chain is the core, and needs no frame
             result = self._commit_prepared([_prepare(action, self._ids)], expect_seq)[0]
         else:
@@ -3408,12 +3408,25 @@ class Store:
             stack = self._frames.stack = []
         return stack
 
+    @contextlib.contextmanager
+    def _replaying(self) -> Iterator[None]:
+        """Around calls of reducers and upcasters while this thread holds the store's
+        lock (a dispatch's transaction, verify(), rebuild()): a dispatch or a read of
+        the store from them is refused. Let through, it would be written inside that
+        transaction or snapshot (verify() rolls its snapshot back: an event it had
+        acknowledged would be lost)."""
+        self._reducing_thread = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._reducing_thread = None
+
     def _check_dispatchable(self) -> None:
         if self._reducing_thread is not None and self._reducing_thread == threading.get_ident():
             raise UsageError(
-                "Reducers may not dispatch: a reducer must be a pure function of "
-                "(view, event). Return the changes instead, or dispatch from a "
-                "subscriber or middleware."
+                "Reducers and upcasters may not dispatch: a reducer must be a pure "
+                "function of (view, event), an upcaster of the event. Return the changes "
+                "instead, or dispatch from a subscriber or middleware."
             )
         self._check_open()
         if self._reducer is None or self._readonly_file:
@@ -3666,7 +3679,8 @@ class Store:
                 return None
             stored = _event_from_row(row)
             same = stored.type == item.type and _same_json(stored.payload, _loads(item.payload_text))
-            event = self._upcast(stored)
+            with self._replaying():
+                event = self._upcast(stored)
         if not same:
             raise Conflict(
                 f"Event id {item.id!r} is already used by a {event.type!r} event "
@@ -3695,10 +3709,10 @@ class Store:
         event = object.__new__(Event)  # checked in _prepare: no dataclass __init__ (hot path)
         event.__dict__.update(seq=seq, id=item.id, type=item.type, payload=item.payload,
                               meta=item.meta, ts=ts)
-        event = self._upcast(event)
         assert self._reducer is not None
-        self._reducing_thread = threading.get_ident()
+        self._reducing_thread = threading.get_ident()  # (inline: the hot path's _replaying())
         try:
+            event = self._upcast(event)
             changes = _reduce(self._reducer, self._view, event)
         finally:
             self._reducing_thread = None
@@ -4045,7 +4059,9 @@ class Store:
                     log = self._read_log(sealed=True, at_end=(lambda: conn.execute("BEGIN"))
                                          if owned else None)  # checks the seals as it goes
                     try:
-                        _apply_events(replica, reducer, log, journal=False, progress=progress)
+                        with self._replaying():
+                            _apply_events(replica, reducer, log, journal=False,
+                                          progress=progress)
                     except StorageError:
                         self._check_model_current()  # a rebuild meanwhile is not damage
                         raise
@@ -5057,8 +5073,9 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
                 store._check_open()  # again: another thread may have closed it meanwhile
                 # The bulk of the log, read in pages (no snapshot held across it, so
                 # writers' WAL pages can be checkpointed meanwhile); _swap_in catches up.
-                done = _apply_events(model, reducer, store._read_log(), journal=True,
-                                     progress=progress)
+                with store._replaying():
+                    done = _apply_events(model, reducer, store._read_log(), journal=True,
+                                         progress=progress)
                 generation = _swap_in(store, schema, version, model, scratch, done)
                 store._schema, store._version = schema, version
                 store._load_tables(list(model.tables), generation)
@@ -5096,7 +5113,7 @@ def _swap_in_unchecked(store: Store, schema: str, version: Any, model: _Model, s
     conn, reducer = store._conn, store._reducer
     assert reducer is not None
     for _ in range(tries):
-        with _read_txn(conn):
+        with _read_txn(conn), store._replaying():
             done = _apply_events(model, reducer, store._read_log(done), journal=True) or done
         try:
             conn.execute("ATTACH ? AS fluxlite_scratch", (scratch,))
@@ -5112,7 +5129,8 @@ def _swap_in_unchecked(store: Store, schema: str, version: Any, model: _Model, s
             conn.execute("DETACH fluxlite_scratch")
     with _write_txn(conn):
         store._check_model_current()
-        _apply_events(model, reducer, store._read_log(done), journal=True)
+        with store._replaying():
+            _apply_events(model, reducer, store._read_log(done), journal=True)
         return _swap_model(conn, schema, version, model)
 
 
