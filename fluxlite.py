@@ -2913,7 +2913,8 @@ class Store:
     5. The reducer sees the read model as of the transaction (earlier events
        of the batch included) and may only read it: query() refuses writes,
        and inside a reducer reads of the log. It may not dispatch
-       (UsageError). Anything it raises rolls everything back: a
+       (UsageError), nor may upcasters, nor either in the replays of
+       verify() and rebuild(). Anything it raises rolls everything back: a
        FluxliteError (Rejected, ChangesetError...) as itself, anything else
        as ReducerError naming the event, with the original as __cause__.
     6. Changes name tables and columns of the schema; they are checked before
