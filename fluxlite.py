@@ -3422,6 +3422,22 @@ class Store:
         finally:
             self._reducing_thread = None
 
+    def _unguarded(self, progress: Optional[Callable[[int], None]]
+                   ) -> Optional[Callable[[int], None]]:
+        """A progress= callback, called from inside _replaying(): it is the caller's
+        own code, not a reducer, and may read the store as before."""
+        if progress is None:
+            return None
+
+        def call(seq: int) -> None:
+            self._reducing_thread = None
+            try:
+                progress(seq)
+            finally:
+                self._reducing_thread = threading.get_ident()
+
+        return call
+
     def _check_dispatchable(self) -> None:
         if self._reducing_thread is not None and self._reducing_thread == threading.get_ident():
             raise UsageError(
@@ -4062,7 +4078,7 @@ class Store:
                     try:
                         with self._replaying():
                             _apply_events(replica, reducer, log, journal=False,
-                                          progress=progress)
+                                          progress=self._unguarded(progress))
                     except StorageError:
                         self._check_model_current()  # a rebuild meanwhile is not damage
                         raise
@@ -5076,7 +5092,7 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
                 # writers' WAL pages can be checkpointed meanwhile); _swap_in catches up.
                 with store._replaying():
                     done = _apply_events(model, reducer, store._read_log(), journal=True,
-                                         progress=progress)
+                                         progress=store._unguarded(progress))
                 generation = _swap_in(store, schema, version, model, scratch, done)
                 store._schema, store._version = schema, version
                 store._load_tables(list(model.tables), generation)

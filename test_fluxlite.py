@@ -5886,3 +5886,15 @@ def test_a_reducer_dispatching_during_a_replay_is_refused_not_lost(tmp_path, ope
             getattr(store, operation)()
         assert acknowledged == [] and store.head == 1 and snapshot(store) == before
         store.verify()
+
+
+@pytest.mark.parametrize("operation", ["verify", "rebuild"])
+def test_a_progress_callback_may_read_the_store_while_reducers_may_not(tmp_path, operation):
+    """progress= is the caller's code, not a reducer: the guard around a replay's
+    reducers does not apply to it (it reads the head to show a percentage)."""
+    with fluxlite.open(str(tmp_path / "s.db"), schema=SCHEMA, reducer=reducer) as store:
+        store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{i}"}}
+                             for i in range(2500)])
+        seen = []
+        getattr(store, operation)(progress=lambda seq: seen.append((seq, store.head)))
+        assert seen == [(1000, 2500), (2000, 2500)]
