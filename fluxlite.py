@@ -2642,6 +2642,8 @@ def _make_upcaster(upcasters: Optional[Mapping[str, Upcaster]]) -> Callable[[Eve
                 return event
             try:
                 newer = upcaster(event)
+            except FluxliteError:  # as a reducer's: itself (a refused dispatch, say)
+                raise
             except Exception as exc:
                 raise ReducerError(
                     f"The upcaster for {event.type!r} raised {type(exc).__name__}: {exc} "
@@ -2913,8 +2915,9 @@ class Store:
     5. The reducer sees the read model as of the transaction (earlier events
        of the batch included) and may only read it: query() refuses writes,
        and inside a reducer reads of the log. It may not dispatch
-       (UsageError), nor may upcasters, nor either in the replays of
-       verify() and rebuild(). Anything it raises rolls everything back: a
+       (UsageError); an upcaster may read only its event and may not
+       dispatch either, in replays (verify(), rebuild()) too. Anything it
+       raises rolls everything back: a
        FluxliteError (Rejected, ChangesetError...) as itself, anything else
        as ReducerError naming the event, with the original as __cause__.
     6. Changes name tables and columns of the schema; they are checked before
@@ -3225,9 +3228,9 @@ class Store:
             raise UsageError(f"The store {self._path!r} is closed; open it again to use it.")
         if self._reducing_thread is not None and self._reducing_thread == threading.get_ident():
             raise UsageError(  # the authorizer alone misses statements already prepared
-                "A reducer may read only its view (view.<table>, view.query()): the "
-                "store's log, head and methods are not there when the log is replayed. "
-                "Take what the reducer needs from the event."
+                "A reducer may read only its view (view.<table>, view.query()), an "
+                "upcaster only its event: the store's log, head and methods are not there "
+                "when the log is replayed. Take what is needed from the event."
             )
 
     # -- dispatch --------------------------------------------------------------
@@ -3508,6 +3511,12 @@ class Store:
                ack: Optional[Tuple[str, str, int, float]] = None) -> None:
         conn = self._conn
         outermost = not conn.in_transaction  # a preview's transaction is rolled back
+        if not outermost and not self._previewing:  # e.g. from verify()'s progress=
+            raise UsageError(
+                f"The store {self._path!r} is in a read of its own in this thread (verify() "
+                f"compares in a snapshot that it then rolls back): a dispatch now would be "
+                f"lost with it. Dispatch after verify() returns."
+            )
         if self._previewing and outermost:  # SQLite ended the preview's transaction itself
             raise ChangesetError(
                 "SQLite ended this preview's transaction after an earlier error in it "
@@ -3745,7 +3754,8 @@ class Store:
         event = object.__new__(Event)
         event.__dict__.update(seq=self.head + 1, id=prepared.id, type=prepared.type,
                               payload=prepared.payload, meta=prepared.meta, ts=_utc_now())
-        newer = self._upcast(event)
+        with self._lock, self._replaying():  # the upcasters' rule holds here too
+            newer = self._upcast(event)
         if newer is event:
             return None
         return {"type": newer.type, "payload": newer.payload, "meta": newer.meta,
@@ -4086,7 +4096,8 @@ class Store:
                         # A damaged event can fail its reducer before the end of its seal's
                         # range is reached: read on, so damage is reported as damage.
                         try:
-                            collections.deque(log, maxlen=0)
+                            with self._replaying():  # (upcasters run on what is read)
+                                collections.deque(log, maxlen=0)
                         except StorageError as damage:
                             self._check_model_current()
                             raise damage from replay_error

@@ -5859,9 +5859,24 @@ def test_an_upcaster_may_not_dispatch_and_nothing_is_written(path):
                        upcasters={"addUser": upcast}) as store:
         holder["store"] = store
         before = snapshot(store)
-        with pytest.raises(fluxlite.FluxliteError, match="Reducers and upcasters may not dispatch"):
+        with pytest.raises(fluxlite.UsageError, match="Reducers and upcasters may not dispatch"):
             add(store, "barack")
         assert store.head == 0 and snapshot(store) == before
+
+
+def test_an_upcaster_may_read_only_its_event(path):
+    """What it read from the store at dispatch would not be there in a replay."""
+    holder = {}
+
+    def upcast(event):
+        return event.replace(payload={**event.payload, "role": f"#{holder['store'].head}"})
+
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer,
+                       upcasters={"addUser": upcast}) as store:
+        holder["store"] = store
+        with pytest.raises(fluxlite.UsageError, match="an upcaster only its event"):
+            add(store, "barack")
+        assert store.head == 0
 
 
 @pytest.mark.parametrize("operation", ["verify", "rebuild"])
@@ -5898,3 +5913,38 @@ def test_a_progress_callback_may_read_the_store_while_reducers_may_not(tmp_path,
         seen = []
         getattr(store, operation)(progress=lambda seq: seen.append((seq, store.head)))
         assert seen == [(1000, 2500), (2000, 2500)]
+
+
+def test_a_dispatch_from_verifys_progress_callback_is_refused_not_lost(tmp_path):
+    """verify() ends in a snapshot it rolls back: an event dispatched into it was
+    acknowledged (subscribers heard it), then gone."""
+    with fluxlite.open(str(tmp_path / "s.db"), schema=SCHEMA, reducer=reducer) as store:
+        store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{i}"}}
+                             for i in range(1000)])
+        heard = []
+        store.subscribe(lambda event, changes: heard.append(event.seq))
+        with pytest.raises(fluxlite.UsageError, match="Dispatch after verify"):
+            store.verify(progress=lambda seq: add(store, "late"))
+        assert heard == [] and store.head == 1000
+        add(store, "late")
+        assert heard == [1001] and store.head == 1001
+
+
+def test_an_upcaster_run_by_authorize_may_not_dispatch_either(tmp_path):
+    """authorize() upcasts before the transaction, to judge the type the reducer
+    will see: the upcasters' rule holds there too (an event it let through was
+    committed, and then the outer dispatch failed)."""
+    holder = {}
+
+    def upcast(event):
+        holder["store"].dispatch("grantAccess", {"name": "x", "right": "y"})
+        return event
+
+    rules = {"*": lambda actor, event: True}
+    with fluxlite.open(str(tmp_path / "s.db"), schema=SCHEMA, reducer=reducer,
+                       middleware=[fluxlite.authorize(rules)],
+                       upcasters={"addUser": upcast}) as store:
+        holder["store"] = store
+        with pytest.raises(fluxlite.UsageError, match="Reducers and upcasters may not dispatch"):
+            add(store, "barack", actor="me")
+        assert store.head == 0
