@@ -5395,7 +5395,10 @@ def test_the_wal_shrinks_back_after_a_big_rebuild(tmp_path, monkeypatch):
         for n in range(1500):  # past SQLite's automatic checkpoint, so the WAL restarts
             store.dispatch("put", {"id": f"x{n % 5}", "n": n})
         shrunk = os.path.getsize(path + "-wal")
-    assert shrunk < checkpoint_size, (sizes, shrunk)
+    # Trimmed: back under the WAL's working size, which is its ceiling (2,048 frames
+    # of 2 KB pages: 4.2 MB, past the 4 KB-page figure above) plus what commits add
+    # while a checkpoint runs beside them (5.4-5.7 MB measured, the README says).
+    assert shrunk < 1.5 * fluxlite._WAL_CEILING < sizes[2], (sizes, shrunk)
 
 
 def _page_size(path):
