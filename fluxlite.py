@@ -4288,8 +4288,33 @@ class Store:
                 "SELECT max(seq) FROM events WHERE ts <= ?", (text,)).fetchone()
         return row[0] or 0
 
-    def history(self, table: str, key: Any) -> List["Revision"]:
-        """Every version of one row, oldest first, from the journal (no replay)."""
+    def history(self, table: str, key: Any, *, after: int = 0, upto: Optional[int] = None,
+                limit: Optional[int] = None, reverse: bool = False) -> List["Revision"]:
+        """Every version of one row, oldest first, from the journal (no replay).
+
+        ``after`` and ``upto`` keep the versions made by events with
+        after < seq <= upto; ``reverse=True`` gives them newest first; ``limit``
+        keeps the first that many, in that order (``limit=10, reverse=True``:
+        the ten latest). A row's history is read through its journal index,
+        so a window of a long history costs what the window holds.
+        """
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise UsageError(f"after must be a seq (int >= 0); received {_describe(after)}.")
+        if upto is not None and (isinstance(upto, bool) or not isinstance(upto, int)
+                                 or upto < 0):
+            raise UsageError(f"upto must be a seq (int >= 0) or None; received "
+                             f"{_describe(upto)}.")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 0):
+            raise UsageError(f"limit must be an int >= 0 or None; received {_describe(limit)}.")
+        if not isinstance(reverse, bool):
+            raise UsageError(f"reverse must be True or False; received {_describe(reverse)}.")
+        return self._history(table, key, after, upto, limit, reverse)
+
+    def _history(self, table: str, key: Any, after: int = 0, upto: Optional[int] = None,
+                 limit: Optional[int] = None, reverse: bool = False,
+                 op: Optional[str] = None) -> List["Revision"]:
+        """history()'s answer; ``op``: only the versions that change made."""
         with self._lock:
             self._check_open()
             self._check_model_current()
@@ -4307,13 +4332,18 @@ class Store:
             stored.append(tuple(live[c] for c in info.pk))
         key_texts = list(dict.fromkeys(_dumps(_key_json(_unparams(info, k))) for spelled in stored
                                        for k in _numeric_spellings(spelled, info.pk_types)))
+        window = [min(after, 2**63 - 1), min(2**63 - 1 if upto is None else upto, 2**63 - 1)]
+        order = " DESC" if reverse else ""
         with self._lock, _reading(self._path):
             self._check_open()
             rows = self._conn.execute(
                 "SELECT j.seq, e.id, e.type, e.ts, j.op, j.before, j.after "
                 "FROM fluxlite_journal j JOIN events e ON e.seq = j.seq "
                 f"WHERE j.tbl = ? AND j.key IN ({', '.join('?' * len(key_texts))}) "
-                "ORDER BY j.seq, j.n", (info.name, *key_texts)).fetchall()
+                f"AND j.seq > ? AND j.seq <= ?{'' if op is None else ' AND j.op = ?'} "
+                f"ORDER BY j.seq{order}, j.n{order} LIMIT ?",
+                (info.name, *key_texts, *window, *([] if op is None else [op]),
+                 -1 if limit is None else limit)).fetchall()
         renamed = {seq: self.event(seq) for seq, _, kind, *_ in rows if kind in self._upcasters}
         try:  # each event's type as events() gives it: after upcasters
             return [Revision(seq, event_id, kind if seq not in renamed else
@@ -4337,10 +4367,10 @@ class Store:
         through the normal pipeline, so middleware and access control apply
         to it by that type and replay reproduces it.
         """
-        revisions = self.history(table, key)
+        # Only the version needed is read: a row's history can be long.
         if at is None:
-            deletions = [r for r in revisions if r.op == "delete"]
-            if not revisions:
+            deletions = self._history(table, key, limit=1, reverse=True, op="delete")
+            if not deletions and not self._history(table, key, limit=1):
                 raise UsageError(
                     f"Row {key!r} of {table!r} has no history: no event wrote a row with "
                     f"that key. A deleted row is found by its key as stored (check its "
@@ -4351,11 +4381,11 @@ class Store:
                     f"Row {key!r} of {table!r} was never deleted; pass at=SEQ to set it "
                     f"back to an earlier version."
                 )
-            row, when = deletions[-1].before, f"before its deletion at seq {deletions[-1].seq}"
+            row, when = deletions[0].before, f"before its deletion at seq {deletions[0].seq}"
         else:
             at = self._check_seq(at, "at")
-            earlier = [r for r in revisions if r.seq <= at]
-            row, when = (earlier[-1].after if earlier else None), f"at seq {at}"
+            latest = self._history(table, key, upto=at, limit=1, reverse=True)
+            row, when = (latest[0].after if latest else None), f"at seq {at}"
         if row is None:
             raise UsageError(f"Row {key!r} of {table!r} did not exist {when}; nothing to restore.")
         if _typed(self.view[table].get(key)) == _typed(row):  # 1.0 is not 1 here
@@ -6566,7 +6596,7 @@ def _cmd_history(args: Any) -> int:
         key = args.key
     with open(args.db, readonly=True) as store:
         try:
-            revisions = store.history(args.table, key)
+            revisions = store.history(args.table, key, limit=args.limit, reverse=args.reverse)
         except UsageError as exc:
             if "composite primary key" not in str(exc):
                 raise
@@ -6924,6 +6954,8 @@ def _parser() -> Any:
     db(p)
     p.add_argument("table", metavar="TABLE")
     p.add_argument("key", metavar="KEY", help="the key; JSON for numbers or a composite key")
+    p.add_argument("--limit", type=_count, metavar="N", help="at most N versions")
+    p.add_argument("--reverse", action="store_true", help="newest first")
     p.add_argument("--json", action="store_true")
     p = command("dispatch", _cmd_dispatch, "dispatch through the application's reducers")
     db(p)

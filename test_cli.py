@@ -162,6 +162,9 @@ def test_query_now_and_in_the_past(work):
 def test_history(work):
     lines = cli("history", "app.db", "users", "joe", cwd=work).stdout.splitlines()
     assert [l.split()[3] for l in lines[2:]] == ["insert", "delete"]
+    newest = cli("history", "app.db", "users", "joe", "--reverse", "--limit", "1",
+                 "--json", cwd=work).stdout.splitlines()
+    assert [json.loads(l)["op"] for l in newest] == ["delete"]
     revisions = [json.loads(l) for l in cli("history", "app.db", "rights",
                                             '["barack", "president"]', "--json",
                                             cwd=work).stdout.splitlines()]

@@ -2575,9 +2575,27 @@ def test_at_equals_a_fresh_replay_and_history_agrees(events, data, on_disk):
             for revision in revisions:
                 with store.at(revision.seq) as then:
                     assert then.items.get(key) == revision.after
+            # a window of the history is that slice of the whole, in either order
+            after, upto = sorted(data.draw(st.lists(st.integers(0, store.head + 1),
+                                                    min_size=2, max_size=2)))
+            limit = data.draw(st.none() | st.integers(0, 4))
+            reverse = data.draw(st.booleans())
+            kept = [r for r in revisions if after < r.seq <= upto][::-1 if reverse else 1]
+            assert store.history("items", key, after=after, upto=upto, limit=limit,
+                                 reverse=reverse) == kept[:limit]
             if revisions and revisions[-1].op == "delete":
                 store.restore("items", key)
                 assert store.view.items.get(key) == revisions[-1].before
+            # restore(at=) brings back what at() shows, or says why it cannot
+            when = data.draw(st.integers(0, store.head))
+            with store.at(when) as then:
+                was = then.items.get(key)
+            if was is None or was == store.view.items.get(key):
+                with pytest.raises(fluxlite.UsageError, match="did not exist|already as it was"):
+                    store.restore("items", key, at=when)
+            else:
+                store.restore("items", key, at=when)
+                assert store.view.items.get(key) == was
         store.verify()
 
 
@@ -2683,6 +2701,40 @@ def test_history_returns_revisions_without_replay(store):
     assert store.history("users", "nobody") == []
     with pytest.raises(fluxlite.UsageError, match="Unknown table"):
         store.history("people", "a")
+
+
+def test_history_windows_and_their_bad_arguments(store):
+    add(store, "x")
+    for role in ("a", "b", "c"):
+        store.dispatch("grantAccess", {"name": "x", "right": role})
+    seqs = [r.seq for r in store.history("users", "x")]
+    assert seqs == [1, 2, 3, 4]
+    assert [r.seq for r in store.history("users", "x", after=1, upto=3)] == [2, 3]
+    assert [r.seq for r in store.history("users", "x", limit=2, reverse=True)] == [4, 3]
+    assert [r.seq for r in store.history("users", "x", upto=3, limit=1, reverse=True)] == [3]
+    assert store.history("users", "x", after=4) == store.history("users", "x", limit=0) == []
+    assert [r.seq for r in store.history("users", "x", after=2**70)] == []
+    assert [r.seq for r in store.history("users", "x", upto=2**70)] == seqs
+    before = snapshot(store)
+    for bad, message in [({"after": -1}, "after must be a seq"), ({"after": "1"}, "after must"),
+                         ({"upto": True}, "upto must be a seq"), ({"upto": -2}, "upto must"),
+                         ({"limit": -1}, "limit must be an int"), ({"limit": 1.0}, "limit must"),
+                         ({"reverse": 1}, "reverse must be True or False")]:
+        with pytest.raises(fluxlite.UsageError, match=message):
+            store.history("users", "x", **bad)
+    assert snapshot(store) == before
+
+
+def test_restore_takes_the_last_change_an_event_made_to_the_row():
+    def twice(view, event):  # one event, two changes to one row
+        return [view.items.upsert(id="a", n=event.payload), view.items.update("a", n=event.payload + 1)]
+    with fluxlite.open(":memory:", schema=ITEMS, reducer=twice) as s:
+        s.dispatch("put", 10)
+        s.dispatch("put", 20)
+        assert [(r.seq, r.after["n"]) for r in s.history("items", "a", reverse=True)] == \
+            [(2, 21), (2, 20), (1, 11), (1, 10)]
+        s.restore("items", "a", at=1)
+        assert s.view.items.get("a") == {"id": "a", "n": 11}
 
 
 def test_restore_a_deleted_row_and_an_earlier_version(store):
