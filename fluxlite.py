@@ -1559,6 +1559,9 @@ class _Model:
                 tag = _REDUCER_TAG if self.query_mode == 2 else _READONLY_TAG
                 cursor = self.conn.execute(tag + sql, params)
                 names = [d[0] for d in cursor.description or ()]
+                if len(set(names)) < len(names):
+                    cursor.close()
+                    raise _repeated_names(names, sql)
                 return [dict(zip(names, row)) for row in cursor]
             except sqlite3.DatabaseError as exc:
                 if "not authorized" in str(exc) or "prohibited" in str(exc):
@@ -1890,6 +1893,18 @@ def _check_query_param(value: Any, sql: str) -> None:
         problem = "is of a type SQLite cannot store; pass None, a number, text or bytes"
     if problem:
         raise QueryError(f"query() parameter {_describe(value)} {problem}. SQL: {sql[:200]!r}.")
+
+
+def _repeated_names(names: List[str], sql: str) -> QueryError:
+    """Rows are dicts: a second column of a name would silently replace the first."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    return QueryError(
+        f"query() returns rows as dicts, so each result column needs its own name; "
+        f"the result of {sql[:200]!r} has more than one column named "
+        f"{', '.join(map(repr, repeated))} "
+        f"(a join's SELECT * repeats the columns both tables have). Give each a distinct "
+        f"name with AS, or select only the columns you need."
+    )
 
 
 def _query_failure(exc: Exception, sql: str, params: Any) -> FluxliteError:
@@ -3312,6 +3327,10 @@ class Store:
         """
         action = _action_from(type, payload, meta, id, actor)
         self._check_dispatchable()
+        if self._previewing and self._preview_thread == threading.get_ident():
+            raise UsageError("preview() was called inside another preview() (from a "
+                             "middleware or subscriber it runs): previews do not nest. "
+                             "Preview the events one at a time.")
         frame = _Frame(expect_seq, preview=True)
         with self._lock:
             self._check_open()  # again: another thread may have closed it meanwhile
@@ -3336,12 +3355,20 @@ class Store:
                     self._pending.pop()
         return event, frame.changes
 
-    def fork(self, path: Union[str, "os.PathLike[str]"] = ":memory:") -> "Store":
+    def fork(self, path: Union[str, "os.PathLike[str]"] = ":memory:", *,
+             clock: Optional[Callable[[], datetime]] = None,
+             ids: Optional[Callable[[], str]] = None) -> "Store":
         """An independent copy (log, read model, journal), made with SQLite's backup API.
 
         ``path`` is ":memory:" or a new file. The copy has the same reducer,
-        middleware, upcasters, clock and ids.
+        middleware and upcasters, and the same clock and ids unless ``clock=``
+        or ``ids=`` give it its own: forks of one prepared store that share a
+        counter for ids get ids that depend on which fork ran first.
         """
+        for name, function in (("clock", clock), ("ids", ids)):
+            if function is not None and not callable(function):
+                raise UsageError(f"{name} must be a function of no arguments; received "
+                                 f"{_describe(function)}.")
         path = os.fspath(path)
         if path != ":memory:" and os.path.exists(path) and os.path.getsize(path):
             raise UsageError(f"fork(path={path!r}) needs a new file; that one has content.")
@@ -3359,7 +3386,8 @@ class Store:
         return _open_connection(conn, path, schema=None, reducer=self._reducer,
                                 middleware=self._middleware, durability=self._durability,
                                 version=None, upcasters=self._upcasters, adopt=False,
-                                clock=self._clock, ids=self._ids)
+                                clock=clock or self._clock,
+                                ids=_checked_ids(ids) if ids else self._ids)
 
     def checkpoint(self) -> _Checkpoint:
         """Remember the whole store (in memory), to come back with reset_to()."""
@@ -3389,6 +3417,7 @@ class Store:
             self._check_open()
             try:
                 with checkpoint.lock:
+                    self._check_fits(_read_meta(checkpoint.conn))
                     checkpoint.conn.backup(self._conn)
             except sqlite3.ProgrammingError as exc:  # the checkpoint's copy was closed
                 raise UsageError(f"That checkpoint cannot be read ({exc}); take a new one "
@@ -3405,6 +3434,22 @@ class Store:
                 # an older checkpoint, then to a newer one, delivers nothing again).
                 cursor.reached = max(cursor.reached, cursor.position)
                 cursor.position, cursor.version = min(cursor.reached, head), -1
+
+    def _check_fits(self, theirs: Mapping[str, Any]) -> None:
+        """A checkpoint's model must be the one this store's code makes: its reducer
+        would otherwise write into tables of another shape (a checkpoint of
+        another application's store, or from before a rebuild to a new version)."""
+        if _normalize_schema(theirs["schema"]) == _normalize_schema(self._schema) and \
+                theirs.get("version") == self._version:
+            return
+        raise UsageError(
+            f"That checkpoint holds a read model of another schema or version (version "
+            f"{theirs.get('version')!r}, tables {', '.join(theirs['tables']) or 'none'}) than "
+            f"this store runs (version {self._version!r}, tables "
+            f"{', '.join(self._model.tables) or 'none'}): a checkpoint of another store, or "
+            f"one taken before a rebuild. Reset a store only to checkpoints taken with its "
+            f"own schema and version (take them after the rebuild); to copy a store, fork() it."
+        )
 
     def _frame_stack(self) -> List["_Frame"]:
         stack = getattr(self._frames, "stack", None)
@@ -6141,7 +6186,11 @@ def _diff_changes(expected: List[Change], actual: List[Change]) -> List[str]:
         for field in ("op", "table", "key"):
             if getattr(want, field) != getattr(got, field):
                 lines.append(f"    {field}: expected {getattr(want, field)!r}, "
-                             f"got {getattr(got, field)!r}")
+                             f"got {getattr(got, field)!r}"
+                             + (" (the reducer returned it as built by insert()/upsert(), "
+                                "whose key is in its values: expect key None)"
+                                if field == "key" and got.key is None
+                                and got.op in ("insert", "upsert") else ""))
         wv, gv = dict(want.values or {}), dict(got.values or {})
         for column in sorted(set(wv) | set(gv)):
             if wv.get(column, _MISSING) != gv.get(column, _MISSING):
@@ -6159,7 +6208,7 @@ class Scenario:
         start = datetime(2000, 1, 1, tzinfo=timezone.utc)
         ticks = iter(range(1, 1 << 62))
         serial = iter(range(1, 1 << 62))
-        self._returned: List[Change] = []
+        self._returned_by_id: Dict[str, List[Change]] = {}
         root = combine(reducer) if isinstance(reducer, _Mapping) else reducer
         if not callable(root):
             raise UsageError(f"scenario() needs the reducer to test, a function (view, event) "
@@ -6167,7 +6216,7 @@ class Scenario:
 
         def recording(view: View, event: Event) -> Any:
             out = root(view, event)
-            self._returned = _normalize_changes(out, event)
+            self._returned_by_id[event.id] = _normalize_changes(out, event)
             return out
 
         self.store = open(":memory:", schema=schema, reducer=recording, upcasters=upcasters,
@@ -6190,7 +6239,7 @@ class Scenario:
 
     def when(self, event: Any) -> "Scenario":
         """The event under test; its outcome is checked by the then_* methods."""
-        self._returned = []
+        self._returned_by_id.clear()
         _check_scenario_event(event)  # not a refusal to assert on: the test's mistake
         try:
             self._outcome = (self.store.dispatch(_as_action(event)), None)
@@ -6206,15 +6255,17 @@ class Scenario:
             raise AssertionError(
                 f"the event was refused: {type(error).__name__}: {error}"
             ) from error
-        assert event is not None
+        if event is None:
+            raise AssertionError("the event was neither committed nor refused: a middleware "
+                                 "returned None without calling next(event)")
         return event
 
     def then(self, *changes: Any) -> "Scenario":
         """The reducer returned exactly these changes (Change objects or dicts), in order."""
-        self._accepted()
+        event = self._accepted()
         expected = [_as_change(c) for c in (changes[0] if len(changes) == 1 and isinstance(
             changes[0], list) else changes)]
-        lines = _diff_changes(expected, self._returned)
+        lines = _diff_changes(expected, self._returned_by_id.get(event.id, []))
         if lines:
             raise AssertionError("the reducer's changes differ from the expected ones:\n"
                                  + "\n".join(lines))
@@ -6227,7 +6278,8 @@ class Scenario:
             raise UsageError("Call when(event) before then_rejected().")
         event, error = self._outcome
         if not isinstance(error, (Rejected, Forbidden)):
-            got = f"{type(error).__name__}: {error}" if error else f"accepted as seq {event.seq}"  # type: ignore[union-attr]
+            got = (f"{type(error).__name__}: {error}" if error else f"accepted as seq {event.seq}"
+                   if event is not None else "ended by a middleware that did not call next()")
             raise AssertionError(f"expected the event to be rejected, but it was {got}")
         if match is not None and not re.search(match, str(error)):
             raise AssertionError(f"rejected with {str(error)!r}, which does not match {match!r}")
@@ -6594,14 +6646,20 @@ def _cmd_history(args: Any) -> int:
         key = json.loads(args.key)
     except json.JSONDecodeError:
         key = args.key
+    window = {"limit": args.limit, "reverse": args.reverse}
     with open(args.db, readonly=True) as store:
         try:
-            revisions = store.history(args.table, key, limit=args.limit, reverse=args.reverse)
+            revisions = store.history(args.table, key, **window)
         except UsageError as exc:
-            if "composite primary key" not in str(exc):
+            if "composite primary key" in str(exc):
+                raise _CliError(f"{exc} On the command line, KEY is then a JSON list of the "
+                                f"key's values in that order, such as '[\"2026-11\", 7]'."
+                                ) from None
+            if key is args.key or "primary key" not in str(exc):
                 raise
-            raise _CliError(f"{exc} On the command line, KEY is then a JSON list of the "
-                            f"key's values in that order, such as '[\"2026-11\", 7]'.") from None
+            revisions = []  # e.g. a text key "null": tried as written below
+        if not revisions and key != args.key:  # JSON that a text key looks like: true, 1e3
+            revisions = store.history(args.table, args.key, **window)
     if args.json:
         for r in revisions:
             print(json.dumps(r.to_dict(), ensure_ascii=False))
@@ -6794,26 +6852,29 @@ def _import_into(args: Any, app: "App", added: List[int]) -> None:
 def _cmd_backup(args: Any) -> int:
     if os.path.exists(args.dest) and os.path.getsize(args.dest):
         raise _CliError(f"{args.dest!r} exists; backup writes a new file")
-    open(args.db, readonly=True).close()  # a fluxlite store: else say so, of the source
-    present = _present(args.dest)
-    if not present[""]:
-        _check_no_orphan_wal(args.dest)
-    source = _connect_readonly(args.db)
-    try:
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(args.dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        target = sqlite3.connect(args.dest)
+    # A fluxlite store, else say so, of the source; closing it tidies the -wal and
+    # -shm that a read-only connection leaves beside the file.
+    with open(args.db, readonly=True) as source:
+        present = _present(args.dest)
+        if not present[""]:
+            _check_no_orphan_wal(args.dest)
         try:
-            source.backup(target, pages=256)  # steps, so writers are not held up
-            target.execute("PRAGMA journal_mode=wal")
-        finally:
-            target.close()
-    except BaseException:
-        if not present[""]:  # no half-made copy left behind
-            _remove_made(args.dest, present)
-        raise
-    finally:
-        source.close()
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(args.dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            target = sqlite3.connect(args.dest)
+            try:
+                # One step, in one read snapshot: in WAL mode a reader does not hold
+                # writers up, while a step-wise copy restarts whenever another
+                # connection commits, and never ends under a busy writer.
+                with source._lock:
+                    source._conn.backup(target)
+                target.execute("PRAGMA journal_mode=wal")
+            finally:
+                target.close()
+        except BaseException:
+            if not present[""]:  # no half-made copy left behind
+                _remove_made(args.dest, present)
+            raise
     with open(args.dest, readonly=True) as copy:
         print(f"backed up {copy.head} events to {args.dest}")
     return 0

@@ -171,6 +171,15 @@ def test_history(work):
     assert revisions[0]["after"] == {"user": "barack", "right": "president"}
 
 
+def test_history_of_a_text_key_that_reads_as_json(work):
+    with fluxlite.open(work / "app.db", app=_app(work)) as store:
+        for name in ("true", "1e3", "null"):
+            store.dispatch("addUser", {"name": name})
+    for name in ("true", "1e3", "null"):
+        lines = cli("history", "app.db", "users", name, "--json", cwd=work).stdout.splitlines()
+        assert [json.loads(l)["after"]["name"] for l in lines] == [name]
+
+
 def test_dispatch_verify_and_rebuild(work):
     out = json.loads(cli("dispatch", "app.db", "addUser", '{"name": "hillary"}', "--actor", "me",
                          "--id", "cli-1", "--app", "cliapp:APP", cwd=work).stdout)
@@ -402,25 +411,52 @@ def test_backup_of_a_file_that_is_not_a_store_names_it_and_leaves_nothing(work):
 
 
 def test_backup_while_a_writer_runs(work):
+    # Big enough for a step-wise copy to take many steps, each of which a commit
+    # from another process sent back to the start: the backup never ended.
+    with fluxlite.open(work / "app.db", app=_app(work)) as store:
+        store.dispatch_many([{"type": "addUser", "payload": {"name": f"p{n}", "note": "x" * 2000}}
+                             for n in range(20_000)])
+    stop = work / "stop"
     writer = subprocess.Popen([sys.executable, "-c", f"""
-import sys, time
+import os, sys, time
 sys.path[:0] = [{str(ROOT)!r}, {str(work)!r}]
 import fluxlite, cliapp
 store = fluxlite.open({str(work / 'app.db')!r}, app=cliapp.APP, durability="normal")
-for n in range(3000):
+n, deadline = 0, time.monotonic() + 60
+while not os.path.exists({str(stop)!r}) and time.monotonic() < deadline:
     store.dispatch("addUser", {{"name": "w%d" % n}})
+    n += 1
 """])
-    time.sleep(0.3)
-    out = cli("backup", "app.db", "snap.db", cwd=work).stdout
+    try:
+        time.sleep(0.3)
+        out = cli("backup", "app.db", "snap.db", cwd=work, timeout=30).stdout
+        assert writer.poll() is None, "the writer stopped before the backup ended"
+    finally:
+        stop.touch()
     assert writer.wait(60) == 0
     copied = int(out.split()[2])
-    assert 5 <= copied <= 3005
+    assert copied >= 20_005
     conn = sqlite3.connect(work / "snap.db")
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
     cli("verify", "snap.db", "--app", "cliapp:APP", cwd=work)
     again = cli("backup", "app.db", "snap.db", cwd=work, check=False)
     assert again.returncode == 1 and "exists" in again.stderr
+
+
+def test_backup_of_an_idle_store_leaves_nothing_beside_it(work):
+    before = sorted(p.name for p in work.iterdir())
+    cli("backup", "app.db", "snap.db", cwd=work)
+    assert sorted(p.name for p in work.iterdir()) == sorted(before + ["snap.db"])
+
+
+def _app(work):
+    sys.path.insert(0, str(work))
+    try:
+        import cliapp
+        return cliapp.APP
+    finally:
+        sys.path.remove(str(work))
 
 
 def test_tail_follow_picks_up_another_process_and_stops_cleanly(work):

@@ -851,6 +851,19 @@ def test_query_reads_json_and_names_columns_as_written(store):
         store.query("UPDATE sqlite_master SET sql = 'x'")
 
 
+def test_a_query_whose_columns_share_a_name_is_refused_not_half_answered(store):
+    add(store, "a")
+    store.dispatch("grantAccess", {"name": "a", "right": "admin"})
+    for sql in ("SELECT * FROM users JOIN users AS again ON again.name = users.name",
+                "SELECT u.name, r.right AS name FROM users u JOIN rights r ON r.user = u.name"):
+        with pytest.raises(fluxlite.QueryError, match="has more than one column named .*'name'"):
+            store.query(sql)
+        with store.at(2) as past, pytest.raises(fluxlite.QueryError, match="distinct name"):
+            past.query(sql)
+    assert store.query("SELECT u.name, r.right AS granted FROM users u JOIN rights r "
+                       "ON r.user = u.name") == [{"name": "a", "granted": "admin"}]
+
+
 def test_reducer_can_query_the_read_model(store):
     add(store, "a")
     seen = []
@@ -4405,6 +4418,53 @@ def test_scenario_reports_refusals_clearly():
         fluxlite.scenario(SCHEMA, reducer).then()
 
 
+def test_scenario_then_checks_the_when_events_changes_not_a_follow_up_events():
+    def follow_up(store_):  # dispatches another event after the one it passes on
+        def wrap(next_):
+            def dispatch(event):
+                done = next_(event)
+                if event["type"] == "addUser":
+                    store_.dispatch("grantAccess", {"name": event["payload"]["name"],
+                                                    "right": "guest"})
+                return done
+            return dispatch
+        return wrap
+    s = fluxlite.scenario(SCHEMA, reducer, middleware=[follow_up])
+    s.when(("addUser", {"name": "al"}))
+    s.then(Change("insert", "users", None, {"name": "al", "role": None}))
+    assert s.store.view.users.get("al")["role"] == "guest"  # the follow-up ran
+    with pytest.raises(AssertionError, match="expect key None"):
+        s.then(Change("insert", "users", "al", {"name": "al", "role": None}))
+
+
+def test_scenario_says_when_a_middleware_ended_the_event_without_next():
+    def swallow(store_):
+        return lambda next_: lambda event: None
+    s = fluxlite.scenario(SCHEMA, reducer, middleware=[swallow])
+    s.when(("addUser", {"name": "al"}))
+    with pytest.raises(AssertionError, match="neither committed nor refused"):
+        s.then()
+    with pytest.raises(AssertionError, match="ended by a middleware that did not call next"):
+        s.then_rejected()
+
+
+def test_a_preview_from_inside_a_preview_is_a_usage_error():
+    def nested(store_):
+        def wrap(next_):
+            def dispatch(event):
+                if event["type"] == "grantAccess":
+                    store_.preview("addUser", {"name": "zz"})
+                return next_(event)
+            return dispatch
+        return wrap
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[nested]) as store:
+        add(store, "a")
+        with pytest.raises(fluxlite.UsageError, match="previews do not nest"):
+            store.preview("grantAccess", {"name": "a", "right": "x"})
+        assert store.head == 1 and store.view.users.get("zz") is None
+        assert add(store, "b").seq == 2
+
+
 def test_scenario_works_in_unittest():
     import unittest
 
@@ -4517,6 +4577,30 @@ def test_fork_is_an_independent_copy(path, tmp_path, into):
                 store.fork(target)
 
 
+def test_forks_given_their_own_clock_and_ids_are_reproducible_in_any_order():
+    serial = itertools.count(1)
+    start = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer,
+                       ids=lambda: f"e{next(serial)}") as prepared:
+        add(prepared, "a")
+
+        def a_test_run():
+            ticks, own = itertools.count(), itertools.count(1)
+            with prepared.fork(clock=lambda: start + timedelta(seconds=next(ticks)),
+                               ids=lambda: f"t{next(own)}") as s:
+                add(s, "b"); add(s, "c")
+                return [(e.id, e.ts) for e in s.events()]
+        first, second = a_test_run(), a_test_run()
+        assert first == second and first[0][0] == "e1" and first[1:][0][0] == "t1"
+        with prepared.fork() as shared:  # without: the prepared store's sources, shared
+            assert add(shared, "d").id == "e2"
+        with pytest.raises(fluxlite.UsageError, match="ids must be a function"):
+            prepared.fork(ids="t1")
+        with prepared.fork(ids=lambda: "e1") as clash, pytest.raises(fluxlite.UsageError,
+                                                                     match="already used in the log"):
+            add(clash, "x")
+
+
 def test_checkpoint_and_reset_between_tests(tmp_path):
     path = str(tmp_path / "suite.db")
     with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
@@ -4539,6 +4623,32 @@ def test_checkpoint_and_reset_between_tests(tmp_path):
         with pytest.raises(fluxlite.UsageError, match="checkpoint"):
             store.reset_to("yesterday")
         saved.close()
+
+
+def test_reset_to_refuses_a_checkpoint_of_another_schema_or_version(tmp_path):
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer) as other:
+        foreign = other.checkpoint()
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+        old = store.checkpoint()
+        twin = fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, version=2)
+        add(twin, "twin")
+        same_code = twin.checkpoint()
+        twin.close()
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer, version=2) as store:  # rebuilt
+        add(store, "b")
+        before = file_bytes(path)
+        for checkpoint, shown in ((foreign, "tables items"), (old, "version None")):
+            with pytest.raises(fluxlite.UsageError, match="another schema or version") as info:
+                store.reset_to(checkpoint)
+            assert shown in str(info.value) and "version 2, tables rights, users" in str(info.value)
+            assert file_bytes(path) == before and store.head == 2
+        add(store, "c")  # the store goes on as it was
+        assert store.view.users.get("c") is not None
+        store.reset_to(same_code)  # the same schema and version: a copy of that store
+        assert [u["name"] for u in store.view.users.all()] == ["twin"]
+        store.verify()
 
 
 def test_a_seeded_run_is_reproducible_byte_for_byte(tmp_path):
