@@ -1492,29 +1492,38 @@ def test_seals_are_the_documented_sha256_chains(tmp_path):
     with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
         # more rows than fluxlite hashes at a time, in one seal
         store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{i}"}} for i in range(2500)])
+        store.dispatch("addUser", {"name": "Zoë 😀"})
+        store.dispatch("removeUser", {"name": "Zoë 😀"})  # a journal row with no after
         store.verify()
-    conn = sqlite3.connect(target)
 
     def encode(row):
         return "".join(f"{len(v)}:{v}" if isinstance(v, str) else "~" if v is None
                        else f"#{v};" for v in row).encode()
 
-    links = {"events": "", "journal": ""}
-    after = 0
-    seals = conn.execute("SELECT seq, events, journal FROM fluxlite_seals ORDER BY seq").fetchall()
-    assert [s[0] for s in seals] == [1, 3, 4, 2504]  # one seal per write transaction
-    for seq, events_link, journal_link in seals:
-        for name, sql in (("events", "SELECT seq, id, type, payload, meta, ts FROM events "
-                                     "WHERE seq > ? AND seq <= ? ORDER BY seq"),
-                          ("journal", "SELECT seq, n, tbl, key, op, before, after FROM "
-                                      "fluxlite_journal WHERE seq > ? AND seq <= ? ORDER BY seq, n")):
-            digest = hashlib.sha256(links[name].encode())
-            for row in conn.execute(sql, (after, seq)):
-                digest.update(encode(row))
-            links[name] = digest.hexdigest()
-        assert (events_link, journal_link) == (links["events"], links["journal"])
-        after = seq
-    conn.close()
+    def check():
+        conn = sqlite3.connect(target)
+        links = {"events": "", "journal": ""}
+        after = 0
+        seals = conn.execute("SELECT seq, events, journal FROM fluxlite_seals ORDER BY seq").fetchall()
+        assert [s[0] for s in seals] == [1, 3, 4, 2504, 2505, 2506]  # one per write transaction
+        for seq, events_link, journal_link in seals:
+            for name, sql in (("events", "SELECT seq, id, type, payload, meta, ts FROM events "
+                                         "WHERE seq > ? AND seq <= ? ORDER BY seq"),
+                              ("journal", "SELECT seq, n, tbl, key, op, before, after FROM "
+                                          "fluxlite_journal WHERE seq > ? AND seq <= ? "
+                                          "ORDER BY seq, n")):
+                digest = hashlib.sha256(links[name].encode())
+                for row in conn.execute(sql, (after, seq)):
+                    digest.update(encode(row))
+                links[name] = digest.hexdigest()
+            assert (events_link, journal_link) == (links["events"], links["journal"])
+            after = seq
+        conn.close()
+    check()
+    # A rebuild writes the journal again and seals it with its own encoder: the same chains.
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer, version="again"):
+        pass
+    check()
 
 
 def test_verify_finds_a_changed_byte_in_an_event_the_reducer_ignores(tmp_path):
