@@ -6381,7 +6381,9 @@ def _load_app(spec: Optional[str]) -> App:
     except Exception as exc:
         raise _CliError(f"--app {spec!r}: cannot import {module_name!r}: "
                         f"{type(exc).__name__}: {exc}") from None
-    app = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        raise _CliError(f"--app {spec!r}: {module_name} has no attribute {attr!r}")
+    app = getattr(module, attr)
     if not isinstance(app, App):
         raise _CliError(f"--app {spec!r}: {module_name}.{attr} is {_describe(app)}, not a "
                         f"fluxlite.App(schema=..., reducer=...)")
@@ -6427,9 +6429,19 @@ def _blob_as_hex(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
+# Control characters in data (a newline, an escape sequence) would break the
+# columns or drive the terminal: tables show them escaped, as Python would.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _visible(text: str) -> str:
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def _short(value: Any, width: int = 48) -> str:
     text = value if isinstance(value, str) else _blob_as_hex(value) if isinstance(
         value, bytes) else json.dumps(value, ensure_ascii=False, default=_blob_as_hex)
+    text = _visible(text)
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
@@ -6439,9 +6451,10 @@ def _print_rows(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[st
     out = out or sys.stdout
     columns = list(columns or (rows[0].keys() if rows else []))
     cells = [[("" if r.get(c) is None else _short(r.get(c), 60)) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    header = [_visible(c) for c in columns]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(header)]
     line = "  ".join("{:<%d}" % w for w in widths)
-    print(line.format(*columns).rstrip(), file=out)
+    print(line.format(*header).rstrip(), file=out)
     print(line.format(*["-" * w for w in widths]).rstrip(), file=out)
     for row in cells:
         print(line.format(*row).rstrip(), file=out)
@@ -6509,7 +6522,7 @@ def _cmd_info(args: Any) -> int:
         print(f"{title}:" if info[key] else f"{title}: none")
         width = max([len(k) for k in info[key]] + [0])
         for name, value in info[key].items():
-            print(f"  {name:<{width}}  {value}")
+            print(f"  {_visible(name):<{width}}  {value}")
     return 0
 
 
@@ -6611,7 +6624,8 @@ def _find_event(store: Store, key: str) -> Mapping[str, Any]:
     if not rows and key.isdigit():
         rows = store.query("SELECT * FROM events WHERE seq = ?", (int(key),))
     if not rows:
-        raise _CliError(f"no event with seq or id {key!r} (the log runs 1..{store.head})")
+        raise _CliError(f"no event with seq or id {key!r} " + (
+            f"(the log runs 1..{store.head})" if store.head else "(the log is empty)"))
     return rows[0]
 
 
@@ -6624,14 +6638,15 @@ def _cmd_show(args: Any) -> int:
         print(json.dumps({"event": event, "changes": changes}, ensure_ascii=False))
         return 0
     for key in ("seq", "id", "type", "ts"):
-        print(f"{key:<8} {event[key]}")
+        print(f"{key:<8} {_visible(str(event[key]))}")
     print(f"{'meta':<8} {json.dumps(event['meta'], ensure_ascii=False)}")
     print("payload  " + json.dumps(event["payload"], ensure_ascii=False, indent=2)
           .replace("\n", "\n         "))
     print(f"changes  ({len(changes)})" if changes else "changes  none")
     for c in changes:
         values = "" if c["values"] is None else " " + json.dumps(c["values"], ensure_ascii=False)
-        print(f"  {c['op']:<6} {c['table']} {json.dumps(c['key'], ensure_ascii=False)}{values}")
+        print(f"  {c['op']:<6} {_visible(c['table'])} "
+              f"{json.dumps(c['key'], ensure_ascii=False)}{values}")
     return 0
 
 
@@ -6820,7 +6835,7 @@ def _imported(item: Dict[str, Any], seq: int) -> _Prepared:
 
 def _cmd_import(args: Any) -> int:
     app = _load_app(args.app)
-    if not os.path.isfile(args.file):
+    if not os.path.exists(args.file) or os.path.isdir(args.file):  # a pipe will do
         raise _CliError(f"no such file: {args.file!r}")
     present = _present(args.db)
     added = [0]  # committed so far, also when a later batch fails
@@ -7090,6 +7105,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     except (_CliError, FluxliteError, OSError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # The command line has no --adopt: taking a database over is done once, in code.
+        message = message.replace("Pass adopt=True to take it over", "Take it over with "
+                                  "fluxlite.open(path, ..., adopt=True) in Python")
         print(f"fluxlite {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

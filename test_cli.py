@@ -245,6 +245,14 @@ def test_export_import_round_trip_is_idempotent(work):
     assert json.loads(cli("info", "other.db", "--json", cwd=work).stdout)["head"] == 1
 
 
+def test_import_reads_a_pipe(work):
+    exported = cli("export", "app.db", cwd=work).stdout
+    out = cli("import", "piped.db", "/dev/stdin", "--app", "cliapp:APP", cwd=work,
+              input=exported).stdout
+    assert "imported 5 events" in out
+    assert cli("export", "piped.db", cwd=work).stdout == exported
+
+
 def test_export_and_import_are_utf8_whatever_the_locale(work):
     # Windows writes a pipe or file in the ANSI code page: "Zoë" came out in
     # cp1252 (which import, reading UTF-8, refused) and an emoji not at all.
@@ -400,6 +408,21 @@ def test_query_prints_blobs_as_sql_hex_literals(work):
     assert cli("query", "app.db", sql, "--csv", cwd=work).stdout.splitlines()[1] == "x'00ff',1"
 
 
+def test_tables_show_control_characters_escaped_not_raw(work):
+    with fluxlite.open(work / "app.db", app=_app(work)) as store:
+        store.dispatch("addUser", {"name": "evil\x1b[2J\nline"})
+    for args in (("query", "app.db", "SELECT name AS \"a\nb\" FROM users"), ("log", "app.db"),
+                 ("history", "app.db", "users", "evil\x1b[2J\nline"), ("show", "app.db", "6")):
+        out = cli(*args, cwd=work).stdout
+        assert "\x1b" not in out and "evil\\" in out, (args, out)
+        assert not any(l.startswith("line") for l in out.splitlines()), (args, out)
+    header = cli("query", "app.db", "SELECT name AS \"a\nb\" FROM users", cwd=work).stdout
+    assert header.splitlines()[0] == "a\\nb"
+    rows = json.loads(cli("query", "app.db", "SELECT name FROM users WHERE name LIKE 'evil%'",
+                          "--json", cwd=work).stdout)
+    assert rows == {"name": "evil\x1b[2J\nline"}  # JSON keeps the data as it is
+
+
 def test_backup_of_a_file_that_is_not_a_store_names_it_and_leaves_nothing(work):
     conn = sqlite3.connect(work / "plain.db")
     conn.execute("CREATE TABLE z (a)")
@@ -490,6 +513,9 @@ def test_tail_follow_picks_up_another_process_and_stops_cleanly(work):
     (["dispatch", "app.db", "addUser", "--app", "nomodule:APP"], "cannot import 'nomodule'"),
     (["dispatch", "app.db", "addUser", "--app", "cliapp:NOT_AN_APP"], "not a fluxlite.App"),
     (["dispatch", "app.db", "addUser", "--app", "cliapp"], "is not MODULE:ATTR"),
+    (["dispatch", "app.db", "addUser", "--app", "cliapp:NOPE"], "cliapp has no attribute 'NOPE'"),
+    (["import", "new.db", ".", "--app", "cliapp:APP"], "no such file"),
+    (["dispatch", "plain.db", "addUser", "--app", "cliapp:APP"], "adopt=True) in Python"),
     (["verify", "missing.db", "--app", "cliapp:APP"], "No such store file"),
     (["query", "app.db", "SELECT 1", "--time", "yesterday"], "not an ISO-8601 time"),
     (["query", "app.db", "SELECT 1", "--at", "99"], "outside the log"),
