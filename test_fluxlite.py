@@ -388,6 +388,25 @@ def test_a_path_that_cannot_be_a_store_is_a_usage_error(tmp_path, where, message
     assert not (tmp_path / "no").exists()
 
 
+def test_generated_ids_are_uuid7s_in_the_order_they_were_made():
+    import uuid
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as store:
+        made = []
+        for name in "abcd":
+            start_ms = time.time_ns() // 1_000_000
+            event = add(store, name)
+            made.append(event.id)
+            parsed = uuid.UUID(event.id)
+            assert str(parsed) == event.id and parsed.version == 7
+            assert parsed.variant == uuid.RFC_4122
+            assert start_ms <= parsed.int >> 80 <= time.time_ns() // 1_000_000
+            time.sleep(0.002)  # the next id in a later millisecond
+        assert made == sorted(made) and len(set(made)) == 4
+        # within one millisecond the rest is random: no two alike
+        many = [e.id for e in store.dispatch_many([{"type": "x"}] * 1000)]
+        assert len(set(many)) == 1000
+
+
 @pytest.mark.parametrize("ids, message", [(lambda: 7, "non-empty string"),
                                           (lambda: "\ud800", "lone surrogate")])
 def test_ids_must_give_valid_ids(ids, message):
