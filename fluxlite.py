@@ -6310,7 +6310,8 @@ class Scenario:
         return self
 
     def then_state(self, table: str, rows: Sequence[Mapping[str, Any]]) -> "Scenario":
-        """The table holds exactly these rows (in any order)."""
+        """The table holds exactly these rows, by key, in any order; in each row the
+        columns given (a column left out is not compared)."""
         info = self.store._model.table(table, error=UsageError)
         actual = {info.key_of(r): r for r in self.store.view[table].all()}
         if isinstance(rows, (str, _Mapping)) or not all(isinstance(r, _Mapping) for r in rows):
@@ -6319,19 +6320,23 @@ class Scenario:
         if keyless:
             raise UsageError(f"then_state({table!r}): every expected row needs its primary key "
                              f"{info.pk}; {keyless[0]} has not.")
+        unknown = sorted({c for r in rows for c in r} - info.column_set)
+        if unknown:
+            raise UsageError(f"then_state({table!r}): the table has no column(s) "
+                             f"{', '.join(map(repr, unknown))}; it has: {', '.join(info.columns)}.")
         wanted = {info.key_of(r): dict(r) for r in rows}
         lines = []
         for key in sorted(set(actual) | set(wanted), key=repr):
             a, w = actual.get(key), wanted.get(key)
-            if a == w:
+            if a is not None and w is not None and all(a[c] == w[c] for c in w):
                 continue
             if a is None:
                 lines.append(f"  {key!r}: expected {w}, missing")
             elif w is None:
                 lines.append(f"  {key!r}: unexpected row {a}")
             else:
-                lines += [f"  {key!r}.{c}: expected {w.get(c)!r}, got {a.get(c)!r}"
-                          for c in sorted(set(a) | set(w)) if a.get(c) != w.get(c)]
+                lines += [f"  {key!r}.{c}: expected {w[c]!r}, got {a[c]!r}"
+                          for c in sorted(w) if a[c] != w[c]]
         if lines:
             raise AssertionError(f"table {table!r} differs from the expected rows:\n"
                                  + "\n".join(lines))

@@ -4401,6 +4401,19 @@ def test_scenario_failure_shows_a_field_by_field_diff():
         s.then_rejected()
 
 
+def test_then_state_compares_the_columns_given_and_refuses_unknown_ones():
+    s = fluxlite.scenario(SCHEMA, reducer).given(("addUser", {"name": "a"}),
+                                                 ("grantAccess", {"name": "a", "right": "x"}))
+    s.then_state("users", [{"name": "a", "role": "x"}])  # logins (0) left out: not compared
+    with pytest.raises(AssertionError) as info:
+        s.then_state("users", [{"name": "a", "role": "y"}])
+    assert str(info.value).splitlines()[1:] == ["  'a'.role: expected 'y', got 'x'"]
+    with pytest.raises(AssertionError, match="unexpected row"):
+        s.then_state("users", [])
+    with pytest.raises(fluxlite.UsageError, match=r"no column\(s\) 'rol'; it has: name, role"):
+        s.then_state("users", [{"name": "a", "rol": "x"}])
+
+
 def test_scenario_misuse_is_a_usage_error():
     with pytest.raises(fluxlite.UsageError, match="needs the reducer"):
         fluxlite.scenario(SCHEMA, None)
