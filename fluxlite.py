@@ -421,6 +421,16 @@ class Change:
                 f"{_describe(self.values)} for a {self.op} on {self.table!r}."
             )
 
+    def replace(self, **changes: Any) -> "Change":
+        """A copy with a new op, table, key or values: for a reducer that adds to
+        what another returns, ``c.replace(values={**c.values, "updated": ts})``."""
+        unknown = set(changes) - {"op", "table", "key", "values"}
+        if unknown:
+            raise UsageError(
+                f"Change.replace() changes op, table, key or values; received {sorted(unknown)}."
+            )
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict: op, table, key (a list for a composite key), values."""
         key = list(self.key) if isinstance(self.key, tuple) else self.key

@@ -990,6 +990,14 @@ def test_changes_are_plain_data():
         Change("drop", "users")
     with pytest.raises(fluxlite.ChangesetError, match="values must be a dict"):
         Change("insert", "users", None, [1])
+    more = change.replace(values={**change.values, "logins": 1})
+    assert more == Change("insert", "users", "barack", {"role": "president", "logins": 1})
+    assert change.values == {"role": "president"}  # the original is unchanged
+    assert change.replace(key=["b", "c"]).key == ("b", "c")  # checked as a new Change is
+    with pytest.raises(fluxlite.ChangesetError, match="op must be one of"):
+        change.replace(op="drop")
+    with pytest.raises(fluxlite.UsageError, match=r"received \['value'\]"):
+        change.replace(value={})
 
 
 def test_hand_built_change_with_key_apart_from_values(store):
