@@ -4007,16 +4007,17 @@ class Store:
         """
         start = self._check_seq(after, "after")
         _check_timeout(timeout)
-        return self._follow(start, _type_filter(types), timeout)
+        # Made now, not at the first next(): reset_to() moves the cursors it knows.
+        return self._follow(_FollowCursor(self, start, _type_filter(types)), timeout)
 
-    def _follow(self, position: int, wanted: Optional[FrozenSet[str]], timeout: Optional[float]
+    def _follow(self, cursor: "_FollowCursor", timeout: Optional[float]
                 ) -> Iterator[Tuple[Event, List[Change]]]:
-        cursor = _FollowCursor(self, position, wanted)
         while True:
             batch = cursor.step(timeout if timeout is not None else 3600.0)
             if batch is None:
                 return
-            if not batch and timeout is not None:
+            # Still reading a backlog of events of other types: not time without one.
+            if not batch and timeout is not None and not cursor.behind:
                 return
             yield from batch
 
@@ -4105,7 +4106,8 @@ class Store:
                 if batch is None:
                     return
                 if not batch:
-                    if timeout is not None and loop.time() - heard >= timeout:
+                    if timeout is not None and not cursor.behind \
+                            and loop.time() - heard >= timeout:
                         return
                     continue
                 for item in batch:
@@ -4623,6 +4625,7 @@ class _FollowCursor:
         self.reached = position  # the furthest it has been, across reset_to()s
         self.version = -1
         self.commits = -1
+        self.behind = False  # the last read filled a page: more of the log to read
         with store._lock:  # reset_to() goes through them with the lock held
             store._cursors.add(self)
 
@@ -4670,6 +4673,7 @@ class _FollowCursor:
             event = store._upcast(_event_from_row(row))
             if self.wanted is None or event.type in self.wanted:
                 batch.append((event, store._changes(event.seq)))
+        self.behind = len(rows) == 1000
         if len(rows) == 1000 or (rows and not batch):  # more to read: look again at once
             self.version = -1
         return batch
@@ -4818,7 +4822,7 @@ class Consumer:
         return position
 
     def __iter__(self) -> Iterator[Tuple[Event, List[Change]]]:
-        return self._deliver(self.store._follow(self.position, None, 0))
+        return self._deliver(self.store._follow(_FollowCursor(self.store, self.position, None), 0))
 
     def follow(self, timeout: Optional[float] = None) -> Iterator[Tuple[Event, List[Change]]]:
         """Like iterating, then waiting for new events (see Store.follow); the
@@ -4847,12 +4851,14 @@ class Consumer:
 
     def _deliver(self, source: Iterator[Tuple[Event, List[Change]]]
                  ) -> Iterator[Tuple[Event, List[Change]]]:
-        for event, changes in source:
-            if event.seq <= self._yielded:
+        last = self.position  # each iteration starts after the last ack: what an
+        for event, changes in source:  # earlier one yielded unacked comes again
+            if event.seq <= last:
                 continue
             if time.monotonic() - self._renewed > self._lease / 3:
                 self.ack(self.position)  # renews the lease (or raises Conflict if lost)
-            self._yielded = event.seq
+            last = event.seq
+            self._yielded = max(self._yielded, event.seq)
             yield event, changes
 
     def ack(self, event: Union[Event, int]) -> None:
@@ -4878,8 +4884,10 @@ class Consumer:
         action = _action_from(type, payload, kwargs.pop("meta", None), kwargs.pop("id", None),
                               kwargs.pop("actor", None))
         store._check_dispatchable()
+        expect_seq = kwargs.pop("expect_seq", None)
+        _check_expect_seq(expect_seq)
         frames = store._frame_stack()
-        frames.append(_Frame(kwargs.pop("expect_seq", None),
+        frames.append(_Frame(expect_seq,
                              ack=(self.name, self._owner, seq, self._lease)))
         try:
             if kwargs:
@@ -4921,7 +4929,11 @@ class Consumer:
     def __exit__(self, kind: Any, *exc: Any) -> None:
         try:
             if kind is None and self._yielded > self.position:
-                self.ack(self._yielded)
+                if self.store._closed:  # follow() ended because the store was closed: the
+                    _log.info("consumer %r: the store was closed; events after %s come "
+                              "again", self.name, self.position)  # unacked come again
+                else:
+                    self.ack(self._yielded)
         finally:
             self.close()
 
@@ -5259,16 +5271,39 @@ def _swap_in_unchecked(store: Store, schema: str, version: Any, model: _Model, s
             break
         try:
             with _write_txn(conn):  # other writers wait from here on
-                store._check_model_current()  # no other process rebuilt it meanwhile
+                theirs = _rebuilt_meanwhile(store, schema, version)
+                if theirs is not None:
+                    return theirs
                 if (conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0) == done:
                     return _swap_model(conn, schema, version, model, "fluxlite_scratch")
         finally:
             conn.execute("DETACH fluxlite_scratch")
     with _write_txn(conn):
-        store._check_model_current()
+        theirs = _rebuilt_meanwhile(store, schema, version)
+        if theirs is not None:
+            return theirs
         with store._replaying():
             _apply_events(model, reducer, store._read_log(done), journal=True)
         return _swap_model(conn, schema, version, model)
+
+
+def _rebuilt_meanwhile(store: Store, schema: str, version: Any) -> Optional[int]:
+    """Inside the swap's transaction: the generation another process's rebuild to this
+    very schema and version left (two processes of the new code opening the file at
+    once: the second has nothing left to do), or None to swap. SchemaError if another
+    process rebuilt it to other code."""
+    conn = store._conn
+    row = conn.execute("SELECT value FROM fluxlite_meta WHERE key = 'generation'").fetchone()
+    if row is None or row[0] == store._generation_text:
+        return None
+    meta = _read_meta(conn)
+    upgrade = (_normalize_schema(schema) != _normalize_schema(store._schema)
+               or version != store._version)
+    if upgrade and _normalize_schema(meta["schema"]) == _normalize_schema(schema) \
+            and meta.get("version") == version:
+        return int(meta.get("generation", 0))
+    store._check_generation(row[0])  # the same code: go on and swap; other code: refused
+    return None
 
 
 def _remove_stale_scratch(directory: str, prefix: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import contextlib
 import dataclasses
 import doctest
@@ -13,6 +14,7 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing as mp
 import os
 import pathlib
 import random
@@ -4990,6 +4992,7 @@ def test_a_live_holder_is_never_probed_where_probing_would_kill_it(monkeypatch):
         assert not fluxlite._holder_is_dead(owner)
         assert sent == [(holder.pid, 0)]
     finally:
+        monkeypatch.undo()  # Popen.kill() sends through os.kill: else it waited out the 30 s
         holder.kill()
         holder.wait()
 
@@ -6162,3 +6165,122 @@ def test_an_upcaster_run_by_authorize_may_not_dispatch_either(tmp_path):
         with pytest.raises(fluxlite.UsageError, match="Reducers and upcasters may not dispatch"):
             add(store, "barack", actor="me")
         assert store.head == 0
+
+
+# -- from a review of the live-data APIs ----------------------------------------
+
+LIVE_T = "CREATE TABLE t (k INTEGER PRIMARY KEY);"
+LIVE_T2 = "CREATE TABLE t (k INTEGER PRIMARY KEY, n INTEGER);"
+
+
+def live_t_reducer(view, e):
+    return view.t.upsert(k=e.payload["k"]) if e.type == "put" else []
+
+
+def live_t2_reducer(view, e):
+    return view.t.upsert(k=e.payload["k"], n=1) if e.type == "put" else []
+
+
+def test_iterating_a_consumer_again_yields_what_was_not_acked(tmp_path):
+    with fluxlite.open(str(tmp_path / "c.db"), schema=LIVE_T, reducer=live_t_reducer) as store:
+        for k in range(5):
+            store.dispatch("put", {"k": k})
+        mailer = store.consumer("mailer")
+        sent, failed = [], False
+        for _ in range(2):
+            try:
+                for event, _ in mailer:
+                    if event.seq == 3 and not failed:
+                        failed = True
+                        raise ConnectionError("SMTP down")
+                    sent.append(event.seq)
+                    mailer.ack(event)
+                break
+            except ConnectionError:
+                pass
+        assert sent == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("timeout", [0, 0.01])
+def test_follow_with_types_reads_past_a_backlog_of_other_types(tmp_path, timeout):
+    with fluxlite.open(str(tmp_path / "f.db"), schema=LIVE_T, reducer=live_t_reducer) as store:
+        store.dispatch_many([{"type": "put", "payload": {"k": k}} for k in range(5000)])
+        store.dispatch("rare", {})
+        assert [e.seq for e, _ in store.follow(after=0, types="rare", timeout=timeout)] == [5001]
+
+        async def drain():
+            return [e.seq async for e, _ in store.afollow(after=0, types="rare", timeout=0)]
+        assert asyncio.run(drain()) == [5001]
+
+
+def test_consumer_dispatch_checks_expect_seq_like_dispatch(tmp_path):
+    with fluxlite.open(str(tmp_path / "c.db"), schema=LIVE_T, reducer=live_t_reducer) as store:
+        store.dispatch("put", {"k": 1})
+        c = store.consumer("c")
+        event, _ = next(iter(c))
+        for bad in ("1", True, -1, 1.0):
+            with pytest.raises(fluxlite.UsageError, match="expect_seq"):
+                c.dispatch("done", {}, ack=event, expect_seq=bad)
+
+
+def test_a_consumer_with_block_ends_quietly_when_the_store_is_closed(tmp_path):
+    # The README's consumer loop in a worker thread; the application closes the store.
+    store = fluxlite.open(str(tmp_path / "c.db"), schema=LIVE_T, reducer=live_t_reducer)
+    outcome, got = [], threading.Event()
+
+    def worker():
+        try:
+            with store.consumer("mailer") as mailer:
+                for _ in mailer.follow():
+                    got.set()
+            outcome.append("ended")
+        except Exception as exc:
+            outcome.append(repr(exc))
+    thread = threading.Thread(target=worker)
+    thread.start()
+    store.dispatch("put", {"k": 1})
+    assert got.wait(10)
+    store.close()
+    thread.join(10)
+    assert outcome == ["ended"]
+    with fluxlite.open(str(tmp_path / "c.db"), schema=LIVE_T, reducer=live_t_reducer) as again:
+        assert [e.seq for e, _ in again.consumer("mailer")] == [1]  # not acked: comes again
+
+
+def _upgrade_to_live_t2(path, queue):
+    try:
+        fluxlite.open(path, schema=LIVE_T2, reducer=live_t2_reducer, version=2).close()
+        queue.put("ok")
+    except Exception as exc:
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_two_processes_of_the_new_version_may_open_an_old_file_at_once(tmp_path):
+    path = str(tmp_path / "u.db")
+    with fluxlite.open(path, schema=LIVE_T, reducer=live_t_reducer, version=1) as store:
+        store.dispatch_many([{"type": "put", "payload": {"k": k}} for k in range(20000)])
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_upgrade_to_live_t2, args=(path, queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert [queue.get() for _ in procs] == ["ok"] * 3
+    with fluxlite.open(path, schema=LIVE_T2, reducer=live_t2_reducer, version=2) as store:
+        store.verify()
+
+
+def test_a_follower_made_before_a_reset_to_but_first_read_after_it_goes_on_from_the_checkpoint(
+        tmp_path):
+    with fluxlite.open(str(tmp_path / "r.db"), schema=LIVE_T, reducer=live_t_reducer) as store:
+        for k in range(3):
+            store.dispatch("put", {"k": k})
+        saved = store.checkpoint()
+        store.dispatch("put", {"k": 10}); store.dispatch("put", {"k": 11})
+        follower = store.follow(timeout=0)  # at the head, 5; not read yet
+        store.reset_to(saved)
+        for k in (20, 21, 22):
+            store.dispatch("put", {"k": k})
+        assert [(e.seq, e.payload["k"]) for e, _ in follower] == [(4, 20), (5, 21), (6, 22)]
+        saved.close()
