@@ -3473,11 +3473,12 @@ class Store:
         """A checkpoint's model must be the one this store's code makes: its reducer
         would otherwise write into tables of another shape (a checkpoint of
         another application's store, or from before a rebuild to a new version)."""
-        if _normalize_schema(theirs["schema"]) == _normalize_schema(self._schema) and \
-                theirs.get("version") == self._version:
+        same_schema = _normalize_schema(theirs["schema"]) == _normalize_schema(self._schema)
+        if same_schema and theirs.get("version") == self._version:
             return
         raise UsageError(
-            f"That checkpoint holds a read model of another schema or version (version "
+            f"That checkpoint holds a read model of another "
+            f"{'version' if same_schema else 'schema'} (version "
             f"{theirs.get('version')!r}, tables {', '.join(theirs['tables']) or 'none'}) than "
             f"this store runs (version {self._version!r}, tables "
             f"{', '.join(self._model.tables) or 'none'}): a checkpoint of another store, or "
@@ -4424,7 +4425,7 @@ class Store:
                 f"AND j.seq > ? AND j.seq <= ?{'' if op is None else ' AND j.op = ?'} "
                 f"ORDER BY j.seq{order}, j.n{order} LIMIT ?",
                 (info.name, *key_texts, *window, *([] if op is None else [op]),
-                 -1 if limit is None else limit)).fetchall()
+                 -1 if limit is None else min(limit, 2**63 - 1))).fetchall()
         renamed = {seq: self.event(seq) for seq, _, kind, *_ in rows if kind in self._upcasters}
         try:  # each event's type as events() gives it: after upcasters
             return [Revision(seq, event_id, kind if seq not in renamed else
@@ -4786,6 +4787,7 @@ class Consumer:
         self.store, self.name, self._lease = store, name, float(lease)
         self._owner = _lease_owner()
         self._yielded = 0
+        self._finished = 0  # the last event a loop body saw through
         _LIVE_CONSUMERS[self._owner] = self  # first: while it lives, its lease is not free
         self.position = self._acquire()
         self._renewed = time.monotonic()
@@ -4851,8 +4853,12 @@ class Consumer:
 
     def _deliver(self, source: Iterator[Tuple[Event, List[Change]]]
                  ) -> Iterator[Tuple[Event, List[Change]]]:
-        last = self.position  # each iteration starts after the last ack: what an
-        for event, changes in source:  # earlier one yielded unacked comes again
+        # Each iteration starts after the last ack, or after the last event whose loop
+        # body an earlier iteration saw through (it asked for the next one, or ran to the
+        # end): only an event whose body raised or broke out comes again, not every
+        # event yielded since the last ack (a worker polling in a with block).
+        last = max(self.position, self._finished)
+        for event, changes in source:
             if event.seq <= last:
                 continue
             if time.monotonic() - self._renewed > self._lease / 3:
@@ -4860,6 +4866,7 @@ class Consumer:
             last = event.seq
             self._yielded = max(self._yielded, event.seq)
             yield event, changes
+            self._finished = max(self._finished, event.seq)  # the body went on: done
 
     def ack(self, event: Union[Event, int]) -> None:
         """Acknowledge everything up to this event (or seq): it will not come again."""
@@ -5302,6 +5309,13 @@ def _rebuilt_meanwhile(store: Store, schema: str, version: Any) -> Optional[int]
     if upgrade and _normalize_schema(meta["schema"]) == _normalize_schema(schema) \
             and meta.get("version") == version:
         return int(meta.get("generation", 0))
+    if upgrade:
+        theirs = meta.get("version")
+        raise SchemaError(
+            f"Rebuilding {store._path!r} to version {version!r}, but another process rebuilt "
+            f"it to {'another schema' if theirs == version else f'version {theirs!r}'} "
+            f"meanwhile; nothing was changed here. Open it with the code the file should run."
+        )
     store._check_generation(row[0])  # the same code: go on and swap; other code: refused
     return None
 
@@ -6486,7 +6500,7 @@ def _blob_as_hex(value: Any) -> Any:
 
 # Control characters in data (a newline, an escape sequence) would break the
 # columns or drive the terminal: tables show them escaped, as Python would.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def _visible(text: str) -> str:
@@ -6575,7 +6589,7 @@ def _cmd_info(args: Any) -> int:
     for title, key in (("events by type", "events_by_type"), ("tables (rows)", "tables"),
                        ("consumers (position)", "consumers")):
         print(f"{title}:" if info[key] else f"{title}: none")
-        width = max([len(k) for k in info[key]] + [0])
+        width = max([len(_visible(k)) for k in info[key]] + [0])
         for name, value in info[key].items():
             print(f"  {_visible(name):<{width}}  {value}")
     return 0

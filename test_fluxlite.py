@@ -6284,3 +6284,37 @@ def test_a_follower_made_before_a_reset_to_but_first_read_after_it_goes_on_from_
             store.dispatch("put", {"k": k})
         assert [(e.seq, e.payload["k"]) for e, _ in follower] == [(4, 20), (5, 21), (6, 22)]
         saved.close()
+
+
+def test_a_consumer_polled_in_a_with_block_gets_each_event_once():
+    # The README's pattern, polling: leaving the block acks; each pass gives only new events.
+    with fluxlite.open(":memory:", schema=LIVE_T, reducer=live_t_reducer) as store:
+        sent = []
+        with store.consumer("mailer") as mailer:
+            for poll in range(3):
+                store.dispatch("put", {"k": poll})
+                sent += [event.seq for event, _ in mailer]
+            for event, _ in mailer:  # a body that breaks out: that event comes again
+                break
+        assert sent == [1, 2, 3]
+        store.dispatch("put", {"k": 9})
+        with store.consumer("mailer") as mailer:
+            assert [e.seq for e, _ in mailer] == [4]
+
+
+def test_the_review_s_small_cases_of_history_checkpoints_upgrades_and_the_cli_tables(tmp_path):
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=LIVE_T, reducer=live_t_reducer) as store:
+        store.dispatch("put", {"k": 1})
+        assert len(store.history("t", 1, limit=2**70)) == 1  # not an OverflowError
+        other = fluxlite.open(":memory:", schema=LIVE_T2, reducer=live_t2_reducer)
+        with pytest.raises(fluxlite.UsageError, match="another schema \\(version None"):
+            store.reset_to(other.checkpoint())
+        other.close()
+        # An upgrade to version 2 that finds the file rebuilt to version 3 meanwhile
+        fluxlite.open(path, schema=LIVE_T2, reducer=live_t2_reducer, version=3).close()
+        with fluxlite._write_txn(store._conn), pytest.raises(
+                fluxlite.SchemaError, match="to version 2, but another process rebuilt it to "
+                                            "version 3 meanwhile"):
+            fluxlite._rebuilt_meanwhile(store, LIVE_T2, 2)
+    assert fluxlite._visible("a\u202eb\u2028c\x1b") == "a\\u202eb\\u2028c\\x1b"
