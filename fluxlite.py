@@ -3399,10 +3399,7 @@ class Store:
         or ``ids=`` give it its own: forks of one prepared store that share a
         counter for ids get ids that depend on which fork ran first.
         """
-        for name, function in (("clock", clock), ("ids", ids)):
-            if function is not None and not callable(function):
-                raise UsageError(f"{name} must be a function of no arguments; received "
-                                 f"{_describe(function)}.")
+        _check_sources(clock, ids)
         path = os.fspath(path)
         if path != ":memory:" and os.path.exists(path) and os.path.getsize(path):
             raise UsageError(f"fork(path={path!r}) needs a new file; that one has content.")
@@ -3937,11 +3934,8 @@ class Store:
     def events(self, after: int = 0, *, types: Union[None, str, Iterable[str]] = None,
                limit: Optional[int] = None) -> Iterator[Event]:
         """Events with seq > after, in seq order; streamed page by page."""
-        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-            raise UsageError(f"after must be a seq (int >= 0); received {_describe(after)}.")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
-                                  or limit < 0):
-            raise UsageError(f"limit must be an int >= 0 or None; received {_describe(limit)}.")
+        _check_count(after, "after", "a seq (int >= 0)")
+        _check_count(limit, "limit", "an int >= 0 or None", none=True)
         wanted = _type_filter(types)
         return self._stream(min(after, 2**63 - 1), wanted, limit)
 
@@ -4380,15 +4374,9 @@ class Store:
         the ten latest). A row's history is read through its journal index,
         so a window of a long history costs what the window holds.
         """
-        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-            raise UsageError(f"after must be a seq (int >= 0); received {_describe(after)}.")
-        if upto is not None and (isinstance(upto, bool) or not isinstance(upto, int)
-                                 or upto < 0):
-            raise UsageError(f"upto must be a seq (int >= 0) or None; received "
-                             f"{_describe(upto)}.")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
-                                  or limit < 0):
-            raise UsageError(f"limit must be an int >= 0 or None; received {_describe(limit)}.")
+        _check_count(after, "after", "a seq (int >= 0)")
+        _check_count(upto, "upto", "a seq (int >= 0) or None", none=True)
+        _check_count(limit, "limit", "an int >= 0 or None", none=True)
         if not isinstance(reverse, bool):
             raise UsageError(f"reverse must be True or False; received {_describe(reverse)}.")
         return self._history(table, key, after, upto, limit, reverse)
@@ -4475,6 +4463,22 @@ class Store:
         info = self._model.table(table)
         payload = {"table": table, "key": _key_json(info.key_of(row)), "row": row}
         return self.dispatch(RESTORE, payload, actor=actor, meta=meta, id=id)
+
+
+def _check_count(value: Any, name: str, rule: str, none: bool = False) -> None:
+    """A seq or a count argument: an int >= 0 (None too, where ``none``); not a bool."""
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"{name} must be {rule}; received {_describe(value)}.")
+
+
+def _check_sources(clock: Any, ids: Any) -> None:
+    """open()'s and fork()'s clock= and ids=: functions of no arguments, or None."""
+    for name, function in (("clock", clock), ("ids", ids)):
+        if function is not None and not callable(function):
+            raise UsageError(f"{name} must be a function of no arguments; received "
+                             f"{_describe(function)}.")
 
 
 def _check_expect_seq(expect_seq: Any) -> None:
@@ -6098,10 +6102,7 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
         raise UsageError(
             f"durability must be 'full' or 'normal'; received {_describe(durability)}."
         )
-    for name, function in (("clock", clock), ("ids", ids)):
-        if function is not None and not callable(function):
-            raise UsageError(f"{name} must be a function of no arguments; received "
-                             f"{_describe(function)}.")
+    _check_sources(clock, ids)
     if isinstance(reducer, _Mapping):
         reducer = combine(reducer)
     if reducer is not None and not callable(reducer):
