@@ -4549,8 +4549,11 @@ def _change_from_journal(table: str, key: str, op: str, before: Optional[str],
 
 
 def _differs(old: Any, new: Any) -> bool:
-    """A stored value changed: 1 became 1.0 too (Python's == says they are equal)."""
-    return old != new or old.__class__ is not new.__class__
+    """A stored value changed: 1 became 1.0, or -0.0 became 0.0, too (Python's ==
+    says they are equal; a subscriber's mirror would keep the old one)."""
+    if old != new or old.__class__ is not new.__class__:
+        return True
+    return old.__class__ is float and math.copysign(1.0, old) != math.copysign(1.0, new)
 
 
 _MISSING = object()

@@ -3203,6 +3203,22 @@ def test_an_insert_of_defaults_only_and_a_negative_zero_default_are_stored_as_re
         store.verify()
 
 
+def test_an_update_from_negative_zero_to_zero_is_reported():
+    """SQLite keeps the sign of a REAL in a column without a type; Python's == does not
+    see it. A mirror built from the changes, and the journal, must get the new 0.0."""
+    with fluxlite.open(":memory:", schema="CREATE TABLE t (id INTEGER PRIMARY KEY, x)",
+                       reducer=lambda view, event: view.t.upsert(id=1, x=event.payload)) as store:
+        heard = []
+        store.subscribe(lambda event, changes: heard.extend(c.values for c in changes))
+        store.dispatch("set", -0.0)
+        store.dispatch("set", 0.0)
+        assert repr(store.view.t.get(1)["x"]) == "0.0"
+        assert [repr(values["x"]) for values in heard] == ["-0.0", "0.0"]
+        assert [repr(r.after["x"]) for r in store.history("t", 1)] == ["-0.0", "0.0"]
+        with store.at(1) as past:
+            assert repr(past.t.get(1)["x"]) == "-0.0"
+
+
 # --- rebuilds: migration-free schema and reducer changes --------------------------------
 
 ITEMS_V2 = "CREATE TABLE items (id TEXT PRIMARY KEY, n INTEGER NOT NULL, doubled INTEGER);"
@@ -5411,7 +5427,7 @@ def test_reported_rows_are_the_rows_sqlite_stored(first, then):
         assert store.history("t", "key")[1].after == after
         assert heard[1].values == {  # the generated g too, as it changes with s
             c: after[c] for c in after
-            if stored[c] != after[c] or type(stored[c]) is not type(after[c])}
+            if (type(stored[c]), repr(stored[c])) != (type(after[c]), repr(after[c]))}
         assert after["g"] == (after["s"] + "!" if after["s"] is not None else None)
         store.verify()
 
