@@ -677,15 +677,29 @@ def _schema_statements(script: str) -> List[str]:
     return [s for s in _split_sql(script) if not _SQLITE_OWN_TABLE.match(_strip_leading_comments(s))]
 
 
+_SQL_OPERATORS = frozenset("=<>!|+-*/%&~^.")
+
+
+def _same_code(schema: str, version: Any, other_schema: str, other_version: Any) -> bool:
+    """The same read model: schema text as _normalize_schema compares it, and versions
+    equal as JSON values (1 and true differ; a tuple is the list it is stored as)."""
+    return _normalize_schema(schema) == _normalize_schema(other_schema) and _same_json(
+        _loads(_dumps(version)), _loads(_dumps(other_version)))
+
+
 def _normalize_schema(script: str) -> str:
     """The schema as compared between opens: comments and whitespace (outside
     string literals and quoted names) do not count."""
     out = []
     for statement in _split_sql(script):
         tokens = _sql_code(statement)
+        # A space counts only between two words (or two operators, which it keeps
+        # apart: "< =" is not "<="); next to punctuation or between a word and an
+        # operator ("n > 0" and "n>0") it does not.
         kept = [t for i, t in enumerate(tokens) if t != " " or (
             0 < i < len(tokens) - 1 and tokens[i - 1][-1] not in "(),;"
-            and tokens[i + 1][0] not in "(),;")]
+            and tokens[i + 1][0] not in "(),;"
+            and (tokens[i - 1][-1] in _SQL_OPERATORS) == (tokens[i + 1][0] in _SQL_OPERATORS))]
         out.append("".join(kept).rstrip(";").strip())
     return ";\n".join(out)
 
@@ -2615,7 +2629,8 @@ def _restore_reducer(view: View, event: Event) -> List[Change]:
         raise ChangesetError(
             f"A {RESTORE!r} event names table {p['table']!r}, which the schema does not "
             f"have. After renaming a table or column, give open() an upcaster for "
-            f"{RESTORE!r} that renames it in the payload."
+            f"{RESTORE!r} that renames it in the payload (after dropping the table, one "
+            f"that gives such events a type of your own that the reducer ignores)."
         )
     table, key = view[p["table"]], _as_key(p["key"])
     unknown = [c for c in p["row"] if c not in table.columns]
@@ -2637,10 +2652,17 @@ def _restore_reducer(view: View, event: Event) -> List[Change]:
 def _baseline_reducer(view: View, event: Event) -> List[Change]:
     p = event.payload
     if not (isinstance(p, dict) and isinstance(p.get("rows"), list)
-            and p.get("table") in view.tables):
+            and isinstance(p.get("table"), str)):
         raise InvalidEvent(
             f"A {BASELINE!r} event's payload is {{table, rows}} naming a read-model "
             f"table; received {_describe(p)}."
+        )
+    if p["table"] not in view.tables:
+        raise ChangesetError(
+            f"A {BASELINE!r} event holds the adopted rows of table {p['table']!r}, which the "
+            f"schema does not have. After renaming that table, give open() an upcaster for "
+            f"{BASELINE!r} that renames it in the payload; after dropping it, one that "
+            f"gives its baseline a type of your own that the reducer ignores."
         )
     return [Change("insert", p["table"], None, row) for row in p["rows"]]
 
@@ -3470,12 +3492,11 @@ class Store:
         """A checkpoint's model must be the one this store's code makes: its reducer
         would otherwise write into tables of another shape (a checkpoint of
         another application's store, or from before a rebuild to a new version)."""
-        same_schema = _normalize_schema(theirs["schema"]) == _normalize_schema(self._schema)
-        if same_schema and theirs.get("version") == self._version:
+        if _same_code(theirs["schema"], theirs.get("version"), self._schema, self._version):
             return
+        other = "version" if _same_code(theirs["schema"], None, self._schema, None) else "schema"
         raise UsageError(
-            f"That checkpoint holds a read model of another "
-            f"{'version' if same_schema else 'schema'} (version "
+            f"That checkpoint holds a read model of another {other} (version "
             f"{theirs.get('version')!r}, tables {', '.join(theirs['tables']) or 'none'}) than "
             f"this store runs (version {self._version!r}, tables "
             f"{', '.join(self._model.tables) or 'none'}): a checkpoint of another store, or "
@@ -3741,8 +3762,7 @@ class Store:
         if generation == self._generation:
             return
         meta = _read_meta(self._conn)
-        same_code = (_normalize_schema(meta["schema"]) == _normalize_schema(self._schema)
-                     and meta.get("version") == self._version)
+        same_code = _same_code(meta["schema"], meta.get("version"), self._schema, self._version)
         if not same_code:
             raise SchemaError(
                 f"The read model of {self._path!r} was rebuilt by another process "
@@ -4211,6 +4231,7 @@ class Store:
                         f"already has {existing.head} events. Pass a new path."
                     )
         target: Optional[Store] = None
+        blank: Optional[_Checkpoint] = None
         try:
             # This store's own schema: accepted once, so not judged by rules added since.
             target = _open_connection(
@@ -4218,6 +4239,8 @@ class Store:
                 middleware=self._middleware, durability=self._durability,
                 version=self._version, upcasters=self._upcasters, adopt=False,
                 clock=self._clock, ids=self._ids, new_schema=False)
+            if not created and file != ":memory:":  # a file that was there: put back if this fails
+                blank = target.checkpoint()
             outside = _outside_references(target._conn, list(target._model.tables))
             if outside:  # the copy has no such tables to check against (as a replay's scratch)
                 target._conn.execute("PRAGMA foreign_keys = OFF")
@@ -4249,10 +4272,20 @@ class Store:
                 target._conn.execute("PRAGMA foreign_keys = ON")
         except BaseException:
             if target is not None:
+                if blank is not None and target.head:  # a part of the log would pass for a whole one
+                    try:
+                        target._conn.execute("PRAGMA foreign_keys = ON")
+                        target.reset_to(blank)
+                    except Exception as exc:  # the replay's error is the one to report
+                        _log.warning("replay(into=%r) failed, and its copied events could "
+                                     "not be removed: %s", file, exc)
                 target.close()
             if created:  # a part of the log would pass for a whole one
                 _remove_made(file, present)
             raise
+        finally:
+            if blank is not None:
+                blank.close()
         return target
 
     def _transaction_end(self, seq: int) -> int:
@@ -5079,10 +5112,19 @@ def _as_of(store: Store, seq: int) -> View:
         # from a later head still ends at seq. A store with a transaction of its
         # own open (a preview) or no file is copied through Python instead.
         live = "fluxlite_live" if _attach_live(conn, store) else None
-        first_changes = _first_changes_sql(f"{live}.fluxlite_journal" if live else "fluxlite_journal",
-                                           tail=store.head - seq, head=store.head)
         try:
             conn.execute("BEGIN")  # not IMMEDIATE: that would lock the attached file too
+            if live:  # its snapshot starts here: the model the store checked, or a rebuilt one?
+                row = conn.execute(f"SELECT value FROM {live}.fluxlite_meta "
+                                   f"WHERE key = 'generation'").fetchone()
+                if row is not None and row[0] != store._generation_text:
+                    conn.execute("ROLLBACK")  # rebuilt since: copy from the store's snapshot
+                    conn.execute(f"DETACH {live}")
+                    live = None
+                    conn.execute("BEGIN")
+            first_changes = _first_changes_sql(
+                f"{live}.fluxlite_journal" if live else "fluxlite_journal",
+                tail=store.head - seq, head=store.head)
             conn.execute("CREATE TEMP TABLE fluxlite_undo (tbl TEXT, key TEXT, before TEXT)")
             for info in model.tables.values():
                 columns = ", ".join(_quote(c) for c in info.writable_columns)
@@ -5311,16 +5353,14 @@ def _rebuilt_meanwhile(store: Store, schema: str, version: Any) -> Optional[int]
     if row is None or row[0] == store._generation_text:
         return None
     meta = _read_meta(conn)
-    upgrade = (_normalize_schema(schema) != _normalize_schema(store._schema)
-               or version != store._version)
-    if upgrade and _normalize_schema(meta["schema"]) == _normalize_schema(schema) \
-            and meta.get("version") == version:
+    upgrade = not _same_code(schema, version, store._schema, store._version)
+    if upgrade and _same_code(meta["schema"], meta.get("version"), schema, version):
         return int(meta.get("generation", 0))
     if upgrade:
         theirs = meta.get("version")
         raise SchemaError(
             f"Rebuilding {store._path!r} to version {version!r}, but another process rebuilt "
-            f"it to {'another schema' if theirs == version else f'version {theirs!r}'} "
+            f"it to {'another schema' if _same_json(theirs, version) else f'version {theirs!r}'} "
             f"meanwhile; nothing was changed here. Open it with the code the file should run."
         )
     store._check_generation(row[0])  # the same code: go on and swap; other code: refused
@@ -5802,6 +5842,18 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: Set[str],
                 f"UNIQUE or WHERE differ); a replay would create the schema's. Make the "
                 f"schema describe it as it is, or drop it first."
             )
+    declared_indexes = {i.lower() for i in scratch_indexes}
+    for name in adopted:  # an index the schema lacks: replay would not make it, rebuild drops it
+        extra = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT "
+                             "NULL AND tbl_name = ? COLLATE NOCASE", (name,)).fetchall()
+        extra = [i for (i,) in extra if i.lower() not in declared_indexes]
+        if extra:
+            raise SchemaError(
+                f"Existing table {name!r} has index(es) {', '.join(map(repr, extra))} that the "
+                f"schema does not declare; a replay would not create them and a rebuild "
+                f"would drop them (with the constraint a UNIQUE one enforces). Add them to "
+                f"the schema, or drop them first."
+            )
     for statement in _schema_statements(schema):
         try:
             conn.execute(statement)
@@ -5811,6 +5863,14 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: Set[str],
     sql_of = {n.lower(): sql for n, sql in conn.execute(
         "SELECT name, sql FROM sqlite_master WHERE type = 'table'")}
     for name in declared:
+        if name.lower() not in sql_of:  # a view (or the like) holds the name
+            kind = conn.execute("SELECT type FROM sqlite_master WHERE name = ? COLLATE NOCASE",
+                                (name,)).fetchone()
+            raise SchemaError(
+                f"The schema's table {name!r} cannot be made: the database has a "
+                f"{kind[0] if kind else 'object'} of that name. Rename one of them."
+            )
+    for name in declared:
         _check_new_table(conn, name, sql_of[name.lower()])
     ts = _format_ts(clock())
     for name in adopted:  # an emptied table's counter counts too
@@ -5819,10 +5879,13 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: Set[str],
     for seq, name in enumerate((n for n in adopted if conn.execute(
             f"SELECT 1 FROM {_quote(n)} LIMIT 1").fetchone()), 1):
         info = _read_table_info(conn, name)
-        listed = ", ".join(_quote(c) for c in info.writable_columns)  # generated: SQLite's
+        listed = ", ".join(_quote(c) for c in info.columns)
         cursor = conn.execute(f"SELECT {listed} FROM {info.q} ORDER BY {info.order_by}")
-        rows = [dict(zip(info.writable_columns, r)) for r in cursor]
-        for row in rows:
+        # The journal keeps whole rows, as a live insert's does; the payload only what
+        # an insert gives (generated columns are SQLite's to compute again).
+        whole = [dict(zip(info.columns, r)) for r in cursor]
+        rows = [{c: row[c] for c in info.writable_columns} for row in whole]
+        for row in whole:
             for column, value in row.items():
                 try:
                     _check_value(value, name, column)
@@ -5840,7 +5903,7 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: Set[str],
                      (seq, ids(), BASELINE, payload, "{}", ts))
         conn.executemany("INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, 'insert', NULL, ?)", [
             (seq, n, name, _dumps(_key_json(info.key_of(row))), _dumps(row))
-            for n, row in enumerate(rows)])
+            for n, row in enumerate(whole)])
     _check_baselines_replay(conn, schema, declared)
     _seal_unsealed(conn)
     return declared
@@ -6122,8 +6185,8 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
             f"middleware must be a list of functions store -> next -> event -> result; "
             f"received {_describe(middleware)}. Pass a list, e.g. middleware=[logger]."
         )
-    try:
-        _to_json_text(version, "version")
+    try:  # kept as stored, as payloads are: (1, 2) is [1, 2]
+        version = _loads(_to_json_text(version, "version"))
     except InvalidEvent:
         raise UsageError(
             f"version must be a JSON value (a number, a string, ...); received "
@@ -6197,9 +6260,8 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                       generation=meta.get("generation", 0), upcasters=upcasters,
                       middleware=middleware, readonly_file=readonly)
         wanted_schema = meta["schema"] if schema is None else schema
-        changed_schema = _normalize_schema(wanted_schema) != _normalize_schema(meta["schema"])
         new_version = meta.get("version") if version is None else version
-        if changed_schema or new_version != meta.get("version"):
+        if not _same_code(wanted_schema, new_version, meta["schema"], meta.get("version")):
             if readonly:
                 raise SchemaError(
                     f"The schema or version passed to open() differs from {path!r}'s, and "
@@ -6808,9 +6870,9 @@ def _cmd_dispatch(args: Any) -> int:
 def _cmd_verify(args: Any) -> int:
     app = _load_app(args.app)
     with open(args.db, readonly=True) as peek:
-        built_with = (_normalize_schema(peek.schema), peek.version)
-    if (_normalize_schema(app.schema), built_with[1] if app.version is None else app.version) \
-            != built_with:
+        built_with = (peek.schema, peek.version)
+    if not _same_code(app.schema, built_with[1] if app.version is None else app.version,
+                      *built_with):
         raise _CliError(f"{args.db!r} was built with another schema or version than "
                         f"{args.app}'s; run `fluxlite rebuild {args.db} --app {args.app}` "
                         f"first, or verify with the app the file was built with")
@@ -6834,8 +6896,7 @@ def _cmd_rebuild(args: Any) -> int:
     progress = _progress("rebuild", head)
     store = open(args.db, app=App(old[0], app.reducer, app.middleware, old[1], app.upcasters))
     with store:
-        if (_normalize_schema(app.schema), app.version) == (_normalize_schema(old[0]), old[1]) \
-                or app.version is None and _normalize_schema(app.schema) == _normalize_schema(old[0]):
+        if _same_code(app.schema, old[1] if app.version is None else app.version, *old):
             store.rebuild(progress=progress)
         else:
             _rebuild(store, app.schema, app.version if app.version is not None else old[1], progress)
