@@ -470,6 +470,8 @@ def _describe(value: Any) -> str:
         text = repr(value)
     except RecursionError:
         return f"a {type(value).__name__} nested too deeply to show"
+    except Exception:  # e.g. an int past Python's 4300-digit str() limit
+        return f"a {type(value).__name__} that cannot be shown"
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{text} (of type {type(value).__name__})"
@@ -716,7 +718,7 @@ def _check_value(value: Any, table: str, column: str,
     if value is None or isinstance(value, (str, int)):
         if isinstance(value, int) and not -(2**63) <= value < 2**63:
             raise error(
-                f"Column {table}.{column} received {value}, outside SQLite's 64-bit "
+                f"Column {table}.{column} received {_describe(value)}, outside SQLite's 64-bit "
                 f"integer range; store it as text (str(value)) instead."
             )
         return
@@ -1470,6 +1472,16 @@ def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> L
             tables.append(name)
     if not tables:
         raise SchemaError("schema creates no table; the read model needs at least one.")
+    for name, table in conn.execute(
+            "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index'").fetchall():
+        if name not in before and _RESERVED_TABLE.match(table):
+            # The schema is the read model's: a replay (verify, rebuild, a new
+            # version) makes it where the log is not, and would fail for ever.
+            raise SchemaError(
+                f"Schema index {name!r} is on {table!r}, which is fluxlite's (or SQLite's), "
+                f"not a read-model table: the schema may only index its own tables. "
+                f"Remove the index from the schema."
+            )
     for name in tables if new else ():
         try:  # a reference SQLite cannot follow fails every write to the table: say so now
             conn.execute(f"PRAGMA foreign_key_check({_quote(name)})").fetchone()
@@ -1905,7 +1917,7 @@ class _Model:
 # What SQLite may answer a change with (an OperationalError only sometimes the
 # change's fault: see _constraint_error).
 _STORAGE_REFUSALS = (sqlite3.IntegrityError, OverflowError, UnicodeEncodeError,
-                     sqlite3.OperationalError)
+                     sqlite3.OperationalError, sqlite3.DataError)
 
 
 def _check_query_param(value: Any, sql: str) -> None:
@@ -2850,12 +2862,40 @@ def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
         )
     if event_id is not None:
         _check_text(event_id, "An event id", InvalidEvent)
-    payload_text = _to_json_text(action.get("payload"), "payload")
+    payload = action.get("payload")
+    payload_text = _to_json_text(payload, "payload")
     meta_text = _to_json_text(dict(meta), "meta") if meta else "{}"
+    stored_payload = _loads(payload_text)
+    stored_meta = _loads(meta_text) if meta else {}
+    # json writes a key 1 as "1": {1: a, "1": b} would be stored with two "1"s and
+    # read back with one. Equal as read back (one comparison, in C) is the usual case.
+    if stored_payload.__class__ in (dict, list) and stored_payload != payload:
+        _check_keys_distinct(payload, "payload")
+    if stored_meta and stored_meta != meta:
+        _check_keys_distinct(meta, "meta")
     # Positional, in the fields' order: keyword arguments to a class cost a dict per call.
     return _Prepared(ids() if event_id is None else event_id, event_id is not None, kind,
-                     payload_text, meta_text, _loads(payload_text),
-                     _loads(meta_text) if meta else {})
+                     payload_text, meta_text, stored_payload, stored_meta)
+
+
+def _check_keys_distinct(value: Any, what: str) -> None:
+    """InvalidEvent for a dict, anywhere in an event's value, with two keys that JSON
+    writes as the same text (1 and "1", True and "true"): one entry would be lost."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if not all(k.__class__ is str for k in item):
+                texts = [k if isinstance(k, str) else _dumps(k) for k in item]
+                if len(set(texts)) < len(texts):
+                    raise InvalidEvent(
+                        f"An event's {what} has a dict whose keys JSON writes as the same "
+                        f"text (JSON keys are text: 1 becomes \"1\"), so one entry would be "
+                        f"lost: {_describe(item)}. Give each entry a distinct str key."
+                    )
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def _prepared_from_row(row: Sequence[Any]) -> _Prepared:
@@ -3356,17 +3396,23 @@ class Store:
         actions = [_batch_action(e, n, actor) for n, e in enumerate(events)]
         self._check_dispatchable()
         _check_expect_seq(expect_seq)
-        batch: List[Dict[str, Any]] = actions if self._bare else []  # no middleware: as given
         try:
-            if not self._bare:
-                frames = self._frame_stack()
-                frames.append(_Frame(expect_seq, batch))
-                try:
-                    for action in actions:
-                        self._chain(action)
-                finally:
-                    frames.pop()
-            return self._commit(batch, expect_seq) if batch else []
+            if self._bare:  # no middleware: as given
+                return self._commit(actions, expect_seq) if actions else []
+            # What each next() was given, checked and encoded when it was given: a
+            # middleware changing that dict afterwards does not change the batch.
+            batch: List[_Prepared] = []
+            frames = self._frame_stack()
+            frames.append(_Frame(expect_seq, batch))
+            try:
+                for action in actions:
+                    self._chain(action)
+            finally:
+                frames.pop()
+            if not batch:
+                return []
+            self._check_dispatchable()
+            return self._commit_prepared(batch, expect_seq)
         finally:
             self._notify()  # also what a middleware dispatched before the batch was refused
 
@@ -3565,7 +3611,7 @@ class Store:
             )
         frame = frames[-1]
         if frame.batch is not None:
-            frame.batch.append(action)
+            frame.batch.append(_prepare(action, self._ids))
             return None
         event = self._commit([action], frame.expect_seq, frame.ack)[0]
         if frame.preview:
@@ -3593,6 +3639,12 @@ class Store:
                 ) from exc
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, self._path) from exc
+            except sqlite3.DataError as exc:  # "string or blob too big": the event's text
+                raise InvalidEvent(
+                    f"An event's type, id, payload or meta is longer than SQLite stores "
+                    f"({exc}; SQLITE_MAX_LENGTH, 1,000,000,000 bytes by default). Nothing "
+                    f"was written; keep large data outside the event and refer to it."
+                ) from exc
             if committed and self._watcher is not None and not self._previewing:
                 self._watch_past(committed[0][0].seq, committed[-1][0].seq)
             self._pending.extend(committed)
@@ -3675,7 +3727,14 @@ class Store:
                 committed.append((event, changes))
             # Reducers cannot read the log, so its rows can wait for one write at the end.
             _insert_rows(cursor, _INSERT_EVENT, event_rows)
-            _insert_rows(cursor, _INSERT_JOURNAL, journal)
+            try:
+                _insert_rows(cursor, _INSERT_JOURNAL, journal)
+            except sqlite3.DataError as exc:  # a row whose journal text is too long
+                raise ChangesetError(
+                    f"A changed row is longer, as the journal keeps it, than SQLite "
+                    f"stores ({exc}). Nothing was written; keep large data outside the "
+                    f"read model and refer to it."
+                ) from exc
             if event_rows:
                 events_link, journal_link = seal.split(" ")
                 seal = f"{_chain_link(events_link, event_rows)} {_chain_link(journal_link, journal)}"
@@ -3876,9 +3935,11 @@ class Store:
             self._subscribers.append(entry)
 
         def unsubscribe() -> None:
-            with self._lock:
-                if entry in self._subscribers:
-                    self._subscribers.remove(entry)
+            with self._lock:  # this subscription, by identity: not an equal one (the
+                for n, other in enumerate(self._subscribers):  # same listener twice)
+                    if other is entry:
+                        del self._subscribers[n]
+                        break
 
         return unsubscribe
 
@@ -3920,8 +3981,10 @@ class Store:
             for listener, types in listeners:
                 if types is not None and event.type not in types:
                     continue
-                try:
-                    listener(event, list(changes))
+                try:  # each its own values dicts: one listener's edits are not the next's
+                    listener(event, [c if c.values is None else
+                                     _change(c.op, c.table, c.key, dict(c.values))
+                                     for c in changes])
                 except Exception:
                     _log.exception("fluxlite subscriber %r failed on event %s (%s)",
                                    listener, event.seq, event.type)
@@ -4601,7 +4664,7 @@ class _Frame:
     """What one dispatch call tells the core, past the middleware chain."""
 
     expect_seq: Optional[int] = None
-    batch: Optional[List[Dict[str, Any]]] = None  # dispatch_many collects here
+    batch: Optional[List[_Prepared]] = None  # dispatch_many collects here (checked, encoded)
     preview: bool = False
     ack: Optional[Tuple[str, str, int, float]] = None  # (consumer, owner, seq, lease) acked too
     changes: List[Change] = dataclasses.field(default_factory=list)
