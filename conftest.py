@@ -1,4 +1,9 @@
-"""Root conftest: the options of the torture suite (test_torture.py) and its table of figures.
+"""Root conftest: the default selection, the options of the torture suite
+(test_torture.py) and its table of figures.
+
+``python -m pytest -q`` leaves out the tests marked ``slow`` (many processes,
+crashes, big logs); ``python -m pytest -q -m slow`` runs just those. Any
+``-m``, or a test named by its node id, selects as usual. .ci/run runs both.
 
 ``python -m pytest -q`` runs test_torture.py at CI scale (short runs);
 ``python -m pytest -m torture --torture-scale=full`` runs the long version.
@@ -25,6 +30,16 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.stash[TORTURE_FIGURES] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without -m (or a test named by node id), leave out the tests marked slow."""
+    if config.option.markexpr or any("::" in arg for arg in config.args):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")

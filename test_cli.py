@@ -102,6 +102,7 @@ def test_info(work):
     assert db_bytes(work / "app.db") == before  # read-only commands write nothing
 
 
+@pytest.mark.slow
 def test_log_filters_and_json(work):
     lines = cli("log", "app.db", cwd=work).stdout.splitlines()
     assert lines[0].split() == ["seq", "time", "type", "id", "actor", "payload"]
@@ -118,6 +119,7 @@ def test_log_filters_and_json(work):
     assert cli("log", "app.db", "--json", cwd=work).stdout == exported
 
 
+@pytest.mark.slow
 def test_log_reads_a_long_log_page_by_page(work):
     with fluxlite.open(work / "app.db", app=__import__("cliapp").APP) as store:
         store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{n:04d}"}}
@@ -180,6 +182,7 @@ def test_history_of_a_text_key_that_reads_as_json(work):
         assert [json.loads(l)["after"]["name"] for l in lines] == [name]
 
 
+@pytest.mark.slow
 def test_dispatch_verify_and_rebuild(work):
     out = json.loads(cli("dispatch", "app.db", "addUser", '{"name": "hillary"}', "--actor", "me",
                          "--id", "cli-1", "--app", "cliapp:APP", cwd=work).stdout)
@@ -219,6 +222,7 @@ def test_verify_reports_a_changed_event_as_damage(work):
     assert failed.returncode == 1 and "events 2..2 of the log do not match" in failed.stderr
 
 
+@pytest.mark.slow
 def test_export_import_round_trip_is_idempotent(work):
     exported = cli("export", "app.db", cwd=work).stdout
     (work / "events.jsonl").write_text(exported)
@@ -433,6 +437,7 @@ def test_backup_of_a_file_that_is_not_a_store_names_it_and_leaves_nothing(work):
     assert not list(work.glob("copy.db*"))
 
 
+@pytest.mark.slow
 def test_backup_while_a_writer_runs(work):
     # Big enough for a step-wise copy to take many steps, each of which a commit
     # from another process sent back to the start: the backup never ended.

@@ -1528,6 +1528,7 @@ def main():
             print(f"   {v:6d} {k}")
 
 
+@pytest.mark.slow
 @pytest.mark.torture
 def test_random_schemas_keep_the_past(tmp_path, torture_scale, figure):
     runs = 600 if torture_scale == "full" else 25

@@ -464,6 +464,7 @@ def _check_after_crash(ledger, bumped_to, version_done, where):
     return head
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_loses_nothing_and_leaves_no_mixture(tmp_path, scale, figure):
     seed = _seed()
     rng = random.Random(seed)
@@ -680,6 +681,7 @@ def _check_shared_log(path, results, final):
     return log
 
 
+@pytest.mark.slow
 def test_processes_and_threads_at_once_keep_one_gap_free_log(tmp_path, scale, processes, figure):
     """N processes x (2 dispatchers, a reader, 2 followers; one process also rebuilds)."""
     names = [f"p{n}" for n in range(processes)]
@@ -1261,6 +1263,7 @@ def big_reducer(view, event):
     return None
 
 
+@pytest.mark.slow
 def test_a_10_mb_payload_round_trips_everywhere_and_a_full_disk_refuses_it_whole(tmp_path, figure):
     path = tmp_path / "big.db"
     body = os.urandom(5 * 2**20).hex()  # 10 MB of text
@@ -1310,6 +1313,7 @@ def bulk_reducer(view, event):
     return None
 
 
+@pytest.mark.slow
 def test_100000_row_changesets_commit_or_fail_whole(tmp_path, figure):
     n = 100_000
     path = tmp_path / "bulk.db"
@@ -1705,6 +1709,7 @@ def assert_the_past_agrees(store):
     store.verify()
 
 
+@pytest.mark.slow
 def test_fuzzed_changesets_from_reducers_are_applied_by_the_rules_or_refused(scale, figure):
     examples = collections.Counter()
 
@@ -2213,6 +2218,7 @@ def test_corrupted_pages_are_a_clear_error_never_a_raw_exception(tmp_path, prist
         "\n".join(found[:20])
 
 
+@pytest.mark.slow
 def test_a_root_page_number_pointing_at_another_btree_is_a_clear_error(tmp_path, pristine,
                                                                         figure):
     """Systematic where the page damage above is random: each of fluxlite's own
@@ -2689,6 +2695,7 @@ with open(out, "w") as f:
 '''
 
 
+@pytest.mark.slow
 def test_soak_memory_fds_and_wal_stay_bounded(tmp_path, scale, figure):
     path, out, err = tmp_path / "soak.db", tmp_path / "soak.json", tmp_path / "soak.err"
     total = scale.soak_events
