@@ -4134,15 +4134,19 @@ class Store:
             self._watcher = None
         cursor.position = max(cursor.position, last)
 
-    def consumer(self, name: str, *, lease: float = 30.0) -> "Consumer":
+    def consumer(self, name: str, *, types: Union[None, str, Iterable[str]] = None,
+                 lease: float = 30.0) -> "Consumer":
         """A durable consumer: a position kept in the file, advanced by ack().
 
-        Only one process holds a consumer name at a time (a lease in the
-        file, renewed on every read and ack; a holder that died on this
-        machine is taken over at once). Busy if another live holder has it.
+        ``types`` (a str or an iterable of them) yields only events of those
+        types: a consumer that answers with events of its own (dispatch(...,
+        ack=event)) does not read them back. Only one process holds a consumer
+        name at a time (a lease in the file, renewed on every read and ack; a
+        holder that died on this machine is taken over at once). Busy if
+        another live holder has it.
         """
         self._check_writable("consumer()")  # its position and lease are in the file
-        return Consumer(self, name, lease)
+        return Consumer(self, name, lease, _type_filter(types))
 
     async def adispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None,
                         **kwargs: Any) -> Optional[Event]:
@@ -4879,7 +4883,8 @@ class Consumer:
     that is itself an event in this store.
     """
 
-    def __init__(self, store: Store, name: str, lease: float) -> None:
+    def __init__(self, store: Store, name: str, lease: float,
+                 types: Optional[FrozenSet[str]] = None) -> None:
         if not isinstance(name, str) or not name:
             raise UsageError(f"A consumer name is a non-empty str; received {_describe(name)}.")
         _check_text(name, "A consumer name", UsageError)
@@ -4888,6 +4893,7 @@ class Consumer:
             raise UsageError(f"A consumer's lease is a number of seconds above 0; received "
                              f"{_describe(lease)}.")
         self.store, self.name, self._lease = store, name, float(lease)
+        self._types = types
         self._owner = _lease_owner()
         self._yielded = 0
         self._finished = 0  # the last event a loop body saw through
@@ -4927,7 +4933,8 @@ class Consumer:
         return position
 
     def __iter__(self) -> Iterator[Tuple[Event, List[Change]]]:
-        return self._deliver(self.store._follow(_FollowCursor(self.store, self.position, None), 0))
+        cursor = _FollowCursor(self.store, self.position, self._types)
+        return self._deliver(self.store._follow(cursor, 0))
 
     def follow(self, timeout: Optional[float] = None) -> Iterator[Tuple[Event, List[Change]]]:
         """Like iterating, then waiting for new events (see Store.follow); the
@@ -4936,7 +4943,7 @@ class Consumer:
         return self._deliver(self._wait_renewing(timeout))
 
     def _wait_renewing(self, timeout: Optional[float]) -> Iterator[Tuple[Event, List[Change]]]:
-        cursor = _FollowCursor(self.store, self.position, None)
+        cursor = _FollowCursor(self.store, self.position, self._types)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = self._lease / 3
@@ -4949,7 +4956,8 @@ class Consumer:
                 yield from batch
                 if timeout is not None:  # seconds without new events
                     deadline = time.monotonic() + timeout
-            elif deadline is not None and time.monotonic() >= deadline:
+            elif deadline is not None and time.monotonic() >= deadline \
+                    and not cursor.behind:  # (not while reading past other types)
                 return
             elif time.monotonic() - self._renewed > self._lease / 3:
                 self.ack(self.position)  # renews the lease (or raises Conflict if lost)

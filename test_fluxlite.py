@@ -4916,6 +4916,28 @@ def test_consumer_acks_and_resumes(tmp_path):
             assert fresh.position == 0
 
 
+def test_a_consumer_of_some_types_answers_each_and_does_not_read_its_answers(tmp_path):
+    path = str(tmp_path / "c.db")
+    def reducer(view, event):  # the answers and the noise change no row
+        return items_reducer(view, event) if event.type == "put" else None
+
+    with fluxlite.open(path, schema=ITEMS, reducer=reducer) as store:
+        for n in range(3):
+            store.dispatch("put", {"id": f"i{n}", "n": n})
+        with store.consumer("mailer", types="put") as mailer:  # the README's exactly-once loop
+            answered = [mailer.dispatch("mailSent", {"to": event.payload["id"]}, ack=event).seq
+                        for event, _ in mailer]
+        assert answered == [4, 5, 6] and store.head == 6
+        with store.consumer("mailer", types=["put"]) as mailer:
+            assert list(mailer) == []  # the answers are not for it
+            store.dispatch_many([{"type": "noise", "payload": n} for n in range(2500)])
+            store.dispatch("put", {"id": "late", "n": 9})
+            # Past more than a page of other types, also when following with a timeout.
+            assert [e.seq for e, _ in mailer.follow(timeout=0)] == [2507]
+        with pytest.raises(fluxlite.UsageError, match="types"):
+            store.consumer("mailer", types=5)
+
+
 def test_consumer_lease_keeps_a_second_holder_out(tmp_path):
     path = str(tmp_path / "c.db")
     with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store, \
