@@ -264,6 +264,8 @@ _SQLITE_READ = 20
 # Prefixes, not suffixes: SQLite names a result column by its text, which for
 # the last column ran on into a comment after it.
 _READONLY_TAG = "/* fluxlite:read-only */\n"
+# How SQLite reports a statement query() may not run (see _Model.query).
+_REFUSED_QUERY = ("not authorized", "prohibited", "authorization denied", "cannot VACUUM")
 _REDUCER_TAG = "/* fluxlite:reducer */\n"
 # A table-valued function (json_each, json_tree) is set up with an UPDATE of
 # sqlite_master in the authorizer's eyes; the query itself only reads.
@@ -689,6 +691,27 @@ def _same_code(schema: str, version: Any, other_schema: str, other_version: Any)
         _loads(_dumps(version)), _loads(_dumps(other_version)))
 
 
+def _code_difference(schema: str, version: Any, own_schema: str, own_version: Any) -> str:
+    """What differs between the file's code (schema, version) and a store's own, for
+    an error: "another schema (...)", "another version (...)", or both."""
+    parts = []
+    stored = _normalize_schema(schema).split(";\n")
+    own = _normalize_schema(own_schema).split(";\n")
+    if stored != own:
+        added = "; ".join(t for t in stored if t not in own)
+        dropped = "; ".join(t for t in own if t not in stored)
+        shown = [f"{whose} has {_shorten(text)!r}" for whose, text in (
+            ("the file's", added), ("this store's", dropped)) if text]
+        parts.append(f"another schema ({', where '.join(shown) or 'its statements in another order'})")
+    if not _same_json(_loads(_dumps(version)), _loads(_dumps(own_version))):
+        parts.append(f"another version ({version!r}; this store was opened with {own_version!r})")
+    return " and ".join(parts)
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _normalize_schema(script: str) -> str:
     """The schema as compared between opens: comments and whitespace (outside
     string literals and quoted names) do not count."""
@@ -751,11 +774,7 @@ def _connect(path: str, durability: str, readonly: bool = False,
     """
     if readonly:
         return _connect_readonly(path)
-    if path not in (":memory:", "") and not os.path.exists(path):
-        _check_no_orphan_wal(path)
-        # Created here so the file is private to its owner (0600) from the start.
-        with contextlib.suppress(FileExistsError):  # another process was first: fine
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    _create_file(path)
     conn = sqlite3.connect(
         path, isolation_level=None, check_same_thread=False, cached_statements=256
     )
@@ -786,6 +805,15 @@ def _connect(path: str, durability: str, readonly: bool = False,
         conn.close()
         raise
     return conn
+
+
+def _create_file(path: str) -> None:
+    """Create a missing store file, private to its owner (0600) from the start."""
+    if path in (":memory:", "") or os.path.exists(path):
+        return
+    _check_no_orphan_wal(path)
+    with contextlib.suppress(FileExistsError):  # another process was first: fine
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
 def _apply_pragmas(conn: sqlite3.Connection, path: str, durability: str,
@@ -1605,7 +1633,10 @@ class _Model:
                     raise _repeated_names(names, sql)
                 return [dict(zip(names, row)) for row in cursor]
             except sqlite3.DatabaseError as exc:
-                if "not authorized" in str(exc) or "prohibited" in str(exc):
+                # Refused by the authorizer when prepared ("not authorized"), or while
+                # running (VACUUM: "authorization denied"; inside a transaction, "cannot
+                # VACUUM" comes first): the same rule.
+                if any(word in str(exc) for word in _REFUSED_QUERY):
                     raise QueryError(
                         "query() is read-only (SELECT and WITH only"
                         + (", on read-model tables, inside a reducer" if self.query_mode == 2 else "")
@@ -2807,8 +2838,21 @@ def _action_from(type_or_action: Any, payload: Any, meta: Any, id: Any,
     else:
         raise InvalidEvent(f"An event's meta must be a dict; received {_describe(meta)}.")
     if actor is not None:
-        action["meta"]["actor"] = actor
+        action["meta"]["actor"] = _check_actor(actor)
     return action
+
+
+def _check_actor(actor: Any) -> Optional[str]:
+    """``actor=``: who dispatches, a non-empty str (or None: not recorded)."""
+    if actor is None:
+        return None
+    if not isinstance(actor, str) or not actor.strip():
+        raise InvalidEvent(
+            f"An event's actor (actor=, recorded as meta[\"actor\"]) must be a non-empty "
+            f"string such as 'admin', or None; received {_describe(actor)}. Pass who "
+            f"dispatches as text (str(user.id), say), or leave actor out."
+        )
+    return _check_text(actor, "An event's actor", InvalidEvent)
 
 
 def _batch_action(event: Any, position: int, actor: Optional[str] = None) -> Dict[str, Any]:
@@ -3393,10 +3437,17 @@ class Store:
             raise InvalidEvent(
                 f"dispatch_many() takes a list of event dicts; received {_describe(events)}."
             )
+        _check_actor(actor)  # also for an empty batch
         actions = [_batch_action(e, n, actor) for n, e in enumerate(events)]
         self._check_dispatchable()
         _check_expect_seq(expect_seq)
         try:
+            if not actions:  # no transaction to check expect_seq in: checked here
+                if expect_seq is not None:
+                    head = self.head
+                    if head != expect_seq:
+                        raise _stale(expect_seq, head)
+                return []
             if self._bare:  # no middleware: as given
                 return self._commit(actions, expect_seq) if actions else []
             # What each next() was given, checked and encoded when it was given: a
@@ -3693,14 +3744,14 @@ class Store:
             head, last_ts, seal = head or 0, last_ts or "", seal or " "
             event_rows: List[Tuple[Any, ...]] = []
             journal: List[Tuple[Any, ...]] = []
-            seen: Dict[str, Tuple[_Prepared, Event]] = {}
+            seen: Dict[str, Tuple[_Prepared, Event, int]] = {}  # id: (item, event, position)
             batch_ts: Optional[Tuple[str, datetime]] = None
             for item in prepared:
                 if baselines and item.type != BASELINE:
                     baselines = False
                     _end_baselines(conn)
                 if item.id_given:
-                    known = self._known_event(item, seen)
+                    known = self._known_event(item, seen, len(results))
                 else:
                     known = None
                     if self._ids is not _new_id:  # the user's ids= source: a counter may restart
@@ -3709,11 +3760,7 @@ class Store:
                     results.append(known)
                     continue
                 if expect_seq is not None and head != expect_seq:
-                    raise Conflict(
-                        f"expect_seq={expect_seq} but the log's head is {head}: "
-                        f"another dispatch came first. Re-read the state and retry "
-                        f"with expect_seq={head}."
-                    )
+                    raise _stale(expect_seq, head)
                 expect_seq = None  # checked once, before the first new event
                 ts_text, ts = self._timestamp(item, head, last_ts, batch_ts)
                 if item.seq is None:  # a copied event's ts is its own
@@ -3722,7 +3769,7 @@ class Store:
                 event_rows.append((head + 1, item.id, item.type, item.payload_text,
                                    item.meta_text, ts_text))
                 head, last_ts = head + 1, ts_text
-                seen[item.id] = (item, event)
+                seen[item.id] = (item, event, len(results))
                 results.append(event)
                 committed.append((event, changes))
             # Reducers cannot read the log, so its rows can wait for one write at the end.
@@ -3766,7 +3813,8 @@ class Store:
         if batch_ts is not None and batch_ts[0] >= last_ts:
             return batch_ts
         now = self._clock()
-        if not isinstance(now, datetime) or now.tzinfo is None:
+        if not isinstance(now, datetime) or now.tzinfo is None or (
+                now.tzinfo is not timezone.utc and now.utcoffset() is None):  # naive too
             raise UsageError(
                 f"The store's clock must return a timezone-aware datetime; it "
                 f"returned {_describe(now)}. Use datetime.now(timezone.utc)."
@@ -3823,11 +3871,12 @@ class Store:
         meta = _read_meta(self._conn)
         same_code = _same_code(meta["schema"], meta.get("version"), self._schema, self._version)
         if not same_code:
+            differs = _code_difference(meta["schema"], meta.get("version"), self._schema,
+                                       self._version)
             raise SchemaError(
                 f"The read model of {self._path!r} was rebuilt by another process "
-                f"with another schema or version ({meta.get('version')!r}; this store "
-                f"was opened with {self._version!r}). Reopen it with the new code "
-                f"before dispatching, reading its past or rebuilding."
+                f"with {differs}. Reopen it with the new code before dispatching, "
+                f"reading its past or rebuilding."
             )
         self._load_tables(meta["tables"], generation)
 
@@ -3838,14 +3887,15 @@ class Store:
         self._view = View(self._model)
         self._generation, self._generation_text = generation, _dumps(generation)
 
-    def _known_event(self, item: _Prepared, seen: Dict[str, Tuple[_Prepared, Event]]
-                     ) -> Optional[Event]:
+    def _known_event(self, item: _Prepared, seen: Dict[str, Tuple[_Prepared, Event, int]],
+                     position: int) -> Optional[Event]:
         """The stored event for a reused id (same content), else None; or Conflict.
 
         Called only for an id the caller gave (a generated one is new by
-        construction; _write skips the call for those)."""
+        construction; _write skips the call for those). ``position``: the
+        item's, in its batch (``seen``: the batch's items so far, by id)."""
         if item.id in seen:
-            first, event = seen[item.id]
+            first, event, earlier = seen[item.id]
             if not first.id_given:  # the user's ids= source gave it first, in this batch
                 raise UsageError(
                     f"ids() returned {item.id!r}, which this batch also gives as an event's "
@@ -3854,6 +3904,19 @@ class Store:
                 )
             same = first.type == item.type and _same_json(  # as sent: a reducer may
                 _loads(first.payload_text), _loads(item.payload_text))  # mutate payloads
+            if not same:  # the batch is refused: its seqs are never committed, so
+                if item.seq is not None:  # named by what is true: a copied log's seqs,
+                    where = f"the copied log's seqs {first.seq} and {item.seq}"
+                else:  # or the items' places in the batch
+                    where = f"items {earlier} and {position} of the batch (counting from 0" + (
+                        ")" if self._bare else ", as the middleware passed them to next())")
+                what = (f"a {first.type!r} and a {item.type!r} event" if first.type != item.type
+                        else f"two {item.type!r} events with different payloads")
+                raise Conflict(
+                    f"Event id {item.id!r} is given twice in one batch with other content: "
+                    f"{where} are {what}; an id is an idempotency key. Nothing of "
+                    f"the batch was written; give each event of it its own id."
+                )
         else:
             row = self._conn.execute(
                 f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (item.id,)).fetchone()
@@ -4448,7 +4511,7 @@ class Store:
                     ) from exc
 
     def _seq_at_time(self, time: datetime) -> int:
-        if not isinstance(time, datetime) or time.tzinfo is None:
+        if not isinstance(time, datetime) or time.utcoffset() is None:  # naive, as Python says
             raise UsageError(
                 f"time must be a timezone-aware datetime (e.g. datetime(2026, 1, 1, "
                 f"tzinfo=timezone.utc)); received {_describe(time)}. A naive time is "
@@ -4579,6 +4642,13 @@ def _check_sources(clock: Any, ids: Any) -> None:
         if function is not None and not callable(function):
             raise UsageError(f"{name} must be a function of no arguments; received "
                              f"{_describe(function)}.")
+
+
+def _stale(expect_seq: int, head: int) -> Conflict:
+    return Conflict(
+        f"expect_seq={expect_seq} but the log's head is {head}: another dispatch came "
+        f"first. Re-read the state and retry with expect_seq={head}."
+    )
 
 
 def _check_expect_seq(expect_seq: Any) -> None:
@@ -5947,7 +6017,7 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: Set[str],
     for name in adopted:  # an emptied table's counter counts too
         if conn.execute(f"SELECT 1 FROM {_quote(name)} LIMIT 1").fetchone() is None:
             _check_autoincrement_counter(conn, _read_table_info(conn, name), [])
-    for seq, name in enumerate((n for n in adopted if conn.execute(
+    for seq, name in enumerate((n for n in _parents_first(conn, adopted) if conn.execute(
             f"SELECT 1 FROM {_quote(n)} LIMIT 1").fetchone()), 1):
         info = _read_table_info(conn, name)
         listed = ", ".join(_quote(c) for c in info.columns)
@@ -5978,6 +6048,37 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: Set[str],
     _check_baselines_replay(conn, schema, declared)
     _seal_unsealed(conn)
     return declared
+
+
+def _parents_first(conn: sqlite3.Connection, names: List[str]) -> List[str]:
+    """``names`` (in name order) ordered for an adoption's baselines: a table after
+    the tables its foreign keys reference, so that every prefix of the baselines
+    (at(k), replay(k)) has the rows its rows reference. Tables in a reference cycle
+    cannot be: they keep name order among themselves; a self-reference is no edge."""
+    by_lower = {n.lower(): n for n in names}
+    parents = {n: {by_lower[r[2].lower()] for r in conn.execute(
+        f"PRAGMA foreign_key_list({_quote(n)})") if r[2].lower() in by_lower} - {n}
+        for n in names}
+    reach: Dict[str, Set[str]] = {}
+    for name in names:  # every table each one depends on, directly or not
+        seen: Set[str] = set()
+        stack = list(parents[name])
+        while stack:
+            parent = stack.pop()
+            if parent not in seen:
+                seen.add(parent)
+                stack.extend(parents[parent])
+        reach[name] = seen
+    cycle = {n: {m for m in reach[n] if n in reach[m]} | {n} for n in names}
+    ordered: List[str] = []
+    placed: Set[str] = set()
+    while len(ordered) < len(names):  # the first table (by name) whose parents are in,
+        name = next(n for n in names if n not in placed and all(  # those of its cycle too
+            parents[m] - cycle[n] <= placed for m in cycle[n]))
+        group = [n for n in names if n in cycle[name]]  # itself, or its whole cycle
+        ordered.extend(group)
+        placed.update(group)
+    return ordered
 
 
 def _check_baselines_replay(conn: sqlite3.Connection, schema: str, declared: List[str]) -> None:
@@ -6267,6 +6368,12 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
     foreign = None if readonly else _foreign_database(path)
     if foreign is not None and not adopt:
         raise _not_a_store(path, foreign[0])
+    if schema is None and not readonly and path != ":memory:" and not os.path.exists(path):
+        raise SchemaError(  # refused before the file is made: no file to remove again
+            f"{path!r} does not exist: a new store needs a schema; pass schema= with the "
+            f"CREATE TABLE statements of the read model (or check the path, if the store "
+            f"should be there already)."
+        )
     conn = _connect(path, durability, readonly)
     try:
         return _open_connection(conn, path, schema=schema, reducer=reducer,

@@ -30,7 +30,7 @@ import threading
 import time
 import warnings
 import weakref
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -3455,11 +3455,13 @@ def legacy(path, script):
 
 
 def test_adopted_tables_that_reference_each_other_replay_in_any_order(tmp_path):
-    """Baselines come one table at a time, a child's maybe before its parent's."""
+    """Baselines come one table at a time, a parent's before its child's; in a
+    cycle of references (here orders <-> users), a child's maybe before its parent's."""
     path = str(tmp_path / "legacy.db")
-    ddl = """CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT);
+    ddl = """CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT,
+                                 last_order INTEGER REFERENCES orders(id));
              CREATE TABLE orders (id INTEGER PRIMARY KEY, user_id INTEGER REFERENCES users(id));"""
-    legacy(path, ddl + "INSERT INTO users VALUES (1, 'ann'); INSERT INTO orders VALUES (10, 1);")
+    legacy(path, ddl + "INSERT INTO users VALUES (1, 'ann', 10); INSERT INTO orders VALUES (10, 1);")
     with fluxlite.open(path, schema=ddl, reducer=lambda view, event: None, adopt=True) as store:
         assert [e.payload["table"] for e in store.events()] == ["orders", "users"]
         store.verify()
@@ -6781,3 +6783,335 @@ if hasattr(sqlite3.Connection, "setlimit"):
         with pytest.raises(error):
             dispatch(users_store)
         assert users_store.head == 1 and users_store.view.users.count() == 1
+
+
+# --- small cases, reviewed: actor, batch conflicts, VACUUM, empty batches, naive times, adoption order ---
+
+NAMES_SCHEMA = """
+CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT);
+"""
+
+
+def names_reducer(view, event):
+    p = event.payload
+    if event.type == "addUser":
+        return view.users.insert(name=p["name"])
+    if event.type == "removeUser":
+        return view.users.delete(p["name"])
+    return None
+
+
+def raw_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def log_and_users(store):
+    return [e.to_dict() for e in store.events()], store.query("SELECT * FROM users ORDER BY name")
+
+
+# actor= is a non-empty str or None, on every path that takes it ---------------
+
+BAD_ACTORS = [5, b"x", "", "  ", ["admin"], {"name": "admin"}, True]
+
+
+def _dispatchers(store):
+    """Every public way to dispatch with actor=, each a function of the actor."""
+    async def via_adispatch(actor):
+        return await store.adispatch("addUser", {"name": "a"}, actor=actor)
+    return {
+        "dispatch": lambda actor: store.dispatch("addUser", {"name": "a"}, actor=actor),
+        "dispatch(dict)": lambda actor: store.dispatch(
+            {"type": "addUser", "payload": {"name": "a"}}, actor=actor),
+        "dispatch_many": lambda actor: store.dispatch_many(
+            [{"type": "addUser", "payload": {"name": "a"}}], actor=actor),
+        "dispatch_many([])": lambda actor: store.dispatch_many([], actor=actor),
+        "preview": lambda actor: store.preview("addUser", {"name": "a"}, actor=actor),
+        "adispatch": lambda actor: asyncio.run(via_adispatch(actor)),
+        "restore": lambda actor: store.restore("users", "gone", actor=actor),
+    }
+
+
+@pytest.mark.parametrize("actor", BAD_ACTORS, ids=repr)
+def test_an_actor_that_is_not_a_non_empty_string_is_refused_everywhere(tmp_path, actor):
+    with fluxlite.open(str(tmp_path / "s.db"), schema=NAMES_SCHEMA, reducer=names_reducer) as store:
+        store.dispatch("addUser", {"name": "gone"})
+        store.dispatch("removeUser", {"name": "gone"})
+        before = log_and_users(store)
+        for name, call in _dispatchers(store).items():
+            with pytest.raises(fluxlite.InvalidEvent,
+                               match=r"actor .*must be a non-empty string.*received"):
+                call(actor)
+            assert log_and_users(store) == before, name
+        # a str and None are recorded as before
+        assert store.dispatch("addUser", {"name": "a"}, actor="admin").meta == {"actor": "admin"}
+        assert store.dispatch("addUser", {"name": "b"}, actor=None).meta == {}
+
+
+@pytest.mark.parametrize("actor", BAD_ACTORS, ids=repr)
+def test_consumer_dispatch_refuses_a_bad_actor_and_acks_nothing(tmp_path, actor):
+    with fluxlite.open(str(tmp_path / "c.db"), schema=NAMES_SCHEMA, reducer=names_reducer) as store:
+        store.dispatch("addUser", {"name": "x"})
+        consumer = store.consumer("c")
+        event, _ = next(iter(consumer))
+        before = log_and_users(store)
+        with pytest.raises(fluxlite.InvalidEvent, match=r"actor .*must be a non-empty string"):
+            consumer.dispatch("addUser", {"name": "y"}, ack=event, actor=actor)
+        assert log_and_users(store) == before
+        consumer.close()
+        again = store.consumer("c")
+        assert next(iter(again))[0].seq == 1  # the ack did not happen
+        again.close()
+
+
+def test_cli_dispatch_refuses_an_empty_actor(tmp_path):
+    root = os.path.dirname(os.path.abspath(__file__))
+    (tmp_path / "smallapp.py").write_text(
+        "import fluxlite\n"
+        "def reducer(view, event):\n"
+        "    return view.users.insert(name=event.payload['name'])\n"
+        f"APP = fluxlite.App({NAMES_SCHEMA!r}, reducer)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, str(tmp_path)])}
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import smallapp
+        fluxlite.open(str(tmp_path / "app.db"), app=smallapp.APP).close()
+    finally:
+        sys.path.remove(str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "fluxlite", "dispatch", "app.db", "addUser", '{"name": "a"}',
+         "--actor", "", "--app", "smallapp:APP"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    assert "actor" in result.stderr and "non-empty string" in result.stderr
+    with fluxlite.open(str(tmp_path / "app.db"), readonly=True) as store:
+        assert store.head == 0
+
+
+# The same id twice in one batch: the Conflict names batch positions ------------
+
+def test_a_batch_conflict_on_one_id_names_the_batch_items_not_an_uncommitted_seq():
+    with fluxlite.open(":memory:", schema=NAMES_SCHEMA, reducer=names_reducer) as store:
+        store.dispatch("addUser", {"name": "a"})
+        store.dispatch("addUser", {"name": "b"})
+        with pytest.raises(fluxlite.Conflict) as caught:
+            store.dispatch_many([{"type": "addUser", "payload": {"name": "c"}, "id": "x"},
+                                 {"type": "addUser", "payload": {"name": "d"}},
+                                 {"type": "addUser", "payload": {"name": "e"}, "id": "x"}])
+        message = str(caught.value)
+        assert "seq 3" not in message  # seq 3 was never committed
+        assert "items 0 and 2" in message and "'x'" in message
+        assert store.head == 2
+        # an id already in the log: that event's seq is the true one to name
+        with pytest.raises(fluxlite.Conflict, match=r"\(seq 1\)"):
+            store.dispatch_many([{"type": "removeUser", "payload": {"name": "a"},
+                                  "id": store.event(1).id}])
+
+
+# The SchemaError after another process's rebuild says what differs -------------
+
+def test_old_code_after_another_process_rebuilt_is_told_what_differs(tmp_path):
+    path = str(tmp_path / "s.db")
+    old = fluxlite.open(path, schema=NAMES_SCHEMA, reducer=names_reducer)
+    try:
+        old.dispatch("addUser", {"name": "a"})
+        wider = NAMES_SCHEMA.replace("role TEXT", "role TEXT, email TEXT")
+        fluxlite.open(path, schema=wider, reducer=names_reducer).close()  # the schema only
+        with pytest.raises(fluxlite.SchemaError, match="rebuilt by another process") as caught:
+            old.dispatch("addUser", {"name": "b"})
+        message = str(caught.value)
+        assert "None" not in message  # no version was ever given
+        assert "another schema" in message and "email" in message  # what differs
+        assert "version" not in message
+    finally:
+        old.close()
+    path = str(tmp_path / "v.db")
+    old = fluxlite.open(path, schema=NAMES_SCHEMA, reducer=names_reducer, version=1)
+    try:
+        fluxlite.open(path, schema=NAMES_SCHEMA, reducer=names_reducer, version=2).close()  # the version only
+        with pytest.raises(fluxlite.SchemaError, match=r"another version \(2; this store was "
+                                                       r"opened with 1\)") as caught:
+            old.dispatch("addUser", {"name": "b"})
+        assert "schema" not in str(caught.value)
+    finally:
+        old.close()
+
+
+# query(): every write-like statement gets the read-only message ---------------
+
+WRITE_LIKE = ["VACUUM", "vacuum main", "VACUUM INTO '{dir}/copy.db'", "REINDEX", "ANALYZE",
+              "ATTACH '{dir}/x.db' AS x", "DETACH main", "PRAGMA user_version = 3",
+              "PRAGMA journal_mode = delete", "PRAGMA foreign_keys = OFF", "PRAGMA optimize",
+              "PRAGMA wal_checkpoint(TRUNCATE)", "PRAGMA incremental_vacuum"]
+
+
+def test_query_refuses_vacuum_and_other_write_like_statements_as_read_only(tmp_path):
+    with fluxlite.open(str(tmp_path / "s.db"), schema=NAMES_SCHEMA, reducer=names_reducer) as store:
+        store.dispatch("addUser", {"name": "a"})
+        before = raw_bytes(store.path)
+        with store.at(1) as past:
+            for sql in WRITE_LIKE:
+                sql = sql.replace("{dir}", str(tmp_path))
+                for where in (store, store.view, past):
+                    with pytest.raises(fluxlite.QueryError,
+                                       match=r"query\(\) is read-only") as caught:
+                        where.query(sql)
+                    assert "authorization denied" not in str(caught.value), (sql, where)
+        assert raw_bytes(store.path) == before
+        assert sorted(os.listdir(tmp_path)) == ["s.db", "s.db-shm", "s.db-wal"]
+        assert store.dispatch("addUser", {"name": "b"}).seq == 2  # still usable
+
+
+def test_a_reducer_querying_vacuum_is_told_the_view_is_read_only():
+    def vacuuming(view, event):
+        view.query("VACUUM")
+    with fluxlite.open(":memory:", schema=NAMES_SCHEMA, reducer=vacuuming) as store:
+        with pytest.raises(fluxlite.QueryError, match=r"read-only"):
+            store.dispatch("x")
+        assert store.head == 0
+
+
+# dispatch_many([], expect_seq=...) checks expect_seq ----------------------------
+
+def test_an_empty_batch_with_a_wrong_expect_seq_is_a_conflict():
+    with fluxlite.open(":memory:", schema=NAMES_SCHEMA, reducer=names_reducer) as store:
+        store.dispatch("addUser", {"name": "a"})
+        with pytest.raises(fluxlite.Conflict, match=r"expect_seq=0 but the log's head is 1"):
+            store.dispatch_many([], expect_seq=0)
+        with pytest.raises(fluxlite.Conflict, match=r"expect_seq=5 but the log's head is 1"):
+            store.dispatch_many([], expect_seq=5)
+        assert store.dispatch_many([], expect_seq=1) == []
+        assert store.dispatch_many([]) == []
+
+
+def test_an_empty_batch_with_a_wrong_expect_seq_is_a_conflict_with_middleware_too():
+    seen = []
+
+    def spy(store):
+        return lambda next: lambda event: seen.append(event) or next(event)
+    with fluxlite.open(":memory:", schema=NAMES_SCHEMA, reducer=names_reducer, middleware=[spy]) as store:
+        store.dispatch("addUser", {"name": "a"})
+        with pytest.raises(fluxlite.Conflict, match="head is 1"):
+            store.dispatch_many([], expect_seq=0)
+        assert store.dispatch_many([], expect_seq=1) == []
+
+
+# A refused open() leaves no file it created ------------------------------------
+
+def test_opening_a_missing_file_without_a_schema_creates_nothing(tmp_path):
+    with pytest.raises(fluxlite.SchemaError, match="needs a schema"):
+        fluxlite.open(str(tmp_path / "mistyped.db"))
+    assert os.listdir(tmp_path) == []
+    given = tmp_path / "given.db"  # an empty file the caller made: it stays
+    given.write_bytes(b"")
+    with pytest.raises(fluxlite.SchemaError):
+        fluxlite.open(str(given))
+    assert os.listdir(tmp_path) == ["given.db"]
+
+
+# at(time=) and the clock: a datetime whose utcoffset() is None is naive --------
+
+class NoOffset(tzinfo):
+    """A tzinfo that does not know its offset: Python calls such datetimes naive."""
+
+    def utcoffset(self, dt):
+        return None
+
+    def dst(self, dt):
+        return None
+
+    def tzname(self, dt):
+        return None
+
+
+def test_at_refuses_a_time_whose_utcoffset_is_none():
+    with fluxlite.open(":memory:", schema=NAMES_SCHEMA, reducer=names_reducer) as store:
+        event = store.dispatch("addUser", {"name": "a"})
+        when = datetime(2030, 1, 1, tzinfo=NoOffset())
+        assert when.utcoffset() is None  # naive, as Python defines it
+        with pytest.raises(fluxlite.UsageError, match="timezone-aware"):
+            store.at(time=when)
+        # an aware time in any zone is still that instant
+        tokyo = timezone(timedelta(hours=9))
+        assert store.at(time=event.ts.astimezone(tokyo)).users.count() == 1
+        assert store.at(time=event.ts - timedelta(seconds=1)).users.count() == 0
+
+
+def test_a_clock_returning_a_datetime_without_an_offset_is_refused():
+    with fluxlite.open(":memory:", schema=NAMES_SCHEMA, reducer=names_reducer,
+                       clock=lambda: datetime(2030, 1, 1, tzinfo=NoOffset())) as store:
+        with pytest.raises(fluxlite.UsageError, match="timezone-aware"):
+            store.dispatch("addUser", {"name": "a"})
+        assert store.head == 0
+
+
+# Adoption logs the referenced tables' baselines first ---------------------------
+
+ADOPTED = """
+CREATE TABLE b_parent (id TEXT PRIMARY KEY);
+CREATE TABLE a_child (id TEXT PRIMARY KEY, parent TEXT REFERENCES b_parent(id));
+CREATE TABLE c_grandchild (id TEXT PRIMARY KEY, child TEXT REFERENCES a_child(id));
+CREATE TABLE d_loose (id TEXT PRIMARY KEY);
+"""
+
+
+def _prefilled(path):
+    conn = sqlite3.connect(path)
+    conn.executescript(ADOPTED)
+    conn.execute("INSERT INTO b_parent VALUES ('p')")
+    conn.execute("INSERT INTO a_child VALUES ('c', 'p')")
+    conn.execute("INSERT INTO c_grandchild VALUES ('g', 'c')")
+    conn.execute("INSERT INTO d_loose VALUES ('l')")
+    conn.commit()
+    conn.close()
+
+
+def test_adoption_logs_referenced_tables_first_so_each_prefix_replays(tmp_path):
+    path = str(tmp_path / "adopt.db")
+    _prefilled(path)
+    with fluxlite.open(path, schema=ADOPTED, reducer=lambda view, event: None,
+                       adopt=True) as store:
+        order = [e.payload["table"] for e in store.events()]
+        assert order == ["b_parent", "a_child", "c_grandchild", "d_loose"]
+        for k in range(store.head + 1):
+            with store.at(k) as view:
+                # no row at k references a row that is not there yet
+                children = {r["parent"] for r in view.a_child.all()}
+                assert children <= {r["id"] for r in view.b_parent.all()}
+                grand = {r["child"] for r in view.c_grandchild.all()}
+                assert grand <= {r["id"] for r in view.a_child.all()}
+            with store.replay(k) as copy:
+                assert copy.head == k
+        store.verify()
+
+
+def test_adoption_orders_around_reference_cycles_and_self_references(tmp_path):
+    """A reference cycle cannot go parents first: its tables keep name order among
+    themselves, after the tables they reference; a self-reference does not count."""
+    ddl = """
+    CREATE TABLE a (id TEXT PRIMARY KEY, b TEXT REFERENCES b(id) DEFERRABLE INITIALLY DEFERRED,
+                    root TEXT REFERENCES x_root(id));
+    CREATE TABLE b (id TEXT PRIMARY KEY, a TEXT REFERENCES a(id) DEFERRABLE INITIALLY DEFERRED);
+    CREATE TABLE a0 (id TEXT PRIMARY KEY, b TEXT REFERENCES b(id));
+    CREATE TABLE self (id TEXT PRIMARY KEY, up TEXT REFERENCES self(id));
+    CREATE TABLE x_root (id TEXT PRIMARY KEY);
+    """
+    path = str(tmp_path / "cycle.db")
+    conn = sqlite3.connect(path)
+    conn.executescript(ddl)
+    conn.execute("PRAGMA foreign_keys = ON")
+    with conn:
+        conn.execute("INSERT INTO x_root VALUES ('r1')")
+        conn.execute("INSERT INTO a VALUES ('a1', 'b1', 'r1')")
+        conn.execute("INSERT INTO b VALUES ('b1', 'a1')")
+        conn.execute("INSERT INTO a0 VALUES ('z1', 'b1')")
+        conn.execute("INSERT INTO self VALUES ('s1', NULL)")
+        conn.execute("INSERT INTO self VALUES ('s2', 's1')")
+    conn.close()
+    with fluxlite.open(path, schema=ddl, reducer=lambda view, event: None,
+                       adopt=True) as store:
+        assert [e.payload["table"] for e in store.events()] == ["self", "x_root", "a", "b", "a0"]
+        store.verify()
+        with store.replay(2) as copy:
+            assert copy.view.self.count() == 2 and copy.view.x_root.count() == 1
