@@ -33,8 +33,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Without -m (or a test named by node id), leave out the tests marked slow."""
-    if config.option.markexpr or any("::" in arg for arg in config.args):
+    """Without -m or -k (or a test named by node id), leave out the tests marked slow."""
+    if config.option.markexpr or config.option.keyword or any("::" in arg for arg in config.args):
         return
     slow = [item for item in items if item.get_closest_marker("slow")]
     if slow:

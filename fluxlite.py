@@ -682,13 +682,28 @@ def _schema_statements(script: str) -> List[str]:
 
 
 _SQL_OPERATORS = frozenset("=<>!|+-*/%&~^.")
+# Two operator characters SQLite reads as one token (or a comment) when they touch:
+# only between these does a space count ("< =" is not "<=", "- -1" is no comment).
+_SQL_JOINING = frozenset(("<=", ">=", "==", "!=", "<>", "<<", ">>", "||", "->", "--", "/*", "*/"))
+
+
+def _json_version(version: Any) -> Any:
+    """A version as stored (a tuple is the list it is stored as); UsageError if it is
+    not JSON (also from the CLI, where an App's version reaches here unchecked)."""
+    try:
+        return _loads(_to_json_text(version, "version"))
+    except InvalidEvent:
+        raise UsageError(
+            f"version must be a JSON value (a number, a string, ...); received "
+            f"{_describe(version)}."
+        ) from None
 
 
 def _same_code(schema: str, version: Any, other_schema: str, other_version: Any) -> bool:
     """The same read model: schema text as _normalize_schema compares it, and versions
     equal as JSON values (1 and true differ; a tuple is the list it is stored as)."""
     return _normalize_schema(schema) == _normalize_schema(other_schema) and _same_json(
-        _loads(_dumps(version)), _loads(_dumps(other_version)))
+        _json_version(version), _json_version(other_version))
 
 
 def _code_difference(schema: str, version: Any, own_schema: str, own_version: Any) -> str:
@@ -703,7 +718,7 @@ def _code_difference(schema: str, version: Any, own_schema: str, own_version: An
         shown = [f"{whose} has {_shorten(text)!r}" for whose, text in (
             ("the file's", added), ("this store's", dropped)) if text]
         parts.append(f"another schema ({', where '.join(shown) or 'its statements in another order'})")
-    if not _same_json(_loads(_dumps(version)), _loads(_dumps(own_version))):
+    if not _same_json(_json_version(version), _json_version(own_version)):
         parts.append(f"another version ({version!r}; this store was opened with {own_version!r})")
     return " and ".join(parts)
 
@@ -724,7 +739,9 @@ def _normalize_schema(script: str) -> str:
         kept = [t for i, t in enumerate(tokens) if t != " " or (
             0 < i < len(tokens) - 1 and tokens[i - 1][-1] not in "(),;"
             and tokens[i + 1][0] not in "(),;"
-            and (tokens[i - 1][-1] in _SQL_OPERATORS) == (tokens[i + 1][0] in _SQL_OPERATORS))]
+            and (tokens[i - 1][-1] in _SQL_OPERATORS) == (tokens[i + 1][0] in _SQL_OPERATORS)
+            and (tokens[i - 1][-1] not in _SQL_OPERATORS
+                 or tokens[i - 1][-1] + tokens[i + 1][0] in _SQL_JOINING))]
         out.append("".join(kept).rstrip(";").strip())
     return ";\n".join(out)
 
@@ -3453,13 +3470,16 @@ class Store:
             # What each next() was given, checked and encoded when it was given: a
             # middleware changing that dict afterwards does not change the batch.
             batch: List[_Prepared] = []
+            frame = _Frame(expect_seq, batch)
             frames = self._frame_stack()
-            frames.append(_Frame(expect_seq, batch))
+            frames.append(frame)
             try:
                 for action in actions:
                     self._chain(action)
             finally:
                 frames.pop()
+            if frame.refused is not None:  # a middleware caught it: the batch is still refused
+                raise frame.refused
             if not batch:
                 return []
             self._check_dispatchable()
@@ -3662,7 +3682,11 @@ class Store:
             )
         frame = frames[-1]
         if frame.batch is not None:
-            frame.batch.append(_prepare(action, self._ids))
+            try:
+                frame.batch.append(_prepare(action, self._ids))
+            except FluxliteError as exc:
+                frame.refused = frame.refused or exc
+                raise
             return None
         event = self._commit([action], frame.expect_seq, frame.ack)[0]
         if frame.preview:
@@ -4072,9 +4096,12 @@ class Store:
             _check_text(seq_or_id, "An event id", UsageError)  # type: ignore[arg-type]
         with self._lock, _reading(self._path):
             self._check_open()
-            row = self._conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE {column} = ?", (seq_or_id,)
-            ).fetchone()
+            try:
+                row = self._conn.execute(
+                    f"SELECT {_EVENT_COLUMNS} FROM events WHERE {column} = ?", (seq_or_id,)
+                ).fetchone()
+            except sqlite3.DataError:  # an id longer than SQLite stores: not in the log
+                row = None
         return self._upcast(_event_from_row(row)) if row else None
 
     def events(self, after: int = 0, *, types: Union[None, str, Iterable[str]] = None,
@@ -4095,6 +4122,9 @@ class Store:
         after_upcast = wanted if wanted is not None and self._upcasters else None
         if wanted is not None:  # an upcaster changes only the types it is given for
             logged = wanted | set(self._upcasters or ()) if after_upcast else wanted
+            longest = _length_limit(self._conn)  # a longer type cannot be in the log
+            logged = frozenset(t for t in logged
+                               if len(t) <= longest // 4 or len(t.encode()) <= longest)
             where += f" AND type IN ({', '.join('?' for _ in logged)})"
             params.extend(sorted(logged))
         while remaining is None or remaining > 0:
@@ -4362,6 +4392,7 @@ class Store:
                     )
         target: Optional[Store] = None
         blank: Optional[_Checkpoint] = None
+        after = 0
         try:
             # This store's own schema: accepted once, so not judged by rules added since.
             target = _open_connection(
@@ -4405,6 +4436,16 @@ class Store:
                 if blank is not None and target.head:  # a part of the log would pass for a whole one
                     try:
                         target._conn.execute("PRAGMA foreign_keys = ON")
+                        # Only if nobody else wrote since (reset_to() copies the whole
+                        # file back: another writer's acknowledged events would go too).
+                        last = target._conn.execute(
+                            "SELECT seq, id FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+                        with self._lock:
+                            ours = self._conn.execute(
+                                "SELECT seq, id FROM events WHERE seq = ?", (last[0],)).fetchone()
+                        if last != ours or last[0] > after:
+                            raise UsageError(f"another writer added events to {file!r} "
+                                             f"meanwhile (head {last[0]})")
                         target.reset_to(blank)
                     except Exception as exc:  # the replay's error is the one to report
                         _log.warning("replay(into=%r) failed, and its copied events could "
@@ -4718,6 +4759,12 @@ def _change_from_journal(table: str, key: str, op: str, before: Optional[str],
     return Change("update", table, key_value, changed)
 
 
+def _length_limit(conn: sqlite3.Connection) -> int:
+    """SQLite's length limit on the connection (bytes of a text)."""
+    getlimit = getattr(conn, "getlimit", None)  # Python 3.11+
+    return getlimit(sqlite3.SQLITE_LIMIT_LENGTH) if getlimit else 1_000_000_000
+
+
 def _differs(old: Any, new: Any) -> bool:
     """A stored value changed: 1 became 1.0, or -0.0 became 0.0, too (Python's ==
     says they are equal; a subscriber's mirror would keep the old one)."""
@@ -4742,6 +4789,7 @@ class _Frame:
     preview: bool = False
     ack: Optional[Tuple[str, str, int, float]] = None  # (consumer, owner, seq, lease) acked too
     changes: List[Change] = dataclasses.field(default_factory=list)
+    refused: Optional[FluxliteError] = None  # a batch's event that next() refused
 
 
 class _Checkpoint:
@@ -5381,6 +5429,7 @@ def _undo_in_python(conn: sqlite3.Connection, model: _Model, names: List[str]) -
 def _rebuild(store: Store, schema: str, version: Any,
              progress: Optional[Callable[[int], None]] = None) -> None:
     """Replay the log into a separate file, then swap tables and journal in one transaction."""
+    version = _json_version(version)  # as stored (the CLI passes an App's version as given)
     try:
         _rebuild_unmapped(store, schema, version, progress)
     except sqlite3.OperationalError as exc:
@@ -5678,7 +5727,9 @@ def _diff_table(live: _Model, replica: _Model, info: _TableInfo, limit: int = 20
 
 def _typed(row: Optional[Mapping[str, Any]]) -> Any:
     """A row compared as SQLite stores it: 1 and 1.0 differ (as do their typeof())."""
-    return None if row is None else [(c, type(v), v) for c, v in row.items()]
+    return None if row is None else [
+        (c, type(v), v, math.copysign(1.0, v) if v.__class__ is float else 0)
+        for c, v in row.items()]
 
 
 ###############################################################################
@@ -6357,13 +6408,7 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
             f"middleware must be a list of functions store -> next -> event -> result; "
             f"received {_describe(middleware)}. Pass a list, e.g. middleware=[logger]."
         )
-    try:  # kept as stored, as payloads are: (1, 2) is [1, 2]
-        version = _loads(_to_json_text(version, "version"))
-    except InvalidEvent:
-        raise UsageError(
-            f"version must be a JSON value (a number, a string, ...); received "
-            f"{_describe(version)}."
-        ) from None
+    version = _json_version(version)  # kept as stored, as payloads are: (1, 2) is [1, 2]
     _make_upcaster(upcasters)  # validates the dict early
     foreign = None if readonly else _foreign_database(path)
     if foreign is not None and not adopt:

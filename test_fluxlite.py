@@ -7115,3 +7115,139 @@ def test_adoption_orders_around_reference_cycles_and_self_references(tmp_path):
         store.verify()
         with store.replay(2) as copy:
             assert copy.view.self.count() == 2 and copy.view.x_root.count() == 1
+
+
+# --- this session's fixes, reviewed -----------------------------------------------------------
+
+ONE_X = "CREATE TABLE t (id INTEGER PRIMARY KEY, x)"
+
+
+def set_x(view, event):
+    return view.t.upsert(id=1, x=event.payload)
+
+
+# replay(into=) resets the target with the backup API: whatever another writer
+#    committed into that store meanwhile (acknowledged) is wiped with the partial log.
+def test_failed_replay_into_a_store_does_not_wipe_another_writers_events(tmp_path):
+    rows = "CREATE TABLE t (id INTEGER PRIMARY KEY, x)"
+
+    def add(view, event):
+        return view.t.upsert(id=event.seq, x=event.payload)
+
+    src = fluxlite.open(":memory:", schema=rows, reducer=add)
+    for n in range(3):  # three transactions of 500: replay copies 1..1000, then 1001..
+        src.dispatch_many([{"type": "add", "payload": i} for i in range(500)])
+    target = tmp_path / "target.db"
+    fluxlite.open(target, schema=rows, reducer=add).close()  # an existing empty store
+    other = fluxlite.open(target, schema=rows, reducer=add)  # e.g. a server using it
+    real, calls, mine = src._transaction_end, [], []
+
+    def between_chunks(seq):
+        calls.append(seq)
+        if len(calls) == 2:  # after the first 1,000 events were committed into target
+            mine.append(other.dispatch("add", "acknowledged"))
+        return real(seq)
+
+    src._transaction_end = between_chunks
+    with pytest.raises(fluxlite.FluxliteError):  # the copy's seq 1001 is taken now
+        src.replay(into=target)
+    other.close()
+    with fluxlite.open(target, readonly=True) as check:
+        assert check.event(mine[0].id) is not None, "an acknowledged event was deleted"
+
+
+# An error-swallowing middleware in dispatch_many: the invalid event is now refused
+#    inside next() (at _prepare), so the middleware drops it and the rest of the batch
+#    commits; before, _prepare ran at commit and the whole batch was refused.
+def test_dispatch_many_stays_all_or_nothing_when_a_middleware_swallows_errors():
+    def reporter(store):  # "report and carry on", as an error-reporting middleware does
+        def wrap(next):
+            def handle(event):
+                try:
+                    return next(event)
+                except fluxlite.FluxliteError:
+                    return None
+            return handle
+        return wrap
+
+    store = fluxlite.open(":memory:", schema=ONE_X, reducer=set_x, middleware=[reporter])
+    with pytest.raises(fluxlite.InvalidEvent):
+        store.dispatch_many([{"type": "a", "payload": 1}, {"type": "b", "payload": {1, 2}}])
+    assert store.head == 0
+
+
+# The -0.0 fix reports and journals -0.0 -> 0.0 as a change, but restore() still
+#    compares rows with ==: the earlier -0.0 version cannot be restored ("already as it was").
+def test_restore_of_a_negative_zero_version_is_not_refused_as_identical():
+    with fluxlite.open(":memory:", schema=ONE_X, reducer=set_x) as store:
+        store.dispatch("set", -0.0)
+        store.dispatch("set", 0.0)
+        assert [repr(r.after["x"]) for r in store.history("t", 1)] == ["-0.0", "0.0"]
+        store.restore("t", 1, at=1)
+        assert repr(store.view.t.get(1)["x"]) == "-0.0"
+
+
+def test_cli_verify_with_a_non_json_app_version_is_a_clean_error(tmp_path):
+    (tmp_path / "myapp.py").write_text(textwrap.dedent("""
+        import fluxlite
+        S = "CREATE TABLE t (id INTEGER PRIMARY KEY, x)"
+        R = lambda v, e: v.t.upsert(id=1, x=e.payload)
+        GOOD = fluxlite.App(S, R, version=1)
+        BAD = fluxlite.App(S, R, version={1, 2})
+    """))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "fluxlite", *a], cwd=tmp_path,
+                                    env=env, capture_output=True, text=True, timeout=60)
+    subprocess.run([sys.executable, "-c", "import myapp; s = myapp.GOOD.open('s.db'); "
+                    "s.dispatch('a', 1); s.close()"], cwd=tmp_path, env=env, check=True)
+    for command in ("verify", "rebuild"):
+        result = run(command, "s.db", "--app", "myapp:BAD")
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr, result.stderr
+
+
+# The schema comparison drops spaces between a word and an operator, but still counted
+# one between two operators that SQLite reads as two tokens anyway: "x > -1" and
+#    "x>-1" are the same schema, and reopening with the other spelling rebuilds.
+def test_spacing_between_two_separate_operators_is_no_schema_change(tmp_path):
+    spaced = "CREATE TABLE t (id INTEGER PRIMARY KEY, x CHECK (x > -1))"
+    tight = "CREATE TABLE t (id INTEGER PRIMARY KEY, x CHECK (x>-1))"
+    with fluxlite.open(tmp_path / "s.db", schema=spaced, reducer=set_x) as store:
+        store.dispatch("set", 1)
+        generation = store._generation
+    with fluxlite.open(tmp_path / "s.db", schema=tight, reducer=set_x) as store:
+        assert store._generation == generation, "rebuilt for a spacing difference"
+    # ... while operators that would join stay apart ("< =" is not "<=", "- -" no comment)
+    norm = fluxlite._normalize_schema
+    assert norm("CREATE TABLE t (x CHECK (x < = 1))") != norm("CREATE TABLE t (x CHECK (x <= 1))")
+    assert norm("CREATE TABLE t (x CHECK (x = 1 - -1))") != norm("CREATE TABLE t (x CHECK (x = 1 -1))")
+    assert norm("CREATE TABLE t (x CHECK (x = 'a' | | 'b'))") != norm("CREATE TABLE t (x CHECK (x = 'a' || 'b'))")
+
+
+# "Text past SQLite's length limit is a fluxlite error": not on the read paths that
+#    bind the caller's text (event(id), events(types=)): a raw sqlite3.DataError escapes.
+def test_an_id_past_sqlites_length_limit_in_a_read_is_a_fluxlite_error():
+    if not hasattr(sqlite3.Connection, "setlimit"):  # before 3.11: no way to lower it
+        return
+    with fluxlite.open(":memory:", schema=ONE_X, reducer=set_x) as store:
+        store.dispatch("set", 1)
+        store._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 5000)
+        # no event has an id or type that long: nothing found, as for any unknown one
+        assert store.event("a" * 6000) is None
+        assert list(store.events(types="a" * 6000)) == []
+        assert [e.seq for e in store.events(types=["set", "a" * 6000])] == [1]
+
+
+# conftest: -k is a selection too; a slow test named with -k is silently deselected
+#    (exit status 5: no tests ran).
+def test_a_slow_test_selected_with_dash_k_runs(tmp_path):
+    (tmp_path / "conftest.py").write_text(open(os.path.join(ROOT, "conftest.py")).read())
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    slow: slow\n")
+    (tmp_path / "test_x.py").write_text(
+        "import pytest\n@pytest.mark.slow\ndef test_big():\n    pass\ndef test_small():\n    pass\n")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "-k", "big"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+                            cwd=tmp_path, capture_output=True, text=True)  # a plain run
+    assert result.returncode == 0 and "1 passed, 1 deselected" in result.stdout, result.stdout
