@@ -4761,8 +4761,9 @@ def _change_from_journal(table: str, key: str, op: str, before: Optional[str],
 
 def _length_limit(conn: sqlite3.Connection) -> int:
     """SQLite's length limit on the connection (bytes of a text)."""
-    getlimit = getattr(conn, "getlimit", None)  # Python 3.11+
-    return getlimit(sqlite3.SQLITE_LIMIT_LENGTH) if getlimit else 1_000_000_000
+    getlimit = getattr(conn, "getlimit", None)  # Python 3.11+, with the constant (0 in C)
+    return int(getlimit(getattr(sqlite3, "SQLITE_LIMIT_LENGTH", 0))) if getlimit \
+        else 1_000_000_000
 
 
 def _differs(old: Any, new: Any) -> bool:
