@@ -2891,12 +2891,16 @@ def _check_type(kind: Any) -> str:
     return kind
 
 
-def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
+def _check_passed_dict(action: Any) -> None:
     if action.__class__ is not dict and not isinstance(action, _Mapping):
         raise InvalidEvent(
             f"Middleware must pass an event dict (type, payload, meta, id) to next(); "
             f"received {_describe(action)}."
         )
+
+
+def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
+    _check_passed_dict(action)
     kind = _check_text(_check_type(action.get("type")), "An event type", InvalidEvent)
     if kind == BASELINE:
         raise InvalidEvent(
@@ -5774,6 +5778,7 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
                                              Callable[[Dict[str, Any]], Any]]:
         def wrap(next_: Callable[[Dict[str, Any]], Any]) -> Callable[[Dict[str, Any]], Any]:
             def check(event: Dict[str, Any]) -> Any:
+                _check_passed_dict(event)  # an earlier middleware's mistake, as the core says it
                 kind = event.get("type")
                 if not isinstance(kind, str):  # an earlier middleware changed it so
                     kind = _check_type(kind)
@@ -5820,18 +5825,37 @@ def _weak_core(store: Store) -> Callable[[Dict[str, Any]], Any]:
     return core_dispatch
 
 
+def _refusing_batch(frames: threading.local, inner: Callable[[Dict[str, Any]], Any]
+                    ) -> Callable[[Dict[str, Any]], Any]:
+    """next() as a middleware is given it: a refusal raised through it in dispatch_many
+    (Forbidden from authorize, a Rejected of another middleware) refuses the whole
+    batch even when that middleware catches it and returns, as the core's own refusal
+    does; else a "report and carry on" middleware would commit the batch without it.
+    Holds the frame stack, not the store: no reference cycle."""
+    def next_(action: Dict[str, Any]) -> Any:
+        try:
+            return inner(action)
+        except FluxliteError as exc:
+            stack = getattr(frames, "stack", None)
+            if stack and stack[-1].batch is not None and stack[-1].refused is None:
+                stack[-1].refused = exc
+            raise
+    return next_
+
+
 def _compose_chain(store: Store, middleware: Sequence[Middleware]) -> Callable[[Dict[str, Any]], Any]:
     """Redux's applyMiddleware: the first middleware is the outermost."""
     wrappers = [m(store) for m in middleware]
     chain: Callable[[Dict[str, Any]], Any] = _weak_core(store)
-    for wrap in reversed(wrappers):
+    for number, wrap in enumerate(reversed(wrappers)):
         if not callable(wrap):
             raise UsageError(
                 f"A middleware returned {_describe(wrap)} when given the store; middleware "
                 f"has the shape store -> next -> event -> result (did it forget to return "
                 f"its inner function?)."
             )
-        chain = wrap(chain)
+        # (the innermost next() is the core, which marks its own refusals)
+        chain = wrap(chain if number == 0 else _refusing_batch(store._frames, chain))
         if not callable(chain):
             raise UsageError(
                 f"A middleware returned {_describe(chain)}; middleware has the shape "
@@ -6592,11 +6616,19 @@ class Scenario:
             self._returned_by_id[event.id] = _normalize_changes(out, event)
             return out
 
+        # open() checks the reducer it is given, here this wrapper: the checks it would
+        # make of the reducer itself are made here, so a scenario refuses what open() does.
+        tables = getattr(root, "fluxlite_tables", None)
+        if tables:
+            recording.fluxlite_tables = tables  # type: ignore[attr-defined]
+        else:
+            _check_takes_two(root, "The reducer", "(view, event)")
         self.store = open(":memory:", schema=schema, reducer=recording, upcasters=upcasters,
                           middleware=middleware,
                           clock=lambda: start + timedelta(seconds=next(ticks)),
                           ids=lambda: f"event-{next(serial)}")
         self._outcome: Optional[Tuple[Optional[Event], Optional[BaseException]]] = None
+        self._head_before = 0
 
     def given(self, *events: Any) -> "Scenario":
         """Events that already happened; each must be accepted."""
@@ -6614,6 +6646,7 @@ class Scenario:
         """The event under test; its outcome is checked by the then_* methods."""
         self._returned_by_id.clear()
         _check_scenario_event(event)  # not a refusal to assert on: the test's mistake
+        self._head_before = self.store.head  # to tell "ended" from "committed, not returned"
         try:
             self._outcome = (self.store.dispatch(_as_action(event)), None)
         except FluxliteError as exc:
@@ -6629,9 +6662,20 @@ class Scenario:
                 f"the event was refused: {type(error).__name__}: {error}"
             ) from error
         if event is None:
-            raise AssertionError("the event was neither committed nor refused: a middleware "
-                                 "returned None without calling next(event)")
+            raise AssertionError("the event was " + (self._not_returned() or (
+                "neither committed nor refused: a middleware returned None without "
+                "calling next(event)")))
         return event
+
+    def _not_returned(self) -> Optional[str]:
+        """A None from the middleware chain although events were committed: not "ended"."""
+        head = self.store.head
+        if head == self._head_before:
+            return None
+        return (f"not returned by the middleware chain (dispatch() returned None), though the "
+                f"log grew from seq {self._head_before} to {head} meanwhile: a middleware "
+                f"called next(event) without returning its result (return next(event)), or "
+                f"dispatched other events in its place")
 
     def then(self, *changes: Any) -> "Scenario":
         """The reducer returned exactly these changes (Change objects or dicts), in order."""
@@ -6639,6 +6683,12 @@ class Scenario:
         expected = [_as_change(c) for c in (changes[0] if len(changes) == 1 and isinstance(
             changes[0], list) else changes)]
         lines = _diff_changes(expected, self._returned_by_id.get(event.id, []))
+        if lines and event.id not in self._returned_by_id and event.seq <= self._head_before:
+            # Not "the reducer returned nothing": it never saw the event (a reused id).
+            raise AssertionError(
+                f"the reducer did not run for the event: its id {event.id!r} was already "
+                f"logged as seq {event.seq}, so dispatch() returned that event and no "
+                f"changes. Give the when event an id of its own (or none).")
         if lines:
             raise AssertionError("the reducer's changes differ from the expected ones:\n"
                                  + "\n".join(lines))
@@ -6652,7 +6702,8 @@ class Scenario:
         event, error = self._outcome
         if not isinstance(error, (Rejected, Forbidden)):
             got = (f"{type(error).__name__}: {error}" if error else f"accepted as seq {event.seq}"
-                   if event is not None else "ended by a middleware that did not call next()")
+                   if event is not None else self._not_returned()
+                   or "ended by a middleware that did not call next()")
             raise AssertionError(f"expected the event to be rejected, but it was {got}")
         if match is not None and not re.search(match, str(error)):
             raise AssertionError(f"rejected with {str(error)!r}, which does not match {match!r}")
@@ -6663,8 +6714,13 @@ class Scenario:
         columns given (a column left out is not compared)."""
         info = self.store._model.table(table, error=UsageError)
         actual = {info.key_of(r): r for r in self.store.view[table].all()}
-        if isinstance(rows, (str, _Mapping)) or not all(isinstance(r, _Mapping) for r in rows):
-            raise UsageError(f"then_state() takes a list of row dicts; received {_describe(rows)}.")
+        # A list, read once: a generator checked here would be empty below, and compare
+        # as "no rows expected" (passing against an empty table).
+        received = rows
+        if not isinstance(rows, (str, _Mapping)) and isinstance(rows, collections.abc.Iterable):
+            rows = list(rows)
+        if not isinstance(rows, list) or not all(isinstance(r, _Mapping) for r in rows):
+            raise UsageError(f"then_state() takes a list of row dicts; received {_describe(received)}.")
         keyless = [r for r in rows if not info.pk_set <= r.keys()]
         if keyless:
             raise UsageError(f"then_state({table!r}): every expected row needs its primary key "
@@ -6674,6 +6730,12 @@ class Scenario:
             raise UsageError(f"then_state({table!r}): the table has no column(s) "
                              f"{', '.join(map(repr, unknown))}; it has: {', '.join(info.columns)}.")
         wanted = {info.key_of(r): dict(r) for r in rows}
+        if len(wanted) < len(rows):  # "exactly these rows": one row per key, else one is unchecked
+            seen: Set[Any] = set()
+            twice = next(r for r in rows if info.key_of(r) in seen or seen.add(info.key_of(r)))
+            raise UsageError(f"then_state({table!r}): two expected rows have the key "
+                             f"{info.key_of(twice)!r} (the second is {dict(twice)}); a table "
+                             f"holds one row per key: give each row once.")
         lines = []
         for key in sorted(set(actual) | set(wanted), key=repr):
             a, w = actual.get(key), wanted.get(key)

@@ -7258,3 +7258,81 @@ def test_a_slow_test_selected_with_dash_k_runs(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
                             cwd=tmp_path, capture_output=True, text=True)  # a plain run
     assert result.returncode == 0 and "1 passed, 1 deselected" in result.stdout, result.stdout
+
+
+# --- review s12/testing: scenario helpers, middleware, authorize ------------------
+
+
+def test_dispatch_many_stays_all_or_nothing_when_a_middleware_swallows_a_forbidden():
+    def reporter(store):  # "report and carry on", outside access control
+        def wrap(next):
+            def handle(event):
+                try:
+                    return next(event)
+                except fluxlite.FluxliteError:
+                    return None
+            return handle
+        return wrap
+    policy = fluxlite.authorize({"addUser": lambda actor, event: event["payload"]["name"] != "eve"})
+    store = fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[reporter, policy])
+    with pytest.raises(fluxlite.Forbidden):
+        store.dispatch_many([{"type": "addUser", "payload": {"name": "al"}},
+                             {"type": "addUser", "payload": {"name": "eve"}}])
+    assert store.head == 0 and store.view.users.all() == []
+    assert store.dispatch("addUser", {"name": "eve"}) is None and store.head == 0  # as before
+
+
+def test_authorize_after_a_middleware_passing_a_non_dict_is_an_invalid_event():
+    def listing(store):
+        return lambda next_: lambda event: next_([event])
+    store = fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer,
+                          middleware=[listing, fluxlite.authorize({"*": lambda a, e: True})])
+    with pytest.raises(fluxlite.InvalidEvent, match="must pass an event dict"):
+        add(store, "al")
+    assert store.head == 0
+
+
+def test_scenario_says_the_event_was_committed_when_a_middleware_forgot_to_return():
+    def forgetful(store_):
+        def wrap(next_):
+            def log(event):
+                next_(event)  # no return
+            return log
+        return wrap
+    s = fluxlite.scenario(SCHEMA, reducer, middleware=[forgetful])
+    s.when(("addUser", {"name": "al"}))
+    with pytest.raises(AssertionError, match=r"without returning its result") as failed:
+        s.then(Change("insert", "users", None, {"name": "al", "role": None}))
+    assert "without calling next" not in str(failed.value)
+    with pytest.raises(AssertionError, match=r"log grew from seq 0 to 1"):
+        s.then_rejected()
+
+
+def test_scenario_then_state_refuses_two_expected_rows_with_one_key():
+    s = fluxlite.scenario(SCHEMA, reducer).given(("addUser", {"name": "al"}))
+    s.when(("grantAccess", {"name": "al", "right": "x"}))
+    with pytest.raises(fluxlite.UsageError, match="two expected rows have the key 'al'"):
+        s.then_state("users", [{"name": "al", "role": "WRONG"}, {"name": "al", "role": "x"}])
+
+
+def test_scenario_then_state_reads_a_generator_of_rows_once():
+    s = fluxlite.scenario(SCHEMA, reducer)  # an empty table
+    with pytest.raises(AssertionError, match="'al': expected"):
+        s.then_state("users", (row for row in [{"name": "al"}]))
+    with pytest.raises(fluxlite.UsageError, match="list of row dicts"):
+        s.then_state("users", None)
+
+
+def test_scenario_refuses_what_open_refuses_of_the_reducer():
+    with pytest.raises(fluxlite.UsageError, match="two arguments"):
+        fluxlite.scenario(SCHEMA, lambda event: None)
+    with pytest.raises(fluxlite.SchemaError, match="'nope'"):
+        fluxlite.scenario(SCHEMA, {"users": lambda t, e: None, "nope": lambda t, e: None})
+
+
+def test_scenario_then_says_the_reducer_never_saw_a_when_event_with_a_logged_id():
+    s = fluxlite.scenario(SCHEMA, reducer).given({"type": "addUser", "payload": {"name": "al"},
+                                                  "id": "x"})
+    s.when({"type": "addUser", "payload": {"name": "al"}, "id": "x"}).then()  # nothing changed
+    with pytest.raises(AssertionError, match="reducer did not run for the event: its id 'x'"):
+        s.then(Change("insert", "users", None, {"name": "al", "role": None}))
