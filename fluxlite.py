@@ -3557,11 +3557,18 @@ class Store:
         except BaseException:
             conn.close()
             raise
-        return _open_connection(conn, path, schema=None, reducer=self._reducer,
+        copy = _open_connection(conn, path, schema=None, reducer=self._reducer,
                                 middleware=self._middleware, durability=self._durability,
                                 version=None, upcasters=self._upcasters, adopt=False,
                                 clock=clock or self._clock,
                                 ids=_checked_ids(ids) if ids else self._ids)
+        # The copy's consumer names are nobody's: the leases it copied belong to
+        # Consumers of this store, which can never use the copy (and would keep
+        # its names Busy until they ran out). Positions are kept.
+        with copy._lock:
+            copy._conn.execute("UPDATE fluxlite_consumers SET owner = NULL, lease_until = 0 "
+                               "WHERE owner IS NOT NULL")
+        return copy
 
     def checkpoint(self) -> _Checkpoint:
         """Remember the whole store (in memory), to come back with reset_to()."""
@@ -3693,6 +3700,7 @@ class Store:
                 raise
             return None
         event = self._commit([action], frame.expect_seq, frame.ack)[0]
+        frame.acked = frame.ack is not None
         if frame.preview:
             frame.changes = next((c for e, c in reversed(self._pending) if e.seq == event.seq), [])
         return event
@@ -4160,12 +4168,21 @@ class Store:
         return self._changes(seq)
 
     def _changes(self, seq: int) -> List[Change]:
-        with self._lock:
+        with self._lock, _reading(self._path):
             self._check_open()
             rows = self._conn.execute(
                 "SELECT tbl, key, op, before, after FROM fluxlite_journal WHERE seq = ? "
                 "ORDER BY n", (seq,)).fetchall()
-        return [_change_from_journal(*row) for row in rows]
+        try:
+            return [_change_from_journal(*row) for row in rows]
+        except (ValueError, TypeError, AttributeError) as exc:  # a row that is not its JSON
+            # As history() and at() say it: damage, not a raw error out of changes(),
+            # follow(), watch() or a consumer.
+            raise StorageError(
+                f"{self._path!r} is damaged: the journal rows of event {seq} cannot be "
+                f"read ({exc}). If verify() finds the log intact, store.rebuild() "
+                f"rewrites the journal from it; otherwise restore the file from a backup."
+            ) from exc
 
     # -- live data: followers, watch, consumers, asyncio -----------------------
 
@@ -4793,6 +4810,7 @@ class _Frame:
     batch: Optional[List[_Prepared]] = None  # dispatch_many collects here (checked, encoded)
     preview: bool = False
     ack: Optional[Tuple[str, str, int, float]] = None  # (consumer, owner, seq, lease) acked too
+    acked: bool = False  # that ack committed (a middleware may still raise after next())
     changes: List[Change] = dataclasses.field(default_factory=list)
     refused: Optional[FluxliteError] = None  # a batch's event that next() refused
 
@@ -5083,7 +5101,18 @@ class Consumer:
                     and not cursor.behind:  # (not while reading past other types)
                 return
             elif time.monotonic() - self._renewed > self._lease / 3:
-                self.ack(self.position)  # renews the lease (or raises Conflict if lost)
+                if not self._renew():
+                    return
+
+    def _renew(self) -> bool:
+        """Renew the lease (an ack of the position; Conflict if it was lost). False
+        if the store was closed since the last read: following ends then, quietly,
+        as Store.follow() does, instead of a UsageError from a renewal that lost the race."""
+        with self.store._lock:
+            if self.store._closed:
+                return False
+            self.ack(self.position)
+        return True
 
     def _deliver(self, source: Iterator[Tuple[Event, List[Change]]]
                  ) -> Iterator[Tuple[Event, List[Change]]]:
@@ -5095,8 +5124,8 @@ class Consumer:
         for event, changes in source:
             if event.seq <= last:
                 continue
-            if time.monotonic() - self._renewed > self._lease / 3:
-                self.ack(self.position)  # renews the lease (or raises Conflict if lost)
+            if time.monotonic() - self._renewed > self._lease / 3 and not self._renew():
+                return  # the store was closed
             last = event.seq
             self._yielded = max(self._yielded, event.seq)
             yield event, changes
@@ -5128,16 +5157,19 @@ class Consumer:
         expect_seq = kwargs.pop("expect_seq", None)
         _check_expect_seq(expect_seq)
         frames = store._frame_stack()
-        frames.append(_Frame(expect_seq,
-                             ack=(self.name, self._owner, seq, self._lease)))
+        frame = _Frame(expect_seq, ack=(self.name, self._owner, seq, self._lease))
+        frames.append(frame)
         try:
             if kwargs:
                 raise UsageError(f"Unknown dispatch argument(s): {sorted(kwargs)}.")
             result: Optional[Event] = store._chain(action)
         finally:
             frames.pop()
+            # Also when a middleware raised after next() committed: the ack is in the
+            # file, so the event must not come again (it would be answered twice).
+            if frame.acked:
+                self.position = max(self.position, seq)
             store._notify()  # also when a middleware raised after next() committed
-        self.position = max(self.position, seq)
         return result
 
     def _ackable(self, event: Union[Event, int], what: str) -> int:
@@ -5163,6 +5195,9 @@ class Consumer:
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, store._path) from exc
             store._leases.pop(self._owner, None)
+        # Closed, it holds the name no more in this process either: a lease row of
+        # its that comes back (reset_to() a checkpoint taken while it was open) is free.
+        _LIVE_CONSUMERS.pop(self._owner, None)
 
     def __enter__(self) -> "Consumer":
         return self

@@ -7336,3 +7336,105 @@ def test_scenario_then_says_the_reducer_never_saw_a_when_event_with_a_logged_id(
     s.when({"type": "addUser", "payload": {"name": "al"}, "id": "x"}).then()  # nothing changed
     with pytest.raises(AssertionError, match="reducer did not run for the event: its id 'x'"):
         s.then(Change("insert", "users", None, {"name": "al", "role": None}))
+
+
+# -- live data: review fixes (damaged journal rows, acks, forks, leases) ---------
+
+LIVE_USERS = "CREATE TABLE users (id TEXT PRIMARY KEY, name TEXT)"
+
+
+def live_reducer(view, event):
+    if event.type == "add":
+        return view.users.upsert(id=event.payload["id"], name=event.payload.get("name"))
+    return None
+
+
+def test_a_damaged_journal_row_is_a_storage_error_from_changes_follow_and_watch(tmp_path, caplog):
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=LIVE_USERS, reducer=live_reducer) as store:
+        follower = store.follow(after=0, timeout=0.1)
+        store.dispatch("add", {"id": "a", "name": "x"})
+        raw = sqlite3.connect(path)  # the journal has no triggers: a tool gone wrong
+        raw.execute("UPDATE fluxlite_journal SET after = '{not json'")
+        raw.commit()
+        raw.close()
+        with pytest.raises(fluxlite.StorageError, match="damaged.*journal rows of event 1"):
+            store.changes(1)
+        with pytest.raises(fluxlite.StorageError, match="damaged"):
+            list(follower)
+        with pytest.raises(fluxlite.StorageError, match="damaged"):  # as history() says it
+            store.history("users", "a")
+        raw = sqlite3.connect(path)  # JSON, but not a row's
+        raw.execute("UPDATE fluxlite_journal SET after = '[1]', op = 'update'")
+        raw.commit()
+        raw.close()
+        with pytest.raises(fluxlite.StorageError, match="damaged"):
+            store.changes(1)
+
+
+def test_a_consumer_dispatch_whose_middleware_raises_after_commit_does_not_answer_twice(tmp_path):
+    def audit(store):  # raises after next() committed the answer and its ack
+        def wrap(next):
+            def call(event):
+                result = next(event)
+                if event["type"] == "reply":
+                    raise RuntimeError("audit log down")
+                return result
+            return call
+        return wrap
+
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=LIVE_USERS, reducer=live_reducer, middleware=[audit]) as store:
+        store.dispatch("add", {"id": "a"})
+        mailer = store.consumer("mailer", types="add")
+        handled = []
+        for _ in range(2):  # the worker retries its loop after the error
+            with pytest.raises(RuntimeError) if not handled else contextlib.nullcontext():
+                for event, _ in mailer:
+                    handled.append(event.seq)
+                    mailer.dispatch("reply", {"to": event.seq}, ack=event)
+        assert handled == [1]  # exactly-once: the ack committed with the answer
+        assert [e.payload for e in store.events(types="reply")] == [{"to": 1}]
+        assert mailer.position == 1
+
+
+
+def test_a_fork_does_not_keep_the_consumer_names_its_store_holds(tmp_path):
+    with fluxlite.open(str(tmp_path / "s.db"), schema=LIVE_USERS, reducer=live_reducer) as store:
+        store.dispatch("add", {"id": "a"})
+        mailer = store.consumer("mailer")
+        assert [e.seq for e, _ in mailer] == [1]
+        mailer.ack(1)
+        with store.fork() as copy, copy.consumer("mailer") as again:  # not Busy
+            assert again.position == 1  # the position is copied
+        with store.fork(str(tmp_path / "copy.db")) as copy, copy.consumer("mailer"):
+            pass
+        with pytest.raises(fluxlite.Busy):  # the original still holds it
+            store.consumer("mailer")
+        mailer.close()
+
+
+def test_a_closed_consumer_whose_lease_comes_back_with_reset_to_does_not_hold_its_name(tmp_path):
+    with fluxlite.open(str(tmp_path / "s.db"), schema=LIVE_USERS, reducer=live_reducer) as store:
+        mailer = store.consumer("mailer")
+        saved = store.checkpoint()  # taken while mailer holds the name
+        mailer.close()
+        store.reset_to(saved)
+        with store.consumer("mailer"):  # "open consumers again after reset_to()"
+            pass
+
+
+def test_a_following_consumer_ends_quietly_when_the_store_closes_before_a_renewal(
+        tmp_path, monkeypatch):
+    store = fluxlite.open(str(tmp_path / "s.db"), schema=LIVE_USERS, reducer=live_reducer)
+    step = fluxlite._FollowCursor.step
+
+    def step_then_close(self, wait, queue=None):  # another thread closes it just then
+        batch = step(self, wait, queue)
+        if batch == []:
+            store.close()
+        return batch
+
+    monkeypatch.setattr(fluxlite._FollowCursor, "step", step_then_close)
+    with store.consumer("mailer", lease=0.03) as mailer:
+        assert list(mailer.follow()) == []  # ended with the store, no UsageError
