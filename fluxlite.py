@@ -5038,6 +5038,7 @@ class Consumer:
         self._owner = _lease_owner()
         self._yielded = 0
         self._finished = 0  # the last event a loop body saw through
+        self._closed = False
         _LIVE_CONSUMERS[self._owner] = self  # first: while it lives, its lease is not free
         self.position = self._acquire()
         self._renewed = time.monotonic()
@@ -5074,6 +5075,7 @@ class Consumer:
         return position
 
     def __iter__(self) -> Iterator[Tuple[Event, List[Change]]]:
+        self._check_not_closed("iterating")
         cursor = _FollowCursor(self.store, self.position, self._types)
         return self._deliver(self.store._follow(cursor, 0))
 
@@ -5081,6 +5083,7 @@ class Consumer:
         """Like iterating, then waiting for new events (see Store.follow); the
         lease is renewed while it waits, so an idle consumer keeps its name."""
         _check_timeout(timeout)
+        self._check_not_closed("follow()")
         return self._deliver(self._wait_renewing(timeout))
 
     def _wait_renewing(self, timeout: Optional[float]) -> Iterator[Tuple[Event, List[Change]]]:
@@ -5172,7 +5175,15 @@ class Consumer:
             store._notify()  # also when a middleware raised after next() committed
         return result
 
+    def _check_not_closed(self, what: str) -> None:
+        if self._closed:  # its name is given up: an ack now would find another owner
+            raise UsageError(
+                f"{what} on consumer {self.name!r} after its close(), which gave up its "
+                f"name; take it again with store.consumer({self.name!r})."
+            )
+
     def _ackable(self, event: Union[Event, int], what: str) -> int:
+        self._check_not_closed(what)
         seq = event.seq if isinstance(event, Event) else event
         if isinstance(seq, bool) or not isinstance(seq, int) or not \
                 0 <= seq <= max(self._yielded, self.position):
@@ -5195,6 +5206,7 @@ class Consumer:
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, store._path) from exc
             store._leases.pop(self._owner, None)
+        self._closed = True
         # Closed, it holds the name no more in this process either: a lease row of
         # its that comes back (reset_to() a checkpoint taken while it was open) is free.
         _LIVE_CONSUMERS.pop(self._owner, None)
@@ -5204,7 +5216,7 @@ class Consumer:
 
     def __exit__(self, kind: Any, *exc: Any) -> None:
         try:
-            if kind is None and self._yielded > self.position:
+            if kind is None and self._yielded > self.position and not self._closed:
                 if self.store._closed:  # follow() ended because the store was closed: the
                     _log.info("consumer %r: the store was closed; events after %s come "
                               "again", self.name, self.position)  # unacked come again

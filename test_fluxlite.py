@@ -7438,3 +7438,23 @@ def test_a_following_consumer_ends_quietly_when_the_store_closes_before_a_renewa
     monkeypatch.setattr(fluxlite._FollowCursor, "step", step_then_close)
     with store.consumer("mailer", lease=0.03) as mailer:
         assert list(mailer.follow()) == []  # ended with the store, no UsageError
+
+
+def test_a_closed_consumer_says_so_instead_of_blaming_another_worker(tmp_path):
+    with fluxlite.open(str(tmp_path / "s.db"), schema=LIVE_USERS, reducer=live_reducer) as store:
+        store.dispatch("add", {"id": "a"})
+        mailer = store.consumer("mailer")
+        (event, _), = list(mailer)
+        mailer.close()
+        for use in (lambda: mailer.ack(event), lambda: list(mailer), lambda: mailer.follow(0.1),
+                    lambda: mailer.dispatch("add", {"id": "b"}, ack=event)):
+            with pytest.raises(fluxlite.UsageError, match=r"after its close\(\).*store.consumer\('mailer'\)"):
+                use()
+        assert store.head == 1
+        with store.consumer("mailer") as again:  # taken again, it goes on from the position
+            assert [e.seq for e, _ in again] == [1]
+        with store.consumer("mailer") as inside:  # closed inside its block: nothing to ack
+            list(inside)
+            inside.close()
+        with store.consumer("mailer") as last:
+            assert last.position == 1
