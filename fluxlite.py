@@ -829,8 +829,14 @@ def _create_file(path: str) -> None:
     if path in (":memory:", "") or os.path.exists(path):
         return
     _check_no_orphan_wal(path)
-    with contextlib.suppress(FileExistsError):  # another process was first: fine
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    try:
+        with contextlib.suppress(FileExistsError):  # another process was first: fine
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as exc:  # a read-only directory or medium, a full disk: not a bug of the caller's
+        raise StorageError(
+            f"Could not create the store file {path!r}: {exc.strerror or exc}. Nothing was "
+            f"written. Check that its directory is writable and has free space, then retry."
+        ) from exc
 
 
 def _apply_pragmas(conn: sqlite3.Connection, path: str, durability: str,
@@ -1125,7 +1131,7 @@ def _storage_error(exc: sqlite3.Error, path: str) -> FluxliteError:
         return Busy(
             f"{path!r} stayed locked by another writer for longer than busy_timeout "
             f"({_PRAGMAS['busy_timeout']} ms): {text}. Nothing was written; retry "
-            f"the dispatch (with the same id, so a retry can never apply twice)."
+            f"(retry a dispatch with the same id, so that it can never apply twice)."
         )
     return StorageError(
         f"SQLite could not write {path!r}: {text}. Nothing was written. Check free disk "
@@ -3548,6 +3554,7 @@ class Store:
             raise UsageError(f"fork(path={path!r}) needs a new file; that one has content.")
         with self._lock:
             self._check_open()
+            self._check_not_previewing("fork()")
             page_size = self._page_size()
         conn = _connect(path, self._durability, page_size=page_size)
         try:
@@ -3572,11 +3579,21 @@ class Store:
 
     def checkpoint(self) -> _Checkpoint:
         """Remember the whole store (in memory), to come back with reset_to()."""
-        copy = sqlite3.connect(":memory:", check_same_thread=False)
         with self._lock:
             self._check_open()
+            self._check_not_previewing("checkpoint()")
+            copy = sqlite3.connect(":memory:", check_same_thread=False)
             self._conn.backup(copy)
             return _Checkpoint(copy, self.head)
+
+    def _check_not_previewing(self, what: str) -> None:
+        """SQLite's backup cannot read a connection in the middle of a write (it answers
+        "locked", and Python's backup() retries that for ever): not inside a preview.
+        With the lock held, a preview in progress is this thread's own."""
+        if self._previewing:
+            raise UsageError(f"{what} cannot run inside a preview (from its middleware): "
+                             f"the preview's transaction is still open. Call it after "
+                             f"preview() returns.")
 
     def reset_to(self, checkpoint: _Checkpoint) -> None:
         """Put the whole store back as it was at checkpoint() (log included).
@@ -3596,13 +3613,22 @@ class Store:
         self._check_writable("reset_to()")
         with self._lock:
             self._check_open()
+            if self._conn.in_transaction:  # SQLite's backup cannot copy into it
+                raise UsageError("reset_to() cannot run inside a preview (from its middleware) "
+                                 "or a verify() (from its progress=): their transaction is "
+                                 "still open. Call it after they return.")
             try:
                 with checkpoint.lock:
                     self._check_fits(_read_meta(checkpoint.conn))
-                    checkpoint.conn.backup(self._conn)
+                    self._check_page_size(checkpoint)
+                    # Python's backup() retries a locked file for ever; after busy_timeout
+                    # it is Busy here, as for every other write.
+                    checkpoint.conn.backup(self._conn, progress=_refuse_locked)
             except sqlite3.ProgrammingError as exc:  # the checkpoint's copy was closed
                 raise UsageError(f"That checkpoint cannot be read ({exc}); take a new one "
                                  f"with store.checkpoint().") from exc
+            except sqlite3.OperationalError as exc:  # a full disk, a read-only file
+                raise _storage_error(exc, self._path) from exc
             self._head_cache = None
             meta = _read_meta(self._conn)
             self._schema, self._version = meta["schema"], meta.get("version")
@@ -3615,6 +3641,21 @@ class Store:
                 # an older checkpoint, then to a newer one, delivers nothing again).
                 cursor.reached = max(cursor.reached, cursor.position)
                 cursor.position, cursor.version = min(cursor.reached, head), -1
+
+    def _check_page_size(self, checkpoint: _Checkpoint) -> None:
+        """SQLite's backup copies into a WAL file only at its own page size (else it
+        answers "readonly"): a checkpoint of a store with other pages cannot go back."""
+        if self._file in (":memory:", ""):
+            return
+        theirs = checkpoint.conn.execute("PRAGMA page_size").fetchone()[0]
+        ours = self._page_size()
+        if theirs != ours:
+            raise UsageError(
+                f"That checkpoint holds a store of {theirs}-byte pages, and {self._path!r} "
+                f"has {ours}-byte pages: SQLite copies a whole store into a WAL file only "
+                f"at the file's own page size. Nothing changed; reset a store to its own "
+                f"checkpoints (or to those of a store of its page size)."
+            )
 
     def _check_fits(self, theirs: Mapping[str, Any]) -> None:
         """A checkpoint's model must be the one this store's code makes: its reducer
@@ -4802,6 +4843,13 @@ def _shown(value: Any) -> str:
     return "(absent)" if value is _MISSING else repr(value)
 
 
+def _refuse_locked(status: int, remaining: int, pages: int) -> None:
+    """backup()'s progress: a step that waited busy_timeout for a lock ends the copy
+    (nothing copied: the step's transaction is rolled back) as Busy."""
+    if status in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED (named in sqlite3 from 3.11 only)
+        raise sqlite3.OperationalError("database is locked")
+
+
 @dataclasses.dataclass
 class _Frame:
     """What one dispatch call tells the core, past the middleware chain."""
@@ -5510,7 +5558,15 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
     machine = hashlib.sha256(_machine().encode()).hexdigest()[:8]
     prefix = f".{os.path.basename(store._path)}.rebuild-{machine}-"
     _remove_stale_scratch(directory or tempfile.gettempdir(), prefix)
-    fd, scratch = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".db", dir=directory)
+    try:
+        fd, scratch = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".db",
+                                       dir=directory)
+    except OSError as exc:  # the store's directory is read-only or full: say so, as for a write
+        raise StorageError(
+            f"A rebuild replays the log into a scratch file beside {store._path!r}, and it "
+            f"could not be created: {exc}. Nothing was changed. Make the store's directory "
+            f"writable (or free some space), then retry."
+        ) from exc
     os.close(fd)
     try:
         model = _scratch_model(schema, scratch, journal=True, new_schema=(
@@ -6778,8 +6834,8 @@ class Scenario:
                              f"{', '.join(map(repr, unknown))}; it has: {', '.join(info.columns)}.")
         wanted = {info.key_of(r): dict(r) for r in rows}
         if len(wanted) < len(rows):  # "exactly these rows": one row per key, else one is unchecked
-            seen: Set[Any] = set()
-            twice = next(r for r in rows if info.key_of(r) in seen or seen.add(info.key_of(r)))
+            keys = [info.key_of(r) for r in rows]
+            twice = rows[next(n for n, k in enumerate(keys) if k in keys[:n])]
             raise UsageError(f"then_state({table!r}): two expected rows have the key "
                              f"{info.key_of(twice)!r} (the second is {dict(twice)}); a table "
                              f"holds one row per key: give each row once.")

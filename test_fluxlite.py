@@ -4283,7 +4283,7 @@ def test_a_lock_held_too_long_is_a_clear_busy_error(tmp_path, monkeypatch):
         monkeypatch.setitem(fluxlite._PRAGMAS, "busy_timeout", 50)
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")
-        with pytest.raises(fluxlite.Busy, match="retry the dispatch"):
+        with pytest.raises(fluxlite.Busy, match="retry a dispatch with the same id"):
             add(store, "a", id="retry-me")
         other.execute("ROLLBACK")
         other.close()

@@ -40,11 +40,15 @@ import json
 import os
 import random
 import re
+import select
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
 
 import pytest
@@ -1249,6 +1253,244 @@ def test_a_store_made_at_the_path_of_a_deleted_one_keeps_its_own_wal(tmp_path):
         new.close()
     with open_app(path) as again:
         assert [e.payload for e in again.events()] == [e["payload"] for e in deposits(2, "new")]
+
+
+def _in_child(body, uid=None):
+    """body() in a forked child (as ``uid``, if given), its JSON result returned."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        try:
+            os.close(read)
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            out = body()
+        except BaseException as exc:  # reported, not raised: the parent asserts
+            out = {"child raised": repr(exc)}
+        with os.fdopen(write, "w") as pipe:
+            pipe.write(json.dumps(out))
+        os._exit(0)
+    os.close(write)
+    # A child forked beside threads can hang on a lock one of them held: fail, not hang.
+    ready, _, _ = select.select([read], [], [], 120)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    with os.fdopen(read) as pipe:
+        data = pipe.read() if ready else ""
+    os.waitpid(pid, 0)
+    assert data, "the child process gave no answer in 120 s (killed)"
+    return json.loads(data)
+
+
+def test_a_directory_that_is_not_writable_is_a_storage_error_on_every_path_that_makes_a_file():
+    """The store's directory made read-only under a running app (its file and WAL stay
+    writable): each call that must create a file there says so as a StorageError, not a
+    raw PermissionError, and changes nothing. Root ignores directory modes, so as root
+    the calls run in a child process as nobody."""
+    if not hasattr(os, "fork"):
+        pytest.skip("needs fork() to run as another user")
+    base = tempfile.mkdtemp(prefix="fluxlite-rodir-")
+    os.chmod(base, 0o777)
+    uid = 65534 if os.geteuid() == 0 else None
+
+    def body():
+        directory = os.path.join(base, "app")
+        os.mkdir(directory, 0o700)
+        path = os.path.join(directory, "store.db")
+        store, reader = open_app(path), open_app(path)  # the second keeps the -wal there
+        try:
+            store.dispatch_many(deposits(5))
+            before, listed = snapshot(store), sorted(os.listdir(directory))
+            os.chmod(directory, 0o500)
+            calls = {
+                "rebuild()": store.rebuild,
+                "open(version=) (a rebuild)": lambda: open_app(path, gen=1).close(),
+                "open() of a new file": lambda: open_app(os.path.join(directory, "new.db")),
+                "fork(path)": lambda: store.fork(os.path.join(directory, "fork.db")),
+                "replay(into=path)": lambda: store.replay(into=os.path.join(directory, "r.db")),
+            }
+            seen = {}
+            for name, call in calls.items():
+                try:
+                    call()
+                    seen[name] = "no error"
+                except fluxlite.StorageError as exc:
+                    seen[name] = "StorageError" if "writable" in str(exc) else str(exc)
+                except Exception as exc:
+                    seen[name] = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+            os.chmod(directory, 0o700)
+            seen["unchanged"] = snapshot(store) == before and sorted(os.listdir(directory)) == listed
+            store.dispatch(deposits(1, "after")[0])  # and the store goes on working
+            seen["head"] = store.head
+            return seen
+        finally:
+            os.chmod(directory, 0o700)
+            store.close()
+            reader.close()
+
+    try:
+        seen = _in_child(body, uid)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert seen == {"rebuild()": "StorageError", "open(version=) (a rebuild)": "StorageError",
+                    "open() of a new file": "StorageError", "fork(path)": "StorageError",
+                    "replay(into=path)": "StorageError", "unchanged": True, "head": 6}, seen
+
+
+def _hold_write_lock(path):
+    """Another process holding the store's write lock until its stdin closes."""
+    hog = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sqlite3, sys
+            conn = sqlite3.connect({str(path)!r}, isolation_level=None)
+            conn.execute("BEGIN IMMEDIATE")
+            print("held", flush=True)
+            sys.stdin.read()
+            conn.execute("ROLLBACK")
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert hog.stdout.readline().strip() == "held"
+    return hog
+
+
+def test_reset_to_while_another_process_holds_the_write_lock_is_busy_not_a_hang(tmp_path):
+    path = tmp_path / "store.db"
+    store = open_app(path)
+    hog = None
+    try:
+        store.dispatch_many(deposits(5))
+        saved = store.checkpoint()
+        store.dispatch_many(deposits(3, "later"))
+        store._conn.execute("PRAGMA busy_timeout=100")
+        before = snapshot(store)
+        hog = _hold_write_lock(path)
+        outcome = []
+
+        def reset():
+            try:
+                store.reset_to(saved)
+                outcome.append("reset")
+            except Exception as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=reset, daemon=True)
+        worker.start()
+        worker.join(5)
+        hung = worker.is_alive()
+        hog.communicate("", timeout=10)  # the lock is let go: a hung reset_to goes on now
+        hog = None
+        worker.join(10)
+        assert not hung, "reset_to() waited on past busy_timeout for another process's lock"
+        assert len(outcome) == 1 and isinstance(outcome[0], fluxlite.Busy), outcome
+        assert snapshot(store) == before
+        store.reset_to(saved)  # the retry goes through
+        assert store.head == 5
+        store.verify()
+        saved.close()
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+        store.close()
+
+
+def test_reset_to_on_a_full_disk_or_from_other_sized_pages_is_a_clear_error(tmp_path, monkeypatch):
+    big = open_app(":memory:")
+    big.dispatch_many([big_deposit(f"big-{n}", 3000) for n in range(100)])
+    with open_app(tmp_path / "full.db") as store:
+        store.dispatch_many(deposits(2))
+        before = snapshot(store)
+        pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+        store._conn.execute(f"PRAGMA max_page_count={pages}")  # a disk full for this store
+        with pytest.raises(fluxlite.StorageError, match="full"):
+            store.reset_to(big.checkpoint())
+        assert snapshot(store) == before
+    monkeypatch.setitem(fluxlite._PRAGMAS, "page_size", 4096)  # a file of older fluxlite
+    with open_app(tmp_path / "old.db") as old:
+        old.dispatch_many(deposits(2))
+        before = snapshot(old)
+        with pytest.raises(fluxlite.UsageError, match="page"):
+            old.reset_to(big.checkpoint())
+        assert snapshot(old) == before
+        saved = old.checkpoint()  # its own checkpoints still work
+        old.dispatch_many(deposits(2, "more"))
+        old.reset_to(saved)
+        assert old.head == 2
+    big.close()
+
+
+def test_reset_to_inside_a_preview_is_a_usage_error_and_changes_nothing(tmp_path):
+    outcome = {}
+
+    def resetting(store):
+        def wrap(next):
+            def middleware(event):
+                if event["type"] == "reset":
+                    try:
+                        store.reset_to(outcome["saved"])
+                    except Exception as exc:
+                        outcome["error"] = exc
+                    return None
+                return next(event)
+            return middleware
+        return wrap
+
+    path = tmp_path / "store.db"
+    with fluxlite.open(str(path), schema=SCHEMA, reducer=make_reducer(0), version=0,
+                       middleware=[resetting]) as store:
+        store.dispatch_many(deposits(2))
+        outcome["saved"] = store.checkpoint()
+        store.dispatch_many(deposits(2, "later"))
+        before = snapshot(store)
+        store.preview("reset", {})
+        assert isinstance(outcome.get("error"), fluxlite.UsageError), outcome.get("error")
+        assert snapshot(store) == before
+        store.dispatch("reset", {})  # outside a preview it works
+        assert "error" in outcome and store.head == 2
+        outcome["saved"].close()
+
+
+@pytest.mark.parametrize("call", ["checkpoint", "fork", "fork to a file"])
+def test_a_copy_of_the_store_inside_a_preview_is_a_usage_error_not_a_hang(tmp_path, call):
+    """A middleware that copies the store (checkpoint(), fork()) while a preview runs it:
+    SQLite's backup cannot read a connection in the middle of a write, and Python's
+    backup() retried that for ever, in the previewing thread itself."""
+    outcome = []
+    copies = {"checkpoint": lambda store: store.checkpoint(),
+              "fork": lambda store: store.fork(),
+              "fork to a file": lambda store: store.fork(tmp_path / "fork.db")}
+
+    def copying(store):
+        def wrap(next):
+            def middleware(event):
+                result = next(event)
+                try:
+                    outcome.append(copies[call](store))
+                except Exception as exc:
+                    outcome.append(exc)
+                return result
+            return middleware
+        return wrap
+
+    with open_app(tmp_path / "store.db") as plain:  # its history, without the middleware
+        plain.dispatch_many(deposits(3))
+    store = fluxlite.open(str(tmp_path / "store.db"), schema=SCHEMA, reducer=make_reducer(0),
+                          version=0, middleware=[copying])
+    before = snapshot(store)
+    worker = threading.Thread(target=store.preview, args=(deposits(1, "p")[0],), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), f"{call} inside a preview hung"
+    try:
+        assert len(outcome) == 1 and isinstance(outcome[0], fluxlite.UsageError), outcome
+        assert snapshot(store) == before
+        assert not os.path.exists(tmp_path / "fork.db") or not os.path.getsize(tmp_path / "fork.db")
+        store.dispatch(deposits(1, "after")[0])  # outside a preview it copies
+        assert not isinstance(outcome[-1], Exception) and outcome[-1] is not None
+        outcome[-1].close()
+    finally:
+        store.close()
 
 
 BIG_SCHEMA = "CREATE TABLE docs (id TEXT PRIMARY KEY, body TEXT NOT NULL, size INTEGER NOT NULL)"
