@@ -159,11 +159,11 @@ def test_fluxlite_py_passes_mypy_strict(tmp_path):
 
 def test_open_takes_an_app_or_its_parts_not_both():
     app = fluxlite.App(SCHEMA, reducer, version=3)
-    for given in ({"version": 0}, {"schema": ""}, {"reducer": reducer}, {"version": 5},
+    for parts in ({"version": 0}, {"schema": ""}, {"reducer": reducer}, {"version": 5},
                   {"middleware": [lambda store: lambda next_: next_]},
                   {"upcasters": {"x": lambda event: None}}):
         with pytest.raises(fluxlite.UsageError, match="Pass either app= or"):
-            fluxlite.open(":memory:", app=app, **given)
+            fluxlite.open(":memory:", app=app, **parts)
     for empty in ({"middleware": []}, {"middleware": ()}, {"upcasters": {}}, {"version": None}):
         with fluxlite.open(":memory:", app=app, **empty) as store:
             assert store.version == 3
