@@ -909,8 +909,10 @@ def _remove_quietly(path: str) -> None:
 def _file_uri(path: str, mode: str) -> str:
     """A SQLite URI for an absolute path: mode=ro cannot write, mode=rw cannot create.
     Every "/" is escaped too: "file://x/..." would name a host x (a POSIX path may
-    begin with "//"); SQLite decodes the escapes after looking for one."""
-    return "file:" + urllib.parse.quote(path, safe="") + "?mode=" + mode
+    begin with "//"); SQLite decodes the escapes after looking for one. Escaped from
+    the file system's own bytes: a POSIX name that is not UTF-8 (held by Python with
+    surrogate escapes) names the file it came from, instead of failing to encode."""
+    return "file:" + urllib.parse.quote(os.fsencode(path), safe="") + "?mode=" + mode
 
 
 def _connect_readonly(path: str) -> sqlite3.Connection:
@@ -1603,8 +1605,9 @@ class _Model:
         with self.lock:
             try:
                 cursor = self.conn.execute(sql, params)
-                names = [d[0] for d in cursor.description]
-                return [dict(zip(names, row)) for row in cursor]
+                with contextlib.closing(cursor):  # also on a failed row: see query()
+                    names = [d[0] for d in cursor.description]
+                    return [dict(zip(names, row)) for row in cursor]
             except UnicodeEncodeError:
                 raise UsageError(
                     f"A value looked up in the read model is not valid Unicode text (a "
@@ -1650,11 +1653,14 @@ class _Model:
                 # always prepared, and authorized, under the rules in force.
                 tag = _REDUCER_TAG if self.query_mode == 2 else _READONLY_TAG
                 cursor = self.conn.execute(tag + sql, params)
-                names = [d[0] for d in cursor.description or ()]
-                if len(set(names)) < len(names):
-                    cursor.close()
-                    raise _repeated_names(names, sql)
-                return [dict(zip(names, row)) for row in cursor]
+                # Closed however it ends: a row that fails to read (text that is not
+                # UTF-8) leaves the statement open, held by the error's traceback, and
+                # the connection then cannot close (a reader leaves -wal and -shm).
+                with contextlib.closing(cursor):
+                    names = [d[0] for d in cursor.description or ()]
+                    if len(set(names)) < len(names):
+                        raise _repeated_names(names, sql)
+                    return [dict(zip(names, row)) for row in cursor]
             except sqlite3.DatabaseError as exc:
                 # Refused by the authorizer when prepared ("not authorized"), or while
                 # running (VACUUM: "authorization denied"; inside a transaction, "cannot
@@ -3341,10 +3347,12 @@ class Store:
         made at the path beside them: a brief read-write connection closes the file
         as SQLite does, removing them when it is the last. Only an empty -wal:
         reading never writes the file."""
+        # SQLite names them after the file a symbolic link leads to, not the link.
+        file = os.path.realpath(self._file)
         with contextlib.suppress(OSError, sqlite3.Error):
-            if os.path.getsize(self._file + "-wal") or not self._file_is_its_own():
+            if os.path.getsize(file + "-wal") or not self._file_is_its_own():
                 return
-            conn = sqlite3.connect(_file_uri(self._file, "rw"), uri=True, timeout=0)
+            conn = sqlite3.connect(_file_uri(file, "rw"), uri=True, timeout=0)
             try:
                 conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
             finally:
@@ -6944,6 +6952,9 @@ def _parse_json(text: str, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise _CliError(f"{what} is not valid JSON ({exc}): {text[:80]!r}") from None
+    except RecursionError:  # json's own limit, past the 200 levels an event may hold
+        raise _CliError(f"{what} nests too deep for JSON to read (events hold at most "
+                        f"200 levels): {text[:80]!r}. Flatten it.") from None
 
 
 def _blob_as_hex(value: Any) -> Any:
@@ -7015,7 +7026,9 @@ def _raw_event(row: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _cmd_info(args: Any) -> int:
-    with open(args.db, readonly=True) as store:
+    # One snapshot for every figure: another process may be writing meanwhile,
+    # and the head, the counts by type and the tables' rows must agree.
+    with open(args.db, readonly=True) as store, store._lock, _read_txn(store._conn):
         q = store.query
         head = store.head
         first_last = q("SELECT (SELECT ts FROM events ORDER BY seq LIMIT 1) AS first, "  # ts
@@ -7040,7 +7053,7 @@ def _cmd_info(args: Any) -> int:
         return 0
     for key in ("file", "size_bytes", "format", "schema_version", "head", "first_event",
                 "last_event", "journal_rows"):
-        print(f"{key.replace('_', ' '):<15} {info[key]}")
+        print(f"{key.replace('_', ' '):<15} {_visible(str(info[key]))}")  # a name, a version
     for title, key in (("events by type", "events_by_type"), ("tables (rows)", "tables"),
                        ("consumers (position)", "consumers")):
         print(f"{title}:" if info[key] else f"{title}: none")
@@ -7053,10 +7066,10 @@ def _cmd_info(args: Any) -> int:
 def _log_pages(store: Store, args: Any) -> Iterator[List[Dict[str, Any]]]:
     """The events log selects, a page of 1,000 at a time (memory flat in the log)."""
     where, params = ["seq > ?"], [args.after]
-    if args.since:
+    if args.since is not None:  # "" too: an empty --since is an error, not no filter
         where.append("ts >= ?")
         params.append(_format_ts(_parse_time(args.since)))
-    if args.until:
+    if args.until is not None:
         where.append("ts <= ?")
         params.append(_format_ts(_parse_time(args.until)))
     if args.type:
@@ -7122,7 +7135,9 @@ def _cmd_tail(args: Any) -> int:
         stop, previous = threading.Event(), None
         with contextlib.suppress(ValueError):  # not the main thread: Ctrl-C raises as usual
             previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
-        position = store.head
+        # From the last event shown, not the head now: one committed since the
+        # query above would be neither shown nor followed.
+        position = rows[-1]["seq"] if rows else 0 if args.n else store.head
         try:
             while not stop.is_set():
                 for event, _ in store.follow(after=position, timeout=0.2):
@@ -7145,7 +7160,9 @@ def _cmd_tail(args: Any) -> int:
 
 def _find_event(store: Store, key: str) -> Mapping[str, Any]:
     rows = store.query("SELECT * FROM events WHERE id = ?", (key,))
-    if not rows and key.isdigit():
+    # isdecimal, not isdigit: "²" is a digit that int() refuses. A seq past 64 bits
+    # is no seq in the log (and no query parameter).
+    if not rows and key.isdecimal() and int(key) < 2**63:
         rows = store.query("SELECT * FROM events WHERE seq = ?", (int(key),))
     if not rows:
         raise _CliError(f"no event with seq or id {key!r} " + (
@@ -7163,14 +7180,17 @@ def _cmd_show(args: Any) -> int:
         return 0
     for key in ("seq", "id", "type", "ts"):
         print(f"{key:<8} {_visible(str(event[key]))}")
-    print(f"{'meta':<8} {json.dumps(event['meta'], ensure_ascii=False)}")
-    print("payload  " + json.dumps(event["payload"], ensure_ascii=False, indent=2)
-          .replace("\n", "\n         "))
+    # JSON escapes only the C0 controls: a C1 one (U+009B starts an escape sequence)
+    # or a bidi override in the data is escaped here as in the tables.
+    print(f"{'meta':<8} {_visible(json.dumps(event['meta'], ensure_ascii=False))}")
+    print("payload  " + "\n         ".join(
+        _visible(line) for line in json.dumps(event["payload"], ensure_ascii=False,
+                                              indent=2).split("\n")))
     print(f"changes  ({len(changes)})" if changes else "changes  none")
     for c in changes:
         values = "" if c["values"] is None else " " + json.dumps(c["values"], ensure_ascii=False)
-        print(f"  {c['op']:<6} {_visible(c['table'])} "
-              f"{json.dumps(c['key'], ensure_ascii=False)}{values}")
+        print(_visible(f"  {c['op']:<6} {c['table']} "
+                       f"{json.dumps(c['key'], ensure_ascii=False)}{values}"))
     return 0
 
 
@@ -7178,14 +7198,21 @@ def _cmd_query(args: Any) -> int:
     import csv
     with open(args.db, readonly=True) as store:
         if args.at is not None or args.time is not None:
-            past = store.at(args.at, time=_parse_time(args.time) if args.time else None)
+            past = store.at(args.at, time=None if args.time is None else _parse_time(args.time))
             with past:
                 rows = past.query(args.sql)
         else:
             rows = store.query(args.sql)
     if args.json:
         for row in rows:
-            print(json.dumps(row, ensure_ascii=False, default=_blob_as_hex))
+            try:  # Python would write Infinity or NaN, which no other JSON reader takes
+                line = json.dumps(row, ensure_ascii=False, default=_blob_as_hex,
+                                  allow_nan=False)
+            except ValueError:
+                raise _CliError(f"--json writes JSON, which has no infinity or NaN; the row "
+                                f"{row!r} holds one. Select it as text (CAST(x AS TEXT)), "
+                                f"or use --csv.") from None
+            print(line)
     elif args.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")  # text mode: the platform's own
         if rows:
@@ -7202,7 +7229,7 @@ def _cmd_query(args: Any) -> int:
 def _cmd_history(args: Any) -> int:
     try:
         key = json.loads(args.key)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # no JSON key: text, as written
         key = args.key
     window = {"limit": args.limit, "reverse": args.reverse}
     with open(args.db, readonly=True) as store:
@@ -7213,9 +7240,11 @@ def _cmd_history(args: Any) -> int:
                 raise _CliError(f"{exc} On the command line, KEY is then a JSON list of the "
                                 f"key's values in that order, such as '[\"2026-11\", 7]'."
                                 ) from None
-            if key is args.key or "primary key" not in str(exc):
+            if key is args.key:
                 raise
-            revisions = []  # e.g. a text key "null": tried as written below
+            # JSON that is no key of this table: a text key "null", "NaN", "Infinity",
+            # or digits past 64 bits. Tried as written below, which reports any error.
+            revisions = []
         if not revisions and key != args.key:  # JSON that a text key looks like: true, 1e3
             revisions = store.history(args.table, args.key, **window)
     if args.json:
@@ -7234,7 +7263,7 @@ def _cmd_history(args: Any) -> int:
 def _cmd_dispatch(args: Any) -> int:
     app = _load_app(args.app)
     payload = _parse_json(args.payload, "PAYLOAD_JSON") if args.payload is not None else None
-    meta = _parse_json(args.meta, "--meta") if args.meta else None
+    meta = _parse_json(args.meta, "--meta") if args.meta is not None else None
     if not os.path.exists(args.db):
         raise _CliError(f"no such store file: {args.db!r}")
     with open(args.db, app=app) as store:
@@ -7409,6 +7438,10 @@ def _import_into(args: Any, app: "App", added: List[int]) -> None:
 def _cmd_backup(args: Any) -> int:
     if os.path.exists(args.dest) and os.path.getsize(args.dest):
         raise _CliError(f"{args.dest!r} exists; backup writes a new file")
+    if os.path.islink(args.dest) and not os.path.exists(args.dest):
+        # SQLite would create the file it names, past the 0600 creation below
+        raise _CliError(f"{args.dest!r} is a symbolic link to a file that does not exist; "
+                        f"backup writes a new file: name the file itself")
     # A fluxlite store, else say so, of the source; closing it tidies the -wal and
     # -shm that a read-only connection leaves beside the file.
     with open(args.db, readonly=True) as source:
@@ -7611,8 +7644,12 @@ def _output_in_utf8() -> None:
     holding "Zoë" would be exported in a form `import` (UTF-8) refuses."""
     for stream in (sys.stdout, sys.stderr):
         encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
-        if encoding != "utf8" and hasattr(stream, "reconfigure"):
-            stream.reconfigure(encoding="utf-8", errors=stream.errors)
+        # A file name that is not UTF-8 (held with surrogate escapes) is written as
+        # its own bytes, as ls does: "strict" (a UTF-8 locale's) would fail on it.
+        errors = getattr(stream, "errors", None)
+        errors = "surrogateescape" if errors == "strict" else errors
+        if (encoding != "utf8" or errors != stream.errors) and hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors=errors)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

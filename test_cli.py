@@ -573,3 +573,162 @@ def test_progress_bar_only_when_stderr_is_a_terminal(work):
     assert proc.returncode == 0 and "verify [" in shown and "2000/2500" in shown
     piped = cli("verify", "big.db", "--app", "cliapp:APP", cwd=work)
     assert piped.stderr == ""  # not a terminal: no progress bar
+
+
+# -- found in review: the command line on odd input --------------------------
+
+def test_read_commands_open_a_store_whose_file_name_is_not_utf8(work):
+    # A POSIX file name may be any bytes; Python holds the others as surrogate
+    # escapes, and the read-only URI must be made from the bytes themselves.
+    name = b"caf\xe9.db"
+    os.rename(work / "app.db", os.path.join(os.fsencode(str(work)), name))
+    for args in (["info", name], ["log", name], ["query", name, "SELECT name FROM users",
+                                                 "--at", "3"], ["backup", name, b"copy\xe9.db"]):
+        result = subprocess.run([sys.executable, "-m", "fluxlite", *args], cwd=work,
+                                capture_output=True, timeout=60,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
+    assert b"joe" in subprocess.run(
+        [sys.executable, "-m", "fluxlite", "query", name, "SELECT name FROM users", "--at", "3"],
+        cwd=work, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+
+
+def test_a_read_that_fails_on_text_that_is_not_utf8_leaves_no_wal_beside_the_file(work):
+    with sqlite3.connect(work / "app.db") as conn:  # as another tool might write it
+        conn.execute("UPDATE users SET role = CAST(x'ff' AS TEXT) WHERE name = 'barack'")
+    conn.close()
+    before = sorted(p.name for p in work.iterdir())
+    for args in (["query", "app.db", "SELECT CAST(x'ff' AS TEXT) AS t"],
+                 ["query", "app.db", "SELECT * FROM users"],
+                 ["history", "app.db", "users", "barack"]):
+        result = cli(*args, cwd=work, check=False)
+        assert result.returncode == 1 and "UTF-8" in result.stderr, result.stderr
+        assert sorted(p.name for p in work.iterdir()) == before, args  # reading writes nothing
+
+
+@pytest.mark.parametrize("name", ["NaN", "Infinity", "99999999999999999999"])
+def test_history_of_a_text_key_that_json_reads_as_no_key(work, name):
+    with fluxlite.open(work / "app.db", app=_app(work)) as store:
+        store.dispatch("addUser", {"name": name})
+    lines = cli("history", "app.db", "users", name, "--json", cwd=work).stdout.splitlines()
+    assert [json.loads(l)["after"]["name"] for l in lines] == [name]
+
+
+@pytest.mark.parametrize("key", ["\u00b2", "99999999999999999999999"])
+def test_show_of_a_digit_string_that_is_no_seq_says_there_is_no_such_event(work, key):
+    result = cli("show", "app.db", key, cwd=work, check=False)
+    assert result.returncode == 1
+    assert f"no event with seq or id {key!r} (the log runs 1..5)" in result.stderr, result.stderr
+
+
+def test_tail_follow_misses_no_event_committed_while_it_starts(work, monkeypatch, capsys):
+    import threading
+    app, printed, done = _app(work), fluxlite._print_events, []
+
+    def and_meanwhile(rows, as_json):  # another process commits right after the first read
+        if not done:
+            done.append(True)
+            with fluxlite.open(work / "app.db", app=app) as other:
+                other.dispatch("addUser", {"name": "meanwhile"})
+        return printed(rows, as_json)
+
+    monkeypatch.setattr(fluxlite, "_print_events", and_meanwhile)
+    threading.Timer(3, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C
+    assert fluxlite.main(["tail", "-f", "-n", "1", "--json", str(work / "app.db")]) == 0
+    seqs = [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()]
+    assert seqs == [5, 6]
+
+
+def test_json_nested_past_pythons_limit_is_a_user_error(work):
+    deep = "[" * 5000 + "]" * 5000
+    (work / "deep.jsonl").write_text(json.dumps({"seq": 1, "id": "x", "type": "t",
+                                                 "ts": "2026-01-01T00:00:00Z"})[:-1]
+                                     + ', "payload": ' + deep + "}\n")
+    for args, message in ((["dispatch", "app.db", "addUser", deep, "--app", "cliapp:APP"],
+                           "PAYLOAD_JSON nests too deep"),
+                          (["dispatch", "app.db", "addUser", "--meta", deep, "--app",
+                            "cliapp:APP"], "--meta nests too deep"),
+                          (["import", "new.db", "deep.jsonl", "--app", "cliapp:APP"],
+                           "deep.jsonl line 1 nests too deep")):
+        result = cli(*args, cwd=work, check=False)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert "no versions of users" in cli("history", "app.db", "users", deep, cwd=work).stdout
+    assert not os.path.exists(work / "new.db")
+
+
+def test_query_json_is_json_even_for_an_infinite_float(work):
+    result = cli("query", "app.db", "SELECT 1e999 AS x", "--json", cwd=work, check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "JSON, which has no infinity or NaN" in result.stderr, result.stderr
+
+
+def test_show_escapes_c1_controls_and_bidi_overrides_as_the_tables_do(work):
+    with fluxlite.open(work / "app.db", app=_app(work)) as store:
+        store.dispatch("addUser", {"name": "evil\u202e\x9b2J\x85"}, meta={"note": "\u202e"})
+    out = cli("show", "app.db", "6", cwd=work).stdout
+    assert not set(out) & {"\u202e", "\x9b", "\x85"}, out
+    assert '"name": "evil\\u202e\\x9b2J\\x85"' in out and '{"note": "\\u202e"}' in out
+    assert 'insert users "evil\\u202e\\x9b2J\\x85"' in out
+
+
+@pytest.mark.parametrize("args", [("log", "app.db", "--since", ""), ("log", "app.db", "--until", ""),
+                                  ("query", "app.db", "SELECT 1 AS x", "--time", "")])
+def test_an_empty_time_is_an_error_not_no_filter(work, args):
+    result = cli(*args, cwd=work, check=False)
+    assert result.returncode == 1 and "'' is not an ISO-8601 time" in result.stderr, result.stderr
+
+
+def test_info_reports_one_snapshot_while_another_process_writes(work, monkeypatch, capsys):
+    app, count, done = _app(work), fluxlite._Model.count, []
+
+    def and_meanwhile(model, info):  # another process commits between two of info's reads
+        if not done:
+            done.append(True)
+            with fluxlite.open(work / "app.db", app=app) as other:
+                other.dispatch("addUser", {"name": "meanwhile"})
+        return count(model, info)
+
+    monkeypatch.setattr(fluxlite._Model, "count", and_meanwhile)
+    assert fluxlite.main(["info", str(work / "app.db"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert done and data["head"] == sum(data["events_by_type"].values()) == 5
+    assert data["tables"] == {"rights": 1, "users": 2} and data["journal_rows"] == 6
+
+
+def test_reading_through_a_symbolic_link_leaves_nothing_beside_the_store(work):
+    os.symlink("app.db", work / "link.db")
+    before = sorted(p.name for p in work.iterdir())
+    for args in (["info", "link.db"], ["log", "link.db"], ["query", "link.db",
+                                                           "SELECT * FROM users", "--at", "2"]):
+        cli(*args, cwd=work)
+        assert sorted(p.name for p in work.iterdir()) == before, args  # no app.db-wal, -shm
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_as_its_bytes_in_a_utf8_locale(work):
+    # In a UTF-8 locale (other than C/POSIX) Python's stdout is strict: the name's
+    # surrogate escapes could not be written, and info or backup would fail.
+    os.rename(work / "app.db", os.path.join(os.fsencode(str(work)), b"caf\xe9.db"))
+    for args, shown in (([b"info", b"caf\xe9.db"], b"/caf\xe9.db\n"),
+                        ([b"backup", b"caf\xe9.db", b"copy\xe9.db"], b"to copy\xe9.db\n")):
+        result = subprocess.run([sys.executable, "-m", "fluxlite", *args], cwd=work,
+                                capture_output=True, timeout=60,
+                                env={**os.environ, "PYTHONPATH": str(ROOT),
+                                     "PYTHONIOENCODING": "utf-8"})
+        assert result.returncode == 0 and shown in result.stdout, result.stderr
+
+
+def test_backup_refuses_a_dangling_symbolic_link_instead_of_making_its_target(work):
+    os.symlink("elsewhere.db", work / "link.db")
+    result = cli("backup", "app.db", "link.db", cwd=work, check=False)
+    assert result.returncode == 1 and "symbolic link to a file that does not exist" in result.stderr
+    assert not os.path.lexists(work / "elsewhere.db")
+
+
+def test_info_shows_control_characters_in_the_version_and_file_name_escaped(work):
+    app = _app(work)
+    with fluxlite.open(work / "a\x1b[2Jb.db", schema=app.schema, reducer=app.reducer,
+                       version="v\x1b]0;owned\x07") as store:
+        store.dispatch("addUser", {"name": "x"})
+    out = cli("info", "a\x1b[2Jb.db", cwd=work).stdout
+    assert "\x1b" not in out and "\x07" not in out, out
+    assert "a\\x1b[2Jb.db" in out and "v\\x1b]0;owned\\x07" in out

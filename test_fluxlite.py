@@ -2716,7 +2716,7 @@ def test_at_a_store_whose_file_cannot_be_attached_copies_through_python(tmp_path
         if why == "not the file opened":
             monkeypatch.setattr(store, "_file", str(tmp_path / "elsewhere" / "t.db"))
         else:  # as on media where SQLite cannot open the file read-only
-            monkeypatch.setattr(fluxlite.urllib.parse, "quote", lambda path, safe="/": path + ".missing")
+            monkeypatch.setattr(fluxlite.urllib.parse, "quote", lambda path, safe="/": os.fsdecode(path) + ".missing")
         with caplog.at_level(logging.DEBUG, logger="fluxlite"):
             past = store.at(2)
         monkeypatch.undo()
