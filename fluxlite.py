@@ -828,6 +828,9 @@ def _create_file(path: str) -> None:
     """Create a missing store file, private to its owner (0600) from the start."""
     if path in (":memory:", "") or os.path.exists(path):
         return
+    # A symbolic link to a missing file: SQLite would create its target with the
+    # umask's mode, and O_EXCL refuses a link, so the target is made here instead.
+    path = os.path.realpath(path)
     _check_no_orphan_wal(path)
     try:
         with contextlib.suppress(FileExistsError):  # another process was first: fine
@@ -3146,8 +3149,9 @@ class Store:
         self._reducer = reducer
         self._path = path
         # Absolute, for the checks on the file itself: a chdir must not point them
-        # at another file (SQLite keeps the file it opened).
-        self._file = os.path.abspath(path) if path not in (":memory:", "") else path
+        # at another file (SQLite keeps the file it opened). Through a symbolic
+        # link, the file it leads to: SQLite puts the -wal and -shm beside that.
+        self._file = os.path.realpath(path) if path not in (":memory:", "") else path
         self._schema = schema
         self._durability = durability
         self._clock = clock

@@ -7458,3 +7458,31 @@ def test_a_closed_consumer_says_so_instead_of_blaming_another_worker(tmp_path):
             inside.close()
         with store.consumer("mailer") as last:
             assert last.position == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or sys.platform == "win32",
+                    reason="POSIX symbolic links")
+def test_a_store_opened_through_a_symbolic_link_is_handled_beside_the_file_it_leads_to(
+        tmp_path, caplog):
+    """SQLite puts the -wal and -shm beside the file a link leads to: fluxlite's own
+    checks look there too. A link to a missing file makes that file, 0600."""
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "link.db"
+    link.symlink_to(tmp_path / "data" / "real.db")
+    old = os.umask(0)
+    try:
+        fluxlite.open(str(link), schema=ITEMS, reducer=items_reducer).close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "data" / "real.db").st_mode) == 0o600
+    store = fluxlite.open(str(link), reducer=items_reducer)
+    store.dispatch("put", {"id": "a", "n": 1})
+    os.replace(tmp_path / "data" / "real.db", tmp_path / "data" / "moved.db")  # moved under it
+    with caplog.at_level(logging.WARNING, logger="fluxlite"):
+        store.close()
+    # Its last commit, only in the -wal, saved beside the file; the -wal and -shm,
+    # which a new file at that path would take as its own, gone.
+    left = sorted(p.name for p in (tmp_path / "data").iterdir())
+    assert left[0] == "moved.db" and len(left) == 2 and left[1].startswith("real.db.replaced-"), left
+    with fluxlite.open(str(tmp_path / "data" / left[1]), readonly=True) as saved:
+        assert saved.head == 1 and saved.view.items.all() == [{"id": "a", "n": 1}]
