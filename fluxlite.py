@@ -824,13 +824,20 @@ def _connect(path: str, durability: str, readonly: bool = False,
     return conn
 
 
+def _sqlite_file(path: str) -> str:
+    """The absolute path of the file SQLite opens for ``path``, beside which it puts
+    the -wal and -shm: through a symbolic link, on POSIX, the file it leads to (its
+    unix VFS resolves links; the Windows one does not)."""
+    return os.path.realpath(path) if os.name == "posix" else os.path.abspath(path)
+
+
 def _create_file(path: str) -> None:
     """Create a missing store file, private to its owner (0600) from the start."""
     if path in (":memory:", "") or os.path.exists(path):
         return
     # A symbolic link to a missing file: SQLite would create its target with the
     # umask's mode, and O_EXCL refuses a link, so the target is made here instead.
-    path = os.path.realpath(path)
+    path = _sqlite_file(path)
     _check_no_orphan_wal(path)
     try:
         with contextlib.suppress(FileExistsError):  # another process was first: fine
@@ -3149,9 +3156,8 @@ class Store:
         self._reducer = reducer
         self._path = path
         # Absolute, for the checks on the file itself: a chdir must not point them
-        # at another file (SQLite keeps the file it opened). Through a symbolic
-        # link, the file it leads to: SQLite puts the -wal and -shm beside that.
-        self._file = os.path.realpath(path) if path not in (":memory:", "") else path
+        # at another file (SQLite keeps the file it opened).
+        self._file = _sqlite_file(path) if path not in (":memory:", "") else path
         self._schema = schema
         self._durability = durability
         self._clock = clock
@@ -3351,8 +3357,7 @@ class Store:
         made at the path beside them: a brief read-write connection closes the file
         as SQLite does, removing them when it is the last. Only an empty -wal:
         reading never writes the file."""
-        # SQLite names them after the file a symbolic link leads to, not the link.
-        file = os.path.realpath(self._file)
+        file = self._file  # (through a symbolic link: the file it leads to, see _sqlite_file)
         with contextlib.suppress(OSError, sqlite3.Error):
             if os.path.getsize(file + "-wal") or not self._file_is_its_own():
                 return
@@ -3497,7 +3502,10 @@ class Store:
             frames.append(frame)
             try:
                 for action in actions:
+                    frame.calls = [[None]]  # the outermost middleware's call
                     self._chain(action)
+                    if frame.calls[0][0] is not None:  # it returned after swallowing a refusal
+                        frame.refused = frame.refused or frame.calls[0][0]
             finally:
                 frames.pop()
             if frame.refused is not None:  # a middleware caught it: the batch is still refused
@@ -3584,9 +3592,15 @@ class Store:
         # The copy's consumer names are nobody's: the leases it copied belong to
         # Consumers of this store, which can never use the copy (and would keep
         # its names Busy until they ran out). Positions are kept.
-        with copy._lock:
-            copy._conn.execute("UPDATE fluxlite_consumers SET owner = NULL, lease_until = 0 "
-                               "WHERE owner IS NOT NULL")
+        try:
+            with copy._lock:
+                copy._conn.execute("UPDATE fluxlite_consumers SET owner = NULL, "
+                                   "lease_until = 0 WHERE owner IS NOT NULL")
+        except BaseException as exc:
+            copy.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _storage_error(exc, path) from exc
+            raise
         return copy
 
     def checkpoint(self) -> _Checkpoint:
@@ -3655,17 +3669,18 @@ class Store:
                 cursor.position, cursor.version = min(cursor.reached, head), -1
 
     def _check_page_size(self, checkpoint: _Checkpoint) -> None:
-        """SQLite's backup copies into a WAL file only at its own page size (else it
-        answers "readonly"): a checkpoint of a store with other pages cannot go back."""
-        if self._file in (":memory:", ""):
+        """SQLite's backup copies into a WAL file, or an in-memory database that holds
+        anything, only at its own page size (else it answers "readonly"): a checkpoint
+        of a store with other pages cannot go back."""
+        if self._file == "":  # a temporary file, not in WAL mode: its pages may change
             return
         theirs = checkpoint.conn.execute("PRAGMA page_size").fetchone()[0]
         ours = self._page_size()
         if theirs != ours:
             raise UsageError(
                 f"That checkpoint holds a store of {theirs}-byte pages, and {self._path!r} "
-                f"has {ours}-byte pages: SQLite copies a whole store into a WAL file only "
-                f"at the file's own page size. Nothing changed; reset a store to its own "
+                f"has {ours}-byte pages: SQLite copies a whole store into a WAL file (or an "
+                f"in-memory store) only at its own page size. Nothing changed; reset a store to its own "
                 f"checkpoints (or to those of a store of its page size)."
             )
 
@@ -4873,6 +4888,9 @@ class _Frame:
     acked: bool = False  # that ack committed (a middleware may still raise after next())
     changes: List[Change] = dataclasses.field(default_factory=list)
     refused: Optional[FluxliteError] = None  # a batch's event that next() refused
+    # dispatch_many: per middleware call in progress, the refusal its next() last raised
+    # (None once a later next() of that call succeeded: it replaced the refused event).
+    calls: List[List[Optional[FluxliteError]]] = dataclasses.field(default_factory=list)
 
 
 class _Checkpoint:
@@ -5172,7 +5190,7 @@ class Consumer:
         if the store was closed since the last read: following ends then, quietly,
         as Store.follow() does, instead of a UsageError from a renewal that lost the race."""
         with self.store._lock:
-            if self.store._closed:
+            if self.store._closed or self._closed:  # (closed by another thread, say)
                 return False
             self.ack(self.position)
         return True
@@ -5187,6 +5205,8 @@ class Consumer:
         for event, changes in source:
             if event.seq <= last:
                 continue
+            if self._closed:  # closed meanwhile (by the loop body, another thread): its
+                return  # name is given up, and another worker may be given these events
             if time.monotonic() - self._renewed > self._lease / 3 and not self._renew():
                 return  # the store was closed
             last = event.seq
@@ -5946,15 +5966,28 @@ def _refusing_batch(frames: threading.local, inner: Callable[[Dict[str, Any]], A
     (Forbidden from authorize, a Rejected of another middleware) refuses the whole
     batch even when that middleware catches it and returns, as the core's own refusal
     does; else a "report and carry on" middleware would commit the batch without it.
+    A middleware that catches the refusal and calls next() again with a fixed event,
+    which passes, replaced the event (as in dispatch()): the batch goes on.
     Holds the frame stack, not the store: no reference cycle."""
     def next_(action: Dict[str, Any]) -> Any:
-        try:
+        stack = getattr(frames, "stack", None)
+        frame = stack[-1] if stack and stack[-1].batch is not None else None
+        if frame is None or not frame.calls:
             return inner(action)
+        caller: List[Optional[FluxliteError]] = frame.calls[-1]  # the middleware calling next()
+        call: List[Optional[FluxliteError]] = [None]  # the middleware it calls
+        frame.calls.append(call)
+        try:
+            result = inner(action)
         except FluxliteError as exc:
-            stack = getattr(frames, "stack", None)
-            if stack and stack[-1].batch is not None and stack[-1].refused is None:
-                stack[-1].refused = exc
+            caller[0] = exc  # refused, unless that middleware calls next() again and it passes
             raise
+        finally:
+            frame.calls.pop()
+        if call[0] is not None:  # the inner middleware returned after swallowing a refusal
+            frame.refused = frame.refused or call[0]
+        caller[0] = None  # passed: a retry with a fixed event replaces the refused one
+        return result
     return next_
 
 
@@ -7039,8 +7072,9 @@ def _cmd_info(args: Any) -> int:
                        "(SELECT ts FROM events ORDER BY seq DESC LIMIT 1) AS last")[0]  # grows by seq
         info = {
             "file": os.path.abspath(args.db),
-            "size_bytes": sum(os.path.getsize(args.db + s) for s in ("", "-wal")
-                              if os.path.exists(args.db + s)),
+            # beside the file a symbolic link leads to, where SQLite puts the -wal
+            "size_bytes": sum(os.path.getsize(store._file + s) for s in ("", "-wal")
+                              if os.path.exists(store._file + s)),
             "format": store._conn.execute("PRAGMA user_version").fetchone()[0],
             "schema_version": store.version,
             "head": head,

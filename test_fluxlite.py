@@ -7486,3 +7486,135 @@ def test_a_store_opened_through_a_symbolic_link_is_handled_beside_the_file_it_le
     assert left[0] == "moved.db" and len(left) == 2 and left[1].startswith("real.db.replaced-"), left
     with fluxlite.open(str(tmp_path / "data" / left[1]), readonly=True) as saved:
         assert saved.head == 1 and saved.view.items.all() == [{"id": "a", "n": 1}]
+
+
+# -- review of this session's fixes: retries in batches, closed consumers, pages --
+
+FIXREV_T = "CREATE TABLE t (k TEXT PRIMARY KEY, v INT);"
+
+
+def fixrev_reducer(view, event):
+    return view.t.upsert(k=event.id, v=event.seq)
+
+
+def _retrying(store):
+    """Catches a Forbidden and dispatches the event again as 'system'."""
+    def wrap(next_):
+        def middleware(event):
+            try:
+                return next_(event)
+            except fluxlite.Forbidden:
+                return next_(dict(event, meta=dict(event["meta"], actor="system")))
+        return middleware
+    return wrap
+
+
+def _swallowing(store):
+    def wrap(next_):
+        def middleware(event):
+            try:
+                return next_(event)
+            except fluxlite.Forbidden:
+                return None
+        return middleware
+    return wrap
+
+
+def _passing(store):
+    return lambda next_: lambda event: next_(event)
+
+
+POLICY = fluxlite.authorize({"*": lambda actor, event: actor is not None})
+
+
+def test_dispatch_many_takes_a_batch_whose_middleware_retried_a_refused_event():
+    store = fluxlite.open(":memory:", schema=FIXREV_T, reducer=fixrev_reducer,
+                          middleware=[_retrying, POLICY])
+    assert store.dispatch("x").meta == {"actor": "system"}  # dispatch() takes the retry
+    events = store.dispatch_many([{"type": "x"}, {"type": "y", "meta": {"actor": "a"}}])
+    assert [e.seq for e in events] == [2, 3]
+    assert [e.meta["actor"] for e in events] == ["system", "a"]
+
+
+def test_dispatch_many_is_still_refused_when_a_middleware_swallows_without_retrying():
+    for chain in ([_swallowing, POLICY], [_swallowing, _passing, POLICY],
+                  [_retrying, _swallowing, POLICY]):
+        store = fluxlite.open(":memory:", schema=FIXREV_T, reducer=fixrev_reducer, middleware=chain)
+        with pytest.raises(fluxlite.Forbidden):
+            store.dispatch_many([{"type": "x"}, {"type": "y", "meta": {"actor": "a"}}])
+        assert store.head == 0
+
+
+def test_a_retry_that_an_inner_middleware_swallows_again_still_refuses_the_batch():
+    seen = []
+
+    def swallow_second(store):
+        def wrap(next_):
+            def middleware(event):
+                try:
+                    return next_(event)
+                except fluxlite.Forbidden:
+                    seen.append(event["meta"].get("actor"))
+                    if len(seen) > 1:
+                        return None  # the retry is swallowed here
+                    raise
+            return middleware
+        return wrap
+
+    strict = fluxlite.authorize({"*": lambda actor, event: False})
+    store = fluxlite.open(":memory:", schema=FIXREV_T, reducer=fixrev_reducer,
+                          middleware=[_retrying, swallow_second, strict])
+    with pytest.raises(fluxlite.Forbidden):
+        store.dispatch_many([{"type": "x"}])
+    assert store.head == 0
+
+
+def test_a_consumer_closed_while_iterating_yields_no_more_events(tmp_path):
+    store = fluxlite.open(str(tmp_path / "s.db"), schema=FIXREV_T, reducer=fixrev_reducer)
+    for _ in range(5):
+        store.dispatch("a")
+    consumer = store.consumer("w")
+    got = []
+    for event, _ in consumer:
+        got.append(event.seq)
+        if event.seq == 2:
+            consumer.close()  # e.g. from another thread, to stop this worker
+    assert got == [1, 2]  # not 3..5: another worker may take the name and get them too
+    assert store.consumer("w").position == 0
+    store.close()
+
+
+def test_reset_to_of_an_in_memory_store_from_other_sized_pages_is_a_clear_error(
+        tmp_path, monkeypatch):
+    default = fluxlite._PRAGMAS["page_size"]
+    monkeypatch.setitem(fluxlite._PRAGMAS, "page_size", default * 2)  # a file of another size
+    with fluxlite.open(str(tmp_path / "other.db"), schema=FIXREV_T, reducer=fixrev_reducer) as other:
+        other.dispatch("a")
+        saved = other.checkpoint()
+    monkeypatch.setitem(fluxlite._PRAGMAS, "page_size", default)
+    with fluxlite.open(":memory:", schema=FIXREV_T, reducer=fixrev_reducer) as memory:
+        memory.dispatch("z")
+        before = memory.view.t.all()
+        # SQLite refuses it as it does for a WAL file: not "check free disk space"
+        with pytest.raises(fluxlite.UsageError, match="pages"):
+            memory.reset_to(saved)
+        assert memory.head == 1 and memory.view.t.all() == before
+        own = memory.checkpoint()
+        memory.dispatch("y")
+        memory.reset_to(own)
+        assert memory.head == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or sys.platform == "win32",
+                    reason="POSIX symbolic links")
+def test_cli_info_through_a_symbolic_link_counts_the_wal_beside_the_target(tmp_path, capsys):
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real" / "s.db", tmp_path / "link.db")
+    with fluxlite.open(str(tmp_path / "real" / "s.db"), schema=FIXREV_T, reducer=fixrev_reducer) as w:
+        w.dispatch_many([{"type": "a"} for _ in range(200)])  # in the -wal while w is open
+        sizes = []
+        for path in (tmp_path / "real" / "s.db", tmp_path / "link.db"):
+            capsys.readouterr()
+            assert fluxlite.main(["info", "--json", str(path)]) == 0
+            sizes.append(json.loads(capsys.readouterr().out)["size_bytes"])
+    assert sizes[0] == sizes[1] > os.path.getsize(tmp_path / "real" / "s.db")
