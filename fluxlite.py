@@ -1845,8 +1845,12 @@ class _Model:
         # the live way (look the row up, update or insert) accepted: SQLite checks
         # NOT NULL and CHECK on the row an upsert would insert before it looks for
         # the conflict (and references, with the key as the change spells it).
+        # And only for a key of the types its columns store unchanged: SQL finds the
+        # row -2**63 by the key -2.0**63, which a STRICT INTEGER column refuses to store.
         if op == "upsert" and key is not None and info.one_statement_upsert and \
-                len(values) == len(info.writable):
+                len(values) == len(info.writable) and all(
+                    part.__class__ in info.exact_types.get(column, ())
+                    for column, part in zip(info.pk, key)):
             conn.execute(info.upsert_sql(tuple(values)), tuple(values.values()))
             return
         if op == "update" or (op == "upsert" and self._row(info, key) is not None):  # type: ignore[arg-type]
@@ -2081,6 +2085,22 @@ def _constraint_error(change: Change, info: _TableInfo, exc: Exception
             f"{change.op} on {info.name!r} key {key!r} violates a "
             f"constraint: {exc}. Check the reducer's values against the schema.{hint}"
         )
+    if isinstance(exc, UnicodeEncodeError):  # a lone surrogate: not UTF-8, so not text
+        values = dict(change.values or {})
+        if change.key is not None:
+            parts = change.key if isinstance(change.key, tuple) else (change.key,)
+            values.update((c, v) for c, v in zip(info.pk, parts) if c not in values)
+        for column, value in values.items():
+            try:
+                if isinstance(value, str):
+                    value.encode("utf-8")
+            except UnicodeEncodeError as bad:
+                shown = repr(value) if len(value) <= 80 else f"{value[:80]!r}... ({len(value)} characters)"
+                return ChangesetError(
+                    f"{change.op} on {info.name!r}: column {column!r} received {shown}, "
+                    f"which is not valid Unicode text (a lone surrogate at character "
+                    f"{bad.start}); SQLite stores text as UTF-8. Fix the string's encoding "
+                    f"(decode bytes with errors='replace', not 'surrogateescape').")
     return ChangesetError(f"{change.op} on {info.name!r} has a value SQLite cannot store: {exc}.")
 
 

@@ -7618,3 +7618,42 @@ def test_cli_info_through_a_symbolic_link_counts_the_wal_beside_the_target(tmp_p
             assert fluxlite.main(["info", "--json", str(path)]) == 0
             sizes.append(json.loads(capsys.readouterr().out)["size_bytes"])
     assert sizes[0] == sizes[1] > os.path.getsize(tmp_path / "real" / "s.db")
+
+
+# Values and types, end to end (each failed before its fix).
+
+@pytest.mark.parametrize("ddl", [
+    "CREATE TABLE t (k INT PRIMARY KEY, v ANY) STRICT;",
+    "CREATE TABLE t (k INTEGER PRIMARY KEY, v ANY) WITHOUT ROWID, STRICT;",
+])
+@pytest.mark.parametrize("spelling", ["-9223372036854775809", -2.0**63])
+def test_verify_replays_an_upsert_whose_key_a_strict_column_could_not_store(ddl, spelling):
+    """SQL finds the row -2**63 by the key -2.0**63 (or text that rounds to it), so
+    the live upsert updates it; a replay that inserted that key into the STRICT
+    INTEGER column was refused ('cannot store REAL value')."""
+    with fluxlite.open(":memory:", schema=ddl, reducer=upsert_payload) as store:
+        store.dispatch("put", {"k": -2**63, "v": "first"})
+        store.dispatch("put", {"k": spelling, "v": "second"})
+        assert store.view.t.all() == [{"k": -2**63, "v": "second"}]
+        store.verify()
+        store.rebuild()
+        assert store.view.t.all() == [{"k": -2**63, "v": "second"}]
+
+
+@pytest.mark.parametrize("change, column", [
+    (Change("insert", "t", None, {"k": 1, "v": "ab\ud800"}), "v"),
+    (Change("insert", "t", None, {"k": "\udc80", "v": 1}), "k"),
+    (Change("update", "t", 1, {"v": "a\ud83d"}), "v"),
+    (Change("delete", "t", "\ud800", None), "k"),
+])
+def test_a_lone_surrogate_in_a_change_is_refused_naming_the_column_and_the_fix(change, column):
+    with fluxlite.open(":memory:", schema="CREATE TABLE t (k PRIMARY KEY, v);",
+                       reducer=lambda view, event: change if event.type == "bad" else
+                       view.t.insert(k=1, v="ok")) as store:
+        store.dispatch("setup")
+        with pytest.raises(fluxlite.ChangesetError) as caught:
+            store.dispatch("bad")
+        message = str(caught.value)
+        assert f"column {column!r}" in message and "lone surrogate" in message, message
+        assert "Fix the string's encoding" in message, message
+        assert store.head == 1 and store.view.t.all() == [{"k": 1, "v": "ok"}]
