@@ -5851,14 +5851,20 @@ def _compare(live: _Model, replica: _Model) -> List[str]:
         left, right = live.conn.execute(sql), replica.conn.execute(sql)
         while True:
             a, b = left.fetchmany(_PAGE), right.fetchmany(_PAGE)
-            # Python's == takes 1 for 1.0: the types are compared too (typeof()).
-            if a != b or list(map(type, itertools.chain.from_iterable(a))) != \
-                    list(map(type, itertools.chain.from_iterable(b))):
+            # Python's == takes 1 for 1.0, and -0.0 for 0.0: the types are compared
+            # too (typeof()), and a float's sign (a typeless column keeps -0.0).
+            if a != b or _kinds(a) != _kinds(b):
                 problems += _diff_table(live, replica, info)
                 break
             if not a:
                 break
     return problems
+
+
+def _kinds(rows: List[Any]) -> List[Any]:
+    """Each value's type, and a float's sign: what == does not tell apart."""
+    return [(v.__class__, math.copysign(1.0, v)) if v.__class__ is float else v.__class__
+            for v in itertools.chain.from_iterable(rows)]
 
 
 def _diff_table(live: _Model, replica: _Model, info: _TableInfo, limit: int = 20) -> List[str]:

@@ -7657,3 +7657,19 @@ def test_a_lone_surrogate_in_a_change_is_refused_naming_the_column_and_the_fix(c
         assert f"column {column!r}" in message and "lone surrogate" in message, message
         assert "Fix the string's encoding" in message, message
         assert store.head == 1 and store.view.t.all() == [{"k": 1, "v": "ok"}]
+
+
+def test_verify_tells_a_hand_edited_minus_zero_from_zero(tmp_path):
+    """A typeless column keeps -0.0, and Python's == takes it for 0.0."""
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema="CREATE TABLE t (k PRIMARY KEY, v);",
+                       reducer=upsert_payload) as store:
+        store.dispatch("put", {"k": 1, "v": 0.0})
+        store.dispatch("put", {"k": 2, "v": -0.0})
+        store.verify()
+        raw = sqlite3.connect(path)
+        raw.execute("UPDATE t SET v = -0.0 WHERE k = 1")  # by hand, behind fluxlite
+        raw.commit()
+        raw.close()
+        with pytest.raises(fluxlite.ReplayMismatch, match=r"t 1: v: live -0.0 != replay 0.0"):
+            store.verify()
