@@ -5002,6 +5002,8 @@ class _FollowCursor:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
+            if self.version == -1:  # a page of other types only: read on, not wait
+                continue
             with store._committed:  # a commit here wakes us at once
                 if store._commit_count == commits and not store._closed:
                     store._committed.wait(min(delay, remaining))

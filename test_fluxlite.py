@@ -7673,3 +7673,21 @@ def test_verify_tells_a_hand_edited_minus_zero_from_zero(tmp_path):
         raw.close()
         with pytest.raises(fluxlite.ReplayMismatch, match=r"t 1: v: live -0.0 != replay 0.0"):
             store.verify()
+
+
+def test_a_filtered_follower_reads_a_backlog_of_other_types_without_pausing(tmp_path):
+    """Each 1,000-event page holding none of the wanted types was followed by a pause
+    (up to 20 ms): 20 s of sleep before a consumer with types= reached the head of a
+    log of 1,000,000 other events."""
+    with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=items_reducer) as store:
+        for start in range(0, 5000, 1000):
+            store.dispatch_many([{"type": "other", "payload": {"id": str(n)}}
+                                 for n in range(start, start + 1000)])
+        store.dispatch("put", {"id": "a", "n": 1})
+        pauses = []
+        wait = store._committed.wait
+        store._committed.wait = lambda timeout=None: (pauses.append(timeout), wait(timeout))[1]
+        for follower in (store.follow(after=0, types="put", timeout=5),
+                         store.consumer("c", types="put")):
+            assert [e.seq for e, _ in itertools.islice(follower, 1)] == [5001]
+        assert pauses == []
