@@ -3198,6 +3198,7 @@ class Store:
         self._file_ids = _file_ids(self._file) if path not in (":memory:", "") else {}
         self._file_id = self._file_ids.get("")
         self._readonly_file = readonly_file
+        self._reads_any_code = False  # set by open(): no schema, version or reducer given
         self._committed = threading.Condition()  # followers wake on this store's commits
         self._commit_count = 0
         self._watcher: Optional[threading.Thread] = None
@@ -3595,12 +3596,19 @@ class Store:
         with self._lock:
             self._check_open()
             self._check_not_previewing("fork()")
+            # The copy opens with the model the file holds and this store's reducer:
+            # after another process rebuilt the file with other code, that reducer
+            # would write old-shape changes into the new tables (as dispatch() refuses
+            # to). Refused before any file is made.
+            self._check_model_current()
             page_size = self._page_size()
         conn = _connect(path, self._durability, page_size=page_size)
         try:
             with self._lock:
                 self._check_open()
-                self._conn.backup(conn)
+                with _read_txn(self._conn):  # checked in the snapshot the backup copies
+                    self._check_model_current()
+                    self._conn.backup(conn)
         except BaseException:
             conn.close()
             raise
@@ -3994,6 +4002,11 @@ class Store:
             return
         meta = _read_meta(self._conn)
         same_code = _same_code(meta["schema"], meta.get("version"), self._schema, self._version)
+        if not same_code and self._reads_any_code:
+            # A reader opened as open(path) (no schema, version or reducer: the CLI's
+            # tail -f, say) has no code of its own to be old: it takes the file's.
+            self._schema, self._version = meta["schema"], meta.get("version")
+            same_code = True
         if not same_code:
             differs = _code_difference(meta["schema"], meta.get("version"), self._schema,
                                        self._version)
@@ -4258,9 +4271,15 @@ class Store:
     def _changes(self, seq: int) -> List[Change]:
         with self._lock, _reading(self._path):
             self._check_open()
-            rows = self._conn.execute(
-                "SELECT tbl, key, op, before, after FROM fluxlite_journal WHERE seq = ? "
-                "ORDER BY n", (seq,)).fetchall()
+            # Another code's journal is not this store's changes. Inside a transaction
+            # (a follower's page, a reducer, verify()'s replay) the caller has checked.
+            checked = self._conn.in_transaction
+            with _read_txn(self._conn):
+                if not checked:
+                    self._check_model_current()
+                rows = self._conn.execute(
+                    "SELECT tbl, key, op, before, after FROM fluxlite_journal WHERE seq = ? "
+                    "ORDER BY n", (seq,)).fetchall()
         try:
             return [_change_from_journal(*row) for row in rows]
         except (ValueError, TypeError, AttributeError) as exc:  # a row that is not its JSON
@@ -4772,7 +4791,11 @@ class Store:
         if row is None:
             raise UsageError(f"Row {key!r} of {table!r} did not exist {when}; nothing to restore.")
         if _typed(self.view[table].get(key)) == _typed(row):  # 1.0 is not 1 here
-            raise UsageError(f"Row {key!r} of {table!r} is already as it was {when}.")
+            # Unless this is a retry of a restore that committed (its id is in the log):
+            # dispatch() then returns the stored event, as it does for any retried id
+            # (or raises Conflict if that id holds something else).
+            if not (isinstance(id, str) and self.event(id) is not None):
+                raise UsageError(f"Row {key!r} of {table!r} is already as it was {when}.")
         info = self._model.table(table)
         payload = {"table": table, "key": _key_json(info.key_of(row)), "row": row}
         return self.dispatch(RESTORE, payload, actor=actor, meta=meta, id=id)
@@ -5012,16 +5035,23 @@ class _FollowCursor:
     def read(self, store: Store, before: int = 2**63 - 1) -> List[Tuple[Event, List[Change]]]:
         """The next (event, changes) after the position and before seq ``before``
         (up to 1,000 events), with the store's lock held; the position moves on."""
-        with _reading(store._path):
+        with _reading(store._path), _read_txn(store._conn):
+            # The journal holds the changes of the model the file has now: after another
+            # process rebuilt it with other code, they are that code's (other tables,
+            # columns), which this store's followers, consumers and watch() must not
+            # pass off as its own. Refused as dispatch(), at() and history() refuse
+            # (SchemaError); the same code's rebuild just reloads the tables.
+            store._check_model_current()
             rows = store._conn.execute(
                 f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? AND seq < ? ORDER BY seq "
                 f"LIMIT 1000", (self.position, before)).fetchall()
-        batch = []
-        for row in rows:
-            self.position = row[0]
-            event = store._upcast(_event_from_row(row))
-            if self.wanted is None or event.type in self.wanted:
-                batch.append((event, store._changes(event.seq)))
+            batch = []
+            for row in rows:
+                event = store._upcast(_event_from_row(row))
+                if self.wanted is None or event.type in self.wanted:
+                    batch.append((event, store._changes(event.seq)))
+        if rows:  # moved only once all were read: a refusal above leaves it where it was
+            self.position = rows[-1][0]
         self.behind = len(rows) == 1000
         if len(rows) == 1000 or (rows and not batch):  # more to read: look again at once
             self.version = -1
@@ -6705,6 +6735,7 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                 )
         store._chain = _compose_chain(store, list(middleware))
         store._bare = not middleware
+        store._reads_any_code = schema is None and version is None and reducer is None
     except BaseException:
         conn.close()
         raise
@@ -7378,12 +7409,25 @@ def _cmd_rebuild(args: Any) -> int:
     with open(args.db, readonly=True) as peek:
         head, old = peek.head, (peek.schema, peek.version)
     progress = _progress("rebuild", head)
-    store = open(args.db, app=App(old[0], app.reducer, app.middleware, old[1], app.upcasters))
+    reducer = combine(app.reducer) if isinstance(app.reducer, _Mapping) else app.reducer
+    # Opened with the file's own schema (so that the replay below reports its
+    # progress) and given the reducer afterwards: open() checks that a combined
+    # reducer's tables are in the schema, and a table the new version adds is in
+    # the application's schema only, not yet in the file's (APP.open() rebuilds first).
+    store = open(args.db, schema=old[0], version=old[1], middleware=app.middleware,
+                 upcasters=app.upcasters)
+    store._reducer = reducer
     with store:
         if _same_code(app.schema, old[1] if app.version is None else app.version, *old):
             store.rebuild(progress=progress)
         else:
             _rebuild(store, app.schema, app.version if app.version is not None else old[1], progress)
+        for name in getattr(reducer, "fluxlite_tables", ()):  # as open() checks, after its rebuild
+            if name not in store._model.tables:
+                raise SchemaError(
+                    f"The combined reducer has a reducer for table {name!r}, which "
+                    f"the schema does not create (tables: {', '.join(store.view.tables)})."
+                )
         print(f"rebuilt: {head} events replayed into {', '.join(store.view.tables)} "
               f"(version {store.version!r})")
     return 0

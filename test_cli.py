@@ -732,3 +732,33 @@ def test_info_shows_control_characters_in_the_version_and_file_name_escaped(work
     out = cli("info", "a\x1b[2Jb.db", cwd=work).stdout
     assert "\x1b" not in out and "\x07" not in out, out
     assert "a\\x1b[2Jb.db" in out and "v\\x1b]0;owned\\x07" in out
+
+
+COMBINED_V2 = '''
+import fluxlite
+from cliapp import SCHEMA
+
+def users(table, event):
+    if event.type == "addUser":
+        return table.insert(name=event.payload["name"])
+
+def audit(table, event):
+    if event.type == "addUser":
+        return table.insert(id=event.id, who=event.payload["name"])
+
+APP = fluxlite.App(SCHEMA + "CREATE TABLE audit (id TEXT PRIMARY KEY, who TEXT);",
+                   {"users": users, "audit": audit}, version=2)
+'''
+
+
+def test_rebuild_to_an_app_whose_combined_reducer_adds_a_table(work):
+    # The typical schema change: a new table with its own reducer in combine(). The
+    # store was opened with the file's old schema, which open() checked the
+    # combined reducer's tables against: "a reducer for table 'audit'" was refused.
+    (work / "combined2.py").write_text(COMBINED_V2)
+    out = cli("rebuild", "app.db", "--app", "combined2:APP", cwd=work).stdout
+    assert "into audit, rights, users (version 2)" in out
+    rows = json.loads(cli("query", "app.db", "SELECT who FROM audit ORDER BY who", "--json",
+                          cwd=work).stdout.splitlines()[0])
+    assert rows == {"who": "barack"}
+    cli("verify", "app.db", "--app", "combined2:APP", cwd=work)

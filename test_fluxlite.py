@@ -7691,3 +7691,89 @@ def test_a_filtered_follower_reads_a_backlog_of_other_types_without_pausing(tmp_
                          store.consumer("c", types="put")):
             assert [e.seq for e, _ in itertools.islice(follower, 1)] == [5001]
         assert pauses == []
+
+
+# -- review: the past meeting followers, consumers and rebuilds -------------------
+
+
+def test_followers_consumers_and_watch_of_old_code_refuse_after_another_rebuild(tmp_path):
+    # The journal holds the changes of the model the file has now: after another
+    # process rebuilt it with other code, old code's follower, consumer, watch()
+    # and changes() must refuse (as dispatch, at and history do), not hand over
+    # changes of tables and columns this code does not have.
+    path = str(tmp_path / "items.db")
+    make_items(path, count=5)
+    heard = []
+    with fluxlite.open(path, reducer=items_reducer) as old:
+        old.subscribe(lambda event, changes: heard.append((event.seq, changes)))
+        old.watch()
+        follower = old.follow(after=0, timeout=0.5)
+        assert next(follower)[1][0].table == "items"
+        mailer = old.consumer("mailer")
+        renamed = "CREATE TABLE things (key TEXT PRIMARY KEY, amount INTEGER NOT NULL);"
+
+        def things_reducer(view, event):
+            if event.type == "put":
+                return view.things.upsert(key=event.payload["id"], amount=event.payload["n"])
+            return None
+        with fluxlite.open(path, schema=renamed, reducer=things_reducer, version=2) as new:
+            new.dispatch("put", {"id": "z", "n": 9})
+        for read in (lambda: list(follower), lambda: list(mailer), lambda: old.changes(1)):
+            with pytest.raises(fluxlite.SchemaError, match="rebuilt by another process"):
+                read()
+        time.sleep(0.3)
+        assert heard == []  # watch() delivered none of the new code's changes
+        mailer.close()
+
+
+def test_a_reader_without_code_follows_the_file_across_a_rebuild(tmp_path):
+    # fluxlite.open(path) (as the CLI's tail -f) has no code of its own to be old:
+    # after another process's rebuild it reads the new model, its past and follows on.
+    path = str(tmp_path / "items.db")
+    make_items(path, count=5)
+    with fluxlite.open(path, readonly=True) as reader:
+        follower = reader.follow(after=reader.head, timeout=0.5)
+        with fluxlite.open(path, schema=ITEMS_V2, reducer=items_v2_reducer, version=2) as new:
+            new.dispatch("put", {"id": "z", "n": 9})
+        got = list(follower)
+        assert [event.type for event, _ in got] == ["put"]
+        assert got[0][1][0].values["doubled"] == 18
+        assert reader.view.items.get("z")["doubled"] == 18
+        with reader.at(1) as past:
+            assert "doubled" in past.items.columns
+        assert reader.history("items", "z")[0].after["doubled"] == 18
+
+
+def test_old_code_cannot_fork_a_file_another_process_rebuilt(tmp_path):
+    # The fork opens with the file's (new) model and this store's (old) reducer, which
+    # would write old-shape rows into it ('doubled' left NULL) as dispatch() refuses to.
+    path = str(tmp_path / "items.db")
+    make_items(path, count=5)
+    with fluxlite.open(path, reducer=items_reducer) as old:
+        fluxlite.open(path, schema=ITEMS_V2, reducer=items_v2_reducer, version=2).close()
+        target = tmp_path / "copy.db"
+        with pytest.raises(fluxlite.SchemaError, match="rebuilt by another process"):
+            old.fork(str(target)).close()
+        assert not target.exists()
+    with fluxlite.open(path, schema=ITEMS_V2, reducer=items_v2_reducer, version=2) as new:
+        with new.fork() as copy:  # the new code forks as ever
+            copy.dispatch("put", {"id": "z", "n": 4})
+            assert copy.view.items.get("z")["doubled"] == 8
+
+
+def test_a_retried_restore_with_its_id_returns_the_stored_event(tmp_path):
+    # An id is an idempotency key: a retry of a restore that committed (its answer
+    # lost) returns that event, as dispatch() does, rather than "already as it was".
+    with fluxlite.open(str(tmp_path / "s.db"), schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+        store.dispatch("grantAccess", {"name": "a", "right": "Admin"})
+        store.dispatch("grantAccess", {"name": "a", "right": "Guest"})
+        first = store.restore("users", "a", at=2, id="undo-1")
+        head = store.head
+        assert store.restore("users", "a", at=2, id="undo-1") == first
+        assert store.head == head
+        with pytest.raises(fluxlite.UsageError, match="already as it was"):
+            store.restore("users", "a", at=2)  # no id: nothing to retry
+        with pytest.raises(fluxlite.UsageError, match="already as it was"):
+            store.restore("users", "a", at=2, id="undo-2")  # a new id: nothing to do
+        assert store.head == head
