@@ -7166,17 +7166,19 @@ def test_failed_replay_into_a_store_does_not_wipe_another_writers_events(tmp_pat
 # An error-swallowing middleware in dispatch_many: the invalid event is now refused
 #    inside next() (at _prepare), so the middleware drops it and the rest of the batch
 #    commits; before, _prepare ran at commit and the whole batch was refused.
-def test_dispatch_many_stays_all_or_nothing_when_a_middleware_swallows_errors():
-    def reporter(store):  # "report and carry on", as an error-reporting middleware does
-        def wrap(next):
-            def handle(event):
-                try:
-                    return next(event)
-                except fluxlite.FluxliteError:
-                    return None
-            return handle
-        return wrap
+def reporter(store):
+    """Middleware that reports and carries on, as an error-reporting one does."""
+    def wrap(next):
+        def handle(event):
+            try:
+                return next(event)
+            except fluxlite.FluxliteError:
+                return None
+        return handle
+    return wrap
 
+
+def test_dispatch_many_stays_all_or_nothing_when_a_middleware_swallows_errors():
     store = fluxlite.open(":memory:", schema=ONE_X, reducer=set_x, middleware=[reporter])
     with pytest.raises(fluxlite.InvalidEvent):
         store.dispatch_many([{"type": "a", "payload": 1}, {"type": "b", "payload": {1, 2}}])
@@ -7264,15 +7266,6 @@ def test_a_slow_test_selected_with_dash_k_runs(tmp_path):
 
 
 def test_dispatch_many_stays_all_or_nothing_when_a_middleware_swallows_a_forbidden():
-    def reporter(store):  # "report and carry on", outside access control
-        def wrap(next):
-            def handle(event):
-                try:
-                    return next(event)
-                except fluxlite.FluxliteError:
-                    return None
-            return handle
-        return wrap
     policy = fluxlite.authorize({"addUser": lambda actor, event: event["payload"]["name"] != "eve"})
     store = fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[reporter, policy])
     with pytest.raises(fluxlite.Forbidden):
@@ -7509,17 +7502,6 @@ def _retrying(store):
     return wrap
 
 
-def _swallowing(store):
-    def wrap(next_):
-        def middleware(event):
-            try:
-                return next_(event)
-            except fluxlite.Forbidden:
-                return None
-        return middleware
-    return wrap
-
-
 def _passing(store):
     return lambda next_: lambda event: next_(event)
 
@@ -7537,8 +7519,8 @@ def test_dispatch_many_takes_a_batch_whose_middleware_retried_a_refused_event():
 
 
 def test_dispatch_many_is_still_refused_when_a_middleware_swallows_without_retrying():
-    for chain in ([_swallowing, POLICY], [_swallowing, _passing, POLICY],
-                  [_retrying, _swallowing, POLICY]):
+    for chain in ([reporter, POLICY], [reporter, _passing, POLICY],
+                  [_retrying, reporter, POLICY]):
         store = fluxlite.open(":memory:", schema=FIXREV_T, reducer=fixrev_reducer, middleware=chain)
         with pytest.raises(fluxlite.Forbidden):
             store.dispatch_many([{"type": "x"}, {"type": "y", "meta": {"actor": "a"}}])
