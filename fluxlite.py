@@ -3192,6 +3192,9 @@ class Store:
         self._frames = threading.local()  # per-thread stack of dispatch frames
         self._previewing = 0
         self._preview_thread: Optional[int] = None  # previews hold _lock: one thread at a time
+        # In a preview of a model with deferred references: the foreign-key violations
+        # there were when it began (see _check_deferred_in_preview), else None.
+        self._preview_fk: Optional["collections.Counter[Tuple[Any, ...]]"] = None
         self._head_cache: Optional[Tuple[Any, ...]] = None  # (data_version, generation, head, ts, seal)
         # The identity of the file and of its -wal and -shm, to notice a file
         # deleted or replaced while open (see _check_file and close).
@@ -3568,8 +3571,13 @@ class Store:
             frames = self._frame_stack()
             frames.append(frame)
             try:
+                try:
+                    self._preview_fk = _deferred_fk_violations(self._conn)
+                except sqlite3.OperationalError as exc:  # damage, an interrupt: as a dispatch says it
+                    raise _storage_error(exc, self._path) from exc
                 event = self._chain(action)
             finally:
+                self._preview_fk = None
                 frames.pop()
                 if self._conn.in_transaction:  # SQLite may have ended it itself
                     self._conn.execute("ROLLBACK")
@@ -3695,6 +3703,7 @@ class Store:
                 # an older checkpoint, then to a newer one, delivers nothing again).
                 cursor.reached = max(cursor.reached, cursor.position)
                 cursor.position, cursor.version = min(cursor.reached, head), -1
+                cursor.resets += 1
 
     def _check_page_size(self, checkpoint: _Checkpoint) -> None:
         """SQLite's backup copies into a WAL file, or an in-memory database that holds
@@ -3914,6 +3923,8 @@ class Store:
                     f"stores ({exc}). Nothing was written; keep large data outside the "
                     f"read model and refer to it."
                 ) from exc
+            if not outermost:  # a preview's event: no COMMIT will check its deferred references
+                self._check_deferred_in_preview()
             if event_rows:
                 events_link, journal_link = seal.split(" ")
                 seal = f"{_chain_link(events_link, event_rows)} {_chain_link(journal_link, journal)}"
@@ -3921,6 +3932,26 @@ class Store:
             self._check_file()
             generation = self._generation_text
         self._head_cache = (version, generation, head, last_ts, seal) if outermost else None
+
+    def _check_deferred_in_preview(self) -> None:
+        """In a preview, the check COMMIT would make of DEFERRABLE INITIALLY DEFERRED
+        references: the preview's transaction is rolled back, never committed, so
+        SQLite never checks them, and a preview showed changes that dispatch()
+        refuses. A violation that was not there when the preview began is the
+        ChangesetError dispatch() raises at COMMIT (raised inside the event's
+        savepoint, so that it is rolled back as a dispatch's would be)."""
+        if self._preview_fk is None:  # no deferred references (or foreign keys off)
+            return
+        now = _deferred_fk_violations(self._conn)
+        if now is not None and now - self._preview_fk:
+            table, rowid, parent = next(iter(now - self._preview_fk))[:3]
+            raise ChangesetError(
+                f"The changes violate a deferred constraint checked at commit: FOREIGN KEY "
+                f"constraint failed (row {rowid} of {table!r} references {parent!r} where "
+                f"no row has that key). A dispatch of this event would be refused at "
+                f"COMMIT, so its preview is too. Nothing was written; make the reducer "
+                f"return changes that leave the tables consistent."
+            )
 
     def _timestamp(self, item: _Prepared, head: int, last_ts: str,
                    batch_ts: Optional[Tuple[str, datetime]]) -> Tuple[str, datetime]:
@@ -4318,7 +4349,14 @@ class Store:
             # Still reading a backlog of events of other types: not time without one.
             if not batch and timeout is not None and not cursor.behind:
                 return
-            yield from batch
+            resets = cursor.resets
+            for item in batch:
+                yield item
+                # reset_to() while the caller held that event: the rest of this batch
+                # is of the history the reset erased (yielded, it would come out of seq
+                # order, before the cursor goes on from the checkpoint's head).
+                if cursor.resets != resets:
+                    break
 
     def watch(self) -> None:
         """Also call this store's subscribers for events committed elsewhere.
@@ -4993,6 +5031,7 @@ class _FollowCursor:
     def __init__(self, store: Store, position: int, wanted: Optional[FrozenSet[str]]) -> None:
         self.store, self.position, self.wanted = store, position, wanted
         self.reached = position  # the furthest it has been, across reset_to()s
+        self.resets = 0  # reset_to()s of the store since: a batch read before one is stale
         self.version = -1
         self.commits = -1
         self.behind = False  # the last read filled a page: more of the log to read
@@ -5451,6 +5490,18 @@ def _apply_each(model: _Model, reducer: Reducer, events: Iterable[Event], journa
     if rows:
         model.conn.executemany(insert, rows)
     return last
+
+
+def _deferred_fk_violations(conn: sqlite3.Connection) -> Optional["collections.Counter[Tuple[Any, ...]]"]:
+    """The rows breaking a foreign key now, for a preview's check of references
+    SQLite defers to a COMMIT that a preview never makes; None (and no scan) when
+    no table declares a deferred reference, or foreign keys are off."""
+    deferred = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'fluxlite%' "
+        "AND sql LIKE '%DEFERRED%' LIMIT 1").fetchone()
+    if deferred is None or not conn.execute("PRAGMA foreign_keys").fetchone()[0]:
+        return None
+    return collections.Counter(map(tuple, conn.execute("PRAGMA foreign_key_check")))
 
 
 def _end_baselines(conn: sqlite3.Connection) -> None:
