@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import pathlib
 import random
+import re
 import sqlite3
 import stat
 import signal
@@ -119,6 +120,17 @@ def test_ci_runs_the_readmes_test_commands_the_slow_tests_included():
     run = [line.strip().replace("pip install -q ", "pip install ")  # (pip's output quieter)
            for line in ci.splitlines() if "pytest -q" in line]
     assert run[:2] == [quick, slow]
+
+
+def test_the_suite_runs_every_test_file():
+    """pytest collects only the testpaths pyproject.toml names: a test file left
+    out of them would never run, in CI or on a newcomer's machine."""
+    config = (ROOT / "pyproject.toml").read_text()
+    listed = re.search(r"testpaths = \[(.*?)\]", config, re.S).group(1)
+    paths = set(re.findall(r'"([^"]+)"', listed))
+    files = {p.name for p in ROOT.glob("test_*.py")}
+    assert files <= paths, f"not in testpaths: {sorted(files - paths)}"
+    assert "examples" in paths
 
 
 def test_public_api_is_sorted_and_documented():
