@@ -3230,11 +3230,13 @@ class Store:
     @property
     def schema(self) -> str:
         """The read-model DDL the file holds now (after a rebuild, the new one)."""
+        self._take_files_code()
         return self._schema
 
     @property
     def version(self) -> Any:
         """The application's schema/reducer version recorded in the file (any JSON value)."""
+        self._take_files_code()
         return self._version
 
     @property
@@ -3251,7 +3253,16 @@ class Store:
     def view(self) -> View:
         """The live read model."""
         self._check_open()
+        self._take_files_code()
         return self._view
+
+    def _take_files_code(self) -> None:
+        """A store opened without code (open(path)) reads the model the file has now,
+        also after another process rebuilt it with other code: as its follow(), at()
+        and history() do (see _check_generation), so do its view, schema and version."""
+        if self._reads_any_code and not self._closed:
+            with self._lock, _read_txn(self._conn):
+                self._check_model_current()
 
     @property
     def head(self) -> int:
@@ -4349,14 +4360,14 @@ class Store:
             # Still reading a backlog of events of other types: not time without one.
             if not batch and timeout is not None and not cursor.behind:
                 return
-            resets = cursor.resets
             for item in batch:
-                yield item
-                # reset_to() while the caller held that event: the rest of this batch
-                # is of the history the reset erased (yielded, it would come out of seq
-                # order, before the cursor goes on from the checkpoint's head).
-                if cursor.resets != resets:
+                # reset_to() since the batch was read (while the caller held an event of
+                # it, or in another thread before the first): the rest of this batch is of
+                # the history the reset erased (yielded, it would come out of seq order,
+                # before the cursor goes on from the checkpoint's head).
+                if cursor.resets != cursor.read_resets:
                     break
+                yield item
 
     def watch(self) -> None:
         """Also call this store's subscribers for events committed elsewhere.
@@ -5032,6 +5043,7 @@ class _FollowCursor:
         self.store, self.position, self.wanted = store, position, wanted
         self.reached = position  # the furthest it has been, across reset_to()s
         self.resets = 0  # reset_to()s of the store since: a batch read before one is stale
+        self.read_resets = 0  # resets when the last batch was read (under the lock)
         self.version = -1
         self.commits = -1
         self.behind = False  # the last read filled a page: more of the log to read
@@ -5074,6 +5086,7 @@ class _FollowCursor:
     def read(self, store: Store, before: int = 2**63 - 1) -> List[Tuple[Event, List[Change]]]:
         """The next (event, changes) after the position and before seq ``before``
         (up to 1,000 events), with the store's lock held; the position moves on."""
+        self.read_resets = self.resets
         with _reading(store._path), _read_txn(store._conn):
             # The journal holds the changes of the model the file has now: after another
             # process rebuilt it with other code, they are that code's (other tables,
@@ -5496,12 +5509,25 @@ def _deferred_fk_violations(conn: sqlite3.Connection) -> Optional["collections.C
     """The rows breaking a foreign key now, for a preview's check of references
     SQLite defers to a COMMIT that a preview never makes; None (and no scan) when
     no table declares a deferred reference, or foreign keys are off."""
-    deferred = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'fluxlite%' "
-        "AND sql LIKE '%DEFERRED%' LIMIT 1").fetchone()
-    if deferred is None or not conn.execute("PRAGMA foreign_keys").fetchone()[0]:
+    # Only the tables that declare one (DEFERRABLE INITIALLY DEFERRED, not after
+    # NOT): the word in a name or a literal ('deferred' in a CHECK) is no reference,
+    # and a scan of every table with references costs a preview O(rows).
+    tables = [name for name, sql in conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE "
+        "'fluxlite%' AND sql LIKE '%DEFERRED%'") if _declares_deferred(sql)]
+    if not tables or not conn.execute("PRAGMA foreign_keys").fetchone()[0]:
         return None
-    return collections.Counter(map(tuple, conn.execute("PRAGMA foreign_key_check")))
+    found: "collections.Counter[Tuple[Any, ...]]" = collections.Counter()
+    for name in tables:
+        found.update(map(tuple, conn.execute(f"PRAGMA foreign_key_check({_quote(name)})")))
+    return found
+
+
+def _declares_deferred(sql: str) -> bool:
+    """A CREATE TABLE with a reference deferred to COMMIT (in its code, not a literal)."""
+    words = [t.upper() for t in _sql_code(sql, literals=False) if not t.isspace()]
+    return any(words[i:i + 3] == ["DEFERRABLE", "INITIALLY", "DEFERRED"]
+               and (i == 0 or words[i - 1] != "NOT") for i in range(len(words)))
 
 
 def _end_baselines(conn: sqlite3.Connection) -> None:
