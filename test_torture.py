@@ -1284,13 +1284,12 @@ def _in_child(body, uid=None):
     return json.loads(data)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX: fork() and directory modes")
 def test_a_directory_that_is_not_writable_is_a_storage_error_on_every_path_that_makes_a_file():
     """The store's directory made read-only under a running app (its file and WAL stay
     writable): each call that must create a file there says so as a StorageError, not a
     raw PermissionError, and changes nothing. Root ignores directory modes, so as root
     the calls run in a child process as nobody."""
-    if not hasattr(os, "fork"):
-        pytest.skip("needs fork() to run as another user")
     base = tempfile.mkdtemp(prefix="fluxlite-rodir-")
     os.chmod(base, 0o777)
     uid = 65534 if os.geteuid() == 0 else None
