@@ -646,12 +646,16 @@ def test_json_nested_past_pythons_limit_is_a_user_error(work):
                                      + ', "payload": ' + deep + "}\n")
     for args, message in ((["dispatch", "app.db", "addUser", deep, "--app", "cliapp:APP"],
                            "PAYLOAD_JSON nests too deep"),
-                          (["dispatch", "app.db", "addUser", "--meta", deep, "--app",
-                            "cliapp:APP"], "--meta nests too deep"),
+                          (["dispatch", "app.db", "addUser", "--meta",
+                            '{"a": ' * 5000 + "1" + "}" * 5000, "--app", "cliapp:APP"],
+                           "--meta nests too deep"),
                           (["import", "new.db", "deep.jsonl", "--app", "cliapp:APP"],
                            "deep.jsonl line 1 nests too deep")):
         result = cli(*args, cwd=work, check=False)
-        assert result.returncode == 1 and message in result.stderr, result.stderr
+        # Python 3.13's json reads this depth, and the event's own limit refuses it
+        # (200 levels); before 3.13 json's recursion gives out first.
+        said = message in result.stderr or "nests more than 200 levels" in result.stderr
+        assert result.returncode == 1 and said and "Traceback" not in result.stderr, result.stderr
     assert "no versions of users" in cli("history", "app.db", "users", deep, cwd=work).stdout
     assert not os.path.exists(work / "new.db")
 
