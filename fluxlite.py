@@ -3545,7 +3545,9 @@ class Store:
                 frames.pop()
             if frame.refused is not None:  # a middleware caught it: the batch is still refused
                 raise frame.refused
-            if not batch:
+            if not batch:  # the middleware let none through: as an empty batch
+                if expect_seq is not None and self.head != expect_seq:
+                    raise _stale(expect_seq, self.head)
                 return []
             self._check_dispatchable()
             return self._commit_prepared(batch, expect_seq)

@@ -7853,3 +7853,23 @@ def test_a_follower_drops_a_batch_that_a_reset_in_another_thread_erased_before_i
     monkeypatch.setattr(fluxlite._FollowCursor, "step", step_then_reset)
     seqs = [(event.seq, event.payload) for event, _ in follower]
     assert seqs == [(2, 20)]  # not the erased 2, 3, 4, then seq 2 again
+
+
+def test_a_batch_the_middleware_lets_none_through_still_checks_expect_seq():
+    # An empty batch is a Conflict when the head is not expect_seq; so is a batch
+    # whose every event a middleware dropped (returned without calling next).
+    def drop_noise(store):
+        def wrap(next):
+            def handle(event):
+                return None if event["type"] == "noise" else next(event)
+            return handle
+        return wrap
+
+    store = fluxlite.open(":memory:", schema="CREATE TABLE t (k TEXT PRIMARY KEY)",
+                          reducer=lambda view, event: None, middleware=[drop_noise])
+    store.dispatch("kept")
+    with pytest.raises(fluxlite.Conflict, match="expect_seq=0 but the log's head is 1"):
+        store.dispatch_many([{"type": "noise"}], expect_seq=0)
+    assert store.dispatch_many([{"type": "noise"}], expect_seq=1) == []
+    assert store.head == 1
+    store.close()
