@@ -3811,11 +3811,9 @@ class Store:
             )
         frame = frames[-1]
         if frame.batch is not None:
-            try:
-                frame.batch.append(_prepare(action, self._ids))
-            except FluxliteError as exc:
-                frame.refused = frame.refused or exc
-                raise
+            # A refusal here refuses the batch unless the middleware calls next()
+            # again with a fixed event that passes (see _refusing_batch).
+            frame.batch.append(_prepare(action, self._ids))
             return None
         event = self._commit([action], frame.expect_seq, frame.ack)[0]
         frame.acked = frame.ack is not None
@@ -6132,15 +6130,14 @@ def _compose_chain(store: Store, middleware: Sequence[Middleware]) -> Callable[[
     """Redux's applyMiddleware: the first middleware is the outermost."""
     wrappers = [m(store) for m in middleware]
     chain: Callable[[Dict[str, Any]], Any] = _weak_core(store)
-    for number, wrap in enumerate(reversed(wrappers)):
+    for wrap in reversed(wrappers):
         if not callable(wrap):
             raise UsageError(
                 f"A middleware returned {_describe(wrap)} when given the store; middleware "
                 f"has the shape store -> next -> event -> result (did it forget to return "
                 f"its inner function?)."
             )
-        # (the innermost next() is the core, which marks its own refusals)
-        chain = wrap(chain if number == 0 else _refusing_batch(store._frames, chain))
+        chain = wrap(_refusing_batch(store._frames, chain))
         if not callable(chain):
             raise UsageError(
                 f"A middleware returned {_describe(chain)}; middleware has the shape "

@@ -7873,3 +7873,36 @@ def test_a_batch_the_middleware_lets_none_through_still_checks_expect_seq():
     assert store.dispatch_many([{"type": "noise"}], expect_seq=1) == []
     assert store.head == 1
     store.close()
+
+
+def test_a_middleware_may_fix_an_event_the_core_refused_in_a_batch_as_in_dispatch():
+    # next() raising InvalidEvent for a payload JSON cannot hold: a middleware that
+    # catches it and calls next() again with a fixed event goes on, in a batch as in
+    # dispatch(); one that swallows the refusal still refuses the whole batch.
+    def fix_sets(store):
+        def wrap(next):
+            def handle(event):
+                try:
+                    return next(event)
+                except fluxlite.InvalidEvent:
+                    if event["type"] == "swallow":
+                        return None
+                    return next({**event, "payload": sorted(event["payload"])})
+            return handle
+        return wrap
+
+    def reducer(view, event):
+        return view.t.insert(k=event.id, v=json.dumps(event.payload))
+
+    store = fluxlite.open(":memory:", schema="CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT)",
+                          reducer=reducer, middleware=[fix_sets])
+    assert store.dispatch("tags", {"b", "a"}, id="one").payload == ["a", "b"]
+    events = store.dispatch_many([{"type": "tags", "payload": {"d", "c"}, "id": "two"},
+                                  {"type": "tags", "payload": ["e"], "id": "three"}])
+    assert [e.payload for e in events] == [["c", "d"], ["e"]]
+    with pytest.raises(fluxlite.InvalidEvent):
+        store.dispatch_many([{"type": "tags", "payload": ["f"], "id": "four"},
+                             {"type": "swallow", "payload": {"g"}, "id": "five"}])
+    assert store.head == 3 and store.view.t.count() == 3
+    store.verify()
+    store.close()
