@@ -2644,6 +2644,18 @@ CollectionReducer = Callable[[Table, Event], Any]
 Reducer = Callable[[View, Event], Any]
 
 
+def _check_reducer_tables(reducer: Optional[Reducer], tables: Sequence[str]) -> None:
+    """A combined reducer's tables must all be in the schema: checked before anything
+    is committed (a new store, a rebuild's swap), so that refusing it changes nothing."""
+    for name in getattr(reducer, "fluxlite_tables", ()):
+        if name not in tables:
+            raise SchemaError(
+                f"The combined reducer has a reducer for table {name!r}, which "
+                f"the schema does not create (tables: {', '.join(tables)}). Nothing "
+                f"was changed; add the table to the schema or drop its reducer."
+            )
+
+
 def _check_takes_two(function: Callable[..., Any], what: str, arguments: str,
                      name: str = "reducer") -> None:
     """A reducer (or a rule's predicate) is called with two positional arguments:
@@ -2833,6 +2845,7 @@ def _make_upcaster(upcasters: Optional[Mapping[str, Upcaster]]) -> Callable[[Eve
                     f"upcaster returns the event with a new type, payload or meta "
                     f"(event.replace(...)), keeping seq, id and ts."
                 )
+            _check_upcast_shape(newer, event)
             event = newer
         raise UsageError(
             f"Upcasters did not settle on event {event.seq} ({event.type!r}) after "
@@ -2841,6 +2854,22 @@ def _make_upcaster(upcasters: Optional[Mapping[str, Upcaster]]) -> Callable[[Eve
         )
 
     return upcast
+
+
+def _check_upcast_shape(newer: Event, event: Event) -> None:
+    """What an upcaster returns is an event as dispatch() would take it: a type
+    that is a non-empty string (a list would be a raw TypeError in the next lookup;
+    None or 5 would reach reducers, rules and subscribers) and a dict of meta."""
+    kind, meta = newer.type, newer.meta
+    if isinstance(kind, str) and kind.strip() and isinstance(meta, _Mapping):
+        return
+    wrong = (f"type {_describe(kind)}" if not (isinstance(kind, str) and kind.strip())
+             else f"meta {_describe(meta)}")
+    raise UsageError(
+        f"The upcaster for {event.type!r} returned event {event.seq} (id {event.id!r}) "
+        f"with {wrong}; an event's type is a non-empty string and its meta a dict. "
+        f"Return event.replace(type='newName', payload=..., meta={{...}})."
+    )
 
 
 ###############################################################################
@@ -4257,7 +4286,17 @@ class Store:
                 ).fetchone()
             except sqlite3.DataError:  # an id longer than SQLite stores: not in the log
                 row = None
-        return self._upcast(_event_from_row(row)) if row else None
+        return self._upcast_logged(row) if row else None
+
+    def _upcast_logged(self, row: Sequence[Any]) -> Event:
+        """A logged event as a reader gets it (event(), events(), history(), followers):
+        upcast under the rule replay holds upcasters to (no dispatch, no read of the
+        store), so that an upcaster that breaks it fails here too, not only in replay."""
+        event = _event_from_row(row)
+        if not self._upcasters:
+            return event
+        with self._lock, self._replaying():  # (one thread at a time marks itself so)
+            return self._upcast(event)
 
     def events(self, after: int = 0, *, types: Union[None, str, Iterable[str]] = None,
                limit: Optional[int] = None) -> Iterator[Event]:
@@ -4290,7 +4329,7 @@ class Store:
                     f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where} ORDER BY seq LIMIT ?",
                     (*params, page)).fetchall()
             for row in rows:
-                event = self._upcast(_event_from_row(row))
+                event = self._upcast_logged(row)
                 if after_upcast is not None and event.type not in after_upcast:
                     continue
                 yield event
@@ -5099,7 +5138,7 @@ class _FollowCursor:
                 f"LIMIT 1000", (self.position, before)).fetchall()
             batch = []
             for row in rows:
-                event = store._upcast(_event_from_row(row))
+                event = store._upcast_logged(row)
                 if self.wanted is None or event.type in self.wanted:
                     batch.append((event, store._changes(event.seq)))
         if rows:  # moved only once all were read: a refusal above leaves it where it was
@@ -5488,10 +5527,14 @@ def _apply_each(model: _Model, reducer: Reducer, events: Iterable[Event], journa
         except FluxliteError as exc:
             if "while replaying" in str(exc):
                 raise
-            hint = (f" A {RESTORE!r} event carries the row as it was when restored: "
-                    f"after adding or changing columns, give open() an upcaster for "
-                    f"{RESTORE!r} that maps that row to the new shape."
-                    if event.type == RESTORE and "upcaster" not in str(exc) else "")
+            # The built-in events hold rows in the shape of their day, and no reducer of
+            # the user's made them: the fix is an upcaster, not the reducer.
+            held = {RESTORE: ("the row as it was when restored", "that row"),
+                    BASELINE: ("the adopted rows as they were", "its rows")}.get(event.type)
+            hint = (f" A {event.type!r} event carries {held[0]}: after adding or changing "
+                    f"columns, give open() an upcaster for {event.type!r} that maps "
+                    f"{held[1]} to the new shape."
+                    if held and "upcaster" not in str(exc) else "")
             raise type(exc)(f"{exc} (while replaying event {event.seq}, "
                             f"{event.type!r}, id {event.id!r}).{hint}") from exc
         last = event.seq
@@ -5733,6 +5776,7 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
         model = _scratch_model(schema, scratch, journal=True, new_schema=(
             _normalize_schema(schema) != _normalize_schema(store._schema)))
         try:
+            _check_reducer_tables(reducer, list(model.tables))  # before the swap, not after
             with store._lock:
                 store._check_open()  # again: another thread may have closed it meanwhile
                 # The bulk of the log, read in pages (no snapshot held across it, so
@@ -6398,11 +6442,20 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: Set[str],
                 )
         _check_autoincrement_counter(conn, info, rows)
         payload = _dumps({"table": name, "rows": rows})
-        conn.execute(f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                     (seq, ids(), BASELINE, payload, "{}", ts))
-        conn.executemany("INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, 'insert', NULL, ?)", [
-            (seq, n, name, _dumps(_key_json(info.key_of(row))), _dumps(row))
-            for n, row in enumerate(whole)])
+        try:
+            conn.execute(f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                         (seq, ids(), BASELINE, payload, "{}", ts))
+            conn.executemany(
+                "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, 'insert', NULL, ?)",
+                [(seq, n, name, _dumps(_key_json(info.key_of(row))), _dumps(row))
+                 for n, row in enumerate(whole)])
+        except sqlite3.DataError as exc:  # "string or blob too big": not "not a store"
+            raise SchemaError(
+                f"Cannot adopt table {name!r}: its {len(rows)} rows are one baseline event "
+                f"of {len(payload)} characters of JSON, past the {_length_limit(conn)} bytes "
+                f"SQLite stores in one value ({exc}). Nothing was changed. Adopt the table "
+                f"with fewer rows, and dispatch events that insert the rest."
+            ) from exc
     _check_baselines_replay(conn, schema, declared)
     _seal_unsealed(conn)
     return declared
@@ -6779,6 +6832,12 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                     meta = _initialise(conn, path, schema, version, adopt, clock, ids,
                                        new_schema)
                 tables = {n: _read_table_info(conn, n) for n in meta["tables"]}
+                wanted_schema = meta["schema"] if schema is None else schema
+                new_version = meta.get("version") if version is None else version
+                rebuilding = not _same_code(wanted_schema, new_version, meta["schema"],
+                                            meta.get("version"))
+                if not rebuilding:  # refused inside the transaction: a new file stays empty
+                    _check_reducer_tables(reducer, meta["tables"])
         except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             if isinstance(exc, sqlite3.DatabaseError) and _is_storage_problem(exc):
                 raise _storage_error(exc, path) from exc
@@ -6789,9 +6848,7 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                       clock=clock, ids=ids, version=meta.get("version"),
                       generation=meta.get("generation", 0), upcasters=upcasters,
                       middleware=middleware, readonly_file=readonly)
-        wanted_schema = meta["schema"] if schema is None else schema
-        new_version = meta.get("version") if version is None else version
-        if not _same_code(wanted_schema, new_version, meta["schema"], meta.get("version")):
+        if rebuilding:
             if readonly:
                 raise SchemaError(
                     f"The schema or version passed to open() differs from {path!r}'s, and "
@@ -6802,13 +6859,7 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                     f"The schema or version passed to open() differs from {path!r}'s; "
                     f"rebuilding the read model needs the reducer: pass reducer=."
                 )
-            _rebuild(store, wanted_schema, new_version)
-        for name in getattr(reducer, "fluxlite_tables", ()):
-            if name not in store._model.tables:
-                raise SchemaError(
-                    f"The combined reducer has a reducer for table {name!r}, which "
-                    f"the schema does not create (tables: {', '.join(store.view.tables)})."
-                )
+            _rebuild(store, wanted_schema, new_version)  # checks the reducer's tables
         store._chain = _compose_chain(store, list(middleware))
         store._bare = not middleware
         store._reads_any_code = schema is None and version is None and reducer is None
@@ -7498,12 +7549,6 @@ def _cmd_rebuild(args: Any) -> int:
             store.rebuild(progress=progress)
         else:
             _rebuild(store, app.schema, app.version if app.version is not None else old[1], progress)
-        for name in getattr(reducer, "fluxlite_tables", ()):  # as open() checks, after its rebuild
-            if name not in store._model.tables:
-                raise SchemaError(
-                    f"The combined reducer has a reducer for table {name!r}, which "
-                    f"the schema does not create (tables: {', '.join(store.view.tables)})."
-                )
         print(f"rebuilt: {head} events replayed into {', '.join(store.view.tables)} "
               f"(version {store.version!r})")
     return 0

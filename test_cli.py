@@ -766,3 +766,24 @@ def test_rebuild_to_an_app_whose_combined_reducer_adds_a_table(work):
                           cwd=work).stdout.splitlines()[0])
     assert rows == {"who": "barack"}
     cli("verify", "app.db", "--app", "combined2:APP", cwd=work)
+
+
+COMBINED_GHOST = '''
+import fluxlite
+from cliapp import SCHEMA
+
+APP = fluxlite.App(SCHEMA, {"users": lambda table, e: None, "ghost": lambda table, e: None},
+                   version=2)
+'''
+
+
+def test_rebuild_to_a_combined_reducer_with_a_missing_table_changes_nothing(work):
+    # Found by review: the CLI checked the combined reducer's tables after the rebuild
+    # had swapped the model in (a log with no events of the reducer's never runs it).
+    (work / "ghost.py").write_text(COMBINED_GHOST)
+    with fluxlite.open(work / "empty.db", schema="CREATE TABLE t (id INTEGER PRIMARY KEY)"):
+        pass
+    before = db_bytes(work / "empty.db")
+    result = cli("rebuild", "empty.db", "--app", "ghost:APP", cwd=work, check=False)
+    assert result.returncode == 1 and "table 'ghost'" in result.stderr
+    assert db_bytes(work / "empty.db") == before
