@@ -1697,10 +1697,11 @@ class _Model:
                     and trigger is None:
                 return sqlite3.SQLITE_OK
             return sqlite3.SQLITE_DENY
+        # Replay has no log, and its scratch file another schema (sqlite_master
+        # names the log's tables, and other root pages): reducers read the model only.
         if (self.query_mode == 2 and action == _SQLITE_READ and arg1 not in self.tables
-                and (arg1 == "sqlite_sequence" or not arg1.startswith("sqlite_"))
                 and arg1 not in ("json_each", "json_tree")):
-            return sqlite3.SQLITE_DENY  # replay has no log: reducers read the model only
+            return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
 
     # -- writes --------------------------------------------------------------
@@ -3213,6 +3214,7 @@ class Store:
         self._ids = ids
         self._closed = False
         self._reducing_thread: Optional[int] = None
+        self._verify_progress_thread: Optional[int] = None  # in verify()'s progress=
         self._subscribers: List[Tuple[Callable[[Event, List[Change]], Any],
                                       Optional[FrozenSet[str]]]] = []
         self._pending: Deque[Tuple[Event, List[Change]]] = collections.deque()
@@ -3715,6 +3717,7 @@ class Store:
                 f"{_describe(checkpoint)}."
             )
         self._check_writable("reset_to()")
+        self._check_not_verifying("reset_to() a checkpoint", "Reset")
         with self._lock:
             self._check_open()
             if self._conn.in_transaction:  # SQLite's backup cannot copy into it
@@ -3798,21 +3801,37 @@ class Store:
         finally:
             self._reducing_thread = None
 
-    def _unguarded(self, progress: Optional[Callable[[int], None]]
+    def _unguarded(self, progress: Optional[Callable[[int], None]], verifying: bool = False
                    ) -> Optional[Callable[[int], None]]:
         """A progress= callback, called from inside _replaying(): it is the caller's
-        own code, not a reducer, and may read the store as before."""
+        own code, not a reducer, and may read the store as before. verify()'s may
+        not write to it: _check_not_verifying() refuses that."""
         if progress is None:
             return None
 
         def call(seq: int) -> None:
             self._reducing_thread = None
+            self._verify_progress_thread = threading.get_ident() if verifying else None
             try:
                 progress(seq)
             finally:
+                self._verify_progress_thread = None
                 self._reducing_thread = threading.get_ident()
 
         return call
+
+    def _check_not_verifying(self, what: str, instead: str) -> None:
+        """verify()'s progress= may read the store, not write to it. Refused for the
+        whole of verify(), not only once it reaches the last page of the log and its
+        snapshot (where a write would be rolled back with it, or fail): else whether
+        a progress= callback works would depend on the log's length."""
+        if self._verify_progress_thread == threading.get_ident():
+            raise UsageError(
+                f"verify()'s progress= callback may read the store {self._path!r} but not "
+                f"{what}: verify() compares in a snapshot that it then rolls back, and "
+                f"what is written into it would be lost with it. {instead} after "
+                f"verify() returns."
+            )
 
     def _check_dispatchable(self) -> None:
         if self._reducing_thread is not None and self._reducing_thread == threading.get_ident():
@@ -3821,6 +3840,7 @@ class Store:
                 "function of (view, event), an upcaster of the event. Return the changes "
                 "instead, or dispatch from a subscriber or middleware."
             )
+        self._check_not_verifying("dispatch or preview", "Dispatch")
         self._check_open()
         if self._reducer is None or self._readonly_file:
             raise UsageError(
@@ -4418,6 +4438,9 @@ class Store:
         with self._lock:
             if self._watcher is not None:
                 return
+            # Old code after another process's rebuild: refused here, as follow() is,
+            # rather than a thread that logs the refusal and ends, unheard by the caller.
+            self._check_model_current()
             self._watch_cursor = _FollowCursor(self, self.head, None)
             # The thread holds the store weakly: one dropped without close() is collected.
             thread = threading.Thread(target=_watch_loop, args=(weakref.ref(self),),
@@ -4455,6 +4478,7 @@ class Store:
         another live holder has it.
         """
         self._check_writable("consumer()")  # its position and lease are in the file
+        self._check_not_verifying("take a consumer", "Take it")
         return Consumer(self, name, lease, _type_filter(types))
 
     async def adispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None,
@@ -4517,7 +4541,9 @@ class Store:
         seals as it goes: damage is a StorageError, and it is what is reported
         when the replay also fails.
         Replays into a temporary on-disk database, so memory stays flat in the
-        size of the log. ``progress(seq)`` is called every 1,000 events.
+        size of the log. ``progress(seq)`` is called every 1,000 events; it may
+        read the store, not write to it (a dispatch, preview, consumer, ack,
+        rebuild or reset_to from it is a UsageError).
         """
         reducer = self._require_reducer("verify()")
         with self._lock:
@@ -4560,7 +4586,7 @@ class Store:
                     try:
                         with self._replaying():
                             _apply_events(replica, reducer, log, journal=False,
-                                          progress=self._unguarded(progress))
+                                          progress=self._unguarded(progress, True))
                     except StorageError:
                         self._check_model_current()  # a rebuild meanwhile is not damage
                         raise
@@ -4694,6 +4720,7 @@ class Store:
         """
         self._require_reducer("rebuild()")
         self._check_writable("rebuild()")
+        self._check_not_verifying("rebuild", "Rebuild")
         with self._lock:
             self._check_open()  # again: another thread may have closed it meanwhile
             if self._conn.in_transaction:  # a preview's, which would roll the swap back
@@ -5361,6 +5388,7 @@ class Consumer:
         """Acknowledge everything up to this event (or seq): it will not come again."""
         seq = self._ackable(event, "ack()")
         store = self.store
+        store._check_not_verifying("ack a consumer's events", "Ack them")
         with store._lock:
             store._check_open()
             try:
@@ -7895,7 +7923,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (_CliError, FluxliteError, OSError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # One line, all of it: SQLite's integrity_check rows ("*** in database main
+        # ***\n...") and a reducer's own errors can hold newlines; the first line alone
+        # dropped what is damaged, or which event failed, and what to do.
+        message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip()
+                           ) or type(exc).__name__
         # The command line has no --adopt: taking a database over is done once, in code.
         message = message.replace("Pass adopt=True to take it over", "Take it over with "
                                   "fluxlite.open(path, ..., adopt=True) in Python")

@@ -787,3 +787,30 @@ def test_rebuild_to_a_combined_reducer_with_a_missing_table_changes_nothing(work
     result = cli("rebuild", "empty.db", "--app", "ghost:APP", cwd=work, check=False)
     assert result.returncode == 1 and "table 'ghost'" in result.stderr
     assert db_bytes(work / "empty.db") == before
+
+
+def test_an_error_with_newlines_is_printed_whole_on_one_line(work):
+    """Every error is one line on stderr, but not only its first line: SQLite's
+    integrity_check reports "*** in database main ***" on a line of its own, and a
+    reducer's exception can span lines; the rest (what is damaged, which event,
+    what to do) was dropped."""
+    (work / "multiline.py").write_text(
+        "import fluxlite\nfrom cliapp import SCHEMA, reducer\n"
+        "def strict(view, event):\n"
+        "    if event.type == 'checked':\n"
+        "        raise ValueError('1 validation error\\nname: field required')\n"
+        "    return reducer(view, event)\n"
+        "APP = fluxlite.App(SCHEMA, strict)\n")
+    failed = cli("dispatch", "app.db", "checked", "{}", "--app", "multiline:APP", cwd=work,
+                 check=False)
+    assert failed.returncode == 1 and len(failed.stderr.strip().splitlines()) == 1
+    assert "field required on event 6 ('checked'" in failed.stderr
+    assert "nothing was written" in failed.stderr
+    path = work / "app.db"
+    data = bytearray(path.read_bytes())
+    data[36:40] = (7).to_bytes(4, "big")  # the header's count of free pages, made wrong
+    path.write_bytes(data)
+    damaged = cli("verify", "app.db", "--app", "cliapp:APP", cwd=work, check=False)
+    assert damaged.returncode == 1 and len(damaged.stderr.strip().splitlines()) == 1
+    assert "*** in database main *** Main freelist: size is 0 but should be 7" in damaged.stderr
+    assert "Restore the file from a backup." in damaged.stderr

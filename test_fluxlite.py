@@ -8034,3 +8034,70 @@ def test_a_table_too_big_for_one_baseline_event_is_refused_as_such(tmp_path, mon
                       reducer=lambda view, e: None, adopt=True)
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert list(conn.iterdump()) == before
+
+
+@pytest.mark.parametrize("events", [1000, 1500, 2500])
+def test_verifys_progress_may_read_the_store_but_not_write_whatever_the_logs_length(
+        tmp_path, events):
+    """README, rule 5: a dispatch from verify()'s progress= is refused. It was only
+    when the callback ran in the snapshot verify() takes at the log's last page: on
+    a log of 1,000 events refused, of 1,500 committed, so a callback that worked in
+    a test could make verify() raise on a log of another length. A preview there
+    was a StorageError telling to check the free disk space."""
+    with fluxlite.open(str(tmp_path / "s.db"), schema=SCHEMA, reducer=reducer) as store:
+        store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{i}"}}
+                             for i in range(events)])
+        for call in (lambda seq: add(store, f"late{seq}"),
+                     lambda seq: store.preview("addUser", {"name": f"late{seq}"})):
+            with pytest.raises(fluxlite.UsageError, match="Dispatch after verify"):
+                store.verify(progress=call)
+            assert store.head == events
+        # Nor any other write: an ack there was rolled back with verify()'s snapshot
+        # on a log of 1,000 events (its events came again), and kept on one of 1,500.
+        consumer = store.consumer("mailer")
+        yielded = [event for event, _ in consumer]
+        saved = store.checkpoint()
+        for call in (lambda seq: consumer.ack(yielded[-1]), lambda seq: store.consumer("other"),
+                     lambda seq: store.rebuild(), lambda seq: store.reset_to(saved)):
+            with pytest.raises(fluxlite.UsageError, match=r"progress= callback may read"):
+                store.verify(progress=call)
+        consumer.close()
+        assert store.query("SELECT name, position FROM fluxlite_consumers") == [
+            {"name": "mailer", "position": 0}]
+        store.verify(progress=lambda seq: store.view.users.count())  # reading stays allowed
+        store.rebuild(progress=lambda seq: add(store, f"during{seq}"))  # rebuild()'s may
+        assert store.head > events
+        store.verify()
+
+
+@pytest.mark.parametrize("table", ["sqlite_master", "sqlite_schema", "temp.sqlite_master"])
+def test_a_reducer_may_not_read_the_files_schema_which_a_replay_does_not_have(table):
+    """README: inside a reducer only read-model tables can be read. sqlite_master was
+    let through: live it lists the log's tables too, a replay's scratch file not, so
+    a reducer that counted them committed what verify() then called a mismatch."""
+    def counting(view, event):
+        found = view.query(f"SELECT count(*) AS n FROM {table} WHERE type = 'table'")
+        return view.t.insert(id=event.payload, n=found[0]["n"])
+    with fluxlite.open(":memory:", schema="CREATE TABLE t (id INTEGER PRIMARY KEY, n INT)",
+                       reducer=counting) as store:
+        with pytest.raises(fluxlite.QueryError, match="on read-model tables, inside a reducer"):
+            store.dispatch("e", 1)
+        assert store.head == 0 and store.view.t.all() == []
+
+
+def test_watch_on_a_store_whose_file_another_process_rebuilt_is_refused_at_the_call(tmp_path):
+    """README: after another process's rebuild, a store of the old code refuses its
+    followers, consumers and watch(). watch() returned None and started a thread
+    that only logged the refusal: the caller's subscribers then never heard a thing."""
+    path = str(tmp_path / "s.db")
+    old = fluxlite.open(path, schema=SCHEMA, reducer=reducer)
+    add(old, "a")
+    new = fluxlite.open(path, schema=SCHEMA + "CREATE INDEX by_role ON users (role);",
+                        reducer=reducer, version=2)
+    with pytest.raises(fluxlite.SchemaError, match="Reopen it with the new code"):
+        old.watch()
+    assert old._watcher is None
+    viewer = fluxlite.open(path)  # no code of its own: follows the file, and may watch
+    viewer.watch()
+    for store in (old, new, viewer):
+        store.close()
