@@ -108,6 +108,7 @@ __all__ = [
     "scenario",
 ]
 
+import atexit
 import builtins
 import collections
 import collections.abc
@@ -1085,13 +1086,13 @@ class _WalCheckpointer:
         self._stopping = True
         self._wake.set()
 
-    def stop(self) -> None:
+    def stop(self, wait: Optional[float] = None) -> None:
         """Stop the thread, which closes its connection: before the store's own
         closes, so that the store's is the last and SQLite removes the WAL."""
         self.stop_soon()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            thread.join(wait)
 
 
 @contextlib.contextmanager
@@ -3145,6 +3146,31 @@ if hasattr(os, "register_at_fork"):  # POSIX
                         after_in_child=_after_fork_in_child)
 
 
+def _stop_threads_at_exit() -> None:
+    """At interpreter exit, end the threads of stores left open (watch(), checkpoints).
+    Daemon threads stop wherever they are: the checkpoint thread with its connection
+    to the file open, watch()'s maybe holding the store. Then the store's connection
+    is not the file's last to close (or never closes), so SQLite leaves the -wal and
+    -shm, with the last commits in the -wal: a copy of the bare file misses them.
+    Bounded waits: a thread held up in a subscriber must not hold up the exit."""
+    if not _OPEN_STORES_LOCK.acquire(timeout=1.0):  # (a daemon thread forking, say)
+        return
+    try:
+        stores = list(_OPEN_STORES)
+    finally:
+        _OPEN_STORES_LOCK.release()
+    for store in stores:
+        if store._closed:
+            continue
+        with contextlib.suppress(Exception):
+            store._stop_watch_thread(wait=1.0)
+            if store._checkpointer is not None:
+                store._checkpointer.stop(wait=1.0)
+
+
+atexit.register(_stop_threads_at_exit)
+
+
 class Store:
     """An event-sourced store on one SQLite file. Make one with fluxlite.open().
 
@@ -3215,6 +3241,7 @@ class Store:
         self._closed = False
         self._reducing_thread: Optional[int] = None
         self._verify_progress_thread: Optional[int] = None  # in verify()'s progress=
+        self._progress_thread: Optional[int] = None  # in a progress= of verify() or rebuild()
         self._subscribers: List[Tuple[Callable[[Event, List[Change]], Any],
                                       Optional[FrozenSet[str]]]] = []
         self._pending: Deque[Tuple[Event, List[Change]]] = collections.deque()
@@ -3292,8 +3319,11 @@ class Store:
         also after another process rebuilt it with other code: as its follow(), at()
         and history() do (see _check_generation), so do its view, schema and version."""
         if self._reads_any_code and not self._closed:
-            with self._lock, _read_txn(self._conn):
-                self._check_model_current()
+            with self._lock:
+                if self._closed:  # by another thread, while this one waited for the lock
+                    return
+                with _read_txn(self._conn):
+                    self._check_model_current()
 
     @property
     def head(self) -> int:
@@ -3318,14 +3348,8 @@ class Store:
                 raise UsageError("close() cannot run inside a preview (from its middleware): "
                                  "the preview's transaction is still open. Close the store "
                                  "after preview() returns.")
-        watcher, self._watcher = self._watcher, None
-        with self._committed:
-            self._committed.notify_all()
-        # Not from a subscriber: the watcher may be waiting to deliver through the
-        # notify lock this thread holds. It sees it was stopped and ends by itself.
-        if watcher is not None and watcher is not threading.current_thread() \
-                and not getattr(self._notifying, "active", False):
-            watcher.join()
+            self._check_not_in_progress("close()")
+        self._stop_watch_thread()
         with self._lock:
             if not self._closed:
                 self._release_leases()
@@ -3692,6 +3716,14 @@ class Store:
             self._conn.backup(copy)
             return _Checkpoint(copy, self.head)
 
+    def _check_not_in_progress(self, what: str) -> None:
+        """Not from a progress= callback: verify() and rebuild() go on replaying the
+        log they were reading (and rebuild() swaps the result in) when it returns."""
+        if self._progress_thread == threading.get_ident():
+            raise UsageError(f"{what} cannot run inside verify() or rebuild() (from their "
+                             f"progress=): they go on with the log and the connection it "
+                             f"would take from under them. Call it after they return.")
+
     def _check_not_previewing(self, what: str) -> None:
         """SQLite's backup cannot read a connection in the middle of a write (it answers
         "locked", and Python's backup() retries that for ever): not inside a preview.
@@ -3718,6 +3750,7 @@ class Store:
             )
         self._check_writable("reset_to()")
         self._check_not_verifying("reset_to() a checkpoint", "Reset")
+        self._check_not_in_progress("reset_to()")
         with self._lock:
             self._check_open()
             if self._conn.in_transaction:  # SQLite's backup cannot copy into it
@@ -3812,9 +3845,11 @@ class Store:
         def call(seq: int) -> None:
             self._reducing_thread = None
             self._verify_progress_thread = threading.get_ident() if verifying else None
+            outer, self._progress_thread = self._progress_thread, threading.get_ident()
             try:
                 progress(seq)
             finally:
+                self._progress_thread = outer
                 self._verify_progress_thread = None
                 self._reducing_thread = threading.get_ident()
 
@@ -4336,7 +4371,9 @@ class Store:
         after_upcast = wanted if wanted is not None and self._upcasters else None
         if wanted is not None:  # an upcaster changes only the types it is given for
             logged = wanted | set(self._upcasters or ()) if after_upcast else wanted
-            longest = _length_limit(self._conn)  # a longer type cannot be in the log
+            with self._lock:  # (a closed store's connection has no limits to ask)
+                self._check_open()
+                longest = _length_limit(self._conn)  # a longer type cannot be in the log
             logged = frozenset(t for t in logged
                                if len(t) <= longest // 4 or len(t.encode()) <= longest)
             where += f" AND type IN ({', '.join('?' for _ in logged)})"
@@ -4446,7 +4483,35 @@ class Store:
             thread = threading.Thread(target=_watch_loop, args=(weakref.ref(self),),
                                       name=f"fluxlite-watch {self._path}", daemon=True)
             self._watcher = thread
-        thread.start()
+            # Started with the lock held: close() takes it to find the thread it
+            # joins, and a thread not started yet cannot be joined (RuntimeError).
+            thread.start()
+
+    def _stop_watch_thread(self, wait: Optional[float] = None) -> None:
+        """Stop watch()'s thread and wait for it to end (up to ``wait`` seconds)."""
+        if not self._lock.acquire(timeout=-1 if wait is None else wait):
+            return
+        try:  # no commit in between: see _stop_watching
+            watcher = self._stop_watching()
+        finally:
+            self._lock.release()
+        with self._committed:
+            self._committed.notify_all()
+        # Not from a subscriber: the watcher may be waiting to deliver through the
+        # notify lock this thread holds. It sees it was stopped and ends by itself.
+        if watcher is not None and watcher is not threading.current_thread() \
+                and not getattr(self._notifying, "active", False):
+            watcher.join(wait)
+
+    def _stop_watching(self) -> Optional[threading.Thread]:
+        """Stop watch()'s thread, with the lock held; return it. Its cursor stops too:
+        the thread may be on its way to a read, and this store's commits from now on
+        no longer move that cursor past themselves (_watch_past), so a read would
+        queue them for subscribers a second time."""
+        watcher, self._watcher = self._watcher, None
+        if self._watch_cursor is not None:
+            self._watch_cursor.stopped = True
+        return watcher
 
     def _watch_past(self, first: int, last: int) -> None:
         """Before this store's own events first..last are queued for subscribers:
@@ -4463,7 +4528,7 @@ class Store:
                     break
         except Exception as exc:  # an upcaster failed: the commit stands, the watch ends
             _log.error("watch() of %r stopped: %s", self._path, exc)
-            self._watcher = None
+            self._stop_watching()
         cursor.position = max(cursor.position, last)
 
     def consumer(self, name: str, *, types: Union[None, str, Iterable[str]] = None,
@@ -4526,6 +4591,8 @@ class Store:
                         return
                     continue
                 for item in batch:
+                    if cursor.resets != cursor.read_resets:  # erased by reset_to(): see _follow
+                        break
                     yield item
                 heard = loop.time()
         finally:
@@ -5086,7 +5153,7 @@ def _watch_loop(store_ref: "weakref.ReferenceType[Store]") -> None:
                 _log.error("watch() of %r stopped: %s", store._path, exc)
             with store._lock:
                 if store._watcher is me:
-                    store._watcher = None  # so that watch() can start it again
+                    store._stop_watching()  # so that watch() can start it again
             return
         if batch is None:
             return
@@ -5113,6 +5180,7 @@ class _FollowCursor:
         self.version = -1
         self.commits = -1
         self.behind = False  # the last read filled a page: more of the log to read
+        self.stopped = False  # watch()'s cursor, once its thread was stopped: reads nothing
         with store._lock:  # reset_to() goes through them with the lock held
             store._cursors.add(self)
 
@@ -5129,7 +5197,7 @@ class _FollowCursor:
             with store._committed:
                 commits = store._commit_count
             with store._lock:
-                if store._closed:
+                if store._closed or self.stopped:
                     return None
                 version = store._conn.execute("PRAGMA data_version").fetchone()[0]
                 if (version, commits) != (self.version, self.commits):

@@ -8101,3 +8101,197 @@ def test_watch_on_a_store_whose_file_another_process_rebuilt_is_refused_at_the_c
     viewer.watch()
     for store in (old, new, viewer):
         store.close()
+
+
+def test_close_while_watching_does_not_deliver_an_event_committed_meanwhile_twice(tmp_path):
+    # close() stopped watch()'s thread without the lock: a commit after that no longer
+    # moved the thread's cursor past itself, and the thread, on its way to a read, queued
+    # it for subscribers a second time.
+    store = fluxlite.open(str(tmp_path / "s.db"), schema="CREATE TABLE t (k TEXT PRIMARY KEY)",
+                          reducer=lambda view, e: None)
+    heard = []
+    store.subscribe(lambda event, changes: heard.append(event.seq))
+    store.watch()
+    cursor = store._watch_cursor
+    inside, go = threading.Event(), threading.Event()
+    step = cursor.step
+
+    def paused_step(*args, **kwargs):  # the watcher, past its "am I still watching?" check
+        inside.set()
+        go.wait(5)
+        return step(*args, **kwargs)
+
+    cursor.step = paused_step
+    assert inside.wait(5)
+    closer = threading.Thread(target=store.close)
+    closer.start()  # it waits for the watcher to end
+    deadline = time.monotonic() + 5
+    while store._watcher is not None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    store.dispatch("x")  # committed before the store is closed
+    go.set()
+    closer.join(5)
+    assert not closer.is_alive()
+    assert heard == [1]
+
+
+def test_close_right_after_watch_set_its_thread_up_is_not_a_runtime_error(tmp_path, monkeypatch):
+    # watch() started its thread after letting go of the lock: a close() in between
+    # found a thread not started yet and failed to join it (RuntimeError), store left open.
+    store = fluxlite.open(str(tmp_path / "s.db"), schema="CREATE TABLE t (k TEXT PRIMARY KEY)",
+                          reducer=lambda view, e: None)
+    start = threading.Thread.start
+    errors, closers = [], []
+
+    def close():
+        try:
+            store.close()
+        except Exception as exc:  # what the closing thread would have raised
+            errors.append(exc)
+
+    def start_after_a_close(thread):
+        if thread.name.startswith("fluxlite-watch") and not closers:
+            closers.append(threading.Thread(target=close))
+            start(closers[0])
+            closers[0].join(0.2)  # as far as it gets before the watcher starts
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_after_a_close)
+    store.watch()
+    monkeypatch.undo()
+    closers[0].join(5)
+    assert errors == [] and repr(store).endswith("closed>")
+    assert not any(t.name.startswith("fluxlite-watch") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("method", ["verify", "rebuild"])
+def test_close_or_reset_to_from_a_progress_callback_is_refused_and_changes_nothing(tmp_path, method):
+    # From rebuild()'s progress=, reset_to() had the rebuild swap the model of the whole
+    # log into the store reset to 10 events (verify() then called the file damaged);
+    # from verify()'s, it made verify() report damage; close() was a raw ProgrammingError.
+    store = fluxlite.open(str(tmp_path / "s.db"), schema="CREATE TABLE t (k INTEGER PRIMARY KEY)",
+                          reducer=lambda view, e: view.t.insert(k=e.payload))
+    store.dispatch_many([{"type": "e", "payload": n} for n in range(10)])
+    saved = store.checkpoint()
+    store.dispatch_many([{"type": "e", "payload": n} for n in range(10, 1500)])
+    for call in (lambda: store.reset_to(saved), store.close):
+        with pytest.raises(fluxlite.UsageError, match="progress="):
+            getattr(store, method)(progress=lambda seq: call())
+        assert store.head == 1500 and store.view.t.count() == 1500
+        store.verify()
+    store.reset_to(saved)  # after it returns: as before
+    assert store.head == 10 and store.view.t.count() == 10
+    store.close()
+    saved.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the -wal of an open file")
+@pytest.mark.parametrize("durability", ["normal", "full"])
+def test_a_store_left_open_at_exit_leaves_no_wal_behind_its_background_threads(tmp_path, durability):
+    # At exit, daemon threads stop where they are: the checkpoint thread with its own
+    # connection to the file (durability="normal"), watch()'s maybe holding the store.
+    # Then the store's connection was not the last to close, or never closed, and the
+    # -wal (with the last commits: a copy of the bare file missed them) stayed.
+    path = tmp_path / "s.db"
+    result = run_child(f"""
+        import fluxlite
+        store = fluxlite.open({str(path)!r}, schema="CREATE TABLE t (k TEXT PRIMARY KEY)",
+                              reducer=lambda view, e: None, durability={durability!r})
+        store.dispatch_many([{{"type": "e"}}] * 10)
+        for n in range(70):  # past the checkpoint thread's 64 events
+            store.dispatch("e")
+        store.watch()
+    """, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.db"]
+    with contextlib.closing(sqlite3.connect(str(path))) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 80
+
+
+def test_events_of_some_types_from_a_closed_store_is_a_usage_error(tmp_path):
+    # events(types=...) asked the closed connection for its length limit first: a raw
+    # sqlite3.ProgrammingError (Python 3.11+), where events() without types says "closed".
+    store = fluxlite.open(str(tmp_path / "s.db"), schema="CREATE TABLE t (k TEXT PRIMARY KEY)",
+                          reducer=lambda view, e: None)
+    store.dispatch("x")
+    before = store.events(types="x")  # made before close(), read after
+    store.close()
+    for events in (before, store.events(types=["x", "y"])):
+        with pytest.raises(fluxlite.UsageError, match="closed"):
+            list(events)
+
+
+@pytest.mark.parametrize("what", ["view", "schema", "version"])
+def test_a_store_without_code_closed_by_another_thread_while_one_waits_to_read_its_model(tmp_path, what):
+    # A store opened without code reads the file's model for view, schema and version.
+    # A thread that had seen it open then waited for the lock (another thread's long
+    # read) while a third closed it: a raw sqlite3.ProgrammingError from the property.
+    path = str(tmp_path / "s.db")
+    fluxlite.open(path, schema="CREATE TABLE t (k TEXT PRIMARY KEY)",
+                  reducer=lambda view, e: None).close()
+    store = fluxlite.open(path)
+    got, errors = [], []
+    waiting = threading.Event()
+
+    class Lock:  # the store's lock, telling when the reader waits for it
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            if threading.current_thread() is reader:
+                waiting.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+        def acquire(self, *args, **kwargs):
+            return self.lock.acquire(*args, **kwargs)
+
+        def release(self):
+            self.lock.release()
+
+    def read():
+        try:
+            got.append(getattr(store, what))
+        except Exception as exc:
+            errors.append(exc)
+
+    lock = store._lock
+    store._lock = Lock(lock)
+    with lock:  # another thread's long read in progress
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert waiting.wait(5)  # past its "closed?" check
+        store.close()  # (the closing thread, here the same one: the lock is reentrant)
+    reader.join(5)
+    assert errors == [] and len(got) == 1
+    if what == "view":
+        with pytest.raises(fluxlite.UsageError, match="closed"):
+            got[0].t.all()
+
+
+def test_afollow_drops_a_batch_that_a_reset_erased_as_follow_does():
+    # afollow() yielded the rest of a batch reset_to() had erased while the loop body
+    # held its first event: erased events, then seq 2 again (out of seq order).
+    store = fluxlite.open(":memory:", schema="CREATE TABLE t (id INTEGER PRIMARY KEY)",
+                          reducer=lambda view, e: view.t.insert(id=e.payload))
+    store.dispatch("e", 1)
+    saved = store.checkpoint()
+
+    async def follow():
+        follower = store.afollow(after=1, timeout=0.1)
+        for n in (2, 3, 4):
+            store.dispatch("e", n)
+        seqs = []
+        async for event, _ in follower:
+            seqs.append((event.seq, event.payload))
+            if len(seqs) == 1:
+                store.reset_to(saved)
+                store.dispatch("e", 20)
+        return seqs
+
+    assert asyncio.run(follow()) == [(2, 2), (2, 20)]
+    store.close()
+    saved.close()
