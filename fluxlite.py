@@ -1493,15 +1493,19 @@ def _check_new_table(conn: sqlite3.Connection, name: str, sql: str, new: bool = 
         )
 
 
-def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> List[str]:
-    """Run the user's DDL (inside the caller's transaction); return the new tables.
-    ``new``: a schema not yet accepted by a store (see _check_new_table)."""
+def _check_schema_text(schema: Any) -> None:
     if not isinstance(schema, str):
         raise SchemaError(
             f"schema must be SQL text (CREATE TABLE / CREATE INDEX statements); "
-            f"received {_describe(schema)}."
+            f"received {_describe(schema)}. Join a list of statements with ';'."
         )
     _check_text(schema, "The schema", SchemaError)  # else each Python has its own error
+
+
+def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> List[str]:
+    """Run the user's DDL (inside the caller's transaction); return the new tables.
+    ``new``: a schema not yet accepted by a store (see _check_new_table)."""
+    _check_schema_text(schema)
     statements = _schema_statements(schema)
     if not statements:
         raise SchemaError(
@@ -1649,6 +1653,14 @@ class _Model:
     def query(self, sql: str, params: Any = ()) -> List[Dict[str, Any]]:
         if not isinstance(sql, str):
             raise QueryError(f"query() takes SQL text; received {_describe(sql)}.")
+        if isinstance(params, (str, bytes, bytearray)) or \
+                not isinstance(params, (_Mapping, collections.abc.Sequence)):
+            # sqlite3 would bind "a" as ("a",) but fail on "ab", and say nothing useful of 5
+            raise QueryError(
+                f"query() params are a list or tuple (one value per ?) or a dict (for "
+                f":name placeholders); received {_describe(params)}. For one value, "
+                f"write (value,). SQL: {sql[:200]!r}."
+            )
         # Python's sqlite3 can report a reused statement's failed bind as the last
         # error SQLite had (another query's): say what is wrong before that.
         values = params.values() if isinstance(params, _Mapping) else \
@@ -2553,6 +2565,13 @@ class Table:
     # change builders
     def _values(self, row: Optional[Mapping[str, Any]], columns: Dict[str, Any],
                 op: str) -> Dict[str, Any]:
+        if row is not None and not isinstance(row, _Mapping):  # else dict() says it obscurely
+            example = "update(key, role='admin')" if op == "update" else f"{op}(name='Ann')"
+            raise ChangesetError(
+                f"{self._info.name}.{op}() takes the {'columns to set' if op == 'update' else 'row'} "
+                f"as a dict of column -> value or as keyword arguments; received "
+                f"{_describe(row)}. Write e.g. {example}."
+            )
         values = dict(row, **columns) if row else columns
         self.view._model.check_columns(self._info, values, op)
         return values
@@ -2661,8 +2680,15 @@ def _check_reducer_tables(reducer: Optional[Reducer], tables: Sequence[str]) -> 
 def _check_takes_two(function: Callable[..., Any], what: str, arguments: str,
                      name: str = "reducer") -> None:
     """A reducer (or a rule's predicate) is called with two positional arguments:
-    say so at open(), not as a TypeError on the first event. Only plain functions and methods are
-    judged (as they are, not what they wrap); other callables pass."""
+    say so at open(), not as a TypeError on the first event."""
+    _check_takes(function, 2, what, arguments, name)
+
+
+def _check_takes(function: Callable[..., Any], count: int, what: str, arguments: str,
+                 name: str, shape: str = "") -> None:
+    """``function`` is called with ``count`` positional arguments: else a UsageError
+    now, not a TypeError later. Only plain functions and methods are judged (as they
+    are, not what they wrap); other callables pass."""
     if not (inspect.isfunction(function) or inspect.ismethod(function)):
         return
     try:
@@ -2670,12 +2696,12 @@ def _check_takes_two(function: Callable[..., Any], what: str, arguments: str,
     except Exception:  # nothing reliable to read
         return
     try:
-        signature.bind(None, None)
+        signature.bind(*[None] * count)
     except TypeError:
         raise UsageError(
-            f"{what} is called as {name}{arguments}, with two arguments; "
-            f"{_describe(function)} cannot take them. Give it the signature "
-            f"{arguments}."
+            f"{what} is called as {name}{arguments}, with {('one argument', 'two arguments')[count - 1]}; "
+            f"{_describe(function)} cannot take {('it', 'them')[count - 1]}. Give it the signature "
+            f"{arguments}{shape}."
         ) from None
 
 
@@ -3622,6 +3648,7 @@ class Store:
         """
         action = _action_from(type, payload, meta, id, actor)
         self._check_dispatchable()
+        _check_expect_seq(expect_seq)  # as dispatch() does: "4" or True is no seq
         if self._previewing and self._preview_thread == threading.get_ident():
             raise UsageError("preview() was called inside another preview() (from a "
                              "middleware or subscriber it runs): previews do not nest. "
@@ -3666,7 +3693,7 @@ class Store:
         counter for ids get ids that depend on which fork ran first.
         """
         _check_sources(clock, ids)
-        path = os.fspath(path)
+        path = _path_argument(path, "fork(path=...)")
         if path != ":memory:" and os.path.exists(path) and os.path.getsize(path):
             raise UsageError(f"fork(path={path!r}) needs a new file; that one has content.")
         with self._lock:
@@ -4613,6 +4640,7 @@ class Store:
         rebuild or reset_to from it is a UsageError).
         """
         reducer = self._require_reducer("verify()")
+        _check_progress(progress)
         with self._lock:
             self._check_open()
             integrity = _IntegrityCheck(self)
@@ -4786,6 +4814,7 @@ class Store:
         swap. If any event fails, nothing changes and the error names it.
         """
         self._require_reducer("rebuild()")
+        _check_progress(progress)
         self._check_writable("rebuild()")
         self._check_not_verifying("rebuild", "Rebuild")
         with self._lock:
@@ -4809,8 +4838,8 @@ class Store:
         if isinstance(seq, bool) or not isinstance(seq, int):
             raise UsageError(f"{name} must be a seq (int); received {_describe(seq)}.")
         if not 0 <= seq <= head:
-            raise UsageError(
-                f"{name}={seq} is outside the log: seqs run from 0 (before the first "
+            raise UsageError(  # (a number past any seq may be too long for str())
+                f"{name}={seq if seq < 2**63 else _describe(seq)} is outside the log: seqs run from 0 (before the first "
                 f"event) to the head, {head}."
             )
         return seq
@@ -4999,6 +5028,13 @@ def _check_sources(clock: Any, ids: Any) -> None:
                              f"{_describe(function)}.")
 
 
+def _check_progress(progress: Any) -> None:
+    """verify()'s and rebuild()'s progress=: checked before the replay, not after 1,000 events."""
+    if progress is not None and not callable(progress):
+        raise UsageError(f"progress must be a function progress(seq), or None; received "
+                         f"{_describe(progress)}.")
+
+
 def _stale(expect_seq: int, head: int) -> Conflict:
     return Conflict(
         f"expect_seq={expect_seq} but the log's head is {head}: another dispatch came "
@@ -5008,7 +5044,7 @@ def _stale(expect_seq: int, head: int) -> Conflict:
 
 def _check_expect_seq(expect_seq: Any) -> None:
     if expect_seq is not None and (isinstance(expect_seq, bool) or not isinstance(expect_seq, int)
-                                   or expect_seq < 0):
+                                   or not 0 <= expect_seq < 2**63):  # no seq is larger
         raise UsageError(
             f"expect_seq is the seq you last saw (an int >= 0) or None; received "
             f"{_describe(expect_seq)}."
@@ -6177,6 +6213,10 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
         raise UsageError(f"authorize() takes a dict of event type -> predicate(actor, event); "
                          f"received {_describe(rules)}.")
     for kind, predicate in rules.items():
+        if not isinstance(kind, str):  # a tuple of types, None: a rule that never applies
+            raise UsageError(f"authorize() rules are keyed by one event type (a str, or "
+                             f"'*'); received the key {_describe(kind)}. Give each type "
+                             f"its own entry.")
         if not callable(predicate):
             raise UsageError(f"authorize() rules map an event type to predicate(actor, event) "
                              f"-> bool; {kind!r} maps to {_describe(predicate)}. For a type "
@@ -6839,10 +6879,12 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
             raise UsageError(f"Pass either app= or {', '.join(given)}, not both.")
         schema, reducer, middleware = app.schema, app.reducer, app.middleware
         version, upcasters = app.version, app.upcasters
-    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
-        raise UsageError(f"path must be a str path or ':memory:'; received {_describe(path)}.")
-    path = os.fspath(path)
-    _check_path(path)
+    path = _path_argument(path, "path")
+    if schema is not None:  # also for a file that exists, where it is compared, not run
+        _check_schema_text(schema)
+    for name, flag in (("adopt", adopt), ("readonly", readonly)):
+        if not isinstance(flag, bool):  # "no" would be true
+            raise UsageError(f"{name} must be True or False; received {_describe(flag)}.")
     if not isinstance(durability, str) or durability not in _DURABILITY:
         raise UsageError(
             f"durability must be 'full' or 'normal'; received {_describe(durability)}."
@@ -6864,6 +6906,9 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
             f"middleware must be a list of functions store -> next -> event -> result; "
             f"received {_describe(middleware)}. Pass a list, e.g. middleware=[logger]."
         )
+    for m in middleware:
+        _check_takes(m, 1, "A middleware", "(store)", "middleware",
+                     " that returns wrap(next), which returns handle(event)")
     version = _json_version(version)  # kept as stored, as payloads are: (1, 2) is [1, 2]
     _make_upcaster(upcasters)  # validates the dict early
     foreign = None if readonly else _foreign_database(path)
@@ -6892,7 +6937,19 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
         raise
 
 
+def _path_argument(path: Any, name: str) -> str:
+    """open()'s and fork()'s path: a str (or os.PathLike of one) naming a file, checked."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise UsageError(f"{name} must be a str path or ':memory:'; received {_describe(path)}.")
+    text: str = os.fspath(path)
+    _check_path(text)
+    return text
+
+
 def _check_path(path: str) -> None:
+    if "\0" in path:  # else os and sqlite3 each fail with their own ValueError
+        raise UsageError(f"path {path!r} contains a NUL character, which no file name "
+                         f"may hold; check how the path was built.")
     if path == "" or os.path.isdir(path):
         raise UsageError(f"path must name a file (or be ':memory:'); {path!r} is "
                          f"{'a directory' if path else 'empty'}.")
@@ -7129,6 +7186,9 @@ class Scenario:
         message matches ``match``, a regex)."""
         if self._outcome is None:
             raise UsageError("Call when(event) before then_rejected().")
+        if match is not None and not isinstance(match, str):
+            raise UsageError(f"then_rejected(match=...) is a regular expression (a str) or "
+                             f"None; received {_describe(match)}.")
         event, error = self._outcome
         if not isinstance(error, (Rejected, Forbidden)):
             got = (f"{type(error).__name__}: {error}" if error else f"accepted as seq {event.seq}"

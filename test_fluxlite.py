@@ -8295,3 +8295,175 @@ def test_afollow_drops_a_batch_that_a_reset_erased_as_follow_does():
     assert asyncio.run(follow()) == [(2, 2), (2, 20)]
     store.close()
     saved.close()
+
+
+# --- misuse review: wrong arguments get a FluxliteError that says what to do ---------
+
+
+@pytest.mark.parametrize("expect_seq", ["1", True, 1.0, -1])
+def test_preview_checks_expect_seq_as_dispatch_does(store, expect_seq):
+    # Found by review: preview() did not check expect_seq, so expect_seq="1" was a
+    # Conflict ("another dispatch came first"), True or 1.0 at head 1 passed, and
+    # 10**5000 a raw ValueError, where dispatch() says the value is no seq.
+    add(store, "ann")
+    before = snapshot(store)
+    for call in (store.preview, store.dispatch):
+        with pytest.raises(fluxlite.UsageError, match="expect_seq is the seq you last saw"):
+            call("addUser", {"name": "bob"}, expect_seq=expect_seq)
+    assert snapshot(store) == before
+
+
+@pytest.mark.parametrize("call", [
+    lambda users: users.insert("ann"),
+    lambda users: users.insert(5),
+    lambda users: users.upsert(["name", "ann"]),
+    lambda users: users.update("ann", "admin"),
+])
+def test_table_change_builders_refuse_a_row_that_is_not_a_dict(store, call):
+    # Found by review: users.insert("ann") raised a raw ValueError ("dictionary update
+    # sequence element #0 has length 1; 2 is required"), insert(5) a TypeError; in a
+    # reducer, a ReducerError wrapping them.
+    with pytest.raises(fluxlite.ChangesetError, match=r"users\.\w+\(\) takes the .* as a dict "
+                                                       r"of column -> value or as keyword"):
+        call(store.view.users)
+    add(store, "ann")
+    before = snapshot(store)
+    store._reducer = lambda view, event: call(view.users)
+    with pytest.raises(fluxlite.ChangesetError, match="Write e.g."):
+        store.dispatch("x")
+    assert snapshot(store) == before
+
+
+@pytest.mark.parametrize("schema", [["CREATE TABLE t (id INTEGER PRIMARY KEY)"], 5, b"x"])
+def test_open_refuses_a_schema_that_is_not_text_also_for_an_existing_file(tmp_path, schema):
+    # Found by review: only a new file's schema was checked; for an existing store a
+    # list of statements was a raw AttributeError ('list' object has no attribute
+    # 'lstrip'), 5 a TypeError.
+    path = str(tmp_path / "s.db")
+    fluxlite.open(path, schema=SCHEMA, reducer=reducer).close()
+    before = _file_dump(path)
+    with pytest.raises(fluxlite.SchemaError, match="schema must be SQL text"):
+        fluxlite.open(path, schema=schema, reducer=reducer)
+    assert _file_dump(path) == before
+
+
+def _file_dump(path):
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return list(conn.iterdump())
+
+
+@pytest.mark.parametrize("target, message", [
+    (None, "must be a str path"),
+    (b"copy.db", "must be a str path"),
+    ("", "is empty"),
+    ("a\0b.db", "NUL character"),
+    (os.path.join("no", "such", "dir.db"), "does not exist; create it first"),
+])
+def test_fork_checks_its_path_as_open_does(store, tmp_path, monkeypatch, target, message):
+    # Found by review: fork(None) was a raw TypeError, fork(b"...") "can't concat str
+    # to bytes", fork("") a SchemaError about WAL mode, and a NUL a raw ValueError.
+    monkeypatch.chdir(tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    with pytest.raises(fluxlite.UsageError, match=message):
+        store.fork(target)
+    assert sorted(os.listdir(tmp_path)) == files
+
+
+@pytest.mark.parametrize("opener", [
+    lambda path: fluxlite.open(path, schema=SCHEMA, reducer=reducer),
+    lambda path: fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer).replay(into=path),
+])
+def test_a_path_with_a_nul_character_is_a_usage_error(opener):
+    # Found by review: os and sqlite3 raised their own ValueError ("embedded null byte").
+    with pytest.raises(fluxlite.UsageError, match="contains a NUL character"):
+        opener("store\0.db")
+
+
+def test_a_middleware_that_cannot_take_the_store_is_refused_at_open(path):
+    # Found by review: a middleware written as (store, next, event) failed at open()
+    # with a raw TypeError ("missing 2 required positional arguments").
+    def logger(store, next, event):
+        return next(event)
+
+    with pytest.raises(fluxlite.UsageError, match=r"called as middleware\(store\), with one "
+                                                   r"argument.*returns wrap\(next\)"):
+        fluxlite.open(path, schema=SCHEMA, reducer=reducer, middleware=[logger])
+    if path != ":memory:":
+        assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("method", ["verify", "rebuild"])
+def test_verify_and_rebuild_check_progress_before_replaying(path, method):
+    # Found by review: progress="yes" was taken, and raised a raw TypeError ('str'
+    # object is not callable) after the first 1,000 events had been replayed.
+    with fluxlite.open(path, schema="CREATE TABLE t (id INTEGER PRIMARY KEY)",
+                       reducer=lambda view, e: view.t.insert(id=e.payload)) as s:
+        s.dispatch_many([{"type": "x", "payload": i} for i in range(1001)])
+        before = snapshot(s)
+        with pytest.raises(fluxlite.UsageError, match="progress must be a function"):
+            getattr(s, method)(progress="yes")
+        assert snapshot(s) == before
+
+
+@pytest.mark.parametrize("option", ["adopt", "readonly"])
+def test_open_flags_must_be_bools(tmp_path, option):
+    # Found by review: adopt="no" adopted a foreign database (and readonly="no" opened
+    # read-only): any truthy value counted, where history(reverse=) refuses non-bools.
+    path = str(tmp_path / "foreign.db")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT, "
+                     "logins INTEGER NOT NULL DEFAULT 0)")
+        conn.execute("INSERT INTO users (name) VALUES ('ann')")
+        conn.commit()
+    before = _file_dump(path)
+    with pytest.raises(fluxlite.UsageError, match=f"{option} must be True or False; "
+                                                   f"received 'no'"):
+        fluxlite.open(path, schema="CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT, "
+                      "logins INTEGER NOT NULL DEFAULT 0)", reducer=reducer, **{option: "no"})
+    assert _file_dump(path) == before
+
+
+@pytest.mark.parametrize("key", [("addUser", "removeUser"), None, 1])
+def test_authorize_rules_are_keyed_by_one_event_type(key):
+    # Found by review: a tuple of types (or None) as a key was taken, and the rule
+    # never applied (with default="allow", every such event passed).
+    with pytest.raises(fluxlite.UsageError, match="keyed by one event type"):
+        fluxlite.authorize({key: lambda actor, event: False}, default="allow")
+
+
+def test_then_rejected_match_must_be_a_regex():
+    # Found by review: then_rejected(match=1) raised re's raw TypeError.
+    def refusing(view, event):
+        raise fluxlite.Rejected("no")
+
+    with fluxlite.scenario(SCHEMA, refusing) as sc:
+        sc.when(("x", {}))
+        with pytest.raises(fluxlite.UsageError, match=r"then_rejected\(match=...\) is a "
+                                                       r"regular expression"):
+            sc.then_rejected(1)
+        sc.then_rejected("no")
+
+
+@pytest.mark.parametrize("params", ["ann", "a", 5, None, b"a", {"ann"}])
+def test_query_params_must_be_a_sequence_or_a_dict(store, params):
+    # Found by review: a str was bound character by character ("a" found the row 'a',
+    # "ann" failed with "3 supplied"), and 5 or None said only "parameters are of
+    # unsupported type".
+    add(store, "a")
+    with pytest.raises(fluxlite.QueryError, match=r"params are a list or tuple .* For one "
+                                                   r"value, write \(value,\)"):
+        store.query("SELECT * FROM users WHERE name = ?", params)
+    assert store.query("SELECT name FROM users WHERE name = ?", ("a",)) == [{"name": "a"}]
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: s.dispatch("addUser", {"name": "bob"}, expect_seq=10**5000),
+    lambda s: s.at(10**5000),
+    lambda s: s.changes(10**5000),
+    lambda s: s.replay(10**5000),
+])
+def test_a_seq_too_long_to_show_is_a_usage_error(store, call):
+    # Found by review: a ValueError from str() ("Exceeds the limit (4300 digits)")
+    # while the error message was being written.
+    with pytest.raises(fluxlite.UsageError):
+        call(store)
