@@ -4285,6 +4285,7 @@ class Store:
             raise UsageError(f"subscribe() needs a callable; received {_describe(listener)}.")
         entry = (listener, _type_filter(types))
         with self._lock:
+            self._check_open()  # a closed store commits nothing: the listener would never hear
             self._subscribers.append(entry)
 
         def unsubscribe() -> None:

@@ -8467,3 +8467,11 @@ def test_a_seq_too_long_to_show_is_a_usage_error(store, call):
     # while the error message was being written.
     with pytest.raises(fluxlite.UsageError):
         call(store)
+
+
+def test_subscribe_to_a_closed_store_is_a_usage_error(tmp_path):
+    store = fluxlite.open(str(tmp_path / "s.db"), schema="CREATE TABLE t (k TEXT PRIMARY KEY)",
+                          reducer=lambda view, event: None)
+    store.close()
+    with pytest.raises(fluxlite.UsageError, match="closed"):
+        store.subscribe(lambda event, changes: None)
