@@ -1653,8 +1653,9 @@ class _Model:
     def query(self, sql: str, params: Any = ()) -> List[Dict[str, Any]]:
         if not isinstance(sql, str):
             raise QueryError(f"query() takes SQL text; received {_describe(sql)}.")
-        if isinstance(params, (str, bytes, bytearray)) or \
-                not isinstance(params, (_Mapping, collections.abc.Sequence)):
+        if params.__class__ not in (tuple, list, dict) and (  # (the usual ones first)
+                isinstance(params, (str, bytes, bytearray))
+                or not isinstance(params, (_Mapping, collections.abc.Sequence))):
             # sqlite3 would bind "a" as ("a",) but fail on "ab", and say nothing useful of 5
             raise QueryError(
                 f"query() params are a list or tuple (one value per ?) or a dict (for "
@@ -2565,7 +2566,8 @@ class Table:
     # change builders
     def _values(self, row: Optional[Mapping[str, Any]], columns: Dict[str, Any],
                 op: str) -> Dict[str, Any]:
-        if row is not None and not isinstance(row, _Mapping):  # else dict() says it obscurely
+        if row is not None and row.__class__ is not dict and not isinstance(row, _Mapping):
+            # (dict() would say it obscurely; a dict is asked about first: the hot path)
             example = "update(key, role='admin')" if op == "update" else f"{op}(name='Ann')"
             raise ChangesetError(
                 f"{self._info.name}.{op}() takes the {'columns to set' if op == 'update' else 'row'} "
