@@ -7247,16 +7247,15 @@ def test_spacing_between_two_separate_operators_is_no_schema_change(tmp_path):
 
 # "Text past SQLite's length limit is a fluxlite error": not on the read paths that
 #    bind the caller's text (event(id), events(types=)): a raw sqlite3.DataError escapes.
-def test_an_id_past_sqlites_length_limit_in_a_read_is_a_fluxlite_error():
-    if not hasattr(sqlite3.Connection, "setlimit"):  # before 3.11: no way to lower it
-        return
-    with fluxlite.open(":memory:", schema=ONE_X, reducer=set_x) as store:
-        store.dispatch("set", 1)
-        store._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 5000)
-        # no event has an id or type that long: nothing found, as for any unknown one
-        assert store.event("a" * 6000) is None
-        assert list(store.events(types="a" * 6000)) == []
-        assert [e.seq for e in store.events(types=["set", "a" * 6000])] == [1]
+if hasattr(sqlite3.Connection, "setlimit"):  # before 3.11: no way to lower the limit
+    def test_an_id_past_sqlites_length_limit_in_a_read_is_a_fluxlite_error():
+        with fluxlite.open(":memory:", schema=ONE_X, reducer=set_x) as store:
+            store.dispatch("set", 1)
+            store._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 5000)
+            # no event has an id or type that long: nothing found, as for any unknown one
+            assert store.event("a" * 6000) is None
+            assert list(store.events(types="a" * 6000)) == []
+            assert [e.seq for e in store.events(types=["set", "a" * 6000])] == [1]
 
 
 # conftest: -k is a selection too; a slow test named with -k is silently deselected
@@ -7920,15 +7919,12 @@ def test_a_combined_reducer_naming_a_missing_table_is_refused_before_anything_ch
     old = "CREATE TABLE users (id TEXT PRIMARY KEY, name TEXT)"
     fluxlite.open(path, schema=old, reducer=lambda view, e: None, adopt=True).close()
 
-    def dump():
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            return list(conn.iterdump())
 
-    before = dump()
+    before = _file_dump(path)
     with pytest.raises(fluxlite.SchemaError, match="table 'users'.*Nothing was changed"):
         fluxlite.open(path, schema="CREATE TABLE people (id TEXT PRIMARY KEY, name TEXT)",
                       reducer={"users": lambda table, e: None}, version=2)
-    assert dump() == before
+    assert _file_dump(path) == before
     with fluxlite.open(path) as store:
         assert store.schema == old and store.version is None and store.view.tables == ["users"]
     new = str(tmp_path / "new.db")
@@ -8009,31 +8005,30 @@ def test_an_upcaster_may_not_dispatch_or_read_the_store_on_any_read_path(tmp_pat
             assert store.head == 1
 
 
-def test_a_table_too_big_for_one_baseline_event_is_refused_as_such(tmp_path, monkeypatch):
-    # Found by review: a table whose baseline passed SQLite's length limit (1 GB of JSON
-    # by default; lowered here) was refused as "could not be read as a fluxlite store".
-    if not hasattr(sqlite3.Connection, "setlimit"):  # before 3.11: no way to lower it
-        return
-    path = str(tmp_path / "big.db")
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
-        conn.executemany("INSERT INTO t VALUES (?, ?)", ((i, "x" * 20) for i in range(1000)))
-        conn.commit()
-        before = list(conn.iterdump())
-    connect = fluxlite._connect
+if hasattr(sqlite3.Connection, "setlimit"):  # before 3.11: no way to lower the limit
+    def test_a_table_too_big_for_one_baseline_event_is_refused_as_such(tmp_path, monkeypatch):
+        # Found by review: a table whose baseline passed SQLite's length limit (1 GB of JSON
+        # by default; lowered here) was refused as "could not be read as a fluxlite store".
+        path = str(tmp_path / "big.db")
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+            conn.executemany("INSERT INTO t VALUES (?, ?)", ((i, "x" * 20) for i in range(1000)))
+            conn.commit()
+            before = list(conn.iterdump())
+        connect = fluxlite._connect
 
-    def limited(*args, **kwargs):
-        conn = connect(*args, **kwargs)
-        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 10_000)
-        return conn
+        def limited(*args, **kwargs):
+            conn = connect(*args, **kwargs)
+            conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 10_000)
+            return conn
 
-    monkeypatch.setattr(fluxlite, "_connect", limited)
-    with pytest.raises(fluxlite.SchemaError, match="Cannot adopt table 't': its 1000 rows are "
-                                                   "one baseline event"):
-        fluxlite.open(path, schema="CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
-                      reducer=lambda view, e: None, adopt=True)
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        assert list(conn.iterdump()) == before
+        monkeypatch.setattr(fluxlite, "_connect", limited)
+        with pytest.raises(fluxlite.SchemaError, match="Cannot adopt table 't': its 1000 rows are "
+                                                       "one baseline event"):
+            fluxlite.open(path, schema="CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
+                          reducer=lambda view, e: None, adopt=True)
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert list(conn.iterdump()) == before
 
 
 @pytest.mark.parametrize("events", [1000, 1500, 2500])
