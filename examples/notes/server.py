@@ -21,13 +21,15 @@ HTTP API (JSON in, JSON out; errors are ``{"error": "..."}``):
     POST /api/command/editNoteTitle    {"id", "title", "base"?}
     POST /api/command/editNoteContent  {"id", "text", "base"?}
     POST /api/command/removeNote       {"id"}
-        200 {"event": ..., "changes": [...]}; 400 unknown command, invalid JSON or
-        a missing/invalid field; 403 not allowed; 409 rejected by the reducer
-        (no such note, the id exists, the note changed since ``base``) or an
-        Idempotency-Key reused for other content; 411 no Content-Length; 413 body
-        too large; 415 not ``Content-Type: application/json``; 503 the store is
-        busy (another writer held it; retry with the same Idempotency-Key) or
-        closing. Any other path is a 404.
+        200 {"event": ..., "changes": [...]}; 400 unknown command, invalid JSON,
+        a missing/invalid field, or a body not of its Content-Length; 403 not
+        allowed; 409 rejected by the reducer (no such note, the id exists, the
+        note changed since ``base``) or an Idempotency-Key reused for other
+        content; 411 no Content-Length; 413 body too large; 415 not
+        ``Content-Type: application/json``; 503 the store is busy (another
+        writer held it; retry with the same Idempotency-Key) or the server is
+        stopping (a command under way then is still answered). Any other path
+        is a 404.
         The user is the ``X-User`` header only, percent-encoded UTF-8 (so any
         name fits in it; raw non-ASCII is refused with 400). Anyone named may
         add and edit; only a note's author or "admin" may remove it.
@@ -275,12 +277,16 @@ class NotesServer(ThreadingHTTPServer):
     allow_reuse_address = os.name != "nt"
 
     def __init__(self, address, store, heartbeat, origins=()):
+        if ":" in address[0]:  # an IPv6 address (::1, ::): the stdlib's default is IPv4 only
+            self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
         self.store, self.heartbeat = store, heartbeat
         self.origins, self.hosts = set(origins), _hosts(self.server_address, origins)
         self.stopping = threading.Event()
         self._streams = 0
         self._streams_lock = threading.Lock()
+        self._using = 0  # requests between their first and last store call (not streams)
+        self._used = threading.Condition()
 
     @property
     def streams(self):
@@ -292,11 +298,38 @@ class NotesServer(ThreadingHTTPServer):
         with self._streams_lock:
             self._streams += delta
 
+    @contextlib.contextmanager
+    def using_store(self):
+        """The store, for one request's calls; 503 once the server is stopping.
+
+        close_store() waits for these: a command that has committed must still
+        read its changes and answer 200, not 503 as if it had failed.
+        """
+        with self._used:
+            if self.stopping.is_set():
+                raise ApiError(503, "The server is stopping; retry once it is back "
+                                    "(with the same Idempotency-Key, if you sent one).")
+            self._using += 1
+        try:
+            yield self.store
+        finally:
+            with self._used:
+                self._using -= 1
+                self._used.notify_all()
+
+    def close_store(self, wait=30.0):
+        """Refuse new requests, wait (up to ``wait`` seconds: a dispatch waits out
+        busy_timeout at most) for those using the store, then close it."""
+        with self._used:
+            self.stopping.set()
+            self._used.wait_for(lambda: self._using == 0, wait)
+        self.store.close()  # wakes every follower, so each stream ends now
+
     def close(self):
         """Stop serving (call from another thread than serve_forever), end streams, close."""
         self.stopping.set()
         self.shutdown()
-        self.store.close()  # wakes every follower, so each stream ends now
+        self.close_store()
         self.server_close()
 
 
@@ -341,6 +374,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self, method):
         self.body_read = False  # per request: a kept-alive connection reuses this handler
+        self.responded = False
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         if url.path.startswith("/api/command/"):
@@ -365,8 +399,13 @@ class Handler(BaseHTTPRequestHandler):
             pass  # the client left; nothing to answer
         except Exception as exc:  # a bug or a closed store: answer 500, keep serving
             log.exception("%s %s failed", method, _escape(self.path))
-            self.send_json(503 if isinstance(exc, fluxlite.UsageError) else 500,
-                           {"error": f"Internal error: {type(exc).__name__}."})
+            if not self.responded:  # else (a stream) the connection just ends
+                self.send_json(503 if isinstance(exc, fluxlite.UsageError) else 500,
+                               {"error": f"Internal error: {type(exc).__name__}."})
+
+    def send_response(self, code, message=None):
+        self.responded = True  # a second status line would land inside this response
+        super().send_response(code, message)
 
     def send_error(self, code, message=None, explain=None):
         """The stdlib's own refusals (an unknown method, a malformed request line) as
@@ -478,17 +517,22 @@ class Handler(BaseHTTPRequestHandler):
                                 f"{content_type[:80]!r}. Send the body as JSON with that header.")
 
     def read_json(self):
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            length = -1
-        if length < 0:
+        value = self.single_header("Content-Length")  # twice: 400, whichever is right
+        if value is None:  # chunked, say: not read by this HTTP/1.0 server
             raise ApiError(411, "Send the JSON body with a Content-Length.")
+        if not re.fullmatch(r"[0-9]+", value.strip()):  # int() takes "-5", "+5", "1_0"
+            raise ApiError(400, f"Content-Length must be the body's size in bytes (digits "
+                                f"only); received {value[:40]!r}.")
+        length = int(value)
         if length > MAX_BODY:
             raise ApiError(413, f"The body must be at most {MAX_BODY} bytes.")  # drained
         self.body_read = True
+        body = self.rfile.read(length)
+        if len(body) < length:  # the client stopped sending: what came is not the command
+            raise ApiError(400, f"The body ended after {len(body)} of the {length} bytes its "
+                                f"Content-Length announced; send it whole.")
         try:
-            return json.loads(self.rfile.read(length).decode("utf-8"))
+            return json.loads(body.decode("utf-8"))
         except (ValueError, RecursionError):
             raise ApiError(400, "The body is not valid JSON.") from None
 
@@ -500,31 +544,33 @@ class Handler(BaseHTTPRequestHandler):
         payload = command_payload(name, self.read_json() if name in COMMANDS else {})
         actor = self.actor()
         event_id = scoped_event_id(actor, self.single_header("Idempotency-Key"))
-        store = self.server.store
-        try:
-            event = store.dispatch(name, payload, actor=actor, id=event_id)
-        except fluxlite.FluxliteError as exc:
-            status = next((s for kind, s in STATUS if isinstance(exc, kind)), None)
-            if status is None:
-                raise
-            hint = (" Name yourself: send the X-User header (percent-encoded); ?user= is not read."
-                    if status == 403 and actor is None else "")
-            raise ApiError(status, str(exc) + hint) from None
-        changes = [c.to_dict() for c in store.changes(event.seq)]
+        with self.server.using_store() as store:  # close() waits for the answer
+            try:
+                event = store.dispatch(name, payload, actor=actor, id=event_id)
+            except fluxlite.FluxliteError as exc:
+                status = next((s for kind, s in STATUS if isinstance(exc, kind)), None)
+                if status is None:
+                    raise
+                hint = (" Name yourself: send the X-User header (percent-encoded); ?user= is "
+                        "not read." if status == 403 and actor is None else "")
+                raise ApiError(status, str(exc) + hint) from None
+            changes = [c.to_dict() for c in store.changes(event.seq)]
         self.send_json(200, {"event": event.to_dict(), "changes": changes})
 
     def api_notes(self):
-        store = self.server.store
-        while True:  # the notes and the seq they are as of, from one moment
-            seq = store.head
-            rows = store.query("SELECT * FROM notes ORDER BY created_at, id")
-            if store.head == seq:
-                return self.send_json(200, {"seq": seq, "notes": rows})
+        with self.server.using_store() as store:
+            while True:  # the notes and the seq they are as of, from one moment
+                seq = store.head
+                rows = store.query("SELECT * FROM notes ORDER BY created_at, id")
+                if store.head == seq:
+                    break
+        self.send_json(200, {"seq": seq, "notes": rows})
 
     def api_events(self, query):
         after = _int_param(query, "after", 0)
         limit = min(_int_param(query, "limit", 100), 1000)
-        events = [e.to_dict() for e in self.server.store.events(after=after, limit=limit)]
+        with self.server.using_store() as store:
+            events = [e.to_dict() for e in store.events(after=after, limit=limit)]
         self.send_json(200, {"events": events})
 
     def index_page(self):
@@ -643,18 +689,24 @@ def main(argv=None):
         origins = _origins(args.origin)
     except ValueError as exc:
         parser.error(str(exc))
-    httpd, store = make_server(args.db, port=args.port, host=args.host, origins=origins)
+    try:
+        httpd, store = make_server(args.db, port=args.port, host=args.host, origins=origins)
+    except fluxlite.FluxliteError as exc:  # not a store, no such directory, ...
+        parser.exit(1, f"{parser.prog}: cannot open --db {args.db!r}: {exc}\n")
+    except (OSError, OverflowError) as exc:  # the port is taken, no such host, port > 65535
+        parser.exit(1, f"{parser.prog}: cannot listen on --host {args.host} --port {args.port}: "
+                       f"{str(exc).rstrip('.')}. Choose another port (0: any free one) or host.\n")
     signal.signal(signal.SIGTERM, _stop)  # `kill` stops it as cleanly as Ctrl-C
     try:
         host, port = httpd.server_address[:2]
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
         print(f"Notes on http://{host}:{port}/  (store: {os.path.abspath(args.db)}, "
               f"{store.head} events). Ctrl-C stops.", flush=True)
         httpd.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        httpd.stopping.set()
-        store.close()
+        httpd.close_store()  # after the commands under way have answered
         httpd.server_close()
 
 

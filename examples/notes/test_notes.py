@@ -553,3 +553,133 @@ def test_an_idle_stream_gets_heartbeats_and_closing_the_server_ends_it(app, stre
     app.httpd.close()
     with pytest.raises(EOFError):
         client.next()
+
+
+# -- stopping ---------------------------------------------------------------------------
+
+def test_a_command_committed_while_the_server_stops_is_answered_200(app, caplog):
+    # The command has committed (a subscriber hears it) but not answered yet when
+    # close() starts: the store must stay open until it has answered.
+    committed, answer = threading.Event(), threading.Event()
+    app.store.subscribe(lambda event, changes: (committed.set(), answer.wait(5)))
+    result = []
+    sender = threading.Thread(target=lambda: result.append(app.command("addNote", NOTE)))
+    sender.start()
+    assert committed.wait(5)
+    closer = threading.Thread(target=app.httpd.close)
+    closer.start()
+    wait_until(lambda: app.httpd.stopping.is_set())
+    time.sleep(0.2)  # the store would be closed by now
+    answer.set()
+    sender.join(5)
+    closer.join(5)
+    assert not closer.is_alive()
+    [(status, body)] = result
+    assert status == 200 and body["event"]["seq"] == 1 and body["changes"][0]["op"] == "insert"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- starting -----------------------------------------------------------------------------
+
+def ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def _loopback_ipv6():
+    """Whether this machine has ::1 (a container may run without IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+if _loopback_ipv6():  # else there is no IPv6 address to serve on
+    def test_the_server_serves_on_an_ipv6_address(tmp_path):
+        httpd, store = notes_server.make_server(str(tmp_path / "notes.db"), host="::1")
+        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                  daemon=True)
+        thread.start()
+        try:
+            port = httpd.server_address[1]
+            conn = http.client.HTTPConnection("::1", port, timeout=5)
+            conn.request("GET", "/api/notes", headers={"Host": f"[::1]:{port}"})
+            response = conn.getresponse()
+            assert (response.status, json.loads(response.read())) == (200, {"seq": 0, "notes": []})
+            conn.close()
+        finally:
+            httpd.close()
+            thread.join(5)
+
+
+def test_a_taken_port_or_a_file_that_is_no_store_is_a_clear_message(tmp_path):
+    def start(*args):
+        return subprocess.run([sys.executable, notes_server.__file__, *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    (tmp_path / "other.db").write_text("not a database")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args, message in [(["--port", port], "cannot listen on --host 127.0.0.1 --port"),
+                              (["--port", "99999"], "port must be 0-65535"),
+                              (["--db", "other.db", "--port", "0"], "cannot open --db 'other.db'")]:
+            result = start(*args)
+            assert result.returncode == 1 and message in result.stderr, (args, result.stderr)
+            assert "Traceback" not in result.stderr, args
+    with notes_server.open_store(str(tmp_path / "notes.db")) as store:  # closed again
+        assert store.head == 0
+
+
+def test_a_body_shorter_than_its_content_length_is_refused(app):
+    body = json.dumps(NOTE).encode()
+    with socket.create_connection(("127.0.0.1", app.port), timeout=5) as sock:
+        sock.sendall(b"POST /api/command/addNote HTTP/1.0\r\nHost: 127.0.0.1:%d\r\n"
+                     b"Content-Type: application/json\r\nX-User: alice\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (app.port, len(body) + 10, body))
+        sock.shutdown(socket.SHUT_WR)  # 10 bytes short: the client gave up, say
+        answer = sock.makefile("rb").read()
+    head, _, data = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400 ") and "Content-Length" in json.loads(data)["error"]
+    assert app.store.head == 0
+
+
+def test_a_malformed_content_length_is_a_400_and_a_missing_one_a_411(app):
+    own = {"Host": f"127.0.0.1:{app.port}", "Content-Type": "application/json",
+           "X-User": "alice"}
+    body = json.dumps(NOTE).encode()
+    for lengths, expected in [(["-5"], 400), (["abc"], 400), (["+%d" % len(body)], 400),
+                              (["2", str(len(body))], 400), ([], 411)]:
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=5)
+        conn.putrequest("POST", "/api/command/addNote", skip_host=True)
+        for name, value in own.items():
+            conn.putheader(name, value)
+        for length in lengths:
+            conn.putheader("Content-Length", length)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        error = json.loads(response.read())["error"]
+        conn.close()
+        assert (response.status, "Content-Length" in error) == (expected, True), lengths
+    assert app.store.head == 0
+
+
+def test_an_error_in_the_middle_of_a_stream_ends_it_without_a_second_response(app, streams):
+    assert app.command("addNote", NOTE)[0] == 200
+    client = streams(app, query="?after=0")
+    assert client.next()[0] == 1
+    # Another process rebuilds the model with new code: this server's store may no
+    # longer read the log (SchemaError), in the middle of the stream.
+    fluxlite = notes_server.fluxlite
+    fluxlite.open(app.store.path, schema=notes_server.SCHEMA, reducer=notes_server.REDUCER,
+                  version=2).close()
+    rest = client.file.read()  # until the server ends the stream
+    assert b"HTTP/1." not in rest and b"Internal error" not in rest, rest
