@@ -4721,6 +4721,7 @@ class Store:
         _check_path(file)
         present = _present(file) if file != ":memory:" else {}
         created = file != ":memory:" and not present[""]
+        blank: Optional[_Checkpoint] = None
         if not created and file != ":memory:" and os.path.getsize(file) > 0:
             # Looked at read-only first: opening it with this store's schema would
             # rebuild its read model before its events could be counted.
@@ -4730,8 +4731,10 @@ class Store:
                         f"replay(into={file!r}) needs a new or empty store; that one "
                         f"already has {existing.head} events. Pass a new path."
                     )
+                # Copied now, before that rebuild: an empty store of another schema
+                # gets its own tables back if this fails.
+                blank = existing.checkpoint()
         target: Optional[Store] = None
-        blank: Optional[_Checkpoint] = None
         after = 0
         try:
             # This store's own schema: accepted once, so not judged by rules added since.
@@ -4740,7 +4743,7 @@ class Store:
                 middleware=self._middleware, durability=self._durability,
                 version=self._version, upcasters=self._upcasters, adopt=False,
                 clock=self._clock, ids=self._ids, new_schema=False)
-            if not created and file != ":memory:":  # a file that was there: put back if this fails
+            if blank is None and not created and file != ":memory:":  # a 0-byte file
                 blank = target.checkpoint()
             outside = _outside_references(target._conn, list(target._model.tables))
             if outside:  # the copy has no such tables to check against (as a replay's scratch)
@@ -4773,20 +4776,23 @@ class Store:
                 target._conn.execute("PRAGMA foreign_keys = ON")
         except BaseException:
             if target is not None:
-                if blank is not None and target.head:  # a part of the log would pass for a whole one
+                if blank is not None:  # a part of the log would pass for a whole one
                     try:
                         target._conn.execute("PRAGMA foreign_keys = ON")
-                        # Only if nobody else wrote since (reset_to() copies the whole
-                        # file back: another writer's acknowledged events would go too).
+                        # Only if nobody else wrote since (the copy goes back over the
+                        # whole file: another writer's acknowledged events would go too).
                         last = target._conn.execute(
                             "SELECT seq, id FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-                        with self._lock:
-                            ours = self._conn.execute(
-                                "SELECT seq, id FROM events WHERE seq = ?", (last[0],)).fetchone()
-                        if last != ours or last[0] > after:
-                            raise UsageError(f"another writer added events to {file!r} "
-                                             f"meanwhile (head {last[0]})")
-                        target.reset_to(blank)
+                        if last is not None:
+                            with self._lock:
+                                ours = self._conn.execute("SELECT seq, id FROM events "
+                                                          "WHERE seq = ?", (last[0],)).fetchone()
+                            if last != ours or last[0] > after:
+                                raise UsageError(f"another writer added events to {file!r} "
+                                                 f"meanwhile (head {last[0]})")
+                        # Not reset_to(): the copy may hold another schema (the file's own).
+                        with target._lock, blank.lock:
+                            blank.conn.backup(target._conn, progress=_refuse_locked)
                     except Exception as exc:  # the replay's error is the one to report
                         _log.warning("replay(into=%r) failed, and its copied events could "
                                      "not be removed: %s", file, exc)
@@ -5012,7 +5018,28 @@ class Store:
                 raise UsageError(f"Row {key!r} of {table!r} is already as it was {when}.")
         info = self._model.table(table)
         payload = {"table": table, "key": _key_json(info.key_of(row)), "row": row}
-        return self.dispatch(RESTORE, payload, actor=actor, meta=meta, id=id)
+        try:
+            return self.dispatch(RESTORE, payload, actor=actor, meta=meta, id=id)
+        except ChangesetError as exc:  # the schema refuses the old version among today's rows
+            if not isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise
+            raise ChangesetError(_restore_refused(table, key, when, exc.__cause__)) from exc
+
+
+def _restore_refused(table: str, key: Any, when: str, exc: sqlite3.IntegrityError) -> str:
+    """Why restore() could not bring a version back: the rows it met are today's,
+    so the fix is the user's (the changes are fluxlite's own, not a reducer's)."""
+    text = str(exc)
+    if "FOREIGN KEY" in text:
+        fix = ("it refers to a row that is gone now. Restore that row first "
+               "(store.restore() on the table it references), then this one")
+    elif "UNIQUE" in text or "PRIMARY KEY" in text:
+        fix = ("another row holds one of its UNIQUE values now. Change or delete "
+               "that row first, then restore this one")
+    else:
+        fix = "the schema refuses it among the rows there are now"
+    return (f"Row {key!r} of {table!r} cannot be restored as it was {when}: {fix} "
+            f"({text}). Nothing was written.")
 
 
 def _check_count(value: Any, name: str, rule: str, none: bool = False) -> None:

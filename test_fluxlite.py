@@ -8470,3 +8470,66 @@ def test_subscribe_to_a_closed_store_is_a_usage_error(tmp_path):
     store.close()
     with pytest.raises(fluxlite.UsageError, match="closed"):
         store.subscribe(lambda event, changes: None)
+
+
+def test_a_failed_replay_into_an_empty_store_of_another_schema_leaves_its_tables(tmp_path):
+    # Found by review: the target was opened with this store's schema (its read model
+    # rebuilt to ours) before the copy; a replay that failed then left the empty store
+    # with our tables instead of its own (and a failure in the first chunk was not
+    # even reset).
+    broken = {"now": False}
+
+    def failing(view, event):
+        if broken["now"] and event.payload == {"name": "c"}:
+            raise ValueError("boom")
+        return reducer(view, event)
+
+    other = str(tmp_path / "other.db")
+    fluxlite.open(other, schema="CREATE TABLE z (id INTEGER PRIMARY KEY)").close()
+    with fluxlite.open(str(tmp_path / "s.db"), schema=SCHEMA, reducer=failing) as store:
+        for name in "abcd":
+            add(store, name)
+        broken["now"] = True
+        with pytest.raises(fluxlite.ReducerError):
+            store.replay(into=other)
+    with fluxlite.open(other, readonly=True) as left:
+        assert left.head == 0
+        assert left.schema == "CREATE TABLE z (id INTEGER PRIMARY KEY)"
+        assert left.view.tables == ["z"]
+
+
+@pytest.mark.parametrize("deferred", ["", " DEFERRABLE INITIALLY DEFERRED"])
+def test_a_restore_the_rows_of_today_refuse_says_which_row_to_fix_first(tmp_path, deferred):
+    # Found by review: a restore of a row whose parent is gone (or whose UNIQUE value
+    # another row holds now) said "Check the reducer's values against the schema"
+    # and "insert a parent row before the rows that reference it": the changes are
+    # fluxlite's own, so the user was sent to a reducer that has nothing to fix.
+    schema = f"""CREATE TABLE p (id INTEGER PRIMARY KEY);
+                 CREATE TABLE c (id INTEGER PRIMARY KEY,
+                                 pid INTEGER REFERENCES p(id){deferred}, email TEXT UNIQUE)"""
+    with fluxlite.open(str(tmp_path / "s.db"), schema=schema, reducer=payload_changes) as store:
+        store.dispatch("x", [dict(op="insert", table="p", values={"id": 1}),
+                             dict(op="insert", table="c", values={"id": 1, "pid": 1,
+                                                                  "email": "a"})])
+        store.dispatch("x", [dict(op="delete", table="c", key=1),
+                             dict(op="delete", table="p", key=1)])
+        before = snapshot(store)
+        with pytest.raises(fluxlite.ChangesetError,
+                           match=r"Row 1 of 'c' cannot be restored as it was before its "
+                                 r"deletion at seq 2: it refers to a row that is gone now\. "
+                                 r"Restore that row first"):
+            store.restore("c", 1)
+        assert snapshot(store) == before
+        store.restore("p", 1)
+        store.dispatch("x", [dict(op="insert", table="c", values={"id": 2, "pid": 1,
+                                                                  "email": "a"})])
+        before = snapshot(store)
+        with pytest.raises(fluxlite.ChangesetError,
+                           match=r"another row holds one of its UNIQUE values now\. Change "
+                                 r"or delete that row first.*c\.email"):
+            store.restore("c", 1, at=1)
+        assert snapshot(store) == before
+        store.dispatch("x", [dict(op="delete", table="c", key=2)])
+        store.restore("c", 1, at=1)
+        assert store.view.c.all() == [{"id": 1, "pid": 1, "email": "a"}]
+        store.verify()
