@@ -5506,6 +5506,11 @@ class Consumer:
         # end): only an event whose body raised or broke out comes again, not every
         # event yielded since the last ack (a worker polling in a with block).
         last = max(self.position, self._finished)
+        # A read that finds nothing new renews too: a worker polling a quiet log
+        # (`for event, changes in consumer:` in a loop) would otherwise lose its name
+        # to another process while it polls, and hit Conflict at its next event.
+        if time.monotonic() - self._renewed > self._lease / 3 and not self._renew():
+            return  # the store was closed
         for event, changes in source:
             if event.seq <= last:
                 continue

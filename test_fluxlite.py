@@ -8533,3 +8533,22 @@ def test_a_restore_the_rows_of_today_refuse_says_which_row_to_fix_first(tmp_path
         store.restore("c", 1, at=1)
         assert store.view.c.all() == [{"id": 1, "pid": 1, "email": "a"}]
         store.verify()
+
+
+def test_a_polling_consumer_keeps_its_lease_while_the_log_is_quiet(tmp_path):
+    # Found by review: only a yielded event renewed the lease, so a worker polling a
+    # quiet log (`for event, changes in consumer:` in a loop) lost its name to another
+    # process while it polled, and got Conflict at its next event.
+    path = str(tmp_path / "lease.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store, \
+            fluxlite.open(path, reducer=items_reducer) as elsewhere:
+        store.dispatch("put", {"id": "a", "n": 1})
+        worker = store.consumer("poller", lease=1.5)
+        for _ in range(12):  # 3 s of polls that find nothing new: twice the lease
+            for event, _ in worker:
+                worker.ack(event)
+            time.sleep(0.25)
+            with pytest.raises(fluxlite.Busy):
+                elsewhere.consumer("poller")  # still ours: polling renewed the lease
+        store.dispatch("put", {"id": "b", "n": 2})
+        assert [event.seq for event, _ in worker] == [2]  # no Conflict
