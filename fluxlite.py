@@ -1714,8 +1714,13 @@ class _Model:
         # Replay has no log, and its scratch file another schema (sqlite_master
         # names the log's tables, and other root pages): reducers read the model only.
         if (self.query_mode == 2 and action == _SQLITE_READ and arg1 not in self.tables
-                and arg1 not in ("json_each", "json_tree")):
+                and arg1 not in ("json_each", "json_tree")
+                and not (arg1 in ("sqlite_master", "sqlite_schema") and arg2 == "ROWID")):
             return sqlite3.SQLITE_DENY
+        # (SQLite reads sqlite_master's ROWID when json_each or json_tree is first used on
+        # a connection, as it builds the table: refused, a reducer's json_each failed on a
+        # new store, and in every replay's scratch. A query naming sqlite_master itself is
+        # still refused: SQLite also asks for the table, with the column '')
         return sqlite3.SQLITE_OK
 
     # -- writes --------------------------------------------------------------
@@ -2566,15 +2571,15 @@ class Table:
     # change builders
     def _values(self, row: Optional[Mapping[str, Any]], columns: Dict[str, Any],
                 op: str) -> Dict[str, Any]:
-        if row is not None and row.__class__ is not dict and not isinstance(row, _Mapping):
-            # (dict() would say it obscurely; a dict is asked about first: the hot path)
+        try:  # (what dict() takes: a mapping, a sqlite3.Row, pairs)
+            values = dict(row, **columns) if row else columns
+        except (TypeError, ValueError):  # dict() would say it obscurely
             example = "update(key, role='admin')" if op == "update" else f"{op}(name='Ann')"
             raise ChangesetError(
                 f"{self._info.name}.{op}() takes the {'columns to set' if op == 'update' else 'row'} "
                 f"as a dict of column -> value or as keyword arguments; received "
                 f"{_describe(row)}. Write e.g. {example}."
-            )
-        values = dict(row, **columns) if row else columns
+            ) from None
         self.view._model.check_columns(self._info, values, op)
         return values
 
@@ -3873,13 +3878,17 @@ class Store:
 
         def call(seq: int) -> None:
             self._reducing_thread = None
-            self._verify_progress_thread = threading.get_ident() if verifying else None
+            # Put back after: a verify() called from verify()'s progress= must not lift
+            # the outer one's rule when it returns.
+            outer_verify = self._verify_progress_thread
+            if verifying:
+                self._verify_progress_thread = threading.get_ident()
             outer, self._progress_thread = self._progress_thread, threading.get_ident()
             try:
                 progress(seq)
             finally:
                 self._progress_thread = outer
-                self._verify_progress_thread = None
+                self._verify_progress_thread = outer_verify
                 self._reducing_thread = threading.get_ident()
 
         return call

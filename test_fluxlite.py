@@ -8552,3 +8552,61 @@ def test_a_polling_consumer_keeps_its_lease_while_the_log_is_quiet(tmp_path):
                 elsewhere.consumer("poller")  # still ours: polling renewed the lease
         store.dispatch("put", {"id": "b", "n": 2})
         assert [event.seq for event, _ in worker] == [2]  # no Conflict
+
+
+def test_a_reducer_may_use_json_each_first_on_a_new_store(tmp_path):
+    # Found by review: SQLite reads sqlite_master's ROWID when json_each is first used
+    # on a connection, and the reducer's ban on sqlite_* tables refused that: a reducer
+    # reading its payload's list with json_each failed on a new store ("vtable
+    # constructor failed"), and in verify()'s and rebuild()'s scratch (a new connection).
+    def reducer(view, event):
+        rows = view.query("SELECT value FROM json_each(?)", (json.dumps(event.payload),))
+        tree = view.query("SELECT count(*) AS n FROM json_tree(?)", (json.dumps(event.payload),))
+        assert tree[0]["n"] > 0
+        return [view.tags.upsert({"name": row["value"]}) for row in rows]
+
+    path = str(tmp_path / "tags.db")
+    with fluxlite.open(path, schema="CREATE TABLE tags (name TEXT PRIMARY KEY)",
+                       reducer=reducer) as store:
+        store.dispatch("tagged", ["a", "b"])
+        assert store.view.tags.all() == [{"name": "a"}, {"name": "b"}]
+        store.verify()
+        store.rebuild()
+        with pytest.raises(fluxlite.QueryError, match="read-model tables"):
+            store._reducer = lambda view, event: view.query("SELECT rowid FROM sqlite_master")
+            store.dispatch("x")
+    with fluxlite.open(path, schema="CREATE TABLE tags (name TEXT PRIMARY KEY)",
+                       reducer=reducer, version=2) as store:  # a rebuild at open
+        assert store.view.tags.all() == [{"name": "a"}, {"name": "b"}]
+
+
+def test_verify_progress_may_not_write_after_a_nested_verify_returns(tmp_path):
+    # Found by review: a verify() called from verify()'s progress= cleared the rule
+    # (may read, not write) when its own progress= returned: the outer callback could
+    # then dispatch, and whether that works depends on the log's length again.
+    path = str(tmp_path / "nested.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch_many([{"type": "put", "payload": {"id": str(n), "n": n}}
+                             for n in range(1500)])
+        refused = []
+
+        def outer(seq):
+            store.verify(progress=lambda inner_seq: None)
+            with pytest.raises(fluxlite.UsageError, match="progress= callback may read"):
+                store.dispatch("put", {"id": "late", "n": 0})
+            refused.append(seq)
+        store.verify(progress=outer)
+        assert refused == [1000] and store.head == 1500
+        store.dispatch("put", {"id": "late", "n": 0})  # after verify() returned: fine
+
+
+def test_change_builders_still_take_what_dict_takes(store):
+    # The check that a row is a dict (found by review) first refused a sqlite3.Row and a
+    # list of (column, value) pairs, which dict() takes and the builders took before.
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        conn.row_factory = sqlite3.Row
+        row = conn.execute("SELECT 'ann' AS name, 'admin' AS role").fetchone()
+    users = store.view.users
+    assert users.insert(row).values == {"name": "ann", "role": "admin"}
+    assert users.upsert([("name", "bob")], role="x").values == {"name": "bob", "role": "x"}
+    assert users.insert((), name="cy").values == {"name": "cy"}
