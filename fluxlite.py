@@ -5199,6 +5199,10 @@ class _Checkpoint:
     def __init__(self, conn: sqlite3.Connection, seq: int) -> None:
         self.conn, self.seq = conn, seq
         self.lock = threading.Lock()  # held by reset_to() while it copies from conn
+        # A checkpoint dropped without close() (as test suites do) closes its copy:
+        # left to the collector, Python 3.13 warns "unclosed database", which
+        # -W error or pytest's filterwarnings=error makes a failure.
+        weakref.finalize(self, conn.close)
 
     def close(self) -> None:
         with self.lock:  # closing a connection SQLite is reading crashes the process
@@ -7136,7 +7140,10 @@ class Scenario:
         start = datetime(2000, 1, 1, tzinfo=timezone.utc)
         ticks = iter(range(1, 1 << 62))
         serial = iter(range(1, 1 << 62))
+        # Not self in the closure below: the finalizer (after open()) holds the store,
+        # whose reducer it is; a closure holding self would keep the scenario alive.
         self._returned_by_id: Dict[str, List[Change]] = {}
+        returned = self._returned_by_id
         root = combine(reducer) if isinstance(reducer, _Mapping) else reducer
         if not callable(root):
             raise UsageError(f"scenario() needs the reducer to test, a function (view, event) "
@@ -7144,7 +7151,7 @@ class Scenario:
 
         def recording(view: View, event: Event) -> Any:
             out = root(view, event)
-            self._returned_by_id[event.id] = _normalize_changes(out, event)
+            returned[event.id] = _normalize_changes(out, event)
             return out
 
         # open() checks the reducer it is given, here this wrapper: the checks it would
@@ -7158,6 +7165,11 @@ class Scenario:
                           middleware=middleware,
                           clock=lambda: start + timedelta(seconds=next(ticks)),
                           ids=lambda: f"event-{next(serial)}")
+        # The README's chain (scenario(...).given(...).when(...).then(...)) never
+        # closes it: its store closes when the scenario is collected. Left to the
+        # collector, Python 3.13 warns "unclosed database", which -W error or
+        # pytest's filterwarnings=error makes a failure.
+        weakref.finalize(self, self.store.close)
         self._outcome: Optional[Tuple[Optional[Event], Optional[BaseException]]] = None
         self._head_before = 0
 
@@ -7419,9 +7431,28 @@ def _print_rows(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[st
     return widths
 
 
+class _Nowhere:
+    """sys.stdout or sys.stderr when there is none (None under pythonw, in a
+    windowed app, or with the descriptor closed): what is written is dropped, as
+    print() drops it there."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _stdout() -> Any:
+    return sys.stdout if sys.stdout is not None else _Nowhere()
+
+
 def _progress(label: str, total: int) -> Optional[Callable[[int], None]]:
     """A progress bar on stderr, only when stderr is a terminal."""
-    if not sys.stderr.isatty() or total <= 0:
+    if sys.stderr is None or not sys.stderr.isatty() or total <= 0:
         return None
 
     def show(done: int) -> None:
@@ -7571,7 +7602,7 @@ def _cmd_tail(args: Any) -> int:
                         _print_events(row, True)
                     else:
                         widths = _print_more_events(row, widths)
-                    sys.stdout.flush()
+                    _stdout().flush()
                     if stop.is_set():
                         break
         except KeyboardInterrupt:
@@ -7638,7 +7669,7 @@ def _cmd_query(args: Any) -> int:
                                 f"or use --csv.") from None
             print(line)
     elif args.csv:
-        writer = csv.writer(sys.stdout, lineterminator="\n")  # text mode: the platform's own
+        writer = csv.writer(_stdout(), lineterminator="\n")  # text mode: the platform's own
         if rows:
             writer.writerow(rows[0].keys())
         writer.writerows([_blob_as_hex(v) if isinstance(v, bytes) else v for v in r.values()]
@@ -8069,23 +8100,43 @@ def _parser() -> Any:
     return parser
 
 
-def _output_in_utf8() -> None:
+def _output_in_utf8() -> List[Tuple[Any, str, Optional[str]]]:
     """Write UTF-8, whatever the locale says. On Windows a pipe or a file gets the
     ANSI code page: an event holding an emoji would fail to print, and one
-    holding "Zoë" would be exported in a form `import` (UTF-8) refuses."""
+    holding "Zoë" would be exported in a form `import` (UTF-8) refuses.
+    Returns what was changed, for _restore_output()."""
+    changed = []
     for stream in (sys.stdout, sys.stderr):
         encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
         # A file name that is not UTF-8 (held with surrogate escapes) is written as
         # its own bytes, as ls does: "strict" (a UTF-8 locale's) would fail on it.
-        errors = getattr(stream, "errors", None)
-        errors = "surrogateescape" if errors == "strict" else errors
-        if (encoding != "utf8" or errors != stream.errors) and hasattr(stream, "reconfigure"):
+        # (A host's own stream object may have write() and encoding, and no errors.)
+        current = getattr(stream, "errors", None)
+        errors = "surrogateescape" if current == "strict" else current
+        if (encoding != "utf8" or errors != current) and hasattr(stream, "reconfigure"):
+            changed.append((stream, stream.encoding, current))
             stream.reconfigure(encoding="utf-8", errors=errors)
+    return changed
+
+
+def _restore_output(changed: List[Tuple[Any, str, Optional[str]]]) -> None:
+    """main() called by a host program (fluxlite.main([...])) gives its streams
+    back as they were: its own later output stays in its own encoding."""
+    for stream, encoding, errors in changed:
+        with contextlib.suppress(Exception):  # closed, or a pipe gone: nothing to restore
+            stream.reconfigure(encoding=encoding, errors=errors)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The `fluxlite` command. Returns the exit status."""
-    _output_in_utf8()
+    changed = _output_in_utf8()
+    try:
+        return _main(argv)
+    finally:
+        _restore_output(changed)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = _parser().parse_args(argv)
     try:
         status: int = args.handler(args)
@@ -8110,7 +8161,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the CLI in the module applications import (`fluxlite`), not in this
-    # second copy called __main__, so their fluxlite.App is our App.
-    import fluxlite as _fluxlite
+    # Run the CLI in the module applications import (`fluxlite`, or the name that
+    # python -m was given: `myapp.vendor.fluxlite` for a vendored copy), not in this
+    # second copy called __main__, so their fluxlite.App is our App. Under python -I
+    # or -P (or PYTHONSAFEPATH) this file's folder is not on sys.path: when that
+    # import finds no copy, this one is the module they import.
+    import importlib
+    _name = "fluxlite" if __spec__ is None or __spec__.name == "__main__" else __spec__.name
+    try:
+        _fluxlite = importlib.import_module(_name)
+    except ImportError:
+        _fluxlite = sys.modules[_name] = sys.modules[__name__]
     raise SystemExit(_fluxlite.main())

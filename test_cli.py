@@ -814,3 +814,98 @@ def test_an_error_with_newlines_is_printed_whole_on_one_line(work):
     assert damaged.returncode == 1 and len(damaged.stderr.strip().splitlines()) == 1
     assert "*** in database main *** Main freelist: size is 0 but should be 7" in damaged.stderr
     assert "Restore the file from a backup." in damaged.stderr
+
+
+def test_a_vendored_copy_runs_as_a_script_under_python_I_and_P_and_inside_a_package(work):
+    """The __main__ block imported `fluxlite` to run in the module applications
+    import. Under python -I or -P this file's folder is not on sys.path, so that
+    import failed with a raw ModuleNotFoundError; a copy vendored inside a package
+    (python -m myapp.vendor.fluxlite) failed too, or found none of the app's."""
+    import shutil
+    shutil.copy(ROOT / "fluxlite.py", work / "fluxlite.py")  # the file alone, as vendored
+    flags = [["-I"]] + ([["-P"]] if sys.version_info >= (3, 11) else [])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for flag in flags:
+        result = subprocess.run([sys.executable, *flag, "fluxlite.py", "verify", "app.db",
+                                 "--app", "cliapp:APP"], cwd=work, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (flag, result.stderr)
+        assert "ok: replaying 5 events" in result.stdout
+    vendor = work / "myapp" / "vendor"
+    vendor.mkdir(parents=True)
+    (work / "myapp" / "__init__.py").write_text("")
+    (vendor / "__init__.py").write_text("")
+    shutil.copy(ROOT / "fluxlite.py", vendor / "fluxlite.py")
+    (work / "myapp" / "app.py").write_text(
+        APP_MODULE.replace("import fluxlite", "from myapp.vendor import fluxlite", 1))
+    (work / "fluxlite.py").unlink()  # no top-level copy to find
+    result = subprocess.run([sys.executable, "-m", "myapp.vendor.fluxlite", "verify", "app.db",
+                             "--app", "myapp.app:APP"], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "ok: replaying 5 events" in result.stdout
+
+
+def test_main_called_by_a_host_program_gives_its_streams_back(work):
+    """fluxlite.main([...]) writes UTF-8 whatever the locale says, but it left the
+    host's sys.stdout and sys.stderr reconfigured for good: a program writing
+    Latin-1 wrote UTF-8 after the call."""
+    host = ("import sys, fluxlite\n"
+            "before = [(s.encoding, s.errors) for s in (sys.stdout, sys.stderr)]\n"
+            "assert fluxlite.main(['query', 'app.db', \"SELECT 'Zo\\u00eb' AS n\"]) == 0\n"
+            "after = [(s.encoding, s.errors) for s in (sys.stdout, sys.stderr)]\n"
+            "print(before == after, after)\n"
+            "print('Zo\\u00eb')\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "latin-1"}
+    result = subprocess.run([sys.executable, "-c", host], cwd=work, env=env,
+                            capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "Zo\u00eb".encode("utf-8") in lines[2]  # the command's own output: UTF-8
+    assert lines[-2].startswith(b"True"), lines[-2]
+    assert lines[-1] == "Zo\u00eb".encode("latin-1")  # the host's, in its own encoding
+
+
+def test_commands_run_without_stdout_or_stderr_as_under_pythonw(work):
+    """Under pythonw, in a windowed (frozen) app, or with the descriptor closed,
+    sys.stdout and sys.stderr are None: print() drops the output, but verify and
+    rebuild asked None.isatty() for their progress bar and query --csv gave
+    csv.writer None: raw AttributeError and TypeError."""
+    host = ("import os, sys, fluxlite\n"
+            "sys.stdout = sys.stderr = None\n"
+            "codes = [fluxlite.main(argv) for argv in (\n"
+            "    ['verify', 'app.db', '--app', 'cliapp:APP'],\n"
+            "    ['rebuild', 'app.db', '--app', 'cliapp:APP'],\n"
+            "    ['query', 'app.db', 'SELECT * FROM users', '--csv'],\n"
+            "    ['log', 'app.db'], ['show', 'app.db', 'nothing'])]\n"
+            "os.write(1, repr(codes).encode())\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", host], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "[0, 0, 0, 0, 1]", result
+
+
+def test_commands_write_to_a_host_stream_with_encoding_and_no_errors(work):
+    """A host program (a GUI's console pane, a test harness) may put its own object
+    in sys.stdout: write() and flush(), an encoding, no errors attribute. main()
+    read stream.errors to decide whether to reconfigure it: a raw AttributeError
+    before the command ran."""
+    host = ("import sys, fluxlite\n"
+            "class Pane:\n"
+            "    encoding = 'utf-8'\n"
+            "    def __init__(self):\n"
+            "        self.parts = []\n"
+            "    def write(self, text):\n"
+            "        self.parts.append(text)\n"
+            "        return len(text)\n"
+            "    def flush(self):\n"
+            "        pass\n"
+            "pane = sys.stdout = Pane()\n"
+            "code = fluxlite.main(['query', 'app.db', 'SELECT name FROM users ORDER BY name'])\n"
+            "sys.stdout = sys.__stdout__\n"
+            "print(code, ''.join(pane.parts).split())\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", host], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "0 ['name', '------', 'barack', 'kamala']\n"

@@ -8610,3 +8610,59 @@ def test_change_builders_still_take_what_dict_takes(store):
     assert users.insert(row).values == {"name": "ann", "role": "admin"}
     assert users.upsert([("name", "bob")], role="x").values == {"name": "bob", "role": "x"}
     assert users.insert((), name="cy").values == {"name": "cy"}
+
+
+def test_a_checkpoint_dropped_without_close_closes_its_copy(tmp_path):
+    # The README's `saved = store.checkpoint()` never says close(): a checkpoint a
+    # test suite dropped left its in-memory copy to the collector, which Python 3.13
+    # reports as ResourceWarning "unclosed database" (an error under -W error, or
+    # pytest's filterwarnings=error). Run in a fresh interpreter under -X dev.
+    code = textwrap.dedent(f"""
+        import gc, sqlite3, fluxlite
+        with fluxlite.open({str(tmp_path / 'c.db')!r}, schema="CREATE TABLE t (k TEXT PRIMARY KEY)",
+                           reducer=lambda view, event: view.t.insert(k=event.payload)) as store:
+            saved = store.checkpoint()
+            store.dispatch("put", "a")
+            store.reset_to(saved)
+            copy = saved.conn
+            del saved
+            gc.collect()
+            try:
+                copy.execute("SELECT 1")
+            except sqlite3.ProgrammingError:
+                print("closed")
+            assert store.head == 0
+    """)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(fluxlite.__file__))}
+    result = subprocess.run([sys.executable, "-X", "dev", "-W", "error", "-c", code],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "closed\n", result
+    assert "ResourceWarning" not in result.stderr, result.stderr
+
+
+def test_a_scenario_chain_closes_its_store_when_dropped():
+    # The README's reducer tests chain scenario(...).given(...).when(...).then(...)
+    # and never close it: its in-memory store was left to the collector, which
+    # Python 3.13 reports as ResourceWarning "unclosed database" (a failed run
+    # under -W error, or pytest's filterwarnings=error). Run in a fresh interpreter.
+    code = textwrap.dedent("""
+        import gc, sqlite3, fluxlite
+        def reducer(view, event):
+            return view.items.insert(name=event.payload, n=0)
+        checked = (fluxlite.scenario("CREATE TABLE items (name TEXT PRIMARY KEY, n INTEGER)",
+                                     reducer)
+                   .given(("add", "a")).when(("add", "b"))
+                   .then_state("items", [{"name": "a"}, {"name": "b"}]))
+        conn = checked.store._conn
+        del checked
+        gc.collect()
+        try:
+            conn.execute("SELECT 1")
+        except sqlite3.ProgrammingError:
+            print("closed")
+    """)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(fluxlite.__file__))}
+    result = subprocess.run([sys.executable, "-X", "dev", "-W", "error", "-c", code],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "closed\n", result
+    assert "ResourceWarning" not in result.stderr, result.stderr
