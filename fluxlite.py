@@ -132,7 +132,7 @@ import time
 import urllib.parse
 import uuid
 import weakref
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import (
     Any,
     AsyncIterator,
@@ -2018,10 +2018,20 @@ def _check_query_param(value: Any, sql: str) -> None:
     """What SQLite cannot bind, said here: Python's sqlite3 can report a failed
     bind of a reused statement with the last error SQLite had (another query's)."""
     problem = None
-    if (type(value), sqlite3.PrepareProtocol) in sqlite3.adapters or \
+    adapter = sqlite3.adapters.get((type(value), sqlite3.PrepareProtocol))
+    if (adapter is not None and getattr(adapter, "__module__", None) != "sqlite3.dbapi2") or \
             getattr(value, "__conform__", None) is not None:
         return  # the user taught sqlite3 to bind it
-    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+    if isinstance(value, date):  # sqlite3's own adapter (deprecated since Python 3.12)
+        problem = (
+            "would be bound by sqlite3's default adapter (deprecated in Python 3.12) as "
+            "'YYYY-MM-DD HH:MM:SS', with a space, which does not compare with the log's ts "
+            "('2026-11-30T08:00:00.000000+00:00'): pass text, value.astimezone(timezone.utc)"
+            ".isoformat(timespec='microseconds') to compare with ts, or the text your "
+            "reducer stored" if isinstance(value, datetime) else
+            "would be bound by sqlite3's default adapter (deprecated in Python 3.12); "
+            "pass text: value.isoformat()")
+    elif isinstance(value, int) and not -(2**63) <= value < 2**63:
         problem = "is outside SQLite's 64-bit integers; pass it as text (str(value))"
     elif isinstance(value, str):
         try:

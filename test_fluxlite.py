@@ -8666,3 +8666,26 @@ def test_a_scenario_chain_closes_its_store_when_dropped():
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout == "closed\n", result
     assert "ResourceWarning" not in result.stderr, result.stderr
+
+
+def test_a_datetime_query_parameter_is_refused_unless_the_user_adapts_it(monkeypatch):
+    # Found by review: sqlite3's default adapter (deprecated in 3.12) binds a datetime
+    # with a space where the log's ts has a T, so `ts >= ?` with noon counted the
+    # morning's events too, silently (and under -W error, raised a raw warning).
+    store = fluxlite.open(":memory:", schema="CREATE TABLE t (k TEXT PRIMARY KEY)",
+                          reducer=lambda view, event: None,
+                          clock=iter(datetime(2026, 1, 1, h, tzinfo=timezone.utc)
+                                     for h in (8, 10, 14)).__next__)
+    for _ in range(3):
+        store.dispatch("tick")
+    noon = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+    sql = "SELECT count(*) AS n FROM events WHERE ts >= ?"
+    for value in (noon, noon.date()):
+        with pytest.raises(fluxlite.QueryError, match="default adapter.*pass text"):
+            store.query(sql, (value,))
+    assert store.query(sql, (noon.isoformat(timespec="microseconds"),)) == [{"n": 1}]
+    # An adapter of the user's own is the user's choice, and is used.
+    monkeypatch.setitem(sqlite3.adapters, (datetime, sqlite3.PrepareProtocol),
+                        lambda value: value.isoformat(timespec="microseconds"))
+    assert store.query(sql, (noon,)) == [{"n": 1}]
+    store.close()
