@@ -4413,20 +4413,16 @@ class Store:
     def _stream(self, after: int, wanted: Optional[FrozenSet[str]], limit: Optional[int]
                 ) -> Iterator[Event]:
         remaining = limit
-        where = "seq > ?"
-        params: List[Any] = [after]
+        with self._lock:  # (a closed store's connection has no limits to ask)
+            self._check_open()
+            types_sql, types = self._types_sql(wanted)
+        where = "seq > ?" + types_sql
+        params: List[Any] = [after, *types]
         # Upcasters can change an event's type: then the upcast events are filtered
-        # (as followers and subscribers filter), not the log's rows.
-        after_upcast = wanted if wanted is not None and self._upcasters else None
-        if wanted is not None:  # an upcaster changes only the types it is given for
-            logged = wanted | set(self._upcasters or ()) if after_upcast else wanted
-            with self._lock:  # (a closed store's connection has no limits to ask)
-                self._check_open()
-                longest = _length_limit(self._conn)  # a longer type cannot be in the log
-            logged = frozenset(t for t in logged
-                               if len(t) <= longest // 4 or len(t.encode()) <= longest)
-            where += f" AND type IN ({', '.join('?' for _ in logged)})"
-            params.extend(sorted(logged))
+        # (as followers and subscribers filter), not the log's rows; so are they when
+        # the types were too many to be SQL parameters.
+        after_upcast = wanted if wanted is not None and (self._upcasters or not types_sql) \
+            else None
         while remaining is None or remaining > 0:
             page = _PAGE if remaining is None or after_upcast else min(_PAGE, remaining)
             with self._lock, _reading(self._path):
@@ -4446,6 +4442,21 @@ class Store:
             if len(rows) < page:
                 return
             params[0] = rows[-1][0]
+
+    def _types_sql(self, wanted: Optional[FrozenSet[str]]) -> Tuple[str, List[str]]:
+        """(" AND type IN (...)", its parameters): the log rows that can be of the
+        ``wanted`` types, for the type index to find; ("", []) for every type.
+        With the lock held (a closed store's connection has no limits to ask)."""
+        if wanted is None:
+            return "", []
+        # An upcaster changes only the types it is given for: their rows come too,
+        # and the caller filters the upcast events.
+        logged = wanted | set(self._upcasters) if self._upcasters else wanted
+        longest = _length_limit(self._conn)  # a longer type cannot be in the log
+        kept = sorted(t for t in logged if len(t) <= longest // 4 or len(t.encode()) <= longest)
+        if len(kept) > _variable_limit(self._conn) - 2:  # (the callers bind two more)
+            return "", []  # too many to bind: every row comes, and the caller filters
+        return f" AND type IN ({', '.join('?' for _ in kept)})", kept
 
     def changes(self, seq: int) -> List[Change]:
         """The Changes event ``seq`` made, as applied (read from the journal)."""
@@ -5165,6 +5176,14 @@ def _length_limit(conn: sqlite3.Connection) -> int:
         else 1_000_000_000
 
 
+def _variable_limit(conn: sqlite3.Connection) -> int:
+    """How many parameters one statement may bind on the connection (999 before
+    SQLite 3.32, where Python cannot ask)."""
+    getlimit = getattr(conn, "getlimit", None)  # Python 3.11+ (the constant is 9 in C)
+    return int(getlimit(getattr(sqlite3, "SQLITE_LIMIT_VARIABLE_NUMBER", 9))) if getlimit \
+        else 999
+
+
 def _differs(old: Any, new: Any) -> bool:
     """A stored value changed: 1 became 1.0, or -0.0 became 0.0, too (Python's ==
     says they are equal; a subscriber's mirror would keep the old one)."""
@@ -5317,16 +5336,26 @@ class _FollowCursor:
             # pass off as its own. Refused as dispatch(), at() and history() refuse
             # (SchemaError); the same code's rebuild just reloads the tables.
             store._check_model_current()
+            # Only the rows of the wanted types, found through the type index: a
+            # follower or consumer of a rare type would otherwise read and decode the
+            # whole log after its position at each poll (a consumer's stays at its
+            # last ack, so it read all of that again each time).
+            types_sql, types = store._types_sql(self.wanted)
             rows = store._conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? AND seq < ? ORDER BY seq "
-                f"LIMIT 1000", (self.position, before)).fetchall()
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? AND seq < ?{types_sql} "
+                f"ORDER BY seq LIMIT 1000", (self.position, before, *types)).fetchall()
+            through = rows[-1][0] if rows else self.position
+            if self.wanted is not None and len(rows) < 1000:  # read past the others too
+                last = store._conn.execute("SELECT max(seq) FROM events WHERE seq < ?",
+                                           (before,)).fetchone()[0]
+                through = max(through, last or 0)
             batch = []
             for row in rows:
                 event = store._upcast_logged(row)
                 if self.wanted is None or event.type in self.wanted:
                     batch.append((event, store._changes(event.seq)))
-        if rows:  # moved only once all were read: a refusal above leaves it where it was
-            self.position = rows[-1][0]
+        # Moved only once all were read: a refusal above leaves it where it was.
+        self.position = through
         self.behind = len(rows) == 1000
         if len(rows) == 1000 or (rows and not batch):  # more to read: look again at once
             self.version = -1
@@ -5481,7 +5510,7 @@ class Consumer:
 
     def __iter__(self) -> Iterator[Tuple[Event, List[Change]]]:
         self._check_not_closed("iterating")
-        cursor = _FollowCursor(self.store, self.position, self._types)
+        cursor = _FollowCursor(self.store, self._start(), self._types)
         return self._deliver(self.store._follow(cursor, 0))
 
     def follow(self, timeout: Optional[float] = None) -> Iterator[Tuple[Event, List[Change]]]:
@@ -5491,8 +5520,15 @@ class Consumer:
         self._check_not_closed("follow()")
         return self._deliver(self._wait_renewing(timeout))
 
+    def _start(self) -> int:
+        """Where an iteration reads from: after the last ack, or after the last event a
+        loop body saw through (_deliver skips those), whichever is later. Not from the
+        ack alone: a worker that polls without acking each event read all those again
+        at every poll (1 s a poll, 20,000 events past its ack), only to skip them."""
+        return max(self.position, self._finished)
+
     def _wait_renewing(self, timeout: Optional[float]) -> Iterator[Tuple[Event, List[Change]]]:
-        cursor = _FollowCursor(self.store, self.position, self._types)
+        cursor = _FollowCursor(self.store, self._start(), self._types)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = self._lease / 3
@@ -5822,6 +5858,10 @@ def _as_of(store: Store, seq: int) -> View:
             else:
                 conn.executemany("INSERT INTO fluxlite_undo VALUES (?, ?, ?)",
                                  store._conn.execute(first_changes, {"seq": seq}))
+            # Each table's undo picks its rows by tbl: without an index, every table
+            # scanned all the changed rows of all tables (500 tables and a tail of
+            # 100,000 changes: 17 s, a slower at(0) than a whole replay).
+            conn.execute("CREATE INDEX temp.fluxlite_undo_tbl ON fluxlite_undo (tbl)")
             _undo(conn, model)
             conn.execute("COMMIT")
         except BaseException:
