@@ -7907,17 +7907,23 @@ def test_a_middleware_may_fix_an_event_the_core_refused_in_a_batch_as_in_dispatc
     store.close()
 
 
+def _adopted(path, schema, *rows):
+    """A plain SQLite file with the schema's table and rows, adopted by a store."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(schema)
+        for sql in rows:
+            conn.execute(sql)
+        conn.commit()
+    fluxlite.open(path, schema=schema, reducer=lambda view, e: None, adopt=True).close()
+
+
 def test_a_combined_reducer_naming_a_missing_table_is_refused_before_anything_changes(tmp_path):
     # Found by review: the check ran after the rebuild had swapped the new model in (a
     # log of baselines only never runs the combined reducer, so the replay passed), and
     # after a new file had been made a store: the refused open() changed the file.
     path = str(tmp_path / "adopted.db")
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute("CREATE TABLE users (id TEXT PRIMARY KEY, name TEXT)")
-        conn.execute("INSERT INTO users VALUES ('a', 'Ann')")
-        conn.commit()
     old = "CREATE TABLE users (id TEXT PRIMARY KEY, name TEXT)"
-    fluxlite.open(path, schema=old, reducer=lambda view, e: None, adopt=True).close()
+    _adopted(path, old, "INSERT INTO users VALUES ('a', 'Ann')")
 
 
     before = _file_dump(path)
@@ -7967,12 +7973,8 @@ def test_a_baseline_that_no_longer_fits_the_schema_names_the_upcaster_to_add(tmp
     # Found by review: a restore's replay failure named the upcaster to add, a baseline's
     # only said "check the reducer's values" (no reducer of the user's made those rows).
     path = str(tmp_path / "s.db")
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
-        conn.execute("INSERT INTO users VALUES (1, 'a')")
-        conn.commit()
-    fluxlite.open(path, schema="CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)",
-                  reducer=lambda view, e: None, adopt=True).close()
+    _adopted(path, "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)",
+             "INSERT INTO users VALUES (1, 'a')")
     for schema in ("CREATE TABLE users (id INTEGER PRIMARY KEY, full_name TEXT)",
                    "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT, tag TEXT NOT NULL)"):
         with pytest.raises(fluxlite.ChangesetError,

@@ -591,32 +591,21 @@ def ipv6_loopback():
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
-def _loopback_ipv6():
-    """Whether this machine has ::1 (a container may run without IPv6)."""
+def test_the_server_serves_on_an_ipv6_address(tmp_path):
+    httpd, store = notes_server.make_server(str(tmp_path / "notes.db"), host="::1")
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
     try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-if _loopback_ipv6():  # else there is no IPv6 address to serve on
-    def test_the_server_serves_on_an_ipv6_address(tmp_path):
-        httpd, store = notes_server.make_server(str(tmp_path / "notes.db"), host="::1")
-        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                  daemon=True)
-        thread.start()
-        try:
-            port = httpd.server_address[1]
-            conn = http.client.HTTPConnection("::1", port, timeout=5)
-            conn.request("GET", "/api/notes", headers={"Host": f"[::1]:{port}"})
-            response = conn.getresponse()
-            assert (response.status, json.loads(response.read())) == (200, {"seq": 0, "notes": []})
-            conn.close()
-        finally:
-            httpd.close()
-            thread.join(5)
+        port = httpd.server_address[1]
+        conn = http.client.HTTPConnection("::1", port, timeout=5)
+        conn.request("GET", "/api/notes", headers={"Host": f"[::1]:{port}"})
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())) == (200, {"seq": 0, "notes": []})
+        conn.close()
+    finally:
+        httpd.close()
+        thread.join(5)
 
 
 def test_a_taken_port_or_a_file_that_is_no_store_is_a_clear_message(tmp_path):
