@@ -7216,10 +7216,12 @@ class Scenario:
                           clock=lambda: start + timedelta(seconds=next(ticks)),
                           ids=lambda: f"event-{next(serial)}")
         # The README's chain (scenario(...).given(...).when(...).then(...)) never
-        # closes it: its store closes when the scenario is collected. Left to the
-        # collector, Python 3.13 warns "unclosed database", which -W error or
-        # pytest's filterwarnings=error makes a failure.
-        weakref.finalize(self, self.store.close)
+        # closes it: its connection closes when the store is collected (not the
+        # scenario: a test may keep only sc.store). Left to the collector, Python
+        # 3.13 warns "unclosed database", which -W error or pytest's
+        # filterwarnings=error makes a failure. The finalizer holds the connection,
+        # not the store, so it does not keep the store alive.
+        weakref.finalize(self.store, self.store._conn.close)
         self._outcome: Optional[Tuple[Optional[Event], Optional[BaseException]]] = None
         self._head_before = 0
 

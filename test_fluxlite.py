@@ -8673,6 +8673,19 @@ def test_a_scenario_chain_closes_its_store_when_dropped():
     assert "ResourceWarning" not in result.stderr, result.stderr
 
 
+def test_a_scenarios_store_kept_alone_stays_open():
+    # A test that keeps only sc.store (to query it after its checks) found it closed:
+    # the store was closed when the scenario was collected. Now its connection
+    # closes when the store itself is collected.
+    def reducer(view, event):
+        return view.items.insert(name=event.payload)
+    store = (fluxlite.scenario("CREATE TABLE items (name TEXT PRIMARY KEY)", reducer)
+             .given(("add", "a")).when(("add", "b")).store)
+    gc.collect()
+    assert [row["name"] for row in store.view.items.all()] == ["a", "b"]
+    assert store.dispatch("add", "c").seq == 3
+
+
 def test_a_datetime_query_parameter_is_refused_unless_the_user_adapts_it(monkeypatch):
     # Found by review: sqlite3's default adapter (deprecated in 3.12) binds a datetime
     # with a space where the log's ts has a T, so `ts >= ?` with noon counted the
