@@ -120,6 +120,7 @@ import itertools
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import signal
@@ -133,6 +134,7 @@ import urllib.parse
 import uuid
 import weakref
 from datetime import date, datetime, timedelta, timezone
+from datetime import time as dt_time
 from typing import (
     Any,
     AsyncIterator,
@@ -534,7 +536,9 @@ def _to_json_text(value: Any, what: str) -> str:
         raise InvalidEvent(
             f"An event's {what} must be JSON: dicts with str keys, lists, str, "
             f"int, finite float, bool, None. Received {_describe(value)}: {exc}. "
-            f"Convert it to plain JSON data before dispatching."
+            f"Convert it to plain JSON data before dispatching (a datetime with "
+            f".isoformat(), a Decimal with str() or as an int of cents, a set with "
+            f"sorted())."
         ) from None
     # Bracket count bounds the depth; only a deep candidate is measured.
     if text.count("[") + text.count("{") > _MAX_DEPTH and _depth(value) > _MAX_DEPTH:
@@ -773,9 +777,20 @@ def _check_value(value: Any, table: str, column: str,
         )
     raise error(
         f"Column {table}.{column} received {_describe(value)}; read-model values "
-        f"must be None, bool, int, float or str. Encode structured data with "
-        f"json.dumps() or split it into columns."
+        f"must be None, bool, int, float or str.{_scalar_hint(value)}"
     )
+
+
+def _scalar_hint(value: Any) -> str:
+    """How to store a value SQLite and JSON cannot hold as it is."""
+    # A time is the likeliest: reducers are told to take it from event.ts; then money.
+    if isinstance(value, (datetime, date, dt_time)):
+        return (" Store a time as text, e.g. event.ts.isoformat() (UTC: text order is "
+                "time order), or as a number, event.ts.timestamp().")
+    if isinstance(value, numbers.Number):  # Decimal, Fraction, complex
+        return (" Store an exact amount as an int in its smallest unit (cents) or as "
+                "text, str(value).")
+    return " Encode structured data with json.dumps() or split it into columns."
 
 
 ###############################################################################
@@ -4906,6 +4921,9 @@ class Store:
         journal's changes after ``seq`` (no replay). Close it, or use it as a
         context manager.
         """
+        if isinstance(seq, (datetime, date)):  # at(when): the likeliest slip
+            raise UsageError(f"at() takes a seq first, or a time by name: at(time=...); "
+                             f"received {_describe(seq)} as the seq.")
         if time is not None:
             if seq is not None:
                 raise UsageError("at() takes a seq or a time, not both.")
@@ -5761,6 +5779,13 @@ def _apply_each(model: _Model, reducer: Reducer, events: Iterable[Event], journa
                     f"columns, give open() an upcaster for {event.type!r} that maps "
                     f"{held[1]} to the new shape."
                     if held and "upcaster" not in str(exc) else "")
+            if isinstance(exc, (Rejected, Forbidden)) and not held:
+                # Typically a rule added to the reducer since: it refuses old events too.
+                hint = (" The log holds this event because it was accepted when it was "
+                        "dispatched: the reducer (with its upcasters) must accept every "
+                        "logged event on replay too. A rule meant only for new events "
+                        "belongs in a middleware (replays do not run middleware), or can "
+                        "compare event.ts with the day the rule began.")
             raise type(exc)(f"{exc} (while replaying event {event.seq}, "
                             f"{event.type!r}, id {event.id!r}).{hint}") from exc
         last = event.seq
@@ -7162,7 +7187,11 @@ def _diff_changes(expected: List[Change], actual: List[Change]) -> List[str]:
         if want == got:
             continue
         if want is None or got is None:
-            lines.append(f"  change {number + 1}: expected {want}, got {got}")
+            # Not "expected None": the lists differ in length, which is what to say.
+            counted = f"the reducer returned {len(actual)} changes, {len(expected)} expected"
+            lines.append(f"  change {number + 1}: not expected, got {got} ({counted})"
+                         if want is None else
+                         f"  change {number + 1}: expected {want}, missing ({counted})")
             continue
         lines.append(f"  change {number + 1} ({got.op} on {got.table!r} key {got.key!r}):")
         for field in ("op", "table", "key"):
@@ -7285,8 +7314,14 @@ class Scenario:
                 f"logged as seq {event.seq}, so dispatch() returned that event and no "
                 f"changes. Give the when event an id of its own (or none).")
         if lines:
+            # then() compares each change whole; a test that left columns out wanted
+            # then_state(), which compares only the columns it is given.
+            hint = ("\n(then() compares every value of each change: give them all, or "
+                    "check the resulting rows with then_state(), which compares only the "
+                    "columns given)" if any("expected (absent)" in line for line in lines)
+                    else "")
             raise AssertionError("the reducer's changes differ from the expected ones:\n"
-                                 + "\n".join(lines))
+                                 + "\n".join(lines) + hint)
         return self
 
     def then_rejected(self, match: Optional[str] = None) -> "Scenario":

@@ -8947,3 +8947,87 @@ def test_a_dispatch_holds_the_write_lock_from_before_it_reads_the_head(tmp_path)
         assert outcome == ["busy"] and event.seq == 1 and store.head == 1
         assert add(other, "elsewhere").seq == 2  # after the commit, at once
         store.verify()
+
+
+# --- dogfood (session 14): what a new user writing three small apps ran into ----
+
+
+def test_a_datetime_value_in_a_column_is_refused_with_the_isoformat_hint():
+    # "take time from event.ts" (Concepts), but a column holds text: the message says how.
+    def stamping(view, event):
+        return view.users.insert(name=event.payload["name"], role=event.ts)
+
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=stamping) as store:
+        with pytest.raises(fluxlite.ChangesetError, match=r"event\.ts\.isoformat\(\)"):
+            store.dispatch("addUser", {"name": "Barack"})
+        assert store.head == 0
+
+
+def test_scenario_then_says_how_many_changes_were_returned_not_expected_none():
+    with fluxlite.scenario(SCHEMA, reducer) as s:
+        s.given(("addUser", {"name": "Barack"}))
+        s.when(("grantAccess", {"name": "Barack", "right": "President"}))
+        with pytest.raises(AssertionError) as info:
+            s.then(Change("update", "users", "Barack", {"role": "President"}))
+        message = str(info.value)
+        assert "expected None" not in message
+        assert "returned 2 changes, 1 expected" in message
+        with pytest.raises(AssertionError) as info:
+            s.then(Change("update", "users", "Barack", {"role": "President"}),
+                   Change("upsert", "rights", None, {"user": "Barack", "right": "President"}),
+                   Change("delete", "rights", ("Barack", "Vice"), None))
+        assert "got None" not in str(info.value)
+        assert "returned 2 changes, 3 expected" in str(info.value)
+
+
+def test_scenario_then_with_columns_left_out_points_to_then_state():
+    # then_state compares only the columns given; then() compares whole changes: a
+    # user who leaves columns out of then() is told where that works.
+    with fluxlite.scenario(SCHEMA, reducer) as s:
+        s.when(("addUser", {"name": "Barack", "role": "President"}))
+        with pytest.raises(AssertionError, match=r"then_state\(\)"):
+            s.then(Change("insert", "users", None, {"name": "Barack"}))
+        s.then_state("users", [{"name": "Barack"}])
+
+
+def test_a_rebuild_whose_new_reducer_rejects_a_logged_event_says_why_and_what_to_do(tmp_path):
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a-very-long-user-name")
+
+    def stricter(view, event):   # a new rule: short names only
+        if event.type == "addUser" and len(event.payload["name"]) > 10:
+            raise fluxlite.Rejected("names are at most 10 characters")
+        return reducer(view, event)
+
+    with pytest.raises(fluxlite.Rejected) as info:
+        fluxlite.open(path, schema=SCHEMA, reducer=stricter, version=2)
+    message = str(info.value)
+    assert "while replaying event 1" in message
+    assert "accepted when it was dispatched" in message and "middleware" in message
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:   # untouched
+        assert store.head == 1 and store.view.users.count() == 1
+
+
+def test_a_decimal_in_a_column_or_a_payload_is_refused_with_how_to_store_money():
+    # A finance app's first try: Decimal amounts. json.dumps() (the generic hint) is no answer.
+    from decimal import Decimal
+
+    def priced(view, event):
+        return view.users.insert(name="Barack", logins=Decimal("1.50"))
+
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=priced) as store:
+        with pytest.raises(fluxlite.ChangesetError, match=r"int in its smallest unit \(cents\)"):
+            store.dispatch("addUser", {"name": "Barack"})
+        with pytest.raises(fluxlite.InvalidEvent, match=r"a Decimal with str\(\) or as an int"):
+            store.dispatch("addUser", {"name": "Barack", "amount": Decimal("1.50")})
+        assert store.head == 0
+
+
+def test_at_given_a_datetime_as_its_seq_says_to_pass_it_as_time():
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as store:
+        add(store, "Barack")
+        with pytest.raises(fluxlite.UsageError, match=r"at\(time=\.\.\.\)"):
+            store.at(datetime.now(timezone.utc))
+        with store.at(time=datetime.now(timezone.utc)) as now:
+            assert now.users.count() == 1
