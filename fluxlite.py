@@ -3820,9 +3820,11 @@ class Store:
                 with checkpoint.lock:
                     self._check_fits(_read_meta(checkpoint.conn))
                     self._check_page_size(checkpoint)
+                    before = _read_meta(self._conn).get("generation", 0)
                     # Python's backup() retries a locked file for ever; after busy_timeout
                     # it is Busy here, as for every other write.
                     checkpoint.conn.backup(self._conn, progress=_refuse_locked)
+                _renew_generation(self._conn, before)
             except sqlite3.ProgrammingError as exc:  # the checkpoint's copy was closed
                 raise UsageError(f"That checkpoint cannot be read ({exc}); take a new one "
                                  f"with store.checkpoint().") from exc
@@ -4201,8 +4203,8 @@ class Store:
                                        self._version)
             raise SchemaError(
                 f"The read model of {self._path!r} was rebuilt by another process "
-                f"with {differs}. Reopen it with the new code before dispatching, "
-                f"reading its past or rebuilding."
+                f"(or reset to a checkpoint of other code) with {differs}. Reopen it "
+                f"with the new code before dispatching, reading its past or rebuilding."
             )
         self._load_tables(meta["tables"], generation)
 
@@ -4790,6 +4792,9 @@ class Store:
                 clock=self._clock, ids=self._ids, new_schema=False)
             if blank is None and not created and file != ":memory:":  # a 0-byte file
                 blank = target.checkpoint()
+            if file != ":memory:":  # until the last event is in: see _check_finished
+                with target._lock, _write_txn(target._conn):
+                    _write_meta(target._conn, unfinished_replay=upto)
             outside = _outside_references(target._conn, list(target._model.tables))
             if outside:  # the copy has no such tables to check against (as a replay's scratch)
                 target._conn.execute("PRAGMA foreign_keys = OFF")
@@ -4819,6 +4824,8 @@ class Store:
                 after = rows[-1][0]
             if outside:  # from here on, a store like any opened on that file
                 target._conn.execute("PRAGMA foreign_keys = ON")
+            with target._lock, _write_txn(target._conn):
+                target._conn.execute("DELETE FROM fluxlite_meta WHERE key = 'unfinished_replay'")
         except BaseException:
             if target is not None:
                 if blank is not None:  # a part of the log would pass for a whole one
@@ -4841,6 +4848,12 @@ class Store:
                     except Exception as exc:  # the replay's error is the one to report
                         _log.warning("replay(into=%r) failed, and its copied events could "
                                      "not be removed: %s", file, exc)
+                        # Kept, it is a store others use too (their events are in it):
+                        # not one to refuse on open as unfinished.
+                        with contextlib.suppress(Exception), target._lock, \
+                                _write_txn(target._conn):
+                            target._conn.execute(
+                                "DELETE FROM fluxlite_meta WHERE key = 'unfinished_replay'")
                 target.close()
             if created:  # a part of the log would pass for a whole one
                 _remove_made(file, present)
@@ -4987,7 +5000,28 @@ class Store:
         """history()'s answer; ``op``: only the versions that change made."""
         with self._lock:
             self._check_open()
-            self._check_model_current()
+            # One snapshot from the check to the journal's rows: another process's
+            # rebuild with other code in between handed old code the new code's rows.
+            with _read_txn(self._conn):
+                self._check_model_current()
+                rows = self._history_rows(table, key, after, upto, limit, reverse, op)
+        renamed = {seq: self.event(seq) for seq, _, kind, *_ in rows if kind in self._upcasters}
+        try:  # each event's type as events() gives it: after upcasters
+            return [Revision(seq, event_id, kind if seq not in renamed else
+                             getattr(renamed[seq], "type", kind), _parse_ts(ts), op,
+                             json.loads(before) if before else None,
+                             json.loads(after) if after else None)
+                    for seq, event_id, kind, ts, op, before, after in rows]
+        except (ValueError, TypeError) as exc:
+            raise StorageError(
+                f"{self._path!r} is damaged: the journal rows of {table!r} {key!r} cannot be "
+                f"read ({exc}). If verify() finds the log intact, store.rebuild() rewrites "
+                f"the journal from it; otherwise restore the file from a backup."
+            ) from exc
+
+    def _history_rows(self, table: str, key: Any, after: int, upto: Optional[int],
+                      limit: Optional[int], reverse: bool, op: Optional[str]) -> List[Any]:
+        """The journal's rows of one row's versions (with their events' id, type, ts)."""
         info = self._model.table(table, error=UsageError)
         params = info.key_params(_as_key(key), UsageError)
         for part in params:
@@ -5004,8 +5038,7 @@ class Store:
                                        for k in _numeric_spellings(spelled, info.pk_types)))
         window = [min(after, 2**63 - 1), min(2**63 - 1 if upto is None else upto, 2**63 - 1)]
         order = " DESC" if reverse else ""
-        with self._lock, _reading(self._path):
-            self._check_open()
+        with _reading(self._path):
             rows = self._conn.execute(
                 "SELECT j.seq, e.id, e.type, e.ts, j.op, j.before, j.after "
                 "FROM fluxlite_journal j JOIN events e ON e.seq = j.seq "
@@ -5014,19 +5047,7 @@ class Store:
                 f"ORDER BY j.seq{order}, j.n{order} LIMIT ?",
                 (info.name, *key_texts, *window, *([] if op is None else [op]),
                  -1 if limit is None else min(limit, 2**63 - 1))).fetchall()
-        renamed = {seq: self.event(seq) for seq, _, kind, *_ in rows if kind in self._upcasters}
-        try:  # each event's type as events() gives it: after upcasters
-            return [Revision(seq, event_id, kind if seq not in renamed else
-                             getattr(renamed[seq], "type", kind), _parse_ts(ts), op,
-                             json.loads(before) if before else None,
-                             json.loads(after) if after else None)
-                    for seq, event_id, kind, ts, op, before, after in rows]
-        except (ValueError, TypeError) as exc:
-            raise StorageError(
-                f"{self._path!r} is damaged: the journal rows of {table!r} {key!r} cannot be "
-                f"read ({exc}). If verify() finds the log intact, store.rebuild() rewrites "
-                f"the journal from it; otherwise restore the file from a backup."
-            ) from exc
+        return rows
 
     def restore(self, table: str, key: Any, *, at: Optional[int] = None,
                 actor: Optional[str] = None, meta: Optional[Mapping[str, Any]] = None,
@@ -6471,6 +6492,21 @@ def _read_meta(conn: sqlite3.Connection) -> Dict[str, Any]:
     return meta
 
 
+def _renew_generation(conn: sqlite3.Connection, before: Any) -> None:
+    """After reset_to() copied a checkpoint over the file: a generation the file has
+    never held, if the checkpoint's differs from the one it replaced.
+
+    Another store knows the model is still the one it loaded by the generation alone.
+    Put back to an older number, the file could reach that number again by a rebuild
+    of other code, and such a store would write its changes into tables of another
+    shape (or by other reducers) without a word. Rebuilds only count up, so one
+    past both numbers is new: every other store reloads the model, or is refused."""
+    with _write_txn(conn):
+        ours = _read_meta(conn).get("generation", 0)
+        if ours != before:
+            _write_meta(conn, generation=max(ours, before) + 1)
+
+
 def _write_meta(conn: sqlite3.Connection, **items: Any) -> None:
     conn.executemany("INSERT OR REPLACE INTO fluxlite_meta VALUES (?, ?)",
                      [(k, _dumps(v)) for k, v in items.items()])
@@ -6482,6 +6518,19 @@ def _read_existing_meta(conn: sqlite3.Connection, path: str) -> Dict[str, Any]:
         raise SchemaError(f"{path!r} is not a fluxlite store (it has no fluxlite log).")
     _check_format(conn, path, names)
     return _read_meta(conn)
+
+
+def _check_finished(meta: Mapping[str, Any], path: str) -> None:
+    """A replay(into=) commits about 1,000 events at a time: a process killed in the
+    middle (no except clause runs then) leaves a store holding a part of the log,
+    which verify() finds whole. Its mark, taken off with the last event, says so."""
+    if "unfinished_replay" in meta:
+        raise StorageError(
+            f"{path!r} is an unfinished replay(into=...): the process copying "
+            f"{meta['unfinished_replay']} events into it stopped before the last, so its "
+            f"log is only a part of the one it copied. Delete the file (with its -wal "
+            f"and -shm) and run replay() again."
+        )
 
 
 def _check_format(conn: sqlite3.Connection, path: str, names: Set[str]) -> int:
@@ -7107,6 +7156,7 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                 else:
                     meta = _initialise(conn, path, schema, version, adopt, clock, ids,
                                        new_schema)
+                _check_finished(meta, path)
                 tables = {n: _read_table_info(conn, n) for n in meta["tables"]}
                 wanted_schema = meta["schema"] if schema is None else schema
                 new_version = meta.get("version") if version is None else version

@@ -9031,3 +9031,143 @@ def test_at_given_a_datetime_as_its_seq_says_to_pass_it_as_time():
             store.at(datetime.now(timezone.utc))
         with store.at(time=datetime.now(timezone.utc)) as now:
             assert now.users.count() == 1
+
+
+# --- procs: several real processes on one store file ---------------------------------------
+# Each child is a real process (sys.executable -c) on the same file, driven line by line
+# through its stdin and stdout: no sleeps, every step waits for the child's answer.
+
+PROCS_SCHEMA = "CREATE TABLE t (k TEXT PRIMARY KEY, n INTEGER)"
+
+PROCS_CHILD = textwrap.dedent("""
+    import sys
+    import fluxlite
+    path, version, factor = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    def reducer(view, event):
+        if event.type == "wait" and view.t.get("0") is not None:  # replaying: stop here
+            print("waiting", flush=True)
+            sys.stdin.readline()
+        return view.t.upsert(k=event.payload["k"], n=event.seq * factor)
+    store = fluxlite.open(path, schema=SCHEMA, reducer=reducer, version=version)
+    print("open", flush=True)
+    for line in sys.stdin:
+        command = line.split()
+        try:
+            if command[0] == "dispatch":
+                print("ok", store.dispatch("x", {"k": command[1]}).seq, flush=True)
+            elif command[0] == "replay":
+                store.replay(into=command[1]).close()
+                print("ok", flush=True)
+        except fluxlite.FluxliteError as exc:
+            print(type(exc).__name__, str(exc).replace("\\n", " "), flush=True)
+""").replace("SCHEMA", repr(PROCS_SCHEMA))
+
+
+def procs_reducer(factor):
+    return lambda view, event: view.t.upsert(k=event.payload["k"], n=event.seq * factor)
+
+
+@contextlib.contextmanager
+def procs_child(path, version, factor):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(fluxlite.__file__)))
+    child = subprocess.Popen([sys.executable, "-c", PROCS_CHILD, str(path), str(version),
+                              str(factor)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env=env)
+    try:
+        assert child.stdout.readline() == "open\n"
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=10)
+        child.stdin.close()
+        child.stdout.close()
+
+
+def procs_ask(child, line):
+    child.stdin.write(line + "\n")
+    child.stdin.flush()
+    return child.stdout.readline()
+
+
+def test_procs_reset_to_never_gives_the_file_a_generation_another_process_holds(tmp_path):
+    # A (version 1) checkpoints; B, another process, opens with version 2 (a rebuild:
+    # generation 1). A resets the file to its checkpoint and rebuilds it with its own
+    # code. The generation went 0, 1, back to 0 with the reset, then 1 again: B
+    # took the version 1 model for its own and wrote version 2's changes into it,
+    # which verify() then refused. Now the reset gives the file a new generation.
+    path = tmp_path / "s.db"
+    with fluxlite.open(str(path), schema=PROCS_SCHEMA, reducer=procs_reducer(1),
+                       version=1) as a:
+        a.dispatch("x", {"k": "a"})
+        checkpoint = a.checkpoint()
+        with procs_child(path, 2, 100) as b:
+            assert procs_ask(b, "dispatch b").startswith("ok 2")
+            a.reset_to(checkpoint)
+            assert procs_ask(b, "dispatch b").startswith("SchemaError")
+            a.rebuild()
+            answer = procs_ask(b, "dispatch b")
+            assert answer.startswith("SchemaError") and "version" in answer, answer
+        a.verify()
+        assert a.query("SELECT k, n FROM t") == [{"k": "a", "n": 1}] and a.head == 1
+        a.dispatch("x", {"k": "a"})  # A is not refused its own model
+        a.verify()
+
+
+def test_procs_a_replay_into_a_file_killed_midway_is_refused_not_taken_for_whole(tmp_path):
+    # replay(into=path) commits about 1,000 events at a time. SIGKILLed in the
+    # middle, its except clause (which removes the part copied) never runs: the
+    # file held the first 1,000 of 1,010 events, and verify() passed on it.
+    path, into = tmp_path / "s.db", tmp_path / "copy.db"
+    with fluxlite.open(str(path), schema=PROCS_SCHEMA, reducer=procs_reducer(1),
+                       version=0) as store:
+        for kind, n in (("x", 1000), ("wait", 10)):  # one seal each
+            store.dispatch_many([{"type": kind, "payload": {"k": str(k)}} for k in range(n)])
+        with procs_child(path, 0, 1) as child:
+            child.stdin.write(f"replay {into}\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == "waiting\n"  # 1,000 events committed
+            child.kill()
+        store.dispatch("x", {"k": "after"})  # the store itself carries on
+        for how in ({}, {"schema": PROCS_SCHEMA, "reducer": procs_reducer(1)}):
+            with pytest.raises(fluxlite.StorageError, match="unfinished replay"):
+                fluxlite.open(str(into), **how)
+        with pytest.raises(fluxlite.StorageError, match="unfinished replay"):
+            store.replay(into=str(into))
+        for name in ("copy.db", "copy.db-wal", "copy.db-shm"):  # as the error says
+            (tmp_path / name).unlink(missing_ok=True)
+        store.replay(into=str(into)).close()
+        with fluxlite.open(str(into)) as copy:  # a finished one opens as any store
+            assert copy.head == 1011
+
+
+def test_procs_history_reads_one_model_when_another_process_rebuilds_meanwhile(tmp_path):
+    # history() checked that the model was its code's, then read the journal in a
+    # second statement: another process's rebuild with other code in between (here,
+    # from inside the read of the live row) handed the old code the new code's rows,
+    # of a column it does not have. Now it reads them in the checked snapshot.
+    path = tmp_path / "s.db"
+    rebuild = textwrap.dedent(f"""
+        import fluxlite
+        fluxlite.open({str(path)!r}, schema="CREATE TABLE t (k TEXT PRIMARY KEY, m INTEGER)",
+                      reducer=lambda view, event: view.t.upsert(k=event.payload["k"],
+                                                                m=-event.seq),
+                      version=2).close()
+    """)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(fluxlite.__file__)))
+    with fluxlite.open(str(path), schema=PROCS_SCHEMA, reducer=procs_reducer(1),
+                       version=1) as old:
+        old.dispatch("x", {"k": "a"})
+        old.dispatch("x", {"k": "a"})
+        real_get = old._model.get
+
+        def get(*args):
+            subprocess.run([sys.executable, "-c", rebuild], env=env, check=True, timeout=30)
+            return real_get(*args)
+
+        old._model.get = get
+        versions = old.history("t", "a")
+        assert [v.after for v in versions] == [{"k": "a", "n": 1}, {"k": "a", "n": 2}]
+        old._model.get = real_get
+        with pytest.raises(fluxlite.SchemaError, match="rebuilt by another process"):
+            old.history("t", "a")

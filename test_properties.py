@@ -118,6 +118,14 @@ def dump(store):
         return list(store._conn.iterdump())
 
 
+def but_generation(lines):
+    """A dump without the model's generation number: reset_to() puts every row back
+    but that one, which moves on when the checkpoint's differs (after a rebuild), so
+    that the file never holds a number again that another store took for its model."""
+    return [line for line in lines
+            if not line.startswith("INSERT INTO \"fluxlite_meta\" VALUES('generation'")]
+
+
 def as_dicts(changes):
     return [c.to_dict() for c in changes]
 
@@ -418,7 +426,8 @@ def test_mixed_operations_keep_one_gap_free_log(ops, on_disk):
                     if checkpoints:
                         cp, then, then_head = checkpoints[-1]
                         store.reset_to(cp)
-                        assert dump(store) == then and store.head == then_head
+                        assert but_generation(dump(store)) == but_generation(then)
+                        assert store.head == then_head
                     closed = store.checkpoint()
                     closed.close()
                     reset = dump(store)
@@ -512,7 +521,8 @@ def test_two_stores_on_one_file_keep_one_log_through_rebuilds_and_resets(ops, da
                     if checkpoints:
                         cp, then, then_head = checkpoints[-1]
                         store.reset_to(cp)
-                        assert dump(a) == dump(b) == then and a.head == b.head == then_head
+                        assert dump(a) == dump(b) and a.head == b.head == then_head
+                        assert but_generation(dump(a)) == but_generation(then)
                 elif kind == "restore":
                     store.restore(*args)
                 elif kind == "next":
