@@ -264,12 +264,22 @@ _ALLOWED_DDL = re.compile(r"^CREATE\s+(TABLE|(UNIQUE\s+)?INDEX)\b", re.IGNORECAS
 # FUNCTION, RECURSIVE (numbers, since Python 3.9 lacks some of the names).
 _READ_ACTIONS = frozenset({20, 21, 31, 33})
 _SQLITE_READ = 20
+_SQLITE_FUNCTION = 31
+# SQL functions that are no reads, refused in query() (SQLite names them in lower
+# case): fts3_tokenizer(name, pointer) installs a C function pointer on the
+# connection that the next FTS3/FTS4 table using that tokenizer calls (a crash, or
+# worse, from a SELECT), and fts3_tokenizer(name) returns a memory address; builds
+# such as Debian's enable both. load_extension() loads code.
+_UNSAFE_FUNCTIONS = frozenset({"fts3_tokenizer", "load_extension"})
 # Prefixes, not suffixes: SQLite names a result column by its text, which for
 # the last column ran on into a comment after it.
 _READONLY_TAG = "/* fluxlite:read-only */\n"
 # How SQLite reports a statement query() may not run (see _Model.query).
 _REFUSED_QUERY = ("not authorized", "prohibited", "authorization denied", "cannot VACUUM")
 _REDUCER_TAG = "/* fluxlite:reducer */\n"
+# SQLite steps between two calls of _let_signals_in while query() runs in the main
+# thread: some tens of milliseconds, short for a Ctrl-C, rare enough to cost nothing.
+_SIGNAL_TICKS = 1_000_000
 # A table-valued function (json_each, json_tree) is set up with an UPDATE of
 # sqlite_master in the authorizer's eyes; the query itself only reads.
 _SQLITE_UPDATE = 23
@@ -1517,6 +1527,10 @@ def _check_schema_text(schema: Any) -> None:
     _check_text(schema, "The schema", SchemaError)  # else each Python has its own error
 
 
+def _temp_objects(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM temp.sqlite_master").fetchone()[0])
+
+
 def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> List[str]:
     """Run the user's DDL (inside the caller's transaction); return the new tables.
     ``new``: a schema not yet accepted by a store (see _check_new_table)."""
@@ -1527,6 +1541,7 @@ def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> L
             "schema is empty; give at least one CREATE TABLE statement for the read model."
         )
     before = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    temporary = _temp_objects(conn)
     for number, statement in enumerate(statements, 1):
         if not _ALLOWED_DDL.match(_strip_leading_comments(statement)):
             raise SchemaError(
@@ -1546,6 +1561,14 @@ def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> L
                 f"{statement[:200]!r}. Note `events`, `fluxlite_*` and `sqlite_*` "
                 f"are reserved table names."
             ) from exc
+        if _temp_objects(conn) != temporary:
+            # CREATE TABLE temp.x: not in the file, gone on close; and a temp table
+            # named as a model table shadows it, so every write went there.
+            raise SchemaError(
+                f"Schema statement {number} creates a temporary table or index: "
+                f"{statement[:200]!r}. The read model lives in the store's file: "
+                f"drop the 'temp.' (or 'temporary') qualifier."
+            )
     tables = []
     for name, sql in conn.execute(
         "SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name"
@@ -1601,6 +1624,16 @@ def _normalize_changes(out: Any, event: Event) -> List[Change]:
         f"Reducer for {event.type!r} returned {_describe(out)}; a reducer returns "
         f"None, a Change, or a list of Changes."
     )
+
+
+def _let_signals_in() -> None:
+    """SQLite's progress handler while query() runs in the main thread.
+
+    sqlite3 runs a statement without the GIL, so Python runs no signal handler
+    until it ends: Ctrl-C could not stop a query that runs for hours (a
+    recursive CTE without a LIMIT), nor the lock it holds. Calling back into
+    Python lets the handler run; its KeyboardInterrupt aborts the statement.
+    """
 
 
 class _Model:
@@ -1686,7 +1719,11 @@ class _Model:
         with self.lock:
             previous = self.query_mode
             self.query_mode = 2 if previous == 2 else 1
+            # Only the main thread runs signal handlers (Ctrl-C) at all.
+            signals = threading.current_thread() is threading.main_thread()
             try:
+                if signals:
+                    self.conn.set_progress_handler(_let_signals_in, _SIGNAL_TICKS)
                 # The tag keeps this text apart from fluxlite's own cached
                 # statements (and a reducer's apart from query()'s), so it is
                 # always prepared, and authorized, under the rules in force.
@@ -1701,6 +1738,10 @@ class _Model:
                         raise _repeated_names(names, sql)
                     return [dict(zip(names, row)) for row in cursor]
             except sqlite3.DatabaseError as exc:
+                if signals and str(exc) == "interrupted":
+                    # _let_signals_in raised (a signal handler's exception, which sqlite3
+                    # drops): the usual one, from Ctrl-C, is raised in its place.
+                    raise KeyboardInterrupt from None
                 # Refused by the authorizer when prepared ("not authorized"), or while
                 # running (VACUUM: "authorization denied"; inside a transaction, "cannot
                 # VACUUM" comes first): the same rule.
@@ -1715,6 +1756,9 @@ class _Model:
                 raise _query_failure(exc, sql, params) from exc
             finally:
                 self.query_mode = previous
+                if signals:  # (a connection closed meanwhile was reported above)
+                    with contextlib.suppress(sqlite3.ProgrammingError):
+                        self.conn.set_progress_handler(None, 0)
 
     def _authorize(self, action: int, arg1: Any, arg2: Any, db: Any, trigger: Any) -> int:
         if self.query_mode == 0:
@@ -1725,6 +1769,8 @@ class _Model:
             if action == _SQLITE_UPDATE and arg1 in ("sqlite_master", "sqlite_schema") \
                     and trigger is None:
                 return sqlite3.SQLITE_OK
+            return sqlite3.SQLITE_DENY
+        if action == _SQLITE_FUNCTION and arg2 in _UNSAFE_FUNCTIONS:
             return sqlite3.SQLITE_DENY
         # Replay has no log, and its scratch file another schema (sqlite_master
         # names the log's tables, and other root pages): reducers read the model only.

@@ -9171,3 +9171,106 @@ def test_procs_history_reads_one_model_when_another_process_rebuilds_meanwhile(t
         old._model.get = real_get
         with pytest.raises(fluxlite.SchemaError, match="rebuilt by another process"):
             old.history("t", "a")
+
+
+# -- security review: what query() lets SQL do --------------------------------------
+
+
+def _has_fts3_tokenizer():
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        try:
+            conn.execute("SELECT fts3_tokenizer('simple')")
+        except sqlite3.Error:
+            return False
+    return True
+
+
+@pytest.mark.skipif(not _has_fts3_tokenizer(), reason="this SQLite has no fts3_tokenizer()")
+def test_query_refuses_fts3_tokenizer_which_installs_a_c_pointer(tmp_path):
+    # fts3_tokenizer(name, blob) sets the C function pointer an FTS3/FTS4 table of that
+    # tokenizer calls: a "read-only" SELECT then crashed the process (a segfault at the
+    # address given) on the next read of such a table in the file; with one argument it
+    # returns a memory address. Refused in every query(), as a write is.
+    calls = ["SELECT fts3_tokenizer('simple')", "SELECT FTS3_Tokenizer('probe', x'4141414141414141')"]
+    seen = []
+
+    def r(view, event):
+        for sql in calls:
+            with pytest.raises(fluxlite.QueryError, match="read-only"):
+                view.query(sql)
+            seen.append(sql)
+        return view.users.insert(name="x")
+
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=SCHEMA, reducer=r) as store:
+        store.dispatch("x")
+        assert len(seen) == len(calls)
+        for sql in calls:
+            with pytest.raises(fluxlite.QueryError, match="read-only"):
+                store.query(sql)
+            with store.at(1) as past, pytest.raises(fluxlite.QueryError, match="read-only"):
+                past.query(sql)
+        assert store.query("SELECT upper('ok') AS v") == [{"v": "OK"}]  # other functions run
+    with fluxlite.open(path, readonly=True) as store, \
+            pytest.raises(fluxlite.QueryError, match="read-only"):
+        store.query(calls[1])
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signals reach the main thread only")
+def test_ctrl_c_stops_a_runaway_query_and_frees_the_store(tmp_path):
+    # sqlite3 runs a statement without the GIL: a Ctrl-C waited for the query's end,
+    # which a recursive CTE without a LIMIT never reaches (`fluxlite query` could only
+    # be killed), and the store's lock stayed held, blocking every other thread.
+    endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+    with fluxlite.open(str(tmp_path / "s.db"), schema=SCHEMA, reducer=reducer) as store:
+        done, stuck = threading.Event(), []
+
+        def ctrl_c():
+            while store._lock.acquire(blocking=False):  # until the query holds it
+                store._lock.release()
+                time.sleep(0.001)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            if not done.wait(10):  # (only when the fix is missing) end it anyway
+                stuck.append(True)
+                store._conn.interrupt()
+
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        sender = threading.Thread(target=ctrl_c)
+        try:
+            sender.start()
+            with pytest.raises(KeyboardInterrupt):
+                store.query(endless)
+        except KeyboardInterrupt:
+            pass  # (without the fix, raised after the query ended)
+        finally:
+            done.set()
+            sender.join()
+            signal.signal(signal.SIGINT, previous)
+        assert stuck == []
+        # Usable at once, from any thread: the lock is free, no handler is left behind.
+        worker = threading.Thread(target=add, args=(store, "after"))
+        worker.start()
+        worker.join()
+        assert store.query("SELECT name FROM users") == [{"name": "after"}]
+
+
+def test_schema_refuses_a_temp_table_which_shadowed_the_model_table(tmp_path):
+    # `CREATE TABLE temp.users` passed the CREATE TABLE check: a TEMP table of a
+    # model table's name shadows it on the connection, so every write went there.
+    # verify() agreed while the store was open; on close the read model was gone
+    # (reopened: no rows, head 2, ReplayMismatch).
+    shadowed = SCHEMA + "CREATE TABLE temp.users (name TEXT PRIMARY KEY, role TEXT, logins INTEGER NOT NULL DEFAULT 0);"
+    path = str(tmp_path / "s.db")
+    for schema in (shadowed, 'CREATE TABLE "temp"."solo" (id INTEGER PRIMARY KEY)'):
+        with pytest.raises(fluxlite.SchemaError, match="temporary table.*drop the 'temp.'"):
+            fluxlite.open(path, schema=schema, reducer=reducer)
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "ann")
+    # A new version with it (a rebuild) is refused too, the store as it was.
+    with pytest.raises(fluxlite.SchemaError, match="temporary table"):
+        fluxlite.open(path, schema=shadowed, reducer=reducer, version=2)
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        assert [r["name"] for r in store.query("SELECT name FROM users")] == ["ann"]
+        assert store.query("SELECT name FROM temp.sqlite_master") == []
+        store.verify()
