@@ -1449,10 +1449,12 @@ def _stored_in(conn: sqlite3.Connection, values: Sequence[Any], declared: Sequen
     return tuple(stored)
 
 
-# Column defaults a replay would not repeat (the time, random values, counters).
+# Column defaults a replay would not repeat (the time, random values, counters, and
+# the SQLite a replay on another machine or Python runs: sqlite_version()).
 _NONDETERMINISTIC = re.compile(
     r"\bCURRENT_(TIME|DATE|TIMESTAMP)\b|\b(random|randomblob|changes|total_changes|"
-    r"last_insert_rowid)\s*\(", re.IGNORECASE)
+    r"last_insert_rowid|sqlite_version|sqlite_source_id|sqlite_compileoption_get|"
+    r"sqlite_compileoption_used)\s*\(", re.IGNORECASE)
 _DATE_FUNCTION = re.compile(r"\b(date|time|datetime|julianday|strftime|unixepoch|timediff)\s*\(",
                             re.IGNORECASE)
 
@@ -1505,7 +1507,8 @@ def _check_new_table(conn: sqlite3.Connection, name: str, sql: str, new: bool = 
         if column[4] is not None and _nondeterministic(column[4]):
             raise SchemaError(
                 f"Column {name}.{column[1]} has DEFAULT {column[4]}, which gives another "
-                f"value each time it runs: a replay would not give the live rows. Drop "
+                f"value each time it runs (or under another SQLite): a replay would not "
+                f"give the live rows. Drop "
                 f"the default and set the value in the reducer (from event.ts for a time)."
             )
     code = "".join(_sql_code(sql, literals=False))
@@ -2204,13 +2207,35 @@ def _value_error(change: Change, info: _TableInfo, exc: sqlite3.OperationalError
             f"made by the schema from a BLOB (a DEFAULT x'..' or a generated column). "
             f"Make the schema produce valid text, or hex() of the blob."
         )
-    if str(exc) != "integer overflow":
-        return None
-    return ChangesetError(
-        f"{change.op} on {info.name!r}: an expression of the schema (a CHECK, a generated "
-        f"column or an index on an expression) went past SQLite's 64-bit integers on "
-        f"these values ({exc}). Check the values, or make the expression safe for them."
-    )
+    if str(exc).startswith("non-deterministic use of"):  # SQLite checks it per row, not
+        return ChangesetError(                                # when the schema is created
+            f"{change.op} on {info.name!r}: SQLite refuses an expression of the schema on "
+            f"these values ({exc}): a generated column, a CHECK or an index that reads the "
+            f"clock ('now') or the machine's time zone ('localtime', 'utc') would give a "
+            f"replay another answer. Compute the value in the reducer from event.ts, or "
+            f"take that part out of the schema's expression."
+        )
+    if str(exc) == "integer overflow":
+        return ChangesetError(
+            f"{change.op} on {info.name!r}: an expression of the schema (a CHECK, a generated "
+            f"column or an index on an expression) went past SQLite's 64-bit integers on "
+            f"these values ({exc}). Check the values, or make the expression safe for them."
+        )
+    if str(exc).startswith(_EXPRESSION_ERRORS):  # json_extract() of text that is no JSON
+        return ChangesetError(
+            f"{change.op} on {info.name!r}: an expression of the schema (a CHECK, a generated "
+            f"column or an index on an expression) failed on these values ({exc}). Give the "
+            f"column a value the expression takes (valid JSON text for json_extract()), or "
+            f"guard the expression (CASE WHEN json_valid(d) THEN json_extract(d, '$.a') END)."
+        )
+    return None
+
+
+# SQLite's errors from evaluating a schema's expression on a row's values (not from
+# the file: those are StorageError, and "malformed" alone means a damaged file).
+_EXPRESSION_ERRORS = ("malformed JSON", "JSON path error", "JSON cannot hold BLOB values",
+                      "json_", "ESCAPE expression must be a single character",
+                      "LIKE or GLOB pattern too complex")
 
 
 def _stored_row(info: _TableInfo, values: Mapping[str, Any], rest: Mapping[str, Any]
@@ -6780,7 +6805,17 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: Set[str],
         cursor = conn.execute(f"SELECT {listed} FROM {info.q} ORDER BY {info.order_by}")
         # The journal keeps whole rows, as a live insert's does; the payload only what
         # an insert gives (generated columns are SQLite's to compute again).
-        whole = [dict(zip(info.columns, r)) for r in cursor]
+        try:
+            whole = [dict(zip(info.columns, r)) for r in cursor]
+        except sqlite3.OperationalError as exc:
+            if not str(exc).startswith("Could not decode to UTF-8"):
+                raise
+            raise SchemaError(  # written by a tool that does not check its text
+                f"Cannot adopt table {name!r}: a row holds text that is not valid UTF-8 "
+                f"({exc}); read-model values are None, bool, int, float or str. Nothing "
+                f"was changed. Fix that column's text (or keep such bytes as hex()), "
+                f"then adopt."
+            ) from None
         rows = [{c: row[c] for c in info.writable_columns} for row in whole]
         for row in whole:
             for column, value in row.items():

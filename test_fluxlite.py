@@ -318,6 +318,7 @@ def test_new_store_needs_a_schema(tmp_path):
     ("CREATE TABLE t (a TEXT PRIMARY KEY, d REAL DEFAULT (julianday()))", "event.ts"),
     ('CREATE TABLE t (a TEXT PRIMARY KEY, n INTEGER DEFAULT ("random"()))', "another value"),
     ("CREATE TABLE t (a TEXT PRIMARY KEY, n INTEGER DEFAULT ([random]()))", "another value"),
+    ("CREATE TABLE t (a TEXT PRIMARY KEY, v TEXT DEFAULT (sqlite_version()))", "another SQLite"),
     ("   -- only a comment\n", "empty"),
     (42, "SQL text"),
 ])
@@ -9274,3 +9275,97 @@ def test_schema_refuses_a_temp_table_which_shadowed_the_model_table(tmp_path):
         assert [r["name"] for r in store.query("SELECT name FROM users")] == ["ann"]
         assert store.query("SELECT name FROM temp.sqlite_master") == []
         store.verify()
+
+
+# -- types (session 14): SQLite's types and expressions against the guarantees -------
+
+
+@pytest.mark.parametrize("schema", [
+    "CREATE TABLE t (k INTEGER PRIMARY KEY, ts TEXT, local AS (datetime(ts, 'localtime')))",
+    "CREATE TABLE t (k INTEGER PRIMARY KEY, ts TEXT, h TEXT AS (strftime('%H', ts, 'utc')) STORED)",
+    "CREATE TABLE t (k INTEGER PRIMARY KEY, ts TEXT CHECK (ts < datetime('now')))",
+    "CREATE TABLE t (k INTEGER PRIMARY KEY, ts TEXT);"
+    " CREATE INDEX t_local ON t (datetime(ts, 'localtime'))",
+])
+def test_a_schema_expression_reading_the_clock_or_time_zone_is_a_changeset_error(tmp_path, schema):
+    # SQLite accepts such a schema and refuses the expression only when a row reaches
+    # it ("non-deterministic use of datetime() in a generated column"): that is the
+    # change's error, not a disk to check, and the store goes on working.
+    def reducer(view, event):
+        if event.type == "put":
+            return view.t.insert(k=event.payload["k"], ts=event.payload["ts"])
+        return None
+
+    with fluxlite.open(str(tmp_path / "s.db"), schema=schema, reducer=reducer) as store:
+        with pytest.raises(fluxlite.ChangesetError, match=r"(?s)non-deterministic use of .*"
+                           r"reads the clock .*event\.ts"):
+            store.dispatch("put", {"k": 1, "ts": "2020-06-01 12:00:00"})
+        assert store.head == 0 and store.view.t.all() == []
+        store.dispatch("other")
+        assert store.head == 1
+        store.verify()
+
+
+@pytest.mark.parametrize("schema", [
+    "CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT, a AS (json_extract(d, '$.a')))",
+    "CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT, a INTEGER AS (json_extract(d, '$.a')) STORED)",
+    "CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT CHECK (json_extract(d, '$.a') IS NOT 0))",
+    "CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT); CREATE INDEX t_a ON t (json_extract(d, '$.a'))",
+    "CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT, a AS (d LIKE 'x%' ESCAPE d))",
+])
+def test_a_schema_expression_failing_on_a_value_is_a_changeset_error(tmp_path, schema):
+    # A generated column over a JSON document is a common schema; text that is no
+    # JSON makes json_extract() fail. That is the change's fault: a ChangesetError,
+    # not "SQLite could not write ... check free disk space".
+    def reducer(view, event):
+        return view.t.upsert(k=event.payload["k"], d=event.payload["d"])
+
+    with fluxlite.open(str(tmp_path / "s.db"), schema=schema, reducer=reducer) as store:
+        with pytest.raises(fluxlite.ChangesetError, match=r"expression of the schema"):
+            store.dispatch("put", {"k": 1, "d": "not json, nor one character"})
+        assert store.head == 0 and store.view.t.all() == []
+        store.dispatch("put", {"k": 2, "d": '{"a": 1}' if "json" in schema else "x"})
+        store.verify()
+
+
+def test_a_rebuild_whose_schema_expression_fails_on_an_old_value_names_the_event(tmp_path):
+    # A new schema adds a generated column over text that an old event stored as no
+    # JSON: the rebuild is refused with a FluxliteError naming that event (it was a
+    # raw sqlite3.OperationalError), and the old model stays as it was.
+    path = str(tmp_path / "s.db")
+
+    def reducer(view, event):
+        return view.t.upsert(k=event.payload["k"], d=event.payload["d"])
+
+    with fluxlite.open(path, schema="CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT)",
+                       reducer=reducer) as store:
+        store.dispatch("put", {"k": 1, "d": '{"a": 1}'})
+        bad = store.dispatch("put", {"k": 2, "d": "plain text"})
+    with pytest.raises(fluxlite.ChangesetError,
+                       match=rf"malformed JSON.*while replaying event 2, 'put', id '{bad.id}'"):
+        fluxlite.open(path, schema="CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT, "
+                      "a AS (json_extract(d, '$.a')))", reducer=reducer)
+    with fluxlite.open(path, schema="CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT)",
+                       reducer=reducer) as store:
+        assert store.view.t.all() == [{"k": 1, "d": '{"a": 1}'}, {"k": 2, "d": "plain text"}]
+        store.verify()
+
+
+def test_adopting_text_that_is_not_utf8_says_which_table_and_changes_nothing(tmp_path):
+    # Another tool can leave bytes that are not UTF-8 in a TEXT value (CAST(x'ff' AS
+    # TEXT)): adoption names the table and column, rather than calling the file no store.
+    path = str(tmp_path / "legacy.db")
+    schema = "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)"
+    conn = sqlite3.connect(path)
+    conn.execute(schema)
+    conn.execute("INSERT INTO notes VALUES (1, 'fine'), (2, CAST(x'ff' AS TEXT))")
+    conn.commit()
+    conn.close()
+    with pytest.raises(fluxlite.SchemaError,
+                       match=r"Cannot adopt table 'notes': .*not valid UTF-8.*'body'"):
+        fluxlite.open(path, schema=schema, reducer=lambda view, event: None, adopt=True)
+    conn = sqlite3.connect(path)
+    conn.text_factory = bytes
+    assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [(b"notes",)]
+    assert conn.execute("SELECT * FROM notes").fetchall() == [(1, b"fine"), (2, b"\xff")]
+    conn.close()
