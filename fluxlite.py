@@ -422,7 +422,7 @@ class Change:
     def __post_init__(self) -> None:
         if self.op not in _OPS:
             raise ChangesetError(
-                f"Change op must be one of {', '.join(_OPS)}; received {self.op!r}."
+                f"Change op must be one of {', '.join(_OPS)}; received {_quoted(self.op)}."
             )
         if not isinstance(self.table, str):
             raise ChangesetError(
@@ -433,7 +433,7 @@ class Change:
         if self.values is not None and not isinstance(self.values, _Mapping):
             raise ChangesetError(
                 f"Change values must be a dict of column -> value or None; received "
-                f"{_describe(self.values)} for a {self.op} on {self.table!r}."
+                f"{_describe(self.values)} for a {self.op} on {_quoted(self.table)}."
             )
 
     def replace(self, **changes: Any) -> "Change":
@@ -490,6 +490,20 @@ def _describe(value: Any) -> str:
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{text} (of type {type(value).__name__})"
+
+
+def _quoted(value: Any) -> str:
+    """repr(value) for a message, at most its first 200 characters: a 1 MB event type,
+    table name, key or id is not repeated whole in an error (and in each log line of it)."""
+    try:
+        text = repr(value)
+    except Exception:  # e.g. an int past Python's 4300-digit str() limit
+        return f"a {type(value).__name__} that cannot be shown"
+    if len(text) <= 200:
+        return text
+    if isinstance(value, str):
+        return f"{value[:200]!r}... ({len(value)} characters)"
+    return f"{text[:200]}... ({len(text)} characters)"
 
 
 def _make_dumps() -> Callable[[Any], str]:
@@ -576,8 +590,7 @@ def _check_text(text: str, what: str, error: type) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        shown = repr(text) if len(text) <= 200 else f"{text[:200]!r}... ({len(text)} characters)"
-        raise error(f"{what} {shown} is not valid Unicode text (a lone surrogate at "
+        raise error(f"{what} {_quoted(text)} is not valid Unicode text (a lone surrogate at "
                     f"character {exc.start}); fix the string's encoding.") from None
     return text
 
@@ -1618,13 +1631,13 @@ def _normalize_changes(out: Any, event: Event) -> List[Change]:
         for item in out:
             if not isinstance(item, Change):
                 raise ChangesetError(
-                    f"Reducer for {event.type!r} returned a list holding "
+                    f"Reducer for {_quoted(event.type)} returned a list holding "
                     f"{_describe(item)}; every item must be a Change (build them "
                     f"with view.<table>.insert/update/upsert/delete)."
                 )
         return list(out)
     raise ChangesetError(
-        f"Reducer for {event.type!r} returned {_describe(out)}; a reducer returns "
+        f"Reducer for {_quoted(event.type)} returned {_describe(out)}; a reducer returns "
         f"None, a Change, or a list of Changes."
     )
 
@@ -1662,7 +1675,7 @@ class _Model:
         if info is None:
             known = ", ".join(sorted(self.tables)) or "none"
             raise error(
-                f"Unknown table {name!r}; the read model has: {known}. Table names "
+                f"Unknown table {_quoted(name)}; the read model has: {known}. Table names "
                 f"are case-sensitive and must match the schema."
             )
         return info
@@ -2025,7 +2038,7 @@ class _Model:
         row = self._row(info, info.key_params(_unparams(info, key)))
         if row is None:
             raise ChangesetError(
-                f"insert into {info.name!r}: the key {_unparams(info, key)!r} changed when "
+                f"insert into {info.name!r}: the key {_quoted(_unparams(info, key))} changed when "
                 f"SQLite stored it (the column's type rounded or converted it), so the row "
                 f"could not be found by its key. Use a key of the column's own type."
             )
@@ -2053,8 +2066,8 @@ class _Model:
             for column, part in zip(info.pk, key):
                 if column in values and values[column] != part:
                     raise ChangesetError(
-                        f"{change.op} into {info.name!r}: key {change.key!r} disagrees "
-                        f"with the row's {column}={values[column]!r}; leave key=None or "
+                        f"{change.op} into {info.name!r}: key {_quoted(change.key)} disagrees "
+                        f"with the row's {column}={_quoted(values[column])}; leave key=None or "
                         f"make them equal."
                     )
                 values[column] = part
@@ -2176,7 +2189,7 @@ def _constraint_error(change: Change, info: _TableInfo, exc: Exception
                 "DEFERRABLE INITIALLY DEFERRED to check it at commit."
                 if "FOREIGN KEY" in str(exc) else "")
         return ChangesetError(
-            f"{change.op} on {info.name!r} key {key!r} violates a "
+            f"{change.op} on {info.name!r} key {_quoted(key)} violates a "
             f"constraint: {exc}. Check the reducer's values against the schema.{hint}"
         )
     if isinstance(exc, UnicodeEncodeError):  # a lone surrogate: not UTF-8, so not text
@@ -2266,14 +2279,14 @@ def _stored_row(info: _TableInfo, values: Mapping[str, Any], rest: Mapping[str, 
 
 def _missing_row(info: _TableInfo, op: str, key: Any) -> ChangesetError:
     return ChangesetError(
-        f"{op} on {info.name!r} of key {_unparams(info, key)!r} which does not exist; "
+        f"{op} on {info.name!r} of key {_quoted(_unparams(info, key))} which does not exist; "
         f"check the key, or insert the row first."
     )
 
 
 def _existing_row(info: _TableInfo, key: Tuple[Any, ...]) -> ChangesetError:
     return ChangesetError(
-        f"insert into {info.name!r} of key {_unparams(info, key)!r} which already "
+        f"insert into {info.name!r} of key {_quoted(_unparams(info, key))} which already "
         f"exists; use update or upsert to change an existing row."
     )
 
@@ -2639,9 +2652,9 @@ class Table:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         # A reducer written for the view, given a table by combine().
         raise _NoTableAttribute(
-            f"Table {self.name!r} has no attribute {name!r}. Under combine() each "
+            f"Table {self.name!r} has no attribute {_quoted(name)}. Under combine() each "
             f"reducer is given its own table (here {self.name!r}), not the view: read "
-            f"any table as table.view.{name} (or table.view[{name!r}])."
+            f"any table as table.view.{name} (or table.view[{_quoted(name)}])."
         )
 
     # reads
@@ -2747,7 +2760,7 @@ class View:
         return table
 
     def _no_table(self, name: Any) -> str:
-        return (f"No read-model table {name!r}; the tables are: {', '.join(self.tables)}. "
+        return (f"No read-model table {_quoted(name)}; the tables are: {', '.join(self.tables)}. "
                 f"Table names are case-sensitive and must match the schema.")
 
     def __iter__(self) -> Iterator[Table]:
@@ -2843,7 +2856,7 @@ def combine(reducers: Mapping[str, CollectionReducer]) -> Reducer:
                 if change.table != name:
                     raise ChangesetError(
                         f"The {name!r} reducer returned a change for table "
-                        f"{change.table!r} on {event.type!r}; a combined reducer may "
+                        f"{change.table!r} on {_quoted(event.type)}; a combined reducer may "
                         f"only change its own table. Move that logic to the "
                         f"{change.table!r} reducer."
                     )
@@ -2926,7 +2939,7 @@ def _reduce(reducer: Reducer, view: View, event: Event) -> List[Change]:
     except Exception as exc:
         raise ReducerError(
             f"The reducer raised {type(exc).__name__}: {exc} on event {event.seq} "
-            f"({event.type!r}, id {event.id!r}); nothing was written. Raise "
+            f"({_quoted(event.type)}, id {_quoted(event.id)}); nothing was written. Raise "
             f"fluxlite.Rejected to refuse an event on purpose."
         ) from exc
     finally:
@@ -2948,7 +2961,7 @@ def _make_upcaster(upcasters: Optional[Mapping[str, Upcaster]]) -> Callable[[Eve
     for kind, upcaster in upcasters.items():
         if not isinstance(kind, str) or not callable(upcaster):
             raise UsageError(f"upcasters must map event types (str) to functions(event) -> "
-                             f"event; {kind!r} maps to {_describe(upcaster)}.")
+                             f"event; {_quoted(kind)} maps to {_describe(upcaster)}.")
     table = dict(upcasters)
 
     def upcast(event: Event) -> Event:
@@ -2962,8 +2975,8 @@ def _make_upcaster(upcasters: Optional[Mapping[str, Upcaster]]) -> Callable[[Eve
                 raise
             except Exception as exc:
                 raise ReducerError(
-                    f"The upcaster for {event.type!r} raised {type(exc).__name__}: {exc} "
-                    f"on event {event.seq} (id {event.id!r}). An upcaster must accept every "
+                    f"The upcaster for {_quoted(event.type)} raised {type(exc).__name__}: {exc} "
+                    f"on event {event.seq} (id {_quoted(event.id)}). An upcaster must accept every "
                     f"shape of its event type in the log, the current one too (return it "
                     f"unchanged)."
                 ) from exc
@@ -2972,14 +2985,14 @@ def _make_upcaster(upcasters: Optional[Mapping[str, Upcaster]]) -> Callable[[Eve
             if not isinstance(newer, Event) or (newer.seq, newer.id, newer.ts) != (
                     event.seq, event.id, event.ts):
                 raise UsageError(
-                    f"The upcaster for {event.type!r} returned {_describe(newer)}; an "
+                    f"The upcaster for {_quoted(event.type)} returned {_describe(newer)}; an "
                     f"upcaster returns the event with a new type, payload or meta "
                     f"(event.replace(...)), keeping seq, id and ts."
                 )
             _check_upcast_shape(newer, event)
             event = newer
         raise UsageError(
-            f"Upcasters did not settle on event {event.seq} ({event.type!r}) after "
+            f"Upcasters did not settle on event {event.seq} ({_quoted(event.type)}) after "
             f"{_MAX_UPCASTS} steps; an upcaster must return a current-shape event "
             f"unchanged (or None)."
         )
@@ -2997,7 +3010,7 @@ def _check_upcast_shape(newer: Event, event: Event) -> None:
     wrong = (f"type {_describe(kind)}" if not (isinstance(kind, str) and kind.strip())
              else f"meta {_describe(meta)}")
     raise UsageError(
-        f"The upcaster for {event.type!r} returned event {event.seq} (id {event.id!r}) "
+        f"The upcaster for {_quoted(event.type)} returned event {event.seq} (id {_quoted(event.id)}) "
         f"with {wrong}; an event's type is a non-empty string and its meta a dict. "
         f"Return event.replace(type='newName', payload=..., meta={{...}})."
     )
@@ -3112,7 +3125,7 @@ def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
     if kind.startswith("fluxlite.") and kind not in _BUILTIN_REDUCERS:
         raise InvalidEvent(
             f"Event types starting with 'fluxlite.' are reserved for built-in events "
-            f"({', '.join(sorted(_BUILTIN_REDUCERS))}); received {kind!r}. Rename the type."
+            f"({', '.join(sorted(_BUILTIN_REDUCERS))}); received {_quoted(kind)}. Rename the type."
         )
     meta = action.get("meta")
     meta = {} if meta is None else meta
@@ -3182,11 +3195,21 @@ def _event_from_row(row: Sequence[Any]) -> Event:
             payload=_loads(payload) if payload is not None else None,
             meta=_loads(meta) if meta and meta != "{}" else {}, ts=_parse_ts(ts))
     except (ValueError, TypeError) as exc:
-        raise StorageError(
-            f"Event {seq} in the log is damaged and cannot be read ({exc}). Check the file "
-            f"with PRAGMA integrity_check and restore it from a backup."
-        ) from exc
+        raise _unreadable_event(seq, exc) from exc
     return event
+
+
+def _unreadable_event(seq: int, exc: Exception) -> StorageError:
+    if "integer string conversion" in str(exc):  # Python 3.11+'s limit on digits
+        return StorageError(
+            f"Event {seq} holds an integer of more digits than this Python reads ({exc}). "
+            f"The log is not damaged: a Python before 3.11, which has no such limit, "
+            f"logged it. Read it after sys.set_int_max_str_digits(0)."
+        )
+    return StorageError(
+        f"Event {seq} in the log is damaged and cannot be read ({exc}). Check the file "
+        f"with PRAGMA integrity_check and restore it from a backup."
+    )
 
 
 @contextlib.contextmanager
@@ -4193,7 +4216,7 @@ class Store:
         if item.seq is not None:  # a logged event being copied keeps its seq and ts
             if item.seq != head + 1:
                 raise Conflict(
-                    f"Logged event {item.id!r} has seq {item.seq} but would be seq "
+                    f"Logged event {_quoted(item.id)} has seq {item.seq} but would be seq "
                     f"{head + 1} here; a log can only be copied onto a store whose "
                     f"head is the seq right before it."
                 )
@@ -4297,7 +4320,7 @@ class Store:
             first, event, earlier = seen[item.id]
             if not first.id_given:  # the user's ids= source gave it first, in this batch
                 raise UsageError(
-                    f"ids() returned {item.id!r}, which this batch also gives as an event's "
+                    f"ids() returned {_quoted(item.id)}, which this batch also gives as an event's "
                     f"id; the ids it returns must differ from every other id. Make ids() "
                     f"return ids of a form the explicit ids never take."
                 )
@@ -4309,10 +4332,10 @@ class Store:
                 else:  # or the items' places in the batch
                     where = f"items {earlier} and {position} of the batch (counting from 0" + (
                         ")" if self._bare else ", as the middleware passed them to next())")
-                what = (f"a {first.type!r} and a {item.type!r} event" if first.type != item.type
-                        else f"two {item.type!r} events with different payloads")
+                what = (f"a {_quoted(first.type)} and a {_quoted(item.type)} event" if first.type != item.type
+                        else f"two {_quoted(item.type)} events with different payloads")
                 raise Conflict(
-                    f"Event id {item.id!r} is given twice in one batch with other content: "
+                    f"Event id {_quoted(item.id)} is given twice in one batch with other content: "
                     f"{where} are {what}; an id is an idempotency key. Nothing of "
                     f"the batch was written; give each event of it its own id."
                 )
@@ -4327,7 +4350,7 @@ class Store:
                 event = self._upcast(stored)
         if not same:
             raise Conflict(
-                f"Event id {item.id!r} is already used by a {event.type!r} event "
+                f"Event id {_quoted(item.id)} is already used by a {_quoted(event.type)} event "
                 f"(seq {event.seq}) with other content; an id is an idempotency key. "
                 f"Use a new id for a new event."
             )
@@ -4343,7 +4366,7 @@ class Store:
                 return
             where = f"in the log (seq {row[0]})"
         raise UsageError(
-            f"ids() returned {event_id!r}, an id already used {where}; the ids it "
+            f"ids() returned {_quoted(event_id)}, an id already used {where}; the ids it "
             f"returns must be unique across the whole file. Continue the counter "
             f"from the log (a store reopened starts it again), or leave out ids=."
         )
@@ -5042,11 +5065,27 @@ class Store:
             text = _format_ts(time)
         except OverflowError:  # in UTC it is before year 1 or after 9999: no ts is
             return 0 if time.year < 5000 else self.head
-        with self._lock:
+        return self._seq_by_ts(text, "<=")
+
+    def _seq_by_ts(self, text: str, op: str) -> int:
+        """The last seq whose ts is ``op`` (< or <=) ``text``, or 0.
+
+        ts never decreases along seq, so a binary search on seq finds it in
+        about 20 point reads for a million events, where "max(seq) WHERE ts <= ?"
+        read every event after it (0.6 s from the start of a million)."""
+        with self._lock, _reading(self._path):
             self._check_open()
-            row = self._conn.execute(  # ts never decreases along seq: the index on seq will do
-                "SELECT max(seq) FROM events WHERE ts <= ?", (text,)).fetchone()
-        return row[0] or 0
+            conn = self._conn
+            low, high = 0, conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
+            while low < high:  # low is 0 or a match; every seq after high is not
+                middle = (low + high + 1) // 2
+                row = conn.execute(f"SELECT ts {op} ? FROM events WHERE seq = ?",
+                                   (text, middle)).fetchone()
+                if row is None:  # a gap in seq (a damaged file): a scan still answers
+                    return int(conn.execute(f"SELECT max(seq) FROM events WHERE ts {op} ?",
+                                            (text,)).fetchone()[0] or 0)
+                low, high = (middle, high) if row[0] else (low, middle - 1)
+            return low
 
     def history(self, table: str, key: Any, *, after: int = 0, upto: Optional[int] = None,
                 limit: Optional[int] = None, reverse: bool = False) -> List["Revision"]:
@@ -5102,6 +5141,8 @@ class Store:
             stored = [_as_stored(params, info.pk_types)]
         except (sqlite3.Error, OverflowError, ValueError):
             return []  # no row has it: SQLite cannot store it, or made it infinite
+        if any(part.__class__ is float and not math.isfinite(part) for part in stored[0]):
+            return []  # text past a REAL's range ('1e999', 400 digits) SQLite reads as inf
         live = self._model.get(info, _unparams(info, params))
         if live is not None:  # as the row holds its key (COLLATE NOCASE: 'a' for 'A')
             stored.append(tuple(live[c] for c in info.pk))
@@ -5134,13 +5175,13 @@ class Store:
             deletions = self._history(table, key, limit=1, reverse=True, op="delete")
             if not deletions and not self._history(table, key, limit=1):
                 raise UsageError(
-                    f"Row {key!r} of {table!r} has no history: no event wrote a row with "
+                    f"Row {_quoted(key)} of {_quoted(table)} has no history: no event wrote a row with "
                     f"that key. A deleted row is found by its key as stored (check its "
                     f"spelling: 1 or '1', its case in a COLLATE NOCASE column)."
                 )
             if not deletions:
                 raise UsageError(
-                    f"Row {key!r} of {table!r} was never deleted; pass at=SEQ to set it "
+                    f"Row {_quoted(key)} of {_quoted(table)} was never deleted; pass at=SEQ to set it "
                     f"back to an earlier version."
                 )
             row, when = deletions[0].before, f"before its deletion at seq {deletions[0].seq}"
@@ -5149,13 +5190,13 @@ class Store:
             latest = self._history(table, key, upto=at, limit=1, reverse=True)
             row, when = (latest[0].after if latest else None), f"at seq {at}"
         if row is None:
-            raise UsageError(f"Row {key!r} of {table!r} did not exist {when}; nothing to restore.")
+            raise UsageError(f"Row {_quoted(key)} of {_quoted(table)} did not exist {when}; nothing to restore.")
         if _typed(self.view[table].get(key)) == _typed(row):  # 1.0 is not 1 here
             # Unless this is a retry of a restore that committed (its id is in the log):
             # dispatch() then returns the stored event, as it does for any retried id
             # (or raises Conflict if that id holds something else).
             if not (isinstance(id, str) and self.event(id) is not None):
-                raise UsageError(f"Row {key!r} of {table!r} is already as it was {when}.")
+                raise UsageError(f"Row {_quoted(key)} of {_quoted(table)} is already as it was {when}.")
         info = self._model.table(table)
         payload = {"table": table, "key": _key_json(info.key_of(row)), "row": row}
         try:
@@ -5178,7 +5219,7 @@ def _restore_refused(table: str, key: Any, when: str, exc: sqlite3.IntegrityErro
                "that row first, then restore this one")
     else:
         fix = "the schema refuses it among the rows there are now"
-    return (f"Row {key!r} of {table!r} cannot be restored as it was {when}: {fix} "
+    return (f"Row {_quoted(key)} of {_quoted(table)} cannot be restored as it was {when}: {fix} "
             f"({text}). Nothing was written.")
 
 
@@ -5241,14 +5282,19 @@ def _refuse_during_setup(action: Any) -> Any:
 def _type_filter(types: Union[None, str, Iterable[str]]) -> Optional[FrozenSet[str]]:
     if types is None:
         return None
-    if isinstance(types, str):
-        return frozenset([_check_text(types, "An event type", UsageError)])
-    listed = list(types) if isinstance(types, collections.abc.Iterable) else [types]
+    listed = [types] if isinstance(types, str) else \
+        list(types) if isinstance(types, collections.abc.Iterable) else [types]
     if not all(isinstance(t, str) for t in listed):
         raise UsageError(f"types must be a str or an iterable of str; received {_describe(types)}.")
     wanted = frozenset(listed)
     for kind in wanted:
         _check_text(kind, "An event type", UsageError)
+    if not wanted or "" in wanted:  # no event has an empty type: it would match none, quietly
+        raise UsageError(
+            f"types are the event types to keep: at least one, each a non-empty str; "
+            f"received {_describe(types)}, and an empty type, or none at all, matches no "
+            f"event. Pass the types to keep, or types=None for every type."
+        )
     return wanted
 
 
@@ -5549,7 +5595,7 @@ def _advance_consumer(conn: sqlite3.Connection, name: str, owner: str, seq: int,
                        (name,)).fetchone()
     if row is None or row[1] != owner:
         raise Conflict(
-            f"Consumer {name!r} lost its lease (now held by {row[1] if row else None!r}); "
+            f"Consumer {_quoted(name)} lost its lease (now held by {row[1] if row else None!r}); "
             f"nothing was acknowledged. Another worker took over; reopen the consumer."
         )
     conn.execute("UPDATE fluxlite_consumers SET position = ?, lease_until = ? WHERE name = ?",
@@ -5601,7 +5647,7 @@ class Consumer:
                     if owner not in (None, self._owner) and until > time.time() \
                             and not _lease_is_free(owner):
                         raise Busy(
-                            f"Consumer {self.name!r} is held by {owner} until its lease "
+                            f"Consumer {_quoted(self.name)} is held by {owner} until its lease "
                             f"ends in {until - time.time():.1f} s; one process at a time "
                             f"may consume a name. Retry later, or use another name."
                         )
@@ -5661,11 +5707,17 @@ class Consumer:
     def _renew(self) -> bool:
         """Renew the lease (an ack of the position; Conflict if it was lost). False
         if the store was closed since the last read: following ends then, quietly,
-        as Store.follow() does, instead of a UsageError from a renewal that lost the race."""
+        as Store.follow() does, instead of a UsageError from a renewal that lost the race.
+        Busy (another writer held the lock past busy_timeout) while the lease still
+        runs is no reason to stop: the name is still ours, the next poll retries."""
         with self.store._lock:
             if self.store._closed or self._closed:  # (closed by another thread, say)
                 return False
-            self.ack(self.position)
+            try:
+                self.ack(self.position)
+            except Busy:
+                if time.monotonic() - self._renewed >= self._lease:  # it may be lost
+                    raise
         return True
 
     def _deliver(self, source: Iterator[Tuple[Event, List[Change]]]
@@ -5737,8 +5789,8 @@ class Consumer:
     def _check_not_closed(self, what: str) -> None:
         if self._closed:  # its name is given up: an ack now would find another owner
             raise UsageError(
-                f"{what} on consumer {self.name!r} after its close(), which gave up its "
-                f"name; take it again with store.consumer({self.name!r})."
+                f"{what} on consumer {_quoted(self.name)} after its close(), which gave up its "
+                f"name; take it again with store.consumer({_quoted(self.name)})."
             )
 
     def _ackable(self, event: Union[Event, int], what: str) -> int:
@@ -5879,7 +5931,7 @@ def _apply_each(model: _Model, reducer: Reducer, events: Iterable[Event], journa
                         "belongs in a middleware (replays do not run middleware), or can "
                         "compare event.ts with the day the rule began.")
             raise type(exc)(f"{exc} (while replaying event {event.seq}, "
-                            f"{event.type!r}, id {event.id!r}).{hint}") from exc
+                            f"{_quoted(event.type)}, id {_quoted(event.id)}).{hint}") from exc
         last = event.seq
         if progress is not None and not last % 1000:
             progress(last)
@@ -6434,9 +6486,9 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
                              f"its own entry.")
         if not callable(predicate):
             raise UsageError(f"authorize() rules map an event type to predicate(actor, event) "
-                             f"-> bool; {kind!r} maps to {_describe(predicate)}. For a type "
+                             f"-> bool; {_quoted(kind)} maps to {_describe(predicate)}. For a type "
                              f"anyone may dispatch, use lambda actor, event: True.")
-        _check_takes_two(predicate, f"The rule for {kind!r}", "(actor, event)", "predicate")
+        _check_takes_two(predicate, f"The rule for {_quoted(kind)}", "(actor, event)", "predicate")
     table = dict(rules)
 
     def middleware(store: Store) -> Callable[[Callable[[Dict[str, Any]], Any]],
@@ -6462,8 +6514,8 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
                     if (default == "allow") if rule is None else bool(rule(actor, shown)):
                         continue
                     raise Forbidden(
-                        f"Actor {actor!r} may not dispatch {checked!r} events"
-                        + ("" if checked == kind else f" (upcasters turn {kind!r} into {checked!r})")
+                        f"Actor {_quoted(actor)} may not dispatch {_quoted(checked)} events"
+                        + ("" if checked == kind else f" (upcasters turn {_quoted(kind)} into {_quoted(checked)})")
                         + ("" if rule else f" (no rule for this type{', which * does not cover' if builtin else ''}; the default is deny)")
                         + ". Dispatch as an actor the rules allow, or change the rules."
                     )
@@ -7605,6 +7657,9 @@ def _parse_json(text: str, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise _CliError(f"{what} is not valid JSON ({exc}): {text[:80]!r}") from None
+    except ValueError as exc:  # Python 3.11+: an int of more than 4300 digits
+        raise _CliError(f"{what} holds an integer too long for this Python to read "
+                        f"({exc}): {text[:80]!r}") from None
     except RecursionError:  # json's own limit, past the 200 levels an event may hold
         raise _CliError(f"{what} nests too deep for JSON to read (events hold at most "
                         f"200 levels): {text[:80]!r}. Flatten it.") from None
@@ -7683,9 +7738,19 @@ def _progress(label: str, total: int) -> Optional[Callable[[int], None]]:
     return show
 
 
+def _logged_json(row: Mapping[str, Any], column: str) -> Any:
+    """An event's payload or meta as logged (a NULL payload is None, an empty meta {})."""
+    text = row[column]
+    if text is None if column == "payload" else not text:
+        return None if column == "payload" else {}
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise _unreadable_event(row["seq"], exc) from None
+
+
 def _event_line(row: Mapping[str, Any]) -> Dict[str, Any]:
-    meta = json.loads(row["meta"]) if row["meta"] else {}
-    payload = json.loads(row["payload"]) if row["payload"] is not None else None
+    meta, payload = _logged_json(row, "meta"), _logged_json(row, "payload")
     return {"seq": row["seq"], "time": row["ts"][:19] + "Z", "type": row["type"],
             "id": row["id"], "actor": meta.get("actor", ""), "payload": payload}
 
@@ -7693,8 +7758,8 @@ def _event_line(row: Mapping[str, Any]) -> Dict[str, Any]:
 def _raw_event(row: Mapping[str, Any]) -> Dict[str, Any]:
     """An event exactly as logged (no upcasting): the export format."""
     return {"seq": row["seq"], "id": row["id"], "type": row["type"],
-            "payload": json.loads(row["payload"]) if row["payload"] is not None else None,
-            "meta": json.loads(row["meta"]) if row["meta"] else {}, "ts": row["ts"]}
+            "payload": _logged_json(row, "payload"), "meta": _logged_json(row, "meta"),
+            "ts": row["ts"]}
 
 
 def _cmd_info(args: Any) -> int:
@@ -7738,13 +7803,17 @@ def _cmd_info(args: Any) -> int:
 
 def _log_pages(store: Store, args: Any) -> Iterator[List[Dict[str, Any]]]:
     """The events log selects, a page of 1,000 at a time (memory flat in the log)."""
-    where, params = ["seq > ?"], [args.after]
+    # A time is a seq, found by binary search (ts never decreases along seq): a
+    # "ts >= ?" filter read every event before the first it kept.
+    after, upto = args.after, 2**63 - 1
     if args.since is not None:  # "" too: an empty --since is an error, not no filter
-        where.append("ts >= ?")
-        params.append(_format_ts(_parse_time(args.since)))
+        after = max(after, store._seq_by_ts(_format_ts(_parse_time(args.since)), "<"))
     if args.until is not None:
-        where.append("ts <= ?")
-        params.append(_format_ts(_parse_time(args.until)))
+        upto = store._seq_by_ts(_format_ts(_parse_time(args.until)), "<=")
+    where, params = ["seq > ?", "seq <= ?"], [after, upto]
+    if args.type and "" in args.type:
+        raise _CliError("--type '' matches no event (an event type is non-empty text); "
+                        "give a type, or leave --type out for every type")
     if args.type:
         where.append(f"type IN ({', '.join('?' for _ in args.type)})")
         params.extend(args.type)
@@ -7834,11 +7903,13 @@ def _cmd_tail(args: Any) -> int:
 def _find_event(store: Store, key: str) -> Mapping[str, Any]:
     rows = store.query("SELECT * FROM events WHERE id = ?", (key,))
     # isdecimal, not isdigit: "²" is a digit that int() refuses. A seq past 64 bits
-    # is no seq in the log (and no query parameter).
-    if not rows and key.isdecimal() and int(key) < 2**63:
-        rows = store.query("SELECT * FROM events WHERE seq = ?", (int(key),))
+    # is no seq in the log (and no query parameter); 19 digits at most, so that int()
+    # never meets Python 3.11+'s 4300-digit limit.
+    digits = key.lstrip("0") or "0"
+    if not rows and key.isdecimal() and len(digits) <= 19 and int(digits) < 2**63:
+        rows = store.query("SELECT * FROM events WHERE seq = ?", (int(digits),))
     if not rows:
-        raise _CliError(f"no event with seq or id {key!r} " + (
+        raise _CliError(f"no event with seq or id {_quoted(key)} " + (
             f"(the log runs 1..{store.head})" if store.head else "(the log is empty)"))
     return rows[0]
 
@@ -7902,7 +7973,7 @@ def _cmd_query(args: Any) -> int:
 def _cmd_history(args: Any) -> int:
     try:
         key = json.loads(args.key)
-    except (json.JSONDecodeError, RecursionError):  # no JSON key: text, as written
+    except (ValueError, RecursionError):  # no JSON key (or past 4300 digits): text, as written
         key = args.key
     window = {"limit": args.limit, "reverse": args.reverse}
     with open(args.db, readonly=True) as store:

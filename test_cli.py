@@ -909,3 +909,10 @@ def test_commands_write_to_a_host_stream_with_encoding_and_no_errors(work):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "0 ['name', '------', 'barack', 'kamala']\n"
+
+
+# leftovers (session 14) --------------------------------------------------------------
+
+def test_log_type_empty_is_an_error_not_no_events(work):
+    result = cli("log", "app.db", "--type", "", cwd=work, check=False)
+    assert result.returncode == 1 and "--type '' matches no event" in result.stderr, result.stderr

@@ -9369,3 +9369,260 @@ def test_adopting_text_that_is_not_utf8_says_which_table_and_changes_nothing(tmp
     assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [(b"notes",)]
     assert conn.execute("SELECT * FROM notes").fetchall() == [(1, b"fine"), (2, b"\xff")]
     conn.close()
+
+
+# leftovers (session 14): leftovers of earlier reviews --------------------------------
+# A time is found by binary search on seq (ts never decreases along seq), not a scan of ts.
+
+def _count_vm_steps(monkeypatch):
+    """Every connection made from here on counts SQLite's VM steps (in hundreds)
+    into the list returned: the work a query does, whatever the machine's speed."""
+    steps, connect = [0], sqlite3.connect
+
+    def counting(*args, **kwargs):
+        conn = connect(*args, **kwargs)
+        conn.set_progress_handler(lambda: steps.__setitem__(0, steps[0] + 1), 100)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", counting)
+    return steps
+
+
+def _runs_store(path, runs):
+    """A store whose events come in runs sharing one ts: runs is [(seconds after the
+    previous run, events in it)]; returns the store (open) and each run's ts."""
+    start = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    times, when = [], start
+    for gap, _ in runs:
+        when += timedelta(seconds=gap)
+        times.append(when)
+    clock = iter(times)
+    store = fluxlite.open(path, schema="CREATE TABLE t (k INTEGER PRIMARY KEY)",
+                          reducer=lambda view, event: [], clock=lambda: next(clock))
+    for _, size in runs:
+        store.dispatch_many([{"type": "x"}] * size)
+    return store, times
+
+
+def test_at_time_reads_a_few_events_not_every_event_after_the_time(tmp_path, monkeypatch):
+    steps = _count_vm_steps(monkeypatch)
+    store, times = _runs_store(str(tmp_path / "s.db"), [(1, 3000), (1, 3000)])
+    with store:
+        for when, seq in [(times[0] - timedelta(seconds=1), 0), (times[0], 3000),
+                          (times[1], 6000)]:
+            steps[0] = 0
+            with store.at(time=when) as view:
+                assert view.seq == seq
+            assert steps[0] < 20, steps[0]  # the scan of the events after it: 180
+
+
+def test_log_since_and_until_read_a_few_events_not_the_log_before_them(tmp_path, monkeypatch,
+                                                                         capsys):
+    path = str(tmp_path / "s.db")
+    store, times = _runs_store(path, [(1, 3000), (1, 3000)])
+    store.close()
+    steps = _count_vm_steps(monkeypatch)
+    since = (times[1] - timedelta(microseconds=1)).isoformat()
+    assert fluxlite.main(["log", path, "--json", "--since", since, "--limit", "1"]) == 0
+    assert [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()] == [3001]
+    assert steps[0] < 20, steps[0]  # opening the store too; the scan of 3,000 events: 90
+    steps[0] = 0
+    until = times[0].isoformat()
+    assert fluxlite.main(["log", path, "--json", "--until", until, "--reverse", "--limit", "1"]) == 0
+    assert [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()] == [3000]
+    assert steps[0] < 20, steps[0]
+
+
+_ZONES = st.integers(-23 * 60 + 1, 23 * 60 - 1).map(lambda m: timezone(timedelta(minutes=m)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(runs=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 4)), max_size=8),
+       probes=st.lists(st.tuples(st.integers(-2_000_000, 20_000_000), _ZONES), min_size=1,
+                       max_size=4))
+def test_a_time_is_the_seq_the_old_scan_found(runs, probes):
+    # Runs of equal ts (a batch shares one; a gap of 0 s makes runs of runs), times
+    # before the first event, after the last, between, on a ts, in any zone.
+    store, times = _runs_store(":memory:", runs)
+    with store:
+        first = times[0] if times else datetime(2026, 3, 1, tzinfo=timezone.utc)
+        for micros, zone in probes:
+            when = (first + timedelta(microseconds=micros)).astimezone(zone)
+            text = fluxlite._format_ts(when)
+            scan = store._conn.execute("SELECT max(seq) FROM events WHERE ts <= ?",
+                                       (text,)).fetchone()[0] or 0
+            assert store._seq_at_time(when) == scan
+            with store.at(time=when) as view:
+                assert view.seq == scan
+            for since, until in [(when, None), (None, when), (when, when + timedelta(seconds=1))]:
+                args = type("Args", (), dict(
+                    after=0, type=None, reverse=False, limit=None,
+                    since=None if since is None else since.isoformat(),
+                    until=None if until is None else until.isoformat()))
+                shown = [r["seq"] for page in fluxlite._log_pages(store, args) for r in page]
+                expected = [r[0] for r in store._conn.execute(
+                    "SELECT seq FROM events WHERE ts >= ? AND ts <= ? ORDER BY seq",
+                    (fluxlite._format_ts(since or datetime.min.replace(tzinfo=timezone.utc)),
+                     fluxlite._format_ts(until or datetime.max.replace(tzinfo=timezone.utc))))]
+                assert shown == expected
+
+
+# A consumer's lease renewal that meets Busy keeps going while the lease runs.
+
+def test_a_consumer_renewal_meeting_busy_retries_while_its_lease_runs(tmp_path):
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+        consumer = store.consumer("mailer", lease=30)
+        store._conn.execute("PRAGMA busy_timeout=20")
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+            consumer._renewed -= 20  # a renewal is due (past a third of the lease)
+            assert [e.seq for e, _ in consumer] == [1]  # no Busy: retried at the next read
+            assert consumer.position == 0
+            consumer._renewed -= 20  # past the whole lease: it may be lost, say so
+            with pytest.raises(fluxlite.Busy):
+                list(consumer)
+            other.execute("ROLLBACK")
+            renewed = consumer._renewed
+            assert [e.seq for e, _ in consumer] == [] and consumer._renewed > renewed
+            row = store._conn.execute("SELECT owner, lease_until FROM fluxlite_consumers "
+                                      "WHERE name = 'mailer'").fetchone()
+            assert row[0] == consumer._owner and row[1] > time.time() + 25
+        finally:
+            other.close()
+            consumer.close()
+
+
+# types="" and types=[] match no event: refused on every entry point that takes types=.
+
+@pytest.mark.parametrize("types", ["", [], (), set(), [""], ["addUser", ""], "iter([])"])
+def test_types_that_match_no_event_are_refused_everywhere(types):
+    entry_points = {
+        "events": lambda store, types: list(store.events(types=types)),
+        "follow": lambda store, types: list(store.follow(types=types, timeout=0)),
+        "afollow": lambda store, types: store.afollow(types=types),
+        "subscribe": lambda store, types: store.subscribe(lambda e, c: None, types=types),
+        "consumer": lambda store, types: store.consumer("c", types=types),
+    }
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+        for name, call in entry_points.items():
+            with pytest.raises(fluxlite.UsageError, match=r"non-empty str.*types=None"):
+                call(store, iter([]) if types == "iter([])" else types)
+        assert store._subscribers == []
+        assert store.query("SELECT count(*) AS n FROM fluxlite_consumers") == [{"n": 0}]
+
+
+# A 1 MB type, table name, key or id is not repeated whole in an error message.
+
+_LONG = "w" * 1_000_000
+_LONG_CALLS = {
+    "reserved type": lambda s: s.dispatch("fluxlite." + _LONG),
+    "unknown table": lambda s: s.dispatch("raw", [{"op": "insert", "table": _LONG,
+                                                   "values": {"name": "a"}}]),
+    "change op": lambda s: Change(_LONG, "users", "a"),
+    "existing key": lambda s: s.dispatch("raw", [{"op": "insert", "table": "users",
+                                                  "values": {"name": _LONG}}] * 2),
+    "missing key": lambda s: s.dispatch("raw", [{"op": "update", "table": "users", "key": _LONG,
+                                                 "values": {"role": "r"}}]),
+    "history table": lambda s: s.history(_LONG, "a"),
+    "view table": lambda s: getattr(s.view, _LONG),
+    "id reused": lambda s: s.dispatch("other", id="taken" + _LONG),
+    "restore key": lambda s: s.restore("users", _LONG),
+    "authorize": lambda s: fluxlite.authorize({_LONG: "not a function"}),
+    "forbidden actor": lambda s: s.dispatch("addUser", {"name": "b"}, actor=_LONG),
+    "upcaster": lambda s: fluxlite.open(":memory:", upcasters={_LONG: 1}),
+}
+
+
+@pytest.mark.parametrize("call", _LONG_CALLS.values(), ids=_LONG_CALLS.keys())
+def test_a_long_user_string_is_cut_in_error_messages(call):
+    rules = fluxlite.authorize({"addUser": lambda actor, event: actor is None}, default="allow")
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[rules]) as store:
+        store.dispatch("addUser", {"name": "a"}, id="taken" + _LONG)
+        with pytest.raises(fluxlite.FluxliteError) as caught:
+            call(store)
+        assert len(str(caught.value)) < 1000 and "... (1000" in str(caught.value), \
+            str(caught.value)[:300]
+
+
+def test_show_of_a_long_key_is_cut_in_its_error(tmp_path, capsys):
+    path = str(tmp_path / "s.db")
+    fluxlite.open(path, schema=SCHEMA, reducer=reducer).close()
+    assert fluxlite.main(["show", path, "k" * 5000]) == 1
+    error = capsys.readouterr().err
+    assert "no event with seq or id" in error and len(error) < 1000, error[:300]
+
+
+# Ints past Python 3.11+'s 4300-digit str() limit: FluxliteErrors, not ValueError.
+
+needs_digit_limit = pytest.mark.skipif(not hasattr(sys, "get_int_max_str_digits"),
+                                       reason="Python 3.11+ limits int <-> str to 4300 digits")
+
+
+def test_a_history_key_past_a_real_is_no_row_not_a_raw_valueerror():
+    # Text of 400 digits (or '1e999') in an INTEGER or REAL key is what SQLite makes
+    # inf of, which JSON cannot write: history() raised ValueError.
+    schema = "CREATE TABLE n (k INTEGER PRIMARY KEY); CREATE TABLE r (k REAL PRIMARY KEY)"
+    with fluxlite.open(":memory:", schema=schema, reducer=lambda view, event: []) as store:
+        for table in ("n", "r"):
+            for key in ("9" * 400, "1e999", "-1e999"):
+                assert store.history(table, key) == []
+                with pytest.raises(fluxlite.UsageError, match="no history"):
+                    store.restore(table, key)
+
+
+@needs_digit_limit
+@pytest.mark.parametrize("command", [["show", "DB", "9" * 5000], ["history", "DB", "n", "9" * 5000],
+                                     ["history", "DB", "n", "[" + "9" * 5000 + "]"]])
+def test_cli_keys_past_the_digit_limit_are_clear_errors(tmp_path, capsys, command):
+    path = str(tmp_path / "s.db")
+    fluxlite.open(path, schema="CREATE TABLE n (k INTEGER PRIMARY KEY)").close()
+    status = fluxlite.main([path if arg == "DB" else arg for arg in command])
+    out = capsys.readouterr()
+    if command[0] == "history":  # no JSON key this Python reads: the text, which no row has
+        assert (status, out.err) == (0, "") and out.out.startswith("no versions"), out.err
+    else:
+        assert status == 1 and "no event with seq or id" in out.err, out.err
+
+
+@needs_digit_limit
+def test_cli_show_of_a_seq_with_5000_leading_zeros_is_that_seq(tmp_path, capsys):
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema="CREATE TABLE n (k INTEGER PRIMARY KEY)",
+                       reducer=lambda view, event: []) as store:
+        store.dispatch("ping", id="only")
+    assert fluxlite.main(["show", path, "0" * 5000 + "1"]) == 0
+    assert "id       only" in capsys.readouterr().out
+
+
+@needs_digit_limit
+def test_cli_dispatch_payload_past_the_digit_limit_is_a_clear_error(tmp_path, capsys,
+                                                                       monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "digitsapp.py").write_text(
+        "import fluxlite\nAPP = fluxlite.App('CREATE TABLE t (k INTEGER PRIMARY KEY)',"
+        " lambda view, event: [])\n")
+    path = str(tmp_path / "s.db")
+    assert fluxlite.main(["dispatch", path, "x", '{"n": ' + "9" * 5000 + "}",
+                          "--app", "digitsapp:APP"]) == 1
+    assert "integer too long" in capsys.readouterr().err
+
+
+@needs_digit_limit
+def test_a_log_written_without_the_digit_limit_reads_as_not_damaged(tmp_path, capsys):
+    # Python 3.9/3.10 have no limit and log such an int; 3.11+ cannot read it back.
+    path = str(tmp_path / "s.db")
+    limit = sys.get_int_max_str_digits()
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        sys.set_int_max_str_digits(0)  # as 3.10 writes
+        try:
+            store.dispatch("note", {"n": 10 ** 5000})
+        finally:
+            sys.set_int_max_str_digits(limit)
+        with pytest.raises(fluxlite.StorageError, match="not damaged.*set_int_max_str_digits"):
+            list(store.events())
+    assert fluxlite.main(["log", path]) == 1
+    assert "not damaged" in capsys.readouterr().err
