@@ -1642,14 +1642,29 @@ def _normalize_changes(out: Any, event: Event) -> List[Change]:
     )
 
 
-def _let_signals_in() -> None:
-    """SQLite's progress handler while query() runs in the main thread.
+def _let_signals_in(raised: List[BaseException]) -> Iterator[int]:
+    """SQLite's progress handler while query() runs in the main thread (its
+    __next__, once started).
 
     sqlite3 runs a statement without the GIL, so Python runs no signal handler
     until it ends: Ctrl-C could not stop a query that runs for hours (a
     recursive CTE without a LIMIT), nor the lock it holds. Calling back into
-    Python lets the handler run; its KeyboardInterrupt aborts the statement.
+    Python lets the handler run; an exception it raises aborts the statement,
+    and is kept in ``raised`` for query() to raise as it was: sqlite3 drops a
+    progress handler's exception, and a handler's own (SystemExit from a SIGTERM
+    handler, a timeout from a SIGALRM one) is no KeyboardInterrupt. A generator,
+    because a handler runs where Python resumes a frame: a function's would run
+    before its try (uncaught), a generator's right after its yield (inside it).
     """
+    while True:
+        try:
+            while True:
+                yield 0
+        except GeneratorExit:  # closed when collected: not a signal's
+            return
+        except BaseException as exc:
+            raised.append(exc)
+            yield 1  # abort the statement: SQLite's "interrupted"
 
 
 class _Model:
@@ -1736,10 +1751,13 @@ class _Model:
             previous = self.query_mode
             self.query_mode = 2 if previous == 2 else 1
             # Only the main thread runs signal handlers (Ctrl-C) at all.
-            signals = threading.current_thread() is threading.main_thread()
+            signals: List[BaseException] = []
+            handler = _let_signals_in(signals) \
+                if threading.current_thread() is threading.main_thread() else None
             try:
-                if signals:
-                    self.conn.set_progress_handler(_let_signals_in, _SIGNAL_TICKS)
+                if handler is not None:
+                    next(handler)  # to its yield, where a handler's exception is caught
+                    self.conn.set_progress_handler(handler.__next__, _SIGNAL_TICKS)
                 # The tag keeps this text apart from fluxlite's own cached
                 # statements (and a reducer's apart from query()'s), so it is
                 # always prepared, and authorized, under the rules in force.
@@ -1754,10 +1772,8 @@ class _Model:
                         raise _repeated_names(names, sql)
                     return [dict(zip(names, row)) for row in cursor]
             except sqlite3.DatabaseError as exc:
-                if signals and str(exc) == "interrupted":
-                    # _let_signals_in raised (a signal handler's exception, which sqlite3
-                    # drops): the usual one, from Ctrl-C, is raised in its place.
-                    raise KeyboardInterrupt from None
+                if signals:  # a signal handler raised (Ctrl-C's KeyboardInterrupt, or
+                    raise signals[0] from None  # the handler's own): that, not SQLite's
                 # Refused by the authorizer when prepared ("not authorized"), or while
                 # running (VACUUM: "authorization denied"; inside a transaction, "cannot
                 # VACUUM" comes first): the same rule.
@@ -1772,7 +1788,7 @@ class _Model:
                 raise _query_failure(exc, sql, params) from exc
             finally:
                 self.query_mode = previous
-                if signals:  # (a connection closed meanwhile was reported above)
+                if handler is not None:  # (a connection closed meanwhile was reported above)
                     with contextlib.suppress(sqlite3.ProgrammingError):
                         self.conn.set_progress_handler(None, 0)
 
@@ -6649,10 +6665,11 @@ def _check_finished(meta: Mapping[str, Any], path: str) -> None:
     which verify() finds whole. Its mark, taken off with the last event, says so."""
     if "unfinished_replay" in meta:
         raise StorageError(
-            f"{path!r} is an unfinished replay(into=...): the process copying "
-            f"{meta['unfinished_replay']} events into it stopped before the last, so its "
-            f"log is only a part of the one it copied. Delete the file (with its -wal "
-            f"and -shm) and run replay() again."
+            f"{path!r} is an unfinished replay(into=...): a replay copying "
+            f"{meta['unfinished_replay']} events into it is still running, or stopped "
+            f"before the last, so its log is only a part of the one it copies. If it is "
+            f"running, open the file once replay() has returned; if it stopped, delete "
+            f"the file (with its -wal and -shm) and run replay() again."
         )
 
 

@@ -9626,3 +9626,59 @@ def test_a_log_written_without_the_digit_limit_reads_as_not_damaged(tmp_path, ca
             list(store.events())
     assert fluxlite.main(["log", path]) == 1
     assert "not damaged" in capsys.readouterr().err
+
+
+# --- regress (session 14): regressions of this session's merged fixes ---------
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread()
+                    or not hasattr(signal, "setitimer"),
+                    reason="signals reach the main thread only; setitimer is POSIX")
+@pytest.mark.parametrize("raised", [TimeoutError("query too slow"), SystemExit(3)])
+def test_a_signal_handlers_own_exception_stops_a_query_as_itself(raised):
+    # query() lets signal handlers run while it runs, for Ctrl-C; a handler's
+    # exception (a SIGALRM timeout, SystemExit from a SIGTERM handler) came out as
+    # a KeyboardInterrupt: a timeout was taken for Ctrl-C, a clean exit for 130.
+    endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+    store = fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer)
+
+    def handler(*_):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        raise raised
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)  # again until it lands in the query
+        with pytest.raises(type(raised)) as caught:
+            store.query(endless)
+        assert caught.value is raised
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert store.query("SELECT count(*) AS n FROM users") == [{"n": 0}]
+    store.close()
+
+
+def test_a_replay_still_running_is_not_called_stopped_when_its_file_is_opened(tmp_path):
+    # replay(into=) marks its file unfinished until the last event is in, and open()
+    # refuses it; opened while the replay still ran, the refusal said the copying
+    # process had stopped and to delete the file: deleted then, the replay went on
+    # into a file that no longer existed, and the store it returned was lost on close.
+    path = str(tmp_path / "copy.db")
+    seen, armed = [], []
+
+    def peeking(view, event):
+        if armed and event.seq == 1050 and not seen:  # after the replay's first batch
+            with pytest.raises(fluxlite.StorageError) as caught:
+                fluxlite.open(path, readonly=True)
+            seen.append(str(caught.value))
+        return reducer(view, event)
+
+    source = fluxlite.open(":memory:", schema=SCHEMA, reducer=peeking)
+    source.dispatch_many([{"type": "addUser", "payload": {"name": f"u{n}"}} for n in range(1100)])
+    armed.append(True)
+    with source.replay(into=path) as copy:
+        assert copy.head == 1100
+    assert seen and "still running" in seen[0], seen
+    with fluxlite.open(path, readonly=True) as reopened:  # finished: no longer refused
+        assert reopened.head == 1100
+    source.close()
