@@ -9682,3 +9682,110 @@ def test_a_replay_still_running_is_not_called_stopped_when_its_file_is_opened(tm
     with fluxlite.open(path, readonly=True) as reopened:  # finished: no longer refused
         assert reopened.head == 1100
     source.close()
+
+
+# --- leaks: file descriptors and threads over many open/use/close cycles ---------
+# Guards (session 14's leak review found these bounded): a desktop app or a server
+# that opens and closes stores for weeks must not gain a descriptor or a thread
+# per cycle. Counted after a first round, so that lazily made things (logging's
+# handlers, asyncio's selector) are in the baseline.
+
+_HAS_PROC_FD = os.path.isdir("/proc/self/fd")
+
+
+def _fds_and_threads():
+    gc.collect()
+    return len(os.listdir("/proc/self/fd")), threading.active_count()
+
+
+def _settled(threads, seconds=3.0):
+    """The counts, once no more than ``threads`` threads run (or after ``seconds``): a
+    thread told to end (afollow()'s waiter, a dropped store's watcher) ends at its
+    next wake-up, within 50 ms."""
+    deadline = time.monotonic() + seconds
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _fds_and_threads()
+
+
+def _use_and_close(path, how):
+    durability = "normal" if how == "normal" else "full"
+    store = fluxlite.open(path, schema=SCHEMA, reducer=reducer, durability=durability)
+    name = f"u{store.head}"
+    add(store, name)
+    if how == "normal":  # past 64 events: the checkpoint thread starts
+        store.dispatch_many([{"type": "login", "payload": {"name": name}}] * 70)
+    elif how == "watch":
+        store.watch()
+    elif how == "follow":
+        assert len(list(store.follow(after=0, timeout=0))) == store.head
+        next(store.follow(after=0))  # left unfinished
+    elif how == "afollow":
+        async def first():
+            async for item in store.afollow(after=0):
+                return item
+        assert asyncio.run(first())[0].seq == 1
+    elif how == "consumer":
+        with store.consumer("c") as consumer:
+            list(consumer)
+        next(iter(store.consumer("d")))  # dropped without close()
+    elif how == "checkpoint":
+        cp = store.checkpoint()
+        add(store, name + "x")
+        store.reset_to(cp)
+        store.checkpoint()  # dropped without close()
+    elif how == "at":
+        with store.at(1) as past:
+            past.users.count()
+        store.at(0).users.count()  # dropped without close()
+    elif how == "preview":
+        store.preview("addUser", {"name": name + "p"})
+    elif how == "replay":
+        into = path + ".replay"
+        store.replay(into=into).close()
+        os.remove(into)
+    elif how == "failures":
+        with pytest.raises(fluxlite.Rejected):
+            add(store, name)
+        with pytest.raises(fluxlite.ReducerError):
+            store.dispatch("login", {"name": "nobody"})
+        with pytest.raises(fluxlite.UsageError):
+            store.replay(into=os.path.join(path + ".missing", "r.db"))
+    store.close()
+
+
+@pytest.mark.skipif(not _HAS_PROC_FD, reason="counts /proc/self/fd")
+@pytest.mark.parametrize("how", ["plain", "normal", "watch", "follow", "afollow", "consumer",
+                                 "checkpoint", "at", "preview", "replay", "failures"])
+def test_open_use_close_cycles_leave_no_descriptor_or_thread(tmp_path, how):
+    path = str(tmp_path / "s.db")
+    threads = threading.active_count()
+    _use_and_close(path, how)
+    before = _settled(threads)
+    for _ in range(10):
+        _use_and_close(path, how)
+    after = _settled(threads)
+    # Not grown (a thread or a store of an earlier test may end meanwhile: fewer is fine).
+    assert after[0] <= before[0] and after[1] <= before[1], (before, after)
+    assert sorted(os.listdir(tmp_path)) == ["s.db"]  # no -wal, -shm or scratch file left
+
+
+@pytest.mark.skipif(not _HAS_PROC_FD, reason="counts /proc/self/fd")
+def test_a_long_lived_store_keeps_no_state_per_view_follower_or_consumer(tmp_path):
+    with fluxlite.open(str(tmp_path / "s.db"), schema=SCHEMA, reducer=reducer) as store:
+        for i in range(20):
+            add(store, f"u{i}")
+        # at() reads the file on a second connection; SQLite keeps the descriptor
+        # of a closed one for the next (a lock of the store's own is on the file).
+        store.at(0).close()
+        before = _fds_and_threads()
+        for i in range(1, 21):
+            store.at(i).users.count()  # views dropped without close()
+            next(store.follow(after=i - 1))  # followers left unfinished
+            next(iter(store.consumer(f"c{i}")))  # consumers dropped without close()
+            store.subscribe(lambda event, changes: None)()  # unsubscribed at once
+        after = _fds_and_threads()
+        assert after[0] <= before[0] and after[1] <= before[1], (before, after)
+        # A dropped consumer's lease is given up when the next one is taken (or at close):
+        # only the last is still listed.
+        assert len(store._cursors) == 0 and len(store._leases) <= 1 and store._subscribers == []
