@@ -3433,6 +3433,9 @@ class Store:
         self._watcher: Optional[threading.Thread] = None
         self._watch_cursor: Optional[_FollowCursor] = None  # watch()'s place in the log
         self._cursors: "weakref.WeakSet[_FollowCursor]" = weakref.WeakSet()  # reset_to() moves them
+        # reset_to()s so far and the head the last left: a cursor placed without the
+        # lock (afollow()) is moved as they moved the others when it joins them.
+        self._resets, self._reset_head = 0, 0
         # owner -> name of the consumer leases this store took (plain strings: a
         # Consumer dropped without close() is released by close() all the same).
         self._leases: Dict[str, str] = {}
@@ -3953,6 +3956,7 @@ class Store:
                 cursor.reached = max(cursor.reached, cursor.position)
                 cursor.position, cursor.version = min(cursor.reached, head), -1
                 cursor.resets += 1
+            self._resets, self._reset_head = self._resets + 1, head
 
     def _check_page_size(self, checkpoint: _Checkpoint) -> None:
         """SQLite's backup copies into a WAL file, or an in-memory database that holds
@@ -4738,7 +4742,9 @@ class Store:
         """dispatch() for asyncio: runs in a worker thread, the event loop never blocks.
 
         Cancelling it (asyncio.wait_for timing out, say) does not stop the
-        dispatch, which may still commit: retry with the same ``id``."""
+        dispatch, which may still commit unheard: pass an ``id`` and retry with
+        it (the retry returns the committed event). Subscribers hear the event
+        in the worker thread, not on the loop."""
         import asyncio
         import functools
         loop = asyncio.get_running_loop()
@@ -4755,8 +4761,39 @@ class Store:
         events committed before the first iteration are not missed.
         """
         _check_timeout(timeout)
-        cursor = _FollowCursor(self, self._check_seq(after, "after"), _type_filter(types))
+        wanted = _type_filter(types)
+        # Called on the event loop: placed without waiting for the lock, which another
+        # thread may hold for seconds (a large dispatch_many, a dispatch waiting out
+        # busy_timeout for another process), stopping the loop all that time.
+        resets = self._resets  # before the head: a reset_to() after it moves the cursor
+        cursor = _FollowCursor(self, self._check_seq(after, "after", self._head_at_once()),
+                               wanted, resets)
         return self._afollow(cursor, timeout)
+
+    def _head_at_once(self) -> Optional[int]:
+        """The head, without waiting for another thread's lock: read on this store's
+        connection if the lock is free, else on a connection of its own (a WAL reader
+        never waits for a writer); None if neither can be had at once (a store in
+        memory, a file SQLite will not open a second time just now)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                return self.head
+            finally:
+                self._lock.release()
+        self._check_open()
+        if self._file in (":memory:", ""):
+            return None
+        try:
+            conn = sqlite3.connect(_file_uri(self._file, "ro"), uri=True, timeout=0,
+                                   isolation_level=None)
+        except sqlite3.Error:
+            return None
+        try:
+            return int(conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0)
+        except sqlite3.Error:
+            return None
+        finally:
+            conn.close()
 
     async def _afollow(self, cursor: "_FollowCursor", timeout: Optional[float]
                        ) -> "AsyncIterator[Tuple[Event, List[Change]]]":
@@ -4767,6 +4804,8 @@ class Store:
         # few threads from everything else (adispatch, other followers) and delay all.
         waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fluxlite-afollow")
         try:
+            if not cursor.attached:  # placed without the lock: it waits here, off the loop
+                await loop.run_in_executor(waiter, cursor.attach)
             heard = loop.time()
             while True:
                 batch = await loop.run_in_executor(waiter, cursor.step, 0.05)  # short: cancellable
@@ -5008,8 +5047,9 @@ class Store:
             raise UsageError(f"{what} needs the reducer; open the store with reducer=.")
         return self._reducer
 
-    def _check_seq(self, seq: Optional[int], name: str) -> int:
-        head = self.head
+    def _check_seq(self, seq: Optional[int], name: str, head: Optional[int] = None) -> int:
+        if head is None:
+            head = self.head
         if seq is None:
             return head
         if isinstance(seq, bool) or not isinstance(seq, int):
@@ -5452,7 +5492,10 @@ def _watch_loop(store_ref: "weakref.ReferenceType[Store]") -> None:
 class _FollowCursor:
     """Where a follower is in the log, and how it waits cheaply for more."""
 
-    def __init__(self, store: Store, position: int, wanted: Optional[FrozenSet[str]]) -> None:
+    def __init__(self, store: Store, position: int, wanted: Optional[FrozenSet[str]],
+                 resets: Optional[int] = None) -> None:
+        """``resets``: the store's reset_to()s when ``position`` was read without the
+        lock (afollow()); such a cursor is not in the store's cursors until attach()."""
         self.store, self.position, self.wanted = store, position, wanted
         self.reached = position  # the furthest it has been, across reset_to()s
         self.resets = 0  # reset_to()s of the store since: a batch read before one is stale
@@ -5461,8 +5504,23 @@ class _FollowCursor:
         self.commits = -1
         self.behind = False  # the last read filled a page: more of the log to read
         self.stopped = False  # watch()'s cursor, once its thread was stopped: reads nothing
-        with store._lock:  # reset_to() goes through them with the lock held
+        self.placed_resets, self.attached = resets, False
+        if resets is None:
+            self.placed_resets = store._resets
+            self.attach()
+
+    def attach(self) -> None:
+        """Join the cursors reset_to() moves (it goes through them with the lock held),
+        moved as they were by the reset_to()s since the position was read (the last
+        one's head decides: each moves a cursor to min(reached, its head))."""
+        store = self.store
+        with store._lock:
+            if store._resets != self.placed_resets:
+                self.reached = max(self.reached, self.position)
+                self.position, self.version = min(self.reached, store._reset_head), -1
+                self.resets += 1
             store._cursors.add(self)
+            self.attached = True
 
     def step(self, wait: float, queue: Optional[Deque[Any]] = None
              ) -> Optional[List[Tuple[Event, List[Change]]]]:

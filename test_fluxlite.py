@@ -9789,3 +9789,122 @@ def test_a_long_lived_store_keeps_no_state_per_view_follower_or_consumer(tmp_pat
         # A dropped consumer's lease is given up when the next one is taken (or at close):
         # only the last is still listed.
         assert len(store._cursors) == 0 and len(store._leases) <= 1 and store._subscribers == []
+
+
+# --- asyncio (session 14 review): afollow() never waits for the store's lock on the loop ---
+
+def test_afollow_does_not_stop_the_loop_while_a_dispatch_waits_for_another_process(tmp_path):
+    # afollow() read the head under the store's lock on the event loop: while a worker
+    # thread's dispatch held it, waiting out busy_timeout (10 s) for another process's
+    # write lock, every task of the loop stopped with it.
+    path = str(tmp_path / "a.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+        let_go = threading.Event()
+
+        def release():  # at once once afollow() returned; after 1 s at the latest
+            let_go.wait(1.0)
+            other.rollback()
+        releaser = threading.Thread(target=release)
+        releaser.start()
+
+        async def main():
+            dispatching = asyncio.ensure_future(store.adispatch("put", {"id": "a", "n": 1}))
+            while store._lock.acquire(blocking=False):  # until the worker holds the lock
+                store._lock.release()
+                await asyncio.sleep(0.001)
+            started = time.monotonic()
+            following = store.afollow(timeout=0.3)
+            took = time.monotonic() - started
+            let_go.set()
+            event = await dispatching
+            return took, event, [e.seq async for e, _ in following]
+
+        try:
+            took, event, seen = asyncio.run(main())
+        finally:
+            let_go.set()
+            releaser.join()
+            other.close()
+    assert took < 0.5, took
+    assert event.seq == 1 and seen == [1]  # committed after the call: yielded
+
+
+def test_afollow_placed_beside_a_busy_lock_still_follows_a_reset(tmp_path):
+    # Placed while another thread held the lock (the head read on a connection of its
+    # own), the follower joins reset_to()'s cursors only at its first iteration: a reset
+    # in between moves it back all the same, so the new history's events are yielded.
+    path = str(tmp_path / "a.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        mark = store.checkpoint()
+        store.dispatch("put", {"id": "a", "n": 2})
+        store.dispatch("put", {"id": "a", "n": 3})
+        held, done = threading.Event(), threading.Event()
+
+        def hold():
+            with store._lock:
+                held.set()
+                done.wait(2.0)
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait()
+        try:
+            following = store.afollow(timeout=0.3)  # at seq 3, the lock held elsewhere
+        finally:
+            done.set()
+            holder.join()
+        store.reset_to(mark)  # back to seq 1
+        store.dispatch("put", {"id": "b", "n": 9})  # seq 2 of the new history
+
+        async def main():
+            return [(e.seq, e.payload["id"]) async for e, _ in following]
+        assert asyncio.run(main()) == [(2, "b")]
+
+
+def test_afollow_placed_beside_a_busy_lock_checks_after_against_the_head(tmp_path):
+    path = str(tmp_path / "a.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        held, done = threading.Event(), threading.Event()
+
+        def hold():
+            with store._lock:
+                held.set()
+                done.wait(2.0)
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait()
+        try:
+            with pytest.raises(fluxlite.UsageError, match="outside the log"):
+                store.afollow(after=2)
+            following = store.afollow(after=0, timeout=0.2)
+        finally:
+            done.set()
+            holder.join()
+
+        async def main():
+            return [e.seq async for e, _ in following]
+        assert asyncio.run(main()) == [1]
+
+
+def test_a_cancelled_adispatch_retried_with_its_id_commits_once(tmp_path):
+    # The documented remedy: a cancelled adispatch() may still commit unheard; the retry
+    # with the same id returns that event (or commits it, if it never ran): never two.
+    gate = threading.Event()
+
+    def slow(view, event):
+        gate.wait(2.0)
+        return items_reducer(view, event)
+
+    async def main(store):
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(store.adispatch("put", {"id": "a", "n": 1}, id="k1"), 0.05)
+        gate.set()
+        return await store.adispatch("put", {"id": "a", "n": 1}, id="k1")
+
+    with fluxlite.open(str(tmp_path / "a.db"), schema=ITEMS, reducer=slow) as store:
+        event = asyncio.run(main(store))
+        assert (event.seq, event.id) == (1, "k1")
+        assert [e.id for e in store.events()] == ["k1"]
