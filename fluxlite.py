@@ -4172,6 +4172,13 @@ class Store:
                     if self._ids is not _new_id:  # the user's ids= source: a counter may restart
                         self._check_generated_id(item.id, seen)
                 if known is not None:
+                    if item.seq is not None and item.seq != known.seq:
+                        # A copied log names each event once: skipped as a resend, the
+                        # seqs after it would be off by one (and an import miscounted)
+                        raise Conflict(
+                            f"Logged event {_quoted(item.id)} is copied as seq {item.seq}, "
+                            f"but seq {known.seq} has that id already; ids are unique in a "
+                            f"log. Remove the second copy.")
                     results.append(known)
                     continue
                 if expect_seq is not None and head != expect_seq:
@@ -7942,21 +7949,42 @@ def _print_more_events(rows: Sequence[Mapping[str, Any]], widths: List[int]) -> 
 
 
 def _cmd_tail(args: Any) -> int:
+    import argparse
     with open(args.db, readonly=True) as store:
-        rows = store.query("SELECT * FROM events ORDER BY seq DESC LIMIT ?", (args.n,))[::-1]
-        widths = _print_events(rows, args.json)
+        # The last N are the seqs after head - N (a log's seqs run 1..head, no gap),
+        # read as log reads them, a page at a time: -n 1000000 held every row at once.
+        head = store.head
+        window = argparse.Namespace(after=max(0, head - args.n), since=None, until=None,
+                                    type=None, limit=args.n, reverse=False)
+        widths, position = None, head
+        for rows in _log_pages(store, window):
+            if widths is None or args.json:
+                widths = _print_events(rows, args.json)
+            else:
+                widths = _print_more_events(rows, widths)
+            position = rows[-1]["seq"]
         if not args.follow:
             return 0
+        widths = widths or [0] * len(_EVENT_LINE)
         # Ctrl-C sets a flag the loop checks between polls, rather than raising
         # KeyboardInterrupt wherever it lands (inside a lock, the close could hang).
-        stop, previous = threading.Event(), None
-        with contextlib.suppress(ValueError):  # not the main thread: Ctrl-C raises as usual
-            previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
-        # From the last event shown, not the head now: one committed since the
-        # query above would be neither shown nor followed.
-        position = rows[-1]["seq"] if rows else 0 if args.n else store.head
+        # So do kill's SIGTERM and a closed terminal's SIGHUP: killed outright, the
+        # process left the -wal and -shm its read made beside the store.
+        stop, ended = threading.Event(), [int(signal.SIGINT)]
+
+        def end(signum: int, frame: Any) -> None:
+            ended.insert(0, signum)
+            stop.set()
+
+        previous = _on_signals(("SIGINT", "SIGTERM", "SIGHUP"), end)
+        # From the last event shown (else the head read before), not the head now:
+        # one committed since the reads above would be neither shown nor followed.
         try:
+            # Out now, not with the first new event: to a pipe or a file (`| grep`),
+            # the last events sat in the buffer until one came, and a kill lost them.
+            _stdout().flush()
             while not stop.is_set():
+                _check_still_there(store, args.db)
                 for event, _ in store.follow(after=position, timeout=0.2):
                     position = event.seq
                     row = store.query("SELECT * FROM events WHERE seq = ?", (event.seq,))
@@ -7968,11 +7996,36 @@ def _cmd_tail(args: Any) -> int:
                     if stop.is_set():
                         break
         except KeyboardInterrupt:
-            return 0
+            pass
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-    return 0
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    # Ended by a signal, as every follow is: 128 + its number (130 for Ctrl-C), as a
+    # shell reports for `tail -f`, so that `fluxlite tail -f db && next` stops there.
+    return 128 + ended[0]
+
+
+def _on_signals(names: Sequence[str], handler: Callable[[int, Any], Any]) -> Dict[int, Any]:
+    """Handle the named signals that this platform has (Windows: no SIGHUP);
+    returns the handlers they had, to put back."""
+    previous = {}
+    for name in names:
+        signum = getattr(signal, name, None)
+        # None: a handler set outside Python (by a host program), which could not be
+        # put back; that signal is left to it
+        if signum is not None and signal.getsignal(signum) is not None:
+            with contextlib.suppress(ValueError):  # not the main thread: as they were
+                previous[int(signum)] = signal.signal(signum, handler)
+    return previous
+
+
+def _check_still_there(store: Store, db: str) -> None:
+    """A followed file deleted or replaced (a restore from a backup, an import into a
+    new file of that name) gets no more events: following it on, silent, showed none
+    of those written at that path."""
+    if not store._file_is_its_own():
+        raise _CliError(f"{db!r} was deleted, renamed or replaced while it was followed; "
+                        f"stopped. Run tail -f again to follow the file now at that path.")
 
 
 def _find_event(store: Store, key: str) -> Mapping[str, Any]:
@@ -8162,25 +8215,44 @@ def _cmd_export(args: Any) -> int:
             after = rows[-1]["seq"]
 
 
-def _import_batches(path: str) -> Iterator[List[Dict[str, Any]]]:
+def _import_batches(path: str) -> Iterator[List[Tuple[int, Dict[str, Any]]]]:
+    """The exported events of a file ("-": standard input), 1,000 at a time, each
+    with its line number (an error names the line, to fix it in the file)."""
     try:
         yield from _read_import_batches(path)
     except UnicodeDecodeError as exc:
-        raise _CliError(f"{path} is not UTF-8 text ({exc}); export writes UTF-8 JSON lines")
+        raise _CliError(f"{_import_name(path)} is not UTF-8 text ({exc}); export writes "
+                        f"UTF-8 JSON lines")
 
 
-def _read_import_batches(path: str) -> Iterator[List[Dict[str, Any]]]:
+def _import_name(path: str) -> str:
+    return "standard input" if path == "-" else path
+
+
+def _import_lines(path: str) -> Any:
     # utf-8-sig: a byte-order mark (Windows editors write one) is not part of a line
-    with builtins.open(path, encoding="utf-8-sig") as lines:  # open() here is fluxlite's
-        batch: List[Dict[str, Any]] = []
+    if path != "-":
+        return builtins.open(path, encoding="utf-8-sig")  # open() here is fluxlite's
+    if sys.stdin is None:
+        raise _CliError("import - reads the events from standard input, and there is none")
+    try:  # its bytes, decoded here: the locale's encoding (a Windows code page) misreads them
+        return builtins.open(sys.stdin.fileno(), encoding="utf-8-sig", closefd=False)
+    except (AttributeError, OSError, ValueError):  # a host's stream object, with no descriptor
+        return contextlib.nullcontext(sys.stdin)
+
+
+def _read_import_batches(path: str) -> Iterator[List[Tuple[int, Dict[str, Any]]]]:
+    name = _import_name(path)
+    with _import_lines(path) as lines:
+        batch: List[Tuple[int, Dict[str, Any]]] = []
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            item = _parse_json(line, f"{path} line {number}")
+            item = _parse_json(line, f"{name} line {number}")
             if not isinstance(item, dict) or not {"seq", "id", "type", "ts"} <= set(item):
-                raise _CliError(f"{path} line {number} is not an exported event "
+                raise _CliError(f"{name} line {number} is not an exported event "
                                 f"(needs seq, id, type, payload, meta, ts)")
-            batch.append(item)
+            batch.append((number, item))
             if len(batch) == 1000:
                 yield batch
                 batch = []
@@ -8188,14 +8260,14 @@ def _read_import_batches(path: str) -> Iterator[List[Dict[str, Any]]]:
             yield batch
 
 
-def _imported(item: Dict[str, Any], seq: int) -> _Prepared:
+def _imported(item: Dict[str, Any], seq: int, where: str) -> _Prepared:
     """An exported event, checked as a dispatched one is, keeping its seq and ts."""
     fields = {k: item.get(k) for k in ("type", "payload", "meta", "id")}
     baseline = fields["type"] == BASELINE  # dispatch refuses it; a copied log has it
     try:
         prepared = _prepare({**fields, "type": "baseline"} if baseline else fields, _new_id)
     except InvalidEvent as exc:
-        raise _CliError(f"event at seq {seq}: {exc}") from None
+        raise _CliError(f"{where}: event at seq {seq}: {exc}") from None
     if baseline:
         prepared = dataclasses.replace(prepared, type=BASELINE)
     ts = item.get("ts")
@@ -8205,7 +8277,7 @@ def _imported(item: Dict[str, Any], seq: int) -> _Prepared:
     except (ValueError, OverflowError):
         when = None
     if when is None or when.tzinfo is None or not prepared.id_given:
-        raise _CliError(f"event at seq {seq} needs an id and a ts with a time zone "
+        raise _CliError(f"{where}: event at seq {seq} needs an id and a ts with a time zone "
                         f"(ISO-8601, as export writes); it has id {item.get('id')!r}, "
                         f"ts {ts!r}")
     return dataclasses.replace(prepared, seq=seq, ts=_format_ts(when))
@@ -8213,12 +8285,28 @@ def _imported(item: Dict[str, Any], seq: int) -> _Prepared:
 
 def _cmd_import(args: Any) -> int:
     app = _load_app(args.app)
-    if not os.path.exists(args.file) or os.path.isdir(args.file):  # a pipe will do
-        raise _CliError(f"no such file: {args.file!r}")
+    if args.file != "-" and (not os.path.exists(args.file) or os.path.isdir(args.file)):
+        raise _CliError(f"no such file: {args.file!r}")  # a pipe will do, and - for stdin
     present = _present(args.db)
     added = [0]  # committed so far, also when a later batch fails
     try:
         _import_into(args, app, added)
+    except KeyboardInterrupt:
+        if added[0]:  # Ctrl-C: say what is in the store now
+            print(f"fluxlite import: interrupted: {added[0]} events are in {args.db}; "
+                  f"import the file again to go on (the events already present are "
+                  f"skipped)", file=sys.stderr)
+        raise
+    except BrokenPipeError:  # the closing line's reader gone (`| head -0`): quietly, as ever
+        raise
+    except (_CliError, FluxliteError, OSError) as exc:
+        if not added[0]:  # nothing in: the error as it is (and no empty store left below)
+            if not present[""]:
+                _remove_made(args.db, present)
+            raise
+        # Batches commit one by one: the events before the failing one are in the store
+        raise _CliError(f"{' '.join(str(exc).split())} ({_imported_so_far(args, added[0])})"
+                        ) from exc
     except BaseException:
         if not present[""] and added[0] == 0:  # an empty store would pass for an import
             _remove_made(args.db, present)
@@ -8226,42 +8314,88 @@ def _cmd_import(args: Any) -> int:
     return 0
 
 
+def _imported_so_far(args: Any, count: int) -> str:
+    return (f"the {count} events imported before it are in {args.db}; fix the file and "
+            f"import it again: the events already present are skipped")
+
+
 def _import_into(args: Any, app: "App", added: List[int]) -> None:
     """_cmd_import's work; ``added[0]`` counts the events committed."""
-    skipped = 0
+    skipped, name = 0, _import_name(args.file)
     with open(args.db, app=app) as store:
         for batch in _import_batches(args.file):
-            fresh: List[_Prepared] = []
+            fresh: List[Tuple[int, _Prepared]] = []
             head = store.head  # a commit with another head is refused (_timestamp)
-            for item in batch:
+            for number, item in batch:
                 seq = item["seq"]
                 if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-                    raise _CliError(f"event {item.get('id')!r} has seq {seq!r}; seqs start at 1")
-                prepared = _imported(item, seq)
+                    raise _CliError(f"{name} line {number}: event {item.get('id')!r} has seq "
+                                    f"{seq!r}; seqs start at 1")
+                if seq > head + len(fresh) + 1:  # a gap, or lines out of order
+                    raise _CliError(
+                        f"{name} line {number} holds seq {seq}, but the next seq here is "
+                        f"{head + len(fresh) + 1}: events are imported in the order of "
+                        f"their seqs, with no gap (an export --after N imports onto a "
+                        f"store whose head is N)")
+                prepared = _imported(item, seq, f"{name} line {number}")
                 if seq <= head + len(fresh):
                     if seq <= head:
                         logged = store.query("SELECT id, type, payload FROM events WHERE seq = ?",
                                              (seq,))[0]
                         have = (logged["id"], logged["type"], logged["payload"])
                     else:
-                        earlier = fresh[seq - head - 1]
+                        earlier = fresh[seq - head - 1][1]
                         have = (earlier.id, earlier.type, earlier.payload_text)
                     if have != (prepared.id, prepared.type, prepared.payload_text):
                         raise _CliError(
-                            f"seq {seq} in {args.file} is {prepared.id!r} ({prepared.type}) "
-                            f"but {have[0]!r} ({have[1]}) is there already: the logs "
-                            f"conflict; import into a new file instead")
+                            f"seq {seq} in {name} (line {number}) is {prepared.id!r} "
+                            f"({prepared.type}) but {have[0]!r} ({have[1]}) is there "
+                            f"already: the logs conflict; import into a new file instead")
                     skipped += 1
                     continue
-                fresh.append(prepared)
+                fresh.append((number, prepared))
             if fresh:
-                store._commit_prepared(fresh)
-                added[0] += len(fresh)
+                _commit_imported(store, fresh, name, added)
                 store._notify()  # and let go of the batch: memory stays flat in the log
     print(f"imported {added[0]} events ({skipped} already present)")
 
 
+# What an event of an import can fail on, itself: a reducer's refusal, changes that do
+# not apply, a ts before the previous one. (Busy or a full disk are no event's fault.)
+_EVENT_FAULTS = (Rejected, ReducerError, ChangesetError, InvalidEvent, Conflict, Forbidden)
+
+
+def _commit_imported(store: Store, fresh: List[Tuple[int, _Prepared]], name: str,
+                     added: List[int]) -> None:
+    """Commit a batch of imported events. When one of them fails, the batch is
+    committed in halves to find it (log2 of 1,000 commits at most): the error
+    names its line and seq, and the events before it are in, as an import that
+    stopped on that line leaves them."""
+    try:
+        store._commit_prepared([prepared for _, prepared in fresh])
+    except _EVENT_FAULTS as exc:
+        # An adoption's baselines stay together: they hold whole tables, and apart,
+        # one could reference rows in another not yet in (refused at its commit).
+        lead = next((i for i, (_, p) in enumerate(fresh) if p.type != BASELINE), len(fresh))
+        if 0 < lead == len(fresh) and lead > 1:
+            raise _CliError(f"{name} lines {fresh[0][0]}-{fresh[-1][0]}, the adopted tables' "
+                            f"{BASELINE} events, were not imported: {exc}") from exc
+        if len(fresh) > 1:
+            half = max(len(fresh) // 2, lead)
+            _commit_imported(store, fresh[:half], name, added)
+            _commit_imported(store, fresh[half:], name, added)
+            return
+        number, prepared = fresh[0]
+        raise _CliError(f"{name} line {number}: event seq {prepared.seq} "
+                        f"({_quoted(prepared.type)}, id {_quoted(prepared.id)}) was not "
+                        f"imported: {exc}") from exc
+    added[0] += len(fresh)
+
+
 def _cmd_backup(args: Any) -> int:
+    if os.path.isdir(args.dest):
+        raise _CliError(f"{args.dest!r} is a directory; backup writes a new file: name it, "
+                        f"such as {os.path.join(args.dest, os.path.basename(args.db))!r}")
     if os.path.exists(args.dest) and os.path.getsize(args.dest):
         raise _CliError(f"{args.dest!r} exists; backup writes a new file")
     if os.path.islink(args.dest) and not os.path.exists(args.dest):

@@ -501,7 +501,7 @@ def test_tail_follow_picks_up_another_process_and_stops_cleanly(work):
             text.index("{") if "{" in text else text.index("payload")]
         assert starts(line) == starts(last) == starts(header), (header, last, line)  # columns
         tail.send_signal(signal.SIGINT)
-        assert tail.wait(10) == 0
+        assert tail.wait(10) == 130  # as a shell reports a `tail -f` Ctrl-C stopped
         assert "Traceback" not in tail.stderr.read()
     finally:  # a failed assertion must not leave `tail -f` running for ever
         if tail.poll() is None:
@@ -634,7 +634,7 @@ def test_tail_follow_misses_no_event_committed_while_it_starts(work, monkeypatch
 
     monkeypatch.setattr(fluxlite, "_print_events", and_meanwhile)
     threading.Timer(3, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C
-    assert fluxlite.main(["tail", "-f", "-n", "1", "--json", str(work / "app.db")]) == 0
+    assert fluxlite.main(["tail", "-f", "-n", "1", "--json", str(work / "app.db")]) == 130
     seqs = [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()]
     assert seqs == [5, 6]
 
@@ -916,3 +916,173 @@ def test_commands_write_to_a_host_stream_with_encoding_and_no_errors(work):
 def test_log_type_empty_is_an_error_not_no_events(work):
     result = cli("log", "app.db", "--type", "", cwd=work, check=False)
     assert result.returncode == 1 and "--type '' matches no event" in result.stderr, result.stderr
+
+
+# -- cli review (session 14): import errors located, stdin, tail -f ending ----------------
+
+def _export_lines(count, bad=None):
+    """``count`` exported addUser events (seq n is user u<n>); ``bad`` maps a seq
+    to the payload name it gets instead (a duplicate: the reducer refuses it)."""
+    bad = bad or {}
+    return [json.dumps({"seq": n, "id": f"e{n}", "type": "addUser",
+                        "payload": {"name": bad.get(n, f"u{n}")}, "meta": {},
+                        "ts": "2026-01-01T00:00:00+00:00"}) for n in range(1, count + 1)]
+
+
+def test_an_import_refused_by_the_reducer_names_the_line_and_keeps_the_events_before(work):
+    (work / "dup.jsonl").write_text("\n".join(_export_lines(1500, {1234: "u7"})) + "\n")
+    result = cli("import", "new.db", "dup.jsonl", "--app", "cliapp:APP", cwd=work, check=False)
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "dup.jsonl line 1234: event seq 1234 ('addUser', id 'e1234')" in result.stderr
+    assert "u7 exists" in result.stderr and "1233 events imported before it" in result.stderr
+    assert json.loads(cli("info", "new.db", "--json", cwd=work).stdout)["head"] == 1233
+    fixed = _export_lines(1500)
+    (work / "dup.jsonl").write_text("\n".join(fixed) + "\n")  # fixed: the rest goes in
+    out = cli("import", "new.db", "dup.jsonl", "--app", "cliapp:APP", cwd=work).stdout
+    assert "imported 267 events (1233 already present)" in out
+
+
+def test_an_import_that_stops_on_a_bad_line_says_what_it_imported(work):
+    lines = _export_lines(1200)
+    lines[1099] = "{not json"
+    (work / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    result = cli("import", "new.db", "bad.jsonl", "--app", "cliapp:APP", cwd=work, check=False)
+    assert result.returncode == 1 and "bad.jsonl line 1100 is not valid JSON" in result.stderr
+    assert "the 1000 events imported before it are in new.db" in result.stderr, result.stderr
+
+
+def test_an_import_whose_lines_are_out_of_order_says_so(work):
+    lines = _export_lines(5)
+    lines[2], lines[3] = lines[3], lines[2]
+    (work / "swap.jsonl").write_text("\n".join(lines) + "\n")
+    result = cli("import", "new.db", "swap.jsonl", "--app", "cliapp:APP", cwd=work, check=False)
+    assert result.returncode == 1, result.stderr
+    assert "swap.jsonl line 3 holds seq 4, but the next seq here is 3" in result.stderr
+    assert "is there already" not in result.stderr and not os.path.exists(work / "new.db")
+
+
+def test_import_reads_standard_input_given_as_a_dash(work):
+    exported = cli("export", "app.db", cwd=work).stdout
+    out = cli("import", "copy.db", "-", "--app", "cliapp:APP", cwd=work, input=exported).stdout
+    assert "imported 5 events" in out
+    assert cli("export", "copy.db", cwd=work).stdout == exported
+
+
+def test_tail_follow_stops_with_an_error_when_the_file_is_deleted(work, monkeypatch, capsys):
+    follow = fluxlite.Store.follow
+
+    def and_meanwhile(self, *args, **kwargs):  # the file goes during the first poll
+        if os.path.exists(work / "app.db"):
+            os.remove(work / "app.db")
+        return follow(self, *args, **kwargs)
+
+    monkeypatch.setattr(fluxlite.Store, "follow", and_meanwhile)
+    import threading
+    ctrl_c = threading.Timer(5, os.kill, (os.getpid(), signal.SIGINT))  # should it follow on
+    ctrl_c.start()
+    try:
+        assert fluxlite.main(["tail", "-f", "-n", "1", str(work / "app.db")]) == 1
+    finally:
+        ctrl_c.cancel()
+    assert "was deleted, renamed or replaced while it was followed" in capsys.readouterr().err
+
+
+def test_an_import_refuses_an_id_given_twice_instead_of_dropping_the_second(work):
+    lines = _export_lines(5)
+    lines[4] = lines[0].replace('"seq": 1,', '"seq": 5,')  # seq 5 repeats seq 1's event
+    (work / "twice.jsonl").write_text("\n".join(lines) + "\n")
+    result = cli("import", "new.db", "twice.jsonl", "--app", "cliapp:APP", cwd=work, check=False)
+    assert result.returncode == 1 and "twice.jsonl line 5" in result.stderr, result.stderr
+    assert "seq 1 has that id already" in result.stderr
+    assert json.loads(cli("info", "new.db", "--json", cwd=work).stdout)["head"] == 4
+
+
+def _follow_without_unbuffered_output(work):
+    """`fluxlite tail -f -n 1 app.db` with its output to a pipe, as Python buffers it
+    when PYTHONUNBUFFERED is not set (as it is not on a user's machine)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.Popen([sys.executable, "-m", "fluxlite", "tail", "-f", "-n", "1",
+                             "app.db"], cwd=work, env={**env, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _lines_within(stream, count, seconds):
+    import select
+    lines, deadline = b"", time.monotonic() + seconds
+    while lines.count(b"\n") < count and time.monotonic() < deadline:
+        if select.select([stream], [], [], max(0, deadline - time.monotonic()))[0]:
+            chunk = os.read(stream.fileno(), 65536)
+            if not chunk:
+                break
+            lines += chunk
+    return lines.decode().splitlines()
+
+
+def test_tail_follow_into_a_pipe_shows_the_last_events_before_any_new_one(work):
+    tail = _follow_without_unbuffered_output(work)
+    try:
+        lines = _lines_within(tail.stdout, 3, 5)  # no event comes: they were buffered
+        assert len(lines) == 3 and lines[2].split()[0] == "5", lines
+    finally:
+        tail.kill()
+        tail.wait()
+
+
+def test_tail_follow_ended_by_sigterm_closes_the_store_and_exits_143(work):
+    assert not os.path.exists(work / "app.db-wal")
+    tail = _follow_without_unbuffered_output(work)
+    try:
+        assert len(_lines_within(tail.stdout, 3, 5)) == 3  # header, rule, event 5: following
+        tail.send_signal(signal.SIGTERM)  # kill, systemd, docker stop
+        assert tail.wait(10) == 143
+        assert tail.stderr.read() == b""
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+    assert sorted(p.name for p in work.glob("app.db*")) == ["app.db"]  # no -wal, -shm left
+
+
+def test_tail_reads_a_long_log_page_by_page(work, monkeypatch, capsys):
+    with fluxlite.open(work / "app.db", app=_app(work)) as store:
+        store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{n:04d}"}}
+                             for n in range(2500)])
+    query, largest = fluxlite.Store.query, [0]
+
+    def spy(self, *args, **kwargs):
+        rows = query(self, *args, **kwargs)
+        largest[0] = max(largest[0], len(rows))
+        return rows
+
+    monkeypatch.setattr(fluxlite.Store, "query", spy)
+    assert fluxlite.main(["tail", "-n", "2400", "--json", str(work / "app.db")]) == 0
+    seqs = [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()]
+    assert seqs == list(range(106, 2506)) and largest[0] <= 1000  # memory flat in N
+    assert fluxlite.main(["tail", "-n", "2", str(work / "app.db")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].split()[0] == "seq" and lines[3].split()[0] == "2505"
+
+
+def test_backup_to_a_directory_says_to_name_a_file_in_it(work):
+    (work / "backups").mkdir()
+    result = cli("backup", "app.db", "backups", cwd=work, check=False)
+    assert result.returncode == 1 and "'backups' is a directory" in result.stderr
+    assert os.path.join("backups", "app.db") in result.stderr and not any(
+        (work / "backups").iterdir())
+
+
+def test_an_import_stopped_by_ctrl_c_says_what_it_imported(work, monkeypatch, capsys):
+    (work / "many.jsonl").write_text("\n".join(_export_lines(2500)) + "\n")
+    commit, calls = fluxlite.Store._commit_prepared, []
+
+    def ctrl_c_at_the_third_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(fluxlite.Store, "_commit_prepared", ctrl_c_at_the_third_batch)
+    monkeypatch.chdir(work)
+    assert fluxlite.main(["import", "new.db", "many.jsonl", "--app", "cliapp:APP"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: 2000 events are in new.db; import the file again" in err, err
