@@ -301,6 +301,8 @@ def test_an_error_naming_an_undecodable_file_name_is_still_shown(work):
     (lambda e: {**e, "ts": "garbage"}, "time zone"),
     (lambda e: {**e, "ts": 5}, "time zone"),
     (lambda e: {**e, "ts": "2026-11-29T10:09:06"}, "time zone"),
+    # before year 1 in UTC: no ts can hold it (a raw OverflowError, unchecked)
+    (lambda e: {**e, "ts": "0001-01-01T00:00:00+01:00"}, "time zone"),
 ])
 def test_import_checks_each_event_as_dispatch_does(work, change, error):
     first = json.loads(cli("export", "app.db", cwd=work).stdout.splitlines()[0])
@@ -1086,3 +1088,50 @@ def test_an_import_stopped_by_ctrl_c_says_what_it_imported(work, monkeypatch, ca
     assert fluxlite.main(["import", "new.db", "many.jsonl", "--app", "cliapp:APP"]) == 130
     err = capsys.readouterr().err
     assert "interrupted: 2000 events are in new.db; import the file again" in err, err
+
+
+# -- mutation testing (session 14): guarantees the suite did not check ----------
+
+
+def test_import_of_overlapping_exports_skips_each_repeated_event(work):
+    # Two exports that overlap, concatenated: the repeats within the one file are
+    # the events just read (seq 2 is the file's second event, not its first).
+    lines = cli("export", "app.db", cwd=work).stdout.splitlines()
+    (work / "both.jsonl").write_text("\n".join(lines[:3] + lines[1:]) + "\n")
+    out = cli("import", "copy.db", "both.jsonl", "--app", "cliapp:APP", cwd=work).stdout
+    assert "imported 5 events (2 already present)" in out
+    assert cli("export", "copy.db", cwd=work).stdout.splitlines() == lines
+
+
+def test_log_since_and_until_take_an_event_at_exactly_that_time(work):
+    # The fixture's events are at 12:00:00 of 1 to 5 January: both ends are inclusive.
+    shown = cli("log", "app.db", "--json", "--since", "2026-01-02T12:00:00Z", "--until",
+                "2026-01-04T12:00:00Z", cwd=work).stdout.splitlines()
+    assert [json.loads(line)["seq"] for line in shown] == [2, 3, 4]
+
+
+def test_log_and_export_page_through_more_than_a_thousand_events(work, capsys):
+    with fluxlite.open(work / "app.db", app=__import__("cliapp").APP) as store:
+        store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{n}"}}
+                             for n in range(1200)])
+
+    def seqs(*args):  # in this process: five runs of 1,205 lines stay fast
+        assert fluxlite.main([*args[:1], str(work / "app.db"), *args[1:]]) == 0
+        return [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()]
+    everything = list(range(1, 1206))
+    assert seqs("export") == everything
+    assert seqs("log", "--json") == everything
+    assert seqs("log", "--json", "--reverse") == everything[::-1]
+    assert seqs("log", "--json", "--limit", "1100") == everything[:1100]
+    assert fluxlite.main(["log", str(work / "app.db")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + 1205 and table[-1].split()[0] == "1205"
+
+
+def test_import_refuses_an_event_whose_id_is_logged_at_its_seq_with_another_payload(work):
+    lines = cli("export", "app.db", cwd=work).stdout.splitlines()
+    edited = {**json.loads(lines[0]), "payload": {"name": "someone else"}}
+    (work / "edited.jsonl").write_text(json.dumps(edited) + "\n")
+    result = cli("import", "app.db", "edited.jsonl", "--app", "cliapp:APP", cwd=work,
+                 check=False)
+    assert result.returncode == 1 and "the logs conflict" in result.stderr

@@ -7944,6 +7944,7 @@ def test_a_combined_reducer_naming_a_missing_table_is_refused_before_anything_ch
 
 @pytest.mark.parametrize("upcaster", [lambda e: e.replace(type=["put"]),
                                       lambda e: e.replace(type=None),
+                                      lambda e: e.replace(type="  "),  # blank, as dispatch refuses
                                       lambda e: e.replace(meta=None)])
 def test_an_upcaster_returning_a_type_or_meta_no_event_has_is_a_usage_error_everywhere(
         tmp_path, upcaster):
@@ -9908,3 +9909,150 @@ def test_a_cancelled_adispatch_retried_with_its_id_commits_once(tmp_path):
         event = asyncio.run(main(store))
         assert (event.seq, event.id) == (1, "k1")
         assert [e.id for e in store.events()] == ["k1"]
+
+
+# -- mutation testing (session 14): guarantees the suite did not check ----------
+
+MUT_SCHEMA = "CREATE TABLE n (k INTEGER PRIMARY KEY, v TEXT);"
+
+
+def mut_reducer(view, event):
+    if event.type in ("a", "b"):
+        return view.n.upsert(k=event.payload["k"], v=event.type)
+    return []
+
+
+def test_follow_of_a_type_with_more_than_a_page_of_backlog_misses_none(tmp_path):
+    # A page of 1,000 wanted events is not the end of them: the cursor moves past the
+    # other types only once a read comes back short (else 1,001-1,500 were skipped).
+    with fluxlite.open(str(tmp_path / "s.db"), schema=MUT_SCHEMA, reducer=mut_reducer) as store:
+        store.dispatch_many([{"type": "a", "payload": {"k": i}} for i in range(1500)]
+                            + [{"type": "b", "payload": {"k": 0}}])
+        got = [e.seq for e, _ in store.follow(after=0, types="a", timeout=0)]
+        assert got == list(range(1, 1501))
+        with store.consumer("w", types="a") as worker:
+            assert [e.seq for e, _ in worker] == list(range(1, 1501))
+
+
+def test_an_ack_of_an_earlier_event_never_moves_a_consumer_back(tmp_path):
+    # In the file too, not only in this Consumer: a reopened one starts after the latest.
+    with fluxlite.open(str(tmp_path / "s.db"), schema=MUT_SCHEMA, reducer=mut_reducer) as store:
+        for k in range(3):
+            store.dispatch("a", {"k": k})
+        worker = store.consumer("w")
+        events = [e for e, _ in worker]
+        worker.ack(events[2])
+        worker.ack(events[0])  # late, out of order (a retried handler, say)
+        worker.close()
+        with store.consumer("w") as again:
+            assert again.position == 3
+            assert [e.seq for e, _ in again] == []
+
+
+def mut_two_steps(view, event):
+    k = event.payload["k"]
+    return [view.n.insert(k=k, v="first"), view.n.update(k, v="second")]
+
+
+def test_history_newest_first_orders_the_changes_within_one_event_too(tmp_path):
+    # Two changes to one row by one event: reverse=True is the exact reverse.
+    with fluxlite.open(str(tmp_path / "s.db"), schema=MUT_SCHEMA, reducer=mut_two_steps) as store:
+        store.dispatch("c", {"k": 1})
+        oldest = store.history("n", 1)
+        assert [r.op for r in oldest] == ["insert", "update"]
+        newest = store.history("n", 1, reverse=True)
+        assert newest == oldest[::-1]
+        assert store.history("n", 1, reverse=True, limit=1)[0].after == {"k": 1, "v": "second"}
+
+
+def test_a_follower_of_a_type_reads_past_a_page_of_upcast_events_of_other_types(tmp_path):
+    # A type with an upcaster comes through the type index too (it may turn into a
+    # wanted one): a full page of such events, none wanted, is not the end of the log.
+    upcasters = {"old": lambda e: e.replace(type="b")}
+    with fluxlite.open(str(tmp_path / "s.db"), schema=MUT_SCHEMA, reducer=mut_reducer,
+                       upcasters=upcasters) as store:
+        store.dispatch_many([{"type": "old", "payload": {"k": i}} for i in range(1000)]
+                            + [{"type": "a", "payload": {"k": 0}}])
+        assert [e.seq for e, _ in store.follow(after=0, types="a", timeout=0)] == [1001]
+        with store.consumer("w", types="a") as worker:
+            assert [e.seq for e, _ in worker.follow(timeout=0)] == [1001]
+
+
+def test_a_refused_dispatch_with_ack_leaves_the_event_to_come_again(tmp_path):
+    def picky(view, event):
+        if event.type == "bad":
+            raise fluxlite.Rejected("no")
+        return mut_reducer(view, event)
+
+    with fluxlite.open(str(tmp_path / "s.db"), schema=MUT_SCHEMA, reducer=picky) as store:
+        store.dispatch("a", {"k": 1})
+        worker = store.consumer("w")
+        event, _ = next(iter(worker))
+        try:
+            worker.dispatch("bad", {}, ack=event)
+        except fluxlite.Rejected:
+            pass
+        else:
+            raise AssertionError("not refused")
+        assert worker.position == 0
+        assert [e.seq for e, _ in worker] == [1]  # not acked: it comes again
+        worker.close()
+
+
+def test_watch_hears_more_than_a_page_committed_elsewhere_before_its_own_event(tmp_path):
+    # The watcher cannot read while this thread holds the store's lock: the store's
+    # own commit must first queue all 1,500 events committed elsewhere, page by page.
+    target = str(tmp_path / "s.db")
+    with fluxlite.open(target, schema=MUT_SCHEMA, reducer=mut_reducer) as here, \
+            fluxlite.open(target, schema=MUT_SCHEMA, reducer=mut_reducer) as elsewhere:
+        heard = []
+        here.subscribe(lambda e, c: heard.append(e.seq))
+        here.watch()
+        with here._lock:
+            elsewhere.dispatch_many([{"type": "a", "payload": {"k": i}} for i in range(1500)])
+            here.dispatch("b", {"k": 0})
+        assert heard == list(range(1, 1502))
+
+
+def test_two_stores_upgrading_a_file_at_once_swap_the_new_model_in_once(tmp_path, monkeypatch):
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=MUT_SCHEMA, reducer=mut_reducer) as store:
+        store.dispatch("a", {"k": 1})
+    schema2 = MUT_SCHEMA.replace("v TEXT", "v TEXT, w TEXT")
+    apply_events, swap_model = fluxlite._apply_events, fluxlite._swap_model
+    swaps, others = [], []
+
+    def racing(model, reducer, events, journal, progress=None):
+        done = apply_events(model, reducer, events, journal, progress)
+        if not others:  # another process opens the file with the new code meanwhile
+            others.append(None)
+            others.append(fluxlite.open(path, schema=schema2, reducer=mut_reducer, version=2))
+        return done
+
+    def swap(*args, **kwargs):
+        swaps.append(1)
+        return swap_model(*args, **kwargs)
+
+    monkeypatch.setattr(fluxlite, "_apply_events", racing)
+    monkeypatch.setattr(fluxlite, "_swap_model", swap)
+    with fluxlite.open(path, schema=schema2, reducer=mut_reducer, version=2) as store:
+        assert swaps == [1]  # the other's: nothing was left to do here
+        assert store.view.n.all() == [{"k": 1, "v": "a", "w": None}]
+        store.dispatch("a", {"k": 2})
+        others[1].dispatch("a", {"k": 3})
+        others[1].close()
+        store.verify()
+
+
+def test_a_reset_from_a_subscriber_drops_the_erased_events_not_yet_heard(tmp_path):
+    with fluxlite.open(str(tmp_path / "s.db"), schema=MUT_SCHEMA, reducer=mut_reducer) as store:
+        empty, heard = store.checkpoint(), []
+
+        def listener(event, changes):
+            heard.append(event.seq)
+            if event.seq == 1:
+                store.reset_to(empty)  # events 2 and 3 are gone: nobody may hear them
+
+        store.subscribe(listener)
+        store.dispatch_many([{"type": "a", "payload": {"k": k}} for k in range(3)])
+        assert heard == [1] and store.head == 0
