@@ -130,6 +130,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.parse
 import uuid
 import weakref
@@ -1022,7 +1023,12 @@ class _write_txn:
         self.nested = conn.in_transaction
 
     def __enter__(self) -> None:
-        self.conn.execute("SAVEPOINT fluxlite_nested" if self.nested else "BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("SAVEPOINT fluxlite_nested" if self.nested else "BEGIN IMMEDIATE")
+        except BaseException:  # Ctrl-C raised as BEGIN returned: no __exit__ would end it,
+            if not self.nested and self.conn.in_transaction:  # and the file's write lock
+                self.conn.execute("ROLLBACK")                 # stayed held
+            raise
 
     def __exit__(self, kind: Any, *exc: Any) -> None:
         conn = self.conn
@@ -1162,11 +1168,12 @@ def _read_txn(conn: sqlite3.Connection) -> Iterator[None]:
     if conn.in_transaction:
         yield
         return
-    conn.execute("BEGIN")
-    try:
+    try:  # BEGIN inside: a Ctrl-C raised as it returned left the snapshot open, and
+        conn.execute("BEGIN")  # the store refused every later dispatch as inside a read
         yield
     finally:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
 
 
 def _storage_error(exc: sqlite3.Error, path: str) -> FluxliteError:
@@ -1749,12 +1756,15 @@ class _Model:
             _check_query_param(value, sql)
         with self.lock:
             previous = self.query_mode
-            self.query_mode = 2 if previous == 2 else 1
             # Only the main thread runs signal handlers (Ctrl-C) at all.
             signals: List[BaseException] = []
             handler = _let_signals_in(signals) \
                 if threading.current_thread() is threading.main_thread() else None
             try:
+                # Set inside the try: a Ctrl-C raised after one of the calls above (where
+                # Python runs signal handlers) left it set, and the authorizer then
+                # refused every statement of the store, its writes' BEGIN included.
+                self.query_mode = 2 if previous == 2 else 1
                 if handler is not None:
                     next(handler)  # to its yield, where a handler's exception is caught
                     self.conn.set_progress_handler(handler.__next__, _SIGNAL_TICKS)
@@ -2478,15 +2488,20 @@ def _seal_unsealed(conn: sqlite3.Connection) -> None:
 
 def _reseal_journal(conn: sqlite3.Connection) -> None:
     """After a rebuild rewrote the journal: its links again, at the same seals."""
-    chain, after = _Chain(_journal_rows(conn), encode=_encode_written_journal), 0
-    while True:
-        seqs = [r[0] for r in conn.execute(
-            "SELECT seq FROM fluxlite_seals WHERE seq > ? ORDER BY seq LIMIT 1000", (after,))]
-        if not seqs:
-            return
-        conn.executemany("UPDATE fluxlite_seals SET journal = ? WHERE seq = ?",
-                         [(chain.extend_to(seq), seq) for seq in seqs])
-        after = seqs[-1]
+    rows = _journal_rows(conn)
+    # Closed however it ends: a statement left running (a Ctrl-C in the hashing, which
+    # a big journal spends seconds in) made the swap's DETACH of the scratch wait out
+    # busy_timeout, then report Busy ("another writer") instead of the interrupt.
+    with contextlib.closing(rows):
+        chain, after = _Chain(rows, encode=_encode_written_journal), 0
+        while True:
+            seqs = [r[0] for r in conn.execute(
+                "SELECT seq FROM fluxlite_seals WHERE seq > ? ORDER BY seq LIMIT 1000", (after,))]
+            if not seqs:
+                return
+            conn.executemany("UPDATE fluxlite_seals SET journal = ? WHERE seq = ?",
+                             [(chain.extend_to(seq), seq) for seq in seqs])
+            after = seqs[-1]
 
 
 def _sealed(conn: sqlite3.Connection, path: str, rows: Iterable[Sequence[Any]]
@@ -2947,8 +2962,8 @@ _BUILTIN_REDUCERS: Dict[str, Reducer] = {RESTORE: _restore_reducer, BASELINE: _b
 def _reduce(reducer: Reducer, view: View, event: Event) -> List[Change]:
     """Run the reducer (or a built-in) on one event: the same code live and in replay."""
     model = view._model
-    model.query_mode = 2
     try:
+        model.query_mode = 2  # (set inside: it must never outlive the call)
         out = _BUILTIN_REDUCERS.get(event.type, reducer)(view, event)
     except FluxliteError:
         raise
@@ -3929,20 +3944,36 @@ class Store:
                 raise UsageError("reset_to() cannot run inside a preview (from its middleware) "
                                  "or a verify() (from its progress=): their transaction is "
                                  "still open. Call it after they return.")
+            # Dropped before the copy: an interrupt as (or right after) it ran left the
+            # head and seal of before the reset cached, and the next dispatch wrote its
+            # event past a gap in seq, under a seal that did not match (a damaged file).
+            self._head_cache = None
             try:
                 with checkpoint.lock:
                     self._check_fits(_read_meta(checkpoint.conn))
                     self._check_page_size(checkpoint)
                     before = _read_meta(self._conn).get("generation", 0)
-                    # Python's backup() retries a locked file for ever; after busy_timeout
-                    # it is Busy here, as for every other write.
-                    checkpoint.conn.backup(self._conn, progress=_refuse_locked)
-                _renew_generation(self._conn, before)
+                    try:
+                        # Python's backup() retries a locked file for ever; after
+                        # busy_timeout it is Busy here, as for every other write.
+                        checkpoint.conn.backup(self._conn, progress=_refuse_locked)
+                    except sqlite3.Error:
+                        raise
+                    except BaseException:  # Ctrl-C (in _refuse_locked, or as it returned):
+                        self._after_reset(before)  # the copy may be in: go on from the file
+                        raise
+                self._after_reset(before)
             except sqlite3.ProgrammingError as exc:  # the checkpoint's copy was closed
                 raise UsageError(f"That checkpoint cannot be read ({exc}); take a new one "
                                  f"with store.checkpoint().") from exc
             except sqlite3.OperationalError as exc:  # a full disk, a read-only file
                 raise _storage_error(exc, self._path) from exc
+
+    def _after_reset(self, before: Any) -> None:
+        """reset_to()'s work once the checkpoint is copied in: a new generation, the
+        model, delivery and followers as the file now has them."""
+        with self._lock:
+            _renew_generation(self._conn, before)
             self._head_cache = None
             meta = _read_meta(self._conn)
             self._schema, self._version = meta["schema"], meta.get("version")
@@ -4003,8 +4034,8 @@ class Store:
         the store from them is refused. Let through, it would be written inside that
         transaction or snapshot (verify() rolls its snapshot back: an event it had
         acknowledged would be lost)."""
-        self._reducing_thread = threading.get_ident()
-        try:
+        try:  # (set inside: an interrupt right after it would leave the store refusing all)
+            self._reducing_thread = threading.get_ident()
             yield
         finally:
             self._reducing_thread = None
@@ -4095,6 +4126,7 @@ class Store:
         committed: List[Tuple[Event, List[Change]]] = []
         with self._lock:
             self._check_open()
+            outermost = not self._conn.in_transaction
             try:
                 self._write(prepared, expect_seq, results, committed, ack)
             except sqlite3.IntegrityError as exc:  # a deferred constraint, at COMMIT
@@ -4111,6 +4143,14 @@ class Store:
                     f"({exc}; SQLITE_MAX_LENGTH, 1,000,000,000 bytes by default). Nothing "
                     f"was written; keep large data outside the event and refer to it."
                 ) from exc
+            except FluxliteError:
+                raise  # refused: _write_txn rolled it back
+            except BaseException:  # Ctrl-C, a signal handler's SystemExit, a MemoryError
+                if outermost and self._landed_anyway(committed):
+                    if self._watcher is not None:  # it did commit: watch() and
+                        self._watch_past(committed[0][0].seq, committed[-1][0].seq)
+                    self._pending.extend(committed)  # subscribers hear of it
+                raise
             if committed and self._watcher is not None and not self._previewing:
                 self._watch_past(committed[0][0].seq, committed[-1][0].seq)
             self._pending.extend(committed)
@@ -4121,6 +4161,40 @@ class Store:
                 self._commit_count += 1
                 self._committed.notify_all()
         return results
+
+    def _landed_anyway(self, committed: List[Tuple[Event, List[Change]]]) -> bool:
+        """_interrupted_write, never hiding the exception being handled: a file that
+        cannot even be read now (a damaged one) is that exception's to report."""
+        try:
+            return self._interrupted_write(committed)
+        except sqlite3.Error as exc:
+            _log.warning("after an interrupted write to %r, its outcome could not be "
+                         "read: %s", self._path, exc)
+            return False
+
+    def _interrupted_write(self, committed: List[Tuple[Event, List[Change]]]) -> bool:
+        """After an exception that is no error of the write's own (KeyboardInterrupt,
+        a signal handler's SystemExit, a MemoryError) came out of _write, which may
+        have landed anywhere in it: whether its events committed.
+
+        Such an exception can come between COMMIT and the bookkeeping after it
+        (Ctrl-C during COMMIT's fsync is raised right after it): the head this store
+        caches would then be stale, and its next dispatch would reuse a committed seq
+        (refused for ever). Or before COMMIT or ROLLBACK ran (inside _write_txn's
+        __exit__): the transaction would stay open, holding the file's write lock
+        against every other process. Both are put right here."""
+        conn = self._conn
+        self._head_cache = None  # read again at the next write
+        self._reducing_thread = None
+        self._model.query_mode = 0  # (the authorizer would refuse the ROLLBACK)
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+            return False
+        if not committed:
+            return False
+        last = committed[-1][0]
+        row = conn.execute("SELECT id FROM events WHERE seq = ?", (last.seq,)).fetchone()
+        return row is not None and row[0] == last.id
 
     def _write(self, prepared: List[_Prepared], expect_seq: Optional[int],
                results: List[Event], committed: List[Tuple[Event, List[Change]]],
@@ -4404,8 +4478,8 @@ class Store:
         event.__dict__.update(seq=seq, id=item.id, type=item.type, payload=item.payload,
                               meta=item.meta, ts=ts)
         assert self._reducer is not None
-        self._reducing_thread = threading.get_ident()  # (inline: the hot path's _replaying())
-        try:
+        try:  # (set inside: an interrupt right after it would leave the store refusing all)
+            self._reducing_thread = threading.get_ident()  # (inline: the hot path's _replaying())
             event = self._upcast(event)
             changes = _reduce(self._reducer, self._view, event)
         finally:
@@ -4473,13 +4547,21 @@ class Store:
         # thread that is delivering will deliver this one's events too: waiting
         # for it would let a slow subscriber hold up every dispatch, and one that
         # waits on a dispatch in another thread would never return.
-        while self._notify_lock.acquire(blocking=False):
-            self._notifying.active = True
+        while True:
+            # Acquired inside the try: Python runs a signal handler right after a call
+            # returns, and a Ctrl-C between acquire() and a try after it kept the lock
+            # for ever (no subscriber of this store heard of another event).
             try:
+                if not self._notify_lock.acquire(blocking=False):
+                    return
+                self._notifying.active = True
                 self._deliver_pending()
             finally:
                 self._notifying.active = False
-                self._notify_lock.release()
+                try:  # the release itself is the only call: nothing can come before it
+                    self._notify_lock.release()
+                except RuntimeError:  # not acquired (another thread delivers)
+                    pass
             with self._lock:  # committed while this thread was letting go? deliver it
                 if not self._pending:
                     return
@@ -4687,12 +4769,16 @@ class Store:
 
     def _stop_watch_thread(self, wait: Optional[float] = None) -> None:
         """Stop watch()'s thread and wait for it to end (up to ``wait`` seconds)."""
-        if not self._lock.acquire(timeout=-1 if wait is None else wait):
-            return
-        try:  # no commit in between: see _stop_watching
-            watcher = self._stop_watching()
-        finally:
-            self._lock.release()
+        if wait is None:  # (close()): a with statement, which no Ctrl-C can leave holding
+            with self._lock:  # the lock, as one raised right after acquire() returned did
+                watcher = self._stop_watching()
+        else:  # at exit, not waiting for ever for a thread that holds it
+            if not self._lock.acquire(timeout=wait):
+                return
+            try:  # no commit in between: see _stop_watching
+                watcher = self._stop_watching()
+            finally:
+                self._lock.release()
         with self._committed:
             self._committed.notify_all()
         # Not from a subscriber: the watcher may be waiting to deliver through the
@@ -4904,9 +4990,13 @@ class Store:
                     self._check_model_current()  # in the snapshot: the model replayed
                     return _compare(self._model, replica)
                 finally:
-                    replica.conn.close()
-                    if owned and conn.in_transaction:
-                        conn.execute("ROLLBACK")
+                    # The snapshot first: a Ctrl-C raised as the replica's close() returned
+                    # left it open, and the store refused every later dispatch.
+                    try:
+                        if owned and conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                    finally:
+                        replica.conn.close()
 
     def replay(self, upto: Optional[int] = None, *,
                into: Union[str, "os.PathLike[str]"] = ":memory:") -> "Store":
@@ -5832,13 +5922,22 @@ class Consumer:
         store._check_not_verifying("ack a consumer's events", "Ack them")
         with store._lock:
             store._check_open()
+            outermost = not store._conn.in_transaction
             try:
                 with _write_txn(store._conn):
                     _advance_consumer(store._conn, self.name, self._owner, seq, self._lease)
                     store._check_file()  # an ack into a replaced file would be lost
+                if seq > self.position:  # (no call: a Ctrl-C comes before or after it)
+                    self.position = seq
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, store._path) from exc
-        self.position = max(self.position, seq)
+            except (sqlite3.Error, FluxliteError):
+                raise
+            except BaseException:  # Ctrl-C: as for a dispatch (see _interrupted_write)
+                if outermost and store._conn.in_transaction:
+                    store._conn.execute("ROLLBACK")
+                self._catch_up()
+                raise
         self._renewed = time.monotonic()
 
     def dispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None, *,
@@ -5858,14 +5957,34 @@ class Consumer:
             if kwargs:
                 raise UsageError(f"Unknown dispatch argument(s): {sorted(kwargs)}.")
             result: Optional[Event] = store._chain(action)
+        except FluxliteError:
+            raise
+        except BaseException:  # Ctrl-C, maybe right after the COMMIT of event and ack
+            if not frame.acked:
+                self._catch_up()
+            raise
         finally:
-            frames.pop()
             # Also when a middleware raised after next() committed: the ack is in the
-            # file, so the event must not come again (it would be answered twice).
-            if frame.acked:
-                self.position = max(self.position, seq)
+            # file, so the event must not come again (it would be answered twice). First,
+            # and with no call (a signal is raised after one): nothing can come before it.
+            if frame.acked and seq > self.position:
+                self.position = seq
+            frames.pop()
             store._notify()  # also when a middleware raised after next() committed
         return result
+
+    def _catch_up(self) -> None:
+        """After an interrupt: the position as the file has it. An ack that committed
+        just as the interrupt came (Ctrl-C during COMMIT is raised as it returns) must
+        not let its events come again: dispatch(ack=) promises exactly once."""
+        store = self.store
+        with store._lock:
+            if store._closed or store._conn.in_transaction:  # (a preview's: not committed)
+                return
+            row = store._conn.execute("SELECT position, owner FROM fluxlite_consumers "
+                                      "WHERE name = ?", (self.name,)).fetchone()
+        if row is not None and row[1] == self._owner:
+            self.position = max(self.position, row[0])
 
     def _check_not_closed(self, what: str) -> None:
         if self._closed:  # its name is given up: an ack now would find another owner
@@ -6308,6 +6427,7 @@ def _swap_in_unchecked(store: Store, schema: str, version: Any, model: _Model, s
         except sqlite3.OperationalError as exc:
             _log.debug("rebuild: scratch not attached (%s); copying through Python", exc)
             break
+        failed = False
         try:
             with _write_txn(conn):  # other writers wait from here on
                 theirs = _rebuilt_meanwhile(store, schema, version)
@@ -6315,8 +6435,13 @@ def _swap_in_unchecked(store: Store, schema: str, version: Any, model: _Model, s
                     return theirs
                 if (conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0) == done:
                     return _swap_model(conn, schema, version, model, "fluxlite_scratch")
+        except BaseException as exc:
+            failed = True
+            _detach_after(conn, exc)
+            raise
         finally:
-            conn.execute("DETACH fluxlite_scratch")
+            if not failed:
+                conn.execute("DETACH fluxlite_scratch")
     with _write_txn(conn):
         theirs = _rebuilt_meanwhile(store, schema, version)
         if theirs is not None:
@@ -6324,6 +6449,30 @@ def _swap_in_unchecked(store: Store, schema: str, version: Any, model: _Model, s
         with store._replaying():
             _apply_events(model, reducer, store._read_log(done), journal=True)
         return _swap_model(conn, schema, version, model)
+
+
+def _detach_after(conn: sqlite3.Connection, exc: BaseException) -> None:
+    """Detach a rebuild's scratch after its swap failed, without hiding why.
+
+    The frames ``exc`` left hold their cursors (a Ctrl-C in the middle of reading
+    one, the swap's likeliest moment, as it is the longest), and SQLite refuses to
+    DETACH while a statement runs: the DETACH waited out busy_timeout, then raised
+    Busy naming "another writer" in place of the interrupt. Those frames are done:
+    their locals are dropped, then it is tried once more, without waiting. Left
+    attached, the next rebuild copies through Python instead."""
+    if conn.in_transaction:  # an interrupt at _write_txn.__exit__'s entry: ours, undone
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+    for attempt in range(2):
+        try:
+            with _short_wait(conn, 0):
+                conn.execute("DETACH fluxlite_scratch")
+            return
+        except sqlite3.Error as detach_error:
+            if attempt:
+                _log.debug("rebuild: scratch left attached after %r: %s", exc, detach_error)
+                return
+        traceback.clear_frames(exc.__traceback__)
 
 
 def _rebuilt_meanwhile(store: Store, schema: str, version: Any) -> Optional[int]:

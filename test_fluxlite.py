@@ -10056,3 +10056,337 @@ def test_a_reset_from_a_subscriber_drops_the_erased_events_not_yet_heard(tmp_pat
         store.subscribe(listener)
         store.dispatch_many([{"type": "a", "payload": {"k": k}} for k in range(3)])
         assert heard == [1] and store.head == 0
+
+
+# -- interrupts: KeyboardInterrupt (Ctrl-C), a signal handler's SystemExit, arriving
+# at a chosen point inside fluxlite. Python runs a signal handler right after a call
+# returns, so an interrupt can come after any call fluxlite makes: these raise one
+# from a trace function at the first line of fluxlite.py where ``when(frame)`` holds.
+
+def _interrupt_when(when, action):
+    """Run action() with a KeyboardInterrupt raised at the first line executed in
+    fluxlite.py at which when(frame) is true; return whether it was raised there."""
+    source = os.path.realpath(fluxlite.__file__).removesuffix("c")
+    fired = []
+
+    def local(frame, event, arg):
+        if event == "line" and not fired and when(frame):
+            fired.append(frame.f_code.co_name)
+            raise KeyboardInterrupt("injected")
+        return local
+
+    def first(frame, event, arg):
+        return local if os.path.realpath(frame.f_code.co_filename) == source else None
+
+    previous = sys.gettrace()  # (a coverage run's tracer: given back afterwards)
+    sys.settrace(first)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="injected"):
+            action()
+    finally:
+        sys.settrace(previous)
+    return bool(fired)
+
+
+def _other_writer_can_write(path):
+    """Another connection takes the write lock at once (no waiting)."""
+    conn = sqlite3.connect(path, timeout=0)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+
+
+def _right_after_commit(store):
+    """when= for _interrupt_when: in _write_txn's __exit__, once COMMIT has run."""
+    def after_commit(frame):
+        return frame.f_code.co_name == "__exit__" and not store._conn.in_transaction \
+            and isinstance(frame.f_locals.get("self"), fluxlite._write_txn)
+    return after_commit
+
+
+def test_an_interrupt_right_after_commit_leaves_the_store_usable(tmp_path):
+    # Ctrl-C during COMMIT's fsync is raised as soon as COMMIT returns: the event is
+    # in the file, but the store's cached head was not moved on, and every later
+    # dispatch tried that seq again ("REPLACE is refused") until the store was reopened.
+    path = str(tmp_path / "s.db")
+    heard = []
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.subscribe(lambda e, c: heard.append(e.seq))
+        store.dispatch("put", {"id": "a", "n": 1})
+        after_commit = _right_after_commit(store)
+        assert _interrupt_when(after_commit, lambda: store.dispatch("put", {"id": "b", "n": 2}))
+        assert store.head == 2 and store.view.items.get("b") == {"id": "b", "n": 2}
+        assert store.dispatch("put", {"id": "c", "n": 3}).seq == 3
+        assert heard == [1, 2, 3]  # the interrupted event is heard (late), once
+        store.verify()
+
+
+def test_an_interrupt_before_commit_does_not_keep_the_file_locked(tmp_path):
+    # An interrupt inside _write_txn's __exit__, before it ran COMMIT or ROLLBACK, left
+    # the write transaction open: every other process's write waited for ever (Busy),
+    # and the store refused its own next dispatch.
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+
+        def in_exit(frame):
+            return frame.f_code.co_name == "__exit__" and \
+                isinstance(frame.f_locals.get("self"), fluxlite._write_txn)
+        assert _interrupt_when(in_exit, lambda: store.dispatch("put", {"id": "b", "n": 2}))
+        assert not store._conn.in_transaction
+        assert _other_writer_can_write(path)
+        assert store.head == 1 and store.view.items.get("b") is None  # not committed
+        assert store.dispatch("put", {"id": "b", "n": 2}).seq == 2
+        store.verify()
+
+
+def test_an_interrupt_as_the_reducer_starts_leaves_dispatch_open(tmp_path):
+    # An interrupt right after the store marked its thread as reducing (or its model as
+    # reading for a reducer) left the mark: every later dispatch was refused as a
+    # reducer's, or came out as SQLite's "not authorized" with the transaction open.
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        def reducing(frame):
+            return frame.f_code.co_name == "_reduce_and_apply" and \
+                store._reducing_thread is not None
+        assert _interrupt_when(reducing, lambda: store.dispatch("put", {"id": "a", "n": 1}))
+
+        def reading(frame):
+            return frame.f_code.co_name == "_reduce" and store._model.query_mode == 2
+        assert _interrupt_when(reading, lambda: store.dispatch("put", {"id": "a", "n": 1}))
+        assert not store._conn.in_transaction and _other_writer_can_write(path)
+        assert store.dispatch("put", {"id": "a", "n": 1}).seq == 1
+        store.verify()
+
+
+def test_an_interrupt_as_a_query_starts_leaves_the_store_writable(tmp_path):
+    # query() marked the model read-only, then made calls before its try: an interrupt
+    # there (a signal handler runs after a call) left the mark, and the authorizer
+    # refused every later statement of the store, the next dispatch's BEGIN included.
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        def marked(frame):
+            return frame.f_code.co_name == "query" and store._model.query_mode == 1
+        assert _interrupt_when(marked, lambda: store.query("SELECT * FROM items"))
+        assert store._model.query_mode == 0
+        assert store.dispatch("put", {"id": "a", "n": 1}).seq == 1
+
+
+def test_an_interrupt_as_delivery_starts_does_not_silence_subscribers(tmp_path):
+    # _notify() took its lock, then entered the try that releases it: an interrupt in
+    # between kept the lock, and no subscriber of the store heard of any event again.
+    path = str(tmp_path / "s.db")
+    heard = []
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.subscribe(lambda e, c: heard.append(e.seq))
+
+        def delivering(frame):
+            return frame.f_code.co_name == "_notify" and store._notify_lock._is_owned()
+        assert _interrupt_when(delivering, lambda: store.dispatch("put", {"id": "a", "n": 1}))
+        # Another thread's dispatch: it leaves delivery to a thread holding the lock.
+        other = threading.Thread(target=store.dispatch, args=("put", {"id": "b", "n": 2}))
+        other.start()
+        other.join()
+        assert heard == [1, 2]
+
+
+class _InterruptAfter:
+    """A store's connection that raises KeyboardInterrupt as one statement returns
+    (after it ran), as a Ctrl-C arriving while SQLite ran it is raised."""
+
+    def __init__(self, conn, sql):
+        self._conn, self._sql = conn, sql
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    def execute(self, sql, *args):
+        cursor = self._conn.execute(sql, *args)
+        if sql == self._sql:
+            self._sql = None
+            raise KeyboardInterrupt("injected")
+        return cursor
+
+
+def test_an_interrupt_as_begin_returns_ends_the_transaction(tmp_path):
+    # _write_txn's BEGIN IMMEDIATE and _read_txn's BEGIN ran before the code that ends
+    # them was entered: an interrupt as they returned left the write transaction open
+    # (every other writer of the file Busy) or the read one (the store then refused
+    # every dispatch as made inside a read of its own).
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        consumer = store.consumer("worker")
+        [(event, _)] = list(consumer)
+        conn = store._conn
+        for sql, action in [("BEGIN IMMEDIATE", lambda: consumer.ack(event)),
+                            ("BEGIN", lambda: store.history("items", "a"))]:
+            store._conn = _InterruptAfter(conn, sql)
+            try:
+                with pytest.raises(KeyboardInterrupt, match="injected"):
+                    action()
+            finally:
+                store._conn = conn
+            assert not conn.in_transaction, sql
+            assert _other_writer_can_write(path)
+        assert store.dispatch("put", {"id": "b", "n": 2}).seq == 2
+        consumer.ack(event)
+
+
+def test_an_interrupt_as_reset_to_copies_does_not_damage_the_file(tmp_path):
+    # Ctrl-C in the backup's progress callback (a signal handler runs as a Python
+    # callback starts), after the checkpoint was copied in: the store kept the head and
+    # seal of before the reset cached, and its next dispatch logged seq 4 after seq 2,
+    # under a seal that did not match: verify() and every later open() called the file
+    # damaged.
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        for n in range(2):
+            store.dispatch("put", {"id": f"k{n}", "n": n})
+        checkpoint = store.checkpoint()
+        store.dispatch("put", {"id": "late", "n": 9})
+        assert _interrupt_when(lambda frame: frame.f_code.co_name == "_refuse_locked",
+                               lambda: store.reset_to(checkpoint))
+        assert store.head == 2 and store.view.items.get("late") is None  # the copy is in
+        assert store.dispatch("put", {"id": "k2", "n": 2}).seq == 3
+        store.verify()
+        checkpoint.close()
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as again:
+        assert [e.seq for e in again.events()] == [1, 2, 3]
+        again.verify()
+
+
+def _free_for_other_threads(lock):
+    got = []
+
+    def take():
+        if lock.acquire(timeout=1.0):
+            got.append(True)
+            lock.release()
+    other = threading.Thread(target=take)
+    other.start()
+    other.join()
+    return bool(got)
+
+
+def test_an_interrupt_in_close_does_not_keep_the_store_locked(tmp_path):
+    # close() took the store's lock with acquire() before the try that released it: a
+    # Ctrl-C right after acquire() returned kept it, and every other thread's use of
+    # the store (even its close()) waited for ever.
+    with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=items_reducer) as store:
+        def holding(frame):
+            return frame.f_code.co_name == "_stop_watch_thread" and store._lock._is_owned()
+        assert _interrupt_when(holding, store.close)
+        assert _free_for_other_threads(store._lock)
+        store.dispatch("put", {"id": "a", "n": 1})  # not closed: the interrupt came first
+
+
+def test_an_interrupt_as_verify_ends_leaves_no_snapshot_open(tmp_path, monkeypatch):
+    # verify() closed its replica, then rolled back its snapshot of the store: a Ctrl-C
+    # raised as the replica's close() returned left the snapshot open, and the store
+    # refused every later dispatch ("in a read of its own").
+    class CloseInterrupts:
+        def __init__(self, conn):
+            self._conn = conn
+
+        def __getattr__(self, name):
+            return getattr(self._conn, name)
+
+        def close(self):
+            self._conn.close()
+            raise KeyboardInterrupt("injected")
+
+    scratch = fluxlite._scratch_model
+
+    def interrupting(*args, **kwargs):
+        model = scratch(*args, **kwargs)
+        model.conn = CloseInterrupts(model.conn)
+        return model
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        monkeypatch.setattr(fluxlite, "_scratch_model", interrupting)
+        with pytest.raises(KeyboardInterrupt, match="injected"):
+            store.verify()
+        monkeypatch.undo()
+        assert not store._conn.in_transaction
+        assert store.dispatch("put", {"id": "b", "n": 2}).seq == 2
+        store.verify()
+
+
+def test_an_interrupt_right_after_a_consumers_commit_does_not_bring_its_event_again(tmp_path):
+    # dispatch(ack=) is exactly once: an interrupt raised as its COMMIT returned (out
+    # of the loop body) left the consumer's position behind the file's, and the next
+    # loop yielded the acknowledged event again, to be answered twice; ack() the same.
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        for n in range(2):
+            store.dispatch("put", {"id": f"job{n}", "n": n})
+        consumer = store.consumer("worker", types="put")
+        after_commit = _right_after_commit(store)
+
+        def answer_first():
+            for event, _ in consumer:
+                consumer.dispatch("done", {"id": event.payload["id"]}, ack=event)
+
+        def ack_first():
+            for event, _ in consumer:
+                consumer.ack(event)
+        def next_seq():  # without finishing its body (which would also skip it later)
+            for event, _ in consumer:
+                return event.seq
+        assert _interrupt_when(after_commit, ack_first)
+        assert next_seq() == 2
+        assert _interrupt_when(after_commit, answer_first)
+        assert next_seq() is None
+        assert [e.type for e in store.events()] == ["put", "put", "done"]
+        assert not store._conn.in_transaction and _other_writer_can_write(path)
+
+
+def test_an_interrupt_in_a_rebuilds_reseal_comes_out_at_once(tmp_path):
+    # Ctrl-C while a rebuild's swap rehashed the journal (seconds, for a big one) left
+    # the journal's statement running: the swap's DETACH of the scratch waited out
+    # busy_timeout (10 s), then raised Busy naming "another writer" instead.
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        for n in range(3):
+            store.dispatch("put", {"id": f"k{n}", "n": n})
+        started = time.monotonic()
+        assert _interrupt_when(lambda frame: frame.f_code.co_name == "extend_to", store.rebuild)
+        assert time.monotonic() - started < 5
+        assert not store._conn.in_transaction and _other_writer_can_write(path)
+        assert store.dispatch("put", {"id": "k3", "n": 3}).seq == 4
+        store.rebuild()
+        store.verify()
+
+
+def test_an_interrupt_anywhere_in_a_rebuilds_swap_comes_out_at_once(tmp_path):
+    # Any cursor the swap was reading when interrupted (here _read_meta's, with the
+    # scratch attached) kept SQLite from detaching the scratch: a 10 s wait, then Busy
+    # naming "another writer" instead of the interrupt.
+    source, first = inspect.getsourcelines(fluxlite._read_meta)
+    reading = first + next(n for n, text in enumerate(source) if "in conn.execute(" in text)
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        for n in range(3):
+            store.dispatch("put", {"id": f"k{n}", "n": n})
+        seen = []
+
+        def mid_read_in_swap(frame):
+            if frame.f_lineno != reading or not store._conn.in_transaction:
+                return False
+            attached = [r[1] for r in store._conn.execute("PRAGMA database_list")]
+            seen.append("fluxlite_scratch" in attached)
+            return seen.count(True) == 2  # a row read: the cursor is running
+        started = time.monotonic()
+        assert _interrupt_when(mid_read_in_swap, store.rebuild)
+        assert time.monotonic() - started < 5
+        assert not store._conn.in_transaction and _other_writer_can_write(path)
+        assert store.dispatch("put", {"id": "k3", "n": 3}).seq == 4
+        store.rebuild()
+        store.verify()
