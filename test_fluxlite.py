@@ -9832,6 +9832,25 @@ def test_afollow_does_not_stop_the_loop_while_a_dispatch_waits_for_another_proce
     assert event.seq == 1 and seen == [1]  # committed after the call: yielded
 
 
+@contextlib.contextmanager
+def _lock_held_elsewhere(store):
+    """The store's lock held by another thread for the duration of the block."""
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        with store._lock:
+            held.set()
+            done.wait(2.0)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    try:
+        yield
+    finally:
+        done.set()
+        holder.join()
+
+
 def test_afollow_placed_beside_a_busy_lock_still_follows_a_reset(tmp_path):
     # Placed while another thread held the lock (the head read on a connection of its
     # own), the follower joins reset_to()'s cursors only at its first iteration: a reset
@@ -9842,20 +9861,8 @@ def test_afollow_placed_beside_a_busy_lock_still_follows_a_reset(tmp_path):
         mark = store.checkpoint()
         store.dispatch("put", {"id": "a", "n": 2})
         store.dispatch("put", {"id": "a", "n": 3})
-        held, done = threading.Event(), threading.Event()
-
-        def hold():
-            with store._lock:
-                held.set()
-                done.wait(2.0)
-        holder = threading.Thread(target=hold)
-        holder.start()
-        held.wait()
-        try:
+        with _lock_held_elsewhere(store):
             following = store.afollow(timeout=0.3)  # at seq 3, the lock held elsewhere
-        finally:
-            done.set()
-            holder.join()
         store.reset_to(mark)  # back to seq 1
         store.dispatch("put", {"id": "b", "n": 9})  # seq 2 of the new history
 
@@ -9868,22 +9875,10 @@ def test_afollow_placed_beside_a_busy_lock_checks_after_against_the_head(tmp_pat
     path = str(tmp_path / "a.db")
     with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
         store.dispatch("put", {"id": "a", "n": 1})
-        held, done = threading.Event(), threading.Event()
-
-        def hold():
-            with store._lock:
-                held.set()
-                done.wait(2.0)
-        holder = threading.Thread(target=hold)
-        holder.start()
-        held.wait()
-        try:
+        with _lock_held_elsewhere(store):
             with pytest.raises(fluxlite.UsageError, match="outside the log"):
                 store.afollow(after=2)
             following = store.afollow(after=0, timeout=0.2)
-        finally:
-            done.set()
-            holder.join()
 
         async def main():
             return [e.seq async for e, _ in following]
