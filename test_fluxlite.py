@@ -9232,6 +9232,10 @@ def test_ctrl_c_stops_a_runaway_query_and_frees_the_store(tmp_path):
             while store._lock.acquire(blocking=False):  # until the query holds it
                 store._lock.release()
                 time.sleep(0.001)
+            # Then past its preparation, which takes microseconds: a Ctrl-C there lands
+            # in the authorizer, whose exceptions sqlite3 turns into a refusal (README,
+            # Known limitations). The query never ends, so later is always in time.
+            time.sleep(0.2)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             if not done.wait(10):  # (only when the fix is missing) end it anyway
                 stuck.append(True)
