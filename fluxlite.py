@@ -3981,12 +3981,7 @@ class Store:
             self._pending.clear()
             head = self.head
             for cursor in list(self._cursors):  # watch() and this store's followers
-                # Back to the checkpoint's head, or where it was if it had not got
-                # there; never before what it delivered in any history (a reset to
-                # an older checkpoint, then to a newer one, delivers nothing again).
-                cursor.reached = max(cursor.reached, cursor.position)
-                cursor.position, cursor.version = min(cursor.reached, head), -1
-                cursor.resets += 1
+                cursor.reset_to(head)
             self._resets, self._reset_head = self._resets + 1, head
 
     def _check_page_size(self, checkpoint: _Checkpoint) -> None:
@@ -5606,6 +5601,15 @@ class _FollowCursor:
             self.placed_resets = store._resets
             self.attach()
 
+    def reset_to(self, head: int) -> None:
+        """Moved by a reset_to() that left the log at ``head``: back to it, or where
+        it was if it had not got there; never before what it delivered in any
+        history (a reset to an older checkpoint, then to a newer one, delivers
+        nothing again)."""
+        self.reached = max(self.reached, self.position)
+        self.position, self.version = min(self.reached, head), -1
+        self.resets += 1
+
     def attach(self) -> None:
         """Join the cursors reset_to() moves (it goes through them with the lock held),
         moved as they were by the reset_to()s since the position was read (the last
@@ -5613,9 +5617,7 @@ class _FollowCursor:
         store = self.store
         with store._lock:
             if store._resets != self.placed_resets:
-                self.reached = max(self.reached, self.position)
-                self.position, self.version = min(self.reached, store._reset_head), -1
-                self.resets += 1
+                self.reset_to(store._reset_head)
             store._cursors.add(self)
             self.attached = True
 
