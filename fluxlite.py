@@ -998,10 +998,16 @@ def _reading_connection(path: str, uri: str) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         conn.close()
         if _is_storage_problem(exc):
+            # Reading a WAL store writes its -shm index: on a full disk (or past a
+            # file-size limit) that fails as an I/O error, not as read-only media.
+            full = "" if "readonly" in str(exc) else (
+                "Reading a store writes the -shm index beside it: check free disk space "
+                "there (and any file-size limit, ulimit -f), then retry. ")
             raise StorageError(
-                f"SQLite could not open {path!r} for reading: {exc}. On read-only media a "
-                f"store with an unfinished WAL cannot be read; copy the files somewhere "
-                f"writable, or open it once where it is writable so the WAL is checkpointed."
+                f"SQLite could not open {path!r} for reading: {exc}. {full}On read-only "
+                f"media a store with an unfinished WAL cannot be read; copy the files "
+                f"somewhere writable, or open it once where it is writable so the WAL is "
+                f"checkpointed."
             ) from exc
         raise SchemaError(
             f"{path!r} is not a SQLite database ({exc}); fluxlite stores are SQLite files."
@@ -3865,6 +3871,20 @@ class Store:
             # to). Refused before any file is made.
             self._check_model_current()
             page_size = self._page_size()
+        # What a failed copy made is removed (a full disk): a half-copied file left
+        # at the path would be refused by the retry as "has content".
+        present = _present(_sqlite_file(path)) if path not in (":memory:", "") else {}
+        try:
+            copy = self._fork_into(path, page_size, clock, ids)
+        except BaseException:
+            if present and not present[""]:
+                _remove_made(_sqlite_file(path), present)
+            raise
+        return copy
+
+    def _fork_into(self, path: str, page_size: int, clock: Optional[Callable[[], datetime]],
+                   ids: Optional[Callable[[], str]]) -> "Store":
+        """fork()'s copy, made at ``path`` (checked to be new or empty)."""
         conn = _connect(path, self._durability, page_size=page_size)
         try:
             with self._lock:
@@ -3872,8 +3892,10 @@ class Store:
                 with _read_txn(self._conn):  # checked in the snapshot the backup copies
                     self._check_model_current()
                     self._conn.backup(conn)
-        except BaseException:
+        except BaseException as exc:
             conn.close()
+            if isinstance(exc, sqlite3.OperationalError):  # a full disk, a read-only file
+                raise _storage_error(exc, path) from exc
             raise
         copy = _open_connection(conn, path, schema=None, reducer=self._reducer,
                                 middleware=self._middleware, durability=self._durability,
@@ -8572,9 +8594,11 @@ def _cmd_backup(args: Any) -> int:
                 target.execute("PRAGMA journal_mode=wal")
             finally:
                 target.close()
-        except BaseException:
+        except BaseException as exc:
             if not present[""]:  # no half-made copy left behind
                 _remove_made(args.dest, present)
+            if isinstance(exc, sqlite3.OperationalError):  # a full disk, a read-only file
+                raise _storage_error(exc, args.dest) from exc
             raise
     with open(args.dest, readonly=True) as copy:
         print(f"backed up {copy.head} events to {args.dest}")

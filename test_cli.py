@@ -1135,3 +1135,31 @@ def test_import_refuses_an_event_whose_id_is_logged_at_its_seq_with_another_payl
     result = cli("import", "app.db", "edited.jsonl", "--app", "cliapp:APP", cwd=work,
                  check=False)
     assert result.returncode == 1 and "the logs conflict" in result.stderr
+
+
+# -- diskfull: a real full disk (RLIMIT_FSIZE on the command's process) -------------
+
+def _files_cannot_grow_past(size):
+    """preexec_fn: the command's files cannot grow past ``size`` bytes (a disk full for
+    it; its stderr is a pipe, not counted). An ignored SIGXFSZ stays ignored across
+    exec, so a write past the limit fails with EFBIG instead of killing it."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+    return limit
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="RLIMIT_FSIZE is POSIX")
+def test_backup_onto_a_full_disk_is_an_error_message_and_leaves_no_file(work):
+    # It was a traceback (a raw sqlite3.OperationalError out of main()).
+    size = (work / "app.db").stat().st_size
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "fluxlite", "backup", "app.db", "copy.db"],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=60,
+                            preexec_fn=_files_cannot_grow_past(size // 2))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "fluxlite backup: error:" in result.stderr and "disk" in result.stderr
+    assert not [p.name for p in work.iterdir() if p.name.startswith("copy.db")]
+    assert "backed up 5 events" in cli("backup", "app.db", "copy.db", cwd=work).stdout

@@ -10389,3 +10389,92 @@ def test_an_interrupt_anywhere_in_a_rebuilds_swap_comes_out_at_once(tmp_path):
         assert store.dispatch("put", {"id": "k3", "n": 3}).seq == 4
         store.rebuild()
         store.verify()
+
+
+# -- diskfull: a real full disk (RLIMIT_FSIZE in a child process) -------------------
+
+_FULL_DISK_PRELUDE = '''
+import os, resource, signal, sys
+sys.path.insert(0, {root!r})
+import fluxlite
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+
+def full_at(size):  # no file may grow past size bytes (stdout is a pipe: not counted)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+
+def space_back():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+
+SCHEMA = "CREATE TABLE items (id TEXT PRIMARY KEY, n INTEGER NOT NULL, note TEXT);"
+
+def reducer(view, event):
+    p = event.payload
+    return view.items.upsert(id=p["id"], n=p["n"], note=p.get("note"))
+
+def filled(path, n=200):
+    store = fluxlite.open(path, schema=SCHEMA, reducer=reducer)
+    store.dispatch_many([{{"type": "put", "payload": {{"id": f"k{{i}}", "n": i, "note": "x" * 300}}}}
+                         for i in range(n)])
+    return store
+'''
+
+
+def _on_a_full_disk(tmp_path, code):
+    """Run ``code`` in a child process whose files cannot grow past a limit it sets
+    (a disk that is full for it): the code prints OK at its end."""
+    prelude = _FULL_DISK_PRELUDE.format(root=str(pathlib.Path(__file__).resolve().parent))
+    result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), (
+        result.stdout + result.stderr)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="RLIMIT_FSIZE is POSIX")
+def test_a_fork_that_runs_out_of_disk_is_a_storage_error_and_leaves_no_file(tmp_path):
+    # It was a raw sqlite3.OperationalError, left a half-made copy (with its -wal and
+    # -shm) at the path, and the retry once space was back was refused: "that one has
+    # content".
+    _on_a_full_disk(tmp_path, '''
+        store = filled("s.db")
+        before = store.query("SELECT * FROM items ORDER BY id")
+        full_at(os.path.getsize("s.db") // 2)  # the copy's WAL cannot hold it all
+        try:
+            store.fork("copy.db")
+        except fluxlite.StorageError as exc:
+            assert "copy.db" in str(exc) and "disk" in str(exc), exc
+        else:
+            raise AssertionError("a fork onto a full disk succeeded")
+        assert not [f for f in os.listdir(".") if f.startswith("copy.db")], os.listdir(".")
+        assert store.query("SELECT * FROM items ORDER BY id") == before
+        space_back()
+        with store.fork("copy.db") as copy:
+            copy.verify()
+            assert copy.query("SELECT * FROM items ORDER BY id") == before
+        store.verify()
+        store.close()
+        print("OK")
+    ''')
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="RLIMIT_FSIZE is POSIX")
+def test_reading_a_store_on_a_full_disk_says_the_disk_is_full_not_read_only_media(tmp_path):
+    # A read-only open writes the -shm index; when the disk is full it failed with
+    # advice only about read-only media and unfinished WALs (the WAL was empty).
+    _on_a_full_disk(tmp_path, '''
+        filled("s.db").close()
+        full_at(0)
+        try:
+            fluxlite.open("s.db", schema=SCHEMA, reducer=reducer)
+        except fluxlite.StorageError:
+            pass  # (it leaves an empty -wal and -shm, which SQLite made)
+        try:
+            fluxlite.open("s.db", readonly=True).close()
+        except fluxlite.StorageError as exc:
+            assert "free disk space" in str(exc), exc
+        else:
+            raise AssertionError("read beside a -shm it could not use")
+        space_back()
+        with fluxlite.open("s.db", readonly=True) as store:
+            assert store.head == 200
+        print("OK")
+    ''')
