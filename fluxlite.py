@@ -137,6 +137,7 @@ import weakref
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as dt_time
 from typing import (
+    TYPE_CHECKING,
     Any,
     AsyncIterator,
     Callable,
@@ -147,6 +148,7 @@ from typing import (
     Iterator,
     List,
     Mapping,
+    NoReturn,
     Optional,
     Sequence,
     Set,
@@ -439,7 +441,8 @@ class Change:
 
     def replace(self, **changes: Any) -> "Change":
         """A copy with a new op, table, key or values: for a reducer that adds to
-        what another returns, ``c.replace(values={**c.values, "updated": ts})``."""
+        what another returns, ``c.replace(values={**c.values, "updated": ts})``
+        (for a change with values: a delete's ``values`` is None)."""
         unknown = set(changes) - {"op", "table", "key", "values"}
         if unknown:
             raise UsageError(
@@ -2684,7 +2687,13 @@ class Table:
     def __repr__(self) -> str:
         return f"<fluxlite.Table {self.name} {self.columns}>"
 
-    def __getattr__(self, name: str) -> Any:
+    # Hidden from type checkers: declared, __getattr__ would make any name a Table
+    # attribute to them, so table.inser(...) or a view's table.users would pass.
+    if not TYPE_CHECKING:
+        def __getattr__(self, name: str) -> NoReturn:
+            self._no_attribute(name)
+
+    def _no_attribute(self, name: str) -> NoReturn:
         if name.startswith("_") or name not in self.view.tables:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         # A reducer written for the view, given a table by combine().
@@ -4847,8 +4856,12 @@ class Store:
         self._check_not_verifying("take a consumer", "Take it")
         return Consumer(self, name, lease, _type_filter(types))
 
-    async def adispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None,
-                        **kwargs: Any) -> Optional[Event]:
+    # dispatch()'s keywords spelled out (not **kwargs): a type checker then finds a
+    # misspelt one here too, where **kwargs let any name pass until the worker thread.
+    async def adispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None, *,
+                        meta: Optional[Mapping[str, Any]] = None, id: Optional[str] = None,
+                        actor: Optional[str] = None, expect_seq: Optional[int] = None
+                        ) -> Optional[Event]:
         """dispatch() for asyncio: runs in a worker thread, the event loop never blocks.
 
         Cancelling it (asyncio.wait_for timing out, say) does not stop the
@@ -4858,8 +4871,8 @@ class Store:
         import asyncio
         import functools
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            None, functools.partial(self.dispatch, type, payload, **kwargs))
+        return await loop.run_in_executor(None, functools.partial(
+            self.dispatch, type, payload, meta=meta, id=id, actor=actor, expect_seq=expect_seq))
 
     def afollow(self, after: Optional[int] = None, *,
                 types: Union[None, str, Iterable[str]] = None,
@@ -5964,22 +5977,24 @@ class Consumer:
                 raise
         self._renewed = time.monotonic()
 
+    # The keywords are Store.dispatch()'s, spelled out (not **kwargs) so that a type
+    # checker finds a misspelt one, as it does for store.dispatch().
     def dispatch(self, type: Union[str, Mapping[str, Any]], payload: Any = None, *,
-                 ack: Union[Event, int], **kwargs: Any) -> Optional[Event]:
-        """Dispatch an event and acknowledge ``ack`` in the same transaction (exactly-once)."""
+                 ack: Union[Event, int], meta: Optional[Mapping[str, Any]] = None,
+                 id: Optional[str] = None, actor: Optional[str] = None,
+                 expect_seq: Optional[int] = None) -> Optional[Event]:
+        """Dispatch an event and acknowledge ``ack`` in the same transaction (exactly-once).
+
+        The other arguments are those of Store.dispatch()."""
         seq = self._ackable(ack, "dispatch(ack=...)")
         store = self.store
-        action = _action_from(type, payload, kwargs.pop("meta", None), kwargs.pop("id", None),
-                              kwargs.pop("actor", None))
+        action = _action_from(type, payload, meta, id, actor)
         store._check_dispatchable()
-        expect_seq = kwargs.pop("expect_seq", None)
         _check_expect_seq(expect_seq)
         frames = store._frame_stack()
         frame = _Frame(expect_seq, ack=(self.name, self._owner, seq, self._lease))
         frames.append(frame)
         try:
-            if kwargs:
-                raise UsageError(f"Unknown dispatch argument(s): {sorted(kwargs)}.")
             result: Optional[Event] = store._chain(action)
         except FluxliteError:
             raise
@@ -7390,9 +7405,15 @@ class App:
     version: Any = None
     upcasters: Optional[Mapping[str, Upcaster]] = None
 
-    def open(self, path: Union[str, "os.PathLike[str]"], **options: Any) -> "Store":
-        """fluxlite.open(path, app=self, **options)."""
-        return open(path, app=self, **options)
+    # open()'s keywords that an App leaves to the caller, spelled out (not **options)
+    # so that a type checker finds a misspelt one (durabilty="normal").
+    def open(self, path: Union[str, "os.PathLike[str]"], *, durability: str = "full",
+             adopt: bool = False, clock: Optional[Callable[[], datetime]] = None,
+             ids: Optional[Callable[[], str]] = None, readonly: bool = False) -> "Store":
+        """fluxlite.open(path, app=self, ...): ``durability``, ``adopt``, ``clock``,
+        ``ids`` and ``readonly`` are open()'s."""
+        return open(path, app=self, durability=durability, adopt=adopt, clock=clock, ids=ids,
+                    readonly=readonly)
 
 
 def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
