@@ -601,7 +601,34 @@ def _check_text(text: str, what: str, error: type) -> str:
 
 def _format_ts(ts: datetime) -> str:
     # Fixed width, one offset: text order equals time order.
-    return ts.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    return _utc_text(ts.astimezone(timezone.utc))
+
+
+def _utc_text(utc: datetime) -> str:
+    """A UTC datetime as ts text, written from its fields: not isoformat(), which a
+    datetime subclass may write its own way (a Z, no fraction), text of another
+    length that sorts out of time order. Also a quarter cheaper than
+    isoformat(timespec="microseconds"): no keyword to parse, no tzinfo call."""
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06d+00:00" % (
+        utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second, utc.microsecond)
+
+
+def _clock_utc(clock: Callable[[], datetime]) -> datetime:
+    """What the store's clock returns, checked, in UTC."""
+    now = clock()
+    if not isinstance(now, datetime) or now.tzinfo is None or (
+            now.tzinfo is not timezone.utc and now.utcoffset() is None):  # naive too
+        raise UsageError(
+            f"The store's clock must return a timezone-aware datetime; it "
+            f"returned {_describe(now)}. Use datetime.now(timezone.utc)."
+        )
+    try:
+        return now.astimezone(timezone.utc)
+    except OverflowError:  # e.g. 9999-12-31 23:00-05:00: past datetime.max in UTC
+        raise UsageError(
+            f"The store's clock returned {_describe(now)}, which in UTC is before year 1 "
+            f"or after 9999, where no ts can be written. Make it return a time in range."
+        ) from None
 
 
 def _parse_ts(text: str) -> datetime:
@@ -4356,21 +4383,8 @@ class Store:
             return item.ts, _parse_ts(item.ts)
         if batch_ts is not None and batch_ts[0] >= last_ts:
             return batch_ts
-        now = self._clock()
-        if not isinstance(now, datetime) or now.tzinfo is None or (
-                now.tzinfo is not timezone.utc and now.utcoffset() is None):  # naive too
-            raise UsageError(
-                f"The store's clock must return a timezone-aware datetime; it "
-                f"returned {_describe(now)}. Use datetime.now(timezone.utc)."
-            )
-        utc = now.astimezone(timezone.utc)
-        if utc.__class__ is datetime:
-            # utc.isoformat(timespec="microseconds") spelled out, a quarter cheaper:
-            # no keyword to parse, no call to the tzinfo for an offset known to be +00:00.
-            text = "%04d-%02d-%02dT%02d:%02d:%02d.%06d+00:00" % (
-                utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second, utc.microsecond)
-        else:  # a subclass: its own isoformat()
-            text = utc.isoformat(timespec="microseconds")
+        utc = _clock_utc(self._clock)
+        text = _utc_text(utc)
         if text < last_ts or utc.__class__ is not datetime:  # a step back, or a subclass
             text = max(text, last_ts)
             return text, _parse_ts(text)
@@ -5241,8 +5255,7 @@ class Store:
         if not isinstance(time, datetime) or time.utcoffset() is None:  # naive, as Python says
             raise UsageError(
                 f"time must be a timezone-aware datetime (e.g. datetime(2026, 1, 1, "
-                f"tzinfo=timezone.utc)); received {_describe(time)}. A naive time is "
-                f"ambiguous."
+                f"tzinfo=timezone.utc)); received {_describe(time)}. {_time_hint(time)}"
             )
         try:
             text = _format_ts(time)
@@ -5412,6 +5425,22 @@ def _check_count(value: Any, name: str, rule: str, none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise UsageError(f"{name} must be {rule}; received {_describe(value)}.")
+
+
+def _time_hint(value: Any) -> str:
+    """How to make at(time=)'s refused value a time, by what it is."""
+    if isinstance(value, datetime):
+        return "A naive time is ambiguous: give it its zone, e.g. .replace(tzinfo=timezone.utc)."
+    if isinstance(value, date):
+        return ("A date is not an instant: give the time of day and the zone, e.g. "
+                "datetime(2026, 1, 31, tzinfo=timezone.utc) for its start in UTC.")
+    if isinstance(value, str):
+        return ("Text is not read as a time here: parse it first, e.g. "
+                "datetime.fromisoformat('2026-01-31T12:00:00+00:00').")
+    if isinstance(value, (int, float)):
+        return ("A number is not read as a time here: for Unix seconds, "
+                "datetime.fromtimestamp(seconds, timezone.utc).")
+    return ""
 
 
 def _check_sources(clock: Any, ids: Any) -> None:
@@ -7116,7 +7145,7 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: Set[str],
             )
     for name in declared:
         _check_new_table(conn, name, sql_of[name.lower()])
-    ts = _format_ts(clock())
+    ts = _utc_text(_clock_utc(clock))  # checked as a dispatch's: a naive one is not local time
     for name in adopted:  # an emptied table's counter counts too
         if conn.execute(f"SELECT 1 FROM {_quote(name)} LIMIT 1").fetchone() is None:
             _check_autoincrement_counter(conn, _read_table_info(conn, name), [])
@@ -8472,8 +8501,8 @@ def _imported(item: Dict[str, Any], seq: int, where: str) -> _Prepared:
         when = None
     if when is None or when.tzinfo is None or not prepared.id_given:
         raise _CliError(f"{where}: event at seq {seq} needs an id and a ts with a time zone "
-                        f"(ISO-8601, as export writes); it has id {item.get('id')!r}, "
-                        f"ts {ts!r}")
+                        f"in the years 1 to 9999 in UTC (ISO-8601, as export writes); it "
+                        f"has id {item.get('id')!r}, ts {ts!r}")
     return dataclasses.replace(prepared, seq=seq, ts=_format_ts(when))
 
 

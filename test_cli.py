@@ -1163,3 +1163,13 @@ def test_backup_onto_a_full_disk_is_an_error_message_and_leaves_no_file(work):
     assert "fluxlite backup: error:" in result.stderr and "disk" in result.stderr
     assert not [p.name for p in work.iterdir() if p.name.startswith("copy.db")]
     assert "backed up 5 events" in cli("backup", "app.db", "copy.db", cwd=work).stdout
+
+
+# Area: clock. An imported ts outside the years 1 to 9999 in UTC is named as such.
+
+def test_import_of_a_ts_outside_the_years_1_to_9999_says_so(work):
+    # The refusal said only "needs ... a ts with a time zone", and this one has one.
+    first = json.loads(cli("export", "app.db", cwd=work).stdout.splitlines()[0])
+    (work / "bad.jsonl").write_text(json.dumps({**first, "ts": "0001-01-01T00:00:00+01:00"}) + "\n")
+    result = cli("import", "new.db", "bad.jsonl", "--app", "cliapp:APP", cwd=work, check=False)
+    assert result.returncode == 1 and "in the years 1 to 9999 in UTC" in result.stderr

@@ -10653,3 +10653,126 @@ def test_typing_a_pip_installed_fluxlite_is_checked_with_the_readmes_setting(tmp
                       for mark in [re.search(r"# error: ([a-z-]+)$", text)] if mark)
     assert found == expected, result.stdout + result.stderr
     assert len(expected) == 5
+
+
+# Area: clock. ts is fixed-width UTC text whatever the clock returns; every clock
+# read (dispatch's and adoption's baseline) is checked alike. -------------------
+
+class _ZuluDatetime(datetime):
+    """A datetime subclass that writes its own ISO text (a Z, whole seconds), as
+    some date libraries' types do."""
+
+    def isoformat(self, sep="T", timespec="auto"):
+        return super().isoformat(sep, "seconds").replace("+00:00", "Z")
+
+
+def test_a_clock_returning_a_datetime_subclass_still_writes_fixed_width_ts():
+    # The subclass's isoformat() was written as the ts: "...12:00:00Z", without the
+    # microseconds, another length, and later plain ts compared wrongly against it.
+    times = iter([_ZuluDatetime(2026, 1, 1, 12, 0, 0, 500000, tzinfo=timezone.utc),
+                  datetime(2026, 1, 1, 12, 0, 1, tzinfo=timezone.utc)])
+    with fluxlite.open(":memory:", schema=NAMES_SCHEMA, reducer=names_reducer,
+                       clock=lambda: next(times)) as store:
+        first = store.dispatch("addUser", {"name": "a"})
+        store.dispatch("addUser", {"name": "b"})
+        assert [r["ts"] for r in store.query("SELECT ts FROM events ORDER BY seq")] == [
+            "2026-01-01T12:00:00.500000+00:00", "2026-01-01T12:00:01.000000+00:00"]
+        assert first.ts == datetime(2026, 1, 1, 12, 0, 0, 500000, tzinfo=timezone.utc)
+        assert type(first.ts) is datetime
+        before = _ZuluDatetime(2026, 1, 1, 12, 0, 0, 200000, tzinfo=timezone.utc)
+        assert fluxlite._format_ts(before) == "2026-01-01T12:00:00.200000+00:00"
+        with store.at(time=before) as view:
+            assert view.seq == 0
+
+
+def _unadopted(tmp_path):
+    path = str(tmp_path / "old.db")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript("CREATE TABLE users (name TEXT PRIMARY KEY);"
+                           "INSERT INTO users VALUES ('a');")
+    return path
+
+
+@pytest.mark.parametrize("returned", [datetime(2030, 1, 1, 12), "2030-01-01"])
+def test_adoptions_baseline_checks_its_clock_as_a_dispatch_does(tmp_path, returned):
+    # The baseline's ts was clock() passed straight to astimezone(): a naive time
+    # was taken as the machine's local time (silently off by its UTC offset), and
+    # anything else was a raw AttributeError.
+    path = _unadopted(tmp_path)
+    schema = "CREATE TABLE users (name TEXT PRIMARY KEY);"
+    with pytest.raises(fluxlite.UsageError, match="clock must return a timezone-aware"):
+        fluxlite.open(path, schema=schema, reducer=lambda view, event: [], adopt=True,
+                      clock=lambda: returned)
+    when = datetime(2030, 1, 1, 12, tzinfo=timezone(timedelta(hours=-5)))
+    with fluxlite.open(path, schema=schema, reducer=lambda view, event: [], adopt=True,
+                       clock=lambda: when) as store:  # nothing was left half adopted
+        [baseline] = store.events()
+        assert baseline.type == "fluxlite.baseline" and baseline.ts == when
+        assert store.query("SELECT ts FROM events")[0]["ts"] == "2030-01-01T17:00:00.000000+00:00"
+
+
+@pytest.mark.parametrize("when", [datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5))),
+                                  datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5)))])
+def test_a_clock_time_outside_the_years_1_to_9999_in_utc_is_refused_clearly(tmp_path, when):
+    # astimezone(utc) overflowed: a raw OverflowError from dispatch() (and open(adopt=True)).
+    with fluxlite.open(":memory:", schema=NAMES_SCHEMA, reducer=names_reducer,
+                       clock=lambda: when) as store:
+        with pytest.raises(fluxlite.UsageError, match="before year 1 or after 9999"):
+            store.dispatch("addUser", {"name": "a"})
+        assert store.head == 0
+    with pytest.raises(fluxlite.UsageError, match="before year 1 or after 9999"):
+        fluxlite.open(_unadopted(tmp_path), schema="CREATE TABLE users (name TEXT PRIMARY KEY);",
+                      reducer=lambda view, event: [], adopt=True, clock=lambda: when)
+
+
+def test_ts_before_1970_and_in_year_9999_keep_text_order():
+    times = iter([datetime(5, 1, 1, tzinfo=timezone.utc),
+                  datetime(1969, 7, 20, 20, 17, tzinfo=timezone.utc),
+                  datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc),
+                  datetime(2026, 1, 1, tzinfo=timezone.utc)])  # a step back: stays at 9999
+    with fluxlite.open(":memory:", schema=NAMES_SCHEMA, reducer=names_reducer,
+                       clock=lambda: next(times)) as store:
+        for name in "abcd":
+            store.dispatch("addUser", {"name": name})
+        texts = [r["ts"] for r in store.query("SELECT ts FROM events ORDER BY seq")]
+        assert texts == ["0005-01-01T00:00:00.000000+00:00", "1969-07-20T20:17:00.000000+00:00",
+                         "9999-12-31T23:59:59.999999+00:00", "9999-12-31T23:59:59.999999+00:00"]
+        assert store._seq_at_time(datetime(1969, 7, 20, 21, 17, tzinfo=timezone(
+            timedelta(hours=1)))) == 2
+        assert store._seq_at_time(datetime(1970, 1, 1, tzinfo=timezone.utc)) == 2
+
+
+@pytest.mark.parametrize("value, hint", [
+    ("2026-01-31T12:00:00Z", "parse it first"),
+    (1767225600, "fromtimestamp"),
+    (datetime(2026, 1, 31).date(), "A date is not an instant"),
+    (datetime(2026, 1, 31), "A naive time is ambiguous"),
+])
+def test_at_time_refusal_says_how_to_make_an_aware_time(value, hint):
+    # Every refusal ended "A naive time is ambiguous", also for text or a number.
+    with fluxlite.open(":memory:", schema=NAMES_SCHEMA, reducer=names_reducer) as store:
+        with pytest.raises(fluxlite.UsageError, match="timezone-aware") as caught:
+            store.at(time=value)
+        assert hint in str(caught.value)
+        assert ("naive" in str(caught.value)) == isinstance(value, datetime)
+
+
+def test_processes_with_skewed_clocks_never_write_a_decreasing_ts(tmp_path):
+    path = str(tmp_path / "s.db")
+    now = [datetime(2026, 1, 1, 12, tzinfo=timezone.utc)]
+    with fluxlite.open(path, schema=NAMES_SCHEMA, reducer=names_reducer,
+                       clock=lambda: now[0]) as store:
+        store.dispatch("addUser", {"name": "a"})  # cached: the head this store wrote
+        result = run_child(f"""
+            import fluxlite
+            from datetime import datetime, timezone
+            ahead = lambda: datetime(2026, 1, 1, 13, tzinfo=timezone.utc)  # an hour ahead
+            with fluxlite.open({path!r}, clock=ahead,
+                               reducer=lambda view, event: view.users.insert(event.payload)) as other:
+                other.dispatch("addUser", {{"name": "b"}})
+        """)
+        assert result.returncode == 0, result.stderr
+        now[0] += timedelta(minutes=1)  # this process: still behind the other's ts
+        store.dispatch_many([{"type": "addUser", "payload": {"name": n}} for n in "cd"])
+        texts = [r["ts"][11:19] for r in store.query("SELECT ts FROM events ORDER BY seq")]
+        assert texts == ["12:00:00", "13:00:00", "13:00:00", "13:00:00"]
