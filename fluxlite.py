@@ -1567,6 +1567,24 @@ def _check_new_table(conn: sqlite3.Connection, name: str, sql: str, new: bool = 
                 f"give the live rows. Drop "
                 f"the default and set the value in the reducer (from event.ts for a time)."
             )
+    if new and _key_clause_collates(sql):
+        raise SchemaError(
+            f"Table {name!r} has a COLLATE inside its PRIMARY KEY (...) clause: the key's "
+            f"index then compares keys unlike the column, which lookups by key use, so a "
+            f"key found live (an update, an upsert) can make a new row in a replay "
+            f"(verify(), rebuild()). Put the COLLATE on the column instead "
+            f"(k TEXT COLLATE NOCASE, ..., PRIMARY KEY (k))."
+        )
+    for check in _check_clauses(sql) if new else ():
+        found = _NONDETERMINISTIC.search(check)
+        if found:  # SQLite refuses these in generated columns and indexes, not in a CHECK
+            raise SchemaError(
+                f"Table {name!r} has a CHECK that uses {found.group(0).rstrip('( ')}, which "
+                f"gives another value each time it runs (or under another SQLite): the "
+                f"live store would accept rows that a replay (verify(), rebuild(), a new "
+                f"version) or at() later refuses. Check against a value the reducer sets "
+                f"(a time from event.ts), or enforce the rule in the reducer (raise Rejected)."
+            )
     code = "".join(_sql_code(sql, literals=False))
     clause = re.search(r"\bON\s+CONFLICT\s+(REPLACE|IGNORE|ROLLBACK)\b", code, re.IGNORECASE)
     if clause and (new or clause.group(1).upper() != "ROLLBACK"):
@@ -1575,6 +1593,38 @@ def _check_new_table(conn: sqlite3.Connection, name: str, sql: str, new: bool = 
             f"drops or deletes rows, or ends the whole transaction; remove the clause "
             f"and let constraint errors surface."
         )
+
+
+def _key_clause_collates(sql: str) -> bool:
+    """Whether a table constraint PRIMARY KEY (...) names a COLLATE for a column (the
+    column constraint form, k PRIMARY KEY COLLATE X, is the column's own collation)."""
+    tokens = [t.upper() for t in _sql_code(sql, literals=False) if t != " "]
+    for i in range(len(tokens) - 2):
+        if tokens[i:i + 3] == ["PRIMARY", "KEY", "("]:
+            end = tokens.index(")", i)  # the clause holds names, no parentheses
+            if "COLLATE" in tokens[i + 3:end]:
+                return True
+    return False
+
+
+def _check_clauses(sql: str) -> List[str]:
+    """The code of each CHECK constraint of a CREATE TABLE (literals blanked), the
+    parenthesised expression after each CHECK keyword (a name cannot be CHECK unquoted)."""
+    tokens = _sql_code(sql, literals=False, names="calls")
+    clauses, i = [], 0
+    while i < len(tokens):
+        if tokens[i].upper() == "CHECK":
+            start = end = i + 1
+            depth = 0
+            while end < len(tokens):
+                depth += (tokens[end] == "(") - (tokens[end] == ")")
+                if depth == 0 and tokens[end] != " ":
+                    break
+                end += 1
+            clauses.append("".join(tokens[start:end + 1]))
+            i = end
+        i += 1
+    return clauses
 
 
 def _check_schema_text(schema: Any) -> None:
@@ -6699,6 +6749,10 @@ def _compare(live: _Model, replica: _Model) -> List[str]:
         info = live.tables[name]
         sql = f"SELECT * FROM {info.q} ORDER BY {info.order_by}"
         left, right = live.conn.execute(sql), replica.conn.execute(sql)
+        have, want = ([d[0] for d in c.description] for c in (left, right))
+        if have != want:  # rows of other shapes: no row-by-row diff
+            problems.append(_altered_table(name, have, want))
+            continue
         while True:
             a, b = left.fetchmany(_PAGE), right.fetchmany(_PAGE)
             # Python's == takes 1 for 1.0, and -0.0 for 0.0: the types are compared
@@ -6709,6 +6763,17 @@ def _compare(live: _Model, replica: _Model) -> List[str]:
             if not a:
                 break
     return problems
+
+
+def _altered_table(name: str, have: List[str], want: List[str]) -> str:
+    """A live table whose columns are not the schema's: altered by hand (ALTER TABLE)."""
+    return (
+        f"{name}: the live table has the columns ({', '.join(have)}) where the schema makes "
+        f"({', '.join(want)}): it was altered outside fluxlite (ALTER TABLE?), and no event "
+        f"can replay that. rebuild() makes it as the schema declares (what only the "
+        f"altered columns held is lost); to keep a new column, add it to the schema and "
+        f"open the store with a new version=, and have the reducer fill it."
+    )
 
 
 def _kinds(rows: List[Any]) -> List[Any]:
@@ -6939,6 +7004,26 @@ def _read_existing_meta(conn: sqlite3.Connection, path: str) -> Dict[str, Any]:
         raise SchemaError(f"{path!r} is not a fluxlite store (it has no fluxlite log).")
     _check_format(conn, path, names)
     return _read_meta(conn)
+
+
+def _check_no_triggers(conn: sqlite3.Connection, path: str, tables: Sequence[str]) -> None:
+    """A trigger on a read-model table, made by hand after the store was (the schema
+    may not declare one): its writes would miss the journal, subscribers, at() and
+    every replay, and a rebuild would drop it. Refused before a dispatch fires it."""
+    if not tables:
+        return
+    marks = ", ".join("?" * len(tables))
+    row = conn.execute(f"SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' AND "
+                       f"tbl_name COLLATE NOCASE IN ({marks}) ORDER BY name",
+                       tuple(tables)).fetchone()
+    if row is not None:
+        raise SchemaError(
+            f"{path!r} has trigger {row[0]!r} on the read-model table {row[1]!r}, made "
+            f"outside the schema: what it writes would bypass the journal, so subscribers, "
+            f"history(), at() and replays (verify(), rebuild()) would not see it, and a "
+            f"rebuild would drop it. Drop it (DROP TRIGGER {_quote(row[0])}) and do its "
+            f"work in a reducer (derived data such as a search index: in a subscriber)."
+        )
 
 
 def _check_finished(meta: Mapping[str, Any], path: str) -> None:
@@ -7595,6 +7680,8 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                     meta = _initialise(conn, path, schema, version, adopt, clock, ids,
                                        new_schema)
                 _check_finished(meta, path)
+                if not readonly and reducer is not None:  # a store that can dispatch
+                    _check_no_triggers(conn, path, meta["tables"])
                 tables = {n: _read_table_info(conn, n) for n in meta["tables"]}
                 wanted_schema = meta["schema"] if schema is None else schema
                 new_version = meta.get("version") if version is None else version

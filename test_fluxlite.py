@@ -10776,3 +10776,115 @@ def test_processes_with_skewed_clocks_never_write_a_decreasing_ts(tmp_path):
         store.dispatch_many([{"type": "addUser", "payload": {"name": n}} for n in "cd"])
         texts = [r["ts"][11:19] for r in store.query("SELECT ts FROM events ORDER BY seq")]
         assert texts == ["12:00:00", "13:00:00", "13:00:00", "13:00:00"]
+
+
+# --- schema: what SQLite itself does to rows beyond a reducer's changeset ----------
+
+def _changes_reducer(view, event):
+    return [Change(*c[:2], tuple(c[2]) if isinstance(c[2], list) else c[2], c[3])
+            for c in event.payload]
+
+
+@pytest.mark.parametrize("check", [
+    "d > CURRENT_TIMESTAMP", "d >= current_date", "d <> CURRENT_TIME",
+    "abs(random()) >= 0", "length(hex(randomblob(2))) = 4", "n < changes() + 9",
+    "d <> sqlite_version()", "n <> \"last_insert_rowid\"()",
+])
+def test_a_check_that_reads_the_clock_or_chance_is_refused_up_front(check):
+    # SQLite refuses these in generated columns and indexes, but takes them in a CHECK:
+    # `due > CURRENT_TIMESTAMP` let the store accept a row that a day later every
+    # replay refused (verify(), rebuild(), a new version), and at() called the file
+    # damaged.
+    schema = f"CREATE TABLE t (k TEXT PRIMARY KEY, d TEXT, n INT, CHECK ({check}))"
+    with pytest.raises(fluxlite.SchemaError, match="has a CHECK that uses .*replay"):
+        fluxlite.open(":memory:", schema=schema, reducer=_changes_reducer)
+    inline = f"CREATE TABLE t (k TEXT PRIMARY KEY, d TEXT, n INT CHECK ({check}))"
+    with pytest.raises(fluxlite.SchemaError, match="has a CHECK that uses"):
+        fluxlite.open(":memory:", schema=inline, reducer=_changes_reducer)
+
+
+def test_a_check_with_a_fixed_answer_is_still_taken():
+    schema = ("CREATE TABLE current_date_x (k TEXT PRIMARY KEY CHECK (k <> 'CURRENT_TIMESTAMP'), "
+              "d TEXT CHECK (date(d) IS NOT NULL), \"random\" INT CHECK (\"random\" > 0), "
+              "c TEXT DEFAULT 'random()' CHECK (c <> 'changes()'))")
+    with fluxlite.open(":memory:", schema=schema, reducer=_changes_reducer) as store:
+        store.dispatch("c", [["insert", "current_date_x", None,
+                              {"k": "a", "d": "2020-01-01", "random": 1}]])
+        store.verify()
+
+
+def test_a_trigger_added_by_hand_to_a_model_table_is_refused_on_open(tmp_path):
+    # The schema may declare no trigger, but one added afterwards with any SQLite tool
+    # fired on every dispatch: its writes missed the journal, the subscribers, history()
+    # and at(), and verify() found the model "edited by hand".
+    path = str(tmp_path / "s.db")
+    schema = "CREATE TABLE Items (k TEXT PRIMARY KEY, v INT); CREATE TABLE seen (k TEXT PRIMARY KEY)"
+    with fluxlite.open(path, schema=schema, reducer=_changes_reducer) as store:
+        store.dispatch("c", [["insert", "Items", None, {"k": "a", "v": 1}]])
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TRIGGER mark AFTER UPDATE ON items BEGIN "
+                 "INSERT OR IGNORE INTO seen VALUES (new.k); END")
+    conn.commit()
+    conn.close()
+    with pytest.raises(fluxlite.SchemaError, match="trigger 'mark' on the read-model table "
+                                                   "'items'.*DROP TRIGGER"):  # as it spells it
+        fluxlite.open(path, schema=schema, reducer=_changes_reducer)
+    with fluxlite.open(path, readonly=True) as viewer:  # reading it still works
+        assert viewer.view.Items.get("a") == {"k": "a", "v": 1}
+    with fluxlite.open(path) as viewer:
+        assert viewer.head == 1
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TRIGGER mark")
+    conn.commit()
+    conn.close()
+    with fluxlite.open(path, schema=schema, reducer=_changes_reducer) as store:
+        store.dispatch("c", [["update", "Items", "a", {"v": 2}]])
+        assert store.view.seen.all() == []
+        store.verify()
+
+
+@pytest.mark.parametrize("schema", [
+    "CREATE TABLE t (k TEXT COLLATE NOCASE, v INT, PRIMARY KEY (k COLLATE BINARY))",
+    "CREATE TABLE t (k TEXT, v INT, PRIMARY KEY (k COLLATE NOCASE))",
+    "CREATE TABLE t (k TEXT, n INT, v INT, CONSTRAINT key PRIMARY KEY (n, k COLLATE RTRIM)) "
+    "WITHOUT ROWID",
+])
+def test_a_collate_in_the_primary_key_clause_is_refused(schema):
+    # The key's index compared keys one way and the column (which every lookup by key
+    # uses) another: an upsert of 'A' found the row 'a' live, and the replay's
+    # INSERT .. ON CONFLICT made a second row: rebuild() gave two rows where there was one.
+    with pytest.raises(fluxlite.SchemaError, match="COLLATE inside its PRIMARY KEY"):
+        fluxlite.open(":memory:", schema=schema, reducer=_changes_reducer)
+
+
+def test_a_collate_on_a_key_column_is_still_taken():
+    for schema in ("CREATE TABLE t (k TEXT PRIMARY KEY COLLATE NOCASE, v INT)",
+                   "CREATE TABLE t (k TEXT COLLATE NOCASE, v INT, PRIMARY KEY (k))"):
+        with fluxlite.open(":memory:", schema=schema, reducer=_changes_reducer) as store:
+            store.dispatch("c", [["insert", "t", None, {"k": "a", "v": 1}]])
+            store.dispatch("c", [["upsert", "t", None, {"k": "A", "v": 2}]])
+            assert store.view.t.all() == [{"k": "a", "v": 2}]
+            store.verify()
+
+
+@pytest.mark.parametrize("alter", ["ALTER TABLE t ADD COLUMN note TEXT DEFAULT 'x'",
+                                   "ALTER TABLE t RENAME COLUMN v TO w"])
+def test_verify_names_a_table_altered_by_hand(tmp_path, alter):
+    # A column added (or renamed) by hand with the sqlite3 shell made verify() raise a
+    # bare KeyError from its diff, instead of saying what differs and what to do.
+    path = str(tmp_path / "s.db")
+    schema = "CREATE TABLE t (k TEXT PRIMARY KEY, v INT)"
+    with fluxlite.open(path, schema=schema, reducer=_changes_reducer) as store:
+        store.dispatch("c", [["insert", "t", None, {"k": "a", "v": 1}]])
+    conn = sqlite3.connect(path)
+    conn.execute(alter)
+    conn.commit()
+    conn.close()
+    with fluxlite.open(path, schema=schema, reducer=_changes_reducer) as store:
+        with pytest.raises(fluxlite.ReplayMismatch, match=r"t: the live table has the columns "
+                                                          r"\(k, .*\) where the schema makes "
+                                                          r"\(k, v\): it was altered outside"):
+            store.verify()
+        store.rebuild()
+        assert store.view.t.all() == [{"k": "a", "v": 1}]
+        store.verify()
