@@ -672,6 +672,11 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _sql_text(text: str) -> str:
+    """A SQL string literal, for text fluxlite writes into SQL rather than binds."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def _strip_leading_comments(sql: str) -> str:
     text = sql.lstrip()
     while text.startswith(("--", "/*")):
@@ -2340,6 +2345,15 @@ def _value_error(change: Change, info: _TableInfo, exc: sqlite3.OperationalError
             f"replay another answer. Compute the value in the reducer from event.ts, or "
             f"take that part out of the schema's expression."
         )
+    if str(exc) == "too many SQL variables":  # a whole row of a very wide table
+        values = len(change.values or {}) + (0 if change.key is None else len(info.pk))
+        return ChangesetError(
+            f"{change.op} on {info.name!r} writes about {values} values in one statement, "
+            f"more than this SQLite ({sqlite3.sqlite_version}) binds in one (its "
+            f"SQLITE_MAX_VARIABLE_NUMBER: 999 before SQLite 3.32, 32,766 since). Set fewer "
+            f"columns per change (insert the row with part of them, update the rest in more "
+            f"changes of the same event), or split the table into narrower ones."
+        )
     if str(exc) == "integer overflow":
         return ChangesetError(
             f"{change.op} on {info.name!r}: an expression of the schema (a CHECK, a generated "
@@ -3071,7 +3085,10 @@ def _reduce(reducer: Reducer, view: View, event: Event) -> List[Change]:
 
 
 Upcaster = Callable[[Event], Optional[Event]]
-_MAX_UPCASTS = 16
+# Steps one event may take through the upcasters before they count as never settling:
+# an app's renames and one-version-at-a-time upgrades of a type add up over the years
+# (16 refused a chain of 17); a cycle still ends in milliseconds.
+_MAX_UPCASTS = 1000
 
 
 def _make_upcaster(upcasters: Optional[Mapping[str, Upcaster]]) -> Callable[[Event], Event]:
@@ -3117,7 +3134,8 @@ def _make_upcaster(upcasters: Optional[Mapping[str, Upcaster]]) -> Callable[[Eve
         raise UsageError(
             f"Upcasters did not settle on event {event.seq} ({_quoted(event.type)}) after "
             f"{_MAX_UPCASTS} steps; an upcaster must return a current-shape event "
-            f"unchanged (or None)."
+            f"unchanged (or None), and the upcasters must not turn types into each other "
+            f"in a cycle."
         )
 
     return upcast
@@ -5288,6 +5306,10 @@ class Store:
                 self._check_model_current()
                 try:
                     return _as_of(self, seq)
+                except sqlite3.OperationalError as exc:
+                    if str(exc) != "too many SQL variables":
+                        raise
+                    raise _too_wide_to_copy(self) from exc
                 except sqlite3.IntegrityError as exc:  # live rows their own schema forbids
                     raise StorageError(
                         f"{self._path!r} is damaged: a read-model row breaks the schema's "
@@ -6363,6 +6385,19 @@ def _as_of(store: Store, seq: int) -> View:
     return View(model, seq=seq, owned=True)
 
 
+def _too_wide_to_copy(store: Store) -> UsageError:
+    """at() of a table with more columns than SQLite binds, copied through Python."""
+    limit = _variable_limit(store._conn)
+    wide = [n for n, i in store._model.tables.items() if len(i.writable_columns) > limit]
+    return UsageError(
+        f"at() copies the rows of {', '.join(map(_quoted, wide)) or 'a table'} through "
+        f"Python here, one statement per row, and a row has more columns than this SQLite "
+        f"({sqlite3.sqlite_version}) binds in one statement ({limit}; 999 before SQLite "
+        f"3.32). Open the store from a file (not ':memory:', and outside a preview): its "
+        f"at() copies rows inside SQLite. Or split the table into narrower ones."
+    )
+
+
 def _attach_live(conn: sqlite3.Connection, store: Store) -> bool:
     """Attach the store's file to ``conn`` read-only, as fluxlite_live, if it can be."""
     if store._path in (":memory:", "") or store._previewing:
@@ -6424,11 +6459,13 @@ def _undo_in_sql(conn: sqlite3.Connection, model: _Model, names: List[str]) -> N
         conn.execute(f"DELETE FROM {info.q} WHERE ({pk}) IN "
                      f"(SELECT {key} FROM fluxlite_undo u WHERE u.tbl = ?)", (name,))
         cols = info.writable_columns
-        values = ", ".join("json_extract(u.before, ?)" for _ in cols)
+        # The paths are written into the SQL, not bound: one bound value per column
+        # failed on a table wider than SQLite binds (999 values before SQLite 3.32).
+        json_paths = (_sql_text('$."' + c + '"') for c in cols)  # 'simple' names: no '"' in c
+        values = ", ".join(f"json_extract(u.before, {path})" for path in json_paths)
         conn.execute(f"INSERT INTO {info.q} ({', '.join(_quote(c) for c in cols)}) "
                      f"SELECT {values} FROM fluxlite_undo u "
-                     f"WHERE u.tbl = ? AND u.before IS NOT NULL",
-                     (*(f'$."{c}"' for c in cols), name))
+                     f"WHERE u.tbl = ? AND u.before IS NOT NULL", (name,))
 
 
 def _undo_in_python(conn: sqlite3.Connection, model: _Model, names: List[str]) -> None:

@@ -10888,3 +10888,96 @@ def test_verify_names_a_table_altered_by_hand(tmp_path, alter):
         store.rebuild()
         assert store.view.t.all() == [{"k": "a", "v": 1}]
         store.verify()
+
+
+# -- limits: big inputs against SQLite's limits (lowered with setlimit, so small) ------
+
+WIDE_COLUMNS = [f"c{i}" for i in range(20)]
+WIDE = f"CREATE TABLE wide (id INTEGER PRIMARY KEY, {', '.join(WIDE_COLUMNS)});"
+
+
+def wide_reducer(view, event):
+    p = event.payload
+    if event.type == "full":  # every column: 21 values in one statement
+        return view.wide.insert(id=p["id"], **{c: p["v"] for c in WIDE_COLUMNS})
+    if event.type == "some":
+        return view.wide.insert(id=p["id"], c0=p["v"])
+    if event.type == "set":
+        return view.wide.update(p["id"], c1=p["v"])
+    if event.type == "drop":
+        return view.wide.delete(p["id"])
+    return None
+
+
+def _binding_at_most(monkeypatch, n):
+    """Every new SQLite connection binds at most n values per statement, as SQLite
+    before 3.32 binds 999 (Ubuntu 20.04's Python 3.8/3.9 has SQLite 3.31)."""
+    connect = sqlite3.connect
+
+    def limited(*args, **kwargs):
+        conn = connect(*args, **kwargs)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, n)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", limited)
+
+
+@pytest.mark.skipif(not hasattr(sqlite3.Connection, "setlimit"), reason="Python 3.11+")
+def test_a_change_wider_than_sqlite_binds_is_a_changeset_error_saying_so(tmp_path, monkeypatch):
+    # Found by review: a change writing more columns than SQLite binds in one statement
+    # was a StorageError telling to check free disk space and the file's permissions.
+    _binding_at_most(monkeypatch, 10)
+    with fluxlite.open(str(tmp_path / "w.db"), schema=WIDE, reducer=wide_reducer) as store:
+        with pytest.raises(fluxlite.ChangesetError, match=r"insert on 'wide' writes about 2\d "
+                                                          r"values .* than this SQLite .* binds"):
+            store.dispatch("full", {"id": 1, "v": 1})
+        assert store.head == 0 and store.view.wide.count() == 0
+        store.dispatch("some", {"id": 1, "v": 1})  # a narrower change of the table works
+        store.dispatch("drop", {"id": 1})
+        with pytest.raises(fluxlite.ChangesetError, match="binds"):  # a whole row back
+            store.restore("wide", 1)
+        assert store.head == 2
+        store.verify()
+
+
+@pytest.mark.skipif(not hasattr(sqlite3.Connection, "setlimit"), reason="Python 3.11+")
+def test_at_of_a_table_wider_than_sqlite_binds(tmp_path, monkeypatch):
+    # Found by review: at() bound one JSON path per column to undo a table, and on a
+    # table wider than SQLite binds fell back to whole-row inserts: a raw
+    # sqlite3.OperationalError "too many SQL variables", even for a store in a file.
+    _binding_at_most(monkeypatch, 10)
+    for path in (str(tmp_path / "w.db"), ":memory:"):
+        with fluxlite.open(path, schema=WIDE, reducer=wide_reducer) as store:
+            store.dispatch("some", {"id": 1, "v": "a"})
+            store.dispatch("set", {"id": 1, "v": "b"})
+            store.dispatch("drop", {"id": 1})
+            if path == ":memory:":  # rows go through Python there: refused, saying why
+                with pytest.raises(fluxlite.UsageError, match=r"at\(\) copies the rows of "
+                                                              r"'wide' through Python"):
+                    store.at(2)
+                assert store.head == 3
+                continue
+            with store.at(1) as past:
+                assert past.wide.all() == [{"id": 1, "c0": "a", **{c: None for c in
+                                                                   WIDE_COLUMNS[1:]}}]
+            with store.at(2) as past:
+                assert past.wide.get(1)["c1"] == "b"
+
+
+def test_a_long_chain_of_upcasters_settles():
+    # Found by review: an event went through at most 16 upcasts, so an app whose type
+    # had been renamed (or upgraded one version at a time) 17 times could not read its
+    # log: "Upcasters did not settle", though they did.
+    renames = {f"v{i}": (lambda i: lambda e: e.replace(type=f"v{i + 1}"))(i) for i in range(39)}
+    renames["v39"] = lambda e: e.replace(type="put")
+    with fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer,
+                       upcasters=renames) as store:
+        assert store.dispatch("v0", {"id": "a", "n": 1}).type == "put"
+        assert [e.type for e in store.events()] == ["put"]
+        assert store.view.items.get("a")["n"] == 1
+    flip = {"a": lambda e: e.replace(type="b"), "b": lambda e: e.replace(type="a")}
+    with fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer, upcasters=flip) as s:
+        started = time.perf_counter()
+        with pytest.raises(fluxlite.UsageError, match="did not settle .* in a cycle"):
+            s.dispatch("a")
+        assert time.perf_counter() - started < 1.0  # a cycle is still found quickly
