@@ -2459,19 +2459,32 @@ def _encode_written_journal(rows: Iterable[Sequence[Any]]) -> bytes:
         for seq, n, tbl, key, op, before, after in rows]).encode("utf-8", "surrogatepass")
 
 
+def _encode_written_events(rows: Iterable[Sequence[Any]]) -> bytes:
+    """_encode_rows' bytes for log rows _write makes of events dispatched here (seq
+    an int, id, type, payload, meta and ts plain str: _prepare made them so): a
+    third fewer instructions, in every dispatch's seal. A copied log's rows
+    (restore, import) may hold other types: those go through _encode_rows."""
+    return "".join([
+        f"#{seq};{len(id)}:{id}{len(kind)}:{kind}{len(payload)}:{payload}"
+        f"{len(meta)}:{meta}{len(ts)}:{ts}"
+        for seq, id, kind, payload, meta, ts in rows]).encode("utf-8", "surrogatepass")
+
+
 _HASH_CHUNK = 1024  # rows encoded at a time: bounds memory for a seal of any size
 
 
-def _chain_link(previous: str, rows: Iterable[Sequence[Any]]) -> str:
-    """The next link of a seal chain: sha256 of the previous link, then the rows."""
+def _chain_link(previous: str, rows: Iterable[Sequence[Any]],
+                encode: Callable[[Iterable[Sequence[Any]]], bytes] = _encode_rows) -> str:
+    """The next link of a seal chain: sha256 of the previous link, then the rows
+    (``encode``: _encode_written_journal for journal rows fluxlite just wrote)."""
     digest = hashlib.sha256(previous.encode())
     if isinstance(rows, list) and len(rows) <= _HASH_CHUNK:  # a transaction's rows
-        digest.update(_encode_rows(rows))
+        digest.update(encode(rows))
         return digest.hexdigest()
     rows = iter(rows)
     chunk = list(itertools.islice(rows, _HASH_CHUNK))
     while chunk:
-        digest.update(_encode_rows(chunk))
+        digest.update(encode(chunk))
         chunk = list(itertools.islice(rows, _HASH_CHUNK))
     return digest.hexdigest()
 
@@ -3258,6 +3271,8 @@ def _check_passed_dict(action: Any) -> None:
 def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
     _check_passed_dict(action)
     kind = _check_text(_check_type(action.get("type")), "An event type", InvalidEvent)
+    if kind.__class__ is not str:
+        kind = _plain_str(kind)
     if kind == BASELINE:
         raise InvalidEvent(
             f"{BASELINE!r} events are recorded by open(..., adopt=True) only: they insert "
@@ -3294,9 +3309,22 @@ def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
         _check_keys_distinct(payload, "payload")
     if stored_meta and stored_meta != meta:
         _check_keys_distinct(meta, "meta")
+    given = event_id is not None
+    if not given:
+        event_id = ids()
+    if event_id.__class__ is not str:
+        event_id = _plain_str(event_id)
     # Positional, in the fields' order: keyword arguments to a class cost a dict per call.
-    return _Prepared(ids() if event_id is None else event_id, event_id is not None, kind,
-                     payload_text, meta_text, stored_payload, stored_meta)
+    return _Prepared(event_id, given, kind, payload_text, meta_text, stored_payload,
+                     stored_meta)
+
+
+def _plain_str(text: str) -> str:
+    """A str subclass's text as a plain str (a str Enum's member: its value, as
+    sqlite3 stores it). The seal hashes the log's values by their type, and
+    reading the log back gives str: hashed as a subclass, the event was reported
+    as damage by verify(). Replayed, a reducer sees the plain str too."""
+    return str.__str__(text)
 
 
 def _check_keys_distinct(value: Any, what: str) -> None:
@@ -3369,6 +3397,7 @@ def _reading(path: str) -> Iterator[None]:
 
 _INSERT_EVENT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
 _INSERT_JOURNAL = "INSERT INTO fluxlite_journal VALUES (?, ?, ?, ?, ?, ?, ?)"
+_INSERT_SEAL = "INSERT INTO fluxlite_seals VALUES (?, ?, ?)"
 
 
 def _file_ids(path: str) -> Dict[str, Optional[Tuple[int, int]]]:
@@ -4356,6 +4385,7 @@ class Store:
             journal: List[Tuple[Any, ...]] = []
             seen: Dict[str, Tuple[_Prepared, Event, int]] = {}  # id: (item, event, position)
             batch_ts: Optional[Tuple[str, datetime]] = None
+            encode_events = _encode_written_events  # (_encode_rows once a copied event is in)
             for item in prepared:
                 if baselines and item.type != BASELINE:
                     baselines = False
@@ -4382,6 +4412,8 @@ class Store:
                 ts_text, ts = self._timestamp(item, head, last_ts, batch_ts)
                 if item.seq is None:  # a copied event's ts is its own
                     batch_ts = (ts_text, ts)
+                else:
+                    encode_events = _encode_rows
                 event, changes = self._reduce_and_apply(item, head + 1, ts, journal)
                 event_rows.append((head + 1, item.id, item.type, item.payload_text,
                                    item.meta_text, ts_text))
@@ -4403,8 +4435,11 @@ class Store:
                 self._check_deferred_in_preview()
             if event_rows:
                 events_link, journal_link = seal.split(" ")
-                seal = f"{_chain_link(events_link, event_rows)} {_chain_link(journal_link, journal)}"
-                cursor.execute("INSERT INTO fluxlite_seals VALUES (?, ?, ?)", (head, *seal.split(" ")))
+                events_link = _chain_link(events_link, event_rows, encode_events)
+                # (the journal's rows were just written by apply(): the cheaper encoder)
+                journal_link = _chain_link(journal_link, journal, _encode_written_journal)
+                cursor.execute(_INSERT_SEAL, (head, events_link, journal_link))
+                seal = f"{events_link} {journal_link}"
             self._check_file()
             generation = self._generation_text
         self._head_cache = (version, generation, head, last_ts, seal) if outermost else None

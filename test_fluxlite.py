@@ -10981,3 +10981,41 @@ def test_a_long_chain_of_upcasters_settles():
         with pytest.raises(fluxlite.UsageError, match="did not settle .* in a cycle"):
             s.dispatch("a")
         assert time.perf_counter() - started < 1.0  # a cycle is still found quickly
+
+
+# -- speed (session 15): a dispatch's seal; str subclasses in the log's columns ----------
+
+
+def test_a_str_enum_event_type_or_a_str_subclass_id_is_logged_as_plain_text(tmp_path):
+    # A str Enum member as the event type (a common way to name types), or a str
+    # subclass as the id, was hashed into the dispatch's seal by its class ("#...;")
+    # but stored as text, and read back as str: verify() called the file damaged
+    # ("Restore the file from a backup"). The reducer saw the Enum live, a str replayed.
+    import enum
+
+    class Kind(str, enum.Enum):
+        ADD = "addUser"
+        GRANT = "grantAccess"
+
+    class Key(str):
+        pass
+
+    keys = iter(range(100))
+    path = str(tmp_path / "s.db")
+    seen = []
+
+    def recording(view, event):
+        seen.append(event.type.__class__)
+        return reducer(view, event)
+    with fluxlite.open(path, schema=SCHEMA, reducer=recording,
+                       ids=lambda: Key(f"gen-{next(keys)}")) as store:
+        event = store.dispatch(Kind.ADD, {"name": "Ann"}, id=Key("given"))
+        assert (event.type, event.type.__class__, event.id, event.id.__class__) == \
+            ("addUser", str, "given", str)
+        assert store.dispatch(Kind.ADD, {"name": "Ann"}, id="given").seq == 1  # a resend
+        store.dispatch_many([{"type": Kind.ADD, "payload": {"name": "Bob"}},
+                             {"type": Kind.GRANT, "payload": {"name": "Bob", "right": "x"}}])
+        assert seen == [str, str, str]
+        store.verify()
+        assert [(e.type, e.id) for e in store.events()] == [
+            ("addUser", "given"), ("addUser", "gen-0"), ("grantAccess", "gen-1")]
