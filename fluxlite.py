@@ -4020,11 +4020,12 @@ class Store:
         """fork()'s copy, made at ``path`` (checked to be new or empty)."""
         conn = _connect(path, self._durability, page_size=page_size)
         try:
-            with self._lock:
-                self._check_open()
-                with _read_txn(self._conn):  # checked in the snapshot the backup copies
-                    self._check_model_current()
-                    self._conn.backup(conn)
+            if not self._fork_from_file(conn):
+                with self._lock:
+                    self._check_open()
+                    with _read_txn(self._conn):  # checked in the snapshot the backup copies
+                        self._check_model_current()
+                        self._conn.backup(conn)
         except BaseException as exc:
             conn.close()
             if isinstance(exc, sqlite3.OperationalError):  # a full disk, a read-only file
@@ -4048,6 +4049,37 @@ class Store:
                 raise _storage_error(exc, path) from exc
             raise
         return copy
+
+    def _fork_from_file(self, target: sqlite3.Connection) -> bool:
+        """Copy the file into ``target`` through a second connection of its own, in one
+        read snapshot, without this store's lock: through the store's own connection the
+        lock was held for the whole copy (seconds for a big file), and every other thread's
+        dispatch and read waited, a backup thread freezing an application. False (nothing
+        copied) where that cannot be: in memory, a moved file, another model in the
+        snapshot than this store's code checked (a rebuild by another process just now)."""
+        if self._path in (":memory:", "") or self._previewing or not self._file_is_its_own():
+            return False
+        try:
+            source = _connect_readonly(self._file)
+        except FluxliteError:
+            return False
+        try:
+            if not self._file_is_its_own():  # replaced while it was being opened
+                return False
+            with _read_txn(source):
+                generation = source.execute(  # this read starts the snapshot copied
+                    "SELECT value FROM fluxlite_meta WHERE key = 'generation'").fetchone()
+                with self._lock:
+                    self._check_open()
+                    with _read_txn(self._conn):
+                        self._check_model_current()
+                    current = self._generation_text
+                if (generation[0] if generation else _dumps(0)) != current:
+                    return False
+                source.backup(target)
+            return True
+        finally:
+            source.close()
 
     def checkpoint(self) -> _Checkpoint:
         """Remember the whole store (in memory), to come back with reset_to()."""
@@ -7114,7 +7146,7 @@ def _check_finished(meta: Mapping[str, Any], path: str) -> None:
 
 def _check_format(conn: sqlite3.Connection, path: str, names: Set[str]) -> int:
     """The on-disk format of an existing store; SchemaError if newer or missing tables."""
-    user_version = conn.execute("PRAGMA user_version").fetchone()[0]
+    user_version = _stored_format(conn, names)
     if user_version > FORMAT_VERSION:
         raise SchemaError(
             f"{path!r} was written by a newer fluxlite (on-disk format {user_version}; "
@@ -7147,6 +7179,23 @@ def _check_format(conn: sqlite3.Connection, path: str, names: Set[str]) -> int:
     return int(user_version)
 
 
+def _stored_format(conn: sqlite3.Connection, names: Set[str]) -> int:
+    """PRAGMA user_version; or, where a copy made through SQL lost it (0: the sqlite3
+    shell's .dump or .recover piped into a new file, an operator's usual way to compact
+    or repair a database), the format a store with seals records in fluxlite_meta.
+    Taken for format 0, such a copy was "upgraded": its seals table made again, which
+    failed as "table fluxlite_seals already exists"."""
+    user_version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if user_version or "fluxlite_seals" not in names:
+        return user_version
+    try:
+        row = conn.execute("SELECT value FROM fluxlite_meta WHERE key = 'format'").fetchone()
+        recorded = json.loads(row[0]) if row is not None else None
+    except (sqlite3.Error, TypeError, ValueError):  # damage: _read_meta() says what
+        return user_version
+    return recorded if isinstance(recorded, int) and recorded >= 2 else user_version
+
+
 _OWN_COLUMNS = {
     "events": tuple(_EVENT_COLUMNS.split(", ")),
     "fluxlite_journal": tuple(_JOURNAL_COLUMNS.split(", ")),
@@ -7162,6 +7211,10 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "fluxlite_meta" in names:
         user_version = _check_format(conn, path, names)
+        if user_version != conn.execute("PRAGMA user_version").fetchone()[0]:
+            # lost by a copy made through SQL (see _stored_format): put back
+            conn.execute(f"PRAGMA user_version={user_version}")
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         _restore_triggers(conn)
         conn.execute(_CONSUMERS_DDL)
         if user_version < 2:  # format 1 had no seals: seal what is there now

@@ -11019,3 +11019,69 @@ def test_a_str_enum_event_type_or_a_str_subclass_id_is_logged_as_plain_text(tmp_
         store.verify()
         assert [(e.type, e.id) for e in store.events()] == [
             ("addUser", "given"), ("addUser", "gen-0"), ("grantAccess", "gen-1")]
+
+
+# ---- ops: operating a store in a long-running application (backup, verify, space) ----
+
+_OPS_SCHEMA = "CREATE TABLE items (id INTEGER PRIMARY KEY, qty INTEGER NOT NULL);"
+
+
+def _ops_reducer(view, event):
+    return view.items.upsert(id=event.payload["id"], qty=event.payload["qty"])
+
+
+class _NoBackupConnection:
+    """A store's connection that refuses to be the source of a backup."""
+
+    def __init__(self, conn):
+        self._real = conn
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def backup(self, *args, **kwargs):
+        raise AssertionError("fork() copied through the store's own connection, holding "
+                             "its lock (every other thread's dispatch) for the whole copy")
+
+
+def test_fork_to_a_file_copies_without_holding_the_store(tmp_path):
+    # store.fork("backup.db") is the README's backup from code; it copied through the
+    # store's connection under its lock: a backup thread froze the application's
+    # dispatches and reads for the whole copy (0.9 s for 100,000 events).
+    store = fluxlite.open(tmp_path / "app.db", schema=_OPS_SCHEMA, reducer=_ops_reducer)
+    store.dispatch_many([{"type": "set", "payload": {"id": i % 7, "qty": i}} for i in range(50)])
+    real = store._conn
+    store._conn = _NoBackupConnection(real)
+    try:
+        copy = store.fork(tmp_path / "backup.db")
+    finally:
+        store._conn = real
+    assert copy.head == store.head == 50
+    assert copy.view.items.all() == store.view.items.all()
+    copy.verify()
+    copy.close()
+    store.close()
+
+
+def test_a_store_copied_through_an_sql_dump_opens_and_verifies(tmp_path):
+    # The sqlite3 shell's .dump piped into a new file (an operator's usual way to copy,
+    # compact or move a database) keeps every table but not PRAGMA user_version: open()
+    # took the copy for format 0 and failed, "table fluxlite_seals already exists".
+    path, copy_path = tmp_path / "app.db", tmp_path / "copy.db"
+    with fluxlite.open(path, schema=_OPS_SCHEMA, reducer=_ops_reducer) as store:
+        for i in range(20):
+            store.dispatch("set", {"id": i % 3, "qty": i})
+        rows = store.view.items.all()
+    source, target = sqlite3.connect(path), sqlite3.connect(copy_path)
+    target.executescript("\n".join(source.iterdump()))  # what .dump writes
+    source.close()
+    assert target.execute("PRAGMA user_version").fetchone()[0] == 0
+    target.close()
+    with fluxlite.open(copy_path, schema=_OPS_SCHEMA, reducer=_ops_reducer) as copy:
+        assert copy.head == 20 and copy.view.items.all() == rows
+        copy.verify()
+        assert copy.dispatch("set", {"id": 9, "qty": 1}).seq == 21
+        copy.verify()
+    with contextlib.closing(sqlite3.connect(copy_path)) as conn:  # the header put back
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == fluxlite.FORMAT_VERSION
+        assert conn.execute("PRAGMA application_id").fetchone()[0] == fluxlite.APPLICATION_ID
