@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import event as statistic
 from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 import fluxlite
 from fluxlite import Change
@@ -601,3 +602,439 @@ def test_a_follower_yields_nothing_of_the_history_a_reset_erased(tmp_path):
             store.dispatch("apply", {"c": []}, id=f"new-{n}")
         assert [e.id for e, _ in follower] == ["new-2", "new-3", "new-4"]
         checkpoint.close()
+
+
+# --- stateful: one on-disk store driven through the public API against a plain model ---
+#
+# A RuleBasedStateMachine mixes dispatch, dispatch_many, refused dispatches (a reducer
+# raising, a stale expect_seq, an id reused with other content, a changeset the model
+# refuses), restore, checkpoint/reset_to, rebuild (also by a new version=), close and
+# reopen, and checks after every step: the live tables, a subscriber's mirror built
+# from the changes it heard, at(k), history(), events(after, types=), event() and head
+# against a plain-Python model of what the store must hold.
+
+SM_SCHEMA = """
+CREATE TABLE items (cat TEXT NOT NULL, n INTEGER NOT NULL, v INTEGER CHECK (v >= 0),
+                    PRIMARY KEY (cat, n));
+CREATE TABLE tags (name TEXT PRIMARY KEY, note TEXT DEFAULT 'none');
+"""
+SM_KEYS = {"items": ("cat", "n"), "tags": ("name",)}
+SM_COLUMNS = {"items": ("cat", "n", "v"), "tags": ("name", "note")}
+SM_DEFAULTS = {"items": {"v": None}, "tags": {"note": "none"}}
+
+
+def sm_reducer(view, event):
+    """Changes straight from the payload, so that hypothesis picks them."""
+    if event.type != "apply":
+        return None  # "noop": logged, no changes
+    p = event.payload
+    if p.get("boom"):
+        raise Boom("the reducer raised")
+    return [Change(op, table, key, values) for op, table, key, values in p["c"]]
+
+
+class SmRefused(Exception):
+    """The model refuses the event (the store must raise a FluxliteError, change nothing)."""
+
+
+def sm_key(table, row):
+    return tuple(row[c] for c in SM_KEYS[table])
+
+
+def sm_value(v):
+    """INTEGER affinity: 2.0 is stored as 2."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def sm_apply_change(state, journal, seq, op, table, key, values):
+    rows = state[table]
+    if op in ("insert", "upsert"):
+        values = {c: sm_value(v) for c, v in values.items()}
+        key = sm_key(table, values)
+        if key in rows and op == "insert":
+            raise SmRefused("insert of an existing key")
+        if key in rows:
+            op, values = "update", {c: v for c, v in values.items() if c not in SM_KEYS[table]}
+        else:
+            row = {**SM_DEFAULTS[table], **values}
+            row = {c: row[c] for c in SM_COLUMNS[table]}
+            if table == "items" and row["v"] is not None and row["v"] < 0:
+                raise SmRefused("CHECK")
+            rows[key] = row
+            journal.append((table, key, seq, "insert", None, dict(row)))
+            return
+    else:
+        key = tuple(key) if isinstance(key, list) else (key,)
+    if key not in rows:
+        raise SmRefused(f"{op} of a missing key")
+    before = rows[key]
+    if op == "delete":
+        del rows[key]
+        journal.append((table, key, seq, "delete", dict(before), None))
+        return
+    if any(c in SM_KEYS[table] or c not in SM_COLUMNS[table] for c in values):
+        raise SmRefused("an update of a key column, or of a column not in the table")
+    row = {**before, **{c: sm_value(v) for c, v in values.items()}}
+    if table == "items" and row["v"] is not None and row["v"] < 0:
+        raise SmRefused("CHECK")
+    rows[key] = row
+    journal.append((table, key, seq, "update", dict(before), dict(row)))
+
+
+def sm_copy(state):
+    return {t: {k: dict(r) for k, r in rows.items()} for t, rows in state.items()}
+
+
+sm_cat = st.sampled_from(["a", "b"])
+sm_n = st.integers(1, 2)
+sm_v = st.sampled_from([None, 0, 1, 2, 2.0, 2.5, -1])  # -1 breaks the CHECK
+sm_name = st.sampled_from(["x", "y", "X"])
+sm_note = st.sampled_from(["p", "q", None])
+sm_change = st.one_of(
+    st.builds(lambda c, n, v: ["insert", "items", None, {"cat": c, "n": n, "v": v}], sm_cat, sm_n, sm_v),
+    st.builds(lambda c, n, v: ["upsert", "items", None, {"cat": c, "n": n, "v": v}], sm_cat, sm_n, sm_v),
+    st.builds(lambda c, n: ["upsert", "items", None, {"cat": c, "n": n}], sm_cat, sm_n),
+    st.builds(lambda c, n, v: ["update", "items", [c, n], {"v": v}], sm_cat, sm_n, sm_v),
+    st.builds(lambda c, n: ["delete", "items", [c, n], None], sm_cat, sm_n),
+    st.builds(lambda k, v: ["insert", "tags", None, {"name": k, "note": v}], sm_name, sm_note),
+    st.builds(lambda k: ["insert", "tags", None, {"name": k}], sm_name),
+    st.builds(lambda k, v: ["upsert", "tags", None, {"name": k, "note": v}], sm_name, sm_note),
+    st.builds(lambda k, v: ["update", "tags", k, {"note": v}], sm_name, sm_note),
+    st.builds(lambda k: ["delete", "tags", k, None], sm_name),
+    st.builds(lambda k, k2: ["update", "tags", k, {"name": k2}], sm_name, sm_name),
+    st.builds(lambda c, n: ["update", "items", [c, n], {"nope": 1}], sm_cat, sm_n),
+)
+sm_event = st.builds(
+    lambda kind, c, boom, id: {"type": kind, "payload": {"c": c, **({"boom": True} if boom else {})},
+                               **({"id": id} if id else {})},
+    st.sampled_from(["apply"] * 6 + ["noop"]), st.lists(sm_change, max_size=3),
+    st.sampled_from([False] * 12 + [True]), st.sampled_from([None] * 6 + ["id-1", "id-2", "id-3"]))
+sm_expect = st.sampled_from([None, None, None, "head", -1, 1])
+SM_ROWS = [("items", (c, n)) for c in "ab" for n in (1, 2)] + [("tags", (k,)) for k in "xyX"]
+
+
+class LoggedStoreMachine(RuleBasedStateMachine):
+    """One store on disk against a plain model: every state by seq, every journal row."""
+
+    checkpoints = Bundle("checkpoints")
+
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self.dir.name, "sm.db")
+        self.version = 1
+        self.ticks = itertools.count()
+        self.store = None
+        self.open_store()
+        self.states = [{"items": {}, "tags": {}}]  # states[k]: the tables right after seq k
+        self.events = []  # (seq, id, type, payload)
+        self.journal = []  # (table, key, seq, op, before, after), in order
+        self.mirror = {"items": {}, "tags": {}}
+        self.open_checkpoints = []
+
+    # -- the store and its subscriber
+
+    def open_store(self):
+        self.store = fluxlite.open(self.path, schema=SM_SCHEMA, reducer=sm_reducer,
+                                   version=self.version, durability="normal", clock=self.clock)
+        self.store.subscribe(self.heard)
+
+    def clock(self):  # several events share a ts
+        return datetime(2030, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=next(self.ticks) // 3)
+
+    def heard(self, event, changes):
+        for c in changes:
+            key = tuple(c.key) if isinstance(c.key, (list, tuple)) else (c.key,)
+            rows = self.mirror[c.table]
+            if c.op == "insert":
+                assert key not in rows, (event.seq, c)
+                rows[key] = dict(c.values)
+            elif c.op == "update":
+                rows[key].update(c.values)
+            else:
+                assert c.op == "delete", c
+                del rows[key]
+
+    def live(self):
+        return {t: {sm_key(t, r): r for r in self.store.view[t].all()} for t in ("items", "tags")}
+
+    @property
+    def model(self):
+        return self.states[-1]
+
+    # -- the model of a dispatch
+
+    def expected(self, batch, expect_seq):
+        """The model after `batch` (a list of event dicts): (state, new events, journal),
+        or raises SmRefused. An id already logged (or earlier in the batch) with the same
+        type and payload is that event again; with other content a Conflict. expect_seq
+        is checked before the first new event (a retry of a logged one returns it, as it
+        did when it committed), or for an empty batch."""
+        if expect_seq not in (None, len(self.events)) and not batch:
+            raise SmRefused("stale expect_seq")
+        state, journal, new, seq = sm_copy(self.model), [], [], len(self.events)
+        seen = {e[1]: e for e in self.events}
+        states = []
+        returned = []
+        for ev in batch:
+            old = seen.get(ev.get("id"))
+            if old is not None:
+                if (old[2], old[3]) != (ev["type"], ev["payload"]):
+                    raise SmRefused("an id reused with other content")
+                returned.append(old[0])
+                continue
+            if expect_seq not in (None, len(self.events)):
+                raise SmRefused("stale expect_seq")
+            seq += 1
+            if ev["type"] == "apply" and ev["payload"].get("boom"):
+                raise SmRefused("the reducer raised")
+            if ev["type"] == "apply":
+                for op, table, key, values in ev["payload"]["c"]:
+                    sm_apply_change(state, journal, seq, op, table, key, values)
+            new.append((seq, ev.get("id"), ev["type"], ev["payload"]))
+            if ev.get("id"):
+                seen[ev["id"]] = new[-1]
+            states.append(sm_copy(state))
+            returned.append(seq)
+        return states, new, journal, returned
+
+    def commit(self, states, new, journal, result):
+        """The store committed: take the ids it gave, the states and the journal."""
+        by_seq = {e.seq: e for e in result}
+        for seq, id, kind, payload in new:
+            assert by_seq[seq].id == id or id is None
+            self.events.append((seq, by_seq[seq].id, kind, payload))
+        self.states.extend(states)
+        self.journal.extend(journal)
+
+    def run(self, batch, many, expect):
+        head = len(self.events)
+        expect_seq = {None: None, "head": head, -1: head - 1, 1: head + 1}[expect]
+        if expect_seq is not None and expect_seq < 0:
+            expect_seq = None
+        try:
+            outcome = self.expected(batch, expect_seq)
+        except SmRefused as exc:
+            before = dump(self.store)
+            with pytest.raises(fluxlite.FluxliteError):
+                if many:
+                    self.store.dispatch_many([dict(e) for e in batch], expect_seq=expect_seq)
+                else:
+                    self.store.dispatch(dict(batch[0]), expect_seq=expect_seq)
+            assert dump(self.store) == before, f"refused ({exc}) but changed the store"
+            statistic(f"refused: {exc}")
+            return
+        if many:
+            result = self.store.dispatch_many([dict(e) for e in batch], expect_seq=expect_seq)
+        else:
+            result = [self.store.dispatch(dict(batch[0]), expect_seq=expect_seq)]
+        states, new, journal, returned = outcome
+        assert [e.seq for e in result] == returned
+        self.commit(states, new, journal, result)
+
+    # -- rules
+
+    @rule(ev=sm_event, expect=sm_expect)
+    def dispatch(self, ev, expect):
+        self.run([ev], False, expect)
+
+    @rule(batch=st.lists(sm_event, max_size=4), expect=sm_expect)
+    def dispatch_many(self, batch, expect):
+        self.run(batch, True, expect)
+
+    @rule(data=st.data(), many=st.booleans())
+    def dispatch_likely(self, data, many):
+        """Events that mostly commit: whole-row upserts, deletes of rows there are."""
+        batch = []
+        for _ in range(data.draw(st.integers(1, 3 if many else 1))):
+            there = [(t, k) for t in ("items", "tags") for k in self.model[t]]
+            changes = []
+            for _ in range(data.draw(st.integers(1, 3))):
+                if there and data.draw(st.integers(0, 3)) == 0:
+                    table, key = data.draw(st.sampled_from(there))
+                    changes.append(["delete", table, list(key) if table == "items" else key[0], None])
+                elif data.draw(st.booleans()):
+                    changes.append(["upsert", "items", None, {"cat": data.draw(sm_cat), "n": data.draw(sm_n),
+                                                             "v": data.draw(st.integers(0, 2))}])
+                else:
+                    changes.append(["upsert", "tags", None, {"name": data.draw(sm_name),
+                                                            "note": data.draw(sm_note)}])
+            batch.append({"type": "apply", "payload": {"c": changes}})
+        self.run(batch, many, None)
+
+    @rule(data=st.data())
+    def retry_a_logged_event(self, data):
+        if not self.events:
+            return
+        seq, id, kind, payload = data.draw(st.sampled_from(self.events))
+        before = dump(self.store)
+        assert self.store.dispatch(kind, payload, id=id).seq == seq
+        # a retry with the expect_seq its first dispatch passed: the stored event again
+        assert self.store.dispatch(kind, payload, id=id, expect_seq=seq - 1).seq == seq
+        with pytest.raises(fluxlite.Conflict):
+            self.store.dispatch(kind, {"other": payload}, id=id)
+        assert dump(self.store) == before
+
+    @rule(row=st.sampled_from(SM_ROWS), data=st.data())
+    def restore(self, row, data):
+        table, key = row
+        at = data.draw(st.one_of(st.none(), st.integers(0, len(self.events))))
+        if at is None:
+            deletions = [j for j in self.journal if j[:2] == (table, key) and j[3] == "delete"]
+            version = deletions[-1][4] if deletions else None
+        else:
+            version = self.states[at][table].get(key)
+        arg = key if table == "items" else key[0]
+        if version is None or self.model[table].get(key) == version:
+            before = dump(self.store)
+            with pytest.raises(fluxlite.UsageError):
+                self.store.restore(table, arg, at=at)
+            assert dump(self.store) == before
+            return
+        state, journal, seq = sm_copy(self.model), [], len(self.events) + 1
+        op = "update" if key in state[table] else "insert"
+        before = state[table].get(key)
+        state[table][key] = dict(version)
+        journal.append((table, key, seq, op, before and dict(before), dict(version)))
+        event = self.store.restore(table, arg, at=at)
+        statistic(f"restored ({op}, at={'given' if at is not None else 'None'})")
+        assert event.seq == seq and event.type == fluxlite.RESTORE
+        self.commit([state], [(seq, None, event.type, event.payload)], journal, [event])
+
+    @rule(target=checkpoints)
+    def checkpoint(self):
+        cp = self.store.checkpoint()
+        self.open_checkpoints.append(cp)
+        return (cp, self.version, len(self.events), list(self.states), list(self.events),
+                list(self.journal))
+
+    @rule(saved=checkpoints)
+    def reset_to(self, saved):
+        cp, version, head, states, events, journal = saved
+        if version != self.version:  # taken before a rebuild to another version
+            before = dump(self.store)
+            with pytest.raises(fluxlite.UsageError):
+                self.store.reset_to(cp)
+            assert dump(self.store) == before
+            return
+        self.store.reset_to(cp)
+        statistic(f"reset_to a checkpoint {len(self.events) - head} events back")
+        self.states, self.events, self.journal = list(states), list(events), list(journal)
+        # subscribers are not told: a mirror is refilled from the store (README)
+        self.mirror = sm_copy(self.live())
+
+    @rule()
+    def rebuild(self):
+        self.store.rebuild()
+
+    @rule(bump=st.booleans())
+    def reopen(self, bump):
+        self.store.close()
+        self.version += bump
+        self.open_store()
+
+    @rule()
+    def verify(self):
+        self.store.verify()
+
+    # -- reads of the past, checked against the model
+
+    @rule(row=st.sampled_from(SM_ROWS), data=st.data())
+    def read_the_past(self, row, data):
+        self.at(data)
+        self.history(row, data)
+        self.events_and_event(data)
+        self.changes_and_follow(data)
+
+    def changes_and_follow(self, data):
+        """changes(seq) and follow(): the journal's rows of each event, as the model made them."""
+        def ops(changes):
+            return [(c.op, c.table, tuple(c.key) if isinstance(c.key, (list, tuple)) else (c.key,))
+                    for c in changes]
+        after = data.draw(st.integers(0, len(self.events)))
+        want = [(seq, [(j[3], j[0], j[1]) for j in self.journal if j[2] == seq])
+                for seq, *_ in self.events[after:]]
+        assert [(seq, ops(self.store.changes(seq))) for seq, _ in want] == want
+        assert [(e.seq, ops(c)) for e, c in self.store.follow(after=after, timeout=0)] == want
+
+    def at(self, data):
+        k = data.draw(st.integers(0, len(self.events)))
+        with self.store.at(k) as past:
+            got = {t: {sm_key(t, r): r for r in past[t].all()} for t in ("items", "tags")}
+        assert got == self.states[k], k
+        if self.events:  # at(time=): after the last event with ts <= time
+            seq = data.draw(st.integers(1, len(self.events)))
+            ts = self.store.event(seq).ts + timedelta(microseconds=data.draw(st.sampled_from([-1, 0, 1])))
+            want = max([e.seq for e in self.store.events() if e.ts <= ts], default=0)
+            with self.store.at(time=ts) as then:
+                assert then.seq == want
+                got = {t: {sm_key(t, r): r for r in then[t].all()} for t in ("items", "tags")}
+            assert got == self.states[want]
+
+    def history(self, row, data):
+        table, key = row
+        want = [j[2:] for j in self.journal if j[:2] == (table, key)]
+        arg = key if table == "items" else key[0]
+        got = [(r.seq, r.op, r.before, r.after) for r in self.store.history(table, arg)]
+        assert got == want
+        head = len(self.events)
+        after = data.draw(st.integers(0, head))
+        upto = data.draw(st.one_of(st.none(), st.integers(0, head + 1)))
+        limit = data.draw(st.one_of(st.none(), st.integers(0, 3)))
+        reverse = data.draw(st.booleans())
+        window = [w for w in want if after < w[0] and (upto is None or w[0] <= upto)]
+        window = (window[::-1] if reverse else window)[:limit]
+        got = [(r.seq, r.op, r.before, r.after) for r in
+               self.store.history(table, arg, after=after, upto=upto, limit=limit, reverse=reverse)]
+        assert got == window
+
+    def events_and_event(self, data):
+        head = len(self.events)
+        after = data.draw(st.integers(0, head + 1))
+        types = data.draw(st.one_of(st.none(), st.just("noop"),
+                                    st.lists(st.sampled_from(["apply", "noop", fluxlite.RESTORE]),
+                                             min_size=1, max_size=2)))
+        wanted = None if types is None else {types} if isinstance(types, str) else set(types)
+        got = [(e.seq, e.id, e.type, e.payload) for e in self.store.events(after, types=types)]
+        assert got == [e for e in self.events if e[0] > after and (wanted is None or e[2] in wanted)]
+        if self.events:
+            seq, id, kind, payload = data.draw(st.sampled_from(self.events))
+            assert self.store.event(seq) == self.store.event(id)
+            assert (self.store.event(id).seq, self.store.event(seq).id, self.store.event(seq).type,
+                    self.store.event(seq).payload) == (seq, id, kind, payload)
+        assert self.store.event(head + 1) is None
+
+    # -- after every step
+
+    @invariant()
+    def live_mirror_and_head_agree_with_the_model(self):
+        live = self.live()
+        assert live == self.model
+        assert self.mirror == live
+        assert self.store.head == len(self.events)
+        stamps = [e.ts for e in self.store.events()]
+        assert stamps == sorted(stamps)
+        assert [e[0] for e in self.events] == list(range(1, len(self.events) + 1))
+
+    def teardown(self):
+        for cp in self.open_checkpoints:
+            cp.close()
+        if self.store is not None:
+            self.store.close()
+        self.dir.cleanup()
+
+
+LoggedStoreMachine.TestCase.settings = settings(
+    max_examples=10, stateful_step_count=25, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+test_one_store_against_a_model_through_the_public_api = LoggedStoreMachine.TestCase
+
+
+class LoggedStoreMachineLong(LoggedStoreMachine):
+    pass
+
+
+LoggedStoreMachineLong.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=50, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+test_one_store_against_a_model_long = pytest.mark.slow(LoggedStoreMachineLong.TestCase)
