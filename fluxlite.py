@@ -7250,6 +7250,22 @@ def _not_a_store(path: str, tables: Iterable[str]) -> SchemaError:
     )
 
 
+def _check_adoptable_names(path: str, tables: Iterable[str]) -> None:
+    """Adoption creates the log and fluxlite's tables beside the file's own: one of
+    those already named `events` or `fluxlite_*` (an application's own event table)
+    would collide with the log, or be taken for one of fluxlite's tables."""
+    taken = sorted(n for n in tables if _RESERVED_TABLE.match(n)
+                   and not n.lower().startswith("sqlite_"))
+    if taken:
+        raise SchemaError(
+            f"Cannot adopt {path!r}: its table(s) {', '.join(map(repr, taken))} have a name "
+            f"fluxlite reserves (`events` is fluxlite's log, `fluxlite_*` are its own "
+            f"tables). Nothing was changed. Rename them first (ALTER TABLE {_quote(taken[0])} "
+            f"RENAME TO app_{taken[0]}), under the new name in the schema too if it lists "
+            f"them, then adopt."
+        )
+
+
 def _foreign_database(path: str) -> Optional[Tuple[List[str], str]]:
     """For an existing SQLite file with tables but no fluxlite log: its tables and
     journal mode, read without changing it (opening for writing switches it to WAL)."""
@@ -7734,6 +7750,8 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
     foreign = None if readonly else _foreign_database(path)
     if foreign is not None and not adopt:
         raise _not_a_store(path, foreign[0])
+    if foreign is not None:
+        _check_adoptable_names(path, foreign[0])
     if schema is None and not readonly and path != ":memory:" and not os.path.exists(path):
         raise SchemaError(  # refused before the file is made: no file to remove again
             f"{path!r} does not exist: a new store needs a schema; pass schema= with the "

@@ -11085,3 +11085,52 @@ def test_a_store_copied_through_an_sql_dump_opens_and_verifies(tmp_path):
     with contextlib.closing(sqlite3.connect(copy_path)) as conn:  # the header put back
         assert conn.execute("PRAGMA user_version").fetchone()[0] == fluxlite.FORMAT_VERSION
         assert conn.execute("PRAGMA application_id").fetchone()[0] == fluxlite.APPLICATION_ID
+
+
+# --- accept (acceptance audit of issues 2 and 3) ----------------------------------
+
+
+@pytest.mark.parametrize("taken", ["events", "Events", "fluxlite_consumers", "fluxlite_cache"])
+def test_adopting_a_file_whose_own_table_has_a_reserved_name_says_so_and_changes_nothing(
+        tmp_path, taken):
+    # An application's own `events` table is common. adopt=True said only "could not
+    # be read as a fluxlite store: table events already exists" (no rule, no fix), and
+    # a user's `fluxlite_consumers` was silently taken for fluxlite's own table.
+    target = tmp_path / "app.db"
+    conn = sqlite3.connect(target)
+    conn.execute("CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT)")
+    conn.execute("INSERT INTO users VALUES ('ada', 'admin')")
+    conn.execute(f"CREATE TABLE {taken} (id INTEGER PRIMARY KEY, what TEXT)")
+    conn.execute(f"INSERT INTO {taken} VALUES (1, 'kept')")
+    conn.commit()
+    conn.close()
+    before = target.read_bytes()
+    schema = "CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT);"
+    with pytest.raises(fluxlite.SchemaError, match=rf"(?s)'{taken}'.*reserve.*RENAME TO"):
+        fluxlite.open(str(target), schema=schema, reducer=reducer, adopt=True)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
+def test_middleware_sees_the_callers_id_or_none_and_next_returns_the_generated_one():
+    # README (middleware): the chain's `id` is the caller's or None; fluxlite makes
+    # its own at commit, and a logger reads it from what next() returns.
+    seen, returned = [], []
+
+    def logger(store):
+        def wrap(next_):
+            def log(event):
+                seen.append(event["id"])
+                result = next_(event)
+                returned.append(result)
+                return result
+            return log
+        return wrap
+
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=[logger]) as s:
+        made = s.dispatch("addUser", {"name": "a"})
+        given = s.dispatch("addUser", {"name": "b"}, id="req-1")
+        batch = s.dispatch_many([{"type": "addUser", "payload": {"name": "c"}}])
+    assert seen == [None, "req-1", None]
+    assert returned == [made, given, None]
+    assert made.id and given.id == "req-1" and batch[0].id not in (None, made.id)
