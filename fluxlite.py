@@ -7735,13 +7735,30 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
         )
     if reducer is not None and not getattr(reducer, "fluxlite_tables", None):
         _check_takes_two(reducer, "The reducer", "(view, event)")
-    if isinstance(middleware, (_Mapping, str)) or callable(middleware) or \
-            not isinstance(middleware, collections.abc.Iterable) or \
-            not all(callable(m) for m in middleware):
+    # A one-shot iterator (a generator) would be used up by the checks below, and
+    # the store would open with no middleware at all: an authorize() in it silently
+    # gone (and an App holding one would lose it at its second open). Refused.
+    if isinstance(middleware, collections.abc.Iterator) and not callable(middleware):
         raise UsageError(
-            f"middleware must be a list of functions store -> next -> event -> result; "
-            f"received {_describe(middleware)}. Pass a list, e.g. middleware=[logger]."
+            f"middleware must be a list (or tuple) of functions; received "
+            f"{_describe(middleware)}, which can be read only once: the store would open "
+            f"with none of them. Pass list(...) of it, e.g. middleware=[logger]."
         )
+    # A set has no order, and the first middleware is the outermost: refused too.
+    if isinstance(middleware, (_Mapping, str, collections.abc.Set)) or callable(middleware) \
+            or not isinstance(middleware, collections.abc.Iterable):
+        raise UsageError(
+            f"middleware must be a list of functions store -> next -> event -> result, "
+            f"outermost first; received {_describe(middleware)}. Pass a list, e.g. "
+            f"middleware=[logger]."
+        )
+    for i, m in enumerate(middleware):
+        if not callable(m):
+            raise UsageError(
+                f"Each middleware must be a function store -> next -> event -> result; "
+                f"item {i} of middleware= is {_describe(m)}. Pass the functions "
+                f"themselves, e.g. middleware=[logger]."
+            )
     for m in middleware:
         _check_takes(m, 1, "A middleware", "(store)", "middleware",
                      " that returns wrap(next), which returns handle(event)")
@@ -8388,6 +8405,8 @@ def _cmd_log(args: Any) -> int:
                 widths = _print_events(rows, args.json)
             else:  # a later page: in the columns printed so far
                 widths = _print_more_events(rows, widths)
+    if widths is None and not args.json:  # as query's "(no rows)": not a silent success
+        print("(no events)")
     return 0
 
 
@@ -8417,6 +8436,8 @@ def _cmd_tail(args: Any) -> int:
                 widths = _print_more_events(rows, widths)
             position = rows[-1]["seq"]
         if not args.follow:
+            if widths is None and not args.json:
+                print("(no events)")
             return 0
         widths = widths or [0] * len(_EVENT_LINE)
         # Ctrl-C sets a flag the loop checks between polls, rather than raising

@@ -1173,3 +1173,20 @@ def test_import_of_a_ts_outside_the_years_1_to_9999_says_so(work):
     (work / "bad.jsonl").write_text(json.dumps({**first, "ts": "0001-01-01T00:00:00+01:00"}) + "\n")
     result = cli("import", "new.db", "bad.jsonl", "--app", "cliapp:APP", cwd=work, check=False)
     assert result.returncode == 1 and "in the years 1 to 9999 in UTC" in result.stderr
+
+
+# Area: newcomer. A log or tail that matches nothing says so, as query's "(no rows)".
+
+def test_log_and_tail_that_match_nothing_say_so_in_columns_and_print_nothing_as_json(
+        work, capsys):
+    # `fluxlite log demo.db --until 2026-01-31` (the README's example of a date) printed
+    # nothing at all: no header, no line, a newcomer could not tell it had run.
+    db = str(work / "app.db")
+    for args in (["log", db, "--until", "2026-01-01"], ["log", db, "--type", "nope"],
+                 ["log", db, "--after", "5"], ["tail", db, "-n", "0"]):
+        assert fluxlite.main(args) == 0
+        assert capsys.readouterr().out == "(no events)\n", args
+        assert fluxlite.main([*args, "--json"]) == 0
+        assert capsys.readouterr().out == "", args
+    assert fluxlite.main(["log", db, "--limit", "1"]) == 0
+    assert "(no events)" not in capsys.readouterr().out

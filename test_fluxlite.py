@@ -19,6 +19,7 @@ import os
 import pathlib
 import random
 import re
+import shlex
 import sqlite3
 import stat
 import signal
@@ -11134,3 +11135,137 @@ def test_middleware_sees_the_callers_id_or_none_and_next_returns_the_generated_o
     assert seen == [None, "req-1", None]
     assert returned == [made, given, None]
     assert made.id and given.id == "req-1" and batch[0].id not in (None, made.id)
+
+
+# --- newcomer: the README's code that is not a doctest -------------------------------
+# test_readme_examples_run runs the `>>>` blocks only. These run the others as a
+# reader would: the myapp.py module with the CLI commands shown for it, the pytest
+# recipe, and the snippets that name their inputs (given here) in one session.
+
+
+def _readme_block_starting(language, start):
+    blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    found = [b for b in blocks if b.lstrip().startswith(start)]
+    assert len(found) == 1, f"one README block starting {start!r}: {len(found)}"
+    return found[0]
+
+
+def _readme_myapp(tmp_path, monkeypatch):
+    """myapp.py from the README, importable as the CLI's --app imports it (from the cwd)."""
+    (tmp_path / "myapp.py").write_text(_readme_block_starting("python", "# myapp.py"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    monkeypatch.delitem(sys.modules, "myapp", raising=False)
+
+
+def test_readme_myapp_module_and_its_commands_run(tmp_path, monkeypatch, capsys):
+    # The block was `App(schema=SCHEMA, reducer=reducer, middleware=[...])`, names it
+    # never defined and a list holding Ellipsis, so APP.open() raised UsageError.
+    _readme_myapp(tmp_path, monkeypatch)
+    try:
+        import myapp  # as every --app myapp:APP command does
+        myapp.APP.open(":memory:").close()
+        for line in _readme_block_starting("sh", 'python -c "import myapp').splitlines():
+            command = shlex.split(line, comments=True)
+            capsys.readouterr()
+            if command[:2] == ["python", "-c"]:
+                exec(command[2], {})
+            else:
+                assert command[0] == "fluxlite", line
+                assert fluxlite.main(command[1:]) == 0, (line, capsys.readouterr())
+        assert "grantAccess" in capsys.readouterr().out  # the last line: fluxlite log app.db
+        session = {}
+        startup = _readme_block_starting("python", "# elsewhere, in the application")
+        exec(startup, session)
+        with session["store"] as store:
+            assert store.head == 2
+            assert store.view.users.get("Barack") == {"name": "Barack", "role": "President"}
+    finally:
+        sys.modules.pop("myapp", None)
+
+
+def test_readme_pytest_recipe_runs_with_the_readmes_myapp(tmp_path, monkeypatch):
+    # make_history() was used and never defined. The fixtures are run by hand here
+    # (pytest.fixture made a no-op while the recipe is defined), in the order pytest would.
+    _readme_myapp(tmp_path, monkeypatch)
+    monkeypatch.setattr(pytest, "fixture", lambda *a, **k: a[0] if a else (lambda f: f))
+    recipe = {}
+    try:
+        exec(_readme_block_starting("python", "import pytest, fluxlite"), recipe)
+    finally:
+        sys.modules.pop("myapp", None)
+    per_test = recipe["store"](tmp_path)
+    assert next(per_test).dispatch("addUser", {"name": "Barack"}).seq == 1
+    assert next(per_test, "closed") == "closed"
+    session = recipe["prepared"]()
+    prepared = next(session)
+    for _ in range(2):  # each test gets a copy of its own: the last one's event is not there
+        seeded = recipe["seeded"](prepared)
+        assert next(seeded).dispatch("addUser", {"name": "Barack"}).seq == 10_001
+        assert next(seeded, "closed") == "closed"
+    assert next(session, "closed") == "closed"
+
+
+def test_readme_snippets_run_given_the_names_they_take(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    items = "CREATE TABLE items (id TEXT PRIMARY KEY, n INTEGER);"
+
+    def v1(view, event):  # the log the upcasters example upgrades: v1 "put" and "addItem"
+        return view.items.upsert(id=event.payload["item"], n=event.payload["count"])
+
+    def v2(view, event):
+        return view.items.upsert(id=event.payload["id"], n=event.payload["n"])
+
+    with fluxlite.open("app.db", schema=items, reducer=v1) as old:
+        old.dispatch("put", {"item": "a", "count": 1})
+        old.dispatch("addItem", {"item": "b", "count": 2})
+    sent = []
+    session = {"fluxlite": fluxlite, "NEW_SCHEMA": items + " CREATE INDEX n ON items (n);",
+               "new_reducer": v1, "SCHEMA_V2": items, "reducer_v2": v2,
+               "send_mail": sent.append}
+    for start in ['store = fluxlite.open("app.db", schema=NEW_SCHEMA',
+                  "def put_v1_to_v2(event):",
+                  'with store.consumer("mailer") as mailer:']:
+        snippet = textwrap.dedent(_readme_block_starting("python", start))
+        if "store" in session and "store = fluxlite.open(" in snippet:  # opens it again
+            session["store"].close()
+        exec(snippet, session)
+    store = session["store"]
+    assert store.view.items.all() == [{"id": "a", "n": 1}, {"id": "b", "n": 2}]
+    assert [e.payload for e in sent] == [{"id": "a", "n": 1}, {"id": "b", "n": 2}]
+    store.verify()
+    store.close()
+
+
+def test_middleware_given_as_a_generator_is_refused_not_silently_dropped():
+    # A generator passed the check `all(callable(m) for m in middleware)`, which used
+    # it up: the store opened with no middleware, and an intern dispatched what the
+    # authorize() in it forbade. An App holding one would lose it at its second open.
+    policy = fluxlite.authorize({"addUser": lambda actor, event: actor == "admin"})
+    for once in [(m for m in [policy]), iter([policy]), map(lambda m: m, [policy])]:
+        with pytest.raises(fluxlite.UsageError, match=r"read only once.*list\(\.\.\.\)"):
+            fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=once)
+    app = fluxlite.App(SCHEMA, reducer, middleware=(m for m in [policy]))
+    with pytest.raises(fluxlite.UsageError, match="read only once"):
+        app.open(":memory:")
+    with pytest.raises(fluxlite.UsageError, match="read only once"):
+        fluxlite.scenario(SCHEMA, reducer, middleware=(m for m in [policy]))
+    with pytest.raises(fluxlite.UsageError, match="outermost first"):  # a set has no order
+        fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware={policy})
+    for fine in ([policy], (policy,)):
+        with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=fine) as s:
+            with pytest.raises(fluxlite.Forbidden):
+                s.dispatch("addUser", {"name": "Hillary"}, actor="intern")
+            assert s.head == 0
+
+
+def test_a_middleware_list_holding_a_non_function_names_the_item():
+    # `middleware=[...]` (the README's placeholder, copied) said "must be a list ...
+    # received [Ellipsis] (of type list). Pass a list": it was one.
+    for listed, item in [([...], "item 0 of middleware= is Ellipsis"),
+                         ([lambda store: lambda next: next, "logger"],
+                          "item 1 of middleware= is 'logger'")]:
+        with pytest.raises(fluxlite.UsageError, match="Each middleware must be a function") \
+                as caught:
+            fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=listed)
+        assert item in str(caught.value) and "received [" not in str(caught.value)
