@@ -979,6 +979,15 @@ def _remove_made(path: str, present: Dict[str, bool]) -> None:
             _remove_quietly(path + suffix)
 
 
+def _empty_quietly(path: str) -> None:
+    """Truncate a file that was given empty and half filled by a failed copy, so that
+    the retry is not refused as "has content"; logged if it cannot be."""
+    try:
+        os.truncate(path, 0)
+    except OSError as exc:
+        _log.warning("could not empty %r: %s", path, exc)
+
+
 def _remove_quietly(path: str) -> None:
     """Remove a file fluxlite made, if it can: a file missing is fine, and one that
     cannot go (on Windows, while anything holds it open) must not replace the
@@ -1572,9 +1581,10 @@ def _check_new_table(conn: sqlite3.Connection, name: str, sql: str, new: bool = 
                 f"give the live rows. Drop "
                 f"the default and set the value in the reducer (from event.ts for a time)."
             )
-    if new and _key_clause_collates(sql):
+    if new and _key_clause_collates(sql) and _key_collates_apart(conn, name, sql):
         raise SchemaError(
-            f"Table {name!r} has a COLLATE inside its PRIMARY KEY (...) clause: the key's "
+            f"Table {name!r} has a COLLATE inside its PRIMARY KEY (...) clause other than "
+            f"its column's: the key's "
             f"index then compares keys unlike the column, which lookups by key use, so a "
             f"key found live (an update, an upsert) can make a new row in a replay "
             f"(verify(), rebuild()). Put the COLLATE on the column instead "
@@ -1610,6 +1620,30 @@ def _key_clause_collates(sql: str) -> bool:
             if "COLLATE" in tokens[i + 3:end]:
                 return True
     return False
+
+
+def _key_collates_apart(conn: sqlite3.Connection, name: str, sql: str) -> bool:
+    """Whether the key's index compares a key column under another collation than the
+    column's own. The same one named twice (k TEXT COLLATE NOCASE, PRIMARY KEY (k
+    COLLATE NOCASE)) is harmless: a lookup by key and the index then agree."""
+    index = [r[1] for r in conn.execute(f"PRAGMA index_list({_quote(name)})") if r[3] == "pk"]
+    if not index:  # an INTEGER PRIMARY KEY: the rowid, compared as a number
+        return False
+    keyed = [(r[2], r[4]) for r in conn.execute(f"PRAGMA index_xinfo({_quote(index[0])})")
+             if r[5]]
+    # The columns' own collations, as SQLite gives an index that names none: the
+    # table made again in an empty in-memory database (the file is left alone).
+    probe = sqlite3.connect(":memory:")
+    try:
+        probe.execute(sql)
+        probe.execute(f"CREATE INDEX fluxlite_probe ON {_quote(name)} "
+                      f"({', '.join(_quote(c) for c, _ in keyed)})")
+        own = [r[4] for r in probe.execute("PRAGMA index_xinfo(fluxlite_probe)") if r[5]]
+    except sqlite3.Error:  # cannot be made apart from the file: judge by the clause
+        return True
+    finally:
+        probe.close()
+    return [c.upper() for _, c in keyed] != [c.upper() for c in own]
 
 
 def _check_clauses(sql: str) -> List[str]:
@@ -4003,6 +4037,9 @@ class Store:
             # would write old-shape changes into the new tables (as dispatch() refuses
             # to). Refused before any file is made.
             self._check_model_current()
+            if self._reducer is not None:  # the copy can dispatch: refused as it would
+                # be on opening it, but naming this file, where the trigger is
+                _check_no_triggers(self._conn, self._path, list(self._model.tables))
             page_size = self._page_size()
         # What a failed copy made is removed (a full disk): a half-copied file left
         # at the path would be refused by the retry as "has content".
@@ -4010,8 +4047,10 @@ class Store:
         try:
             copy = self._fork_into(path, page_size, clock, ids)
         except BaseException:
-            if present and not present[""]:
+            if present:
                 _remove_made(_sqlite_file(path), present)
+                if present[""]:  # given empty (a temporary file's name): empty again
+                    _empty_quietly(_sqlite_file(path))
             raise
         return copy
 
@@ -7112,22 +7151,62 @@ def _read_existing_meta(conn: sqlite3.Connection, path: str) -> Dict[str, Any]:
 
 def _check_no_triggers(conn: sqlite3.Connection, path: str, tables: Sequence[str]) -> None:
     """A trigger on a read-model table, made by hand after the store was (the schema
-    may not declare one): its writes would miss the journal, subscribers, at() and
-    every replay, and a rebuild would drop it. Refused before a dispatch fires it."""
+    may not declare one), or one on another table (the log, say) that writes a
+    read-model table: its writes would miss the journal, subscribers, at() and every
+    replay, and a rebuild would drop it. Refused before a dispatch fires it."""
     if not tables:
         return
-    marks = ", ".join("?" * len(tables))
-    row = conn.execute(f"SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' AND "
-                       f"tbl_name COLLATE NOCASE IN ({marks}) ORDER BY name",
-                       tuple(tables)).fetchone()
-    if row is not None:
+    model = {n.lower(): n for n in tables}
+    own = {s.split()[2] for s in _LOG_DDL if s.startswith("CREATE TRIGGER")}
+    for name, table, sql in conn.execute(
+            "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"):
+        writes = _trigger_writes(sql or "")
+        written = sorted({model[w] for w in writes if w in model})
+        if table.lower() in model and not writes:  # a check: RAISE(ABORT, ...) on a bad row
+            raise SchemaError(
+                f"{path!r} has trigger {name!r} on the read-model table {table!r}, made "
+                f"outside the schema: a rebuild (or a new version) makes the table again "
+                f"without it, and the rule it enforces would silently stop. Drop it (DROP "
+                f"TRIGGER {_quote(name)}) and enforce the rule in the reducer (raise "
+                f"Rejected) or with a CHECK in the schema."
+            )
+        if table.lower() in model:
+            where, lost = f"on the read-model table {table!r}", "a rebuild would drop it"
+        elif written and name not in own:
+            where = (f"on {table!r} that writes the read-model table "
+                     f"{', '.join(map(repr, written))}")
+            lost = "a replay would not write what it wrote"
+        else:
+            continue
         raise SchemaError(
-            f"{path!r} has trigger {row[0]!r} on the read-model table {row[1]!r}, made "
+            f"{path!r} has trigger {name!r} {where}, made "
             f"outside the schema: what it writes would bypass the journal, so subscribers, "
-            f"history(), at() and replays (verify(), rebuild()) would not see it, and a "
-            f"rebuild would drop it. Drop it (DROP TRIGGER {_quote(row[0])}) and do its "
+            f"history(), at() and replays (verify(), rebuild()) would not see it, and "
+            f"{lost}. Drop it (DROP TRIGGER {_quote(name)}) and do its "
             f"work in a reducer (derived data such as a search index: in a subscriber)."
         )
+
+
+def _trigger_writes(sql: str) -> Set[str]:
+    """The tables a trigger's body writes (lower case): the names after INTO, UPDATE
+    [OR ...] and DELETE FROM (SQLite allows no schema name before them there)."""
+    tokens = [t for t in _sql_code(sql) if t != " "]
+    upper = [t.upper() for t in tokens]
+    body = upper.index("BEGIN") + 1 if "BEGIN" in upper else len(upper)
+    written = set()
+    for i in range(body, len(tokens) - 1):
+        j = i + 1
+        if upper[i] == "UPDATE" and upper[j] == "OR":
+            j += 2
+        elif upper[i] == "DELETE" and upper[j] == "FROM":
+            j += 1
+        elif upper[i] not in ("INTO", "UPDATE") or upper[j] == "SET":  # (DO UPDATE SET)
+            continue
+        if j < len(tokens) and tokens[j][0] in "\"`[":  # a quoted name
+            written.add(tokens[j][1:-1].replace(tokens[j][0] * 2, tokens[j][0]).lower())
+        elif j < len(tokens):  # (a word token runs on into a ';' or an operator)
+            written.add(re.split(r"[^\w$]", tokens[j], maxsplit=1)[0].lower())
+    return written
 
 
 def _check_finished(meta: Mapping[str, Any], path: str) -> None:

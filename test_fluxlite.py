@@ -11269,3 +11269,118 @@ def test_a_middleware_list_holding_a_non_function_names_the_item():
                 as caught:
             fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer, middleware=listed)
         assert item in str(caught.value) and "received [" not in str(caught.value)
+
+
+# -- regress: review of session 15's own changes -----------------------------------
+
+
+@pytest.mark.parametrize("schema", [
+    "CREATE TABLE t (k TEXT COLLATE NOCASE, v INT, PRIMARY KEY (k COLLATE NOCASE))",
+    "CREATE TABLE t (k TEXT, v INT, PRIMARY KEY (k COLLATE BINARY))",
+    "CREATE TABLE t (k TEXT COLLATE RTRIM, n INT, v INT, PRIMARY KEY (n, k COLLATE rtrim)) "
+    "WITHOUT ROWID",
+])
+def test_a_key_clause_repeating_the_columns_own_collate_is_taken(schema):
+    # The rule against a COLLATE inside PRIMARY KEY (...) refused these too, where the
+    # clause names the column's own collation: the key's index and a lookup by key
+    # compare alike, and live and replay agree.
+    with fluxlite.open(":memory:", schema=schema, reducer=_changes_reducer) as store:
+        row = {"k": "a", "v": 1} if "n INT" not in schema else {"k": "a", "n": 1, "v": 1}
+        store.dispatch("c", [["insert", "t", None, row]])
+        store.dispatch("c", [["upsert", "t", None, {**row, "k": "A", "v": 2}]])
+        store.verify()
+        store.rebuild()
+        store.verify()
+
+
+def test_a_hand_made_trigger_on_the_log_that_writes_a_model_table_is_refused(tmp_path):
+    # A trigger on a read-model table was refused on open, but one on `events` (or on
+    # any table outside the model) that writes a model table was taken: each dispatch
+    # wrote the model behind the journal, and verify() found a mismatch.
+    path = str(tmp_path / "s.db")
+    schema = ("CREATE TABLE Items (k TEXT PRIMARY KEY, v INT); "
+              "CREATE TABLE Stats (k TEXT PRIMARY KEY, n INT)")
+    with fluxlite.open(path, schema=schema, reducer=_changes_reducer) as store:
+        store.dispatch("c", [["insert", "Items", None, {"k": "a", "v": 1}]])
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE outbox (id TEXT)")  # outside the model: taken
+        conn.execute("CREATE TRIGGER out AFTER INSERT ON events BEGIN "
+                     "INSERT INTO outbox VALUES (new.id); END")
+        conn.commit()
+    with fluxlite.open(path, schema=schema, reducer=_changes_reducer) as store:
+        store.dispatch("c", [["update", "Items", "a", {"v": 2}]])
+        store.verify()
+    for body in ('INSERT OR REPLACE INTO "stats" VALUES (new.id, 1)',
+                 "UPDATE OR IGNORE [Stats] SET n = n + 1", "DELETE FROM stats"):
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("DROP TRIGGER IF EXISTS count")
+            conn.execute(f"CREATE TRIGGER count AFTER INSERT ON events BEGIN {body}; END")
+            conn.commit()
+        with pytest.raises(fluxlite.SchemaError, match="trigger 'count' on 'events' that "
+                                                       "writes the read-model table 'Stats'"):
+            fluxlite.open(path, schema=schema, reducer=_changes_reducer)
+    with fluxlite.open(path, readonly=True) as viewer:  # reading it still works
+        assert viewer.head == 2
+
+
+def test_a_failed_fork_into_an_empty_file_leaves_it_empty_for_the_retry(tmp_path, monkeypatch):
+    # fork() takes an empty file (tempfile.mkstemp()'s, say) as well as a new path; a
+    # failed fork removed a new path's half-made copy, but left an empty file it was
+    # given filled: the retry was refused, "that one has content". (Here the copy is
+    # made and then fails to open, as it may for want of disk space.)
+    path, copy_path = str(tmp_path / "s.db"), str(tmp_path / "copy.db")
+    schema = "CREATE TABLE t (k TEXT PRIMARY KEY, v INT)"
+    store = fluxlite.open(path, schema=schema, reducer=_changes_reducer)
+    store.dispatch("c", [["insert", "t", None, {"k": "a", "v": 1}]])
+    open(copy_path, "w").close()
+    real = fluxlite._open_connection
+
+    def failing(conn, *args, **kwargs):
+        conn.close()
+        raise fluxlite.StorageError("the copy could not be opened")
+    monkeypatch.setattr(fluxlite, "_open_connection", failing)
+    with pytest.raises(fluxlite.StorageError, match="could not be opened"):
+        store.fork(copy_path)
+    assert os.path.getsize(copy_path) == 0
+    assert sorted(os.listdir(tmp_path)) == ["copy.db", "s.db", "s.db-shm", "s.db-wal"]
+    monkeypatch.setattr(fluxlite, "_open_connection", real)
+    with store.fork(copy_path) as copy:
+        assert copy.head == 1
+        copy.verify()
+    store.close()
+
+
+def test_a_fork_of_a_store_that_gained_a_trigger_names_the_stores_file(tmp_path):
+    # A trigger added to a model table by another process while the store was open:
+    # fork() made the copy, then refused it naming the copy's path ("'copy.db' has
+    # trigger ..."), a file it had just removed; the trigger is in the store's file.
+    path, copy_path = str(tmp_path / "s.db"), str(tmp_path / "copy.db")
+    schema = "CREATE TABLE t (k TEXT PRIMARY KEY, v INT)"
+    with fluxlite.open(path, schema=schema, reducer=_changes_reducer) as store:
+        store.dispatch("c", [["insert", "t", None, {"k": "a", "v": 1}]])
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("CREATE TRIGGER tr AFTER UPDATE ON t BEGIN SELECT 1; END")
+            conn.commit()
+        with pytest.raises(fluxlite.SchemaError) as refused:
+            store.fork(copy_path)
+        assert repr(path) in str(refused.value) and "copy.db" not in str(refused.value)
+        assert not os.path.exists(copy_path)
+
+
+def test_a_hand_made_trigger_that_only_checks_rows_is_refused_saying_so(tmp_path):
+    # A trigger that only RAISEs on a bad row (SQLite's usual way to validate) writes
+    # nothing, but was refused as one whose writes "would bypass the journal": the
+    # refusal names what does happen (a rebuild drops it; its rule stops) and the fix.
+    path = str(tmp_path / "s.db")
+    schema = "CREATE TABLE t (k TEXT PRIMARY KEY, v INT)"
+    with fluxlite.open(path, schema=schema, reducer=_changes_reducer) as store:
+        store.dispatch("c", [["insert", "t", None, {"k": "a", "v": 1}]])
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TRIGGER no_negative BEFORE UPDATE ON t WHEN new.v < 0 "
+                     "BEGIN SELECT RAISE(ABORT, 'v < 0'); END")
+        conn.commit()
+    with pytest.raises(fluxlite.SchemaError) as refused:
+        fluxlite.open(path, schema=schema, reducer=_changes_reducer)
+    assert "rule it enforces would silently stop" in str(refused.value)
+    assert "raise Rejected" in str(refused.value) and "bypass" not in str(refused.value)
+
