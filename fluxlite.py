@@ -2570,6 +2570,11 @@ def _journal_rows(conn: sqlite3.Connection, after: int = 0) -> sqlite3.Cursor:
                         f"ORDER BY seq, n", (after,))
 
 
+def _stored_generation(conn: sqlite3.Connection) -> Optional[str]:
+    row = conn.execute("SELECT value FROM fluxlite_meta WHERE key = 'generation'").fetchone()
+    return None if row is None else str(row[0])
+
+
 class _Pages:
     """The rows of a table in key order, read a page at a time, each page a short
     read of its own (fetched whole, no statement left open).
@@ -3596,8 +3601,11 @@ class Store:
         self._ids = ids
         self._closed = False
         self._reducing_thread: Optional[int] = None
-        self._verify_progress_thread: Optional[int] = None  # in verify()'s progress=
-        self._progress_thread: Optional[int] = None  # in a progress= of verify() or rebuild()
+        # Sets of threads, not one: verify() replays without the store's lock, so two
+        # threads may be in these at once (each put back only what it changed).
+        self._verifying_threads: Set[int] = set()  # in verify()'s reducers and upcasters
+        self._verify_progress_threads: Set[int] = set()  # in verify()'s progress=
+        self._progress_threads: Set[int] = set()  # in a progress= of verify() or rebuild()
         self._subscribers: List[Tuple[Callable[[Event, List[Change]], Any],
                                       Optional[FrozenSet[str]]]] = []
         self._pending: Deque[Tuple[Event, List[Change]]] = collections.deque()
@@ -3693,7 +3701,7 @@ class Store:
             return row[0] or 0
 
     def __repr__(self) -> str:
-        reducing = self._reducing_thread == threading.get_ident()
+        reducing = self._reducing_thread == threading.get_ident() or self._in_verify_replay()
         state = "closed" if self._closed else "reducing" if reducing else f"head={self.head}"
         return f"<fluxlite.Store {self._path!r} {state}>"
 
@@ -3866,6 +3874,17 @@ class Store:
                 self._conn.close()
 
     def _check_open(self) -> None:
+        if self._closed:  # (tested here first: no call on every read and dispatch)
+            self._check_not_closed()
+        if (self._reducing_thread is not None and self._reducing_thread == threading.get_ident()
+                or self._verifying_threads and threading.get_ident() in self._verifying_threads):
+            raise UsageError(  # the authorizer alone misses statements already prepared
+                "A reducer may read only its view (view.<table>, view.query()), an "
+                "upcaster only its event: the store's log, head and methods are not there "
+                "when the log is replayed. Take what is needed from the event."
+            )
+
+    def _check_not_closed(self) -> None:
         if self._closed:
             if self._forked:
                 raise UsageError(
@@ -3874,12 +3893,6 @@ class Store:
                     f"is closed. Open the store again here, with fluxlite.open()."
                 )
             raise UsageError(f"The store {self._path!r} is closed; open it again to use it.")
-        if self._reducing_thread is not None and self._reducing_thread == threading.get_ident():
-            raise UsageError(  # the authorizer alone misses statements already prepared
-                "A reducer may read only its view (view.<table>, view.query()), an "
-                "upcaster only its event: the store's log, head and methods are not there "
-                "when the log is replayed. Take what is needed from the event."
-            )
 
     # -- dispatch --------------------------------------------------------------
 
@@ -4132,7 +4145,7 @@ class Store:
     def _check_not_in_progress(self, what: str) -> None:
         """Not from a progress= callback: verify() and rebuild() go on replaying the
         log they were reading (and rebuild() swaps the result in) when it returns."""
-        if self._progress_thread == threading.get_ident():
+        if self._progress_threads and threading.get_ident() in self._progress_threads:
             raise UsageError(f"{what} cannot run inside verify() or rebuild() (from their "
                              f"progress=): they go on with the log and the connection it "
                              f"would take from under them. Call it after they return.")
@@ -4261,28 +4274,51 @@ class Store:
         finally:
             self._reducing_thread = None
 
+    @contextlib.contextmanager
+    def _verify_replaying(self) -> Iterator[None]:
+        """_replaying() for verify(), whose replay runs mostly without the store's lock
+        (see _replay_beside): this thread is marked in a set of its own, which other
+        threads' dispatches (marking _reducing_thread meanwhile) leave alone."""
+        me = threading.get_ident()
+        try:
+            self._verifying_threads.add(me)
+            yield
+        finally:
+            self._verifying_threads.discard(me)
+
+    def _in_verify_replay(self) -> bool:
+        return bool(self._verifying_threads) and threading.get_ident() in self._verifying_threads
+
     def _unguarded(self, progress: Optional[Callable[[int], None]], verifying: bool = False
                    ) -> Optional[Callable[[int], None]]:
-        """A progress= callback, called from inside _replaying(): it is the caller's
-        own code, not a reducer, and may read the store as before. verify()'s may
-        not write to it: _check_not_verifying() refuses that."""
+        """A progress= callback, called from inside _replaying() (rebuild()) or
+        _verify_replaying() (``verifying``): it is the caller's own code, not a reducer,
+        and may read the store as before. verify()'s may not write to it:
+        _check_not_verifying() refuses that."""
         if progress is None:
             return None
 
         def call(seq: int) -> None:
-            self._reducing_thread = None
-            # Put back after: a verify() called from verify()'s progress= must not lift
-            # the outer one's rule when it returns.
-            outer_verify = self._verify_progress_thread
+            me = threading.get_ident()
             if verifying:
-                self._verify_progress_thread = threading.get_ident()
-            outer, self._progress_thread = self._progress_thread, threading.get_ident()
+                self._verifying_threads.discard(me)
+            else:
+                self._reducing_thread = None
+            # Only what this call added is taken away after: a verify() called from
+            # verify()'s progress= must not lift the outer one's rule when it returns.
+            added = [marks for marks in ((self._verify_progress_threads,) if verifying else ())
+                     + (self._progress_threads,) if me not in marks]
             try:
+                for marks in added:
+                    marks.add(me)
                 progress(seq)
             finally:
-                self._progress_thread = outer
-                self._verify_progress_thread = outer_verify
-                self._reducing_thread = threading.get_ident()
+                for marks in added:
+                    marks.discard(me)
+                if verifying:
+                    self._verifying_threads.add(me)
+                else:
+                    self._reducing_thread = me
 
         return call
 
@@ -4291,16 +4327,18 @@ class Store:
         whole of verify(), not only once it reaches the last page of the log and its
         snapshot (where a write would be rolled back with it, or fail): else whether
         a progress= callback works would depend on the log's length."""
-        if self._verify_progress_thread == threading.get_ident():
+        if self._verify_progress_threads and threading.get_ident() in \
+                self._verify_progress_threads:
             raise UsageError(
                 f"verify()'s progress= callback may read the store {self._path!r} but not "
-                f"{what}: verify() compares in a snapshot that it then rolls back, and "
-                f"what is written into it would be lost with it. {instead} after "
+                f"{what}: verify() may compare in a snapshot of the store that it then "
+                f"rolls back, and what is written into it would be lost with it. {instead} after "
                 f"verify() returns."
             )
 
     def _check_dispatchable(self) -> None:
-        if self._reducing_thread is not None and self._reducing_thread == threading.get_ident():
+        if (self._reducing_thread is not None and self._reducing_thread == threading.get_ident()
+                or self._verifying_threads and threading.get_ident() in self._verifying_threads):
             raise UsageError(
                 "Reducers and upcasters may not dispatch: a reducer must be a pure "
                 "function of (view, event), an upcaster of the event. Return the changes "
@@ -5145,8 +5183,14 @@ class Store:
         seals as it goes: damage is a StorageError, and it is what is reported
         when the replay also fails.
         Replays into a temporary on-disk database, so memory stays flat in the
-        size of the log. ``progress(seq)`` is called every 1,000 events; it may
-        read the store, not write to it (a dispatch, preview, consumer, ack,
+        size of the log. For a file, the log is read and the live tables compared
+        through a second connection (the last page of the log and the tables in one
+        snapshot), without holding the store: its other threads dispatch and read
+        meanwhile. In memory, in a preview, or if this store's reset_to() or a
+        rebuild changes the file meanwhile, the replay runs (or runs again) through
+        the store's own connection, holding it throughout. ``progress(seq)`` is called
+        every 1,000 events (again from the start, if the replay runs again); it
+        may read the store, not write to it (a dispatch, preview, consumer, ack,
         rebuild or reset_to from it is a UsageError).
         """
         reducer = self._require_reducer("verify()")
@@ -5172,10 +5216,103 @@ class Store:
 
     def _replay_and_compare(self, reducer: Reducer, progress: Optional[Callable[[int], None]],
                             check_integrity: bool) -> List[str]:
-        """verify()'s replay: the differences found. The log is read in pages, each
-        a short read, so other processes' commits meanwhile can be checkpointed;
-        from the page that reaches the head on, one snapshot holds the rest of the
-        log and the live tables the replay is compared with."""
+        """verify()'s replay: the differences found. Through a second connection,
+        without the store's lock, where the file can be opened again (see
+        _replay_beside); else, or if this store's reset_to() or a rebuild changed the
+        file meanwhile, through the store's own connection, holding its lock."""
+        if not check_integrity:  # (inline: the file could not be opened again)
+            beside = self._reader_beside()
+            if beside is not None:
+                source, tables, generation, resets = beside
+                try:
+                    problems = self._replay_beside(reducer, progress, source, tables,
+                                                   generation, resets)
+                finally:
+                    source.close()
+                if problems is not None:
+                    return problems
+                _log.debug("verify(): the file was reset or rebuilt during the replay; "
+                           "replaying again, holding the store")
+        return self._replay_holding_lock(reducer, progress, check_integrity)
+
+    def _reader_beside(self) -> Optional[Tuple[sqlite3.Connection, Dict[str, _TableInfo],
+                                               Optional[str], int]]:
+        """A second connection to the store's file for verify(), with the tables, the
+        generation and the reset count it starts from; None where there is none to be
+        had: in memory, in a preview or another open transaction (its snapshot is the
+        one to verify), a moved file, one that cannot be opened again."""
+        with self._lock:
+            self._check_open()
+            if self._path in (":memory:", "") or self._previewing \
+                    or self._conn.in_transaction or not self._file_is_its_own():
+                return None
+            with _reading(self._path), _read_txn(self._conn):
+                self._check_model_current()
+                generation = _stored_generation(self._conn)
+            tables, resets = dict(self._model.tables), self._resets
+        try:
+            source = _connect_readonly(self._file)
+        except FluxliteError:
+            return None
+        if not self._file_is_its_own():  # replaced while it was being opened
+            source.close()
+            return None
+        return source, tables, generation, resets
+
+    def _replay_beside(self, reducer: Reducer, progress: Optional[Callable[[int], None]],
+                       source: sqlite3.Connection, tables: Dict[str, _TableInfo],
+                       generation: Optional[str], resets: int) -> Optional[List[str]]:
+        """verify()'s replay through ``source``, a second connection, in pages, without
+        the store's lock: the store's other threads dispatch and read meanwhile (held
+        for the whole replay, it stopped them for seconds; held for the comparison
+        alone, still 0.25 s at 100,000 rows). From the page that reaches
+        the head on, one snapshot of ``source`` holds the rest of the log and the live
+        tables compared: one head for both. None if this store's reset_to() or a
+        rebuild (by any store) changed the file meanwhile: what was replayed may be
+        another log."""
+        replica = _scratch_model(self._schema, "", journal=False)
+        try:
+            # The snapshot begins at its first read after BEGIN, not at BEGIN: other
+            # processes' commits meanwhile can still be checkpointed until then.
+            log = self._read_log(sealed=True, at_end=lambda: source.execute("BEGIN"),
+                                 conn=source)
+            try:
+                self._replay_verified(replica, reducer, progress, log)
+            except FluxliteError:  # damage, or a failing reducer: or another log by now?
+                if self._changed_since(source, generation, resets):
+                    return None
+                raise
+            if self._changed_since(source, generation, resets):  # (in the snapshot)
+                return None
+            with _reading(self._path):
+                return _compare(_Model(source, tables, threading.RLock()), replica)
+        finally:
+            # The snapshot first: a Ctrl-C raised as the replica's close() returned
+            # would leave it open, holding the WAL against checkpoints.
+            try:
+                if source.in_transaction:
+                    source.execute("ROLLBACK")
+            finally:
+                replica.conn.close()
+
+    def _changed_since(self, source: sqlite3.Connection, generation: Optional[str],
+                       resets: int) -> bool:
+        """Whether this store's reset_to() or a rebuild changed the file since verify()
+        began. The generation as ``source`` reads it (in its snapshot, at the end);
+        resets are counted under the lock, which reset_to() holds from its copy to its
+        count: one whose copy ``source`` read from is counted by then."""
+        with _reading(self._path):
+            stored = _stored_generation(source)
+        with self._lock:
+            self._check_not_closed()  # by another thread meanwhile: as before, an error
+            return self._resets != resets or stored != generation
+
+    def _replay_holding_lock(self, reducer: Reducer, progress: Optional[Callable[[int], None]],
+                             check_integrity: bool) -> List[str]:
+        """verify()'s replay through the store's own connection, holding its lock. The
+        log is read in pages, each a short read, so other processes' commits meanwhile
+        can be checkpointed; from the page that reaches the head on, one snapshot holds
+        the rest of the log and the live tables the replay is compared with."""
         conn = self._conn
         with self._lock:
             self._check_open()  # again: another thread may have closed it meanwhile
@@ -5189,21 +5326,9 @@ class Store:
                     log = self._read_log(sealed=True, at_end=(lambda: conn.execute("BEGIN"))
                                          if owned else None)  # checks the seals as it goes
                     try:
-                        with self._replaying():
-                            _apply_events(replica, reducer, log, journal=False,
-                                          progress=self._unguarded(progress, True))
+                        self._replay_verified(replica, reducer, progress, log)
                     except StorageError:
                         self._check_model_current()  # a rebuild meanwhile is not damage
-                        raise
-                    except FluxliteError as replay_error:
-                        # A damaged event can fail its reducer before the end of its seal's
-                        # range is reached: read on, so damage is reported as damage.
-                        try:
-                            with self._replaying():  # (upcasters run on what is read)
-                                collections.deque(log, maxlen=0)
-                        except StorageError as damage:
-                            self._check_model_current()
-                            raise damage from replay_error
                         raise
                     self._check_model_current()  # in the snapshot: the model replayed
                     return _compare(self._model, replica)
@@ -5215,6 +5340,25 @@ class Store:
                             conn.execute("ROLLBACK")
                     finally:
                         replica.conn.close()
+
+    def _replay_verified(self, replica: _Model, reducer: Reducer,
+                         progress: Optional[Callable[[int], None]], log: Iterator[Event]) -> None:
+        """Replay ``log`` (its seals checked as it is read) into ``replica``."""
+        try:
+            with self._verify_replaying():
+                _apply_events(replica, reducer, log, journal=False,
+                              progress=self._unguarded(progress, True))
+        except StorageError:
+            raise
+        except FluxliteError as replay_error:
+            # A damaged event can fail its reducer before the end of its seal's
+            # range is reached: read on, so damage is reported as damage.
+            try:
+                with self._verify_replaying():  # (upcasters run on what is read)
+                    collections.deque(log, maxlen=0)
+            except StorageError as damage:
+                raise damage from replay_error
+            raise
 
     def replay(self, upto: Optional[int] = None, *,
                into: Union[str, "os.PathLike[str]"] = ":memory:") -> "Store":
@@ -5377,13 +5521,16 @@ class Store:
         return seq
 
     def _read_log(self, after: int = 0, sealed: bool = False,
-                  at_end: Optional[Callable[[], Any]] = None) -> Iterator[Event]:
+                  at_end: Optional[Callable[[], Any]] = None,
+                  conn: Optional[sqlite3.Connection] = None) -> Iterator[Event]:
         """The log's events after ``after``, read in pages (see _Pages, and its
-        ``at_end``); ``sealed``: all of them, seals checked."""
-        rows: Iterator[Sequence[Any]] = _event_pages(self._conn, after, at_end)
+        ``at_end``); ``sealed``: all of them, seals checked. Through ``conn``, if
+        given (verify()'s second connection), else the store's own."""
+        through = self._conn if conn is None else conn
+        rows: Iterator[Sequence[Any]] = _event_pages(through, after, at_end)
         if sealed:
             assert after == 0
-            rows = _sealed(self._conn, self._path, rows)
+            rows = _sealed(through, self._path, rows)
         with _reading(self._path):
             for row in rows:
                 yield self._upcast(_event_from_row(row))

@@ -11384,3 +11384,181 @@ def test_a_hand_made_trigger_that_only_checks_rows_is_refused_saying_so(tmp_path
     assert "rule it enforces would silently stop" in str(refused.value)
     assert "raise Rejected" in str(refused.value) and "bypass" not in str(refused.value)
 
+
+
+# --- verifylock: verify() replays beside the store, not holding it -----------------------
+
+def _puts(store, count, prefix="p"):
+    store.dispatch_many([{"type": "put", "payload": {"id": f"{prefix}{n}", "n": n}}
+                         for n in range(count)])
+
+
+def _in_a_thread(call, seconds=5):
+    """Run ``call`` in another thread; its outcome, or "waiting" if it had not
+    returned after ``seconds`` (it waited for a lock the caller holds)."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # noqa: BLE001 (reported to the test)
+            outcome.append(exc)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return outcome[0] if outcome else "waiting"
+
+
+def test_verify_lets_the_stores_other_threads_dispatch_and_read_meanwhile(tmp_path):
+    """verify() held the store's lock for its whole replay: in an application every
+    other thread's dispatch and read waited (no dispatch in 10.75 s of a verify of
+    100,000 events). From the progress= callback, mid-replay, another thread now
+    dispatches and reads; what it wrote is in the snapshot verify() compares."""
+    with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=items_reducer) as store:
+        _puts(store, 2500)
+        seen = []
+
+        def meanwhile(seq):
+            seen.append(_in_a_thread(lambda: (
+                store.dispatch("put", {"id": f"meanwhile{seq}", "n": seq}).seq,
+                store.view.items.count())))
+        store.verify(progress=meanwhile)
+        assert seen == [(2501, 2501), (2502, 2502)]
+        assert store.head == 2502
+
+
+def test_verify_replays_again_after_a_reset_by_another_thread_meanwhile(tmp_path):
+    # The log verify() was reading is replaced under it: the events after the
+    # checkpoint's head are others. The replay so far is of a log that is no more; it
+    # is not damage, nor a mismatch: verify() replays again, holding the store.
+    with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=items_reducer) as store:
+        _puts(store, 600)
+        saved = store.checkpoint()
+        _puts(store, 1900, prefix="q")
+        done = []
+
+        def reset_and_write_others(seq):
+            if not done:
+                done.append(_in_a_thread(lambda: (store.reset_to(saved),
+                                                  _puts(store, 2000, prefix="r"))))
+        store.verify(progress=reset_and_write_others)
+        assert done == [(None, None)] and store.head == 2600
+        store.verify()
+
+
+def test_verify_replays_again_after_a_rebuild_by_another_thread_meanwhile(tmp_path):
+    with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=items_reducer) as store:
+        _puts(store, 2500)
+        store._conn.execute("UPDATE items SET n = -1 WHERE id = 'p7'")  # a hand edit
+        done = []
+
+        def rebuild_it(seq):
+            if not done:  # the rebuild repairs the hand edit before verify() compares
+                done.append(_in_a_thread(store.rebuild))
+        store.verify(progress=rebuild_it)
+        assert done == [None]
+
+
+def test_a_reducer_run_by_verify_may_not_read_the_store_while_others_dispatch(tmp_path):
+    # A reducer's rule (it reads only its view) was kept by one attribute naming the
+    # thread reducing, which each dispatch sets and clears: with verify() replaying
+    # beside the store, another thread's dispatch meanwhile would lift it for verify().
+    outcome = []
+    holder = {}
+
+    def probing(view, event):
+        store = holder.get("store")
+        if store is not None and event.payload["id"] == "p1000" and not outcome:
+            outcome.append(_in_a_thread(lambda: store.dispatch("put", {"id": "x", "n": 0}).seq))
+            try:
+                outcome.append(store.head)
+            except fluxlite.UsageError as exc:
+                outcome.append(str(exc))
+        return items_reducer(view, event)
+    with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=probing) as store:
+        _puts(store, 2500)
+        holder["store"] = store
+        store.verify()
+        assert outcome[0] == 2501 and "A reducer may read only its view" in outcome[1]
+        assert store.dispatch("put", {"id": "y", "n": 1}).seq == 2502  # nothing left marked
+
+
+def test_close_by_another_thread_while_verify_replays_beside_it(tmp_path):
+    store = fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=items_reducer)
+    _puts(store, 2500)
+    closed = []
+
+    def close_it(seq):
+        if not closed:
+            closed.append(_in_a_thread(store.close))
+    with pytest.raises(fluxlite.UsageError, match="is closed"):
+        store.verify(progress=close_it)
+    assert closed == [None]
+
+
+def test_verify_of_a_readonly_store_and_in_memory_and_from_a_preview(tmp_path):
+    # The paths verify() keeps: through the store's own connection where there is no
+    # second one to be had (in memory; a preview's open transaction is its snapshot).
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        _puts(store, 1500)
+        with fluxlite.open(path, schema=ITEMS, reducer=items_reducer, readonly=True) as reader:
+            seen = []
+            reader.verify(progress=lambda seq: seen.append(
+                _in_a_thread(lambda: store.dispatch("put", {"id": f"w{seq}", "n": 0}).seq)))
+            assert seen == [1501]
+    with fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer) as memory:
+        _puts(memory, 1500)
+        memory.verify()
+    verified = []
+
+    def verifying(store):
+        def wrap(next):
+            def handle(event):
+                if event["type"] == "check":
+                    store.verify()
+                    verified.append(store._conn.in_transaction)
+                    return None
+                return next(event)
+            return handle
+        return wrap
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer,
+                       middleware=[verifying]) as store:
+        store.preview("check")
+        assert verified == [True] and store.head == 1501
+
+
+def test_progress_callbacks_of_two_threads_at_once_leave_no_rule_behind(tmp_path):
+    # The rules of a progress= callback were kept by one attribute each, put back as
+    # the callback returned: with verify() beside the store, another thread's verify()
+    # progress= may be running as this one's starts, and end before it; putting back
+    # its own would lift this one's rule, and then leave its mark behind.
+    with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=items_reducer) as store:
+        _puts(store, 2500)
+        b_in, a_in, b_saw_a = threading.Event(), threading.Event(), []
+
+        def b_progress(seq):
+            if not b_in.is_set():
+                b_in.set()
+                b_saw_a.append(a_in.wait(5))
+        other = threading.Thread(target=store.verify, kwargs={"progress": b_progress},
+                                 daemon=True)
+        other.start()
+        assert b_in.wait(5)
+        refused = []
+
+        def a_progress(seq):
+            if not a_in.is_set():
+                a_in.set()
+                other.join(5)  # B leaves its progress= and its verify() meanwhile
+                try:
+                    store.dispatch("put", {"id": "late", "n": 0})
+                except fluxlite.UsageError as exc:
+                    refused.append(str(exc))
+        assert _in_a_thread(lambda: store.verify(progress=a_progress), 10) is None
+        assert b_saw_a == [True] and not other.is_alive()
+        assert len(refused) == 1 and "progress= callback may read" in refused[0]
+        assert (store._progress_threads, store._verify_progress_threads,
+                store._verifying_threads) == (set(), set(), set())
+        assert store.dispatch("put", {"id": "late", "n": 0}).seq == 2501
+        store.verify()
