@@ -77,6 +77,7 @@ __all__ = [
     "Busy",
     "Change",
     "ChangesetError",
+    "Checkpoint",
     "CollectionReducer",
     "Conflict",
     "Consumer",
@@ -4133,14 +4134,14 @@ class Store:
         finally:
             source.close()
 
-    def checkpoint(self) -> _Checkpoint:
+    def checkpoint(self) -> Checkpoint:
         """Remember the whole store (in memory), to come back with reset_to()."""
         with self._lock:
             self._check_open()
             self._check_not_previewing("checkpoint()")
             copy = sqlite3.connect(":memory:", check_same_thread=False)
             self._conn.backup(copy)
-            return _Checkpoint(copy, self.head)
+            return Checkpoint(copy, self.head)
 
     def _check_not_in_progress(self, what: str) -> None:
         """Not from a progress= callback: verify() and rebuild() go on replaying the
@@ -4159,7 +4160,7 @@ class Store:
                              f"the preview's transaction is still open. Call it after "
                              f"preview() returns.")
 
-    def reset_to(self, checkpoint: _Checkpoint) -> None:
+    def reset_to(self, checkpoint: Checkpoint) -> None:
         """Put the whole store back as it was at checkpoint() (log included).
 
         For test suites: cheap rollback between tests of an on-disk store.
@@ -4169,7 +4170,7 @@ class Store:
         their position. Subscribers are not told either: a copy of the tables a
         subscriber keeps must be refilled from the store.
         """
-        if not isinstance(checkpoint, _Checkpoint):
+        if not isinstance(checkpoint, Checkpoint):
             raise UsageError(
                 f"reset_to() takes what store.checkpoint() returned; received "
                 f"{_describe(checkpoint)}."
@@ -4188,14 +4189,14 @@ class Store:
             # event past a gap in seq, under a seal that did not match (a damaged file).
             self._head_cache = None
             try:
-                with checkpoint.lock:
-                    self._check_fits(_read_meta(checkpoint.conn))
+                with checkpoint._lock:
+                    self._check_fits(_read_meta(checkpoint._conn))
                     self._check_page_size(checkpoint)
                     before = _read_meta(self._conn).get("generation", 0)
                     try:
                         # Python's backup() retries a locked file for ever; after
                         # busy_timeout it is Busy here, as for every other write.
-                        checkpoint.conn.backup(self._conn, progress=_refuse_locked)
+                        checkpoint._conn.backup(self._conn, progress=_refuse_locked)
                     except sqlite3.Error:
                         raise
                     except BaseException:  # Ctrl-C (in _refuse_locked, or as it returned):
@@ -4223,13 +4224,13 @@ class Store:
                 cursor.reset_to(head)
             self._resets, self._reset_head = self._resets + 1, head
 
-    def _check_page_size(self, checkpoint: _Checkpoint) -> None:
+    def _check_page_size(self, checkpoint: Checkpoint) -> None:
         """SQLite's backup copies into a WAL file, or an in-memory database that holds
         anything, only at its own page size (else it answers "readonly"): a checkpoint
         of a store with other pages cannot go back."""
         if self._file == "":  # a temporary file, not in WAL mode: its pages may change
             return
-        theirs = checkpoint.conn.execute("PRAGMA page_size").fetchone()[0]
+        theirs = checkpoint._conn.execute("PRAGMA page_size").fetchone()[0]
         ours = self._page_size()
         if theirs != ours:
             raise UsageError(
@@ -5376,7 +5377,7 @@ class Store:
         _check_path(file)
         present = _present(file) if file != ":memory:" else {}
         created = file != ":memory:" and not present[""]
-        blank: Optional[_Checkpoint] = None
+        blank: Optional[Checkpoint] = None
         if not created and file != ":memory:" and os.path.getsize(file) > 0:
             # Looked at read-only first: opening it with this store's schema would
             # rebuild its read model before its events could be counted.
@@ -5451,8 +5452,8 @@ class Store:
                                 raise UsageError(f"another writer added events to {file!r} "
                                                  f"meanwhile (head {last[0]})")
                         # Not reset_to(): the copy may hold another schema (the file's own).
-                        with target._lock, blank.lock:
-                            blank.conn.backup(target._conn, progress=_refuse_locked)
+                        with target._lock, blank._lock:
+                            blank._conn.backup(target._conn, progress=_refuse_locked)
                     except Exception as exc:  # the replay's error is the one to report
                         _log.warning("replay(into=%r) failed, and its copied events could "
                                      "not be removed: %s", file, exc)
@@ -5915,23 +5916,31 @@ class _Frame:
     calls: List[List[Optional[FluxliteError]]] = dataclasses.field(default_factory=list)
 
 
-class _Checkpoint:
-    """A copy of a whole store in memory, from Store.checkpoint()."""
+class Checkpoint:
+    """A copy of a whole store in memory, from Store.checkpoint(), for reset_to().
+
+    ``seq`` is the head it was taken at; ``close()`` frees the copy (a checkpoint
+    dropped without it is closed by the collector)."""
 
     def __init__(self, conn: sqlite3.Connection, seq: int) -> None:
-        self.conn, self.seq = conn, seq
-        self.lock = threading.Lock()  # held by reset_to() while it copies from conn
+        self._conn, self.seq = conn, seq
+        self._lock = threading.Lock()  # held by reset_to() while it copies from _conn
         # A checkpoint dropped without close() (as test suites do) closes its copy:
         # left to the collector, Python 3.13 warns "unclosed database", which
         # -W error or pytest's filterwarnings=error makes a failure.
         weakref.finalize(self, conn.close)
 
     def close(self) -> None:
-        with self.lock:  # closing a connection SQLite is reading crashes the process
-            self.conn.close()
+        """Free the copy; reset_to() it afterwards is a UsageError."""
+        with self._lock:  # closing a connection SQLite is reading crashes the process
+            self._conn.close()
 
     def __repr__(self) -> str:
         return f"<fluxlite checkpoint at seq {self.seq}>"
+
+
+# Its name before it was public: a type annotation naming it keeps working.
+_Checkpoint = Checkpoint
 
 
 def _watch_loop(store_ref: "weakref.ReferenceType[Store]") -> None:
@@ -6927,6 +6936,7 @@ def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Mod
     # References SQLite's own enforcement let through (a reference whose type
     # differs from what it references): the rebuild is not to blame for those.
     already = _broken_references(conn, {n.lower() for n in meta["tables"]})
+    dropped = _handmade_indexes(conn, meta["schema"], meta["tables"])
     for name in meta["tables"]:
         conn.execute(f"DROP TABLE main.{_quote(name)}")
     names = _create_schema(conn, schema, new=False)  # checked when the scratch was made
@@ -6945,7 +6955,39 @@ def _swap_model(conn: sqlite3.Connection, schema: str, version: Any, model: _Mod
     _reseal_journal(conn)
     generation = int(meta.get("generation", 0)) + 1
     _write_meta(conn, schema=schema, tables=names, version=version, generation=generation)
+    for name, table, sql in dropped:
+        _log.warning("the rebuild dropped index %r on the read-model table %r: the schema "
+                     "does not declare it (made by hand?), and the tables are made anew "
+                     "from the schema. To keep it, add it to the schema: %s;",
+                     name, table, sql)
     return generation
+
+
+def _handmade_indexes(conn: sqlite3.Connection, schema: str,
+                      tables: Sequence[str]) -> List[Tuple[str, str, str]]:
+    """The indexes on read-model tables that ``schema`` does not declare (made with
+    another SQLite tool, for a query): (name, table, sql) each. A rebuild makes the
+    tables anew from the schema, so it drops them; a query that needed one is slow
+    again, and a UNIQUE one's rule is gone."""
+    if not tables:
+        return []
+    marks = ", ".join("?" * len(tables))
+    found = conn.execute(f"SELECT name, tbl_name, sql FROM main.sqlite_master WHERE type = "
+                         f"'index' AND sql IS NOT NULL AND tbl_name COLLATE NOCASE IN "
+                         f"({marks}) ORDER BY name", tuple(tables)).fetchall()
+    if not found:
+        return []
+    scratch = sqlite3.connect(":memory:")
+    try:
+        _create_schema(scratch, schema, new=False)  # the schema's own, named by SQLite
+        declared = {r[0].lower() for r in scratch.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    except (sqlite3.Error, FluxliteError) as exc:  # accepted once: not expected
+        _log.debug("rebuild: the schema's indexes not listed: %s", exc)
+        return []
+    finally:
+        scratch.close()
+    return [(n, t, sql) for n, t, sql in found if n.lower() not in declared]
 
 
 def _carry_autoincrement(conn: sqlite3.Connection, model: _Model, names: Sequence[str]) -> None:
@@ -7356,6 +7398,40 @@ def _trigger_writes(sql: str) -> Set[str]:
     return written
 
 
+def _check_no_log_triggers(conn: sqlite3.Connection, path: str) -> None:
+    """A trigger on the log or on fluxlite's own tables, other than the log's own
+    append-only ones, made by hand: it fires inside fluxlite's transactions, where a
+    RAISE(IGNORE) before an event's insert let dispatch() return an event the log
+    never got (its row changes in, the seals damaged), and any write it makes misses
+    the journal and the seals. Refused before a dispatch fires it."""
+    own = tuple(s for s in _LOG_DDL if s.startswith("CREATE TRIGGER"))
+    marks = ", ".join("?" * len(own))
+    for row in conn.execute(f"SELECT name, tbl_name, sql FROM sqlite_master WHERE type = "
+                            f"'trigger' AND (tbl_name COLLATE NOCASE = 'events' OR tbl_name "
+                            f"LIKE 'fluxlite\\_%' ESCAPE '\\') AND sql NOT IN ({marks}) "
+                            f"ORDER BY name", own).fetchall():
+        if _only_writes_elsewhere(row[2] or ""):
+            continue  # an outbox: AFTER the row is in, writing only the application's tables
+        raise SchemaError(
+            f"{path!r} has trigger {row[0]!r} on fluxlite's table {row[1]!r}, made by "
+            f"hand: it fires inside every dispatch, and what it does (skipping the event's "
+            f"row, writing rows) would bypass the log's seals and the journal, leaving the "
+            f"file damaged. Drop it (DROP TRIGGER {_quote(row[0])}); to act on each event, "
+            f"subscribe to the store or follow its log."
+        )
+
+
+def _only_writes_elsewhere(sql: str) -> bool:
+    """Whether a trigger on the log runs AFTER its row is written (a RAISE(IGNORE)
+    there cannot take the row back) and writes none of fluxlite's tables: the
+    transactional outbox pattern, which leaves the log, seals and journal alone.
+    (One that writes the read model is refused by _check_no_triggers.)"""
+    upper = [t.upper() for t in _sql_code(sql) if t != " "]
+    timing = upper[:upper.index("ON")] if "ON" in upper else upper
+    return "AFTER" in timing and not any(
+        name == "events" or name.startswith("fluxlite_") for name in _trigger_writes(sql))
+
+
 def _check_finished(meta: Mapping[str, Any], path: str) -> None:
     """A replay(into=) commits about 1,000 events at a time: a process killed in the
     middle (no except clause runs then) leaves a store holding a part of the log,
@@ -7492,9 +7568,11 @@ def _check_adoptable_names(path: str, tables: Iterable[str]) -> None:
         )
 
 
-def _foreign_database(path: str) -> Optional[Tuple[List[str], str]]:
+def _foreign_database(path: str, adopt: bool) -> Optional[Tuple[List[str], str]]:
     """For an existing SQLite file with tables but no fluxlite log: its tables and
-    journal mode, read without changing it (opening for writing switches it to WAL)."""
+    journal mode, read without changing it (opening for writing switches it to WAL).
+    One with no tables that another program marked as its own is refused (unless
+    adopted), also before it is changed."""
     if path == ":memory:" or not os.path.isfile(path) or os.path.getsize(path) == 0:
         return None
     try:
@@ -7503,12 +7581,28 @@ def _foreign_database(path: str) -> Optional[Tuple[List[str], str]]:
             names = {r[0] for r in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            marks = (conn.execute("PRAGMA application_id").fetchone()[0],
+                     conn.execute("PRAGMA user_version").fetchone()[0])
         finally:
             conn.close()
     except (sqlite3.Error, UnicodeDecodeError):  # not SQLite, damaged, or not readable
         return None  # so: _connect() and _initialise() say what it is
     tables = sorted(names - {"sqlite_sequence"})
+    if not tables and not adopt and marks[0] != APPLICATION_ID and any(marks):
+        raise _marked_by_another(path, *marks)
     return None if "fluxlite_meta" in names or not tables else (tables, mode)
+
+
+def _marked_by_another(path: str, application_id: int, user_version: int) -> SchemaError:
+    """An empty database (no tables) is a new store, unless another program set its
+    header's marks: then it is that program's file, waiting for its tables, and
+    making it a store would overwrite them."""
+    return SchemaError(
+        f"{path!r} is a SQLite database with no tables that another program marked as "
+        f"its own (PRAGMA application_id = {application_id}, user_version = "
+        f"{user_version}; fluxlite's application_id is {APPLICATION_ID}). Choose a new "
+        f"file, or pass adopt=True to take it over (its marks are overwritten)."
+    )
 
 
 def _restore_triggers(conn: sqlite3.Connection) -> None:
@@ -7990,7 +8084,7 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
                      " that returns wrap(next), which returns handle(event)")
     version = _json_version(version)  # kept as stored, as payloads are: (1, 2) is [1, 2]
     _make_upcaster(upcasters)  # validates the dict early
-    foreign = None if readonly else _foreign_database(path)
+    foreign = None if readonly else _foreign_database(path, adopt)
     if foreign is not None and not adopt:
         raise _not_a_store(path, foreign[0])
     if foreign is not None:
@@ -8068,6 +8162,7 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                 _check_finished(meta, path)
                 if not readonly and reducer is not None:  # a store that can dispatch
                     _check_no_triggers(conn, path, meta["tables"])
+                    _check_no_log_triggers(conn, path)
                 tables = {n: _read_table_info(conn, n) for n in meta["tables"]}
                 wanted_schema = meta["schema"] if schema is None else schema
                 new_version = meta.get("version") if version is None else version
@@ -9134,62 +9229,65 @@ def _cmd_backup(args: Any) -> int:
 
 def _cmd_demo(args: Any) -> int:
     import shutil
+    made = args.dir is None or not os.path.isdir(args.dir)
     directory = args.dir or tempfile.mkdtemp(prefix="fluxlite-demo-")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "demo.db")
     if os.path.lexists(path):  # never someone's file, nor an earlier tour they kept
         raise _CliError(f"{path!r} exists; demo writes a new store. Name a new directory, "
                         f"or delete that file first.")
-    def say(text: str) -> None:
-        print(f"\n» {text}")
-
-    schema = "CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT);"
-
-    def reducer(view: View, event: Event) -> Any:
-        name = event.payload["name"]
-        if event.type == "addUser":
-            if name in view.users:
-                raise Rejected(f"{name} is already a user")
-            return view.users.insert(name=name)
-        if event.type == "grantAccess":
-            return view.users.update(name, role=event.payload["role"])
-        if event.type == "removeUser":
-            return view.users.delete(name)
-        return None
-
-    say(f"A store is one SQLite file: {path}")
-    store = open(path, schema=schema, reducer=reducer)
-    say("A subscriber hears every committed event with the changes it made:")
-    store.subscribe(lambda e, c: print(f"   heard #{e.seq} {e.type}: "
-                                       + "; ".join(f"{x.op} {x.table} {x.key}" for x in c)))
-    say("Dispatching events: each is one transaction (event + row changes).")
-    store.dispatch("addUser", {"name": "Barack"}, actor="demo")
-    store.dispatch("grantAccess", {"name": "Barack", "role": "President"}, actor="demo")
-    store.dispatch("addUser", {"name": "Joe"}, actor="demo")
-    say("A reducer refuses an event by raising Rejected; nothing is written:")
+    # What a failed tour made is removed (a full disk): a demo.db left behind would
+    # be refused by the next `demo DIR` as someone's file.
+    present = _present(path)
     try:
-        store.dispatch("addUser", {"name": "Joe"})
-    except Rejected as exc:
-        print(f"   Rejected: {exc} (head is still {store.head})")
-    say("The log, which is the source of truth:")
-    _print_rows([{"seq": e.seq, "type": e.type, "payload": e.payload} for e in store.events()])
-    say("Removing Barack, then time travel: the users table as it was after event 2:")
-    store.dispatch("removeUser", {"name": "Barack"})
-    with store.at(2) as past:
-        _print_rows(past.users.all())
-    say("Restoring the deleted row from the log, as a new event:")
-    restored = store.restore("users", "Barack")
-    assert restored is not None  # (only a middleware could have ended the dispatch)
-    print(f"   {restored.type}: {store.view.users.get('Barack')}")
-    store.close()
-    say("A new schema, no migration: reopening with version=2 rebuilds by replaying the log.")
+        _demo_tour(path)
+    except BaseException:
+        _remove_made(path, present)
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
+    if args.dir is None and not args.keep:
+        shutil.rmtree(directory, ignore_errors=True)
+        _say("Run `python -m fluxlite demo DIR` to keep the store, then "
+             "`python -m fluxlite log DIR/demo.db`.")
+    else:
+        _say(f"Look inside with: python -m fluxlite log {path}")
+    return 0
+
+
+def _say(text: str) -> None:
+    print(f"\n» {text}")
+
+
+def _demo_reducer(view: View, event: Event) -> Any:
+    name = event.payload["name"]
+    if event.type == "addUser":
+        if name in view.users:
+            raise Rejected(f"{name} is already a user")
+        return view.users.insert(name=name)
+    if event.type == "grantAccess":
+        return view.users.update(name, role=event.payload["role"])
+    if event.type == "removeUser":
+        return view.users.delete(name)
+    return None
+
+
+def _demo_tour(path: str) -> None:
+    """The demo's tour, in a new store at ``path``: each store closed on the way out,
+    also on a failure (whose caller removes the files)."""
+    schema = "CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT);"
+    _say(f"A store is one SQLite file: {path}")
+    with open(path, schema=schema, reducer=_demo_reducer) as store:
+        _demo_first_version(store)
+    _say("A new schema, no migration: reopening with version=2 rebuilds by replaying the log.")
     schema2 = "CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT, title TEXT);"
 
     def reducer2(view: View, event: Event) -> Any:
         if event.type == "grantAccess":
             role = event.payload["role"]
             return view.users.update(event.payload["name"], role=role, title=f"The {role}")
-        return reducer(view, event)
+        return _demo_reducer(view, event)
 
     def restore_v2(event: Event) -> Event:  # the restore event carries a v1 row
         row = event.payload["row"]
@@ -9203,15 +9301,32 @@ def _cmd_demo(args: Any) -> int:
               upcasters={RESTORE: restore_v2}) as store:
         _print_rows(store.view.users.all())
         store.verify()
-        say(f"verify(): replaying all {store.head} events gives exactly the live tables.")
-    if args.dir is None and not args.keep:
-        shutil.rmtree(directory, ignore_errors=True)
-        say("Run `python -m fluxlite demo DIR` to keep the store, then "
-            "`python -m fluxlite log DIR/demo.db`.")
-    else:
-        say(f"Look inside with: python -m fluxlite log {path}")
-    return 0
+        _say(f"verify(): replaying all {store.head} events gives exactly the live tables.")
 
+
+def _demo_first_version(store: Store) -> None:
+    _say("A subscriber hears every committed event with the changes it made:")
+    store.subscribe(lambda e, c: print(f"   heard #{e.seq} {e.type}: "
+                                       + "; ".join(f"{x.op} {x.table} {x.key}" for x in c)))
+    _say("Dispatching events: each is one transaction (event + row changes).")
+    store.dispatch("addUser", {"name": "Barack"}, actor="demo")
+    store.dispatch("grantAccess", {"name": "Barack", "role": "President"}, actor="demo")
+    store.dispatch("addUser", {"name": "Joe"}, actor="demo")
+    _say("A reducer refuses an event by raising Rejected; nothing is written:")
+    try:
+        store.dispatch("addUser", {"name": "Joe"})
+    except Rejected as exc:
+        print(f"   Rejected: {exc} (head is still {store.head})")
+    _say("The log, which is the source of truth:")
+    _print_rows([{"seq": e.seq, "type": e.type, "payload": e.payload} for e in store.events()])
+    _say("Removing Barack, then time travel: the users table as it was after event 2:")
+    store.dispatch("removeUser", {"name": "Barack"})
+    with store.at(2) as past:
+        _print_rows(past.users.all())
+    _say("Restoring the deleted row from the log, as a new event:")
+    restored = store.restore("users", "Barack")
+    assert restored is not None  # (only a middleware could have ended the dispatch)
+    print(f"   {restored.type}: {store.view.users.get('Barack')}")
 
 
 def _parser() -> Any:

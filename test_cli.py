@@ -1190,3 +1190,38 @@ def test_log_and_tail_that_match_nothing_say_so_in_columns_and_print_nothing_as_
         assert capsys.readouterr().out == "", args
     assert fluxlite.main(["log", db, "--limit", "1"]) == 0
     assert "(no events)" not in capsys.readouterr().out
+
+
+# -- leftovers: what a failed backup or demo made is undone --------------------------
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="RLIMIT_FSIZE is POSIX")
+def test_backup_onto_an_empty_file_on_a_full_disk_leaves_it_empty(work):
+    # An empty DEST is allowed (it counts as new), but a failed backup left its partial
+    # copy in it, and the retry was refused: "'copy.db' exists".
+    size = (work / "app.db").stat().st_size
+    (work / "copy.db").write_bytes(b"")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "fluxlite", "backup", "app.db", "copy.db"],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=60,
+                            preexec_fn=_files_cannot_grow_past(size // 2))
+    assert result.returncode == 1 and "disk" in result.stderr, result.stderr
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith("copy.db")) == ["copy.db"]
+    assert (work / "copy.db").stat().st_size == 0
+    assert "backed up 5 events" in cli("backup", "app.db", "copy.db", cwd=work).stdout
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="RLIMIT_FSIZE is POSIX")
+def test_demo_on_a_full_disk_leaves_no_store_behind_and_can_run_again(tmp_path):
+    # It left DIR/demo.db (and its -wal, -shm), and the next `demo DIR` refused to
+    # start: "demo.db exists".
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for limit in (0, 45000, 100000):  # the first open, a dispatch, the reopen at version 2
+        folder = tmp_path / f"at{limit}"
+        result = subprocess.run([sys.executable, "-m", "fluxlite", "demo", str(folder)],
+                                capture_output=True, text=True, timeout=60, env=env,
+                                preexec_fn=_files_cannot_grow_past(limit))
+        assert result.returncode != 0, (limit, result.stdout)
+        assert not folder.exists() or not list(folder.iterdir()), (limit, result.stderr)
+    folder = tmp_path / "at0"
+    assert "verify()" in cli("demo", str(folder), cwd=tmp_path).stdout
+    assert (folder / "demo.db").stat().st_size > 0
