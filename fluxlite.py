@@ -7407,11 +7407,20 @@ def _check_no_log_triggers(conn: sqlite3.Connection, path: str) -> None:
     own = tuple(s for s in _LOG_DDL if s.startswith("CREATE TRIGGER"))
     marks = ", ".join("?" * len(own))
     for row in conn.execute(f"SELECT name, tbl_name, sql FROM sqlite_master WHERE type = "
-                            f"'trigger' AND (tbl_name COLLATE NOCASE = 'events' OR tbl_name "
-                            f"LIKE 'fluxlite\\_%' ESCAPE '\\') AND sql NOT IN ({marks}) "
-                            f"ORDER BY name", own).fetchall():
-        if _only_writes_elsewhere(row[2] or ""):
+                            f"'trigger' AND sql NOT IN ({marks}) ORDER BY name", own).fetchall():
+        ours = row[1].lower() == "events" or row[1].lower().startswith("fluxlite_")
+        if not _writes_fluxlites(row[2] or "") and (
+                not ours or _trigger_timing(row[2] or "") == "AFTER"):
             continue  # an outbox: AFTER the row is in, writing only the application's tables
+        if not ours:  # on the application's table, an outbox's trigger may fire it
+            raise SchemaError(
+                f"{path!r} has trigger {row[0]!r} on {row[1]!r} that writes fluxlite's own "
+                f"tables, made by hand: fired inside a dispatch (by a trigger on the log "
+                f"writing {row[1]!r}), or by any write, what it writes bypasses the log's "
+                f"seals and the journal, leaving the file damaged. Drop it (DROP TRIGGER "
+                f"{_quote(row[0])}); to act on each event, subscribe to the store or follow "
+                f"its log."
+            )
         raise SchemaError(
             f"{path!r} has trigger {row[0]!r} on fluxlite's table {row[1]!r}, made by "
             f"hand: it fires inside every dispatch, and what it does (skipping the event's "
@@ -7421,15 +7430,26 @@ def _check_no_log_triggers(conn: sqlite3.Connection, path: str) -> None:
         )
 
 
-def _only_writes_elsewhere(sql: str) -> bool:
-    """Whether a trigger on the log runs AFTER its row is written (a RAISE(IGNORE)
-    there cannot take the row back) and writes none of fluxlite's tables: the
-    transactional outbox pattern, which leaves the log, seals and journal alone.
-    (One that writes the read model is refused by _check_no_triggers.)"""
+def _writes_fluxlites(sql: str) -> bool:
+    """Whether a trigger's body writes the log or one of fluxlite's own tables."""
+    return any(name == "events" or name.startswith("fluxlite_")
+               for name in _trigger_writes(sql))
+
+
+def _trigger_timing(sql: str) -> str:
+    """BEFORE, AFTER or INSTEAD of a trigger's CREATE statement (upper case; BEFORE
+    when it names none). Read at its place, right after the trigger's name: AFTER
+    may be the name itself (CREATE TRIGGER after BEFORE INSERT ...), or a column's
+    in UPDATE OF, or in a WHEN clause, and none of those makes a trigger run after."""
     upper = [t.upper() for t in _sql_code(sql) if t != " "]
-    timing = upper[:upper.index("ON")] if "ON" in upper else upper
-    return "AFTER" in timing and not any(
-        name == "events" or name.startswith("fluxlite_") for name in _trigger_writes(sql))
+    at = upper.index("TRIGGER") + 1 if "TRIGGER" in upper else len(upper)
+    if upper[at:at + 3] == ["IF", "NOT", "EXISTS"]:
+        at += 3
+    at += 1  # the name; then the rest of a schema-qualified one (main . x, "main".x, main."x")
+    while at < len(upper) and (upper[at].startswith(".") or upper[at - 1].endswith(".")):
+        at += 1
+    word = upper[at] if at < len(upper) else ""
+    return word if word in ("BEFORE", "AFTER", "INSTEAD") else "BEFORE"
 
 
 def _check_finished(meta: Mapping[str, Any], path: str) -> None:

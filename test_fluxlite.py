@@ -11738,3 +11738,76 @@ def test_an_outbox_trigger_after_the_log_is_taken_but_not_one_that_writes_fluxli
                 fluxlite.open(path, schema=SCHEMA, reducer=reducer)
             conn.execute(f"DROP TRIGGER {name}")
             conn.commit()
+
+
+# --- regress2: hand-made triggers that fool the timing check, or write fluxlite's tables ---
+
+def _with_sql(path, *statements):
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        for statement in statements:
+            conn.execute(statement)
+        conn.commit()
+
+
+def test_a_before_trigger_named_after_on_the_log_is_refused(tmp_path):
+    # The timing was looked for anywhere before ON: a BEFORE INSERT trigger named
+    # "after" (SQLite takes AFTER as a name) passed for an outbox, and its
+    # RAISE(IGNORE) made dispatch() return seq 2, the log's head still 1.
+    for number, trigger in enumerate([
+            "CREATE TRIGGER after BEFORE INSERT ON events BEGIN SELECT RAISE(IGNORE); END",
+            "CREATE TRIGGER main.after BEFORE INSERT ON events BEGIN SELECT RAISE(IGNORE); END",
+            "CREATE TRIGGER after INSERT ON events BEGIN SELECT RAISE(IGNORE); END",
+            "CREATE TRIGGER t BEFORE UPDATE OF after ON events BEGIN SELECT RAISE(IGNORE); END"]):
+        path = str(tmp_path / f"s{number}.db")
+        with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+            store.dispatch("addUser", {"name": "Barack"})
+        _with_sql(path, trigger)
+        with pytest.raises(fluxlite.SchemaError, match="on fluxlite's table 'events'"):
+            fluxlite.open(path, schema=SCHEMA, reducer=reducer)
+
+
+def test_the_timing_of_a_trigger_is_read_after_its_name():
+    timing = fluxlite._trigger_timing
+    assert timing("CREATE TRIGGER after BEFORE INSERT ON events BEGIN SELECT 1; END") == "BEFORE"
+    assert timing("CREATE TRIGGER after INSERT ON events BEGIN SELECT 1; END") == "BEFORE"
+    assert timing('CREATE TRIGGER "main" . "after" /* AFTER */ BEFORE INSERT ON events '
+                  'WHEN 1 BEGIN SELECT 1; END') == "BEFORE"
+    assert timing("CREATE TRIGGER t BEFORE INSERT ON events WHEN 'AFTER' BEGIN SELECT 1; END"
+                  ) == "BEFORE"
+    assert timing("CREATE TRIGGER IF NOT EXISTS before AFTER INSERT ON events BEGIN SELECT 1; "
+                  "END") == "AFTER"
+    assert timing('CREATE TRIGGER [a b]/*x*/AFTER INSERT ON events BEGIN SELECT 1; END') == "AFTER"
+
+
+def test_an_outbox_trigger_named_oddly_is_still_taken(tmp_path):
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        store.dispatch("addUser", {"name": "Barack"})
+    _with_sql(path, "CREATE TABLE outbox (id TEXT)",
+              'CREATE TRIGGER "before" AFTER INSERT ON events BEGIN '
+              "INSERT INTO outbox VALUES (new.id); END")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        event = store.dispatch("addUser", {"name": "Joe"})
+        store.verify()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT id FROM outbox").fetchall() == [(event.id,)]
+
+
+def test_a_trigger_on_the_outbox_that_writes_fluxlites_tables_is_refused(tmp_path):
+    # An outbox trigger on the log (taken) writes the outbox, whose own trigger,
+    # made by hand, emptied the journal inside every dispatch: the file damaged (a
+    # later verify() a StorageError). Only triggers ON the log were looked at.
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        store.dispatch("addUser", {"name": "Barack"})
+    _with_sql(path, "CREATE TABLE outbox (id TEXT)",
+              "CREATE TRIGGER out AFTER INSERT ON events BEGIN "
+              "INSERT INTO outbox VALUES (new.id); END",
+              "CREATE TRIGGER chain AFTER INSERT ON outbox BEGIN "
+              "DELETE FROM fluxlite_journal; END")
+    with pytest.raises(fluxlite.SchemaError, match="'chain' on 'outbox' that writes fluxlite"):
+        fluxlite.open(path, schema=SCHEMA, reducer=reducer)
+    _with_sql(path, "DROP TRIGGER chain")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        store.dispatch("addUser", {"name": "Joe"})
+        store.verify()
