@@ -11779,13 +11779,18 @@ def test_the_timing_of_a_trigger_is_read_after_its_name():
     assert timing('CREATE TRIGGER [a b]/*x*/AFTER INSERT ON events BEGIN SELECT 1; END') == "AFTER"
 
 
-def test_an_outbox_trigger_named_oddly_is_still_taken(tmp_path):
+def _one_user_and_an_outbox(tmp_path, *triggers):
+    """A store on disk with one event, and an outbox table with these triggers."""
     path = str(tmp_path / "s.db")
     with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
         store.dispatch("addUser", {"name": "Barack"})
-    _with_sql(path, "CREATE TABLE outbox (id TEXT)",
-              'CREATE TRIGGER "before" AFTER INSERT ON events BEGIN '
-              "INSERT INTO outbox VALUES (new.id); END")
+    _with_sql(path, "CREATE TABLE outbox (id TEXT)", *triggers)
+    return path
+
+
+def test_an_outbox_trigger_named_oddly_is_still_taken(tmp_path):
+    path = _one_user_and_an_outbox(tmp_path, 'CREATE TRIGGER "before" AFTER INSERT ON events '
+                                             'BEGIN INSERT INTO outbox VALUES (new.id); END')
     with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
         event = store.dispatch("addUser", {"name": "Joe"})
         store.verify()
@@ -11797,14 +11802,10 @@ def test_a_trigger_on_the_outbox_that_writes_fluxlites_tables_is_refused(tmp_pat
     # An outbox trigger on the log (taken) writes the outbox, whose own trigger,
     # made by hand, emptied the journal inside every dispatch: the file damaged (a
     # later verify() a StorageError). Only triggers ON the log were looked at.
-    path = str(tmp_path / "s.db")
-    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
-        store.dispatch("addUser", {"name": "Barack"})
-    _with_sql(path, "CREATE TABLE outbox (id TEXT)",
-              "CREATE TRIGGER out AFTER INSERT ON events BEGIN "
-              "INSERT INTO outbox VALUES (new.id); END",
-              "CREATE TRIGGER chain AFTER INSERT ON outbox BEGIN "
-              "DELETE FROM fluxlite_journal; END")
+    path = _one_user_and_an_outbox(
+        tmp_path, "CREATE TRIGGER out AFTER INSERT ON events BEGIN "
+                  "INSERT INTO outbox VALUES (new.id); END",
+        "CREATE TRIGGER chain AFTER INSERT ON outbox BEGIN DELETE FROM fluxlite_journal; END")
     with pytest.raises(fluxlite.SchemaError, match="'chain' on 'outbox' that writes fluxlite"):
         fluxlite.open(path, schema=SCHEMA, reducer=reducer)
     _with_sql(path, "DROP TRIGGER chain")
