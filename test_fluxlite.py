@@ -11812,3 +11812,159 @@ def test_a_trigger_on_the_outbox_that_writes_fluxlites_tables_is_refused(tmp_pat
     with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
         store.dispatch("addUser", {"name": "Joe"})
         store.verify()
+
+
+# -- replayspeed: the replay's fast paths (verify(), rebuild()) and the SQL cache ------------
+
+
+def test_an_update_of_a_table_with_a_column_named_update_updates_the_row(tmp_path):
+    # The SQL cache held an update's statement under ("update",) + its columns: the
+    # key of an earlier insert of the columns ("update", "x"), whose INSERT then ran
+    # for update(1, x="b"), adding a row instead of changing one (live and in replay).
+    schema = 'CREATE TABLE t (id INTEGER PRIMARY KEY, "update" TEXT, x TEXT)'
+
+    def reduce(view, event):
+        if event.type == "add":
+            return view.t.insert({"update": "u", "x": "a"})  # SQLite picks the id
+        return view.t.update(1, x="b")
+
+    with fluxlite.open(str(tmp_path / "u.db"), schema=schema, reducer=reduce) as store:
+        store.dispatch("add")
+        store.dispatch("set")
+        assert store.query("SELECT * FROM t") == [{"id": 1, "update": "u", "x": "b"}]
+        store.verify()
+        store.rebuild()
+        assert store.query("SELECT * FROM t") == [{"id": 1, "update": "u", "x": "b"}]
+
+
+_SPEED_SCHEMA = """
+CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL, price REAL,
+                    qty INTEGER DEFAULT 1, tag TEXT DEFAULT 'none');
+CREATE TABLE pairs (a TEXT, b INTEGER, v TEXT, PRIMARY KEY (a, b));
+CREATE TABLE words (w TEXT PRIMARY KEY, n INTEGER);
+"""
+
+
+def _speed_reducer(view, event):
+    p = event.payload
+    if event.type == "item":  # the fast path's case, and its neighbours
+        return view.items.insert(p)
+    if event.type == "pair":  # a composite key: not the fast path
+        return view.pairs.insert(p)
+    if event.type == "word":
+        return [view.words.insert(p), view.words.update(p["w"], n=p["n"] + 1)]
+    if event.type == "keyless":  # SQLite assigns the id
+        return view.items.insert(name=p["name"])
+    return None
+
+
+def test_rebuild_writes_the_journal_the_dispatches_wrote(tmp_path):
+    """A rebuild's fast insert keeps in the journal the row as stored: with the
+    defaults filled in, a REAL column's int as SQLite stores it (1.0: the slow
+    path reads it back), keyless and composite-key inserts; byte for byte what
+    the live dispatches wrote, and verify() agrees before and after."""
+    target = str(tmp_path / "j.db")
+    with fluxlite.open(target, schema=_SPEED_SCHEMA, reducer=_speed_reducer) as store:
+        store.dispatch_many([
+            {"type": "item", "payload": {"id": 1, "name": "a", "price": 2.5}},
+            {"type": "item", "payload": {"id": 2, "name": "b", "price": 3}},  # REAL: 3.0
+            {"type": "item", "payload": {"id": 3, "name": "c", "price": None, "qty": 7,
+                                         "tag": "t"}},
+            {"type": "item", "payload": {"name": "d", "id": 4}},  # another column order
+            {"type": "keyless", "payload": {"name": "e"}},
+            {"type": "pair", "payload": {"a": "x", "b": 1, "v": "é\u2028"}},
+            {"type": "word", "payload": {"w": "hi", "n": 1}},
+        ])
+        store.dispatch("item", {"id": 6, "name": "f", "price": -0.0})  # stored as 0.0
+        store.dispatch("item", {"id": 7, "name": "g", "price": 1e300, "qty": True})
+        journal = store.query("SELECT * FROM fluxlite_journal ORDER BY seq, n")
+        tables = store.query("SELECT * FROM items ORDER BY id")
+        store.verify()
+        store.rebuild()
+        assert store.query("SELECT * FROM fluxlite_journal ORDER BY seq, n") == journal
+        assert store.query("SELECT * FROM items ORDER BY id") == tables
+        store.verify()
+    with fluxlite.open(target, schema=_SPEED_SCHEMA, reducer=_speed_reducer) as store:
+        store.verify()  # the rebuild's seals, from the file
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"id": 1, "name": "again"}, r"insert into 'items' of key 1 which already exists"),
+    ({"id": 2, "name": "x", "price": float("nan")}, r"Column items\.price received nan"),
+    ({"id": 2, "name": "x", "price": 2**70}, r"outside SQLite's 64-bit"),
+    ({"id": 2, "name": "x", "price": b"1"}, r"must be None, bool, int, float or str"),
+    ({"id": None, "name": "x"}, r"a key is a single value, received None"),
+    ({"id": 2, "name": "x", "nope": 1}, r"names unknown column\(s\) 'nope'"),
+    ({"id": 2, "name": None}, r"NOT NULL"),
+])
+@pytest.mark.parametrize("how", ["verify", "rebuild"])
+def test_a_replayed_insert_is_checked_as_a_live_one(tmp_path, bad, message, how):
+    """The replay's fast insert refuses what the full checks refuse, with their
+    message (the reducer changed since: it now returns ``bad`` for event 2)."""
+    changed = {"on": False}
+
+    def reduce(view, event):
+        if changed["on"] and event.seq == 2:
+            return view.items.insert(bad) if "nope" not in bad else \
+                fluxlite.Change("insert", "items", None, bad)
+        return _speed_reducer(view, event)
+
+    with fluxlite.open(str(tmp_path / "r.db"), schema=_SPEED_SCHEMA, reducer=reduce) as store:
+        store.dispatch("item", {"id": 1, "name": "a"})
+        store.dispatch("item", {"id": 2, "name": "b"})
+        changed["on"] = True
+        with pytest.raises(fluxlite.ChangesetError, match=message) as caught:
+            getattr(store, how)()
+        assert "while replaying event 2" in str(caught.value)
+        assert store.query("SELECT id, name FROM items ORDER BY id") == [
+            {"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+
+
+@pytest.mark.parametrize("edit", [
+    "UPDATE events SET id = CAST(id AS BLOB) WHERE seq = 2",
+    "UPDATE events SET type = CAST(type AS BLOB) WHERE seq = 3",
+    "UPDATE events SET seq = seq WHERE seq = 2",  # (no change: passes)
+    "UPDATE fluxlite_journal SET key = CAST(key AS BLOB) WHERE seq = 2",
+    "UPDATE fluxlite_journal SET n = 'zero' WHERE seq = 3",
+    "UPDATE fluxlite_journal SET after = CAST(after AS BLOB) WHERE seq = 2",
+])
+@pytest.mark.parametrize("batched", [False, True])
+def test_verify_hashes_a_value_of_another_type_by_its_type(tmp_path, edit, batched):
+    """verify() encodes the rows it reads back a row at a time where their values
+    have the types fluxlite writes; a value edited to another type (the same text
+    as a BLOB, text for a number) is hashed by its type, so the seal tells."""
+    target = str(tmp_path / "t.db")
+    events = [{"type": "item", "payload": {"id": i, "name": f"n{i}"}} for i in (1, 2, 3)]
+    with fluxlite.open(target, schema=_SPEED_SCHEMA, reducer=_speed_reducer) as store:
+        if batched:
+            store.dispatch_many(events)
+        else:
+            for event in events:
+                store.dispatch(event["type"], event["payload"])
+    _by_hand(target, edit)
+    with fluxlite.open(target, schema=_SPEED_SCHEMA, reducer=_speed_reducer) as store:
+        if "seq = seq" in edit:
+            store.verify()
+            return
+        with pytest.raises(fluxlite.StorageError, match="do not match"):
+            store.verify()
+
+
+def test_the_read_back_encoders_give_encode_rows_bytes_for_any_types():
+    """What verify() hashes of the rows it reads must be _encode_rows' bytes
+    whatever the values' types: a log copied in (restore, import) or edited may
+    hold NULLs, BLOBs, REALs or numbers where fluxlite writes text."""
+    odd = [None, b"\x00ab", 1.5, -0.0, 7, "", "\udcff", "é\u2028", "#1;", "~"]
+    events = [(1, "id", "t", '{"a":1}', "{}", "2026-01-01T00:00:00.000000+00:00")]
+    journal = [(1, 0, "users", '"a"', "insert", None, '{"a":1}'),
+               (1, 1, "users", "1", "update", '{"a":1}', None)]
+    for i, value in enumerate(odd):
+        for column in range(6):
+            events.append(tuple(value if c == column else v for c, v in enumerate(events[0])))
+        for column in range(7):
+            journal.append(tuple(value if c == column else v
+                                 for c, v in enumerate(journal[i % 2])))
+    for rows in ([events[0]], events, events[1:4]):
+        assert fluxlite._encode_read_events(rows) == fluxlite._encode_rows(rows)
+    for rows in ([journal[0]], journal, journal[2:5]):
+        assert fluxlite._encode_read_journal(rows) == fluxlite._encode_rows(rows)
