@@ -4856,7 +4856,9 @@ def test_an_idle_follower_costs_next_to_nothing(tmp_path):
             cpu, wall = time.thread_time() - start_cpu, time.monotonic() - start
         finally:
             gc.enable()
-    assert wall >= 1.9 and cpu / wall < 0.02, (cpu, wall)
+    # Polling costs about 0.016 of the wall time here, and a CI run on a loaded machine
+    # measured 0.0215; a busy loop would be near 1, a poll three times as often ~0.05.
+    assert wall >= 1.9 and cpu / wall < 0.04, (cpu, wall)
 
 
 def test_follow_latency_from_another_process(tmp_path):
