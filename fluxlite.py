@@ -2051,7 +2051,8 @@ class _Model:
         as stored. None, nothing done, for any other change (or a row SQLite may
         store otherwise): _checked takes it."""
         values = change.values
-        if change.op != "insert" or change.key is not None or values.__class__ is not dict:
+        if change.op != "insert" or change.key is not None or values is None \
+                or values.__class__ is not dict:
             return None
         columns = tuple(values)
         sql = info.quiet_inserts.get(columns)
