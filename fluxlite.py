@@ -4197,14 +4197,13 @@ class Store:
             if not self._file_is_its_own():  # replaced while it was being opened
                 return False
             with _read_txn(source):
-                generation = source.execute(  # this read starts the snapshot copied
-                    "SELECT value FROM fluxlite_meta WHERE key = 'generation'").fetchone()
+                generation = _stored_generation(source)  # this read starts the snapshot copied
                 with self._lock:
                     self._check_open()
                     with _read_txn(self._conn):
                         self._check_model_current()
                     current = self._generation_text
-                if (generation[0] if generation else _dumps(0)) != current:
+                if (_dumps(0) if generation is None else generation) != current:
                     return False
                 source.backup(target)
             return True
