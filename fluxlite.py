@@ -4918,7 +4918,17 @@ class Store:
     def query(self, sql: str, params: Any = ()) -> List[Dict[str, Any]]:
         """Read-only SQL on the store (read model and log); rows as dicts."""
         self._check_open()
-        return self._model.query(sql, params)
+        try:
+            return self._model.query(sql, params)
+        except QueryError as exc:
+            if re.search(r"no such (table|column)", str(exc)):
+                # A table this store's code has, gone: another process rebuilt the
+                # file with other code. Said so (as the view's reads say), not "no
+                # such table", which reads as a typo in the SQL.
+                with self._lock:
+                    self._check_open()
+                    self._check_model_current()
+            raise
 
     def event(self, seq_or_id: Union[int, str]) -> Optional[Event]:
         """The event with this seq (int) or id (str), or None."""
@@ -8287,7 +8297,7 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                     f"The schema or version passed to open() differs from {path!r}'s; "
                     f"rebuilding the read model needs the reducer: pass reducer=."
                 )
-            _rebuild(store, wanted_schema, new_version)  # checks the reducer's tables
+            _rebuild_on_open(store, meta, wanted_schema, new_version)
         store._chain = _compose_chain(store, list(middleware))
         store._bare = not middleware
         store._reads_any_code = schema is None and version is None and reducer is None
@@ -8295,6 +8305,31 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
         conn.close()
         raise
     return store
+
+
+def _rebuild_on_open(store: Store, meta: Dict[str, Any], schema: str, version: Any) -> None:
+    """open()'s rebuild to the code it was given, said in the log (a deployment's
+    processes rebuilding the file back and forth show there), and named in its error:
+    a reducer's error alone does not tell that opening the store rebuilt it."""
+    theirs = meta.get("version")
+    older = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                for v in (theirs, version)) and version < theirs
+    _log.log(logging.WARNING if older else logging.INFO,
+             "open() is rebuilding the read model of %r from version %r to %s%r%s", store._path,
+             theirs, "the OLDER version " if older else "version ", version,
+             ": processes running the file's code will refuse to dispatch until reopened "
+             "with this code" if older else "")
+    target = f"version {version!r}" if not _same_json(theirs, version) else "another schema"
+    try:
+        _rebuild(store, schema, version)  # checks the reducer's tables
+    except FluxliteError as exc:
+        # The message amended in place: the type, __cause__ and traceback stay.
+        exc.args = (f"{exc.args[0] if exc.args else exc} [open() was rebuilding the read "
+                    f"model of {store._path!r} from version {theirs!r} to the code it was "
+                    f"given ({target}); the file is unchanged, its model still the one of "
+                    f"version {theirs!r}. If that code is older than the file's, open the "
+                    f"file with the code that built it.]",) + exc.args[1:]
+        raise
 
 
 ###############################################################################
@@ -9029,6 +9064,7 @@ def _cmd_dispatch(args: Any) -> int:
     meta = _parse_json(args.meta, "--meta") if args.meta is not None else None
     if not os.path.exists(args.db):
         raise _CliError(f"no such store file: {args.db!r}")
+    _check_built_with(args, app, "dispatch with")
     with open(args.db, app=app) as store:
         head = store.head
         event = store.dispatch(args.type, payload, meta=meta, id=args.id, actor=args.actor)
@@ -9048,15 +9084,27 @@ def _cmd_dispatch(args: Any) -> int:
     return 0
 
 
-def _cmd_verify(args: Any) -> int:
-    app = _load_app(args.app)
+def _check_built_with(args: Any, app: App, doing: str) -> None:
+    """verify, dispatch and import run the app's code on the file as it is: a file
+    built with other code is refused. Opened with the app, dispatch and import would
+    first rebuild the whole read model to the app's shape, unasked: an old checkout's
+    app (or a cron job's) would roll a deployment back, and every process running
+    the file's code would then refuse to dispatch. Changing the code is a rebuild's."""
     with open(args.db, readonly=True) as peek:
         built_with = (peek.schema, peek.version)
-    if not _same_code(app.schema, built_with[1] if app.version is None else app.version,
-                      *built_with):
+    version = built_with[1] if app.version is None else app.version
+    if not _same_code(app.schema, version, *built_with):
+        versions = ("" if _same_json(version, built_with[1]) else
+                    f" (the file's version is {built_with[1]!r}, the app's {version!r})")
         raise _CliError(f"{args.db!r} was built with another schema or version than "
-                        f"{args.app}'s; run `fluxlite rebuild {args.db} --app {args.app}` "
-                        f"first, or verify with the app the file was built with")
+                        f"{args.app}'s{versions}; run `fluxlite rebuild {args.db} --app "
+                        f"{args.app}` first to change its code on purpose, or {doing} the "
+                        f"app the file was built with")
+
+
+def _cmd_verify(args: Any) -> int:
+    app = _load_app(args.app)
+    _check_built_with(args, app, "verify with")
     with open(args.db, app=app, readonly=True) as store:
         head = store.head
         try:
@@ -9213,6 +9261,8 @@ def _imported_so_far(args: Any, count: int) -> str:
 def _import_into(args: Any, app: "App", added: List[int]) -> None:
     """_cmd_import's work; ``added[0]`` counts the events committed."""
     skipped, name = 0, _import_name(args.file)
+    if os.path.exists(args.db) and os.path.getsize(args.db):  # (a new store takes the app's)
+        _check_built_with(args, app, "import with")
     with open(args.db, app=app) as store:
         for batch in _import_batches(args.file):
             fresh: List[Tuple[int, _Prepared]] = []

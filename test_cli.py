@@ -1225,3 +1225,29 @@ def test_demo_on_a_full_disk_leaves_no_store_behind_and_can_run_again(tmp_path):
     folder = tmp_path / "at0"
     assert "verify()" in cli("demo", str(folder), cwd=tmp_path).stdout
     assert (folder / "demo.db").stat().st_size > 0
+
+
+# --- deploy: rolling out a new version of an application's code ---------------------
+
+
+def test_dispatch_and_import_with_old_code_refuse_a_file_the_new_code_rebuilt(work):
+    # Found by review (deploy): `fluxlite dispatch` with the app of the old code (an old
+    # checkout, a cron job) opened the file with it, which rebuilt the whole read model
+    # back to the old schema before dispatching, unasked, and every process running the
+    # new code then refused to dispatch. verify already refused; now all three do.
+    assert "version 2" in cli("rebuild", "app.db", "--app", "cliapp:APP2", cwd=work).stdout
+    (work / "events.jsonl").write_text(cli("export", "app.db", cwd=work).stdout)
+    before = db_bytes(work / "app.db")
+    for command in (["dispatch", "app.db", "addUser", '{"name": "old"}'],
+                    ["import", "app.db", "events.jsonl"]):
+        old = cli(*command, "--app", "cliapp:APP", cwd=work, check=False)
+        assert old.returncode == 1, old.stdout
+        assert "run `fluxlite rebuild app.db --app cliapp:APP` first" in old.stderr, old.stderr
+        assert db_bytes(work / "app.db") == before
+    with fluxlite.open(work / "app.db", readonly=True) as store:
+        assert store.version == 2
+    out = json.loads(cli("dispatch", "app.db", "addUser", '{"name": "new"}', "--app",
+                         "cliapp:APP2", cwd=work).stdout)
+    assert out["event"]["seq"] == 6
+    assert "imported 0 events (5 already" in cli("import", "app.db", "events.jsonl", "--app",
+                                                  "cliapp:APP2", cwd=work).stdout
