@@ -154,6 +154,7 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    Type,
     Union,
 )
 
@@ -4241,7 +4242,8 @@ class Store:
 
         For test suites: cheap rollback between tests of an on-disk store.
         Other connections to the file see the reset too. watch() and this
-        store's followers go on from the checkpoint's head; followers of other
+        store's followers go on from the checkpoint's head, its consumers from
+        their position in the checkpoint; followers of other
         stores (in this process or others) cannot tell, and wait for seqs past
         their position. Subscribers are not told either: a copy of the tables a
         subscriber keeps must be refilled from the store.
@@ -6252,8 +6254,11 @@ def _advance_consumer(conn: sqlite3.Connection, name: str, owner: str, seq: int,
                        (name,)).fetchone()
     if row is None or row[1] != owner:
         raise Conflict(
-            f"Consumer {_quoted(name)} lost its lease (now held by {row[1] if row else None!r}); "
-            f"nothing was acknowledged. Another worker took over; reopen the consumer."
+            f"Consumer {_quoted(name)} lost its lease (now held by {row[1]!r}); nothing was "
+            f"acknowledged. Another worker took over; reopen the consumer." if row and row[1]
+            else f"Consumer {_quoted(name)} lost its lease (no one holds it now: it was given "
+            f"up, or erased by a reset_to() of a checkpoint taken before the consumer was "
+            f"opened); nothing was acknowledged. Reopen the consumer."
         )
     conn.execute("UPDATE fluxlite_consumers SET position = ?, lease_until = ? WHERE name = ?",
                  (max(seq, row[0]), time.time() + lease, name))
@@ -6287,6 +6292,7 @@ class Consumer:
         self._finished = 0  # the last event a loop body saw through
         self._closed = False
         _LIVE_CONSUMERS[self._owner] = self  # first: while it lives, its lease is not free
+        self._resets = store._resets
         self.position = self._acquire()
         self._renewed = time.monotonic()
         store._leases[self._owner] = name  # store.close() gives it up
@@ -6338,7 +6344,22 @@ class Consumer:
         loop body saw through (_deliver skips those), whichever is later. Not from the
         ack alone: a worker that polls without acking each event read all those again
         at every poll (1 s a poll, 20,000 events past its ack), only to skip them."""
+        self._after_reset()
         return max(self.position, self._finished)
+
+    def _after_reset(self) -> None:
+        """After the store's reset_to(): the position the checkpoint holds. The one in
+        memory was of the history the reset erased: past it, the events dispatched
+        since the reset (the same seqs again) were skipped, and acked unseen. (A lease
+        the checkpoint does not hold is lost: the next ack says so, with Conflict.)"""
+        store = self.store
+        with store._lock:
+            if store._resets == self._resets or store._closed:
+                return
+            self._resets = store._resets
+            row = store._conn.execute("SELECT position FROM fluxlite_consumers "
+                                      "WHERE name = ?", (self.name,)).fetchone()
+            self.position = self._finished = self._yielded = row[0] if row else 0
 
     def _wait_renewing(self, timeout: Optional[float]) -> Iterator[Tuple[Event, List[Change]]]:
         cursor = _FollowCursor(self.store, self._start(), self._types)
@@ -6383,7 +6404,7 @@ class Consumer:
         # body an earlier iteration saw through (it asked for the next one, or ran to the
         # end): only an event whose body raised or broke out comes again, not every
         # event yielded since the last ack (a worker polling in a with block).
-        last = max(self.position, self._finished)
+        last = self._start()
         # A read that finds nothing new renews too: a worker polling a quiet log
         # (`for event, changes in consumer:` in a loop) would otherwise lose its name
         # to another process while it polls, and hit Conflict at its next event.
@@ -8500,6 +8521,12 @@ class Scenario:
                 f"the reducer did not run for the event: its id {event.id!r} was already "
                 f"logged as seq {event.seq}, so dispatch() returned that event and no "
                 f"changes. Give the when event an id of its own (or none).")
+        if lines and event.type in _BUILTIN_REDUCERS:
+            # Not "the reducer returned 0 changes": fluxlite applied the event itself.
+            raise AssertionError(
+                f"the event is a {event.type!r} event, which fluxlite applies itself: the "
+                f"reducer never sees it, so then() (which compares the reducer's changes) has "
+                f"none to compare. Check the rows it wrote with then_state().")
         if lines:
             # then() compares each change whole; a test that left columns out wanted
             # then_state(), which compares only the columns it is given.
@@ -8511,22 +8538,33 @@ class Scenario:
                                  + "\n".join(lines) + hint)
         return self
 
-    def then_rejected(self, match: Optional[str] = None) -> "Scenario":
+    def then_rejected(self, match: Optional[str] = None, *,
+                      error: Optional[Type[FluxliteError]] = None) -> "Scenario":
         """The event was refused with Rejected, or Forbidden by access control (whose
-        message matches ``match``, a regex)."""
+        message matches ``match``, a regex); with ``error`` (Forbidden, say), with that
+        class of error only."""
         if self._outcome is None:
             raise UsageError("Call when(event) before then_rejected().")
         if match is not None and not isinstance(match, str):
             raise UsageError(f"then_rejected(match=...) is a regular expression (a str) or "
-                             f"None; received {_describe(match)}.")
-        event, error = self._outcome
-        if not isinstance(error, (Rejected, Forbidden)):
-            got = (f"{type(error).__name__}: {error}" if error else f"accepted as seq {event.seq}"
-                   if event is not None else self._not_returned()
-                   or "ended by a middleware that did not call next()")
-            raise AssertionError(f"expected the event to be rejected, but it was {got}")
-        if match is not None and not re.search(match, str(error)):
-            raise AssertionError(f"rejected with {str(error)!r}, which does not match {match!r}")
+                             f"None; received {_describe(match)}"
+                             + (f". To name the error's class, pass error={match.__name__}."
+                                if isinstance(match, type) else "."))
+        if error is not None and not (isinstance(error, type) and issubclass(error, FluxliteError)):
+            raise UsageError(f"then_rejected(error=...) is a class of fluxlite error "
+                             f"(fluxlite.Forbidden, say) or None; received {_describe(error)}.")
+        event, refusal = self._outcome
+        # Rejected and Forbidden are not subclasses of each other: a test of access control
+        # names Forbidden, or a reducer's Rejected for another reason would pass it.
+        if not isinstance(refusal, error or (Rejected, Forbidden)):
+            got = (f"{type(refusal).__name__}: {refusal}" if refusal else
+                   f"accepted as seq {event.seq}" if event is not None else
+                   self._not_returned() or "ended by a middleware that did not call next()")
+            raise AssertionError("expected the event to be "
+                                 + (f"refused with {error.__name__}" if error else "rejected")
+                                 + f", but it was {got}")
+        if match is not None and not re.search(match, str(refusal)):
+            raise AssertionError(f"rejected with {str(refusal)!r}, which does not match {match!r}")
         return self
 
     def then_state(self, table: str, rows: Sequence[Mapping[str, Any]]) -> "Scenario":
@@ -8545,6 +8583,16 @@ class Scenario:
         if keyless:
             raise UsageError(f"then_state({table!r}): every expected row needs its primary key "
                              f"{info.pk}; {keyless[0]} has not.")
+        for r in rows:  # rows are matched by key: a matcher (ANY, approx()) cannot be one
+            try:
+                hash(info.key_of(r))
+            except TypeError:
+                raise UsageError(
+                    f"then_state({table!r}): rows are matched by their primary key "
+                    f"({', '.join(info.pk)}), so it must be the key's own value (str, int, "
+                    f"float); {dict(r)} has "
+                    f"{_describe(info.key_of(r))}. Give the key as stored; a matcher such as "
+                    f"unittest.mock.ANY or pytest.approx() fits the other columns.") from None
         unknown = sorted({c for r in rows for c in r} - info.column_set)
         if unknown:
             raise UsageError(f"then_state({table!r}): the table has no column(s) "
@@ -8556,22 +8604,48 @@ class Scenario:
             raise UsageError(f"then_state({table!r}): two expected rows have the key "
                              f"{info.key_of(twice)!r} (the second is {dict(twice)}); a table "
                              f"holds one row per key: give each row once.")
-        lines = []
-        for key in sorted(set(actual) | set(wanted), key=repr):
+        lines: List[str] = []
+        differing = [key for key in sorted(set(actual) | set(wanted), key=repr)
+                     if not (key in actual and key in wanted
+                             and all(actual[key][c] == wanted[key][c] for c in wanted[key]))]
+        for key in differing[:20]:  # the first rows say what is wrong; 10,000 lines do not
             a, w = actual.get(key), wanted.get(key)
-            if a is not None and w is not None and all(a[c] == w[c] for c in w):
-                continue
+            by = self._written_by(table, key)
             if a is None:
-                lines.append(f"  {key!r}: expected {w}, missing")
+                lines.append(f"  {key!r}: expected {w}, missing{by}")
             elif w is None:
-                lines.append(f"  {key!r}: unexpected row {a}")
+                lines.append(f"  {key!r}: unexpected row {a}{by}")
             else:
-                lines += [f"  {key!r}.{c}: expected {w[c]!r}, got {a[c]!r}"
+                lines += [f"  {key!r}.{c}: expected {w[c]!r}, got {a[c]!r}{by}"
                           for c in sorted(w) if a[c] != w[c]]
+        if len(differing) > 20:
+            lines.append(f"  ... and {len(differing) - 20} more rows that differ "
+                         f"({len(wanted)} expected, {len(actual)} in the table)")
         if lines:
             raise AssertionError(f"table {table!r} differs from the expected rows:\n"
-                                 + "\n".join(lines))
+                                 + "\n".join(lines) + self._refused_note())
         return self
+
+    def _written_by(self, table: str, key: Any) -> str:
+        """The event that last wrote (or deleted) the row: where to look in the reducer."""
+        try:
+            last = self.store._history(table, key, limit=1, reverse=True)
+            event = self.store.event(last[0].seq) if last else None
+        except FluxliteError:  # a key of the wrong shape for the table: no history to show
+            return ""
+        if event is None:
+            return ""
+        return (f" ({'deleted' if last[0].op == 'delete' else 'written'} by event "
+                f"{event.seq}, {event.type!r} {_quoted(event.payload)})")
+
+    def _refused_note(self) -> str:
+        """then_state() checks the rows whatever when() did: a refused when event made
+        no changes, which the diff alone does not say."""
+        error = self._outcome[1] if self._outcome is not None else None
+        if error is None:
+            return ""
+        return (f"\n(the when event was refused, so none of its changes were applied: "
+                f"{type(error).__name__}: {error})")
 
     def close(self) -> None:
         """Close the scenario's in-memory store."""
@@ -8584,9 +8658,10 @@ class Scenario:
         self.close()
 
 
-def scenario(schema: str, reducer: Union[Reducer, Mapping[str, CollectionReducer]], *,
+def scenario(schema: Optional[str] = None,
+             reducer: Union[None, Reducer, Mapping[str, CollectionReducer]] = None, *,
              upcasters: Optional[Mapping[str, Upcaster]] = None,
-             middleware: Sequence[Middleware] = ()) -> Scenario:
+             middleware: Sequence[Middleware] = (), app: Optional[App] = None) -> Scenario:
     """Test a reducer without ceremony: ``scenario(schema, reducer).given(...).when(...).then(...)``.
 
     Runs in memory with a deterministic clock and ids. ``then`` compares the
@@ -8594,7 +8669,23 @@ def scenario(schema: str, reducer: Union[Reducer, Mapping[str, CollectionReducer
     resulting rows; ``then_rejected`` a refusal. A failure raises
     AssertionError with a readable diff, so it works in pytest and unittest.
     ``middleware`` (access control, say) runs as it would in the store.
+    ``app`` (an App) gives schema, reducer, middleware and upcasters in one object:
+    a scenario of the application as it runs, its access control included.
     """
+    if app is not None:
+        if not isinstance(app, App):
+            raise UsageError(f"app must be a fluxlite.App; received {_describe(app)}.")
+        given = [name for name, value in (("schema", schema), ("reducer", reducer),
+                                          ("upcasters", upcasters), ("middleware", middleware))
+                 if value is not None and not (isinstance(value, (list, tuple, dict)) and not value)]
+        if given:
+            raise UsageError(f"Pass scenario() either app= or {', '.join(given)}, not both.")
+        schema, reducer = app.schema, app.reducer
+        upcasters, middleware = app.upcasters, app.middleware
+    if schema is None or reducer is None:
+        raise UsageError(f"scenario() needs the reducer to test and its schema (or app=, a "
+                         f"fluxlite.App); received schema {_describe(schema)} and reducer "
+                         f"{_describe(reducer)}.")
     return Scenario(schema, reducer, upcasters=upcasters, middleware=middleware)
 
 
