@@ -3799,6 +3799,10 @@ class Store:
         with self._lock:
             if not self._closed:
                 self._release_leases()
+                # Its consumers can use their names no more: free at once in this
+                # process even where the release above was left to run out.
+                for owner in list(self._leases):
+                    _LIVE_CONSUMERS.pop(owner, None)
                 self._closed = True
                 if self._checkpointer is not None:
                     self._checkpointer.stop()
@@ -4727,7 +4731,7 @@ class Store:
         if not same_code:
             differs = _code_difference(meta["schema"], meta.get("version"), self._schema,
                                        self._version)
-            raise SchemaError(
+            raise _rebuilt_by_other_code(
                 f"The read model of {self._path!r} was rebuilt by another process "
                 f"(or reset to a checkpoint of other code) with {differs}. Reopen it "
                 f"with the new code before dispatching, reading its past or rebuilding."
@@ -6201,6 +6205,19 @@ def _read_machine() -> str:
     return f"{socket.gethostname().replace('/', '_')}{namespace}"
 
 
+def _rebuilt_by_other_code(message: str) -> SchemaError:
+    """The SchemaError of a store whose file another process rebuilt with other code:
+    it can read the log but not the model until reopened. A consumer that meets it
+    gives its name up (Consumer._give_up) for the new code's process to take at once."""
+    error = SchemaError(message)
+    error._rebuilt_by_other_code = True  # type: ignore[attr-defined]
+    return error
+
+
+def _is_rebuilt_by_other_code(error: BaseException) -> bool:
+    return getattr(error, "_rebuilt_by_other_code", False) is True
+
+
 # Frees a consumer's name, only if this holder still has it (not one that took over).
 _RELEASE_LEASE = ("UPDATE fluxlite_consumers SET owner = NULL, lease_until = 0 "
                   "WHERE name = ? AND owner = ?")
@@ -6249,7 +6266,8 @@ def _holder_is_dead(owner: Optional[str]) -> bool:
 
 def _advance_consumer(conn: sqlite3.Connection, name: str, owner: str, seq: int,
                       lease: float = 30.0) -> None:
-    """Move a consumer's position to seq (renewing its lease), in the caller's transaction."""
+    """Move a consumer's position to seq (renewing its lease), in the caller's transaction.
+    A ``lease`` of 0 (a consumer that gave its name up) leaves the lease run out."""
     row = conn.execute("SELECT position, owner FROM fluxlite_consumers WHERE name = ?",
                        (name,)).fetchone()
     if row is None or row[1] != owner:
@@ -6260,8 +6278,12 @@ def _advance_consumer(conn: sqlite3.Connection, name: str, owner: str, seq: int,
             f"up, or erased by a reset_to() of a checkpoint taken before the consumer was "
             f"opened); nothing was acknowledged. Reopen the consumer."
         )
-    conn.execute("UPDATE fluxlite_consumers SET position = ?, lease_until = ? WHERE name = ?",
-                 (max(seq, row[0]), time.time() + lease, name))
+    # Never past the head: an event yielded before a reset_to() (by any store on the
+    # file) that rewound the log past it would otherwise be acked as a position that
+    # the log's next events reach, and the name would skip them, reopened or not.
+    conn.execute("UPDATE fluxlite_consumers SET position = min(?, (SELECT coalesce(max(seq), "
+                 "0) FROM events)), lease_until = ? WHERE name = ?",
+                 (max(seq, row[0]), time.time() + lease if lease else 0.0, name))
 
 
 class Consumer:
@@ -6291,6 +6313,7 @@ class Consumer:
         self._yielded = 0
         self._finished = 0  # the last event a loop body saw through
         self._closed = False
+        self._gave_up: Optional[str] = None  # why it can deliver no more (_give_up)
         _LIVE_CONSUMERS[self._owner] = self  # first: while it lives, its lease is not free
         self._resets = store._resets
         self.position = self._acquire()
@@ -6307,6 +6330,9 @@ class Consumer:
                         "SELECT position, owner, lease_until FROM fluxlite_consumers "
                         "WHERE name = ?", (self.name,)).fetchone()
                     position, owner, until = row if row else (0, None, 0.0)
+                    # Old code after another process rebuilt the file would hold the
+                    # name only to fail at its first read, keeping the new code out.
+                    store._check_model_current()
                     if owner not in (None, self._owner) and until > time.time() \
                             and not _lease_is_free(owner):
                         raise Busy(
@@ -6329,6 +6355,7 @@ class Consumer:
 
     def __iter__(self) -> Iterator[Tuple[Event, List[Change]]]:
         self._check_not_closed("iterating")
+        self._check_not_given_up()
         cursor = _FollowCursor(self.store, self._start(), self._types)
         return self._deliver(self.store._follow(cursor, 0))
 
@@ -6337,6 +6364,7 @@ class Consumer:
         lease is renewed while it waits, so an idle consumer keeps its name."""
         _check_timeout(timeout)
         self._check_not_closed("follow()")
+        self._check_not_given_up()
         return self._deliver(self._wait_renewing(timeout))
 
     def _start(self) -> int:
@@ -6410,17 +6438,22 @@ class Consumer:
         # to another process while it polls, and hit Conflict at its next event.
         if time.monotonic() - self._renewed > self._lease / 3 and not self._renew():
             return  # the store was closed
-        for event, changes in source:
-            if event.seq <= last:
-                continue
-            if self._closed:  # closed meanwhile (by the loop body, another thread): its
-                return  # name is given up, and another worker may be given these events
-            if time.monotonic() - self._renewed > self._lease / 3 and not self._renew():
-                return  # the store was closed
-            last = event.seq
-            self._yielded = max(self._yielded, event.seq)
-            yield event, changes
-            self._finished = max(self._finished, event.seq)  # the body went on: done
+        try:
+            for event, changes in source:
+                if event.seq <= last:
+                    continue
+                if self._closed:  # closed meanwhile (by the loop body, another thread): its
+                    return  # name is given up, and another worker may be given these events
+                if time.monotonic() - self._renewed > self._lease / 3 and not self._renew():
+                    return  # the store was closed
+                last = event.seq
+                self._yielded = max(self._yielded, event.seq)
+                yield event, changes
+                self._finished = max(self._finished, event.seq)  # the body went on: done
+        except SchemaError as exc:
+            if _is_rebuilt_by_other_code(exc):
+                self._give_up(exc)
+            raise
 
     def ack(self, event: Union[Event, int]) -> None:
         """Acknowledge everything up to this event (or seq): it will not come again."""
@@ -6432,7 +6465,8 @@ class Consumer:
             outermost = not store._conn.in_transaction
             try:
                 with _write_txn(store._conn):
-                    _advance_consumer(store._conn, self.name, self._owner, seq, self._lease)
+                    _advance_consumer(store._conn, self.name, self._owner, seq,
+                                      0.0 if self._gave_up else self._lease)
                     store._check_file()  # an ack into a replaced file would be lost
                 if seq > self.position:  # (no call: a Ctrl-C comes before or after it)
                     self.position = seq
@@ -6462,11 +6496,14 @@ class Consumer:
         store._check_dispatchable()
         _check_expect_seq(expect_seq)
         frames = store._frame_stack()
-        frame = _Frame(expect_seq, ack=(self.name, self._owner, seq, self._lease))
+        lease = 0.0 if self._gave_up else self._lease
+        frame = _Frame(expect_seq, ack=(self.name, self._owner, seq, lease))
         frames.append(frame)
         try:
             result: Optional[Event] = store._chain(action)
-        except FluxliteError:
+        except FluxliteError as exc:
+            if _is_rebuilt_by_other_code(exc):  # (nothing committed: the ack neither)
+                self._give_up(exc)
             raise
         except BaseException:  # Ctrl-C, maybe right after the COMMIT of event and ack
             if not frame.acked:
@@ -6494,6 +6531,34 @@ class Consumer:
                                       "WHERE name = ?", (self.name,)).fetchone()
         if row is not None and row[1] == self._owner:
             self.position = max(self.position, row[0])
+
+    def _give_up(self, exc: FluxliteError) -> None:
+        """The file's model is another code's now: this consumer can deliver nothing
+        more until its process reopens the store with that code. Its lease is made to
+        run out at once, so that the new code's process may take the name without
+        waiting for it (or being kept out forever by the renewals of a worker that
+        retries). The owner is kept until then: an ack of events it already yielded
+        (their work done) still lands if no one took the name meanwhile, and is a
+        Conflict, acking nothing, if one did (who is then given them again)."""
+        self._gave_up = str(exc)
+        store = self.store
+        with store._lock:
+            if store._closed or self._closed:
+                return
+            try:
+                with _write_txn(store._conn):
+                    store._conn.execute(
+                        "UPDATE fluxlite_consumers SET lease_until = 0 "
+                        "WHERE name = ? AND owner = ?", (self.name, self._owner))
+            except sqlite3.Error as why:  # (the lease runs out by itself: the error stands)
+                _log.debug("consumer %r: lease left to run out: %s", self.name, why)
+
+    def _check_not_given_up(self) -> None:
+        if self._gave_up is not None:
+            raise _rebuilt_by_other_code(
+                f"{self._gave_up} Consumer {_quoted(self.name)} gave its name up for "
+                f"that code's process to take; reopen the store with the new code and "
+                f"take the consumer there.")
 
     def _check_not_closed(self, what: str) -> None:
         if self._closed:  # its name is given up: an ack now would find another owner

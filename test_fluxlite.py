@@ -5003,8 +5003,11 @@ def test_closing_the_store_gives_up_its_consumers_leases(tmp_path):
         assert time.monotonic() - started < 2
         blocker.execute("ROLLBACK")
         blocker.close()
-        with pytest.raises(fluxlite.Busy):  # the leases were left to run out
-            elsewhere.consumer("c0")
+        # The leases were left to run out (for other processes); this process knows
+        # that the closed store's consumers can use them no more (review: consumers).
+        assert elsewhere.query("SELECT count(*) AS n FROM fluxlite_consumers "
+                               "WHERE owner IS NOT NULL")[0]["n"] == 3
+        elsewhere.consumer("c0").close()
 
 
 def test_a_consumer_dropped_without_close_does_not_hold_its_name(tmp_path):
@@ -12263,3 +12266,139 @@ def test_testkit_a_consumer_open_across_reset_to_goes_on_from_the_checkpoints_po
                                                     r"reset_to\(\)"):
             late.ack(1)
         saved.close()
+
+
+# --- consumers: durable consumers across the events that change their file ----------
+
+
+def test_consumers_old_code_gives_its_name_up_to_a_rebuilding_process(tmp_path):
+    # Found by review (consumers): after another process rebuilt the file with new
+    # code, an old-code worker that stays alive (it logs errors and retries) had its
+    # consumer raise SchemaError but kept (and, retrying, renewed) its lease: the new
+    # code's process got Busy for the name for as long as the old one lived.
+    _deploy_apps(tmp_path)
+    path = tmp_path / "app.db"
+    old_worker = textwrap.dedent('''
+        import sys, fluxlite, deploy_v1
+        store = deploy_v1.APP.open("app.db")
+        mailer = store.consumer("mailer")
+        for event, changes in mailer:
+            mailer.ack(event)
+        print("ready", flush=True)
+        for attempt in range(3):  # a worker that retries after an error
+            try:
+                for event, changes in mailer.follow(timeout=20):
+                    mailer.ack(event)
+            except fluxlite.SchemaError as exc:
+                print("refused", flush=True)
+        sys.stdin.readline()  # alive until told
+    ''')
+    import deploy_v1
+    import deploy_v2
+    with deploy_v1.APP.open(path) as first:
+        first.dispatch("put", {"item": "a", "count": 1})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.path.dirname(
+        os.path.abspath(fluxlite.__file__))])}
+    worker = subprocess.Popen([sys.executable, "-c", old_worker], cwd=tmp_path, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline() == "ready\n"
+        with deploy_v2.APP.open(path) as new:  # rebuilds the model with v2
+            new.dispatch("put", {"id": "b", "n": 2})
+            assert [worker.stdout.readline() for _ in range(3)] == ["refused\n"] * 3
+            with new.consumer("mailer") as mailer:  # was Busy for the old worker's life
+                assert [event.seq for event, _ in mailer] == [2]
+        worker.stdin.write("\n")
+        worker.stdin.flush()
+        assert worker.wait(timeout=30) == 0
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_consumers_an_ack_after_giving_the_name_up_lands_or_conflicts(tmp_path):
+    # The old code's consumer gives its name up but keeps it until another takes it:
+    # the work it did on events it had yielded can still be acked then (not done
+    # twice); once the new code took the name, such an ack is a Conflict and acks
+    # nothing, and the new holder gets those events (at-least-once, as documented).
+    _deploy_apps(tmp_path)
+    import deploy_v1
+    import deploy_v2
+    path = tmp_path / "app.db"
+    for late_ack in (True, False):
+        if path.exists():
+            path.unlink()
+        with deploy_v1.APP.open(path) as old:
+            for i in range(3):
+                old.dispatch("put", {"item": str(i), "count": i})
+            mailer = old.consumer("mailer")
+            first, second = [event for event, _ in itertools.islice(mailer.follow(0), 2)]
+            with deploy_v2.APP.open(path) as new:
+                new.dispatch("put", {"id": "z", "n": 9})
+                with pytest.raises(fluxlite.SchemaError, match="rebuilt by another process"):
+                    mailer.dispatch("put", {"item": "q", "count": 0}, ack=first)
+                with pytest.raises(fluxlite.SchemaError, match="gave its name up"):
+                    list(mailer)
+                with pytest.raises(fluxlite.SchemaError, match="rebuilt by another process"):
+                    old.consumer("mailer")  # old code takes the name no more
+                if late_ack:
+                    mailer.ack(second)  # its work was done: it lands
+                    with new.consumer("mailer") as taken:
+                        assert [event.seq for event, _ in taken] == [3, 4]
+                else:
+                    taken = new.consumer("mailer")
+                    with pytest.raises(fluxlite.Conflict, match="nothing was acknowledged"):
+                        mailer.ack(second)
+                    assert [event.seq for event, _ in taken] == [1, 2, 3, 4]
+                    taken.close()
+            mailer.close()
+
+
+def test_consumers_an_ack_across_a_reset_to_never_moves_the_file_past_the_head(tmp_path):
+    # Found by review (consumers): a worker's consumer (another store on the file)
+    # acked an event that a reset_to() had just rewound the log past: the file's
+    # position went past the head, and the consumer opened again after the reset, as
+    # the README says to, skipped the new events that took those seqs (never handled).
+    path = str(tmp_path / "items.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as harness, \
+            fluxlite.open(path, reducer=items_reducer) as worker:
+        harness.dispatch_many([{"type": "put", "payload": {"id": "a", "n": 1}}] * 2)
+        mailer = worker.consumer("mailer")
+        saved = harness.checkpoint()
+        for i in range(3):
+            harness.dispatch("put", {"id": f"old{i}", "n": i})
+        for event, _ in mailer:
+            if event.seq == 5:
+                harness.reset_to(saved)  # the test harness rewinds meanwhile
+            mailer.ack(event)
+        mailer.close()
+        assert harness.query("SELECT position FROM fluxlite_consumers") == [{"position": 2}]
+        for i in range(3):
+            harness.dispatch("put", {"id": f"new{i}", "n": i})
+        with harness.consumer("mailer") as again:
+            assert [event.payload["id"] for event, _ in again] == ["new0", "new1", "new2"]
+        saved.close()
+
+
+def test_consumers_of_a_closed_store_free_their_names_in_this_process_at_once(tmp_path):
+    # Found by review (consumers): store.close() frees its consumers' names waiting
+    # at most 0.1 s for the write lock, else leaves their leases to run out. A
+    # consumer still referenced (a worker's variable) then kept its name Busy for
+    # this process's next store for the whole lease, though it can never use it.
+    path = str(tmp_path / "items.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+    store = fluxlite.open(path, reducer=items_reducer)
+    mailer = store.consumer("mailer")
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer, as store.close() releases
+    try:
+        store.close()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    with fluxlite.open(path, reducer=items_reducer) as again:
+        with again.consumer("mailer") as taken:  # was Busy for 30 s
+            assert [event.seq for event, _ in taken] == [1]
+    with pytest.raises(fluxlite.UsageError, match="is closed"):
+        mailer.ack(0)
