@@ -1379,7 +1379,28 @@ class _TableInfo:
         return key
 
 
-def _read_table_info(conn: sqlite3.Connection, name: str) -> _TableInfo:
+def _table_infos(conn: sqlite3.Connection, names: Iterable[str]) -> Dict[str, _TableInfo]:
+    """_read_table_info of each table, with sqlite_master read once: a lookup of one
+    name in it reads it all, which made open() and at() quadratic in the tables
+    (3,000 tables: 2 s of lookups in open(), 6 s in at())."""
+    sql_of = dict(conn.execute(
+        "SELECT name, CAST(sql AS BLOB) FROM sqlite_master WHERE type = 'table'"))
+    return {n: _read_table_info(conn, n, _utf8(sql_of.get(n))) for n in names}
+
+
+def _utf8(data: Optional[bytes]) -> Optional[str]:
+    """Text read as bytes, or None if it is not UTF-8 (damage, which reading it as
+    text reports: only the tables asked for are read so)."""
+    try:
+        return None if data is None else data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _read_table_info(conn: sqlite3.Connection, name: str,
+                     sql: Optional[str] = None) -> _TableInfo:
+    """What fluxlite needs to know of a table; ``sql``, its CREATE TABLE statement
+    if the caller has it (else it is looked up)."""
     # table_xinfo also lists generated columns (hidden 2 or 3): SELECT * has them.
     rows = [r for r in conn.execute(f"PRAGMA table_xinfo({_quote(name)})") if r[6] != 1]
     columns = [r[1] for r in rows]
@@ -1402,15 +1423,17 @@ def _read_table_info(conn: sqlite3.Connection, name: str) -> _TableInfo:
     # In a STRICT table, ANY keeps each value as given (no affinity), which is
     # what an empty declared type means elsewhere.
     strict_any = any(r[2].upper() == "ANY" for r in pk_rows) and _is_strict(conn, name)
-    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
-                       (name,)).fetchone()
+    if sql is None:
+        row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                           (name,)).fetchone()
+        sql = row and row[0]
     # One INSERT .. ON CONFLICT DO UPDATE for a whole-row upsert in a replay, only
     # where it stores what the live insert-or-update does: no CHECK or reference
     # (judged on the key as the change spells it), and no generated column (with
     # one, SQLite 3.40's DO UPDATE gives a later column a wrong affinity: an
     # integer stored as a REAL, found by the fuzzer).
     plain = _HAS_UPSERT and sql is not None and all(r[6] == 0 for r in rows) and \
-        "CHECK" not in (t.upper() for t in _sql_code(sql[0], literals=False)) and \
+        "CHECK" not in (t.upper() for t in _sql_code(sql, literals=False)) and \
         conn.execute(f"PRAGMA foreign_key_list({_quote(name)})").fetchone() is None
     return _TableInfo(name, columns, pk, rowid_key,
                       ["" if strict_any and r[2].upper() == "ANY" else r[2] for r in pk_rows],
@@ -1566,12 +1589,22 @@ def _check_new_table(conn: sqlite3.Connection, name: str, sql: str, new: bool = 
     """
     if _RESERVED_TABLE.match(name):
         raise _reserved_table(name)
-    info = _read_table_info(conn, name)
+    info = _read_table_info(conn, name, sql)
     if not info.pk:
         raise SchemaError(
             f"Table {name!r} has no primary key; every read-model table needs one "
             f"so changes can name rows. Add PRIMARY KEY to a column or a "
             f"PRIMARY KEY (a, b) clause."
+        )
+    if new and len(info.pk) >= _expr_depth_limit(conn):
+        # A row is found by "k1 = ? AND k2 = ? ...": one level of SQLite's expression
+        # tree per part. Inserts worked; every update, delete, get() and history()
+        # failed ("Expression tree is too large"), reported as a disk error.
+        raise SchemaError(
+            f"Table {name!r} has a primary key of {len(info.pk)} columns; SQLite finds a "
+            f"row by a condition on each, and refuses conditions of "
+            f"{_expr_depth_limit(conn)} or more. Key the table by fewer columns (an "
+            f"id the reducer makes from them, such as a JSON text of them)."
         )
     for fk in conn.execute(f"PRAGMA foreign_key_list({_quote(name)})"):
         on_update, on_delete = fk[5].upper(), fk[6].upper()
@@ -1675,13 +1708,24 @@ def _check_clauses(sql: str) -> List[str]:
     return clauses
 
 
-def _check_schema_text(schema: Any) -> None:
+def _check_schema_text(schema: Any, new: bool = True) -> None:
+    """``new=False``: a schema a store already has (see _check_new_table)."""
     if not isinstance(schema, str):
         raise SchemaError(
             f"schema must be SQL text (CREATE TABLE / CREATE INDEX statements); "
             f"received {_describe(schema)}. Join a list of statements with ';'."
         )
     _check_text(schema, "The schema", SchemaError)  # else each Python has its own error
+    # sqlite3 refuses SQL holding a NUL with a bare ValueError, once a file is made.
+    # (One in a comment after the last statement never reached SQLite, so a store
+    # may have it: new=False lets such a store read its own past.)
+    if new and "\x00" in schema:
+        at = schema.index("\x00")
+        raise SchemaError(
+            f"The schema holds a NUL character (\\x00) at character {at}, near "
+            f"{schema[max(0, at - 40):at + 40]!r}; SQL text cannot contain one. Remove it "
+            f"(SQL spells a NUL in a value as char(0))."
+        )
 
 
 def _temp_objects(conn: sqlite3.Connection) -> int:
@@ -1691,7 +1735,7 @@ def _temp_objects(conn: sqlite3.Connection) -> int:
 def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> List[str]:
     """Run the user's DDL (inside the caller's transaction); return the new tables.
     ``new``: a schema not yet accepted by a store (see _check_new_table)."""
-    _check_schema_text(schema)
+    _check_schema_text(schema, new)
     statements = _schema_statements(schema)
     if not statements:
         raise SchemaError(
@@ -3682,7 +3726,7 @@ class Store:
         self._reducing_thread: Optional[int] = None
         # Sets of threads, not one: verify() replays without the store's lock, so two
         # threads may be in these at once (each put back only what it changed).
-        self._verifying_threads: Set[int] = set()  # in verify()'s reducers and upcasters
+        self._verifying_threads: Set[int] = set()  # in reducers, upcasters replayed beside
         self._verify_progress_threads: Set[int] = set()  # in verify()'s progress=
         self._progress_threads: Set[int] = set()  # in a progress= of verify() or rebuild()
         self._subscribers: List[Tuple[Callable[[Event, List[Change]], Any],
@@ -4359,9 +4403,10 @@ class Store:
 
     @contextlib.contextmanager
     def _verify_replaying(self) -> Iterator[None]:
-        """_replaying() for verify(), whose replay runs mostly without the store's lock
-        (see _replay_beside): this thread is marked in a set of its own, which other
-        threads' dispatches (marking _reducing_thread meanwhile) leave alone."""
+        """_replaying() for verify() and rebuild(), whose replay runs mostly without the
+        store's lock (see _replay_beside, _replay_log_beside): this thread is marked in a
+        set of its own, which other threads' dispatches (marking _reducing_thread
+        meanwhile) leave alone."""
         me = threading.get_ident()
         try:
             self._verifying_threads.add(me)
@@ -4372,18 +4417,20 @@ class Store:
     def _in_verify_replay(self) -> bool:
         return bool(self._verifying_threads) and threading.get_ident() in self._verifying_threads
 
-    def _unguarded(self, progress: Optional[Callable[[int], None]], verifying: bool = False
-                   ) -> Optional[Callable[[int], None]]:
-        """A progress= callback, called from inside _replaying() (rebuild()) or
-        _verify_replaying() (``verifying``): it is the caller's own code, not a reducer,
-        and may read the store as before. verify()'s may not write to it:
-        _check_not_verifying() refuses that."""
+    def _unguarded(self, progress: Optional[Callable[[int], None]], verifying: bool = False,
+                   beside: Optional[bool] = None) -> Optional[Callable[[int], None]]:
+        """A progress= callback, called from inside _replaying() (rebuild() holding the
+        lock) or _verify_replaying() (``beside``: verify(), and rebuild() replaying
+        beside the store; by default, as ``verifying``): it is the caller's own code,
+        not a reducer, and may read the store as before. verify()'s (``verifying``) may
+        not write to it: _check_not_verifying() refuses that."""
         if progress is None:
             return None
+        marked_apart = verifying if beside is None else beside
 
         def call(seq: int) -> None:
             me = threading.get_ident()
-            if verifying:
+            if marked_apart:
                 self._verifying_threads.discard(me)
             else:
                 self._reducing_thread = None
@@ -4398,7 +4445,7 @@ class Store:
             finally:
                 for marks in added:
                     marks.discard(me)
-                if verifying:
+                if marked_apart:
                     self._verifying_threads.add(me)
                 else:
                     self._reducing_thread = me
@@ -4740,7 +4787,7 @@ class Store:
 
     def _load_tables(self, names: Sequence[str], generation: int) -> None:
         self._head_cache = None
-        tables = {n: _read_table_info(self._conn, n) for n in names}
+        tables = _table_infos(self._conn, names)
         self._model.tables = tables
         self._view = View(self._model)
         self._generation, self._generation_text = generation, _dumps(generation)
@@ -5330,10 +5377,10 @@ class Store:
 
     def _reader_beside(self) -> Optional[Tuple[sqlite3.Connection, Dict[str, _TableInfo],
                                                Optional[str], int]]:
-        """A second connection to the store's file for verify(), with the tables, the
-        generation and the reset count it starts from; None where there is none to be
-        had: in memory, in a preview or another open transaction (its snapshot is the
-        one to verify), a moved file, one that cannot be opened again."""
+        """A second connection to the store's file for verify() and rebuild(), with the
+        tables, the generation and the reset count it starts from; None where there is
+        none to be had: in memory, in a preview or another open transaction (its
+        snapshot is the one to verify), a moved file, one that cannot be opened again."""
         with self._lock:
             self._check_open()
             if self._path in (":memory:", "") or self._previewing \
@@ -5579,7 +5626,11 @@ class Store:
         The replay runs into a separate database; the new tables and journal
         are swapped in with one transaction. Until then readers see the old
         model, and other writers are blocked only for the final catch-up and
-        swap. If any event fails, nothing changes and the error names it.
+        swap: other processes, and for a file this store's other threads (the
+        log is read through a second connection, without holding the store; in
+        memory, or replayed again because this store's reset_to() or a rebuild
+        changed the file meanwhile, holding it throughout). If any event fails,
+        nothing changes and the error names it.
         """
         self._require_reducer("rebuild()")
         _check_progress(progress)
@@ -5760,8 +5811,7 @@ class Store:
         live = self._model.get(info, _unparams(info, params))
         if live is not None:  # as the row holds its key (COLLATE NOCASE: 'a' for 'A')
             stored.append(tuple(live[c] for c in info.pk))
-        key_texts = list(dict.fromkeys(_dumps(_key_json(_unparams(info, k))) for spelled in stored
-                                       for k in _numeric_spellings(spelled, info.pk_types)))
+        key_texts = self._journal_key_texts(info, stored)
         window = [min(after, 2**63 - 1), min(2**63 - 1 if upto is None else upto, 2**63 - 1)]
         order = " DESC" if reverse else ""
         with _reading(self._path):
@@ -5774,6 +5824,31 @@ class Store:
                 (info.name, *key_texts, *window, *([] if op is None else [op]),
                  -1 if limit is None else min(limit, 2**63 - 1))).fetchall()
         return rows
+
+    def _journal_key_texts(self, info: _TableInfo, stored: List[Tuple[Any, ...]]) -> List[str]:
+        """The texts the journal may hold a row's key as (see _part_spellings)."""
+        options = [_part_spellings(key, info.pk_types) for key in stored]
+        if sum(math.prod(len(o) for o in parts) for parts in options) <= _LISTED_SPELLINGS:
+            return list(dict.fromkeys(_dumps(_key_json(_unparams(info, k))) for parts in options
+                                      for k in itertools.product(*parts)))
+        # A key of many parts of no type, each a whole number, has 2**n spellings
+        # (3**n with zeros): too many to list, or to bind (a 12-part key of zeros
+        # took seconds, then SQLite refused its half a million variables). Keep
+        # those the table's journal holds: one pass over its index, not 2**n.
+        wanted = [[{_dumps(value) for value in part} for part in parts] for parts in options]
+        found = []
+        with _reading(self._path):
+            for (text,) in self._conn.execute(
+                    "SELECT DISTINCT key FROM fluxlite_journal WHERE tbl = ?", (info.name,)):
+                try:
+                    held = json.loads(text)
+                except ValueError:
+                    continue  # damage, which verify() names
+                if isinstance(held, list) and any(
+                        len(held) == len(sets) and all(_dumps(v) in s for v, s in zip(held, sets))
+                        for sets in wanted):
+                    found.append(text)
+        return found
 
     def restore(self, table: str, key: Any, *, at: Optional[int] = None,
                 actor: Optional[str] = None, meta: Optional[Mapping[str, Any]] = None,
@@ -5928,16 +6003,22 @@ def _type_filter(types: Union[None, str, Iterable[str]]) -> Optional[FrozenSet[s
     return wanted
 
 
-def _numeric_spellings(key: Tuple[Any, ...], declared: Sequence[str]) -> List[Tuple[Any, ...]]:
-    """The key as each way it can be stored: in a column of no type (no affinity) a
-    whole number can be held as 1 or as 1.0, and SQL finds either with either."""
+# history() binds every spelling of a key up to this many; past it, it reads
+# which of them the journal holds (see Store._journal_key_texts).
+_LISTED_SPELLINGS = 64
+
+
+def _part_spellings(key: Tuple[Any, ...], declared: Sequence[str]) -> List[List[Any]]:
+    """Each part of the key as each way it can be stored: in a column of no type (no
+    affinity) a whole number can be held as 1 or as 1.0, and SQL finds either with
+    either. The key's spellings are every combination of its parts' spellings."""
     options = []
     for value, kind in zip(key, declared):
         whole = (value.__class__ in (int, float) and _affinity(kind) == "blob"
                  and abs(value) < 2**53 and float(value).is_integer())
         options.append([int(value), float(value)] + ([-0.0] if value == 0 else [])
                        if whole else [value])
-    return list(itertools.product(*options))
+    return options
 
 
 def _change_from_journal(table: str, key: str, op: str, before: Optional[str],
@@ -5960,6 +6041,14 @@ def _length_limit(conn: sqlite3.Connection) -> int:
     getlimit = getattr(conn, "getlimit", None)  # Python 3.11+, with the constant (0 in C)
     return int(getlimit(getattr(sqlite3, "SQLITE_LIMIT_LENGTH", 0))) if getlimit \
         else 1_000_000_000
+
+
+def _expr_depth_limit(conn: sqlite3.Connection) -> int:
+    """How deep an expression SQLite parses on the connection (1000 unless built
+    otherwise, where Python before 3.11 cannot ask)."""
+    getlimit = getattr(conn, "getlimit", None)  # Python 3.11+ (the constant is 3 in C)
+    return int(getlimit(getattr(sqlite3, "SQLITE_LIMIT_EXPR_DEPTH", 3))) if getlimit \
+        else 1000
 
 
 def _variable_limit(conn: sqlite3.Connection) -> int:
@@ -6638,7 +6727,7 @@ def _scratch_model(schema: str, path: str, journal: bool, uri: bool = False,
     except BaseException:
         conn.close()
         raise
-    return _Model(conn, {n: _read_table_info(conn, n) for n in names}, threading.RLock())
+    return _Model(conn, _table_infos(conn, names), threading.RLock())
 
 
 def _outside_references(conn: sqlite3.Connection, names: Sequence[str]) -> List[str]:
@@ -6943,8 +7032,31 @@ def _truncate_wal(store: Store) -> None:
 
 def _rebuild_unmapped(store: Store, schema: str, version: Any,
                       progress: Optional[Callable[[int], None]]) -> None:
-    reducer = store._reducer
-    assert reducer is not None
+    """The bulk of the log is replayed through a second connection, without the
+    store's lock, where the file can be opened again (see _reader_beside): the
+    store's other threads dispatch and read meanwhile (held for the whole replay,
+    it stopped them for seconds). Else, or if this store's reset_to() or a rebuild
+    (by any store) changed the file meanwhile, it is replayed (again) through the
+    store's own connection, holding its lock, as before."""
+    beside = store._reader_beside()
+    try:
+        if beside is not None:
+            if _rebuild_once(store, schema, version, progress, beside):
+                return
+            _log.debug("rebuild(): the file was reset or rebuilt during the replay; "
+                       "replaying again, holding the store")
+        _rebuild_once(store, schema, version, progress, None)
+    finally:
+        if beside is not None:
+            beside[0].close()
+
+
+def _rebuild_once(store: Store, schema: str, version: Any,
+                  progress: Optional[Callable[[int], None]],
+                  beside: Optional[Tuple[sqlite3.Connection, Dict[str, _TableInfo],
+                                         Optional[str], int]]) -> bool:
+    """Replay into a scratch file of its own and swap it in; False (nothing changed)
+    if replayed ``beside`` and the file was reset or rebuilt meanwhile."""
     directory = os.path.dirname(store._file) if store._path != ":memory:" else None
     # The machine in the name: another container's pid 33 is not this one's.
     machine = hashlib.sha256(_machine().encode()).hexdigest()[:8]
@@ -6964,22 +7076,65 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
         model = _scratch_model(schema, scratch, journal=True, new_schema=(
             _normalize_schema(schema) != _normalize_schema(store._schema)))
         try:
-            _check_reducer_tables(reducer, list(model.tables))  # before the swap, not after
-            with store._lock:
-                store._check_open()  # again: another thread may have closed it meanwhile
-                # The bulk of the log, read in pages (no snapshot held across it, so
-                # writers' WAL pages can be checkpointed meanwhile); _swap_in catches up.
-                with store._replaying():
-                    done = _apply_events(model, reducer, store._read_log(), journal=True,
-                                         progress=store._unguarded(progress))
-                generation = _swap_in(store, schema, version, model, scratch, done)
-                store._schema, store._version = schema, version
-                store._load_tables(list(model.tables), generation)
+            return _replay_and_swap(store, schema, version, progress, beside, model, scratch)
         finally:
             model.conn.close()
     finally:
         for suffix in ("", "-journal", "-wal", "-shm"):
             _remove_quietly(scratch + suffix)
+
+
+def _replay_and_swap(store: Store, schema: str, version: Any,
+                     progress: Optional[Callable[[int], None]],
+                     beside: Optional[Tuple[sqlite3.Connection, Dict[str, _TableInfo],
+                                            Optional[str], int]],
+                     model: _Model, scratch: str) -> bool:
+    reducer = store._reducer
+    assert reducer is not None
+    _check_reducer_tables(reducer, list(model.tables))  # before the swap, not after
+    done = 0
+    if beside is not None:
+        source, _, generation, resets = beside
+        try:
+            done = _replay_log_beside(store, reducer, progress, model, source)
+        except FluxliteError:  # a failing reducer: or another log by now?
+            if store._changed_since(source, generation, resets):
+                return False
+            raise
+    with store._lock:
+        store._check_open()  # again: another thread may have closed it meanwhile
+        if beside is not None:
+            # Under the lock, which this store's reset_to() and rebuild() hold to the end:
+            # unchanged here, the log replayed is the start of the one caught up below.
+            # An upgrade (open() with new code, no other thread yet) is swapped in only
+            # onto the generation it began from (see _rebuilt_meanwhile): a changed one
+            # is another process's upgrade (taken as it is) or is refused; no need to
+            # replay again (each worker opening the file at once replayed twice).
+            if store._changed_since(source, generation, resets) and \
+                    _same_code(schema, version, store._schema, store._version):
+                return False
+        else:
+            # The bulk of the log, read in pages (no snapshot held across it, so
+            # writers' WAL pages can be checkpointed meanwhile); _swap_in catches up.
+            with store._replaying():
+                done = _apply_events(model, reducer, store._read_log(), journal=True,
+                                     progress=store._unguarded(progress))
+        generation_now = _swap_in(store, schema, version, model, scratch, done)
+        store._schema, store._version = schema, version
+        store._load_tables(list(model.tables), generation_now)
+    return True
+
+
+def _replay_log_beside(store: Store, reducer: Reducer,
+                       progress: Optional[Callable[[int], None]], model: _Model,
+                       source: sqlite3.Connection) -> int:
+    """rebuild()'s bulk replay through ``source``, a second connection, in pages (no
+    snapshot held across them), without the store's lock; the last seq replayed. Its
+    reducers are marked as verify()'s are: other threads' dispatches meanwhile mark
+    and unmark _reducing_thread."""
+    with store._verify_replaying():
+        return _apply_events(model, reducer, store._read_log(conn=source), journal=True,
+                             progress=store._unguarded(progress, beside=True))
 
 
 def _swap_in(store: Store, schema: str, version: Any, model: _Model, scratch: str,
@@ -7987,7 +8142,7 @@ def _check_baselines_replay(conn: sqlite3.Connection, schema: str, declared: Lis
     replica = _scratch_model(schema, "", journal=False, new_schema=False)
     try:
         _apply_events(replica, lambda view, event: None, events, journal=False)
-        live = _Model(conn, {n: _read_table_info(conn, n) for n in declared}, threading.RLock())
+        live = _Model(conn, _table_infos(conn, declared), threading.RLock())
         problems = _compare(live, replica)
     except FluxliteError as exc:
         problems = [str(exc)]
@@ -8355,7 +8510,7 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                 if not readonly and reducer is not None:  # a store that can dispatch
                     _check_no_triggers(conn, path, meta["tables"])
                     _check_no_log_triggers(conn, path)
-                tables = {n: _read_table_info(conn, n) for n in meta["tables"]}
+                tables = _table_infos(conn, meta["tables"])
                 wanted_schema = meta["schema"] if schema is None else schema
                 new_version = meta.get("version") if version is None else version
                 rebuilding = not _same_code(wanted_schema, new_version, meta["schema"],

@@ -12402,3 +12402,264 @@ def test_consumers_of_a_closed_store_free_their_names_in_this_process_at_once(tm
             assert [event.seq for event, _ in taken] == [1]
     with pytest.raises(fluxlite.UsageError, match="is closed"):
         mailer.ack(0)
+
+
+# --- bigvalues: pathological sizes and shapes (session 16) -------------------------
+
+_WIDE_KEY = 7  # parts: an all-zero key has 3**7 = 2,187 spellings, past SQLite's old 999
+
+
+def _wide_key_store(path: pathlib.Path) -> fluxlite.Store:
+    parts = [f"p{i}" for i in range(_WIDE_KEY)]
+    schema = f"CREATE TABLE cells ({', '.join(parts)}, v, PRIMARY KEY ({', '.join(parts)}));"
+
+    def reducer(view, event):
+        key = event.payload["key"]
+        if event.type == "put":
+            return view.cells.upsert(**dict(zip(parts, key)), v=event.payload["v"])
+        return view.cells.delete(tuple(key))
+    return fluxlite.open(path, schema=schema, reducer=reducer)
+
+
+def test_history_of_a_key_of_many_untyped_whole_number_parts_is_found_without_listing_spellings(
+        tmp_path):
+    """history() and restore() looked a row up by every spelling of its key: in a
+    column of no type a whole number is held as 1 or 1.0 (and 0 as -0.0 too), so n
+    such parts made 2**n to 3**n texts, all bound at once. Seven zeros bound 2,187
+    variables, past the 999 of SQLite before 3.32 (a raw sqlite3.OperationalError);
+    twelve took seconds and were refused even at 250,000; sixty ran out of memory."""
+    store = _wide_key_store(tmp_path / "s.db")
+    if not hasattr(store._conn, "setlimit"):
+        pytest.skip("setting SQLite's limits takes Python 3.11+")
+    store._conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)  # as SQLite 3.31's
+    zeros, other = [0] * _WIDE_KEY, [0] * (_WIDE_KEY - 1) + [1]
+    store.dispatch("put", {"key": other, "v": "other"})
+    store.dispatch("put", {"key": zeros, "v": "a"})
+    store.dispatch("put", {"key": [0.0, -0.0] + zeros[2:], "v": "b"})  # the same row, spelled
+    store.dispatch("delete", {"key": zeros})
+    store.dispatch("put", {"key": [0.0] * _WIDE_KEY, "v": "c"})  # new, held as 0.0: same key
+    history = store.history("cells", tuple(zeros))
+    assert [(r.seq, r.op, r.after and r.after["v"]) for r in history] == [
+        (2, "insert", "a"), (3, "update", "b"), (4, "delete", None), (5, "insert", "c")]
+    assert [r.seq for r in store.history("cells", (0.0,) * _WIDE_KEY, reverse=True,
+                                         limit=2)] == [5, 4]
+    assert [r.seq for r in store.history("cells", tuple(other))] == [1]
+    assert store.restore("cells", tuple(zeros), at=3).payload["row"]["v"] == "b"
+    assert store.view.cells.get(tuple(zeros))["v"] == "b"
+    store.verify()
+    store.close()
+
+
+def test_open_and_at_read_sqlite_master_once_not_once_per_table(tmp_path, monkeypatch):
+    """Each table's facts looked its CREATE statement up in sqlite_master by name,
+    which SQLite answers by reading all of sqlite_master: open(), at() and
+    verify() were quadratic in the number of tables (3,000 tables: 2 s of such
+    lookups in open(), 6 s in at()). Counted here as statements, not timed."""
+    schema = "".join(f"CREATE TABLE t{i} (k INTEGER PRIMARY KEY, v);" for i in range(40))
+
+    def reducer(view, event):
+        return view.t7.upsert(k=1, v=event.payload["v"])
+    path = tmp_path / "s.db"
+    with fluxlite.open(path, schema=schema, reducer=reducer) as store:
+        store.dispatch("set", {"v": 1})
+    statements = []
+    connect = sqlite3.connect
+
+    def traced(*args, **kwargs):
+        conn = connect(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    with fluxlite.open(path, schema=schema, reducer=reducer) as store:
+        opened = len([s for s in statements if " sqlite_master" in s])  # not temp.'s: empty
+        statements.clear()
+        with store.at(1) as past:
+            assert past.t7.get(1) == {"k": 1, "v": 1}
+        copied = len([s for s in statements if " sqlite_master" in s])
+    assert opened < 20 and copied < 20, (opened, copied)
+
+
+@pytest.mark.parametrize("schema", [
+    'CREATE TABLE "t\x00x" (k PRIMARY KEY, v);',   # in a name
+    "CREATE TABLE t (k PRIMARY KEY, v DEFAULT 'a\x00b');",   # in a literal
+    "-- \x00\nCREATE TABLE t (k PRIMARY KEY, v);",   # in a comment
+])
+def test_a_nul_character_in_the_schema_is_a_schema_error_before_any_file_is_made(tmp_path, schema):
+    """sqlite3 refuses SQL text holding a NUL with a bare ValueError ("embedded null
+    character"), which open() let through, having made the file first."""
+    path = tmp_path / "s.db"
+    with pytest.raises(fluxlite.SchemaError, match=r"NUL character .* at character"):
+        fluxlite.open(path, schema=schema, reducer=lambda view, event: [])
+    assert os.listdir(tmp_path) == []
+    with fluxlite.open(path, schema="CREATE TABLE t (k PRIMARY KEY, v);",
+                       reducer=lambda view, event: []) as store:
+        store.dispatch("x")
+    with pytest.raises(fluxlite.SchemaError, match="NUL character"):  # an existing store too
+        fluxlite.open(path, schema=schema, reducer=lambda view, event: [])
+
+
+def test_a_primary_key_too_wide_for_sqlite_to_look_up_is_refused_by_open(tmp_path):
+    """A row is found by "k0 = ? AND k1 = ? ...", and SQLite refuses an expression
+    1,000 deep: with a key of 1,000 columns inserts worked, then every update and
+    delete was a StorageError telling to check free disk space, and get() and
+    history() failed too. Now open() says so, as it does for a table with no key."""
+    columns = [f"k{i}" for i in range(1000)]
+    schema = f"CREATE TABLE wide ({', '.join(columns)}, PRIMARY KEY ({', '.join(columns)}));"
+
+    def reducer(view, event):
+        row = dict.fromkeys(columns, 1)
+        return view.wide.insert(**row) if event.type == "add" else view.wide.delete(
+            tuple(row.values()))
+    try:
+        store = fluxlite.open(tmp_path / "s.db", schema=schema, reducer=reducer)
+    except fluxlite.SchemaError as exc:
+        assert "primary key of 1000 columns" in str(exc)
+        return
+    with store:  # the code before the fix: what a user met
+        store.dispatch("add")
+        store.dispatch("delete")
+    raise AssertionError("a key SQLite cannot look rows up by was accepted")
+
+
+# -- rebuildlock: rebuild() replays the log beside the store, not holding its lock ------
+
+
+def test_other_threads_dispatch_and_read_while_rebuild_replays(tmp_path):
+    # rebuild() held the store's lock for the whole replay of the log: every other
+    # thread's dispatch() and query() on the store waited for it (seconds, at 100,000
+    # events). Now they run during the replay, and the swap catches them up.
+    order = []
+    with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=items_reducer) as store:
+        _puts(store, 1500)
+
+        def others():
+            for n in range(5):
+                order.append(("dispatched", store.dispatch("put", {"id": f"w{n}", "n": n}).seq))
+            order.append(("read", store.query("SELECT count(*) AS c FROM items")[0]["c"]))
+
+        def progress(seq):
+            if seq == 1000:  # mid-replay: the other thread's calls finish before it goes on
+                order.append(("others", _in_a_thread(others, 10)))
+        store.rebuild(progress=progress)
+        order.append(("rebuilt", store.head))
+        assert order == [("dispatched", 1501 + n) for n in range(5)] + [
+            ("read", 1505), ("others", None), ("rebuilt", 1505)]
+        assert store.view.items.count() == 1505  # caught up before the swap
+        assert store.view.items.get("w4")["n"] == 4
+        store.verify()
+
+
+def test_a_reducer_run_by_rebuild_may_not_dispatch_while_others_dispatch(tmp_path):
+    # Beside the store, the rebuild's reducers are marked apart: another thread's
+    # dispatch meanwhile (which marks and unmarks its own reducing) lifts no rule.
+    outcome = []
+    holder = {}
+
+    def probing(view, event):
+        store = holder.get("store")
+        if store is not None and event.payload["id"] == "p1000" and not outcome:
+            outcome.append(_in_a_thread(lambda: store.dispatch("put", {"id": "x", "n": 0}).seq))
+            try:
+                outcome.append(store.dispatch("put", {"id": "sneaky", "n": 0}))
+            except fluxlite.UsageError as exc:
+                outcome.append(str(exc))
+        return items_reducer(view, event)
+    with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=probing) as store:
+        _puts(store, 1500)
+        holder["store"] = store
+        store.rebuild()
+        assert outcome[0] == 1501 and "Reducers and upcasters may not dispatch" in outcome[1]
+        assert store.dispatch("put", {"id": "y", "n": 1}).seq == 1502  # nothing left marked
+        assert store.view.items.get("sneaky") is None and store.view.items.count() == 1502
+        store.verify()
+
+
+def test_a_reset_by_another_thread_during_rebuilds_replay_replays_again(tmp_path):
+    # The log replayed beside the store is no longer the file's after a reset_to():
+    # the rebuild replays it again, holding the store (progress= from the start).
+    with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=items_reducer) as store:
+        _puts(store, 1200)
+        saved = store.checkpoint()
+        _puts(store, 1300, prefix="q")
+        seen, done = [], []
+
+        def reset_meanwhile(seq):
+            seen.append(seq)
+            if not done:
+                done.append(_in_a_thread(lambda: store.reset_to(saved), 10))
+        store.rebuild(progress=reset_meanwhile)
+        assert done == [None] and seen == [1000, 1000]  # (the log is 1,200 events by then)
+        assert store.head == 1200 and store.view.items.count() == 1200
+        store.verify()
+        saved.close()
+
+
+def test_close_by_another_thread_while_rebuild_replays_beside_it(tmp_path, monkeypatch):
+    opened = []
+    connect = fluxlite._connect_readonly
+    monkeypatch.setattr(fluxlite, "_connect_readonly",
+                        lambda path: opened.append(connect(path)) or opened[-1])
+    store = fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=items_reducer)
+    _puts(store, 1500)
+    closed = []
+
+    def close_it(seq):
+        if not closed:
+            closed.append(_in_a_thread(store.close))
+    with pytest.raises(fluxlite.UsageError, match="is closed"):
+        store.rebuild(progress=close_it)
+    assert closed == [None] and len(opened) == 1
+    with pytest.raises(sqlite3.ProgrammingError):  # the second connection was closed too
+        opened[0].execute("SELECT 1")
+    assert not [p for p in os.listdir(tmp_path) if "rebuild" in p]  # no scratch left
+    with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=items_reducer) as again:
+        assert again.head == 1500
+        again.verify()
+
+
+def test_an_interrupt_in_rebuilds_replay_beside_the_store_leaves_it_usable(tmp_path):
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        _puts(store, 1500)
+        assert _interrupt_when(lambda frame: frame.f_code.co_name == "_apply_each"
+                               and bool(store._verifying_threads), store.rebuild)
+        assert not store._verifying_threads and store._reducing_thread is None
+        assert not store._conn.in_transaction and _other_writer_can_write(path)
+        assert not [p for p in os.listdir(tmp_path) if "rebuild" in p]
+        assert store.dispatch("put", {"id": "k", "n": 0}).seq == 1501
+        store.rebuild()
+        store.verify()
+
+
+def test_an_upgrade_another_process_swapped_in_meanwhile_is_not_replayed_again(tmp_path,
+                                                                               monkeypatch):
+    # Replayed beside the store, a rebuild replays again (holding it) when the file's
+    # generation changed meanwhile: but an upgrade at open() that another process
+    # (a worker started at the same time) already swapped in has nothing left to do,
+    # and replaying twice doubled each such worker's start.
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=MUT_SCHEMA, reducer=mut_reducer) as store:
+        store.dispatch_many([{"type": "a", "payload": {"k": k}} for k in range(3)])
+    schema2 = MUT_SCHEMA.replace("v TEXT", "v TEXT, w TEXT")
+    apply_events = fluxlite._apply_events
+    starts, others = [], []
+
+    def racing(model, reducer, events, journal, progress=None):
+        events = iter(events)
+        first = next(events, None)
+        if first is not None:
+            starts.append(first.seq)
+        done = apply_events(model, reducer, itertools.chain([first] if first else [], events),
+                            journal, progress)
+        if not others:  # another process opens the file with the new code meanwhile
+            others.append(None)
+            others.append(fluxlite.open(path, schema=schema2, reducer=mut_reducer, version=2))
+        return done
+
+    monkeypatch.setattr(fluxlite, "_apply_events", racing)
+    with fluxlite.open(path, schema=schema2, reducer=mut_reducer, version=2) as store:
+        assert starts == [1, 1]  # this store's replay and the other's: no second one
+        assert store.view.n.count() == 3
+        store.dispatch("a", {"k": 9})
+        others[1].close()
+        store.verify()
