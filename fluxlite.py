@@ -276,6 +276,9 @@ _SQLITE_FUNCTION = 31
 # worse, from a SELECT), and fts3_tokenizer(name) returns a memory address; builds
 # such as Debian's enable both. load_extension() loads code.
 _UNSAFE_FUNCTIONS = frozenset({"fts3_tokenizer", "load_extension"})
+# The table-valued functions a reducer's query() may read besides the model: they
+# read only their arguments. SQLite 3.51 added the jsonb_ pair (JSONB rows).
+_JSON_TABLES = frozenset({"json_each", "json_tree", "jsonb_each", "jsonb_tree"})
 # Prefixes, not suffixes: SQLite names a result column by its text, which for
 # the last column ran on into a comment after it.
 _READONLY_TAG = "/* fluxlite:read-only */\n"
@@ -294,6 +297,10 @@ _PAGE = 512  # rows fetched per query when streaming the log
 # DELETE, which then journaled an integer key as 0.0), so rows are read with a
 # SELECT when they are not known in advance (_stored_row).
 _HAS_UPSERT = sqlite3.sqlite_version_info >= (3, 24, 0)  # INSERT ... ON CONFLICT DO UPDATE
+# The oldest SQLite fluxlite can read a table's shape on: PRAGMA table_xinfo came
+# in 3.26, and an older SQLite ignores a PRAGMA it does not know (no rows, no
+# error), so every table looked keyless ("has no primary key").
+_MIN_SQLITE = (3, 26, 0)
 
 ###############################################################################
 # 2. Exceptions
@@ -888,10 +895,7 @@ def _connect(path: str, durability: str, readonly: bool = False,
         conn.close()
         if _is_storage_problem(exc):
             raise _storage_error(exc, path) from exc
-        raise SchemaError(
-            f"{path!r} is not a SQLite database ({exc}); fluxlite stores are SQLite "
-            f"files. Check the path, or choose a new file name."
-        ) from exc
+        raise _not_a_database(path, exc, " Check the path, or choose a new file name.") from exc
     except UnicodeDecodeError as exc:  # damaged text in sqlite_master (Python 3.11+)
         conn.close()
         raise SchemaError(f"{path!r} is damaged: its schema text is not UTF-8 ({exc}).") from exc
@@ -1055,10 +1059,25 @@ def _reading_connection(path: str, uri: str) -> sqlite3.Connection:
                 f"somewhere writable, or open it once where it is writable so the WAL is "
                 f"checkpointed."
             ) from exc
-        raise SchemaError(
-            f"{path!r} is not a SQLite database ({exc}); fluxlite stores are SQLite files."
-        ) from exc
+        raise _not_a_database(path, exc, "") from exc
     return conn
+
+
+def _not_a_database(path: str, exc: sqlite3.DatabaseError, advice: str) -> SchemaError:
+    if "malformed database schema" in str(exc):
+        # A SQLite file whose schema this SQLite cannot parse: most often written by a
+        # newer SQLite (digit separators 1_000 came in 3.46, json_valid(x, flags) in
+        # 3.45), not damage. A new file name would set a new store beside the old one.
+        return SchemaError(
+            f"{path!r} is a SQLite database whose schema this SQLite "
+            f"({sqlite3.sqlite_version}) cannot read ({exc}). A newer SQLite may have "
+            f"written SQL this one does not know (a function or syntax added since): open "
+            f"it with a Python whose sqlite3 links a SQLite at least as new as the one that "
+            f"made the store (python -c \"import sqlite3; print(sqlite3.sqlite_version)\"). "
+            f"Else the schema is damaged: check it with PRAGMA integrity_check."
+        )
+    return SchemaError(
+        f"{path!r} is not a SQLite database ({exc}); fluxlite stores are SQLite files.{advice}")
 
 
 class _write_txn:
@@ -1995,7 +2014,7 @@ class _Model:
         # Replay has no log, and its scratch file another schema (sqlite_master
         # names the log's tables, and other root pages): reducers read the model only.
         if (self.query_mode == 2 and action == _SQLITE_READ and arg1 not in self.tables
-                and arg1 not in ("json_each", "json_tree")
+                and arg1 not in _JSON_TABLES
                 and not (arg1 in ("sqlite_master", "sqlite_schema") and arg2 == "ROWID")):
             return sqlite3.SQLITE_DENY
         # (SQLite reads sqlite_master's ROWID when json_each or json_tree is first used on
@@ -2340,12 +2359,21 @@ _STORAGE_REFUSALS = (sqlite3.IntegrityError, OverflowError, UnicodeEncodeError,
                      sqlite3.OperationalError, sqlite3.DataError)
 
 
+def _default_adapter(adapter: Any) -> bool:
+    """sqlite3's own date/datetime adapter, also where pysqlite3 or sqlean.py (a
+    newer SQLite) stands in as sqlite3: their module is pysqlite3.dbapi2 or
+    sqlean.dbapi2, not sqlite3.dbapi2, and the adapter was taken for the user's."""
+    module = getattr(adapter, "__module__", None) or ""
+    return (module == "dbapi2" or module.endswith(".dbapi2")) and \
+        getattr(adapter, "__qualname__", "").startswith("register_adapters_and_converters.")
+
+
 def _check_query_param(value: Any, sql: str) -> None:
     """What SQLite cannot bind, said here: Python's sqlite3 can report a failed
     bind of a reused statement with the last error SQLite had (another query's)."""
     problem = None
     adapter = sqlite3.adapters.get((type(value), sqlite3.PrepareProtocol))
-    if (adapter is not None and getattr(adapter, "__module__", None) != "sqlite3.dbapi2") or \
+    if (adapter is not None and not _default_adapter(adapter)) or \
             getattr(value, "__conform__", None) is not None:
         return  # the user taught sqlite3 to bind it
     if isinstance(value, date):  # sqlite3's own adapter (deprecated since Python 3.12)
@@ -2504,7 +2532,10 @@ def _value_error(change: Change, info: _TableInfo, exc: sqlite3.OperationalError
 
 # SQLite's errors from evaluating a schema's expression on a row's values (not from
 # the file: those are StorageError, and "malformed" alone means a damaged file).
-_EXPRESSION_ERRORS = ("malformed JSON", "JSON path error", "JSON cannot hold BLOB values",
+# SQLite 3.45 renamed one ("JSON path error near 'x'" became "bad JSON path: 'x'"):
+# both, or on a newer SQLite a bad path was a StorageError about free disk space.
+_EXPRESSION_ERRORS = ("malformed JSON", "JSON path error", "bad JSON path",
+                      "JSON cannot hold BLOB values",
                       "json_", "ESCAPE expression must be a single character",
                       "LIKE or GLOB pattern too complex")
 
@@ -8338,6 +8369,17 @@ class App:
                     readonly=readonly)
 
 
+def _check_sqlite_version() -> None:
+    if sqlite3.sqlite_version_info < _MIN_SQLITE:
+        raise UsageError(
+            f"fluxlite needs SQLite {'.'.join(map(str, _MIN_SQLITE))} or newer; this Python's "
+            f"sqlite3 links SQLite {sqlite3.sqlite_version}, on which it cannot read a "
+            f"table's columns (PRAGMA table_xinfo). Run a Python whose sqlite3 links a newer "
+            f"SQLite (python.org's installers bundle one; python -c \"import sqlite3; "
+            f"print(sqlite3.sqlite_version)\" tells which)."
+        )
+
+
 def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
          reducer: Union[None, Reducer, Mapping[str, CollectionReducer]] = None,
          middleware: Sequence[Middleware] = (), durability: str = "full",
@@ -8382,6 +8424,7 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
             raise UsageError(f"Pass either app= or {', '.join(given)}, not both.")
         schema, reducer, middleware = app.schema, app.reducer, app.middleware
         version, upcasters = app.version, app.upcasters
+    _check_sqlite_version()
     path = _path_argument(path, "path")
     if schema is not None:  # also for a file that exists, where it is compared, not run
         _check_schema_text(schema)
@@ -9401,8 +9444,11 @@ def _check_built_with(args: Any, app: App, doing: str) -> None:
     first rebuild the whole read model to the app's shape, unasked: an old checkout's
     app (or a cron job's) would roll a deployment back, and every process running
     the file's code would then refuse to dispatch. Changing the code is a rebuild's."""
-    with open(args.db, readonly=True) as peek:
-        built_with = (peek.schema, peek.version)
+    try:
+        with open(args.db, readonly=True) as peek:
+            built_with = (peek.schema, peek.version)
+    except SchemaError:  # no store (a plain SQLite file): opened with the app, the error
+        return  # says what to do with it (adopt=True), where a reader's cannot
     version = built_with[1] if app.version is None else app.version
     if not _same_code(app.schema, version, *built_with):
         versions = ("" if _same_json(version, built_with[1]) else

@@ -12663,3 +12663,137 @@ def test_an_upgrade_another_process_swapped_in_meanwhile_is_not_replayed_again(t
         store.dispatch("a", {"k": 9})
         others[1].close()
         store.verify()
+
+
+# --- newsqlite: fluxlite on a SQLite newer than CI's 3.40.1 -------------------
+# CI's Pythons all link the system's SQLite 3.40.1; python.org's and Homebrew's
+# builds ship 3.45 and later. These tests run on any SQLite; those of an error
+# or a feature that only a newer SQLite has say so, and also check the rule on
+# SQLite's text directly, so that they fail on 3.40.1 too.
+
+_JSON_PATH_SCHEMA = "CREATE TABLE docs (id INTEGER PRIMARY KEY, d TEXT, p TEXT, v AS (json_extract(d, p)))"
+
+
+def _json_path_reducer(view, event):
+    return view.docs.insert(id=event.payload["id"], d='{"a": 1}', p=event.payload["p"])
+
+
+def test_a_bad_json_path_in_a_schema_expression_is_the_changes_error():
+    """A generated column (or CHECK, or index) whose JSON path is not one fails on
+    that row: the change's ChangesetError, as for malformed JSON. SQLite 3.45
+    renamed the error ("JSON path error near 'a'" became "bad JSON path: 'a'"),
+    and on 3.45+ it was a StorageError telling to check free disk space."""
+    with fluxlite.open(":memory:", schema=_JSON_PATH_SCHEMA, reducer=_json_path_reducer) as store:
+        store.dispatch("add", {"id": 1, "p": "$.a"})
+        with pytest.raises(fluxlite.ChangesetError, match="an expression of the schema"):
+            store.dispatch("add", {"id": 2, "p": "a"})
+        assert store.view.docs.count() == 1 and store.head == 1
+        # Both SQLite's texts, whichever this SQLite gives:
+        info = store._model.table("docs")
+        change = Change("insert", "docs", values={"id": 2, "d": "{}", "p": "a"})
+        for text in ("JSON path error near 'a'", "bad JSON path: 'a'"):
+            error = fluxlite._constraint_error(change, info, sqlite3.OperationalError(text))
+            assert isinstance(error, fluxlite.ChangesetError) and text in str(error)
+
+
+def test_a_reducer_may_read_jsonb_each_and_jsonb_tree():
+    """SQLite 3.51 added jsonb_each() and jsonb_tree(), which read only their
+    argument as json_each() and json_tree() do; a reducer's query() refused them
+    ("query() is read-only ... on read-model tables"), as it would a table
+    outside the model. The dispatch runs only on SQLite 3.51+ (the names do not
+    exist before); the authorizer's answer is checked on any SQLite."""
+    def reducer(view, event):
+        rows = view.query("SELECT value FROM jsonb_each(?)", (json.dumps(event.payload),))
+        tree = view.query("SELECT count(*) AS n FROM jsonb_tree(?)", (json.dumps(event.payload),))
+        assert tree[0]["n"] == 3
+        return [view.tags.upsert({"name": row["value"]}) for row in rows]
+
+    schema = "CREATE TABLE tags (name TEXT PRIMARY KEY)"
+    with fluxlite.open(":memory:", schema=schema, reducer=reducer) as store:
+        model = store._model
+        model.query_mode = 2  # as inside a reducer's query()
+        try:
+            for name in ("json_each", "json_tree", "jsonb_each", "jsonb_tree"):
+                assert model._authorize(fluxlite._SQLITE_READ, name, "value", "main", None) \
+                    == sqlite3.SQLITE_OK, name
+            assert model._authorize(fluxlite._SQLITE_READ, "elsewhere", "value", "main", None) \
+                == sqlite3.SQLITE_DENY
+        finally:
+            model.query_mode = 0
+        if sqlite3.sqlite_version_info >= (3, 51, 0):
+            store.dispatch("tagged", ["a", "b"])
+            assert store.view.tags.all() == [{"name": "a"}, {"name": "b"}]
+            store.verify()
+
+
+def test_a_sqlite_older_than_fluxlite_reads_is_refused_by_name(monkeypatch):
+    """Below SQLite 3.26 PRAGMA table_xinfo does not exist, and SQLite ignores a
+    PRAGMA it does not know (no rows, no error: shown here with another name), so
+    every table of every schema was refused as having no primary key, while the
+    README said older builds should work. open() now says which SQLite it needs."""
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (a PRIMARY KEY)")
+    assert conn.execute("PRAGMA table_xinfo_of_a_later_sqlite(t)").fetchall() == []
+    conn.close()
+    monkeypatch.setattr(fluxlite.sqlite3, "sqlite_version_info", (3, 25, 3))
+    monkeypatch.setattr(fluxlite.sqlite3, "sqlite_version", "3.25.3")
+    with pytest.raises(fluxlite.UsageError, match=r"needs SQLite 3\.26\.0 or newer; .* 3\.25\.3"):
+        fluxlite.open(":memory:", schema="CREATE TABLE t (a PRIMARY KEY)", reducer=reducer)
+
+
+def test_sqlite3s_default_date_adapter_is_refused_under_a_stand_in_module(monkeypatch):
+    """Apps that want a newer SQLite often put pysqlite3 (or sqlean.py) in place of
+    sqlite3 (sys.modules["sqlite3"] = pysqlite3.dbapi2). Their default datetime
+    adapter is the same function from pysqlite3.dbapi2, and query() took it for
+    one of the user's, so `ts >= ?` with a datetime silently compared a
+    'YYYY-MM-DD HH:MM:SS' text with the log's ts (the morning's events counted
+    as after noon). Shown with such an adapter, on any sqlite3."""
+    store = fluxlite.open(":memory:", schema="CREATE TABLE t (k TEXT PRIMARY KEY)",
+                          reducer=lambda view, event: None,
+                          clock=iter(datetime(2026, 1, 1, h, tzinfo=timezone.utc)
+                                     for h in (8, 10, 14)).__next__)
+    for _ in range(3):
+        store.dispatch("tick")
+
+    def adapt_datetime(val):  # pysqlite3's, as it is there
+        return val.isoformat(" ")
+
+    adapt_datetime.__module__ = "pysqlite3.dbapi2"
+    adapt_datetime.__qualname__ = "register_adapters_and_converters.<locals>.adapt_datetime"
+    monkeypatch.setitem(sqlite3.adapters, (datetime, sqlite3.PrepareProtocol), adapt_datetime)
+    noon = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+    sql = "SELECT count(*) AS n FROM events WHERE ts >= ?"
+    with pytest.raises(fluxlite.QueryError, match="default adapter.*pass text"):
+        store.query(sql, (noon,))
+    # An adapter of the user's own (any other function) is still the user's choice:
+    monkeypatch.setitem(sqlite3.adapters, (datetime, sqlite3.PrepareProtocol),
+                        lambda value: value.isoformat(timespec="microseconds"))
+    assert store.query(sql, (noon,)) == [{"n": 1}]
+    store.close()
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_store_whose_schema_a_newer_sqlite_wrote_is_not_called_no_database(tmp_path, readonly):
+    """A store made where Python links a newer SQLite (a schema with 1_000, which
+    SQLite 3.46 reads, or json_valid(d, 6), 3.45), opened where it links an older
+    one, failed as "is not a SQLite database ... choose a new file name": a new
+    store beside the old one, whose log is whole. The schema text of a newer
+    SQLite is made here by hand, so this runs on any SQLite."""
+    path = str(tmp_path / "s.db")
+    schema = "CREATE TABLE t (id INTEGER PRIMARY KEY, n INT DEFAULT 1000)"
+    with fluxlite.open(path, schema=schema, reducer=lambda view, event: None) as store:
+        store.dispatch("x")
+    conn = sqlite3.connect(path)
+    version = conn.execute("PRAGMA schema_version").fetchone()[0]
+    conn.execute("PRAGMA writable_schema = ON")
+    # 1_000 before 3.46; after it, a token no SQLite reads yet stands for a later one's
+    newer = "1_000" if sqlite3.sqlite_version_info < (3, 46, 0) else "1__000"
+    conn.execute("UPDATE sqlite_master SET sql = replace(sql, '1000', ?) WHERE name = 't'", (newer,))
+    conn.execute(f"PRAGMA schema_version = {version + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(fluxlite.SchemaError, match=r"is a SQLite database whose schema this "
+                       r"SQLite \(3\.\d+\.\d+\) cannot read \(malformed database schema") as caught:
+        fluxlite.open(path, schema=None if readonly else schema,
+                      reducer=None if readonly else (lambda view, event: None), readonly=readonly)
+    assert "new file name" not in str(caught.value)
