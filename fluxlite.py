@@ -158,6 +158,9 @@ from typing import (
     Union,
 )
 
+if TYPE_CHECKING:  # imported when afollow() is first called: most programs never need them
+    import concurrent.futures
+
 _log = logging.getLogger("fluxlite")
 _Mapping = collections.abc.Mapping  # for isinstance: faster than typing.Mapping
 
@@ -5278,7 +5281,9 @@ class Store:
         """follow() for asyncio: ``async for event, changes in store.afollow():``.
 
         As with follow(), the position is taken when afollow() is called, so
-        events committed before the first iteration are not missed.
+        events committed before the first iteration are not missed. A cancelled
+        wait (asyncio.wait_for timing out) leaves it usable, nothing lost; one task
+        at a time iterates it; ``await aclose()`` ends it and its thread at once.
         """
         _check_timeout(timeout)
         wanted = _type_filter(types)
@@ -5288,7 +5293,7 @@ class Store:
         resets = self._resets  # before the head: a reset_to() after it moves the cursor
         cursor = _FollowCursor(self, self._check_seq(after, "after", self._head_at_once()),
                                wanted, resets)
-        return self._afollow(cursor, timeout)
+        return _AsyncFollower(cursor, timeout)
 
     def _head_at_once(self) -> Optional[int]:
         """The head, without waiting for another thread's lock: read on this store's
@@ -5314,35 +5319,6 @@ class Store:
             return None
         finally:
             conn.close()
-
-    async def _afollow(self, cursor: "_FollowCursor", timeout: Optional[float]
-                       ) -> "AsyncIterator[Tuple[Event, List[Change]]]":
-        import asyncio
-        import concurrent.futures
-        loop = asyncio.get_running_loop()
-        # A thread of its own: waits in the shared default executor would take its
-        # few threads from everything else (adispatch, other followers) and delay all.
-        waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fluxlite-afollow")
-        try:
-            if not cursor.attached:  # placed without the lock: it waits here, off the loop
-                await loop.run_in_executor(waiter, cursor.attach)
-            heard = loop.time()
-            while True:
-                batch = await loop.run_in_executor(waiter, cursor.step, 0.05)  # short: cancellable
-                if batch is None:
-                    return
-                if not batch:
-                    if timeout is not None and not cursor.behind \
-                            and loop.time() - heard >= timeout:
-                        return
-                    continue
-                for item in batch:
-                    if cursor.resets != cursor.read_resets:  # erased by reset_to(): see _follow
-                        break
-                    yield item
-                heard = loop.time()
-        finally:
-            waiter.shutdown(wait=False)
 
     # -- verify and replay --------------------------------------------------
 
@@ -6301,6 +6277,101 @@ class _FollowCursor:
         return batch
 
 
+class _AsyncFollower:
+    """What afollow() returns: an async iterator that a cancelled ``__anext__`` leaves
+    usable. An async generator ends for good once a CancelledError is thrown into it,
+    so asyncio.wait_for(follower.__anext__(), 15) timing out (a server's keep-alive
+    between events) ended the stream, and the batch its worker thread was reading
+    was lost; here the read goes on and the next ``__anext__`` picks it up."""
+
+    def __init__(self, cursor: _FollowCursor, timeout: Optional[float]) -> None:
+        import concurrent.futures
+        self._cursor, self._timeout = cursor, timeout
+        # A thread of its own: waits in the shared default executor would take its
+        # few threads from everything else (adispatch, other followers) and delay all.
+        # Dropped with the follower, the executor's thread ends by itself.
+        self._waiter: Optional[concurrent.futures.ThreadPoolExecutor] = \
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fluxlite-afollow")
+        self._step: "Optional[concurrent.futures.Future[Any]]" = None  # a read under way
+        self._batch: Deque[Tuple[Event, List[Change]]] = collections.deque()
+        self._heard: Optional[float] = None  # when the last event came (monotonic)
+        self._busy = False
+
+    def __aiter__(self) -> "_AsyncFollower":
+        return self
+
+    async def __anext__(self) -> Tuple[Event, List[Change]]:
+        if self._busy:  # two tasks would share one read: each would get its events
+            raise UsageError("An afollow() is iterated by one task at a time; another task "
+                             "is waiting in it. Give each task an afollow() of its own.")
+        import asyncio
+        self._busy = True
+        try:
+            return await self._next()
+        except asyncio.CancelledError:  # a cancelled wait leaves it usable
+            raise
+        except BaseException:  # the end, a refusal (SchemaError), Ctrl-C: as a generator
+            self._close()
+            raise
+        finally:
+            self._busy = False
+
+    async def _next(self) -> Tuple[Event, List[Change]]:
+        cursor = self._cursor
+        if self._heard is None:
+            self._heard = time.monotonic()
+        while True:
+            if self._batch:
+                if cursor.resets == cursor.read_resets:
+                    return self._batch.popleft()
+                self._batch.clear()  # erased by reset_to(): see Store._follow
+            batch = await self._read()
+            if batch is None:
+                raise StopAsyncIteration
+            if batch:
+                self._batch.extend(batch)
+                self._heard = time.monotonic()
+            elif self._timeout is not None and not cursor.behind \
+                    and time.monotonic() - self._heard >= self._timeout:
+                raise StopAsyncIteration
+
+    async def _read(self) -> Optional[List[Tuple[Event, List[Change]]]]:
+        """The next batch (None: closed), from the read under way if a cancelled
+        __anext__ left one: its events are not read twice, nor lost."""
+        import asyncio
+        if self._waiter is None:
+            return None
+        if self._step is None or self._step.cancelled():
+            self._step = self._waiter.submit(_attach_and_step, self._cursor)
+        step = self._step
+        if not step.done():
+            # Cancelled here, the read goes on in the thread (or, not started yet, is
+            # cancelled and submitted again); the next __anext__ takes its result.
+            await asyncio.wrap_future(step)
+        self._step = None
+        result: Optional[List[Tuple[Event, List[Change]]]] = step.result()
+        return result
+
+    async def aclose(self) -> None:
+        """End it now (as leaving the loop early would, for an async generator)."""
+        self._close()
+
+    def _close(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        self._batch.clear()
+        if waiter is not None:
+            waiter.shutdown(wait=False)
+
+
+def _attach_and_step(cursor: _FollowCursor) -> Optional[List[Tuple[Event, List[Change]]]]:
+    """afollow()'s read, in its thread: placed without the lock, the cursor joins the
+    store's cursors here, off the loop; then a short wait, so that aclose() and the
+    end of the loop are not held up."""
+    if not cursor.attached:
+        cursor.attach()
+    return cursor.step(0.05)
+
+
 def _machine() -> str:
     """Where a pid means this process table: the host name, and on Linux the pid
     namespace (containers on one host name can each have a pid 33 of their own).
@@ -6434,6 +6505,9 @@ class Consumer:
         self._finished = 0  # the last event a loop body saw through
         self._closed = False
         self._gave_up: Optional[str] = None  # why it can deliver no more (_give_up)
+        # follow()'s cursors, which close() stops: a follow() waiting in another thread
+        # (a worker, asyncio's executor) ends at once, not at its next renewal (10 s).
+        self._following: "weakref.WeakSet[_FollowCursor]" = weakref.WeakSet()
         _LIVE_CONSUMERS[self._owner] = self  # first: while it lives, its lease is not free
         self._resets = store._resets
         self.position = self._acquire()
@@ -6511,6 +6585,8 @@ class Consumer:
 
     def _wait_renewing(self, timeout: Optional[float]) -> Iterator[Tuple[Event, List[Change]]]:
         cursor = _FollowCursor(self.store, self._start(), self._types)
+        self._following.add(cursor)
+        cursor.stopped = self._closed  # (closed before the first next())
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = self._lease / 3
@@ -6711,7 +6787,9 @@ class Consumer:
             except sqlite3.OperationalError as exc:
                 raise _storage_error(exc, store._path) from exc
             store._leases.pop(self._owner, None)
-        self._closed = True
+            self._closed = True
+            for cursor in self._following:  # read under the lock at each poll
+                cursor.stopped = True
         # Closed, it holds the name no more in this process either: a lease row of
         # its that comes back (reset_to() a checkpoint taken while it was open) is free.
         _LIVE_CONSUMERS.pop(self._owner, None)

@@ -12797,3 +12797,210 @@ def test_a_store_whose_schema_a_newer_sqlite_wrote_is_not_called_no_database(tmp
         fluxlite.open(path, schema=None if readonly else schema,
                       reducer=None if readonly else (lambda view, event: None), readonly=readonly)
     assert "new file name" not in str(caught.value)
+
+
+# --- asyncio (session 16 review): afollow() outlives a cancelled wait, one task at a time ---
+
+
+def _items_store(tmp_path):
+    return fluxlite.open(str(tmp_path / "a.db"), schema=ITEMS, reducer=items_reducer)
+
+
+def test_afollow_goes_on_after_a_wait_for_timeout_as_a_keep_alive_loop_needs(tmp_path):
+    # afollow() was an async generator: asyncio.wait_for(it.__anext__(), t) timing out
+    # threw CancelledError into it, which ended it for good; the next __anext__ raised
+    # StopAsyncIteration, so a server's keep-alive loop closed the stream at its first
+    # idle period (and the batch the worker thread was reading was lost).
+    async def main(store):
+        following = store.afollow()
+        with pytest.raises(asyncio.TimeoutError):  # nothing yet: a keep-alive is due
+            await asyncio.wait_for(following.__anext__(), 0.05)
+        for n in range(3):
+            store.dispatch("put", {"id": "a", "n": n})
+        seen = []
+        while len(seen) < 3:
+            try:
+                event, _ = await asyncio.wait_for(following.__anext__(), 5)
+            except asyncio.TimeoutError:
+                continue
+            seen.append(event.seq)
+        await following.aclose()
+        return seen
+
+    with _items_store(tmp_path) as store:
+        assert asyncio.run(main(store)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 5])
+def test_afollow_cancelled_while_its_thread_reads_neither_loses_nor_repeats(tmp_path, turns):
+    # Cancelled at any point of a read (not started, under way, done but not taken):
+    # the next __anext__ gets the read's events, once each, in order.
+    async def main(store):
+        following = store.afollow(after=0)
+        waiting = asyncio.ensure_future(following.__anext__())
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        waiting.cancel()
+        try:  # the read may have come back before the cancel: its event is the first
+            seen = [(await waiting)[0].seq]
+        except asyncio.CancelledError:
+            seen = []
+        seen += [e.seq async for e, _ in _until(following, 4 - len(seen))]
+        await following.aclose()
+        return seen
+
+    with _items_store(tmp_path) as store:
+        for n in range(4):
+            store.dispatch("put", {"id": "a", "n": n})
+        assert asyncio.run(main(store)) == [1, 2, 3, 4]
+
+
+async def _until(following, count):
+    """The first ``count`` items of an async iterator."""
+    async for item in following:
+        yield item
+        count -= 1
+        if count == 0:
+            return
+
+
+def test_afollow_iterated_by_two_tasks_at_once_is_a_usage_error(tmp_path):
+    # An async generator raised a bare RuntimeError ("anext(): asynchronous generator
+    # is already running"); the follower now says what to do, and the first task's
+    # wait goes on untouched.
+    async def main(store):
+        following = store.afollow()
+        first = asyncio.ensure_future(following.__anext__())
+        await asyncio.sleep(0)  # the first task is now waiting in it
+        with pytest.raises(fluxlite.UsageError, match="one task at a time"):
+            await following.__anext__()
+        await store.adispatch("put", {"id": "a", "n": 1})
+        event, _ = await asyncio.wait_for(first, 5)
+        await following.aclose()
+        return event.seq
+
+    with _items_store(tmp_path) as store:
+        assert asyncio.run(main(store)) == 1
+
+
+def test_afollow_aclose_and_store_close_end_it_and_its_thread(tmp_path):
+    async def main(store):
+        closed_early = store.afollow(after=0)
+        assert (await closed_early.__anext__())[0].seq == 1
+        await closed_early.aclose()
+        with pytest.raises(StopAsyncIteration):
+            await closed_early.__anext__()
+        waiting = store.afollow()
+        pending = asyncio.ensure_future(waiting.__anext__())
+        await asyncio.sleep(0)
+        await asyncio.get_running_loop().run_in_executor(None, store.close)
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(pending, 5)
+
+    threads = threading.active_count()
+    store = _items_store(tmp_path)
+    store.dispatch("put", {"id": "a", "n": 1})
+    asyncio.run(main(store))
+    assert _settled(threads)[1] <= threads
+
+
+def _readme_function(containing, name):
+    """A function defined in a README block, with what the block leaves to its reader."""
+    import textwrap
+    namespace = {"asyncio": asyncio, "contextlib": contextlib}
+    exec(textwrap.dedent(_readme_block("python", containing)), namespace)
+    return namespace[name]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="contextlib.aclosing is 3.10+")
+def test_the_readmes_keep_alive_stream_hears_every_event_across_keep_alives(tmp_path):
+    stream = _readme_function("async def stream(", "stream")
+
+    async def main(store):
+        sent, beats, done = [], [], asyncio.Event()
+
+        async def send(event, changes):
+            sent.append(event.seq)
+            if len(sent) == 3:
+                done.set()
+
+        async def keep_alive():
+            beats.append(1)
+            for n in range(3):  # written only once the stream has idled
+                store.dispatch("put", {"id": "a", "n": n})
+
+        original = asyncio.wait_for  # the block's 15 s, shortened until the first keep-alive
+        asyncio.wait_for = lambda aw, timeout: original(aw, 0.05 if not beats else 5)
+        try:
+            task = asyncio.ensure_future(stream(store, send, keep_alive))
+            await original(done.wait(), 10)
+        finally:
+            asyncio.wait_for = original
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return sent, len(beats)
+
+    with _items_store(tmp_path) as store:
+        assert asyncio.run(main(store)) == ([1, 2, 3], 1)
+
+
+def test_the_readmes_async_mail_worker_acks_each_event_and_stops_when_cancelled(tmp_path):
+    # With next(waiting) the await never returned once the consumer had nothing more;
+    # with a wait of no timeout, asyncio.run() waited at its end for the thread.
+    mail_worker = _readme_function("async def mail_worker(", "mail_worker")
+
+    async def main(store):
+        mailed, done = [], asyncio.Event()
+
+        async def send_mail(event):
+            mailed.append(event.seq)
+            if len(mailed) == 3:
+                done.set()
+
+        task = asyncio.ensure_future(mail_worker(store, send_mail))
+        await store.adispatch("put", {"id": "a", "n": 0})
+        # Idle past the block's 0.5 s: its follow() ends and the worker waits anew (a
+        # minimum, not a race: the worker must go on however long the pause is).
+        await asyncio.sleep(0.7)
+        for n in range(1, 3):
+            await store.adispatch("put", {"id": "a", "n": n})
+        await asyncio.wait_for(done.wait(), 10)
+        # The ack after the last mail, awaited before the cancel: cancelled before it, the
+        # worker would get event 3 again next time (at-least-once), as it should.
+        for _ in range(1000):
+            if store.query("SELECT position FROM fluxlite_consumers")[0]["position"] == 3:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return mailed
+
+    with _items_store(tmp_path) as store:
+        started = time.monotonic()
+        assert asyncio.run(main(store)) == [1, 2, 3]
+        assert time.monotonic() - started < 5  # asyncio.run() did not wait for a thread
+        with store.consumer("mailer") as again:  # the lease was given up; all was acked
+            assert list(again) == []
+
+
+def test_closing_a_consumer_ends_its_follow_waiting_in_an_executor_thread_at_once(tmp_path):
+    # Consumer.close() left a follow() waiting in another thread until its next lease
+    # renewal (lease / 3: 10 s by default), so asyncio.run() of a worker whose task was
+    # cancelled (its finally: closing the consumer) waited that long for the executor.
+    async def main(store):
+        loop = asyncio.get_running_loop()
+        mailer = await loop.run_in_executor(None, store.consumer, "mailer")
+        waiting = mailer.follow()  # no timeout: waits until an event, or the end
+        pending = loop.run_in_executor(None, next, waiting, None)
+        await loop.run_in_executor(None, mailer.close)
+        return await asyncio.wait_for(pending, 5)
+
+    with _items_store(tmp_path) as store:
+        started = time.monotonic()
+        assert asyncio.run(main(store)) is None  # ended, with nothing delivered
+        assert time.monotonic() - started < 2
+        store.dispatch("put", {"id": "a", "n": 1})
+        with store.consumer("mailer") as again:  # the name is free, the event unacked
+            assert [e.seq for e, _ in again] == [1]
