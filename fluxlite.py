@@ -3464,6 +3464,23 @@ def _check_passed_dict(action: Any) -> None:
         )
 
 
+def _check_passed_keys(action: Any) -> None:
+    """What a middleware passes to next() has the keys dispatch() takes in an event dict:
+    another key (actor, seq, ts) would be dropped without a word, so that an actor a
+    middleware meant to set as {**event, "actor": user} would not be recorded."""
+    _check_passed_dict(action)
+    extra = action.keys() - _ACTION_KEYS
+    if extra:
+        raise InvalidEvent(
+            f"Middleware passed next() an event dict with unknown key(s) "
+            f"{sorted(extra, key=repr)}; an event dict has the keys type, payload, meta "
+            f"and id (Flux Standard Action). "
+            + ("Put the actor in meta: next({**event, \"meta\": {**event[\"meta\"], "
+               "\"actor\": ...}})." if "actor" in extra else
+               "Leave the others out (seq and ts are set when the event commits).")
+        )
+
+
 def _prepare(action: Any, ids: Callable[[], str]) -> _Prepared:
     _check_passed_dict(action)
     kind = _check_text(_check_type(action.get("type")), "An event type", InvalidEvent)
@@ -4527,6 +4544,7 @@ class Store:
                 "dispatching thread, and return what it returns."
             )
         frame = frames[-1]
+        _check_passed_keys(action)
         if frame.batch is not None:
             # A refusal here refuses the batch unless the middleware calls next()
             # again with a fixed event that passes (see _refusing_batch).
@@ -6098,10 +6116,10 @@ class _Frame:
     ack: Optional[Tuple[str, str, int, float]] = None  # (consumer, owner, seq, lease) acked too
     acked: bool = False  # that ack committed (a middleware may still raise after next())
     changes: List[Change] = dataclasses.field(default_factory=list)
-    refused: Optional[FluxliteError] = None  # a batch's event that next() refused
+    refused: Optional[BaseException] = None  # a batch's event that next() refused
     # dispatch_many: per middleware call in progress, the refusal its next() last raised
     # (None once a later next() of that call succeeded: it replaced the refused event).
-    calls: List[List[Optional[FluxliteError]]] = dataclasses.field(default_factory=list)
+    calls: List[List[Optional[BaseException]]] = dataclasses.field(default_factory=list)
 
 
 class Checkpoint:
@@ -7620,6 +7638,13 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
                              f"-> bool; {_quoted(kind)} maps to {_describe(predicate)}. For a type "
                              f"anyone may dispatch, use lambda actor, event: True.")
         _check_takes_two(predicate, f"The rule for {_quoted(kind)}", "(actor, event)", "predicate")
+        if inspect.iscoroutinefunction(predicate):  # its coroutine is truthy: it would allow all
+            raise UsageError(
+                f"The rule for {_quoted(kind)} is an async function; rules are called "
+                f"synchronously, before the transaction, and a coroutine is never awaited "
+                f"(and, being truthy, would allow every event). Make it a plain def, and "
+                f"read what it needs before dispatching."
+            )
     table = dict(rules)
 
     def middleware(store: Store) -> Callable[[Callable[[Dict[str, Any]], Any]],
@@ -7642,7 +7667,7 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
                 for checked, shown in judged:
                     builtin = checked.startswith("fluxlite.")
                     rule = table.get(checked) if builtin else table.get(checked, table.get("*"))
-                    if (default == "allow") if rule is None else bool(rule(actor, shown)):
+                    if (default == "allow") if rule is None else _verdict(rule, checked, actor, shown):
                         continue
                     raise Forbidden(
                         f"Actor {_quoted(actor)} may not dispatch {_quoted(checked)} events"
@@ -7655,6 +7680,28 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
         return wrap
 
     return middleware
+
+
+def _verdict(rule: Callable[[Optional[str], Dict[str, Any]], Any], kind: str,
+             actor: Any, event: Dict[str, Any]) -> bool:
+    """A rule's answer, by truth (a row found, say, allows), except for answers that
+    are true by accident: a coroutine or generator (an async or yielding predicate),
+    or a function (one returned uncalled). Allowing on those would let every actor
+    through, so they are refused."""
+    answer = rule(actor, event)
+    if answer is True or answer is False:
+        return answer
+    if inspect.isawaitable(answer) or callable(answer) or inspect.isgenerator(answer) \
+            or inspect.isasyncgen(answer):
+        if inspect.iscoroutine(answer):
+            answer.close()  # not run: no "never awaited" warning later
+        raise UsageError(
+            f"The rule for {_quoted(kind)} returned {_describe(answer)}, not an answer: "
+            f"a predicate(actor, event) returns True or False, synchronously (an async "
+            f"or yielding rule is never run, and a function returned uncalled is no "
+            f"decision). Nothing was dispatched; fix the rule."
+        )
+    return bool(answer)
 
 
 def _weak_core(store: Store) -> Callable[[Dict[str, Any]], Any]:
@@ -7676,9 +7723,10 @@ def _weak_core(store: Store) -> Callable[[Dict[str, Any]], Any]:
 def _refusing_batch(frames: threading.local, inner: Callable[[Dict[str, Any]], Any]
                     ) -> Callable[[Dict[str, Any]], Any]:
     """next() as a middleware is given it: a refusal raised through it in dispatch_many
-    (Forbidden from authorize, a Rejected of another middleware) refuses the whole
-    batch even when that middleware catches it and returns, as the core's own refusal
-    does; else a "report and carry on" middleware would commit the batch without it.
+    (Forbidden from authorize, a Rejected of another middleware, or any other error,
+    such as a rule's predicate raising KeyError) refuses the whole batch even when that
+    middleware catches it and returns, as the core's own refusal does; else a "report
+    and carry on" middleware (except Exception) would commit the batch without it.
     A middleware that catches the refusal and calls next() again with a fixed event,
     which passes, replaced the event (as in dispatch()): the batch goes on.
     Holds the frame stack, not the store: no reference cycle."""
@@ -7687,12 +7735,12 @@ def _refusing_batch(frames: threading.local, inner: Callable[[Dict[str, Any]], A
         frame = stack[-1] if stack and stack[-1].batch is not None else None
         if frame is None or not frame.calls:
             return inner(action)
-        caller: List[Optional[FluxliteError]] = frame.calls[-1]  # the middleware calling next()
-        call: List[Optional[FluxliteError]] = [None]  # the middleware it calls
+        caller: List[Optional[BaseException]] = frame.calls[-1]  # the middleware calling next()
+        call: List[Optional[BaseException]] = [None]  # the middleware it calls
         frame.calls.append(call)
         try:
             result = inner(action)
-        except FluxliteError as exc:
+        except BaseException as exc:  # any error: a rule's predicate raising refuses too
             caller[0] = exc  # refused, unless that middleware calls next() again and it passes
             raise
         finally:
@@ -7721,7 +7769,33 @@ def _compose_chain(store: Store, middleware: Sequence[Middleware]) -> Callable[[
                 f"A middleware returned {_describe(chain)}; middleware has the shape "
                 f"store -> next -> event -> result."
             )
-    return chain
+        if inspect.iscoroutinefunction(chain):
+            raise UsageError(_ASYNC_MIDDLEWARE.format(f"{_describe(chain)} is an async function"))
+    return _synchronous(chain) if wrappers else chain
+
+
+_ASYNC_MIDDLEWARE = (
+    "A middleware's event handler must be a plain function that calls next(event) and "
+    "returns its result; {}. dispatch() does not run a coroutine, so what it does (call "
+    "next(), which commits) never happens. Middleware runs synchronously: make the "
+    "handler a plain def (store.adispatch() runs the whole dispatch in a worker thread, "
+    "so an asyncio application needs no async middleware)."
+)
+
+
+def _synchronous(chain: Callable[[Dict[str, Any]], Any]) -> Callable[[Dict[str, Any]], Any]:
+    """The chain, refusing a coroutine as its result (a handler that is no async def but
+    returns one, a lambda calling an async function): returned, it would read as "the
+    event", while next() was never called and nothing was committed."""
+    def outermost(action: Dict[str, Any]) -> Any:
+        result = chain(action)
+        if result is not None and result.__class__ is not Event and inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # never run: no "never awaited" warning later
+            raise UsageError(_ASYNC_MIDDLEWARE.format(
+                f"one returned {_describe(result)} for a {_quoted(action.get('type'))} event"))
+        return result
+    return outermost
 
 
 ###############################################################################

@@ -13004,3 +13004,147 @@ def test_closing_a_consumer_ends_its_follow_waiting_in_an_executor_thread_at_onc
         store.dispatch("put", {"id": "a", "n": 1})
         with store.consumer("mailer") as again:  # the name is free, the event unacked
             assert [e.seq for e, _ in again] == [1]
+
+
+# --- review s16/middleware: async handlers and rules, errors swallowed in a batch ----
+
+
+def _mw16_set(view, event):
+    return view.t.upsert(id=event.payload["id"], x=event.payload.get("x"))
+
+
+def _mw16_swallow_all(store):
+    """An error-reporting middleware as users write it: except Exception, log, go on."""
+    def wrap(next):
+        def handle(event):
+            try:
+                return next(event)
+            except Exception:
+                return None
+        return handle
+    return wrap
+
+
+# A predicate that raises (the payload lacks a field it reads) under a middleware that
+#    swallows every Exception: dispatch_many committed the rest of the batch without it.
+def test_dispatch_many_is_refused_when_a_middleware_swallows_a_predicates_error():
+    policy = fluxlite.authorize({"set": lambda actor, e: e["payload"]["owner"] == actor})
+    store = fluxlite.open(":memory:", schema=ONE_X, reducer=_mw16_set,
+                          middleware=[_mw16_swallow_all, policy])
+    with pytest.raises(KeyError):
+        store.dispatch_many([{"type": "set", "payload": {"id": 1, "owner": "bob"}},
+                             {"type": "set", "payload": {"id": 2}}], actor="bob")
+    assert store.head == 0 and store.view.t.all() == []
+
+
+def test_dispatch_many_is_refused_when_a_middleware_swallows_any_inner_error():
+    def flaky(store):
+        def wrap(next):
+            def handle(event):
+                if event["payload"]["id"] == 2:
+                    raise RuntimeError("service down")
+                return next(event)
+            return handle
+        return wrap
+    store = fluxlite.open(":memory:", schema=ONE_X, reducer=_mw16_set,
+                          middleware=[_mw16_swallow_all, flaky])
+    with pytest.raises(RuntimeError, match="service down"):
+        store.dispatch_many([{"type": "set", "payload": {"id": 1}},
+                             {"type": "set", "payload": {"id": 2}}])
+    assert store.head == 0
+    # a retry with a fixed event still replaces the refused one, as for a refusal
+    def retrying(store):
+        def wrap(next):
+            def handle(event):
+                try:
+                    return next(event)
+                except RuntimeError:
+                    return next({**event, "payload": {"id": 3}})
+            return handle
+        return wrap
+    store = fluxlite.open(":memory:", schema=ONE_X, reducer=_mw16_set, middleware=[retrying, flaky])
+    assert [e.payload for e in store.dispatch_many([{"type": "set", "payload": {"id": 1}},
+                                                    {"type": "set", "payload": {"id": 2}}])] \
+        == [{"id": 1}, {"id": 3}]
+
+
+# An async rule's coroutine is truthy: authorize() let every actor through (with only a
+#    "never awaited" RuntimeWarning), as it did a rule returning a function uncalled.
+def test_authorize_refuses_an_async_rule():
+    async def is_admin(actor, event):
+        return actor == "admin"
+    with pytest.raises(fluxlite.UsageError, match="'set' is an async function"):
+        fluxlite.authorize({"set": is_admin})
+
+
+@pytest.mark.parametrize("answer", ["coroutine", "function", "generator"])
+def test_a_rule_answering_with_a_coroutine_or_function_is_refused_not_allowed(answer, recwarn):
+    async def is_admin(actor):
+        return actor == "admin"
+
+    def user_is_admin():
+        return False
+
+    def gen():
+        yield False
+    made = {"coroutine": lambda actor: is_admin(actor), "function": lambda actor: user_is_admin,
+            "generator": lambda actor: gen()}[answer]
+    policy = fluxlite.authorize({"set": lambda actor, event: made(actor)})
+    store = fluxlite.open(":memory:", schema=ONE_X, reducer=_mw16_set, middleware=[policy])
+    with pytest.raises(fluxlite.UsageError, match="not an answer"):
+        store.dispatch("set", {"id": 1}, actor="intern")
+    with pytest.raises(fluxlite.UsageError, match="not an answer"):
+        store.dispatch_many([{"type": "set", "payload": {"id": 1}}], actor="intern")
+    assert store.head == 0
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+def test_a_rule_answers_by_truth_otherwise():
+    rows = {"bob": {"name": "bob"}}
+    policy = fluxlite.authorize({"set": lambda actor, event: rows.get(actor)})
+    store = fluxlite.open(":memory:", schema=ONE_X, reducer=_mw16_set, middleware=[policy])
+    assert store.dispatch("set", {"id": 1}, actor="bob").seq == 1  # a row found: allowed
+    with pytest.raises(fluxlite.Forbidden):
+        store.dispatch("set", {"id": 1}, actor="eve")  # None: denied
+
+
+# An async middleware handler (or one returning a coroutine): dispatch() returned the
+#    coroutine, unrun, as if it were the event; nothing was committed and nothing said so.
+def test_an_async_middleware_handler_is_refused_at_open():
+    def stamp(store):
+        def wrap(next):
+            async def handle(event):
+                return next(event)
+            return handle
+        return wrap
+    with pytest.raises(fluxlite.UsageError, match="is an async function"):
+        fluxlite.open(":memory:", schema=ONE_X, reducer=_mw16_set, middleware=[stamp])
+
+
+def test_a_middleware_returning_a_coroutine_is_a_usage_error_on_every_path(recwarn):
+    async def later(event):
+        return None
+    lazy = lambda store: lambda next: lambda event: later(event)
+    store = fluxlite.open(":memory:", schema=ONE_X, reducer=_mw16_set, middleware=[lazy])
+    calls = [lambda: store.dispatch("set", {"id": 1}),
+             lambda: store.dispatch_many([{"type": "set", "payload": {"id": 1}}]),
+             lambda: store.preview("set", {"id": 1}),
+             lambda: asyncio.run(store.adispatch("set", {"id": 1}))]
+    for call in calls:
+        with pytest.raises(fluxlite.UsageError, match="does not run a coroutine"):
+            call()
+    assert store.head == 0
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+# A middleware setting the actor as {**event, "actor": user} (or passing seq, ts): the
+#    key was dropped without a word, the actor not recorded, though dispatch() refuses it.
+@pytest.mark.parametrize("key", ["actor", "seq"])
+def test_a_middleware_passing_next_an_unknown_key_is_an_invalid_event(key):
+    sign_in = lambda store: lambda next: lambda event: next({**event, key: "bob"})
+    store = fluxlite.open(":memory:", schema=ONE_X, reducer=_mw16_set, middleware=[sign_in])
+    with pytest.raises(fluxlite.InvalidEvent, match=f"unknown key.*'{key}'"):
+        store.dispatch("set", {"id": 1})
+    with pytest.raises(fluxlite.InvalidEvent, match=f"unknown key.*'{key}'"):
+        store.dispatch_many([{"type": "set", "payload": {"id": 1}}])
+    assert store.head == 0
