@@ -3749,7 +3749,10 @@ class Store:
     6. Changes name tables and columns of the schema; they are checked before
        any SQL is built, and values are always bound parameters.
     7. Subscribers run after commit only, never for a rolled-back event, in
-       subscription order, on a snapshot of the list taken per event. One
+       subscription order, on a snapshot of the list taken per event (an
+       unsubscribe() meanwhile counts from the next event); each is a plain
+       function of (event, changes), called synchronously (an async def is
+       refused by subscribe()). One
        that raises is logged and does not stop the others. A subscriber may
        dispatch; that event is delivered after the current one, so every
        subscriber hears events in seq order. One thread delivers at a time,
@@ -3823,6 +3826,9 @@ class Store:
         # reset_to()s so far and the head the last left: a cursor placed without the
         # lock (afollow()) is moved as they moved the others when it joins them.
         self._resets, self._reset_head = 0, 0
+        # This store's log since its last reset_to(), as a token: a checkpoint taken
+        # in it holds the same events up to its seq (see _after_reset).
+        self._lineage = object()
         # owner -> name of the consumer leases this store took (plain strings: a
         # Consumer dropped without close() is released by close() all the same).
         self._leases: Dict[str, str] = {}
@@ -4334,7 +4340,9 @@ class Store:
             self._check_not_previewing("checkpoint()")
             copy = sqlite3.connect(":memory:", check_same_thread=False)
             self._conn.backup(copy)
-            return Checkpoint(copy, self.head)
+            checkpoint = Checkpoint(copy, self.head)
+            checkpoint._lineage = self._lineage
+            return checkpoint
 
     def _check_not_in_progress(self, what: str) -> None:
         """Not from a progress= callback: verify() and rebuild() go on replaying the
@@ -4362,7 +4370,8 @@ class Store:
         their position in the checkpoint; followers of other
         stores (in this process or others) cannot tell, and wait for seqs past
         their position. Subscribers are not told either: a copy of the tables a
-        subscriber keeps must be refilled from the store.
+        subscriber keeps must be refilled from the store (events committed
+        before the checkpoint that they had not heard yet, they still hear).
         """
         if not isinstance(checkpoint, Checkpoint):
             raise UsageError(
@@ -4394,16 +4403,16 @@ class Store:
                     except sqlite3.Error:
                         raise
                     except BaseException:  # Ctrl-C (in _refuse_locked, or as it returned):
-                        self._after_reset(before)  # the copy may be in: go on from the file
-                        raise
-                self._after_reset(before)
+                        self._after_reset(before, checkpoint)  # the copy may be in: go on
+                        raise                                  # from the file
+                self._after_reset(before, checkpoint)
             except sqlite3.ProgrammingError as exc:  # the checkpoint's copy was closed
                 raise UsageError(f"That checkpoint cannot be read ({exc}); take a new one "
                                  f"with store.checkpoint().") from exc
             except sqlite3.OperationalError as exc:  # a full disk, a read-only file
                 raise _storage_error(exc, self._path) from exc
 
-    def _after_reset(self, before: Any) -> None:
+    def _after_reset(self, before: Any, checkpoint: Checkpoint) -> None:
         """reset_to()'s work once the checkpoint is copied in: a new generation, the
         model, delivery and followers as the file now has them."""
         with self._lock:
@@ -4412,8 +4421,16 @@ class Store:
             meta = _read_meta(self._conn)
             self._schema, self._version = meta["schema"], meta.get("version")
             self._load_tables(meta["tables"], meta.get("generation", 0))
-            self._pending.clear()
+            # Events not yet delivered (another thread's subscriber is slow, or one
+            # calls reset_to()) that the checkpoint holds too are still in the log:
+            # still heard, once. Those after it are gone; so are all of them for a
+            # checkpoint of another history (taken before an earlier reset_to(), or
+            # in another store), whose events at those seqs may be others.
             head = self.head
+            kept = head if checkpoint._lineage is self._lineage else 0
+            while self._pending and self._pending[-1][0].seq > kept:
+                self._pending.pop()
+            self._lineage = object()
             for cursor in list(self._cursors):  # watch() and this store's followers
                 cursor.reset_to(head)
             self._resets, self._reset_head = self._resets + 1, head
@@ -4994,6 +5011,9 @@ class Store:
         """
         if not callable(listener):
             raise UsageError(f"subscribe() needs a callable; received {_describe(listener)}.")
+        _check_runs_when_called(listener)
+        # Said now, not as a TypeError logged at every event (a one-argument lambda).
+        _check_takes_two(listener, "A subscriber", "(event, changes)", "listener")
         entry = (listener, _type_filter(types))
         with self._lock:
             self._check_open()  # a closed store commits nothing: the listener would never hear
@@ -5055,9 +5075,12 @@ class Store:
                 if types is not None and event.type not in types:
                     continue
                 try:  # each its own values dicts: one listener's edits are not the next's
-                    listener(event, [c if c.values is None else
-                                     _change(c.op, c.table, c.key, dict(c.values))
-                                     for c in changes])
+                    result = listener(event, [c if c.values is None else
+                                              _change(c.op, c.table, c.key, dict(c.values))
+                                              for c in changes])
+                    if result is not None and _unrun(result):
+                        _log.error(_UNRUN_SUBSCRIBER, listener, event.seq, event.type,
+                                   _describe(result))
                 except Exception:
                     _log.exception("fluxlite subscriber %r failed on event %s (%s)",
                                    listener, event.seq, event.type)
@@ -6056,6 +6079,48 @@ def _refuse_during_setup(action: Any) -> Any:
     )
 
 
+def _check_runs_when_called(listener: Callable[..., Any]) -> None:
+    """A subscriber whose call only makes a coroutine or a generator (an async def,
+    a def with yield) would never run its body: nothing awaits or iterates what
+    fluxlite is handed, so every event would pass unheard, with at most a
+    RuntimeWarning. Refused at subscribe()."""
+    # An object's own __call__ too (an async def __call__, which inspect does not judge
+    # on the object itself before Python 3.13), besides the callable as it is.
+    calls = (listener, getattr(type(listener), "__call__", None))
+    kind = next((name for name, test in (
+        ("an async function", inspect.iscoroutinefunction),
+        ("an async generator function", inspect.isasyncgenfunction),
+        ("a generator function", inspect.isgeneratorfunction)) if any(map(test, calls))), None)
+    if kind is None:
+        return
+    raise UsageError(
+        f"subscribe() received {kind}, {_describe(listener)}: a subscriber is called "
+        f"synchronously after each commit, in the dispatching thread, and what that "
+        f"call returns is never awaited or iterated, so its body would never run. Give "
+        f"a plain def; to work on an event loop, hand the event to it "
+        f"(lambda event, changes: loop.call_soon_threadsafe(queue.put_nowait, (event, "
+        f"changes))), or read store.afollow() there."
+    )
+
+
+def _unrun(result: Any) -> bool:
+    """Whether a subscriber's result is work that never ran: a coroutine, a
+    generator (a lambda calling an async def, a generator expression). A coroutine
+    is closed, so that no "never awaited" warning follows it."""
+    if inspect.iscoroutine(result):
+        result.close()
+        return True
+    return inspect.isgenerator(result) or inspect.isasyncgen(result)
+
+
+_UNRUN_SUBSCRIBER = (
+    "fluxlite subscriber %r returned, on event %s (%s), %s, which nothing awaits or "
+    "iterates: its work never ran. A subscriber is called synchronously after each "
+    "commit; do the work in the call (to run a coroutine, hand the event to the event "
+    "loop: loop.call_soon_threadsafe, asyncio.run_coroutine_threadsafe)."
+)
+
+
 def _type_filter(types: Union[None, str, Iterable[str]]) -> Optional[FrozenSet[str]]:
     if types is None:
         return None
@@ -6178,6 +6243,7 @@ class Checkpoint:
     def __init__(self, conn: sqlite3.Connection, seq: int) -> None:
         self._conn, self.seq = conn, seq
         self._lock = threading.Lock()  # held by reset_to() while it copies from _conn
+        self._lineage: object = None  # the store's history it was taken in (Store._lineage)
         # A checkpoint dropped without close() (as test suites do) closes its copy:
         # left to the collector, Python 3.13 warns "unclosed database", which
         # -W error or pytest's filterwarnings=error makes a failure.
@@ -6221,7 +6287,7 @@ def _watch_loop(store_ref: "weakref.ReferenceType[Store]") -> None:
         if batch is None:
             return
         if batch:
-            store._notify()
+            _notify_from_watch(store)
             continue
         del store
 
@@ -6230,6 +6296,23 @@ def _watch_loop(store_ref: "weakref.ReferenceType[Store]") -> None:
             return store is None or store._watcher is not me or store._commit_count != commits
         with committed:  # other processes' commits are polled for, every 20 ms
             committed.wait_for(woken, timeout=0.02)
+
+
+def _notify_from_watch(store: Store) -> None:
+    """Deliver in watch()'s thread. A subscriber's Exception is logged by the delivery;
+    anything else it raises (sys.exit() in a listener, say) has no caller here to reach,
+    and ended the thread, which Python does without a word for SystemExit: watch() then
+    took it as running, and no event from elsewhere was heard again. Logged instead,
+    and the delivery goes on (each round takes at least the event that raised)."""
+    while True:
+        try:
+            store._notify()
+            return
+        except BaseException as exc:
+            _log.error("A subscriber of %r raised %s in watch()'s thread, where nothing "
+                       "can catch it; watch() goes on. Catch it in the subscriber (a "
+                       "program ends from its main thread).", store._path, _describe(exc),
+                       exc_info=True)
 
 
 class _FollowCursor:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import doctest
+import functools
 import gc
 import hashlib
 import inspect
@@ -13262,3 +13263,162 @@ def test_reading_events_of_types_no_upcaster_is_given_for_does_not_mark_each_one
         assert len(list(store.events())) == 52
         assert len(marks) == 1  # the restore only
         assert [e.seq for e, _ in store.follow(after=0, types=fluxlite.RESTORE, timeout=0)] == [52]
+
+
+# --- subscribers (session 16 review) --------------------------------------------
+
+# An async def subscriber (or a generator one) was accepted; each call only made a
+#    coroutine that nothing awaited: every event passed unheard, with at most a
+#    RuntimeWarning pointing into fluxlite.
+class _AsyncCallable:
+    async def __call__(self, event, changes):
+        pass
+
+
+class _AsyncHandler:
+    async def on_event(self, event, changes):
+        pass
+
+
+async def _async_def_listener(event, changes):
+    pass
+
+
+def _generator_listener(event, changes):
+    yield changes
+
+
+async def _async_generator_listener(event, changes):
+    yield changes
+
+
+@pytest.mark.parametrize("listener, kind", [
+    (_async_def_listener, "an async function"),
+    (_AsyncCallable(), "an async function"),
+    (_AsyncHandler().on_event, "an async function"),
+    (functools.partial(_async_def_listener), "an async function"),
+    (_generator_listener, "a generator function"),
+    (_async_generator_listener, "an async generator function"),
+], ids=["async-def", "async-call", "async-method", "partial", "generator", "async-generator"])
+def test_an_async_or_generator_subscriber_is_refused_at_subscribe(listener, kind):
+    store = fluxlite.open(":memory:", schema=ONE_X, reducer=set_x)
+    with pytest.raises(fluxlite.UsageError, match=f"received {kind}.*never run.*call_soon_threadsafe"):
+        store.subscribe(listener)
+    assert store._subscribers == []
+
+
+# A subscriber returning a coroutine (a lambda calling an async def) or a generator
+#    (a generator expression): its work never ran and nothing said so but a
+#    RuntimeWarning. Now logged as an error naming the event, the coroutine closed.
+def test_a_subscriber_returning_a_coroutine_or_generator_is_logged_as_never_run(caplog, recwarn):
+    store = fluxlite.open(":memory:", schema=ONE_X, reducer=set_x)
+    done = []
+    store.subscribe(lambda event, changes: _async_def_listener(event, changes))
+    store.subscribe(lambda event, changes: (done.append(c) for c in changes))
+    store.subscribe(lambda event, changes: done.append(event.seq))  # the others still run
+    with caplog.at_level(logging.ERROR, logger="fluxlite"):
+        store.dispatch("set", 1)
+    gc.collect()
+    never_run = [r for r in caplog.records if "never ran" in r.getMessage()]
+    assert len(never_run) == 2 and "coroutine" in never_run[0].getMessage() \
+        and "generator" in never_run[1].getMessage() and "event 1 (set)" in never_run[0].getMessage()
+    assert done == [1]
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+# A subscriber that cannot take (event, changes) (lambda event: ...) was accepted and
+#    failed with a TypeError, logged, at every event.
+@pytest.mark.parametrize("listener", [lambda event: None, lambda: None,
+                                      lambda event, changes, extra: None])
+def test_a_subscriber_that_cannot_take_event_and_changes_is_refused_at_subscribe(listener):
+    store = fluxlite.open(":memory:", schema=ONE_X, reducer=set_x)
+    with pytest.raises(fluxlite.UsageError, match=r"listener\(event, changes\), with two arguments"):
+        store.subscribe(listener)
+    heard = []
+    store.subscribe(lambda event, changes, extra=None: heard.append(event.seq))  # these
+    store.subscribe(lambda *args: heard.append(args[0].seq))                     # can
+    store.dispatch("set", 1)
+    assert heard == [1, 1]
+
+
+# reset_to() dropped every event not yet delivered, also those the checkpoint holds:
+#    with a slow subscriber in another thread, events committed before the checkpoint
+#    stayed in the log and no subscriber ever heard of them.
+def test_reset_to_keeps_undelivered_events_the_checkpoint_holds(tmp_path):
+    store = fluxlite.open(str(tmp_path / "s.db"), schema=ONE_X, reducer=set_x)
+    heard, inside, go = [], threading.Event(), threading.Event()
+
+    def slow(event, changes):
+        if event.seq == 1:
+            inside.set()
+            assert go.wait(10)
+        heard.append((event.seq, event.payload))
+
+    store.subscribe(slow)
+    first = threading.Thread(target=store.dispatch, args=("set", "a"))
+    first.start()
+    assert inside.wait(10)
+    store.dispatch("set", "b")  # returns at once: the delivering thread will tell them
+    store.dispatch("set", "c")
+    saved = store.checkpoint()  # at seq 3
+    store.dispatch("set", "gone")  # seq 4, undone by the reset
+    store.reset_to(saved)
+    go.set()
+    first.join(10)
+    store.dispatch("set", "d")  # the new seq 4
+    assert heard == [(1, "a"), (2, "b"), (3, "c"), (4, "d")]
+    assert [(e.seq, e.payload) for e in store.events()] == heard
+    store.close()
+
+
+def test_reset_to_a_checkpoint_of_another_history_drops_undelivered_events():
+    # The checkpoint was taken before an earlier reset_to(): the events pending now were
+    # committed after that, and the checkpoint's events at their seqs are others.
+    store = fluxlite.open(":memory:", schema=ONE_X, reducer=set_x)
+    heard = []
+    older = store.checkpoint()  # at 0
+    store.dispatch("set", "x1")
+    store.dispatch("set", "x2")
+    newer = store.checkpoint()  # at 2: x1, x2
+    store.reset_to(older)
+
+    def resetting(event, changes):
+        heard.append((event.seq, event.payload))
+        if event.payload == "y1":
+            store.dispatch("set", "y2")  # queued behind this delivery
+            store.reset_to(newer)        # y2 (seq 2) is not newer's seq 2, x2
+
+    store.subscribe(resetting)
+    store.dispatch("set", "y1")
+    store.dispatch("set", "x3")
+    assert heard == [(1, "y1"), (3, "x3")]
+    assert [e.payload for e in store.events()] == ["x1", "x2", "x3"]
+
+
+# A subscriber raising SystemExit (sys.exit() on a "quit" event) in watch()'s thread
+#    ended that thread without a word (Python's way with SystemExit in a thread); watch()
+#    then took it as running, and no event from elsewhere was ever heard again.
+def test_a_subscriber_raising_systemexit_in_watch_thread_does_not_end_the_watch(tmp_path, caplog):
+    path = str(tmp_path / "s.db")
+    writer = fluxlite.open(path, schema=ONE_X, reducer=set_x)
+    store = fluxlite.open(path, schema=ONE_X, reducer=set_x)
+    heard, later = [], threading.Event()
+
+    def quitting(event, changes):
+        heard.append(event.payload)
+        if event.payload == "quit":
+            raise SystemExit(0)
+        if event.payload == "later":
+            later.set()
+
+    store.subscribe(quitting)
+    store.subscribe(lambda event, changes: None)
+    store.watch()
+    with caplog.at_level(logging.ERROR, logger="fluxlite"):
+        writer.dispatch("set", "quit")
+        writer.dispatch("set", "later")
+        assert later.wait(10)
+    assert heard == ["quit", "later"]
+    assert "raised SystemExit" in caplog.text and "watch() goes on" in caplog.text
+    store.close()
+    writer.close()
