@@ -4340,7 +4340,10 @@ class Store:
             self._check_not_previewing("checkpoint()")
             copy = sqlite3.connect(":memory:", check_same_thread=False)
             self._conn.backup(copy)
-            checkpoint = Checkpoint(copy, self.head)
+            # The seq the copy holds, not the file's head read after it: another
+            # process may have committed in between.
+            seq = copy.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            checkpoint = Checkpoint(copy, seq)
             checkpoint._lineage = self._lineage
             return checkpoint
 

@@ -13422,3 +13422,39 @@ def test_a_subscriber_raising_systemexit_in_watch_thread_does_not_end_the_watch(
     assert "raised SystemExit" in caplog.text and "watch() goes on" in caplog.text
     store.close()
     writer.close()
+
+
+# --- checkpoint (session 16) -----------------------------------------------------
+
+def test_a_checkpoints_seq_is_the_copys_head_not_one_committed_after_the_copy(tmp_path, monkeypatch):
+    # checkpoint() copied the file, then read the file's head: a commit by another
+    # process in between gave a seq the copy does not hold. The interleaving is made
+    # here by committing from a second store when the head is read after the copy.
+    path = str(tmp_path / "app.db")
+    schema = "CREATE TABLE items (id TEXT PRIMARY KEY)"
+
+    def reducer(view, event):
+        return view.items.insert(id=event.payload)
+
+    store = fluxlite.open(path, schema=schema, reducer=reducer)
+    other = fluxlite.open(path, schema=schema, reducer=reducer)
+    store.dispatch("add", "a")
+    real_head = fluxlite.Store.head
+
+    def head_after_a_commit_elsewhere(self):
+        if self is store and other.head == 1:
+            other.dispatch("add", "b")
+        return real_head.fget(self)
+
+    monkeypatch.setattr(fluxlite.Store, "head", property(head_after_a_commit_elsewhere))
+    saved = store.checkpoint()
+    monkeypatch.undo()
+    other.dispatch("add", "c")
+    assert saved.seq == 1
+    store.reset_to(saved)
+    assert store.head == 1 and [r["id"] for r in store.view.items.all()] == ["a"]
+    assert store.dispatch("add", "d").seq == 2
+    store.verify()
+    saved.close()
+    other.close()
+    store.close()
