@@ -1740,14 +1740,20 @@ def _check_schema_text(schema: Any, new: bool = True) -> None:
     _check_text(schema, "The schema", SchemaError)  # else each Python has its own error
     # sqlite3 refuses SQL holding a NUL with a bare ValueError, once a file is made.
     # (One in a comment after the last statement never reached SQLite, so a store
-    # may have it: new=False lets such a store read its own past.)
-    if new and "\x00" in schema:
+    # may have it: new=False lets such a store read its own past, and open() with it.)
+    if "\x00" in schema and (new or not _nul_never_run(schema)):
         at = schema.index("\x00")
         raise SchemaError(
             f"The schema holds a NUL character (\\x00) at character {at}, near "
             f"{schema[max(0, at - 40):at + 40]!r}; SQL text cannot contain one. Remove it "
             f"(SQL spells a NUL in a value as char(0))."
         )
+
+
+def _nul_never_run(schema: str) -> bool:
+    """Whether each NUL in the schema is in text _split_sql drops (a comment after the
+    last statement), which SQLite never reads."""
+    return _split_sql(schema.replace("\x00", " ")) == _split_sql(schema.replace("\x00", "!"))
 
 
 def _temp_objects(conn: sqlite3.Connection) -> int:
@@ -6710,6 +6716,7 @@ class Consumer:
 
     def __iter__(self) -> Iterator[Tuple[Event, List[Change]]]:
         self._check_not_closed("iterating")
+        self._after_reset()  # (a reset_to() may have put back a file of this code)
         self._check_not_given_up()
         cursor = _FollowCursor(self.store, self._start(), self._types)
         return self._deliver(self.store._follow(cursor, 0))
@@ -6719,6 +6726,7 @@ class Consumer:
         lease is renewed while it waits, so an idle consumer keeps its name."""
         _check_timeout(timeout)
         self._check_not_closed("follow()")
+        self._after_reset()  # (a reset_to() may have put back a file of this code)
         self._check_not_given_up()
         return self._deliver(self._wait_renewing(timeout))
 
@@ -6740,6 +6748,9 @@ class Consumer:
             if store._resets == self._resets or store._closed:
                 return
             self._resets = store._resets
+            # The checkpoint holds this store's code (reset_to() checks it): a name given
+            # up to another code's rebuild since is usable again, as the file says.
+            self._gave_up = None
             row = store._conn.execute("SELECT position FROM fluxlite_consumers "
                                       "WHERE name = ?", (self.name,)).fetchone()
             self.position = self._finished = self._yielded = row[0] if row else 0
@@ -6757,7 +6768,12 @@ class Consumer:
             if batch is None:
                 return
             if batch:
-                yield from batch
+                for item in batch:
+                    # reset_to() since the batch was read (in the loop body, or another
+                    # thread): the rest is of the history it erased (see Store._follow).
+                    if cursor.resets != cursor.read_resets:
+                        break
+                    yield item
                 if timeout is not None:  # seconds without new events
                     deadline = time.monotonic() + timeout
             elif deadline is not None and time.monotonic() >= deadline \
@@ -6797,6 +6813,8 @@ class Consumer:
             return  # the store was closed
         try:
             for event, changes in source:
+                if self._resets != self.store._resets:  # reset_to() in the loop: the seqs
+                    last = self._start()  # after the checkpoint's position are new events
                 if event.seq <= last:
                     continue
                 if self._closed:  # closed meanwhile (by the loop body, another thread): its
@@ -8722,7 +8740,10 @@ def open(path: Union[str, "os.PathLike[str]"], *, schema: Optional[str] = None,
     _check_sqlite_version()
     path = _path_argument(path, "path")
     if schema is not None:  # also for a file that exists, where it is compared, not run
-        _check_schema_text(schema)
+        # A NUL is refused before a file is made; for an existing file, only one SQLite
+        # would read: a store made before that rule, with one in a comment after its
+        # last statement (never run), opens with its own schema.
+        _check_schema_text(schema, new=not os.path.isfile(path))
     for name, flag in (("adopt", adopt), ("readonly", readonly)):
         if not isinstance(flag, bool):  # "no" would be true
             raise UsageError(f"{name} must be True or False; received {_describe(flag)}.")
@@ -8905,10 +8926,25 @@ def _rebuild_on_open(store: Store, meta: Dict[str, Any], schema: str, version: A
         # The message amended in place: the type, __cause__ and traceback stay.
         exc.args = (f"{exc.args[0] if exc.args else exc} [open() was rebuilding the read "
                     f"model of {store._path!r} from version {theirs!r} to the code it was "
-                    f"given ({target}); the file is unchanged, its model still the one of "
-                    f"version {theirs!r}. If that code is older than the file's, open the "
-                    f"file with the code that built it.]",) + exc.args[1:]
+                    f"given ({target}); it changed nothing in the file, "
+                    f"{_model_now(store, meta)}. If that code is older than the file's, "
+                    f"open the file with the code that built it.]",) + exc.args[1:]
         raise
+
+
+def _model_now(store: Store, meta: Dict[str, Any]) -> str:
+    """Which code's model the file holds after open()'s rebuild failed: still the one
+    it began from, unless another process rebuilt it meanwhile (the likely failure then:
+    said so, not "still", which the error's own message would contradict)."""
+    try:
+        with store._lock:
+            now = _read_meta(store._conn)
+    except (sqlite3.Error, FluxliteError, KeyError, ValueError):
+        return f"whose model was the one of version {meta.get('version')!r}"
+    if _same_code(now["schema"], now.get("version"), meta["schema"], meta.get("version")):
+        return f"whose model is still the one of version {meta.get('version')!r}"
+    return (f"whose model another process has since rebuilt (to version "
+            f"{now.get('version')!r})")
 
 
 ###############################################################################
