@@ -1213,6 +1213,22 @@ class _WalCheckpointer:
             thread.join(wait)
 
 
+def _close_last(file: str) -> None:
+    """Open and close ``file`` once through a connection that can write. SQLite copies
+    the WAL into the file, and removes the -wal and -shm, only when the file's last
+    connection (in any process) closes, and only if that one can write: a mode=ro
+    connection closing last leaves them, with any commits not yet copied. Never
+    waits: if another connection still has the file, that one closes last."""
+    with contextlib.suppress(OSError, sqlite3.Error):
+        conn = sqlite3.connect(_file_uri(file, "rw"), uri=True, timeout=0,
+                               isolation_level=None)
+        try:
+            _apply_full_fsync(conn, "normal")  # (macOS: the checkpoint's own fsyncs)
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        finally:
+            conn.close()
+
+
 @contextlib.contextmanager
 def _short_wait(conn: sqlite3.Connection, ms: int = 100) -> Iterator[None]:
     """busy_timeout 0.1 s (or ``ms``), for tidying that must not hold up its caller
@@ -2899,6 +2915,7 @@ class _IntegrityCheck:
             conn = _connect_readonly(store._file)
         except FluxliteError:
             return
+        self._store = store  # (its connection closes before this one may: see _run)
         self._thread = threading.Thread(target=self._run, args=(conn,),
                                         name="fluxlite-integrity", daemon=True)
         self._thread.start()
@@ -2913,7 +2930,7 @@ class _IntegrityCheck:
         except sqlite3.Error as exc:
             self._error = exc
         finally:
-            conn.close()
+            self._store._close_beside(conn)  # (the store closed meanwhile: see there)
 
     def finish(self, store: "Store", cause: Optional[BaseException] = None) -> None:
         """Wait for it; raise what it found (damage comes before what the replay
@@ -3724,6 +3741,26 @@ def _stop_threads_at_exit() -> None:
             store._stop_watch_thread(wait=1.0)
             if store._checkpointer is not None:
                 store._checkpointer.stop(wait=1.0)
+    for store in stores:
+        _close_reader_at_exit(store)
+
+
+def _close_reader_at_exit(store: "Store") -> None:
+    """Close a readonly=True store left open at exit. Left to the collector, which
+    closes connections in no set order, its read-only connection could close after
+    a writer's, as the file's last: SQLite then keeps the -wal, with the writer's
+    last commits in it (a copy of the bare file missed them all). Its close() closes
+    the file once more through a connection that can write (_tidy_after_reading),
+    and a writer left open, collected after it, closes last. Not if another thread
+    holds the store, or its watch() thread did not stop: a bounded wait, at exit."""
+    if store._closed or not store._readonly_file or not store._lock.acquire(timeout=1.0):
+        return
+    try:
+        if store._watcher is None:
+            with contextlib.suppress(Exception):
+                store.close()
+    finally:
+        store._lock.release()
 
 
 atexit.register(_stop_threads_at_exit)
@@ -4016,20 +4053,28 @@ class Store:
         return True
 
     def _tidy_after_reading(self) -> None:
-        """A read-only connection cannot delete the -wal and -shm it leaves (empty and
-        unused once nothing else has the file open), and a new file could not be
-        made at the path beside them: a brief read-write connection closes the file
-        as SQLite does, removing them when it is the last. Only an empty -wal:
-        reading never writes the file."""
+        """A read-only connection cannot checkpoint, nor delete the -wal and -shm it
+        leaves: see _close_last. Its -wal is empty unless a writer closed while this
+        store was reading (its checkpoint cannot pass a reader's snapshot), or was
+        dropped without close(): then its last commits are only in the -wal, and a
+        copy of the bare file after the app closed would miss them (or be a mixture
+        of pages of two times, since a checkpoint stopped at a snapshot copies only
+        the pages no later commit changed)."""
         file = self._file  # (through a symbolic link: the file it leads to, see _sqlite_file)
-        with contextlib.suppress(OSError, sqlite3.Error):
-            if os.path.getsize(file + "-wal") or not self._file_is_its_own():
-                return
-            conn = sqlite3.connect(_file_uri(file, "rw"), uri=True, timeout=0)
-            try:
-                conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-            finally:
-                conn.close()
+        if (os.path.exists(file + "-wal") or os.path.exists(file + "-shm")) \
+                and self._file_is_its_own():
+            _close_last(file)
+
+    def _close_beside(self, conn: sqlite3.Connection) -> None:
+        """Close a second connection to the file (verify(), rebuild() and fork() read
+        through one, mode=ro). If another thread closed the store meanwhile, the
+        store's connection was not the file's last (nor could its checkpoint pass this
+        one's snapshot), and a read-only connection closing last leaves the -wal with
+        the last commits in it: a copy of the bare file after close() missed them, or
+        was damaged. So a connection that can write closes after it (_close_last)."""
+        conn.close()
+        if self._closed and not self._forked and self._file_is_its_own():
+            _close_last(self._file)
 
     def _remove_stale_companions(self) -> None:
         """Remove this store's -wal and -shm once its file is gone or replaced.
@@ -4337,7 +4382,7 @@ class Store:
                 source.backup(target)
             return True
         finally:
-            source.close()
+            self._close_beside(source)
 
     def checkpoint(self) -> Checkpoint:
         """Remember the whole store (in memory), to come back with reset_to()."""
@@ -5415,7 +5460,7 @@ class Store:
         except sqlite3.Error:
             return None
         finally:
-            conn.close()
+            self._close_beside(conn)
 
     # -- verify and replay --------------------------------------------------
 
@@ -5472,7 +5517,7 @@ class Store:
                     problems = self._replay_beside(reducer, progress, source, tables,
                                                    generation, resets)
                 finally:
-                    source.close()
+                    self._close_beside(source)
                 if problems is not None:
                     return problems
                 _log.debug("verify(): the file was reset or rebuilt during the replay; "
@@ -7336,7 +7381,7 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
         _rebuild_once(store, schema, version, progress, None)
     finally:
         if beside is not None:
-            beside[0].close()
+            store._close_beside(beside[0])
 
 
 def _rebuild_once(store: Store, schema: str, version: Any,

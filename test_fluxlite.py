@@ -21,6 +21,7 @@ import pathlib
 import random
 import re
 import shlex
+import shutil
 import sqlite3
 import stat
 import signal
@@ -13568,3 +13569,198 @@ def test_review1_opens_failed_rebuild_does_not_say_still_when_another_process_re
         fluxlite.open(path, schema=MUT_SCHEMA, version=4,
                       reducer=lambda view, event: 1 / 0)
     assert "whose model is still the one of version 3" in str(caught.value)
+
+
+# --- walleft: after the last close() in the process, the bare .db holds every commit ---
+# SQLite copies the WAL into the file, and removes the -wal and -shm, only when the
+# file's last connection closes, and only if that one can write. A second connection
+# (mode=ro: verify(), rebuild(), fork(), a readonly=True store) that closes last left
+# the -wal; and one holding a snapshot when the store closed kept its checkpoint from
+# passing it, which copies only the pages no later commit changed: "the app is closed,
+# copy app.db" then gave a file missing commits, or a malformed one.
+
+def _bare_copy_head(path, tmp_path):
+    """Copy ONLY the .db file elsewhere: its head, read with nothing beside it, and
+    what was left beside the file at the path (nothing: no -wal, no -shm)."""
+    copy = str(tmp_path / "copy" / "bare.db")
+    os.makedirs(os.path.dirname(copy))
+    shutil.copyfile(path, copy)
+    with fluxlite.open(copy, readonly=True, reducer=items_reducer) as store:
+        store.verify()
+        head = store.head
+    return head, sorted(name for name in os.listdir(os.path.dirname(path))
+                        if name.startswith(os.path.basename(path) + "-"))
+
+
+def _hold_the_second_connections_snapshot(monkeypatch, store):
+    """Stop the first read of the log's generation through a connection other than
+    the store's own (verify()'s and fork()'s, each inside its snapshot) until ``go``."""
+    held, go = threading.Event(), threading.Event()
+    stored_generation = fluxlite._stored_generation
+
+    def holding(conn):
+        generation = stored_generation(conn)
+        if conn is not store._conn and not held.is_set():
+            held.set()
+            go.wait(5)
+        return generation
+
+    monkeypatch.setattr(fluxlite, "_stored_generation", holding)
+    return held, go
+
+
+@pytest.mark.parametrize("operation", ["verify", "fork"])
+def test_a_store_closed_while_a_second_connection_reads_leaves_the_bare_file_whole(
+        tmp_path, monkeypatch, operation):
+    path = str(tmp_path / "app.db")
+    store = fluxlite.open(path, schema=ITEMS, reducer=items_reducer)
+    _puts(store, 10)
+    held, go = _hold_the_second_connections_snapshot(monkeypatch, store)
+    outcome = []
+
+    def run():
+        try:
+            if operation == "verify":
+                store.verify()
+            else:
+                store.fork(str(tmp_path / "fork.db")).close()
+        except fluxlite.UsageError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert held.wait(5)
+        _puts(store, 5, prefix="late")  # committed after the second connection's snapshot
+        store.close()
+    finally:
+        go.set()
+        thread.join(5)
+    assert outcome and "closed" in str(outcome[0])
+    assert _bare_copy_head(path, tmp_path) == (15, [])
+
+
+def test_a_store_closed_during_verifys_integrity_check_leaves_the_bare_file_whole(
+        tmp_path, monkeypatch):
+    # verify()'s integrity_check runs on a read-only connection of its own, in a
+    # thread, holding one snapshot for its whole run (seconds, on a big file).
+    path = str(tmp_path / "app.db")
+    store = fluxlite.open(path, schema=ITEMS, reducer=items_reducer)
+    _puts(store, 10)
+    held, go = threading.Event(), threading.Event()
+    run = fluxlite._IntegrityCheck._run
+
+    def slow_check(self, conn):  # as a long integrity_check: its snapshot held
+        conn.execute("BEGIN")
+        conn.execute("SELECT count(*) FROM events").fetchone()
+        held.set()
+        go.wait(5)
+        run(self, conn)
+
+    monkeypatch.setattr(fluxlite._IntegrityCheck, "_run", slow_check)
+    def verify():
+        with contextlib.suppress(fluxlite.UsageError):  # (closed meanwhile: either way)
+            store.verify()
+
+    thread = threading.Thread(target=verify)
+    thread.start()
+    try:
+        assert held.wait(5)
+        _puts(store, 5, prefix="late")
+        store.close()
+    finally:
+        go.set()
+        thread.join(5)
+    assert _bare_copy_head(path, tmp_path) == (15, [])
+
+
+def test_a_store_closed_during_a_rebuild_beside_it_leaves_no_wal(tmp_path):
+    path = str(tmp_path / "app.db")
+    store = fluxlite.open(path, schema=ITEMS, reducer=items_reducer)
+    _puts(store, 1001)
+    reached, go = threading.Event(), threading.Event()
+    outcome = []
+
+    def progress(seq):
+        reached.set()
+        go.wait(5)
+
+    def run():
+        try:
+            store.rebuild(progress=progress)
+        except fluxlite.UsageError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert reached.wait(5)
+        _puts(store, 5, prefix="late")
+        store.close()
+    finally:
+        go.set()
+        thread.join(5)
+    assert outcome and "closed" in str(outcome[0])
+    assert _bare_copy_head(path, tmp_path) == (1006, [])
+
+
+def test_a_readonly_store_closed_last_copies_a_writer_s_last_commits_into_the_file(
+        tmp_path, monkeypatch):
+    # The README's pairing of a writer and a readonly=True store: the writer closes
+    # while the reader's verify() holds a snapshot, so its checkpoint stops there.
+    path = str(tmp_path / "app.db")
+    writer = fluxlite.open(path, schema=ITEMS, reducer=items_reducer)
+    _puts(writer, 10)
+    reader = fluxlite.open(path, readonly=True, reducer=items_reducer)
+    held, go = _hold_the_second_connections_snapshot(monkeypatch, reader)
+    thread = threading.Thread(target=reader.verify)
+    thread.start()
+    try:
+        assert held.wait(5)
+        _puts(writer, 5, prefix="late")
+        writer.close()
+    finally:
+        go.set()
+        thread.join(5)
+    reader.close()
+    assert _bare_copy_head(path, tmp_path) == (15, [])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # unclosed
+def test_a_writer_dropped_without_close_then_a_readonly_store_closed_leaves_the_file_whole(
+        tmp_path):
+    path = str(tmp_path / "app.db")
+    writer = fluxlite.open(path, schema=ITEMS, reducer=items_reducer)
+    _puts(writer, 10)
+    reader = fluxlite.open(path, readonly=True)
+    _puts(writer, 5, prefix="late")
+    gone = weakref.ref(writer)
+    del writer
+    gc.collect()
+    assert gone() is None  # its connection closed, but not as the file's last
+    assert reader.head == 15
+    reader.close()
+    assert _bare_copy_head(path, tmp_path) == (15, [])
+
+
+if sys.version_info >= (3, 10):  # (3.9 closes no store left open at exit: see above)
+    @pytest.mark.skipif(sys.platform == "win32", reason="the -wal of an open file")
+    def test_a_writer_and_a_readonly_store_left_open_at_exit_leave_the_bare_file_whole(
+            tmp_path):
+        # The collector closes their connections in the order the module's names were
+        # made: the writer's first left the reader's last (it cannot copy the -wal into
+        # the file), and all 50 commits stayed in the -wal; a bare copy had none.
+        path = str(tmp_path / "app.db")
+        with fluxlite.open(path, schema=ITEMS, reducer=items_reducer):
+            pass
+        result = run_child(f"""
+            import fluxlite
+            def reducer(view, e):
+                return view.items.upsert(id=e.payload["id"], n=e.payload["n"])
+            writer = fluxlite.open({path!r}, schema={ITEMS!r}, reducer=reducer)
+            reader = fluxlite.open({path!r}, readonly=True)
+            for n in range(50):
+                writer.dispatch("put", {{"id": f"p{{n}}", "n": n}})
+        """, timeout=60)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert _bare_copy_head(path, tmp_path) == (50, [])
