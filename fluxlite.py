@@ -3439,6 +3439,9 @@ def _action_from(type_or_action: Any, payload: Any, meta: Any, id: Any,
             raise InvalidEvent(
                 f"An event dict has the keys type, payload, meta and id (Flux "
                 f"Standard Action); received unknown key(s) {sorted(extra, key=repr)}."
+                + (" seq and ts are set when the event commits: to copy a log with "
+                   "them (an export's lines), use `fluxlite import`, or replay(into=) "
+                   "for a new store." if extra & {"seq", "ts"} else "")
             )
         if payload is not None or meta is not None or id is not None:
             raise InvalidEvent(
@@ -9997,41 +10000,51 @@ def _import_into(args: Any, app: "App", added: List[int]) -> None:
     if os.path.exists(args.db) and os.path.getsize(args.db):  # (a new store takes the app's)
         _check_built_with(args, app, "import with")
     with open(args.db, app=app) as store:
+        held: List[Tuple[int, _Prepared]] = []  # a transaction of the log cut by a batch's end
         for batch in _import_batches(args.file):
-            fresh: List[Tuple[int, _Prepared]] = []
-            head = store.head  # a commit with another head is refused (_timestamp)
-            for number, item in batch:
-                seq = item["seq"]
-                if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-                    raise _CliError(f"{name} line {number}: event {item.get('id')!r} has seq "
-                                    f"{seq!r}; seqs start at 1")
-                if seq > head + len(fresh) + 1:  # a gap, or lines out of order
-                    raise _CliError(
-                        f"{name} line {number} holds seq {seq}, but the next seq here is "
-                        f"{head + len(fresh) + 1}: events are imported in the order of "
-                        f"their seqs, with no gap (an export --after N imports onto a "
-                        f"store whose head is N)")
-                prepared = _imported(item, seq, f"{name} line {number}")
-                if seq <= head + len(fresh):
-                    if seq <= head:
-                        logged = store.query("SELECT id, type, payload FROM events WHERE seq = ?",
-                                             (seq,))[0]
-                        have = (logged["id"], logged["type"], logged["payload"])
-                    else:
-                        earlier = fresh[seq - head - 1][1]
-                        have = (earlier.id, earlier.type, earlier.payload_text)
-                    if have != (prepared.id, prepared.type, prepared.payload_text):
-                        raise _CliError(
-                            f"seq {seq} in {name} (line {number}) is {prepared.id!r} "
-                            f"({prepared.type}) but {have[0]!r} ({have[1]}) is there "
-                            f"already: the logs conflict; import into a new file instead")
-                    skipped += 1
-                    continue
-                fresh.append((number, prepared))
-            if fresh:
-                _commit_imported(store, fresh, name, added)
-                store._notify()  # and let go of the batch: memory stays flat in the log
+            fresh = held  # the held events come first: their seqs follow the head
+            skipped += _import_batch(store, batch, fresh, name)
+            held = _commit_imported(store, fresh, name, added, more=True)
+            store._notify()  # and let go of the batch: memory stays flat in the log
+        _commit_imported(store, held, name, added, more=False)
     print(f"imported {added[0]} events ({skipped} already present)")
+
+
+def _import_batch(store: Store, batch: List[Tuple[int, Dict[str, Any]]],
+                  fresh: List[Tuple[int, _Prepared]], name: str) -> int:
+    """Check a batch of lines against the log and append its new events to
+    ``fresh``; returns how many were in the log already."""
+    skipped = 0
+    head = store.head  # a commit with another head is refused (_timestamp)
+    for number, item in batch:
+        seq = item["seq"]
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise _CliError(f"{name} line {number}: event {item.get('id')!r} has seq "
+                            f"{seq!r}; seqs start at 1")
+        if seq > head + len(fresh) + 1:  # a gap, or lines out of order
+            raise _CliError(
+                f"{name} line {number} holds seq {seq}, but the next seq here is "
+                f"{head + len(fresh) + 1}: events are imported in the order of "
+                f"their seqs, with no gap (an export --after N imports onto a "
+                f"store whose head is N)")
+        prepared = _imported(item, seq, f"{name} line {number}")
+        if seq <= head + len(fresh):
+            if seq <= head:
+                logged = store.query("SELECT id, type, payload FROM events WHERE seq = ?",
+                                     (seq,))[0]
+                have = (logged["id"], logged["type"], logged["payload"])
+            else:
+                earlier = fresh[seq - head - 1][1]
+                have = (earlier.id, earlier.type, earlier.payload_text)
+            if have != (prepared.id, prepared.type, prepared.payload_text):
+                raise _CliError(
+                    f"seq {seq} in {name} (line {number}) is {prepared.id!r} "
+                    f"({prepared.type}) but {have[0]!r} ({have[1]}) is there "
+                    f"already: the logs conflict; import into a new file instead")
+            skipped += 1
+            continue
+        fresh.append((number, prepared))
+    return skipped
 
 
 # What an event of an import can fail on, itself: a reducer's refusal, changes that do
@@ -10039,31 +10052,65 @@ def _import_into(args: Any, app: "App", added: List[int]) -> None:
 _EVENT_FAULTS = (Rejected, ReducerError, ChangesetError, InvalidEvent, Conflict, Forbidden)
 
 
+# The most events an import holds back for a transaction cut by its batches: each
+# next batch is tried with them, so a reference that never holds (other code than the
+# log's) costs a bounded retry, not one over the rest of the file.
+_IMPORT_HOLD = 10_000
+
+
 def _commit_imported(store: Store, fresh: List[Tuple[int, _Prepared]], name: str,
-                     added: List[int]) -> None:
-    """Commit a batch of imported events. When one of them fails, the batch is
-    committed in halves to find it (log2 of 1,000 commits at most): the error
-    names its line and seq, and the events before it are in, as an import that
-    stopped on that line leaves them."""
+                     added: List[int], more: bool) -> List[Tuple[int, _Prepared]]:
+    """Commit a batch of imported events; return those held back for the next lines.
+
+    The export does not say where the log's transactions end, and a batch of
+    1,000 lines can cut one (a dispatch_many) whose deferred references hold only
+    at its end: the events from where such a reference fails are held back and
+    committed with the next lines (``more``: there may be some), as replay()
+    copies whole transactions. Any other failure is an error naming the event's
+    line, the events before it committed, as an import that stopped on that line
+    leaves them."""
+    while fresh:
+        done, exc = _commit_imported_prefix(store, fresh, added)
+        fresh = fresh[done:]
+        if exc is None:
+            return []
+        deferred = isinstance(exc, ChangesetError) and "deferred constraint" in str(exc)
+        if deferred and done:
+            continue  # the rest of this batch may close the transaction
+        if deferred and more and len(fresh) <= _IMPORT_HOLD:
+            return fresh
+        lead = next((i for i, (_, p) in enumerate(fresh) if p.type != BASELINE), len(fresh))
+        if lead > 1:
+            raise _CliError(f"{name} lines {fresh[0][0]}-{fresh[lead - 1][0]}, the adopted "
+                            f"tables' {BASELINE} events, were not imported: {exc}") from exc
+        number, prepared = fresh[0]
+        raise _CliError(f"{name} line {number}: event seq {prepared.seq} "
+                        f"({_quoted(prepared.type)}, id {_quoted(prepared.id)}) was not "
+                        f"imported: {exc}") from exc
+    return []
+
+
+def _commit_imported_prefix(store: Store, fresh: List[Tuple[int, _Prepared]],
+                            added: List[int]) -> Tuple[int, Optional[FluxliteError]]:
+    """Commit as many of the first events as commit: all in one transaction, else
+    in halves to find the failing one (log2 of 1,000 commits at most). Returns how
+    many were committed and what the next one failed on."""
     try:
         store._commit_prepared([prepared for _, prepared in fresh])
     except _EVENT_FAULTS as exc:
         # An adoption's baselines stay together: they hold whole tables, and apart,
         # one could reference rows in another not yet in (refused at its commit).
         lead = next((i for i, (_, p) in enumerate(fresh) if p.type != BASELINE), len(fresh))
-        if 0 < lead == len(fresh) and lead > 1:
-            raise _CliError(f"{name} lines {fresh[0][0]}-{fresh[-1][0]}, the adopted tables' "
-                            f"{BASELINE} events, were not imported: {exc}") from exc
-        if len(fresh) > 1:
-            half = max(len(fresh) // 2, lead)
-            _commit_imported(store, fresh[:half], name, added)
-            _commit_imported(store, fresh[half:], name, added)
-            return
-        number, prepared = fresh[0]
-        raise _CliError(f"{name} line {number}: event seq {prepared.seq} "
-                        f"({_quoted(prepared.type)}, id {_quoted(prepared.id)}) was not "
-                        f"imported: {exc}") from exc
+        if len(fresh) == 1 or lead == len(fresh):
+            return 0, exc
+        half = max(len(fresh) // 2, lead)
+        done, first = _commit_imported_prefix(store, fresh[:half], added)
+        if first is not None:
+            return done, first
+        rest, second = _commit_imported_prefix(store, fresh[half:], added)
+        return half + rest, second
     added[0] += len(fresh)
+    return len(fresh), None
 
 
 def _cmd_backup(args: Any) -> int:

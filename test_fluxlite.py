@@ -13764,3 +13764,21 @@ if sys.version_info >= (3, 10):  # (3.9 closes no store left open at exit: see a
         """, timeout=60)
         assert result.returncode == 0 and result.stderr == "", result.stderr
         assert _bare_copy_head(path, tmp_path) == (50, [])
+
+
+# --- importexport: moving logs between stores -------------------------------------
+
+
+def test_dispatch_many_of_a_copied_logs_events_says_how_to_copy_a_log():
+    # Lines of an export (or events' to_dict()) passed to dispatch_many() were refused
+    # as "unknown key(s) ['seq', 'ts']", with no word of the way to copy a log with
+    # its seqs and times; a user then stripped them and got new seqs and times.
+    with fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer) as source, \
+            fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer) as copy:
+        source.dispatch("put", {"id": "a", "n": 1})
+        logged = [{k: v for k, v in e.to_dict().items() if k in ("seq", "id", "type", "payload",
+                                                               "meta", "ts")}
+                  for e in source.events()]
+        with pytest.raises(fluxlite.InvalidEvent, match=r"(?s)unknown key.*fluxlite import"):
+            copy.dispatch_many(logged)
+        assert copy.head == 0
