@@ -115,6 +115,7 @@ import collections
 import collections.abc
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import itertools
@@ -6147,7 +6148,8 @@ def _check_runs_when_called(listener: Callable[..., Any]) -> None:
     kind = next((name for name, test in (
         ("an async function", inspect.iscoroutinefunction),
         ("an async generator function", inspect.isasyncgenfunction),
-        ("a generator function", inspect.isgeneratorfunction)) if any(map(test, calls))), None)
+        ("a generator function", inspect.isgeneratorfunction))
+        if any(_inspect_says(test, call) for call in calls)), None)
     if kind is None:
         return
     raise UsageError(
@@ -6158,6 +6160,30 @@ def _check_runs_when_called(listener: Callable[..., Any]) -> None:
         f"(lambda event, changes: loop.call_soon_threadsafe(queue.put_nowait, (event, "
         f"changes))), or read store.afollow() there."
     )
+
+
+def _inspect_says(test: Callable[[Any], bool], function: Any) -> bool:
+    """inspect's ``test`` (iscoroutinefunction, ...) of ``function``, False for what only
+    poses as a function: a Mock(spec=handler), as tests pass for a subscriber or a rule,
+    says its class is function, so inspect reads its __code__, a mock too, and
+    co_flags & flag was a raw TypeError (Mock) or true (MagicMock: "an async function")."""
+    inner = function
+    for _ in range(100):  # through partials and bound methods, as inspect goes
+        try:
+            if inner.__class__ is not type(inner):  # a mock with a spec (or a proxy)
+                return False
+        except Exception:
+            return False
+        if isinstance(inner, functools.partial):
+            inner = inner.func
+        elif inspect.ismethod(inner):
+            inner = inner.__func__
+        else:
+            break
+    try:
+        return bool(test(function))
+    except Exception:  # an object whose attributes answer anything: not judged
+        return False
 
 
 def _unrun(result: Any) -> bool:
@@ -6510,6 +6536,7 @@ class _AsyncFollower:
         self._step: "Optional[concurrent.futures.Future[Any]]" = None  # a read under way
         self._batch: Deque[Tuple[Event, List[Change]]] = collections.deque()
         self._heard: Optional[float] = None  # when the last event came (monotonic)
+        self._handed = False  # a batch was handed out since: the time counts from its end
         self._busy = False
 
     def __aiter__(self) -> "_AsyncFollower":
@@ -6540,12 +6567,16 @@ class _AsyncFollower:
                 if cursor.resets == cursor.read_resets:
                     return self._batch.popleft()
                 self._batch.clear()  # erased by reset_to(): see Store._follow
+            if self._handed:  # the loop body is done with the last batch: ``timeout``
+                # counts from now, as follow()'s wait does (and this one's did), not from
+                # the read (a slow body then ended the stream at its next, empty, read)
+                self._heard, self._handed = time.monotonic(), False
             batch = await self._read()
             if batch is None:
                 raise StopAsyncIteration
             if batch:
                 self._batch.extend(batch)
-                self._heard = time.monotonic()
+                self._heard, self._handed = time.monotonic(), True
             elif self._timeout is not None and not cursor.behind \
                     and time.monotonic() - self._heard >= self._timeout:
                 raise StopAsyncIteration
@@ -6564,6 +6595,8 @@ class _AsyncFollower:
             # cancelled and submitted again); the next __anext__ takes its result.
             await asyncio.wrap_future(step)
         self._step = None
+        if self._waiter is None:  # aclose() (from another task) while it waited: ended,
+            return None           # not one more event handed out after it
         result: Optional[List[Tuple[Event, List[Change]]]] = step.result()
         return result
 
@@ -7847,7 +7880,7 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], bool
                              f"-> bool; {_quoted(kind)} maps to {_describe(predicate)}. For a type "
                              f"anyone may dispatch, use lambda actor, event: True.")
         _check_takes_two(predicate, f"The rule for {_quoted(kind)}", "(actor, event)", "predicate")
-        if inspect.iscoroutinefunction(predicate):  # its coroutine is truthy: it would allow all
+        if _inspect_says(inspect.iscoroutinefunction, predicate):  # a truthy coroutine: allows all
             raise UsageError(
                 f"The rule for {_quoted(kind)} is an async function; rules are called "
                 f"synchronously, before the transaction, and a coroutine is never awaited "
@@ -7978,7 +8011,7 @@ def _compose_chain(store: Store, middleware: Sequence[Middleware]) -> Callable[[
                 f"A middleware returned {_describe(chain)}; middleware has the shape "
                 f"store -> next -> event -> result."
             )
-        if inspect.iscoroutinefunction(chain):
+        if _inspect_says(inspect.iscoroutinefunction, chain):
             raise UsageError(_ASYNC_MIDDLEWARE.format(f"{_describe(chain)} is an async function"))
     return _synchronous(chain) if wrappers else chain
 
