@@ -11468,22 +11468,29 @@ def test_verify_replays_again_after_a_rebuild_by_another_thread_meanwhile(tmp_pa
         assert done == [None]
 
 
-def test_a_reducer_run_by_verify_may_not_read_the_store_while_others_dispatch(tmp_path):
-    # A reducer's rule (it reads only its view) was kept by one attribute naming the
-    # thread reducing, which each dispatch sets and clears: with verify() replaying
-    # beside the store, another thread's dispatch meanwhile would lift it for verify().
-    outcome = []
-    holder = {}
-
+def _reducer_trying_while_another_thread_dispatches(holder, outcome, attempt):
+    """A reducer that, at event p1000 of a replay of holder["store"], has another
+    thread dispatch (its seq to ``outcome``), then tries ``attempt(store)`` itself
+    (its result, or the UsageError's text, to ``outcome``)."""
     def probing(view, event):
         store = holder.get("store")
         if store is not None and event.payload["id"] == "p1000" and not outcome:
             outcome.append(_in_a_thread(lambda: store.dispatch("put", {"id": "x", "n": 0}).seq))
             try:
-                outcome.append(store.head)
+                outcome.append(attempt(store))
             except fluxlite.UsageError as exc:
                 outcome.append(str(exc))
         return items_reducer(view, event)
+    return probing
+
+
+def test_a_reducer_run_by_verify_may_not_read_the_store_while_others_dispatch(tmp_path):
+    # A reducer's rule (it reads only its view) was kept by one attribute naming the
+    # thread reducing, which each dispatch sets and clears: with verify() replaying
+    # beside the store, another thread's dispatch meanwhile would lift it for verify().
+    outcome, holder = [], {}
+    probing = _reducer_trying_while_another_thread_dispatches(
+        holder, outcome, lambda store: store.head)
     with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=probing) as store:
         _puts(store, 2500)
         holder["store"] = store
@@ -12555,18 +12562,9 @@ def test_other_threads_dispatch_and_read_while_rebuild_replays(tmp_path):
 def test_a_reducer_run_by_rebuild_may_not_dispatch_while_others_dispatch(tmp_path):
     # Beside the store, the rebuild's reducers are marked apart: another thread's
     # dispatch meanwhile (which marks and unmarks its own reducing) lifts no rule.
-    outcome = []
-    holder = {}
-
-    def probing(view, event):
-        store = holder.get("store")
-        if store is not None and event.payload["id"] == "p1000" and not outcome:
-            outcome.append(_in_a_thread(lambda: store.dispatch("put", {"id": "x", "n": 0}).seq))
-            try:
-                outcome.append(store.dispatch("put", {"id": "sneaky", "n": 0}))
-            except fluxlite.UsageError as exc:
-                outcome.append(str(exc))
-        return items_reducer(view, event)
+    outcome, holder = [], {}
+    probing = _reducer_trying_while_another_thread_dispatches(
+        holder, outcome, lambda store: store.dispatch("put", {"id": "sneaky", "n": 0}))
     with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=probing) as store:
         _puts(store, 1500)
         holder["store"] = store
@@ -13579,6 +13577,34 @@ def test_review1_opens_failed_rebuild_does_not_say_still_when_another_process_re
 # passing it, which copies only the pages no later commit changed: "the app is closed,
 # copy app.db" then gave a file missing commits, or a malformed one.
 
+def _commit_and_close_while_held(store, thread, held, go):
+    """Run ``thread`` until it holds a snapshot (``held``), commit 5 more events and
+    close the store meanwhile, then let the thread go on (``go``) and end."""
+    thread.start()
+    try:
+        assert held.wait(5)
+        _puts(store, 5, prefix="late")  # committed after the held snapshot
+        store.close()
+    finally:
+        go.set()
+        thread.join(5)
+
+
+def _refused_as_closed_meanwhile(store, action, held, go):
+    """``action`` in a thread, the store closed while it holds a snapshot: it ends
+    with UsageError, the store closed."""
+    outcome = []
+
+    def run():
+        try:
+            action()
+        except fluxlite.UsageError as exc:
+            outcome.append(exc)
+
+    _commit_and_close_while_held(store, threading.Thread(target=run), held, go)
+    assert outcome and "closed" in str(outcome[0])
+
+
 def _bare_copy_head(path, tmp_path):
     """Copy ONLY the .db file elsewhere: its head, read with nothing beside it, and
     what was left beside the file at the path (nothing: no -wal, no -shm)."""
@@ -13616,27 +13642,9 @@ def test_a_store_closed_while_a_second_connection_reads_leaves_the_bare_file_who
     store = fluxlite.open(path, schema=ITEMS, reducer=items_reducer)
     _puts(store, 10)
     held, go = _hold_the_second_connections_snapshot(monkeypatch, store)
-    outcome = []
-
-    def run():
-        try:
-            if operation == "verify":
-                store.verify()
-            else:
-                store.fork(str(tmp_path / "fork.db")).close()
-        except fluxlite.UsageError as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        assert held.wait(5)
-        _puts(store, 5, prefix="late")  # committed after the second connection's snapshot
-        store.close()
-    finally:
-        go.set()
-        thread.join(5)
-    assert outcome and "closed" in str(outcome[0])
+    action = store.verify if operation == "verify" else (
+        lambda: store.fork(str(tmp_path / "fork.db")).close())
+    _refused_as_closed_meanwhile(store, action, held, go)
     assert _bare_copy_head(path, tmp_path) == (15, [])
 
 
@@ -13663,14 +13671,7 @@ def test_a_store_closed_during_verifys_integrity_check_leaves_the_bare_file_whol
             store.verify()
 
     thread = threading.Thread(target=verify)
-    thread.start()
-    try:
-        assert held.wait(5)
-        _puts(store, 5, prefix="late")
-        store.close()
-    finally:
-        go.set()
-        thread.join(5)
+    _commit_and_close_while_held(store, thread, held, go)
     assert _bare_copy_head(path, tmp_path) == (15, [])
 
 
@@ -13679,28 +13680,12 @@ def test_a_store_closed_during_a_rebuild_beside_it_leaves_no_wal(tmp_path):
     store = fluxlite.open(path, schema=ITEMS, reducer=items_reducer)
     _puts(store, 1001)
     reached, go = threading.Event(), threading.Event()
-    outcome = []
 
     def progress(seq):
         reached.set()
         go.wait(5)
 
-    def run():
-        try:
-            store.rebuild(progress=progress)
-        except fluxlite.UsageError as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        assert reached.wait(5)
-        _puts(store, 5, prefix="late")
-        store.close()
-    finally:
-        go.set()
-        thread.join(5)
-    assert outcome and "closed" in str(outcome[0])
+    _refused_as_closed_meanwhile(store, lambda: store.rebuild(progress=progress), reached, go)
     assert _bare_copy_head(path, tmp_path) == (1006, [])
 
 
@@ -13714,14 +13699,7 @@ def test_a_readonly_store_closed_last_copies_a_writer_s_last_commits_into_the_fi
     reader = fluxlite.open(path, readonly=True, reducer=items_reducer)
     held, go = _hold_the_second_connections_snapshot(monkeypatch, reader)
     thread = threading.Thread(target=reader.verify)
-    thread.start()
-    try:
-        assert held.wait(5)
-        _puts(writer, 5, prefix="late")
-        writer.close()
-    finally:
-        go.set()
-        thread.join(5)
+    _commit_and_close_while_held(writer, thread, held, go)
     reader.close()
     assert _bare_copy_head(path, tmp_path) == (15, [])
 
