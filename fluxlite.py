@@ -6838,8 +6838,9 @@ class Consumer:
 
     def _wait_renewing(self, timeout: Optional[float]) -> Iterator[Tuple[Event, List[Change]]]:
         cursor = _FollowCursor(self.store, self._start(), self._types)
-        self._following.add(cursor)
-        cursor.stopped = self._closed  # (closed before the first next())
+        with self.store._lock:  # as close() reads them: it stops this one, or it sees closed
+            self._following.add(cursor)
+            cursor.stopped = self._closed  # (closed before the first next())
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = self._lease / 3
