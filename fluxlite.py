@@ -3738,15 +3738,18 @@ def _stop_threads_at_exit() -> None:
         stores = list(_OPEN_STORES)
     finally:
         _OPEN_STORES_LOCK.release()
+    held: List["Store"] = []  # stores whose lock another thread kept for the whole wait
     for store in stores:
         if store._closed:
             continue
         with contextlib.suppress(Exception):
-            store._stop_watch_thread(wait=1.0)
+            if not store._stop_watch_thread(wait=1.0):
+                held.append(store)
             if store._checkpointer is not None:
                 store._checkpointer.stop(wait=1.0)
     for store in stores:
-        _close_reader_at_exit(store)
+        if not any(store is other for other in held):  # (waited for once: not twice)
+            _close_reader_at_exit(store)
 
 
 def _close_reader_at_exit(store: "Store") -> None:
@@ -5339,14 +5342,15 @@ class Store:
             # joins, and a thread not started yet cannot be joined (RuntimeError).
             thread.start()
 
-    def _stop_watch_thread(self, wait: Optional[float] = None) -> None:
-        """Stop watch()'s thread and wait for it to end (up to ``wait`` seconds)."""
+    def _stop_watch_thread(self, wait: Optional[float] = None) -> bool:
+        """Stop watch()'s thread and wait for it to end (up to ``wait`` seconds). False
+        when another thread held the store for all of ``wait`` (at exit): not stopped."""
         if wait is None:  # (close()): a with statement, which no Ctrl-C can leave holding
             with self._lock:  # the lock, as one raised right after acquire() returned did
                 watcher = self._stop_watching()
         else:  # at exit, not waiting for ever for a thread that holds it
             if not self._lock.acquire(timeout=wait):
-                return
+                return False
             try:  # no commit in between: see _stop_watching
                 watcher = self._stop_watching()
             finally:
@@ -5358,6 +5362,7 @@ class Store:
         if watcher is not None and watcher is not threading.current_thread() \
                 and not getattr(self._notifying, "active", False):
             watcher.join(wait)
+        return True
 
     def _stop_watching(self) -> Optional[threading.Thread]:
         """Stop watch()'s thread, with the lock held; return it. Its cursor stops too:

@@ -13838,3 +13838,35 @@ def test_review2_afollow_aclose_from_another_task_ends_the_waiting_one():
 
     with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as store:
         asyncio.run(main(store))
+
+
+# --- review3: the exit handler waits once for a store another thread holds ------------
+
+
+def test_review3_exit_waits_once_for_a_readonly_store_another_thread_holds(tmp_path, monkeypatch):
+    # A readonly=True store whose lock a (daemon) thread keeps at exit: the handler
+    # waited 1 s to stop its watch() thread, then 1 s more to close it (2 s a store).
+    path = str(tmp_path / "app.db")
+    writer = fluxlite.open(path, schema=SCHEMA, reducer=reducer)
+    reader = fluxlite.open(path, schema=SCHEMA, readonly=True)
+    monkeypatch.setattr(fluxlite, "_OPEN_STORES", [reader])
+    taken, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with reader._lock:
+            taken.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert taken.wait(5)
+        start = time.monotonic()
+        fluxlite._stop_threads_at_exit()
+        assert time.monotonic() - start < 1.9  # one wait of 1 s, not two (2 s)
+        assert not reader._closed
+    finally:
+        done.set()
+        thread.join()
+        reader.close()
+        writer.close()
