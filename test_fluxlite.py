@@ -12431,6 +12431,7 @@ def _wide_key_store(path: pathlib.Path) -> fluxlite.Store:
     return fluxlite.open(path, schema=schema, reducer=reducer)
 
 
+@pytest.mark.skipif(not hasattr(sqlite3.Connection, "setlimit"), reason="Python 3.11+")
 def test_history_of_a_key_of_many_untyped_whole_number_parts_is_found_without_listing_spellings(
         tmp_path):
     """history() and restore() looked a row up by every spelling of its key: in a
@@ -12439,8 +12440,6 @@ def test_history_of_a_key_of_many_untyped_whole_number_parts_is_found_without_li
     variables, past the 999 of SQLite before 3.32 (a raw sqlite3.OperationalError);
     twelve took seconds and were refused even at 250,000; sixty ran out of memory."""
     store = _wide_key_store(tmp_path / "s.db")
-    if not hasattr(store._conn, "setlimit"):
-        pytest.skip("setting SQLite's limits takes Python 3.11+")
     store._conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)  # as SQLite 3.31's
     zeros, other = [0] * _WIDE_KEY, [0] * (_WIDE_KEY - 1) + [1]
     store.dispatch("put", {"key": other, "v": "other"})
