@@ -13704,6 +13704,8 @@ def test_a_readonly_store_closed_last_copies_a_writer_s_last_commits_into_the_fi
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # unclosed
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="3.9's sqlite3 keeps a collected "
+                    "connection's file open until the process ends (see the README)")
 def test_a_writer_dropped_without_close_then_a_readonly_store_closed_leaves_the_file_whole(
         tmp_path):
     path = str(tmp_path / "app.db")
@@ -13793,7 +13795,10 @@ def test_review2_mocks_with_a_spec_are_subscribers_rules_and_handlers_again(mock
     async def later(event, changes):
         pass
     with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as store:
-        for refused in (later, functools.partial(later), mock.AsyncMock()):
+        # (inspect knows an AsyncMock for async from Python 3.10; 3.9's takes it for a
+        # plain callable, whose coroutines are then logged as never run: see _unrun)
+        asyncs = [mock.AsyncMock()] if inspect.iscoroutinefunction(mock.AsyncMock()) else []
+        for refused in [later, functools.partial(later)] + asyncs:
             with pytest.raises(fluxlite.UsageError, match="an async function"):
                 store.subscribe(refused)
 
