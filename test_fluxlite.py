@@ -10553,10 +10553,12 @@ _TYPED_USER_PROGRAM = '''
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 from typing import Any, Callable, Dict, List, Optional
 
 import fluxlite
-from fluxlite import Change, Event, Table, View
+from fluxlite import AsyncFollower, Change, Event, Table, View
 
 SCHEMA = "CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT)"
 Next = Callable[[Dict[str, Any]], Any]
@@ -10600,8 +10602,21 @@ def listener(event: Event, changes: List[Change]) -> None:
     print(event.seq, [c.op for c in changes])
 
 
+def owner(actor: Optional[str], event: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    return None  # a row found allows (a predicate's answer counts by its truth)
+
+
+async def stream(following: AsyncFollower) -> None:
+    try:
+        event, changes = await asyncio.wait_for(following.__anext__(), 15)
+        print(event.seq, changes)
+    finally:
+        await following.aclose()
+
+
 async def main() -> None:
     policy = fluxlite.authorize({"addUser": lambda actor, event: actor == "admin",
+                                 "grant": owner, "drop": lambda actor, event: {"row": 1},
                                  "*": lambda actor, event: actor is not None})
     app = fluxlite.App(SCHEMA, {"users": users}, middleware=[logger, policy],
                        upcasters={"put": put_v1_to_v2})
@@ -10626,6 +10641,17 @@ async def main() -> None:
                 mailer.dispatch("mailSent", {}, ack=done, acter="bot")  # error: call-arg
         async for seen, changes in store.afollow(after=0, timeout=0.01):
             print(seen.seq, changes, restored)
+        await stream(store.afollow())
+        await store.afollow().aclose()
+        if sys.version_info >= (3, 10):
+            async with contextlib.aclosing(store.afollow()) as following:
+                print(await following.__anext__())
+        with contextlib.closing(store.follow(timeout=0.01)) as tail:
+            print(next(tail, None))
+        with store.consumer("audit") as audit:
+            waiting = audit.follow(timeout=0.5)
+            print(next(waiting, None))
+            waiting.close()
     with fluxlite.scenario(SCHEMA, reducer) as s:
         s.given(("addUser", {"name": "A"})).when(("addUser", {"name": "B"})).then(
             Change("insert", "users", None, {"name": "B"})).then_state("users", [{"name": "B"}])
@@ -13875,3 +13901,72 @@ def test_review3_exit_waits_once_for_a_readonly_store_another_thread_holds(tmp_p
         thread.join()
         reader.close()
         writer.close()
+
+
+# Area: typing. What the annotations now promise (pinned for mypy in
+# test_typing_a_pip_installed_fluxlite_is_checked_with_the_readmes_setting) holds
+# at run time too. ------------------------------------------------------------
+
+_TYPING_SCHEMA = "CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT)"
+
+
+def _typing_reducer(view, event):
+    if event.type == "addUser":
+        return view.users.insert(name=event.payload["name"])
+    return None
+
+
+def test_typing_afollow_returns_the_public_asyncfollower_with_its_aclose(tmp_path):
+    # Typed AsyncIterator, it had no aclose() to mypy (nor a name to annotate with).
+    hints = typing.get_type_hints(fluxlite.Store.afollow)
+    assert hints["return"] is fluxlite.AsyncFollower
+    with fluxlite.open(str(tmp_path / "s.db"), schema=_TYPING_SCHEMA,
+                       reducer=_typing_reducer) as store:
+        store.dispatch("addUser", {"name": "a"})
+        following = store.afollow(after=0)
+        assert isinstance(following, fluxlite.AsyncFollower)
+        assert not hasattr(following, "asend")  # not an async generator: typed as none
+
+        async def first_then_close():
+            event, _ = await following.__anext__()
+            await following.aclose()
+            with pytest.raises(StopAsyncIteration):
+                await following.__anext__()
+            return event.seq
+
+        assert asyncio.run(first_then_close()) == 1
+
+
+def test_typing_follow_returns_a_generator_whose_close_ends_it(tmp_path):
+    # Typed Iterator, close() (contextlib.closing(store.follow())) failed mypy.
+    item = typing.Tuple[fluxlite.Event, typing.List[fluxlite.Change]]
+    for method in (fluxlite.Store.follow, fluxlite.Consumer.follow):
+        assert typing.get_type_hints(method)["return"] == typing.Generator[item, None, None]
+    with fluxlite.open(str(tmp_path / "s.db"), schema=_TYPING_SCHEMA,
+                       reducer=_typing_reducer) as store:
+        store.dispatch("addUser", {"name": "a"})
+        store.dispatch("addUser", {"name": "b"})
+        with contextlib.closing(store.follow(after=0, timeout=5)) as tail:
+            assert next(tail)[0].seq == 1
+        assert next(tail, None) is None  # closed: ended at once, no 5 s wait
+        with store.consumer("c") as consumer:
+            waiting = consumer.follow(timeout=5)
+            assert next(waiting)[0].seq == 1
+            waiting.close()
+            assert next(waiting, None) is None
+
+
+def test_typing_authorize_rules_answer_by_truth_as_typed(tmp_path):
+    # Typed -> bool, a rule returning the row it found (as the README's do) failed
+    # mypy --strict, though a row allows and None denies.
+    rules = typing.get_type_hints(fluxlite.authorize)["rules"]
+    assert typing.get_args(typing.get_args(rules)[1])[1] is object
+    with fluxlite.open(str(tmp_path / "s.db"), schema=_TYPING_SCHEMA,
+                       reducer=_typing_reducer) as store:
+        store.dispatch("addUser", {"name": "admin"})
+        policy = fluxlite.authorize({"*": lambda actor, event: store.view.users.get(actor)})
+        with fluxlite.open(str(tmp_path / "s.db"), schema=_TYPING_SCHEMA,
+                           reducer=_typing_reducer, middleware=[policy]) as guarded:
+            assert guarded.dispatch("addUser", {"name": "b"}, actor="admin").seq == 2
+            with pytest.raises(fluxlite.Forbidden):
+                guarded.dispatch("addUser", {"name": "c"}, actor="nobody")
