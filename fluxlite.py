@@ -450,7 +450,9 @@ class Change:
         if self.values is not None and not isinstance(self.values, _Mapping):
             raise ChangesetError(
                 f"Change values must be a dict of column -> value or None; received "
-                f"{_describe(self.values)} for a {self.op} on {_quoted(self.table)}."
+                f"{_describe(self.values)} for {'an' if self.op[0] in 'aeiou' else 'a'} "
+                f"{self.op} on {_quoted(self.table)}. (In a scenario's then(), a matcher "
+                f"such as ANY stands for one value: {{'column': ANY}}.)"
             )
 
     def replace(self, **changes: Any) -> "Change":
@@ -6694,6 +6696,18 @@ def _lease_is_free(owner: Optional[str]) -> bool:
     return _holder_is_dead(owner)
 
 
+def _consumer_busy(name: str, owner: str, until: float) -> "Busy":
+    # The holder's id names a pid; when it is this process's own, "retry later"
+    # would wait for ever: it is a Consumer of this program left open.
+    if owner.startswith(f"{_machine()}/{os.getpid()}/"):
+        return Busy(f"Consumer {_quoted(name)} is held by another Consumer of this process, "
+                    f"still open; one Consumer at a time may consume a name. close() that "
+                    f"one (or leave its with block) before opening the name again.")
+    return Busy(f"Consumer {_quoted(name)} is held by {owner} until its lease ends in "
+                f"{until - time.time():.1f} s; one process at a time may consume a name. "
+                f"Retry later, or use another name.")
+
+
 _POSIX = os.name == "posix"
 
 
@@ -6793,11 +6807,7 @@ class Consumer:
                     store._check_model_current()
                     if owner not in (None, self._owner) and until > time.time() \
                             and not _lease_is_free(owner):
-                        raise Busy(
-                            f"Consumer {_quoted(self.name)} is held by {owner} until its lease "
-                            f"ends in {until - time.time():.1f} s; one process at a time "
-                            f"may consume a name. Retry later, or use another name."
-                        )
+                        raise _consumer_busy(self.name, owner, until)
                     store._conn.execute(
                         "INSERT OR REPLACE INTO fluxlite_consumers VALUES (?, ?, ?, ?)",
                         (self.name, position, self._owner, time.time() + self._lease))
@@ -9782,12 +9792,16 @@ def _cmd_show(args: Any) -> int:
 def _cmd_query(args: Any) -> int:
     import csv
     with open(args.db, readonly=True) as store:
-        if args.at is not None or args.time is not None:
-            past = store.at(args.at, time=None if args.time is None else _parse_time(args.time))
-            with past:
-                rows = past.query(args.sql)
-        else:
-            rows = store.query(args.sql)
+        try:
+            if args.at is not None or args.time is not None:
+                past = store.at(args.at,
+                                time=None if args.time is None else _parse_time(args.time))
+                with past:
+                    rows = past.query(args.sql)
+            else:
+                rows = store.query(args.sql)
+        except QueryError as exc:
+            raise _unbound_in_cli(exc, args.sql) or exc
     if args.json:
         for row in rows:
             try:  # Python would write Infinity or NaN, which no other JSON reader takes
@@ -9809,6 +9823,17 @@ def _cmd_query(args: Any) -> int:
     else:
         print("(no rows)")
     return 0
+
+
+def _unbound_in_cli(exc: QueryError, sql: str) -> Optional[_CliError]:
+    """query()'s advice for SQL with placeholders ("give one value per ?") cannot be
+    followed on the command line, which binds no parameters: say what can be."""
+    cause = exc.__cause__
+    if not (isinstance(cause, sqlite3.ProgrammingError) and "binding" in str(cause)):
+        return None
+    return _CliError(f"fluxlite query binds no parameters, and the SQL has a placeholder "
+                     f"(? or :name): {sql[:200]!r}. Write the values into the SQL as "
+                     f"literals instead: WHERE sku = 'A1' AND qty > 5.")
 
 
 def _cmd_history(args: Any) -> int:

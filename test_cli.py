@@ -1415,3 +1415,21 @@ def test_import_holds_a_cut_transaction_back_for_a_bounded_number_of_lines(
     err = capsys.readouterr().err
     assert "bad.jsonl line 1000: event seq 1000" in err and "the 999 events" in err, err
     assert max(tries) <= 1001  # the held line and the batch after it, not the whole file
+
+
+# --- dogfood: a new user's inventory app, built from the README -----------------------
+
+
+def test_dogfood_query_with_a_placeholder_says_the_cli_binds_none(tmp_path, capsys):
+    # The error was query()'s advice, "Give one value per ? (a sequence), or a dict",
+    # which the command line has no way to follow.
+    db = str(tmp_path / "app.db")
+    fluxlite.open(db, schema="CREATE TABLE items (sku TEXT PRIMARY KEY)",
+                  reducer=lambda view, event: None).close()
+    for when in ([], ["--at", "0"]):
+        assert fluxlite.main(["query", db, "SELECT * FROM items WHERE sku = ?", *when]) == 1
+        err = capsys.readouterr().err
+        assert "binds no parameters" in err and "literals" in err, err
+        assert "Give one value per ?" not in err, err
+    assert fluxlite.main(["query", db, "SELECT * FROM missing"]) == 1  # other errors as before
+    assert "no such table: missing" in capsys.readouterr().err

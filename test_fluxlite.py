@@ -10617,6 +10617,7 @@ async def stream(following: AsyncFollower) -> None:
 async def main() -> None:
     policy = fluxlite.authorize({"addUser": lambda actor, event: actor == "admin",
                                  "grant": owner, "drop": lambda actor, event: {"row": 1},
+                                 "promote": lambda actor, event: actor and actor.startswith("adm"),
                                  "*": lambda actor, event: actor is not None})
     app = fluxlite.App(SCHEMA, {"users": users}, middleware=[logger, policy],
                        upcasters={"put": put_v1_to_v2})
@@ -13970,3 +13971,48 @@ def test_typing_authorize_rules_answer_by_truth_as_typed(tmp_path):
             assert guarded.dispatch("addUser", {"name": "b"}, actor="admin").seq == 2
             with pytest.raises(fluxlite.Forbidden):
                 guarded.dispatch("addUser", {"name": "c"}, actor="nobody")
+
+
+# --- dogfood: a new user's inventory app, built from the README -----------------------
+
+
+def test_dogfood_a_second_consumer_of_one_name_in_this_process_says_to_close_the_first(tmp_path):
+    # The Busy error named the holder by host/pid/id and said "one process at a time...
+    # Retry later": the holder was this very process, whose lease it renews for ever.
+    with fluxlite.open(tmp_path / "c.db", schema=ITEMS, reducer=items_reducer) as store:
+        first = store.consumer("alerts")
+        with pytest.raises(fluxlite.Busy, match="another Consumer of this process.*close"):
+            store.consumer("alerts")
+        first.close()
+        store.consumer("alerts").close()  # free again
+
+
+def test_dogfood_the_readmes_way_to_store_a_time_writes_the_logs_own_ts_text():
+    # The README said to store event.ts.isoformat(): at a whole second (every time of
+    # a scenario) that is '...:01+00:00', and a query comparing the column with a
+    # time written as the README says for ts ('...:01.000000+00:00') missed the row.
+    said = re.search(r"store a time as\s+`(event\.ts\.[^`]+)`",
+                     (ROOT / "README.md").read_text())
+    assert said, "the README no longer says how to store a time"
+    times = iter([datetime(2026, 1, 1, 12, 0, 1, tzinfo=timezone.utc),
+                  datetime(2026, 1, 1, 12, 0, 1, 250000, tzinfo=timezone.utc)])
+    schema = "CREATE TABLE t (k INTEGER PRIMARY KEY, at TEXT)"
+    stamp = lambda view, event: view.t.insert(k=event.seq, at=eval(said.group(1), {"event": event}))
+    with fluxlite.open(":memory:", schema=schema, reducer=stamp, clock=lambda: next(times)) as store:
+        for _ in range(2):
+            store.dispatch("stamp")
+        assert store.query("SELECT k, at FROM t ORDER BY k") == [
+            {"k": row["seq"], "at": row["ts"]} for row in store.query("SELECT seq, ts FROM events")]
+        since = "2026-01-01T12:00:01.000000+00:00"
+        assert store.query("SELECT count(*) AS n FROM t WHERE at >= ?", (since,)) == [{"n": 2}]
+
+
+def test_dogfood_a_change_whose_values_are_no_dict_says_how_to_match_one_value():
+    # Writing then(Change("insert", "moves", None, ANY)) raised "... for a insert on
+    # 'moves'": a matcher stands for one value, which the message now says.
+    from unittest.mock import ANY
+    with pytest.raises(fluxlite.ChangesetError,
+                       match=r"for an insert on 'moves'\. .*matcher such as ANY stands for one value"):
+        Change("insert", "moves", None, ANY)
+    with pytest.raises(fluxlite.ChangesetError, match="for a delete on 'moves'"):
+        Change("delete", "moves", 1, 5)
