@@ -297,6 +297,8 @@ _SIGNAL_TICKS = 1_000_000
 # sqlite_master in the authorizer's eyes; the query itself only reads.
 _SQLITE_UPDATE = 23
 _PAGE = 512  # rows fetched per query when streaming the log
+_REWINDS_KEPT = 16  # resets whose heads the file keeps for followers of other stores
+_VERIFY_RETRIES = 3  # replays of verify() again after another process reset the file
 # RETURNING is not used: SQLite 3.40 can report a REAL column's affinity on
 # the wrong column (the torture suite found it for INSERT/UPDATE, and later for
 # DELETE, which then journaled an integer key as 0.0), so rows are read with a
@@ -3884,9 +3886,9 @@ class Store:
         # reset_to()s so far and the head the last left: a cursor placed without the
         # lock (afollow()) is moved as they moved the others when it joins them.
         self._resets, self._reset_head = 0, 0
-        # This store's log since its last reset_to(), as a token: a checkpoint taken
-        # in it holds the same events up to its seq (see _after_reset).
-        self._lineage = object()
+        # This store's log since its last reset_to(): a checkpoint taken in it holds
+        # the same events up to its seq (see _after_reset, _Lineage).
+        self._lineage = _Lineage(None, 0)
         # owner -> name of the consumer leases this store took (plain strings: a
         # Consumer dropped without close() is released by close() all the same).
         self._leases: Dict[str, str] = {}
@@ -3954,6 +3956,17 @@ class Store:
             self._check_open()
             row = self._conn.execute("SELECT max(seq) FROM events").fetchone()
             return row[0] or 0
+
+    @property
+    def generation(self) -> int:
+        """A number the file changes whenever its tables change without an event:
+        every reset_to() and every rebuild, by this store or any other, in any
+        process. Subscribers are not told of those: a copy of the tables kept from
+        their changes compares it with the one it was filled at, and refills."""
+        with self._lock:
+            self._check_open()
+            stored = _stored_generation(self._conn)
+        return int(json.loads(stored)) if stored else 0
 
     def __repr__(self) -> str:
         reducing = self._reducing_thread == threading.get_ident() or self._in_verify_replay()
@@ -4436,11 +4449,12 @@ class Store:
         For test suites: cheap rollback between tests of an on-disk store.
         Other connections to the file see the reset too. watch() and this
         store's followers go on from the checkpoint's head, its consumers from
-        their position in the checkpoint; followers of other
-        stores (in this process or others) cannot tell, and wait for seqs past
-        their position. Subscribers are not told either: a copy of the tables a
+        their position in the checkpoint; followers of other stores (in this
+        process or others) at their next read (the file keeps the heads of its
+        last resets), not their consumers. Subscribers are not told: a copy of the tables a
         subscriber keeps must be refilled from the store (events committed
         before the checkpoint that they had not heard yet, they still hear).
+        The file's generation is new after it, for stores elsewhere to tell.
         """
         if not isinstance(checkpoint, Checkpoint):
             raise UsageError(
@@ -4464,7 +4478,9 @@ class Store:
                 with checkpoint._lock:
                     self._check_fits(_read_meta(checkpoint._conn))
                     self._check_page_size(checkpoint)
-                    before = _read_meta(self._conn).get("generation", 0)
+                    ours = _read_meta(self._conn)
+                    before = ours.get("generation", 0)
+                    _stamp_generation(checkpoint._conn, before, _rewinds(ours), checkpoint.seq)
                     try:
                         # Python's backup() retries a locked file for ever; after
                         # busy_timeout it is Busy here, as for every other write.
@@ -4496,10 +4512,10 @@ class Store:
             # checkpoint of another history (taken before an earlier reset_to(), or
             # in another store), whose events at those seqs may be others.
             head = self.head
-            kept = head if checkpoint._lineage is self._lineage else 0
+            kept = min(head, _agreed(self._lineage, checkpoint._lineage, checkpoint.seq))
             while self._pending and self._pending[-1][0].seq > kept:
                 self._pending.pop()
-            self._lineage = object()
+            self._lineage = _Lineage(checkpoint._lineage, checkpoint.seq)
             for cursor in list(self._cursors):  # watch() and this store's followers
                 cursor.reset_to(head)
             self._resets, self._reset_head = self._resets + 1, head
@@ -5306,10 +5322,21 @@ class Store:
         a new event (None: never), or when the store is closed. Idle, it costs
         one ``PRAGMA data_version`` per poll, backing off to 20 ms.
         """
-        start = self._check_seq(after, "after")
         _check_timeout(timeout)
+        head, generation = self._head_and_generation()
+        start = self._check_seq(after, "after", head)
         # Made now, not at the first next(): reset_to() moves the cursors it knows.
-        return self._follow(_FollowCursor(self, start, _type_filter(types)), timeout)
+        return self._follow(_FollowCursor(self, start, _type_filter(types), rewinds=True,
+                                          generation=generation), timeout)
+
+    def _head_and_generation(self) -> Tuple[int, Optional[str]]:
+        """The head and the file's generation, in one snapshot: a follower starting at
+        that head goes back after a reset_to() by another store only for resets after
+        it (see _FollowCursor.rewind)."""
+        with self._lock:
+            self._check_open()
+            with _reading(self._path), _read_txn(self._conn):
+                return self.head, _stored_generation(self._conn)
 
     def _follow(self, cursor: "_FollowCursor", timeout: Optional[float]) -> "_Following":
         while True:
@@ -5341,7 +5368,9 @@ class Store:
             # Old code after another process's rebuild: refused here, as follow() is,
             # rather than a thread that logs the refusal and ends, unheard by the caller.
             self._check_model_current()
-            self._watch_cursor = _FollowCursor(self, self.head, None)
+            head, generation = self._head_and_generation()
+            self._watch_cursor = _FollowCursor(self, head, None, rewinds=True,
+                                               generation=generation)
             # The thread holds the store weakly: one dropped without close() is collected.
             thread = threading.Thread(target=_watch_loop, args=(weakref.ref(self),),
                                       name=f"fluxlite-watch {self._path}", daemon=True)
@@ -5451,7 +5480,7 @@ class Store:
         # busy_timeout for another process), stopping the loop all that time.
         resets = self._resets  # before the head: a reset_to() after it moves the cursor
         cursor = _FollowCursor(self, self._check_seq(after, "after", self._head_at_once()),
-                               wanted, resets)
+                               wanted, resets, rewinds=True)  # (from its first read on)
         return AsyncFollower(cursor, timeout)
 
     def _head_at_once(self) -> Optional[int]:
@@ -5494,7 +5523,9 @@ class Store:
         snapshot), without holding the store: its other threads dispatch and read
         meanwhile. In memory, in a preview, or if this store's reset_to() or a
         rebuild changes the file meanwhile, the replay runs (or runs again) through
-        the store's own connection, holding it throughout. ``progress(seq)`` is called
+        the store's own connection, holding it throughout; after another process's
+        reset or rebuild during that one too, it runs again (Busy after four
+        replays each crossed by one). ``progress(seq)`` is called
         every 1,000 events (again from the start, if the replay runs again); it
         may read the store, not write to it (a dispatch, preview, consumer, ack,
         rebuild or reset_to from it is a UsageError).
@@ -5539,7 +5570,19 @@ class Store:
                     return problems
                 _log.debug("verify(): the file was reset or rebuilt during the replay; "
                            "replaying again, holding the store")
-        return self._replay_holding_lock(reducer, progress, check_integrity)
+        # Holding the lock stops this store's resets and rebuilds, not another
+        # process's: the replay runs again after one (a few times: one that resets
+        # the file without pause would keep verify() replaying for ever).
+        for _ in range(_VERIFY_RETRIES):
+            problems = self._replay_holding_lock(reducer, progress, check_integrity)
+            if problems is not None:
+                return problems
+            _log.debug("verify(): another process reset or rebuilt the file during the "
+                       "replay; replaying again")
+        raise Busy(f"verify() of {self._path!r} replayed the log {_VERIFY_RETRIES + 1} times, "
+                   f"and each time another process reset or rebuilt the file meanwhile (a "
+                   f"reset_to() or rebuild() loop?): nothing was found wrong, nothing was "
+                   f"verified either. Run verify() again once the file is left alone.")
 
     def _reader_beside(self) -> Optional[Tuple[sqlite3.Connection, Dict[str, _TableInfo],
                                                Optional[str], int]]:
@@ -5614,17 +5657,19 @@ class Store:
             return self._resets != resets or stored != generation
 
     def _replay_holding_lock(self, reducer: Reducer, progress: Optional[Callable[[int], None]],
-                             check_integrity: bool) -> List[str]:
+                             check_integrity: bool) -> Optional[List[str]]:
         """verify()'s replay through the store's own connection, holding its lock. The
         log is read in pages, each a short read, so other processes' commits meanwhile
         can be checkpointed; from the page that reaches the head on, one snapshot holds
-        the rest of the log and the live tables the replay is compared with."""
+        the rest of the log and the live tables the replay is compared with. None
+        if another process reset or rebuilt the file meanwhile."""
         conn = self._conn
         with self._lock:
             self._check_open()  # again: another thread may have closed it meanwhile
             owned = not conn.in_transaction  # else the caller's snapshot is the one
             with _reading(self._path):
                 self._check_model_current()
+                generation = _stored_generation(conn) if owned else None
                 if check_integrity:
                     _check_integrity(conn, self._path)
                 replica = _scratch_model(self._schema, "", journal=False)
@@ -5633,9 +5678,13 @@ class Store:
                                          if owned else None)  # checks the seals as it goes
                     try:
                         self._replay_verified(replica, reducer, progress, log)
-                    except StorageError:
+                    except FluxliteError:  # damage, or a failing reducer: or another log?
+                        if owned and _stored_generation(conn) != generation:
+                            return None
                         self._check_model_current()  # a rebuild meanwhile is not damage
                         raise
+                    if owned and _stored_generation(conn) != generation:
+                        return None  # (read in the snapshot the tables are compared in)
                     self._check_model_current()  # in the snapshot: the model replayed
                     return _compare(self._model, replica)
                 finally:
@@ -6330,6 +6379,44 @@ class _Frame:
     calls: List[List[Optional[BaseException]]] = dataclasses.field(default_factory=list)
 
 
+class _Lineage:
+    """A history of a store's log, begun by a reset_to(): it holds the events of the
+    history ``parent`` (the checkpoint's) up to seq ``upto``, then its own. A second
+    reset_to() to one checkpoint must know that the events before it are the same
+    ones (a slow subscriber still hears those it had not), whatever came between."""
+
+    __slots__ = ("parent", "upto", "depth")
+    parent: Optional["_Lineage"]
+    upto: int
+    depth: int
+    _DEEPEST = 64  # resets of resets remembered; older ones count as another history
+
+    def __init__(self, parent: Optional["_Lineage"], upto: int) -> None:
+        depth: int = parent.depth + 1 if parent is not None else 0
+        if depth > self._DEEPEST:  # bounded walks: forget (undelivered events may drop)
+            parent, depth = None, 0
+        self.parent, self.upto, self.depth = parent, upto, depth
+
+
+def _agreed(ours: _Lineage, theirs: Optional[_Lineage], seq: int) -> int:
+    """The last seq up to which our log and that of a checkpoint taken at ``seq`` in
+    history ``theirs`` hold the same events (0 for histories of different stores)."""
+    within: Dict[int, int] = {}  # id of each history ours came from -> agreed up to
+    node: Optional[_Lineage] = ours
+    upto = seq
+    while node is not None:
+        within[id(node)] = upto
+        upto = min(upto, node.upto)
+        node = node.parent
+    node, upto = theirs, seq
+    while node is not None:
+        if id(node) in within:
+            return min(upto, within[id(node)])
+        upto = min(upto, node.upto)
+        node = node.parent
+    return 0
+
+
 class Checkpoint:
     """A copy of a whole store in memory, from Store.checkpoint(), for reset_to().
 
@@ -6339,7 +6426,7 @@ class Checkpoint:
     def __init__(self, conn: sqlite3.Connection, seq: int) -> None:
         self._conn, self.seq = conn, seq
         self._lock = threading.Lock()  # held by reset_to() while it copies from _conn
-        self._lineage: object = None  # the store's history it was taken in (Store._lineage)
+        self._lineage: Optional[_Lineage] = None  # the store's history it was taken in
         # A checkpoint dropped without close() (as test suites do) closes its copy:
         # left to the collector, Python 3.13 warns "unclosed database", which
         # -W error or pytest's filterwarnings=error makes a failure.
@@ -6415,10 +6502,15 @@ class _FollowCursor:
     """Where a follower is in the log, and how it waits cheaply for more."""
 
     def __init__(self, store: Store, position: int, wanted: Optional[FrozenSet[str]],
-                 resets: Optional[int] = None) -> None:
+                 resets: Optional[int] = None, *, rewinds: bool = False,
+                 generation: Optional[str] = None) -> None:
         """``resets``: the store's reset_to()s when ``position`` was read without the
-        lock (afollow()); such a cursor is not in the store's cursors until attach()."""
+        lock (afollow()); such a cursor is not in the store's cursors until attach().
+        ``rewinds``: goes back after another store's reset_to() (see rewind()), from
+        ``generation``, the file's when ``position`` was read (None: its first read).
+        A consumer's does not: its position is the one its acks keep in the file."""
         self.store, self.position, self.wanted = store, position, wanted
+        self.rewinds, self.generation = rewinds, generation
         self.reached = position  # the furthest it has been, across reset_to()s
         self.resets = 0  # reset_to()s of the store since: a batch read before one is stale
         self.read_resets = 0  # resets when the last batch was read (under the lock)
@@ -6439,6 +6531,23 @@ class _FollowCursor:
         self.reached = max(self.reached, self.position)
         self.position, self.version = min(self.reached, head), -1
         self.resets += 1
+        self.generation = self.store._generation_text  # this reset's, moved for above
+
+    def rewind(self, store: Store) -> None:
+        """Inside read()'s snapshot: back to where another store's reset_to() left the
+        log, if it rewound it past this cursor's position. That store's followers are
+        moved by its reset_to(); the others, in this process or another, waited for
+        seqs past their position and never yielded the events the new history wrote
+        at the seqs they had passed. The file keeps the heads of its last resets,
+        each with the generation it gave (see _stamp_generation)."""
+        stored = _stored_generation(store._conn)
+        if self.generation is not None and stored != self.generation:
+            seen = _generation_number(self.generation)
+            heads = [head for generation, head in _rewinds(_read_meta(store._conn))
+                     if generation > seen]
+            if heads and min(heads) < self.position:
+                self.position, self.behind = min(heads), False
+        self.generation = stored
 
     def attach(self) -> None:
         """Join the cursors reset_to() moves (it goes through them with the lock held),
@@ -6495,6 +6604,8 @@ class _FollowCursor:
             # pass off as its own. Refused as dispatch(), at() and history() refuse
             # (SchemaError); the same code's rebuild just reloads the tables.
             store._check_model_current()
+            if self.rewinds:
+                self.rewind(store)
             # Only the rows of the wanted types, found through the type index: a
             # follower or consumer of a rare type would otherwise read and decode the
             # whole log after its position at each poll (a consumer's stays at its
@@ -8095,17 +8206,58 @@ def _read_meta(conn: sqlite3.Connection) -> Dict[str, Any]:
 
 def _renew_generation(conn: sqlite3.Connection, before: Any) -> None:
     """After reset_to() copied a checkpoint over the file: a generation the file has
-    never held, if the checkpoint's differs from the one it replaced.
+    never held.
 
     Another store knows the model is still the one it loaded by the generation alone.
     Put back to an older number, the file could reach that number again by a rebuild
     of other code, and such a store would write its changes into tables of another
     shape (or by other reducers) without a word. Rebuilds only count up, so one
-    past both numbers is new: every other store reloads the model, or is refused."""
+    past both numbers is new: every other store reloads the model, or is refused.
+    New also when the checkpoint's number is the one it replaced: the log was
+    rewound all the same, and another process's verify() reading it in pages
+    learns so by the number (else it took the two logs it read for damage).
+    _stamp_generation() gave the copy such a number already: written here only
+    where the copy did not go in whole (an interrupt), not a write on every reset
+    (that one could fail on a full disk after the reset itself went through)."""
+    if _read_meta(conn).get("generation", 0) > before:
+        return
     with _write_txn(conn):
         ours = _read_meta(conn).get("generation", 0)
-        if ours != before:
+        if ours <= before:
             _write_meta(conn, generation=max(ours, before) + 1)
+
+
+def _stamp_generation(copy: sqlite3.Connection, before: Any,
+                      rewinds: List[List[int]], head: int) -> None:
+    """Before reset_to() copies a checkpoint over the file: a generation past the
+    file's in the copy, so that the rewound log is never seen under the number
+    the file had (another process's verify() would take the two logs it read for
+    one, damaged), not even for a moment. With it, the file's last resets (``rewinds``,
+    as [generation, head] pairs) and this one, which leaves the log at ``head``:
+    followers of other stores go back to it (see _FollowCursor.rewind)."""
+    with copy:  # (its own transaction, committed: backup() copies what is committed)
+        # Two past: ``before`` was read without the file's lock, and a rebuild another
+        # process swaps in before the copy takes the next number (its store would take
+        # the checkpoint's model, which the copy puts in under that number, for its own).
+        generation = max(_read_meta(copy).get("generation", 0), before) + 2
+        kept = (rewinds + [[generation, head]])[-_REWINDS_KEPT:]
+        _write_meta(copy, generation=generation, rewinds=kept)
+
+
+def _rewinds(meta: Mapping[str, Any]) -> List[List[int]]:
+    """fluxlite_meta's "rewinds": [generation, head] of the file's last resets (none
+    in a file no reset_to() rewound; anything else there is ignored, not an error)."""
+    found = meta.get("rewinds")
+    if not isinstance(found, list):
+        return []
+    return [[pair[0], pair[1]] for pair in found if isinstance(pair, list) and len(pair) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in pair)]
+
+
+def _generation_number(text: str) -> int:
+    """A generation as fluxlite_meta holds it (JSON text of an int), as a number."""
+    value = json.loads(text)
+    return value if isinstance(value, int) else 0
 
 
 def _write_meta(conn: sqlite3.Connection, **items: Any) -> None:

@@ -121,10 +121,12 @@ def dump(store):
 
 def but_generation(lines):
     """A dump without the model's generation number: reset_to() puts every row back
-    but that one, which moves on when the checkpoint's differs (after a rebuild), so
-    that the file never holds a number again that another store took for its model."""
+    but that one, which moves on at every reset, so that the file never holds a
+    number again that another store took for its model (nor the rewound log under
+    the number of the log it replaced), and the heads of its last resets (rewinds)."""
     return [line for line in lines
-            if not line.startswith("INSERT INTO \"fluxlite_meta\" VALUES('generation'")]
+            if not line.startswith(("INSERT INTO \"fluxlite_meta\" VALUES('generation'",
+                                    "INSERT INTO \"fluxlite_meta\" VALUES('rewinds'"))]
 
 
 def as_dicts(changes):
