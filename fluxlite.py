@@ -445,7 +445,7 @@ class Change:
             )
         if not isinstance(self.table, str):
             raise ChangesetError(
-                f"Change table must be a table name (str); received {self.table!r}."
+                f"Change table must be a table name (str); received {_quoted(self.table)}."
             )
         if isinstance(self.key, list):
             object.__setattr__(self, "key", tuple(self.key))
@@ -519,6 +519,8 @@ def _quoted(value: Any) -> str:
     table name, key or id is not repeated whole in an error (and in each log line of it)."""
     try:
         text = repr(value)
+    except RecursionError:  # a dict nested thousands deep: the message, not a crash
+        return f"a {type(value).__name__} nested too deeply to show"
     except Exception:  # e.g. an int past Python's 4300-digit str() limit
         return f"a {type(value).__name__} that cannot be shown"
     if len(text) <= 200:
@@ -3128,6 +3130,9 @@ class View:
         return sorted(self._tables)
 
     def __getitem__(self, name: str) -> Table:
+        if not isinstance(name, str):  # a list or dict: not the dict lookup's "unhashable"
+            raise _NoTableKey(f"view[...] takes a table name (str); received {_describe(name)}. "
+                              f"The tables are: {', '.join(self.tables)}.")
         table = self._tables.get(name)
         if table is None:
             raise _NoTableKey(self._no_table(name))
@@ -3460,6 +3465,9 @@ def _action_from(type_or_action: Any, payload: Any, meta: Any, id: Any,
                 + (" seq and ts are set when the event commits: to copy a log with "
                    "them (an export's lines), use `fluxlite import`, or replay(into=) "
                    "for a new store." if extra & {"seq", "ts"} else "")
+                + (" actor and expect_seq are arguments, not keys: dispatch(event, "
+                   "actor=..., expect_seq=...) (dispatch_many() takes them for the whole "
+                   "batch)." if extra & {"actor", "expect_seq"} else "")
             )
         if payload is not None or meta is not None or id is not None:
             raise InvalidEvent(
@@ -7686,7 +7694,9 @@ def _swap_in_unchecked(store: Store, schema: str, version: Any, model: _Model, s
             done = _apply_events(model, reducer, store._read_log(done), journal=True) or done
         try:
             conn.execute("ATTACH ? AS fluxlite_scratch", (scratch,))
-        except sqlite3.OperationalError as exc:
+        # (UnicodeEncodeError: a store's name from non-UTF-8 bytes, which a bound
+        # parameter cannot carry: sqlite3 binds text as strict UTF-8.)
+        except (sqlite3.OperationalError, UnicodeEncodeError) as exc:
             _log.debug("rebuild: scratch not attached (%s); copying through Python", exc)
             break
         failed = False
@@ -8019,7 +8029,8 @@ def authorize(rules: Mapping[str, Callable[[Optional[str], Dict[str, Any]], obje
     raises Forbidden before any transaction opens.
     """
     if default not in ("deny", "allow"):
-        raise UsageError(f"authorize(default=...) is 'deny' or 'allow'; received {default!r}.")
+        raise UsageError(f"authorize(default=...) is 'deny' or 'allow'; received "
+                         f"{_quoted(default)}.")
     if not isinstance(rules, _Mapping):
         raise UsageError(f"authorize() takes a dict of event type -> predicate(actor, event); "
                          f"received {_describe(rules)}.")
@@ -9106,6 +9117,12 @@ def _check_path(path: str) -> None:
     if "\0" in path:  # else os and sqlite3 each fail with their own ValueError
         raise UsageError(f"path {path!r} contains a NUL character, which no file name "
                          f"may hold; check how the path was built.")
+    try:  # a name from os.listdir() of non-UTF-8 bytes (surrogate escapes) is fine
+        os.fsencode(path)
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"path {_quoted(path)} cannot be a file name: it holds a lone "
+                         f"surrogate at character {exc.start}, which the file system's "
+                         f"encoding cannot write; check how the path was built.") from None
     if path == "" or os.path.isdir(path):
         raise UsageError(f"path must name a file (or be ':memory:'); {path!r} is "
                          f"{'a directory' if path else 'empty'}.")
@@ -9339,7 +9356,8 @@ class Scenario:
                 self.store.dispatch(_as_action(item))
             except FluxliteError as exc:
                 raise AssertionError(
-                    f"given event {number} ({item!r}) was refused: {type(exc).__name__}: {exc}"
+                    f"given event {number} ({_quoted(item)}) was refused: "
+                    f"{type(exc).__name__}: {exc}"
                 ) from exc
         return self
 
