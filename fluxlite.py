@@ -6826,10 +6826,10 @@ def _lease_is_free(owner: Optional[str]) -> bool:
     return _holder_is_dead(owner)
 
 
-def _consumer_busy(name: str, owner: str, until: float) -> "Busy":
+def _consumer_busy(name: str, owner: Any, until: float) -> "Busy":
     # The holder's id names a pid; when it is this process's own, "retry later"
     # would wait for ever: it is a Consumer of this program left open.
-    if owner.startswith(f"{_machine()}/{os.getpid()}/"):
+    if str(owner).startswith(f"{_machine()}/{os.getpid()}/"):
         return Busy(f"Consumer {_quoted(name)} is held by another Consumer of this process, "
                     f"still open; one Consumer at a time may consume a name. close() that "
                     f"one (or leave its with block) before opening the name again.")
