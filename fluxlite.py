@@ -867,8 +867,12 @@ def _scalar_hint(value: Any) -> str:
     """How to store a value SQLite and JSON cannot hold as it is."""
     # A time is the likeliest: reducers are told to take it from event.ts; then money.
     if isinstance(value, (datetime, date, dt_time)):
-        return (" Store a time as text, e.g. event.ts.isoformat() (UTC: text order is "
-                "time order), or as a number, event.ts.timestamp().")
+        # timespec: plain isoformat() drops the fraction at a whole second, so its
+        # text is not the log's ts for that instant ('...:01+00:00' < '...:01.000000+00:00'):
+        # `at >= ts` then misses the row (README, Concepts).
+        return (" Store a time as text, e.g. event.ts.isoformat(timespec='microseconds') "
+                "(UTC, fixed width, the log's own ts text: text order is time order), "
+                "or as a number, event.ts.timestamp().")
     if isinstance(value, numbers.Number):  # Decimal, Fraction, complex
         return (" Store an exact amount as an int in its smallest unit (cents) or as "
                 "text, str(value).")

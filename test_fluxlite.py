@@ -8974,7 +8974,7 @@ def test_a_datetime_value_in_a_column_is_refused_with_the_isoformat_hint():
         return view.users.insert(name=event.payload["name"], role=event.ts)
 
     with fluxlite.open(":memory:", schema=SCHEMA, reducer=stamping) as store:
-        with pytest.raises(fluxlite.ChangesetError, match=r"event\.ts\.isoformat\(\)"):
+        with pytest.raises(fluxlite.ChangesetError, match=r"event\.ts\.isoformat\(timespec='microseconds'\)"):
             store.dispatch("addUser", {"name": "Barack"})
         assert store.head == 0
 
@@ -14488,3 +14488,83 @@ def test_a_store_named_with_non_utf8_bytes_works_rebuild_included(tmp_path):
         store.verify()
         assert store.view.items.get("k")["n"] == 1
     assert os.listdir(tmp_path.as_posix().encode()) == [b"caf\xe9.db"]
+
+
+# -- docaudit (session 17): the README against the code ---------------------------------
+
+
+def _readme_api_table():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## API at a glance"):readme.index("### Idempotency")]
+    return [line for line in section.splitlines() if line.startswith("| `")]
+
+
+def _signature_as_written(obj):
+    """inspect.signature as the README writes one: no annotations, no self, "..." quotes."""
+    out, star = [], False
+    for p in inspect.signature(obj).parameters.values():
+        if p.name == "self":
+            continue
+        if p.kind is p.VAR_POSITIONAL:
+            out.append("*" + p.name)
+            star = True
+        elif p.kind is p.VAR_KEYWORD:
+            out.append("**" + p.name)
+        else:
+            if p.kind is p.KEYWORD_ONLY and not star:
+                out.append("*")
+                star = True
+            out.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+    return ", ".join(out).replace("'", '"')
+
+
+def test_the_readmes_api_table_gives_each_signature_as_the_code_has_it():
+    # Store.reset_to(cp) (the parameter is `checkpoint`) and scenario(schema, reducer, ...)
+    # (both default to None, for scenario(app=APP)) had drifted from the code.
+    checked = []
+    for row in _readme_api_table():
+        first, rest = row.split(" | ", 1)
+        found = [(cell, *m) for cell in (first, rest)
+                 for m in re.findall(r"`([A-Za-z_.]+)\(([^`]*)\)`", cell)]
+        for cell, name, params in found:
+            owner, _, attr = name.rpartition(".")
+            if name.startswith("."):
+                owner = "Scenario"  # `.when(event)` after `Scenario.given(*events)`
+            if params == "..." or (cell is rest and owner not in fluxlite.__all__):
+                continue  # elided, or a call shown as an example (`open(path, app=APP)`)
+            obj = getattr(getattr(fluxlite, owner), attr) if owner else getattr(fluxlite, attr)
+            checked.append(name)
+            assert params == _signature_as_written(obj), name
+    assert {"open", "Store.dispatch", "Store.reset_to", "scenario", ".then_rejected",
+            "App", "App.open", "authorize"} <= set(checked)
+
+
+def test_the_readmes_api_table_names_every_public_store_attribute():
+    # Store.path, .schema, .version, .durability and .readonly were in no table.
+    table = "\n".join(_readme_api_table())
+    missing = [name for name in dir(fluxlite.Store)
+               if not name.startswith("_") and f"`Store.{name}" not in table]
+    assert missing == []
+
+
+def test_a_time_given_to_a_column_is_refused_with_the_readmes_way_to_store_it():
+    # The error said event.ts.isoformat(): at a whole second that text has no
+    # fraction, is not the log's ts text for that instant, and `at >= ts` missed
+    # the row (the README's warning, which the message now follows).
+    def reducer(view, event):
+        if event.type == "asDatetime":
+            return view.t.upsert(k="a", at=event.ts)
+        return view.t.upsert(k=event.payload["k"], at=event.ts.isoformat(timespec="microseconds"))
+    seconds = iter(range(100))
+    with fluxlite.open(":memory:", schema="CREATE TABLE t (k TEXT PRIMARY KEY, at TEXT)",
+                       reducer=reducer, clock=lambda: datetime(2000, 1, 1, 0, 0, next(seconds),
+                                                               tzinfo=timezone.utc)) as store:
+        with pytest.raises(fluxlite.ChangesetError) as refused:
+            store.dispatch("asDatetime")
+        advice = "event.ts.isoformat(timespec='microseconds')"
+        assert advice in str(refused.value)
+        readme = (ROOT / "README.md").read_text()
+        assert advice.replace("'", '"') in readme[readme.index("## Concepts"):]
+        store.dispatch("put", {"k": "b"})  # at a whole second: the advice compares right
+        assert store.query("SELECT k FROM t WHERE at >= (SELECT ts FROM events WHERE seq = 1)"
+                           ) == [{"k": "b"}]
