@@ -317,6 +317,11 @@ _MIN_SQLITE = (3, 26, 0)
 class FluxliteError(Exception):
     """Root of every error fluxlite raises on purpose."""
 
+    # Set when dispatch_many() refused the batch for one of its items: that item's
+    # 0-based index in the list given (see _name_batch_item; also on a middleware's
+    # own exception). None otherwise.
+    batch_index: Optional[int] = None
+
 
 class InvalidEvent(FluxliteError):
     """An event is malformed: bad type, id, payload or meta."""
@@ -3520,6 +3525,34 @@ def _batch_action(event: Any, position: int, actor: Optional[str] = None) -> Dic
     return _action_from(event, None, None, None, actor)
 
 
+def _name_batch_item(exc: BaseException, index: int, count: int, item: Any) -> None:
+    """Say which item of a dispatch_many() list was refused, keeping the exception's
+    class and message, which code catching it relies on (then_rejected(match=), an
+    HTTP handler's mapping): its 0-based index as ``exc.batch_index``, and a note,
+    shown under the message in a traceback (add_note(); before Python 3.11, kept in
+    ``exc.__notes__`` only). Every refusal of a batch is named so: one of an item's
+    shape, of a middleware (whatever it raises), of a reducer or upcaster."""
+    if not isinstance(exc, Exception):  # Ctrl-C, SystemExit: no item's refusal
+        return
+    if isinstance(item, _Mapping):
+        event_id = item.get("id")
+        what = f"type {_quoted(item.get('type'))}" + (
+            f", id {_quoted(event_id)}" if event_id is not None else "")
+    else:
+        what = _describe(item)
+    note = (f"dispatch_many() refused item {index} (counting from 0) of the {count} in "
+            f"its list: {what}. The whole batch was refused.")
+    try:
+        setattr(exc, "batch_index", index)
+        if sys.version_info >= (3, 11):
+            exc.add_note(note)
+        else:
+            notes = getattr(exc, "__notes__", None)
+            setattr(exc, "__notes__", (notes if isinstance(notes, list) else []) + [note])
+    except (AttributeError, TypeError):  # an exception that takes no attributes
+        pass
+
+
 def _check_type(kind: Any) -> str:
     if not isinstance(kind, str) or not kind.strip():
         raise InvalidEvent(
@@ -4247,7 +4280,14 @@ class Store:
                 f"dispatch_many() takes a list of event dicts; received {_describe(events)}."
             )
         _check_actor(actor)  # also for an empty batch
-        actions = [_batch_action(e, n, actor) for n, e in enumerate(events)]
+        given = events if isinstance(events, list) else list(events)
+        actions: List[Dict[str, Any]] = []
+        for n, item in enumerate(given):
+            try:
+                actions.append(_batch_action(item, n, actor))
+            except InvalidEvent as exc:
+                _name_batch_item(exc, n, len(given), item)
+                raise
         self._check_dispatchable()
         _check_expect_seq(expect_seq)
         try:
@@ -4257,8 +4297,21 @@ class Store:
                     if head != expect_seq:
                         raise _stale(expect_seq, head)
                 return []
+            failed: List[int] = []  # the position in the batch of an item _write refused
             if self._bare:  # no middleware: as given
-                return self._commit(actions, expect_seq) if actions else []
+                prepared: List[_Prepared] = []
+                for n, action in enumerate(actions):
+                    try:
+                        prepared.append(_prepare(action, self._ids))
+                    except InvalidEvent as exc:
+                        _name_batch_item(exc, n, len(given), given[n])
+                        raise
+                try:
+                    return self._commit_prepared(prepared, expect_seq, failed=failed)
+                except Exception as exc:
+                    if failed:
+                        _name_batch_item(exc, failed[0], len(given), given[failed[0]])
+                    raise
             # What each next() was given, checked and encoded when it was given: a
             # middleware changing that dict afterwards does not change the batch.
             batch: List[_Prepared] = []
@@ -4266,11 +4319,18 @@ class Store:
             frames = self._frame_stack()
             frames.append(frame)
             try:
-                for action in actions:
+                for n, action in enumerate(actions):
+                    frame.position, refused = n, frame.refused
                     frame.calls = [[None]]  # the outermost middleware's call
-                    self._chain(action)
+                    try:
+                        self._chain(action)
+                    except Exception as exc:
+                        _name_batch_item(exc, n, len(given), given[n])
+                        raise
                     if frame.calls[0][0] is not None:  # it returned after swallowing a refusal
                         frame.refused = frame.refused or frame.calls[0][0]
+                    if refused is None and frame.refused is not None:  # refused by this item
+                        _name_batch_item(frame.refused, n, len(given), given[n])
             finally:
                 frames.pop()
             if frame.refused is not None:  # a middleware caught it: the batch is still refused
@@ -4280,7 +4340,13 @@ class Store:
                     raise _stale(expect_seq, self.head)
                 return []
             self._check_dispatchable()
-            return self._commit_prepared(batch, expect_seq)
+            try:
+                return self._commit_prepared(batch, expect_seq, failed=failed)
+            except Exception as exc:
+                if failed:  # the item that next() was given while the middleware had this one
+                    origin = frame.origins[failed[0]]
+                    _name_batch_item(exc, origin, len(given), given[origin])
+                raise
         finally:
             self._notify()  # also what a middleware dispatched before the batch was refused
 
@@ -4691,6 +4757,7 @@ class Store:
             # A refusal here refuses the batch unless the middleware calls next()
             # again with a fixed event that passes (see _refusing_batch).
             frame.batch.append(_prepare(action, self._ids))
+            frame.origins.append(frame.position)
             return None
         event = self._commit([action], frame.expect_seq, frame.ack)[0]
         frame.acked = frame.ack is not None
@@ -4704,14 +4771,17 @@ class Store:
         return self._commit_prepared([_prepare(a, self._ids) for a in actions], expect_seq, ack)
 
     def _commit_prepared(self, prepared: List[_Prepared], expect_seq: Optional[int] = None,
-                         ack: Optional[Tuple[str, str, int, float]] = None) -> List[Event]:
+                         ack: Optional[Tuple[str, str, int, float]] = None,
+                         failed: Optional[List[int]] = None) -> List[Event]:
+        """Write the events in one transaction. ``failed``, if given, is told the
+        position in ``prepared`` of the event whose reducer (or id) refused the batch."""
         results: List[Event] = []
         committed: List[Tuple[Event, List[Change]]] = []
         with self._lock:
             self._check_open()
             outermost = not self._conn.in_transaction
             try:
-                self._write(prepared, expect_seq, results, committed, ack)
+                self._write(prepared, expect_seq, results, committed, ack, failed)
             except sqlite3.IntegrityError as exc:  # a deferred constraint, at COMMIT
                 raise ChangesetError(
                     f"The changes violate a deferred constraint checked at commit: "
@@ -4781,7 +4851,8 @@ class Store:
 
     def _write(self, prepared: List[_Prepared], expect_seq: Optional[int],
                results: List[Event], committed: List[Tuple[Event, List[Change]]],
-               ack: Optional[Tuple[str, str, int, float]] = None) -> None:
+               ack: Optional[Tuple[str, str, int, float]] = None,
+               failed: Optional[List[int]] = None) -> None:
         conn = self._conn
         outermost = not conn.in_transaction  # a preview's transaction is rolled back
         if not outermost and not self._previewing:  # e.g. from verify()'s progress=
@@ -4824,7 +4895,12 @@ class Store:
                     baselines = False
                     _end_baselines(conn)
                 if item.id_given:
-                    known = self._known_event(item, seen, len(results))
+                    try:
+                        known = self._known_event(item, seen, len(results))
+                    except Exception:
+                        if failed is not None:
+                            failed.append(len(results))
+                        raise
                 else:
                     known = None
                     if self._ids is not _new_id:  # the user's ids= source: a counter may restart
@@ -4847,7 +4923,12 @@ class Store:
                     batch_ts = (ts_text, ts)
                 else:
                     encode_events = _encode_rows
-                event, changes = self._reduce_and_apply(item, head + 1, ts, journal)
+                try:
+                    event, changes = self._reduce_and_apply(item, head + 1, ts, journal)
+                except Exception:  # (not an expect_seq or a clock's error: the batch's)
+                    if failed is not None:
+                        failed.append(len(results))
+                    raise
                 event_rows.append((head + 1, item.id, item.type, item.payload_text,
                                    item.meta_text, ts_text))
                 head, last_ts = head + 1, ts_text
@@ -5122,7 +5203,7 @@ class Store:
         _check_runs_when_called(listener)
         # Said now, not as a TypeError logged at every event (a one-argument lambda).
         _check_takes_two(listener, "A subscriber", "(event, changes)", "listener")
-        entry = (listener, _type_filter(types))
+        entry = (listener, self._kept_types(types))
         with self._lock:
             self._check_open()  # a closed store commits nothing: the listener would never hear
             self._subscribers.append(entry)
@@ -5249,7 +5330,7 @@ class Store:
         """Events with seq > after, in seq order; streamed page by page."""
         _check_count(after, "after", "a seq (int >= 0)")
         _check_count(limit, "limit", "an int >= 0 or None", none=True)
-        wanted = _type_filter(types)
+        wanted = self._kept_types(types)
         return self._stream(min(after, 2**63 - 1), wanted, limit)
 
     def _stream(self, after: int, wanted: Optional[FrozenSet[str]], limit: Optional[int]
@@ -5275,6 +5356,8 @@ class Store:
             for row in rows:
                 event = self._upcast_logged(row)
                 if after_upcast is not None and event.type not in after_upcast:
+                    if row[2] in after_upcast:  # asked for by a name the upcasters renamed
+                        raise _renamed_away(row[2], event)
                     continue
                 yield event
                 if remaining is not None:
@@ -5284,6 +5367,33 @@ class Store:
             if len(rows) < page:
                 return
             params[0] = rows[-1][0]
+
+    def _kept_types(self, types: Union[None, str, Iterable[str]]) -> Optional[FrozenSet[str]]:
+        """A types= filter, checked against this store's upcasters: every types= filter
+        matches the type as upcast, so one naming a type the upcasters rename away
+        ("ship" after an upcaster made it "pick") would match none of those events,
+        quietly. The last logged event of each such type is upcast now (through the
+        type index), so that the call says so at once; the readers also say so at the
+        first such event they meet (an upcaster renaming only some shapes of a type,
+        or a type not logged yet)."""
+        wanted = _type_filter(types)
+        if wanted is None or not self._upcasters or not wanted & self._upcasters.keys():
+            return wanted
+        for kind in sorted(wanted & self._upcasters.keys()):
+            with self._lock, _reading(self._path):
+                self._check_open()
+                row = self._conn.execute(
+                    f"SELECT {_EVENT_COLUMNS} FROM events WHERE type = ? "
+                    f"ORDER BY seq DESC LIMIT 1", (kind,)).fetchone()
+            if row is None:
+                continue
+            try:
+                event = self._upcast_logged(row)
+            except FluxliteError:  # a broken upcaster: the read that reaches it says so
+                continue
+            if event.type not in wanted:
+                raise _renamed_away(kind, event)
+        return wanted
 
     def _types_sql(self, wanted: Optional[FrozenSet[str]]) -> Tuple[str, List[str]]:
         """(" AND type IN (...)", its parameters): the log rows that can be of the
@@ -5349,7 +5459,7 @@ class Store:
         head, generation = self._head_and_generation()
         start = self._check_seq(after, "after", head)
         # Made now, not at the first next(): reset_to() moves the cursors it knows.
-        return self._follow(_FollowCursor(self, start, _type_filter(types), rewinds=True,
+        return self._follow(_FollowCursor(self, start, self._kept_types(types), rewinds=True,
                                           generation=generation), timeout)
 
     def _head_and_generation(self) -> Tuple[int, Optional[str]]:
@@ -5465,7 +5575,7 @@ class Store:
         """
         self._check_writable("consumer()")  # its position and lease are in the file
         self._check_not_verifying("take a consumer", "Take it")
-        return Consumer(self, name, lease, _type_filter(types))
+        return Consumer(self, name, lease, self._kept_types(types))
 
     # dispatch()'s keywords spelled out (not **kwargs): a type checker then finds a
     # misspelt one here too, where **kwargs let any name pass until the worker thread.
@@ -6289,6 +6399,16 @@ _UNRUN_SUBSCRIBER = (
 )
 
 
+def _renamed_away(kind: str, event: Event) -> UsageError:
+    return UsageError(
+        f"types= names {_quoted(kind)}, but this store's upcasters turn logged "
+        f"{_quoted(kind)} events into {_quoted(event.type)} (event {event.seq} for one), "
+        f"and types= matches the type as upcast, as reducers and subscribers see it: "
+        f"{_quoted(kind)} would match none of them. Pass types={_quoted(event.type)} "
+        f"(the old events come with it)."
+    )
+
+
 def _type_filter(types: Union[None, str, Iterable[str]]) -> Optional[FrozenSet[str]]:
     if types is None:
         return None
@@ -6400,6 +6520,8 @@ class _Frame:
     # dispatch_many: per middleware call in progress, the refusal its next() last raised
     # (None once a later next() of that call succeeded: it replaced the refused event).
     calls: List[List[Optional[BaseException]]] = dataclasses.field(default_factory=list)
+    position: int = 0  # dispatch_many: the index of the item in the chain now
+    origins: List[int] = dataclasses.field(default_factory=list)  # each batch entry's item
 
 
 class _Lineage:
@@ -6646,6 +6768,9 @@ class _FollowCursor:
             for n, row in enumerate(rows):
                 try:
                     event = store._upcast_logged(row)
+                    if (self.wanted is not None and event.type not in self.wanted
+                            and row[2] in self.wanted):  # a name the upcasters renamed
+                        raise _renamed_away(row[2], event)
                 except FluxliteError:
                     if n == 0:
                         raise
@@ -9248,6 +9373,10 @@ def _model_now(store: Store, meta: Dict[str, Any]) -> str:
 ###############################################################################
 
 
+# What then_rejected() accepts without error=: the ways an application refuses an event.
+_REFUSALS = (Rejected, Forbidden, InvalidEvent)
+
+
 def _check_scenario_event(item: Any) -> None:
     if not (isinstance(item, (_Mapping, str)) or
             isinstance(item, tuple) and len(item) in (2, 3) and isinstance(item[0], str)):
@@ -9431,9 +9560,9 @@ class Scenario:
 
     def then_rejected(self, match: Optional[str] = None, *,
                       error: Optional[Type[FluxliteError]] = None) -> "Scenario":
-        """The event was refused with Rejected, or Forbidden by access control (whose
-        message matches ``match``, a regex); with ``error`` (Forbidden, say), with that
-        class of error only."""
+        """The event was refused: with Rejected, Forbidden (access control) or InvalidEvent
+        (a validating middleware's, or the payload's own shape), whose message matches
+        ``match``, a regex; with ``error`` (Forbidden, say), with that class of error only."""
         if self._outcome is None:
             raise UsageError("Call when(event) before then_rejected().")
         if match is not None and not isinstance(match, str):
@@ -9446,8 +9575,10 @@ class Scenario:
                              f"(fluxlite.Forbidden, say) or None; received {_describe(error)}.")
         event, refusal = self._outcome
         # Rejected and Forbidden are not subclasses of each other: a test of access control
-        # names Forbidden, or a reducer's Rejected for another reason would pass it.
-        if not isinstance(refusal, error or (Rejected, Forbidden)):
+        # names Forbidden, or a reducer's Rejected for another reason would pass it. An
+        # InvalidEvent is a refusal too (a validating middleware raises it for a payload of
+        # the wrong shape); ReducerError, ChangesetError are bugs in the code, not refusals.
+        if not isinstance(refusal, error or _REFUSALS):
             got = (f"{type(refusal).__name__}: {refusal}" if refusal else
                    f"accepted as seq {event.seq}" if event is not None else
                    self._not_returned() or "ended by a middleware that did not call next()")

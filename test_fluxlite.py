@@ -3902,7 +3902,8 @@ def test_upcasters_apply_on_every_read_path(tmp_path):
         # types= filters the upcast events, on every path alike
         assert [e.seq for e in store.events(types="put")] == [1, 2, 3]
         assert [e.seq for e in store.events(types="put", limit=2)] == [1, 2]
-        assert list(store.events(types="addItem")) == []
+        with pytest.raises(fluxlite.UsageError, match="into 'put'"):  # not none, quietly
+            store.events(types="addItem")  # (test_types_naming_a_renamed_type_*)
         assert [e.seq for e, _ in store.follow(after=0, types="put", timeout=0)] == [1, 2, 3]
         assert [r.type for r in store.history("items", "b")] == ["put"]  # not 'addItem'
 
@@ -14568,3 +14569,182 @@ def test_a_time_given_to_a_column_is_refused_with_the_readmes_way_to_store_it():
         store.dispatch("put", {"k": "b"})  # at a whole second: the advice compares right
         assert store.query("SELECT k FROM t WHERE at >= (SELECT ts FROM events WHERE seq = 1)"
                            ) == [{"k": "b"}]
+
+
+# -- batcherrors (session 17): which item refused a batch; types= of a renamed type;
+#    then_rejected() and InvalidEvent -------------------------------------------------
+
+_STOCK = "CREATE TABLE stock (sku TEXT PRIMARY KEY, n INTEGER NOT NULL)"
+
+
+def _stock(table, event):
+    p = event.payload
+    row = table.get(p["sku"])
+    if event.type == "receive":
+        return table.upsert(sku=p["sku"], n=(row["n"] if row else 0) + p["n"])
+    if event.type == "ship":
+        if row is None or row["n"] < p["n"]:
+            raise fluxlite.Rejected(f"only {row['n'] if row else 0} of {p['sku']} in stock")
+        return table.update(p["sku"], n=row["n"] - p["n"])
+
+
+def _validate(store_):
+    def wrap(next_):
+        def check(event):
+            n = event["payload"].get("n")
+            if not isinstance(n, int):
+                raise fluxlite.InvalidEvent(f"{event['type']}: 'n' must be int, got {n!r}")
+            return next_(event)
+        return check
+    return wrap
+
+
+def _refusal(store, events):
+    with pytest.raises(Exception) as info:
+        store.dispatch_many(events)
+    assert store.head == 0
+    return info.value
+
+
+@pytest.mark.parametrize("middleware", [(), (_validate,)], ids=["bare", "middleware"])
+def test_batch_refusal_names_the_item_keeping_class_and_message(middleware):
+    # From a new user: with 500 events in a batch, "only 1 of A in stock" did not say
+    # which one. Every refusal of a dispatch_many() item now carries its index in the
+    # list (exc.batch_index) and a note naming it, type and id; class and message stay.
+    receive = {"type": "receive", "payload": {"sku": "A", "n": 1}}
+    with fluxlite.open(":memory:", schema=_STOCK, reducer={"stock": _stock},
+                       middleware=middleware) as store:
+        exc = _refusal(store, [receive] * 5 + [
+            {"type": "ship", "payload": {"sku": "A", "n": 9}, "id": "o-9"}] + [receive] * 3)
+        assert type(exc) is fluxlite.Rejected and str(exc) == "only 5 of A in stock"
+        assert exc.batch_index == 5
+        assert exc.__notes__ == ["dispatch_many() refused item 5 (counting from 0) of the 9 "
+                                 "in its list: type 'ship', id 'o-9'. The whole batch was "
+                                 "refused."]
+        # a reducer's bug (ReducerError, naming the provisional seq) and a payload fluxlite
+        # cannot store, named alike
+        exc = _refusal(store, [receive, receive, {"type": "receive", "payload": {"n": 1}}])
+        assert type(exc) is fluxlite.ReducerError and exc.batch_index == 2
+        assert "on event 3 ('receive'" in str(exc) and "item 2 " in exc.__notes__[0]
+        exc = _refusal(store, [receive, {"type": "receive", "payload": {"sku": {1}, "n": 1}}])
+        assert type(exc) is fluxlite.InvalidEvent and exc.batch_index == 1
+        assert str(exc).startswith("An event's payload must be JSON")
+        exc = _refusal(store, [receive, receive, {"type": ""}])  # refused before the chain
+        assert type(exc) is fluxlite.InvalidEvent and exc.batch_index == 2
+        assert exc.__notes__[0].endswith("of the 3 in its list: type ''. The whole batch "
+                                         "was refused.")
+        exc = _refusal(store, [receive, {"type": "receive", "payload": {"sku": "A", "n": 1},
+                                         "id": "r"},
+                               {"type": "receive", "payload": {"sku": "B", "n": 1}, "id": "r"}])
+        assert type(exc) is fluxlite.Conflict and exc.batch_index == 2  # the second use
+        # not an item's: a stale expect_seq names none
+        with pytest.raises(fluxlite.Conflict) as stale:
+            store.dispatch_many([receive, receive], expect_seq=3)
+        assert stale.value.batch_index is None and not hasattr(stale.value, "__notes__")
+        assert store.dispatch_many([receive])[0].seq == 1  # and a single dispatch: none
+        with pytest.raises(fluxlite.Rejected) as single:
+            store.dispatch("ship", {"sku": "A", "n": 5})
+        assert single.value.batch_index is None and not hasattr(single.value, "__notes__")
+
+
+def test_batch_refusal_by_a_middleware_names_the_item_as_given():
+    # InvalidEvent from a validating middleware; a rule's KeyError (not a fluxlite error);
+    # a refusal a middleware swallowed; one after a middleware dropped earlier items.
+    def drop_zero(store_):
+        def wrap(next_):
+            return lambda event: None if event["payload"].get("n") == 0 else next_(event)
+        return wrap
+
+    def swallow(store_):
+        def wrap(next_):
+            def call(event):
+                try:
+                    return next_(event)
+                except fluxlite.FluxliteError:
+                    return None
+            return call
+        return wrap
+
+    receive = {"type": "receive", "payload": {"sku": "A", "n": 1}}
+    with fluxlite.open(":memory:", schema=_STOCK, reducer={"stock": _stock},
+                       middleware=[_validate, drop_zero]) as store:
+        exc = _refusal(store, [receive, {"type": "receive", "payload": {"sku": "A", "n": "2"}}])
+        assert type(exc) is fluxlite.InvalidEvent
+        assert str(exc) == "receive: 'n' must be int, got '2'" and exc.batch_index == 1
+        zero = {"type": "receive", "payload": {"sku": "A", "n": 0}}
+        exc = _refusal(store, [zero, zero, receive, {"type": "ship",
+                                                     "payload": {"sku": "A", "n": 3}}])
+        assert type(exc) is fluxlite.Rejected and exc.batch_index == 3  # not 1, as batched
+    with fluxlite.open(":memory:", schema=_STOCK, reducer={"stock": _stock},
+                       middleware=[swallow, _validate]) as store:
+        exc = _refusal(store, [receive, {"type": "receive", "payload": {"sku": "A"}}, receive])
+        assert type(exc) is fluxlite.InvalidEvent and exc.batch_index == 1
+    rule = fluxlite.authorize({"*": lambda actor, event: event["payload"]["who"] == actor})
+    with fluxlite.open(":memory:", schema=_STOCK, reducer={"stock": _stock},
+                       middleware=[rule]) as store:
+        with pytest.raises(KeyError) as info:
+            store.dispatch_many([{"type": "receive", "payload": {"sku": "A", "n": 1, "who": "a"}},
+                                 receive], actor="a")
+        assert store.head == 0 and info.value.batch_index == 1
+        assert "item 1 " in info.value.__notes__[0]
+
+
+def test_types_naming_a_renamed_type_is_a_usage_error_on_every_path(tmp_path):
+    # From a new user: after an upcaster renamed 'ship' to 'pick', a consumer of
+    # types=["ship"] yielded nothing, quietly. types= matches the type as upcast; one
+    # naming the old name is now a UsageError naming the new one, at the call when the
+    # log holds such an event, else at the first one a reader meets.
+    path = str(tmp_path / "r.db")
+    with fluxlite.open(path, schema=_STOCK, reducer=lambda v, e: []) as old:
+        old.dispatch("ship", {"sku": "A", "n": 1})
+        old.dispatch("note", {})
+    rename = {"ship": lambda e: e.replace(type="pick")}
+    message = r"types= names 'ship', but .* into 'pick' \(event 1 for one\).*types='pick'"
+    with fluxlite.open(path, schema=_STOCK, reducer=lambda v, e: [], upcasters=rename) as store:
+        for call in (lambda: store.events(types="ship"),
+                     lambda: store.follow(after=0, types=["ship"], timeout=0),
+                     lambda: store.consumer("c", types=["ship", "note"]),
+                     lambda: store.subscribe(lambda e, c: None, types="ship")):
+            with pytest.raises(fluxlite.UsageError, match=message):
+                call()
+        with pytest.raises(fluxlite.UsageError, match=message):  # afollow(): at its read
+            asyncio.run(_first(store.afollow(after=0, types="ship", timeout=0)))
+        assert [e.seq for e in store.events(types="pick")] == [1]  # the new name: as ever
+        assert [e.seq for e in store.events(types=["ship", "pick"])] == [1]  # both: fine
+        assert [e.seq for e in store.events(types="note")] == [2]
+    fresh = str(tmp_path / "f.db")
+    with fluxlite.open(fresh, schema=_STOCK, reducer=lambda v, e: [], upcasters=rename) as store:
+        following = store.follow(types="ship", timeout=0)  # nothing logged: no error yet
+        store.dispatch("note", {})
+        store.dispatch("ship", {"sku": "A", "n": 1})  # dispatched by the old name, live
+        with pytest.raises(fluxlite.UsageError, match="into 'pick' \\(event 2"):
+            list(store.events(after=0, types=["ship", "note"]))
+        with pytest.raises(fluxlite.UsageError, match="into 'pick' \\(event 2"):
+            next(following)
+        with store.consumer("c", types="pick") as c:
+            assert [e.seq for e, _ in c] == [2]
+
+
+async def _first(following):
+    try:
+        async for item in following:
+            return item
+    finally:
+        await following.aclose()
+
+
+def test_then_rejected_accepts_an_invalid_event_from_a_validating_middleware():
+    # From a new user: a validating middleware raising InvalidEvent (the README's advice
+    # for a payload of the wrong shape) needed then_rejected(error=fluxlite.InvalidEvent).
+    # A refusal is Rejected, Forbidden or InvalidEvent; a bug in the code is not.
+    with fluxlite.scenario(_STOCK, {"stock": _stock}, middleware=[_validate]) as s:
+        s.when(("receive", {"sku": "A", "n": "2"})).then_rejected("'n' must be int")
+        s.then_rejected(error=fluxlite.InvalidEvent)
+        with pytest.raises(AssertionError, match="refused with Rejected, but it was "
+                                                 "InvalidEvent"):
+            s.then_rejected(error=fluxlite.Rejected)
+        s.when(("receive", {"sku": "A", "n": 1})).when(("ship", {"sku": "A", "n": 2}))
+        s.then_rejected("only 1 of A")
+        s.when(("ship", {"n": 1}))  # the reducer's KeyError: a bug, not a refusal
+        with pytest.raises(AssertionError, match="but it was ReducerError"):
+            s.then_rejected()
