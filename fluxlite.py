@@ -5612,34 +5612,46 @@ class Store:
         # thread may hold for seconds (a large dispatch_many, a dispatch waiting out
         # busy_timeout for another process), stopping the loop all that time.
         resets = self._resets  # before the head: a reset_to() after it moves the cursor
-        cursor = _FollowCursor(self, self._check_seq(after, "after", self._head_at_once()),
-                               wanted, resets, rewinds=True)  # (from its first read on)
+        head, generation = self._head_at_once()
+        # The file's generation with the head: another store's reset_to() before the
+        # first read rewinds it too (read there first, it was taken as the start).
+        cursor = _FollowCursor(self, self._check_seq(after, "after", head), wanted, resets,
+                               rewinds=True, generation=generation)
         return AsyncFollower(cursor, timeout)
 
-    def _head_at_once(self) -> Optional[int]:
-        """The head, without waiting for another thread's lock: read on this store's
-        connection if the lock is free, else on a connection of its own (a WAL reader
-        never waits for a writer); None if neither can be had at once (a store in
-        memory, a file SQLite will not open a second time just now)."""
+    def _head_at_once(self) -> Tuple[Optional[int], Optional[str]]:
+        """The head and the file's generation (one statement: one snapshot), without
+        waiting for another thread's lock: read on this store's connection if the
+        lock is free, else on a connection of its own (a WAL reader never waits for
+        a writer); (None, None) if neither can be had at once (a store in memory, a
+        file SQLite will not open a second time just now)."""
         if self._lock.acquire(blocking=False):
             try:
-                return self.head
+                self._check_open()
+                return self._head_and_generation_in(self._conn)
             finally:
                 self._lock.release()
         self._check_open()
         if self._file in (":memory:", ""):
-            return None
+            return None, None
         try:
             conn = sqlite3.connect(_file_uri(self._file, "ro"), uri=True, timeout=0,
                                    isolation_level=None)
         except sqlite3.Error:
-            return None
+            return None, None
         try:
-            return int(conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0)
+            return self._head_and_generation_in(conn)
         except sqlite3.Error:
-            return None
+            return None, None
         finally:
             self._close_beside(conn)
+
+    @staticmethod
+    def _head_and_generation_in(conn: sqlite3.Connection) -> Tuple[int, Optional[str]]:
+        head, generation = conn.execute(
+            "SELECT (SELECT max(seq) FROM events), "
+            "(SELECT value FROM fluxlite_meta WHERE key = 'generation')").fetchone()
+        return int(head or 0), None if generation is None else str(generation)
 
     # -- verify and replay --------------------------------------------------
 
@@ -5977,8 +5989,10 @@ class Store:
         swap: other processes, and for a file this store's other threads (the
         log is read through a second connection, without holding the store; in
         memory, or replayed again because this store's reset_to() or a rebuild
-        changed the file meanwhile, holding it throughout). If any event fails,
-        nothing changes and the error names it.
+        changed the file meanwhile, holding it throughout; after another
+        process's reset_to() during that one too, it runs again: Busy after three
+        such replays, nothing changed). If any event fails, nothing changes and
+        the error names it.
         """
         self._require_reducer("rebuild()")
         _check_progress(progress)
@@ -7700,7 +7714,18 @@ def _rebuild_unmapped(store: Store, schema: str, version: Any,
                 return
             _log.debug("rebuild(): the file was reset or rebuilt during the replay; "
                        "replaying again, holding the store")
-        _rebuild_once(store, schema, version, progress, None)
+        # Holding the lock stops this store's resets, not another process's: one
+        # during the replay rewound the log it was reading, and the swap put in
+        # tables of both logs (a few times, as verify() does, then Busy).
+        for _ in range(_VERIFY_RETRIES):
+            if _rebuild_once(store, schema, version, progress, None):
+                return
+            _log.debug("rebuild(): another process reset the file during the replay; "
+                       "replaying again")
+        raise Busy(f"rebuild() of {store._path!r} replayed the log {_VERIFY_RETRIES} times "
+                   f"holding the store, and each time another process reset the file "
+                   f"meanwhile (a reset_to() loop?): nothing was changed. Run rebuild() "
+                   f"again once the file is left alone.")
     finally:
         if beside is not None:
             store._close_beside(beside[0])
@@ -7711,7 +7736,8 @@ def _rebuild_once(store: Store, schema: str, version: Any,
                   beside: Optional[Tuple[sqlite3.Connection, Dict[str, _TableInfo],
                                          Optional[str], int]]) -> bool:
     """Replay into a scratch file of its own and swap it in; False (nothing changed)
-    if replayed ``beside`` and the file was reset or rebuilt meanwhile."""
+    if replayed ``beside`` and the file was reset or rebuilt meanwhile, or if
+    another process reset it before the swap."""
     directory = os.path.dirname(store._file) if store._path != ":memory:" else None
     # The machine in the name: another container's pid 33 is not this one's.
     machine = hashlib.sha256(_machine().encode()).hexdigest()[:8]
@@ -7769,12 +7795,17 @@ def _replay_and_swap(store: Store, schema: str, version: Any,
                     _same_code(schema, version, store._schema, store._version):
                 return False
         else:
+            # Read before the replay: a reset_to() by another process from here on
+            # is one _swap_in refuses to swap across (see _reset_since).
+            generation = _stored_generation(store._conn)
             # The bulk of the log, read in pages (no snapshot held across it, so
             # writers' WAL pages can be checkpointed meanwhile); _swap_in catches up.
             with store._replaying():
                 done = _apply_events(model, reducer, store._read_log(), journal=True,
                                      progress=store._unguarded(progress))
-        generation_now = _swap_in(store, schema, version, model, scratch, done)
+        generation_now = _swap_in(store, schema, version, model, scratch, done, generation)
+        if generation_now is None:  # another process reset the file: another log
+            return False
         store._schema, store._version = schema, version
         store._load_tables(list(model.tables), generation_now)
     return True
@@ -7793,9 +7824,10 @@ def _replay_log_beside(store: Store, reducer: Reducer,
 
 
 def _swap_in(store: Store, schema: str, version: Any, model: _Model, scratch: str,
-             done: int, tries: int = 3) -> int:
+             done: int, generation: Optional[str], tries: int = 3) -> Optional[int]:
     """Catch up with the events logged since ``done`` and swap the new model in,
-    in one write transaction; return the new generation.
+    in one write transaction; return the new generation. None, nothing swapped, if
+    another process reset the file since it had ``generation`` (the replay's start).
 
     The store's connection copies the new tables and journal from the scratch
     file attached to it, inside SQLite. Attached, the scratch file is locked by
@@ -7809,13 +7841,14 @@ def _swap_in(store: Store, schema: str, version: Any, model: _Model, scratch: st
     # manage. _check_references() checks what the keys would have, instead.
     conn.execute("PRAGMA foreign_keys = OFF")
     try:
-        return _swap_in_unchecked(store, schema, version, model, scratch, done, tries)
+        return _swap_in_unchecked(store, schema, version, model, scratch, done, generation,
+                                  tries)
     finally:
         conn.execute("PRAGMA foreign_keys = ON")
 
 
 def _swap_in_unchecked(store: Store, schema: str, version: Any, model: _Model, scratch: str,
-                       done: int, tries: int) -> int:
+                       done: int, generation: Optional[str], tries: int) -> Optional[int]:
     conn, reducer = store._conn, store._reducer
     assert reducer is not None
     for _ in range(tries):
@@ -7831,6 +7864,8 @@ def _swap_in_unchecked(store: Store, schema: str, version: Any, model: _Model, s
         failed = False
         try:
             with _write_txn(conn):  # other writers wait from here on
+                if _reset_since(conn, generation):
+                    return None
                 theirs = _rebuilt_meanwhile(store, schema, version)
                 if theirs is not None:
                     return theirs
@@ -7844,6 +7879,8 @@ def _swap_in_unchecked(store: Store, schema: str, version: Any, model: _Model, s
             if not failed:
                 conn.execute("DETACH fluxlite_scratch")
     with _write_txn(conn):
+        if _reset_since(conn, generation):
+            return None
         theirs = _rebuilt_meanwhile(store, schema, version)
         if theirs is not None:
             return theirs
@@ -7874,6 +7911,17 @@ def _detach_after(conn: sqlite3.Connection, exc: BaseException) -> None:
                 _log.debug("rebuild: scratch left attached after %r: %s", exc, detach_error)
                 return
         traceback.clear_frames(exc.__traceback__)
+
+
+def _reset_since(conn: sqlite3.Connection, generation: Optional[str]) -> bool:
+    """Inside the swap's transaction: whether a reset_to() (by any store) rewound the
+    file since it had ``generation``, when the rebuild's replay began. A rebuild
+    meanwhile changes the generation too, not the log: that one is no reason to
+    replay again. Each reset's generation is in "rewinds", the newest kept last."""
+    if _stored_generation(conn) == generation:
+        return False
+    seen = 0 if generation is None else _generation_number(generation)
+    return any(number > seen for number, _ in _rewinds(_read_meta(conn)))
 
 
 def _rebuilt_meanwhile(store: Store, schema: str, version: Any) -> Optional[int]:

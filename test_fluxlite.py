@@ -14748,3 +14748,106 @@ def test_then_rejected_accepts_an_invalid_event_from_a_validating_middleware():
         s.when(("ship", {"n": 1}))  # the reducer's KeyError: a bug, not a refusal
         with pytest.raises(AssertionError, match="but it was ReducerError"):
             s.then_rejected()
+
+
+# ---- review1 (session 17): resets across rebuilds, followers and checkpoints ----
+
+
+# A rebuild that replays holding the store (after the replay beside it was crossed
+#    by a reset_to(), or where there is no second connection) read the log in pages:
+#    another process's reset_to() between pages rewound the log it was reading, and
+#    the swap put in tables made of both logs (verify() then found them wrong).
+def test_review1_rebuild_across_another_stores_reset_to_swaps_no_mixed_model(tmp_path):
+    path = str(tmp_path / "s.db")
+
+    def insert_x(view, event):
+        return view.t.insert(id=event.seq, x=event.payload)
+
+    store = fluxlite.open(path, schema=ONE_X, reducer=insert_x)
+    other = fluxlite.open(path, schema=ONE_X, reducer=insert_x)
+    store.dispatch_many([{"type": "e", "payload": "old"}] * 100)
+    saved = other.checkpoint()  # at 100
+    store.dispatch_many([{"type": "e", "payload": "old"}] * 901)
+    calls = []
+
+    def resetting(seq):
+        calls.append(seq)
+        if seq == 1000 and len(calls) <= 2:  # in the replay beside, then holding the store
+            other.reset_to(saved)
+            other.dispatch_many([{"type": "e", "payload": f"new{len(calls)}"}] * 901)
+
+    store.rebuild(progress=resetting)
+    assert calls.count(1000) == 3  # replayed a third time, after the second reset
+    assert store.query("SELECT x, count(*) AS n FROM t GROUP BY x ORDER BY x") == \
+        [{"x": "new2", "n": 901}, {"x": "old", "n": 100}]
+    store.verify()
+    other.close()
+    store.close()
+
+
+def test_review1_rebuild_reset_by_another_store_every_time_is_busy(tmp_path, monkeypatch):
+    monkeypatch.setattr(fluxlite, "_VERIFY_RETRIES", 1)  # (3 by default: the same, slower)
+    path = str(tmp_path / "s.db")
+    store = fluxlite.open(path, schema=ONE_X, reducer=set_x)
+    other = fluxlite.open(path, schema=ONE_X, reducer=set_x)
+    saved = other.checkpoint()  # at 0
+    store.dispatch_many([{"type": "set", "payload": "old"}] * 1001)
+
+    def resetting(seq):
+        if seq == 1000:
+            other.reset_to(saved)
+            other.dispatch_many([{"type": "set", "payload": "new"}] * 1001)
+
+    with pytest.raises(fluxlite.Busy, match="another process reset the file"):
+        store.rebuild(progress=resetting)
+    assert store.query("SELECT x FROM t") == [{"x": "new"}]
+    store.verify()  # nothing was swapped in
+    other.close()
+    store.close()
+
+
+# afollow() took the file's generation at its first read, not with its position:
+#    another store's reset_to() in between (the position already past the reset's
+#    head) was taken as the start, and the events the new history wrote at the seqs
+#    it had passed never came. Both ways of reading the head: the store's lock
+#    free, and held by another thread (read on a connection of its own).
+@pytest.mark.parametrize("lock_held", [False, True])
+def test_review1_afollow_goes_back_for_a_reset_before_its_first_read(tmp_path, lock_held):
+    import asyncio
+    path = str(tmp_path / "s.db")
+    store = fluxlite.open(path, schema=ONE_X, reducer=set_x)
+    other = fluxlite.open(path, schema=ONE_X, reducer=set_x)
+    other.dispatch("set", "a")
+    saved = other.checkpoint()  # at 1
+    other.dispatch("set", "gone")
+    if lock_held:
+        taken, release = threading.Event(), threading.Event()
+
+        def hold():
+            with store._lock:
+                taken.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert taken.wait(10)
+    following = store.afollow(timeout=5)  # at 2
+    if lock_held:
+        release.set()
+        holder.join(10)
+    other.reset_to(saved)  # back to 1, before its first read
+    other.dispatch("set", "b")  # the new seq 2
+    other.dispatch("set", "c")
+
+    async def two():
+        got = []
+        async for event, _ in following:
+            got.append((event.seq, event.payload))
+            if len(got) == 2:
+                break
+        await following.aclose()
+        return got
+
+    assert asyncio.run(two()) == [(2, "b"), (3, "c")]
+    other.close()
+    store.close()
