@@ -9854,19 +9854,26 @@ def _short(value: Any, width: int = 48) -> str:
 
 
 def _print_rows(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None,
-                out: Any = None) -> List[int]:
-    """Rows under a header, in columns; returns the columns' widths."""
+                out: Any = None, least: Sequence[int] = ()) -> List[int]:
+    """Rows under a header, in columns at least ``least`` wide; returns the widths."""
     out = out or sys.stdout
     columns = list(columns or (rows[0].keys() if rows else []))
-    cells = [[("" if r.get(c) is None else _short(r.get(c), 60)) for c in columns] for r in rows]
+    cells = [_cells(r, columns) for r in rows]
     header = [_visible(c) for c in columns]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(header)]
+    widths = [max(w, m) for w, m in itertools.zip_longest(widths, least[:len(widths)],
+                                                          fillvalue=0)]
     line = "  ".join("{:<%d}" % w for w in widths)
     print(line.format(*header).rstrip(), file=out)
     print(line.format(*["-" * w for w in widths]).rstrip(), file=out)
     for row in cells:
         print(line.format(*row).rstrip(), file=out)
     return widths
+
+
+def _cells(row: Mapping[str, Any], columns: Sequence[str]) -> List[str]:
+    """A row's cells as a table shows them (NULL empty, long ones cut)."""
+    return ["" if row.get(c) is None else _short(row.get(c), 60) for c in columns]
 
 
 class _Nowhere:
@@ -9982,31 +9989,69 @@ def _log_pages(store: Store, args: Any) -> Iterator[List[Dict[str, Any]]]:
     if args.type:
         where.append(f"type IN ({', '.join('?' for _ in args.type)})")
         params.extend(args.type)
+    actor = getattr(args, "actor", None)  # (tail has none)
+    if actor is not None and _has_json_functions(store):
+        # meta["actor"] is in no index: every event of the window is read, but in
+        # SQLite (a tenth of the time of reading each into Python). A meta that is
+        # no JSON (damage, which verify() reports) is no actor's.
+        where.append("json_extract(CASE WHEN json_valid(meta) THEN meta END, '$.actor') = ?")
+        params.append(actor)
+        actor = None
     order, step = ("DESC", "<") if args.reverse else ("ASC", ">")
     remaining = args.limit
     position = 2**63 - 1 if args.reverse else 0
     while remaining is None or remaining > 0:
-        page = 1000 if remaining is None else min(1000, remaining)
-        rows = store.query(f"SELECT * FROM events WHERE {' AND '.join(where)} AND seq {step} ? "
+        # Filtered here (a SQLite without JSON functions), a page is 1,000 read, not shown.
+        page = 1000 if remaining is None or actor is not None else min(1000, remaining)
+        read = store.query(f"SELECT * FROM events WHERE {' AND '.join(where)} AND seq {step} ? "
                            f"ORDER BY seq {order} LIMIT ?", (*params, position, page))
+        rows = read if actor is None else [r for r in read if _actor_of(r) == actor]
+        rows = rows if remaining is None else rows[:remaining]
         if rows:
             yield rows
-        if len(rows) < page:
+        if len(read) < page:
             return
-        position = rows[-1]["seq"]
+        position = read[-1]["seq"]
         remaining = None if remaining is None else remaining - len(rows)
+
+
+def _has_json_functions(store: Store) -> bool:
+    """SQLite has had them built in since 3.38; a build before may have left them out."""
+    try:
+        store.query("SELECT json_extract('{}', '$.a') AS a")
+    except QueryError:
+        return False
+    return True
+
+
+def _actor_of(row: Mapping[str, Any]) -> Any:
+    """An event's meta["actor"], as the log's actor column shows it."""
+    meta = _logged_json(row, "meta")
+    return meta.get("actor") if isinstance(meta, dict) else None
+
+
+def _actor_name(text: str) -> str:
+    """argparse type of log --actor: an actor is non-empty text (dispatch's rule)."""
+    import argparse
+    if not text:  # an unset shell variable ("$USER"), more likely than a filter
+        raise argparse.ArgumentTypeError(
+            "'' is no actor (dispatch's actor= and --actor refuse an empty one); give a "
+            "name, or leave --actor out for every actor")
+    return text
 
 
 _EVENT_LINE = ["seq", "time", "type", "id", "actor", "payload"]
 
 
-def _print_events(rows: Sequence[Mapping[str, Any]], as_json: bool) -> List[int]:
-    """The events, as JSON lines or in columns; returns the columns' widths."""
+def _print_events(rows: Sequence[Mapping[str, Any]], as_json: bool,
+                  least: Sequence[int] = ()) -> List[int]:
+    """The events, as JSON lines or in columns (at least ``least`` wide: the header
+    alone, for no rows); returns the columns' widths."""
     if as_json:
         for row in rows:
             print(json.dumps(_raw_event(row), ensure_ascii=False))
-    elif rows:
-        return _print_rows([_event_line(r) for r in rows], _EVENT_LINE)
+    elif rows or least:
+        return _print_rows([_event_line(r) for r in rows], _EVENT_LINE, least=least)
     return [0] * len(_EVENT_LINE)
 
 
@@ -10026,8 +10071,7 @@ def _cmd_log(args: Any) -> int:
 def _print_more_events(rows: Sequence[Mapping[str, Any]], widths: List[int]) -> List[int]:
     """Event lines under columns already printed (widening one where a cell needs it)."""
     for row in rows:
-        line = _event_line(row)
-        cells = ["" if line[c] is None else _short(line[c], 60) for c in _EVENT_LINE]
+        cells = _cells(_event_line(row), _EVENT_LINE)
         widths = [max(w, len(c)) for w, c in zip(widths, cells)]
         print("  ".join(c.ljust(w) for w, c in zip(widths, cells)).rstrip())
     return widths
@@ -10041,10 +10085,15 @@ def _cmd_tail(args: Any) -> int:
         head = store.head
         window = argparse.Namespace(after=max(0, head - args.n), since=None, until=None,
                                     type=None, limit=args.n, reverse=False)
+        # Events to come are printed in the columns of those shown: set them wide
+        # enough now (from the newest 1,000 lines and every type in the log). Set
+        # from the lines shown alone (or none: -n 0, an empty log), each event to
+        # come with a longer type, id or actor pushed every later column along.
+        least = _follow_widths(store, head) if args.follow and not args.json else ()
         widths, position = None, head
         for rows in _log_pages(store, window):
             if widths is None or args.json:
-                widths = _print_events(rows, args.json)
+                widths = _print_events(rows, args.json, least)
             else:
                 widths = _print_more_events(rows, widths)
             position = rows[-1]["seq"]
@@ -10052,7 +10101,8 @@ def _cmd_tail(args: Any) -> int:
             if widths is None and not args.json:
                 print("(no events)")
             return 0
-        widths = widths or [0] * len(_EVENT_LINE)
+        if widths is None:  # nothing shown: the header, for the events to come
+            widths = _print_events([], args.json, least)
         # Ctrl-C sets a flag the loop checks between polls, rather than raising
         # KeyboardInterrupt wherever it lands (inside a lock, the close could hang).
         # So do kill's SIGTERM and a closed terminal's SIGHUP: killed outright, the
@@ -10090,6 +10140,28 @@ def _cmd_tail(args: Any) -> int:
     # Ended by a signal, as every follow is: 128 + its number (130 for Ctrl-C), as a
     # shell reports for `tail -f`, so that `fluxlite tail -f db && next` stops there.
     return 128 + ended[0]
+
+
+def _follow_widths(store: Store, head: int) -> List[int]:
+    """tail -f's columns: as wide as the newest 1,000 events' cells (ids and actors
+    as recent ones are), every type the log holds (found through its type index, a
+    step per type) and a seq of one more digit than the head's."""
+    recent = store.query("SELECT * FROM events WHERE seq > ? ORDER BY seq",
+                         (max(0, head - 1000),))
+    types = store.query(
+        "WITH RECURSIVE t(type) AS (SELECT min(type) FROM events UNION ALL "
+        "SELECT (SELECT min(type) FROM events WHERE type > t.type) FROM t "
+        "WHERE t.type IS NOT NULL) SELECT type FROM t WHERE type IS NOT NULL LIMIT 1000")
+    widths = [len(str(head)) + 1, 0, max([len(_short(r["type"], 60)) for r in types] + [0]),
+              0, 0, 0]
+    for row in recent:
+        widths = [max(w, len(c)) for w, c in zip(widths, _cells(_event_line(row), _EVENT_LINE))]
+    widths[_EVENT_LINE.index("time")] = len("2026-01-31T12:00:00Z")  # always that long
+    if not recent:  # an empty log: the ids dispatch makes (a UUID) are 36 characters,
+        widths[_EVENT_LINE.index("id")] = 36  # and a type as long as fluxlite's own
+        widths[_EVENT_LINE.index("type")] = max(widths[2], len(RESTORE))
+    widths[_EVENT_LINE.index("payload")] = 0  # the last column: no width to keep
+    return widths
 
 
 def _on_signals(names: Sequence[str], handler: Callable[[int, Any], Any]) -> Dict[int, Any]:
@@ -10155,17 +10227,18 @@ def _cmd_show(args: Any) -> int:
 
 def _cmd_query(args: Any) -> int:
     import csv
+    params = args.params if args.params is not None else args.param or ()
     with open(args.db, readonly=True) as store:
         try:
             if args.at is not None or args.time is not None:
                 past = store.at(args.at,
                                 time=None if args.time is None else _parse_time(args.time))
                 with past:
-                    rows = past.query(args.sql)
+                    rows = past.query(args.sql, params)
             else:
-                rows = store.query(args.sql)
+                rows = store.query(args.sql, params)
         except QueryError as exc:
-            raise _unbound_in_cli(exc, args.sql) or exc
+            raise _unbound_in_cli(exc, args) or exc
     if args.json:
         for row in rows:
             try:  # Python would write Infinity or NaN, which no other JSON reader takes
@@ -10189,15 +10262,70 @@ def _cmd_query(args: Any) -> int:
     return 0
 
 
-def _unbound_in_cli(exc: QueryError, sql: str) -> Optional[_CliError]:
-    """query()'s advice for SQL with placeholders ("give one value per ?") cannot be
-    followed on the command line, which binds no parameters: say what can be."""
+_HOW_TO_BIND = ("Pass one --param VALUE per ?, in order (VALUE is a JSON number, true, "
+                "false, null or \"quoted text\", else text as written), or --params with "
+                "a JSON list (one value per ?) or a JSON object (for :name placeholders)")
+
+
+def _unbound_in_cli(exc: QueryError, args: Any) -> Optional[_CliError]:
+    """query()'s advice for parameters that do not fit the placeholders ("give one
+    value per ? (a sequence), or a dict") in the command line's own terms."""
     cause = exc.__cause__
-    if not (isinstance(cause, sqlite3.ProgrammingError) and "binding" in str(cause)):
+    if not (isinstance(cause, sqlite3.ProgrammingError) and "binding" in str(cause).lower()):
         return None
-    return _CliError(f"fluxlite query binds no parameters, and the SQL has a placeholder "
-                     f"(? or :name): {sql[:200]!r}. Write the values into the SQL as "
-                     f"literals instead: WHERE sku = 'A1' AND qty > 5.")
+    if args.param is None and args.params is None:
+        return _CliError(f"the SQL has a placeholder (? or :name) and no value was given for "
+                         f"it: {args.sql[:200]!r}. {_HOW_TO_BIND}.")
+    given = args.params if args.params is not None else args.param
+    return _CliError(f"the values given do not fit the SQL's placeholders ({cause}): "
+                     f"{args.sql[:200]!r}, given {_describe(given)}. {_HOW_TO_BIND}.")
+
+
+def _param(text: str) -> Any:
+    """argparse type of --param: a JSON scalar is that value ('5', 'true', 'null',
+    '"5"'); any other text is itself (A1, 007, [1, 2], NaN): never an error."""
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # no JSON (or an int past 4300 digits)
+        return text
+    if isinstance(value, (dict, list)) or not _bindable(value):
+        return text  # what SQLite cannot bind (a list, 1e999, 20 digits): the text
+    return value
+
+
+def _params(text: str) -> Any:
+    """argparse type of --params: a JSON list, or an object for :name placeholders,
+    of values SQLite binds."""
+    import argparse
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text[:80]!r} is not JSON ({exc}); give a JSON list such as '[\"A1\", 5]' "
+            f"(one value per ?) or an object such as '{{\"sku\": \"A1\"}}' (for :sku)"
+        ) from None
+    if not isinstance(value, (list, dict)):
+        raise argparse.ArgumentTypeError(
+            f"{text[:80]!r} is no JSON list or object; give a list such as '[\"A1\", 5]' "
+            f"(one value per ?) or an object such as '{{\"sku\": \"A1\"}}' (for :sku)")
+    for item in value.values() if isinstance(value, dict) else value:
+        if isinstance(item, (dict, list)) or not _bindable(item):
+            raise argparse.ArgumentTypeError(
+                f"{_describe(item)} in {text[:80]!r} is no value SQLite binds: each value is "
+                f"a JSON number within 64 bits, true, false, null or text (for a JSON "
+                f"document, pass its text: \"[1, 2]\")")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # json.loads would give a float nan or inf
+
+
+def _bindable(value: Any) -> bool:
+    """A JSON scalar SQLite stores as it is (not an int past 64 bits, not an inf)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -(2**63) <= value < 2**63
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def _cmd_history(args: Any) -> int:
@@ -10205,8 +10333,10 @@ def _cmd_history(args: Any) -> int:
         key = json.loads(args.key)
     except (ValueError, RecursionError):  # no JSON key (or past 4300 digits): text, as written
         key = args.key
-    window = {"limit": args.limit, "reverse": args.reverse}
+    window = {"after": args.after, "upto": args.upto, "limit": args.limit,
+              "reverse": args.reverse}
     with open(args.db, readonly=True) as store:
+        json_is_a_key = True
         try:
             revisions = store.history(args.table, key, **window)
         except UsageError as exc:
@@ -10218,20 +10348,34 @@ def _cmd_history(args: Any) -> int:
                 raise
             # JSON that is no key of this table: a text key "null", "NaN", "Infinity",
             # or digits past 64 bits. Tried as written below, which reports any error.
-            revisions = []
+            revisions, json_is_a_key = [], False
         if not revisions and key != args.key:  # JSON that a text key looks like: true, 1e3
-            revisions = store.history(args.table, args.key, **window)
+            try:
+                revisions = store.history(args.table, args.key, **window)
+            except UsageError:
+                if not json_is_a_key:
+                    raise
+                # A composite key's JSON list with no versions (in the window): its
+                # text is no key of that table. It has none; not "give a tuple".
     if args.json:
         for r in revisions:
             print(json.dumps(r.to_dict(), ensure_ascii=False))
         return 0
     if not revisions:
-        print(f"no versions of {args.table} {args.key} in the journal")
+        print(f"no versions of {_visible(args.table)} {_visible(args.key)} in the journal"
+              + _seq_window(args))
         return 0
     _print_rows([{"seq": r.seq, "time": _format_ts(r.ts)[:19] + "Z", "type": r.type,
                   "op": r.op, "after": r.after if r.after is not None else "(deleted)"}
                  for r in revisions])
     return 0
+
+
+def _seq_window(args: Any) -> str:
+    """History's --after and --upto, for its "no versions" line ("" for neither)."""
+    if args.upto is None:
+        return f" after seq {args.after}" if args.after else ""
+    return f" after seq {args.after} up to seq {args.upto}"
 
 
 def _cmd_dispatch(args: Any) -> int:
@@ -10726,6 +10870,9 @@ def _parser() -> Any:
     p.add_argument("--since", metavar="TIME")
     p.add_argument("--until", metavar="TIME")
     p.add_argument("--type", action="append", metavar="T")
+    p.add_argument("--actor", type=_actor_name, metavar="NAME",
+                   help="only the events whose meta[\"actor\"] is NAME (reads every event "
+                        "of the window: narrow a long log with --after, --since, --type)")
     p.add_argument("--limit", type=_count, metavar="N")
     p.add_argument("--reverse", action="store_true", help="newest first")
     p.add_argument("--json", action="store_true", help="JSON Lines")
@@ -10741,6 +10888,14 @@ def _parser() -> Any:
     p = command("query", _cmd_query, "read-only SQL, on the live model or on the past")
     db(p)
     p.add_argument("sql", metavar="SQL")
+    bind = p.add_mutually_exclusive_group()
+    bind.add_argument("--param", action="append", type=_param, metavar="VALUE",
+                      help="the value of the next ? (repeat in order): a JSON number, true, "
+                           "false, null or \"quoted text\" is that value, else the text as "
+                           "written")
+    bind.add_argument("--params", type=_params, metavar="JSON",
+                      help="all the values: a JSON list (one per ?) or a JSON object (for "
+                           ":name placeholders)")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--at", type=int, metavar="SEQ")
     when.add_argument("--time", metavar="TIME")
@@ -10751,6 +10906,10 @@ def _parser() -> Any:
     db(p)
     p.add_argument("table", metavar="TABLE")
     p.add_argument("key", metavar="KEY", help="the key; JSON for numbers or a composite key")
+    p.add_argument("--after", type=_count, default=0, metavar="SEQ",
+                   help="only the versions made by events after SEQ")
+    p.add_argument("--upto", type=_count, metavar="SEQ",
+                   help="only the versions made by events up to SEQ (included)")
     p.add_argument("--limit", type=_count, metavar="N", help="at most N versions")
     p.add_argument("--reverse", action="store_true", help="newest first")
     p.add_argument("--json", action="store_true")

@@ -627,12 +627,12 @@ def test_tail_follow_misses_no_event_committed_while_it_starts(work, monkeypatch
     import threading
     app, printed, done = _app(work), fluxlite._print_events, []
 
-    def and_meanwhile(rows, as_json):  # another process commits right after the first read
+    def and_meanwhile(rows, as_json, *least):  # another process commits right after the first read
         if not done:
             done.append(True)
             with fluxlite.open(work / "app.db", app=app) as other:
                 other.dispatch("addUser", {"name": "meanwhile"})
-        return printed(rows, as_json)
+        return printed(rows, as_json, *least)
 
     monkeypatch.setattr(fluxlite, "_print_events", and_meanwhile)
     threading.Timer(3, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C
@@ -1428,8 +1428,222 @@ def test_dogfood_query_with_a_placeholder_says_the_cli_binds_none(tmp_path, caps
                   reducer=lambda view, event: None).close()
     for when in ([], ["--at", "0"]):
         assert fluxlite.main(["query", db, "SELECT * FROM items WHERE sku = ?", *when]) == 1
-        err = capsys.readouterr().err
-        assert "binds no parameters" in err and "literals" in err, err
+        err = capsys.readouterr().err  # (session 17: it says how to pass one)
+        assert "no value was given for it" in err and "--param VALUE per ?" in err, err
         assert "Give one value per ?" not in err, err
     assert fluxlite.main(["query", db, "SELECT * FROM missing"]) == 1  # other errors as before
     assert "no such table: missing" in capsys.readouterr().err
+
+
+# -- cli (session 17): query's placeholders bound, history's window, log --actor,
+# -- tail -f's columns ---------------------------------------------------------------
+
+def _run(capsys, *args):
+    """fluxlite.main in this process: (exit status, stdout, stderr); a usage error's 2 too."""
+    try:
+        status = fluxlite.main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def _json_lines(text):
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_query_binds_each_param_in_order_and_reads_it_as_history_reads_a_key(work, capsys):
+    sql = "SELECT name, role FROM users WHERE name = ? AND role = ?"
+    got = cli("query", "app.db", sql, "--param", "barack", "--param", "president", "--json",
+              cwd=work).stdout  # (one run as a user runs it)
+    assert _json_lines(got) == [{"name": "barack", "role": "president"}]
+    db = work / "app.db"
+    status, past, _ = _run(capsys, "query", db, "SELECT name FROM users WHERE name = ?",
+                           "--param", "joe", "--at", "3", "--csv")
+    assert status == 0 and list(csv.reader(io.StringIO(past))) == [["name"], ["joe"]]
+    # A JSON scalar is that value; any other text is the text as written.
+    kinds = {"5": "integer", "1.5": "real", '"5"': "text", "null": "null", "true": "integer",
+             "007": "text", "A1": "text", "[1, 2]": "text", "NaN": "text", "1e999": "text",
+             "99999999999999999999": "text", "": "text"}
+    sql = "SELECT " + ", ".join(f"typeof(?) AS t{n}, ? AS v{n}" for n in range(len(kinds)))
+    args = [a for value in kinds for a in ("--param", value, "--param", value)]
+    status, out, err = _run(capsys, "query", db, sql, *args, "--json")
+    row = json.loads(out)
+    assert [row[f"t{n}"] for n in range(len(kinds))] == list(kinds.values()), row
+    assert row["v5"] == "007" and row["v7"] == "[1, 2]" and row["v2"] == "5"
+
+
+def test_query_params_takes_a_json_list_or_an_object_for_names(work, capsys):
+    db = work / "app.db"
+    sql = "SELECT name FROM users WHERE name = :who OR role = :role ORDER BY name"
+    status, out, _ = _run(capsys, "query", db, sql, "--params",
+                          '{"who": "kamala", "role": "president"}', "--json")
+    assert status == 0 and _json_lines(out) == [{"name": "barack"}, {"name": "kamala"}]
+    status, out, _ = _run(capsys, "query", db, "SELECT ? AS a, ? AS b, ? AS c", "--params",
+                          '["x", 2, null]', "--time", "2026-01-01T12:00:00Z", "--json")
+    assert status == 0 and json.loads(out) == {"a": "x", "b": 2, "c": None}
+
+
+@pytest.mark.parametrize("params, message", [
+    ("x", "'x' is not JSON"), ("5", "no JSON list or object"),
+    ('"barack"', "no JSON list or object"), ("[[1]]", "no value SQLite binds"),
+    ('{"a": {}}', "no value SQLite binds"), ("[NaN]", "NaN is not JSON"),
+    ("[1e999]", "no value SQLite binds"), ("[99999999999999999999]", "no value SQLite binds"),
+])
+def test_query_params_that_are_no_list_or_object_of_values_are_usage_errors(
+        work, capsys, params, message):
+    status, out, err = _run(capsys, "query", work / "app.db", "SELECT ? AS a", "--params", params)
+    assert status == 2 and out == ""
+    assert "argument --params: " in err and message in err, err
+
+
+def test_query_values_that_do_not_fit_the_placeholders_say_how_to_pass_them(work, capsys):
+    db = work / "app.db"
+    for args in (["SELECT name FROM users WHERE name = ?"],
+                 ["SELECT name FROM users WHERE name = ?", "--at", "1"],
+                 ["SELECT name FROM users WHERE name = ?", "--param", "a", "--param", "b"],
+                 ["SELECT name FROM users WHERE name = ?", "--params", '{"n": "a"}'],
+                 ["SELECT name FROM users WHERE name = :n", "--params", '{"m": "a"}'],
+                 ["SELECT 1 AS one", "--param", "a"]):
+        status, out, err = _run(capsys, "query", db, *args)
+        assert status == 1 and out == "", args
+        assert "--param VALUE per ?" in err and "--params with a JSON list" in err, err
+        assert "Give one value per ? (a sequence)" not in err and len(err.splitlines()) == 1
+    status, _, err = _run(capsys, "query", db, "SELECT 1 AS x", "--param", "1", "--params", "[1]")
+    assert status == 2 and "not allowed with argument" in err, err
+
+
+def test_history_takes_the_apis_window_after_and_upto(work, capsys):
+    def ops(*args):
+        status, out, err = _run(capsys, "history", work / "app.db", *args, "--json")
+        assert status == 0, err
+        return [(r["seq"], r["op"]) for r in _json_lines(out)]
+
+    assert ops("users", "joe") == [(3, "insert"), (4, "delete")]
+    assert ops("users", "joe", "--after", "3") == [(4, "delete")]
+    assert ops("users", "joe", "--upto", "3") == [(3, "insert")]
+    assert ops("users", "barack", "--after", "1", "--upto", "2") == [(2, "update")]
+    assert ops("users", "barack", "--upto", "2", "--reverse", "--limit", "1") == [(2, "update")]
+    assert ops("rights", '["barack", "president"]', "--after", "2") == []
+    empty = cli("history", "app.db", "users", "joe", "--after", "4", cwd=work).stdout
+    assert empty == "no versions of users joe in the journal after seq 4\n"
+    for bad in (["--after", "-1"], ["--upto", "x"]):
+        status, _, err = _run(capsys, "history", work / "app.db", "users", "joe", *bad)
+        assert status == 2 and "whole number >= 0" in err, err
+
+
+def test_log_actor_keeps_the_events_of_one_actor(work, capsys):
+    def seqs(*args):
+        status, out, err = _run(capsys, "log", work / "app.db", "--json", *args)
+        assert status == 0, err
+        return [r["seq"] for r in _json_lines(out)]
+
+    assert seqs("--actor", "admin") == [1, 2]
+    assert seqs("--actor", "admin", "--reverse", "--limit", "1") == [2]
+    assert seqs("--actor", "admin", "--type", "addUser") == [1]
+    assert seqs("--actor", "Admin") == [] and seqs("--actor", "nobody", "--limit", "1") == []
+    table = cli("log", "app.db", "--actor", "admin", cwd=work).stdout.splitlines()
+    assert len(table) == 4 and table[2].split()[4] == "admin"
+    assert _run(capsys, "log", work / "app.db", "--actor", "nobody")[1] == "(no events)\n"
+    status, _, err = _run(capsys, "log", work / "app.db", "--actor", "")
+    assert status == 2 and "argument --actor: '' is no actor" in err, err
+
+
+@pytest.mark.parametrize("in_sqlite", [True, False])
+def test_log_actor_pages_through_a_long_log_with_or_without_json_functions(
+        work, monkeypatch, capsys, in_sqlite):
+    if not in_sqlite:  # a SQLite built without JSON functions: filtered in Python
+        monkeypatch.setattr(fluxlite, "_has_json_functions", lambda store: False)
+    with fluxlite.open(work / "app.db", app=_app(work)) as store:
+        store.dispatch_many([{"type": "addUser", "payload": {"name": f"u{n}"},
+                              "meta": {"actor": "bot"} if n % 3 == 0 else {}}
+                             for n in range(2700)])
+        store.dispatch("addUser", {"name": "x"}, meta={"actor": 7})  # not the text "7"
+    bots = [6 + n for n in range(0, 2700, 3)]
+    db = str(work / "app.db")
+    for args, expected in ((["--actor", "bot"], bots),
+                           (["--actor", "bot", "--limit", "850"], bots[:850]),
+                           (["--actor", "bot", "--reverse", "--limit", "5"], bots[::-1][:5]),
+                           (["--actor", "admin", "--after", "1"], [2]),
+                           (["--actor", "7"], [])):
+        assert fluxlite.main(["log", db, "--json", *args]) == 0
+        got = [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()]
+        assert got == expected, args
+
+
+def _follow_lines(work, monkeypatch, capsys, db, args, dispatch):
+    """tail -f's output, ended by a Ctrl-C it sends itself once ``dispatch`` ran and
+    what it committed was printed (no sleep: the loop's own check is the clock)."""
+    calls = []
+
+    def then_stop(store, path):
+        calls.append(path)
+        if len(calls) == 1:
+            with fluxlite.open(db, app=_app(work)) as other:
+                dispatch(other)
+        elif len(calls) == 2:  # the follow before this read every event committed
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(fluxlite, "_check_still_there", then_stop)
+    assert fluxlite.main(["tail", "-f", *args, db]) == 130
+    return capsys.readouterr().out.splitlines()
+
+
+def _cells_under(header, line):
+    starts = [header.index(name) for name in ("seq", "time", "type", "id", "actor", "payload")]
+    return [line[a:b].strip() for a, b in zip(starts, starts[1:] + [None])]
+
+
+def test_tail_follow_prints_new_events_under_the_headers_columns(work, monkeypatch, capsys):
+    # -n 1 shows an addUser (7 wide); a grantAccess (11) pushed the id, actor and
+    # payload of every later line along.
+    def more(store):
+        store.dispatch("grantAccess", {"name": "barack", "right": "veep"}, actor="admin")
+        store.dispatch("addUser", {"name": "zoe"})
+
+    lines = _follow_lines(work, monkeypatch, capsys, str(work / "app.db"), ["-n", "1"], more)
+    header, rule, *events = lines
+    assert [_cells_under(header, line)[:3] for line in events] == [
+        ["5", "2026-01-05T12:00:00Z", "addUser"],
+        ["6", _cells_under(header, events[1])[1], "grantAccess"],
+        ["7", _cells_under(header, events[2])[1], "addUser"]], lines
+    assert [_cells_under(header, line)[4:] for line in events[1:]] == [
+        ["admin", '{"name": "barack", "right": "veep"}'], ["", '{"name": "zoe"}']], lines
+    assert all(len(_cells_under(header, line)[3]) == 36 for line in events), lines
+
+
+def test_tail_follow_of_an_empty_log_prints_the_header_and_lines_under_it(
+        tmp_path, work, monkeypatch, capsys):
+    # It printed no header, then each line in columns of its own.
+    db = str(tmp_path / "empty.db")
+    _app(work).open(db).close()
+
+    def more(store):
+        store.dispatch("addUser", {"name": "barack"}, actor="admin")
+        store.dispatch("grantAccess", {"name": "barack", "right": "boss"})
+
+    header, rule, *events = _follow_lines(work, monkeypatch, capsys, db, ["-n", "0"], more)
+    assert header.split() == ["seq", "time", "type", "id", "actor", "payload"]
+    cells = [_cells_under(header, line) for line in events]
+    assert [c[2] for c in cells] == ["addUser", "grantAccess"]
+    assert [c[4:] for c in cells] == [["admin", '{"name": "barack"}'],
+                                      ["", '{"name": "barack", "right": "boss"}']], events
+
+
+def test_history_of_a_composite_key_with_no_versions_says_so(work, capsys):
+    # It said "Table 'rights' has the composite primary key (user, right); a key is a
+    # tuple of 2 values ..., received '[\"joe\", \"veep\"]'", to a key given as asked.
+    for args in ([], ["--upto", "1"]):
+        status, out, err = _run(capsys, "history", work / "app.db", "rights", '["joe", "veep"]',
+                                *args)
+        assert status == 0 and err == "", err
+        assert out.startswith("no versions of rights [\"joe\", \"veep\"] in the journal"), out
+    status, _, err = _run(capsys, "history", work / "app.db", "rights", "joe")
+    assert status == 1 and "KEY is then a JSON list" in err, err  # (as before)
+
+
+def test_history_with_no_versions_shows_a_key_of_control_characters_escaped(work, capsys):
+    # "no versions of users <ESC>[2J ..." wrote the escape sequence to the terminal raw.
+    status, out, _ = _run(capsys, "history", work / "app.db", "users", "x\x1b[2J\u202e")
+    assert status == 0 and "\x1b" not in out and "\u202e" not in out
+    assert out == "no versions of users x\\x1b[2J\\u202e in the journal\n"
