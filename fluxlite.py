@@ -3540,17 +3540,27 @@ def _name_batch_item(exc: BaseException, index: int, count: int, item: Any) -> N
             f", id {_quoted(event_id)}" if event_id is not None else "")
     else:
         what = _describe(item)
-    note = (f"dispatch_many() refused item {index} (counting from 0) of the {count} in "
+    note = (f"{_BATCH_NOTE}{index} (counting from 0) of the {count} in "
             f"its list: {what}. The whole batch was refused.")
     try:
         setattr(exc, "batch_index", index)
-        if sys.version_info >= (3, 11):
-            exc.add_note(note)
-        else:
-            notes = getattr(exc, "__notes__", None)
-            setattr(exc, "__notes__", (notes if isinstance(notes, list) else []) + [note])
     except (AttributeError, TypeError):  # an exception that takes no attributes
         pass
+    # One such note, this batch's: an exception object raised again (a module's
+    # OUT_OF_STOCK = Rejected(...), raised at each refusal) gathered one note per
+    # refused batch, every earlier one naming another batch's item, without end.
+    # (What add_note() does, by hand: before Python 3.11 there is no add_note().)
+    notes = getattr(exc, "__notes__", None)
+    if notes is not None and not isinstance(notes, list):  # not Python's: left alone
+        return
+    kept = [n for n in notes or () if not (isinstance(n, str) and n.startswith(_BATCH_NOTE))]
+    try:
+        setattr(exc, "__notes__", kept + [note])
+    except (AttributeError, TypeError):
+        pass
+
+
+_BATCH_NOTE = "dispatch_many() refused item "  # how _name_batch_item's note begins
 
 
 def _check_type(kind: Any) -> str:
@@ -6419,7 +6429,10 @@ def _renamed_away(kind: str, event: Event) -> UsageError:
         f"{_quoted(kind)} events into {_quoted(event.type)} (event {event.seq} for one), "
         f"and types= matches the type as upcast, as reducers and subscribers see it: "
         f"{_quoted(kind)} would match none of them. Pass types={_quoted(event.type)} "
-        f"(the old events come with it)."
+        f"(the old events come with it), or, where the upcaster renames only some "
+        f"{_quoted(kind)} events, both: types=[{_quoted(kind)}, {_quoted(event.type)}] "
+        f"(types={_quoted(event.type)} alone would miss the {_quoted(kind)} events it "
+        f"leaves as they are)."
     )
 
 
@@ -9444,6 +9457,18 @@ def _as_action(item: Any) -> Dict[str, Any]:
     return _action_from(item, None, None, None, None)
 
 
+def _refused_by_fluxlite(item: Any) -> bool:
+    """A scenario's event that fluxlite's own check of events refuses (its keys, type,
+    id, meta, a payload that is not JSON), whatever the middleware and reducer."""
+    try:
+        _prepare(_as_action(item), lambda: "event")  # (not the scenario's ids: none taken)
+    except InvalidEvent:
+        return True
+    except Exception:  # anything else: when()'s dispatch meets it and reports it
+        return False
+    return False
+
+
 def _as_change(item: Any) -> Change:
     if isinstance(item, Change):
         return item
@@ -9528,6 +9553,7 @@ class Scenario:
         weakref.finalize(self.store, self.store._conn.close)
         self._outcome: Optional[Tuple[Optional[Event], Optional[BaseException]]] = None
         self._head_before = 0
+        self._malformed = False  # the when() event fails fluxlite's own check of events
 
     def given(self, *events: Any) -> "Scenario":
         """Events that already happened; each must be accepted."""
@@ -9547,6 +9573,7 @@ class Scenario:
         self._returned_by_id.clear()
         _check_scenario_event(event)  # not a refusal to assert on: the test's mistake
         self._head_before = self.store.head  # to tell "ended" from "committed, not returned"
+        self._malformed = _refused_by_fluxlite(event)
         try:
             self._outcome = (self.store.dispatch(_as_action(event)), None)
         except FluxliteError as exc:
@@ -9609,8 +9636,10 @@ class Scenario:
     def then_rejected(self, match: Optional[str] = None, *,
                       error: Optional[Type[FluxliteError]] = None) -> "Scenario":
         """The event was refused: with Rejected, Forbidden (access control) or InvalidEvent
-        (a validating middleware's, or the payload's own shape), whose message matches
-        ``match``, a regex; with ``error`` (Forbidden, say), with that class of error only."""
+        (a validating middleware's), whose message matches ``match``, a regex; with
+        ``error`` (Forbidden, say), with that class of error only. fluxlite's own refusal
+        of a malformed event (a key "paylod", a payload that is not JSON) is taken only
+        with ``error=InvalidEvent`` or ``match``: else a typo in the test's event passed."""
         if self._outcome is None:
             raise UsageError("Call when(event) before then_rejected().")
         if match is not None and not isinstance(match, str):
@@ -9633,6 +9662,14 @@ class Scenario:
             raise AssertionError("expected the event to be "
                                  + (f"refused with {error.__name__}" if error else "rejected")
                                  + f", but it was {got}")
+        if error is None and match is None and self._malformed and isinstance(refusal, InvalidEvent):
+            # Not taken as the application's refusal: a typo in the test's event (a key
+            # "paylod", a datetime in the payload) passed a test of the reducer's rule.
+            raise AssertionError(
+                f"expected the event to be rejected, but the event given to when() is "
+                f"malformed, and fluxlite itself refused it (InvalidEvent: {refusal}), "
+                f"which tests no rule of the application. Fix the event, or, to test that "
+                f"refusal, pass error=fluxlite.InvalidEvent (or match= its message).")
         if match is not None and not re.search(match, str(refusal)):
             raise AssertionError(f"rejected with {str(refusal)!r}, which does not match {match!r}")
         return self

@@ -14851,3 +14851,77 @@ def test_review1_afollow_goes_back_for_a_reset_before_its_first_read(tmp_path, l
     assert asyncio.run(two()) == [(2, "b"), (3, "c")]
     other.close()
     store.close()
+
+
+# --- review2 (session 17): dispatch_many()'s item notes, then_rejected() and InvalidEvent ---
+
+
+def test_a_reused_exception_object_carries_one_batch_note_not_one_per_refused_batch():
+    # A module-level refusal raised by each refused event (OUT_OF_STOCK = Rejected(...))
+    # gathered a note per refused dispatch_many(), each naming another batch's item,
+    # without end; a later dispatch() raising it showed them all.
+    out_of_stock = fluxlite.Rejected("out of stock")
+
+    def stock(table, event):
+        if event.payload["n"] < 0:
+            raise out_of_stock
+        return table.upsert(sku=event.payload["sku"], n=event.payload["n"])
+
+    with fluxlite.open(":memory:", schema=_STOCK, reducer={"stock": stock}) as store:
+        for size in (2, 3, 4):
+            batch = [{"type": "set", "payload": {"sku": "A", "n": 1}}] * (size - 1)
+            with pytest.raises(fluxlite.Rejected) as refused:
+                store.dispatch_many(batch + [{"type": "set", "payload": {"sku": "A", "n": -1}}])
+            assert refused.value is out_of_stock and refused.value.batch_index == size - 1
+            assert refused.value.__notes__ == [
+                f"dispatch_many() refused item {size - 1} (counting from 0) of the {size} in "
+                f"its list: type 'set'. The whole batch was refused."]
+        out_of_stock.__notes__.insert(0, "the application's own note")
+        with pytest.raises(fluxlite.Rejected):
+            store.dispatch_many([{"type": "set", "payload": {"sku": "A", "n": -1}}])
+        assert out_of_stock.__notes__[0] == "the application's own note"  # kept
+        assert len(out_of_stock.__notes__) == 2
+
+
+def test_then_rejected_does_not_pass_on_fluxlites_refusal_of_a_malformed_when_event():
+    # then_rejected() took InvalidEvent (for a validating middleware's) whatever raised it:
+    # a typo in the test's own event ("paylod"), a datetime in its payload, refused by
+    # fluxlite before the reducer ran, passed a test of the reducer's rule.
+    import datetime as dt
+
+    def stock(table, event):
+        if event.payload["n"] < 0:
+            raise fluxlite.Rejected("n must not be negative")
+        return table.upsert(sku=event.payload["sku"], n=event.payload["n"])
+
+    with fluxlite.scenario(_STOCK, {"stock": stock}) as s:
+        for typo in ({"type": "set", "paylod": {"sku": "A", "n": -1}},
+                     ("set", {"sku": "A", "n": -1, "at": dt.datetime(2024, 1, 1)}),
+                     ("set", {"sku": "A", "n": float("nan")})):
+            s.when(typo)
+            with pytest.raises(AssertionError, match="the event given to when\\(\\) is "
+                                                     "malformed, and fluxlite itself refused"):
+                s.then_rejected()
+            s.then_rejected(error=fluxlite.InvalidEvent)  # asked for: still taken
+            s.then_rejected("")  # as is a match= of its message
+        s.when(("set", {"sku": "A", "n": -1})).then_rejected("must not be negative")
+    with fluxlite.scenario(_STOCK, {"stock": _stock}, middleware=[_validate]) as s:
+        s.when(("receive", {"sku": "A", "n": "2"})).then_rejected()  # the middleware's
+
+
+def test_a_types_filter_of_a_partly_renamed_type_is_told_to_name_both_types():
+    # An upcaster renaming only some shapes of a type ("ship" with a "bin" became
+    # "pick"): the UsageError's only advice, types='pick', missed every "ship" event
+    # it leaves as it is. The README says "or both"; so does the error now.
+    def ship_v1(event):
+        return event.replace(type="pick") if "bin" in event.payload else None
+
+    with fluxlite.open(":memory:", schema=_STOCK, reducer=lambda v, e: [],
+                       upcasters={"ship": ship_v1}) as store:
+        store.dispatch("ship", {"sku": "A", "n": 1})  # stays "ship"
+        store.dispatch("ship", {"sku": "A", "n": 1, "bin": 3})  # read as "pick"
+        with pytest.raises(fluxlite.UsageError) as told:
+            store.events(types="ship")
+        assert "types=['ship', 'pick']" in str(told.value)
+        assert [e.seq for e in store.events(types=["ship", "pick"])] == [1, 2]
+        assert [e.seq for e in store.events(types="pick")] == [2]  # not the whole answer
