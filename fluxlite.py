@@ -10030,8 +10030,11 @@ def _log_pages(store: Store, args: Any) -> Iterator[List[Dict[str, Any]]]:
     if actor is not None and _has_json_functions(store):
         # meta["actor"] is in no index: every event of the window is read, but in
         # SQLite (a tenth of the time of reading each into Python). A meta that is
-        # no JSON (damage, which verify() reports) is no actor's.
-        where.append("json_extract(CASE WHEN json_valid(meta) THEN meta END, '$.actor') = ?")
+        # no JSON (damage, which verify() reports) is no actor's. Only a text actor
+        # is: json_extract() gives a list or object as its JSON text ('{"a":1}'),
+        # which matched --actor '{"a":1}' here but not when read in Python.
+        where.append("CASE WHEN json_valid(meta) THEN json_extract(meta, '$.actor') = ? "
+                     "AND json_type(meta, '$.actor') = 'text' END")
         params.append(actor)
         actor = None
     order, step = ("DESC", "<") if args.reverse else ("ASC", ">")
@@ -10062,8 +10065,12 @@ def _has_json_functions(store: Store) -> bool:
 
 
 def _actor_of(row: Mapping[str, Any]) -> Any:
-    """An event's meta["actor"], as the log's actor column shows it."""
-    meta = _logged_json(row, "meta")
+    """An event's meta["actor"], as the log's actor column shows it (None for a
+    meta that cannot be read: damage, no actor's, as in SQLite's filter)."""
+    try:
+        meta = _logged_json(row, "meta")
+    except StorageError:
+        return None
     return meta.get("actor") if isinstance(meta, dict) else None
 
 
@@ -10192,7 +10199,11 @@ def _follow_widths(store: Store, head: int) -> List[int]:
     widths = [len(str(head)) + 1, 0, max([len(_short(r["type"], 60)) for r in types] + [0]),
               0, 0, 0]
     for row in recent:
-        widths = [max(w, len(c)) for w, c in zip(widths, _cells(_event_line(row), _EVENT_LINE))]
+        try:
+            cells = _cells(_event_line(row), _EVENT_LINE)
+        except StorageError:  # a damaged event, not shown (-n 0) or reported when it is:
+            continue  # no reason for -f to refuse to start, which it did not before
+        widths = [max(w, len(c)) for w, c in zip(widths, cells)]
     widths[_EVENT_LINE.index("time")] = len("2026-01-31T12:00:00Z")  # always that long
     if not recent:  # an empty log: the ids dispatch makes (a UUID) are 36 characters,
         widths[_EVENT_LINE.index("id")] = 36  # and a type as long as fluxlite's own
