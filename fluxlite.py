@@ -157,6 +157,7 @@ from typing import (
     Set,
     Tuple,
     Type,
+    TypeVar,
     Union,
 )
 
@@ -1918,6 +1919,36 @@ def _let_signals_in(raised: List[BaseException]) -> Iterator[int]:
             yield 1  # abort the statement: SQLite's "interrupted"
 
 
+_Entry = TypeVar("_Entry")
+
+
+def _keyed_values(info: _TableInfo, change: Change, known: Dict[Tuple[str, ...], _Entry],
+                  make: Callable[[Tuple[str, ...]], _Entry]) -> Optional[Tuple[_Entry, Any]]:
+    """(entry, key) for the usual change of _Model._inserted and _upserted: values in a
+    dict holding the table's one-column key, in columns check_columns passes (``known``
+    keeps ``make(columns)`` for each such column tuple, so the test runs once), each
+    value checked as _checked checks it. None for any other change, nothing checked:
+    _checked takes it, and says what is wrong."""
+    values = change.values
+    if change.key is not None or values is None or values.__class__ is not dict:
+        return None
+    columns = tuple(values)
+    entry = known.get(columns)
+    if entry is None:  # check_columns' test, and _checked's usual case
+        if not (values.keys() <= info.writable and len(info.pk) == 1
+                and info.pk[0] in values):
+            return None
+        entry = known[columns] = make(columns)
+    key = values[info.pk[0]]
+    if key is None:
+        return None
+    table = info.name
+    for column, value in values.items():
+        if value.__class__ is not str and value is not None:  # (those pass at once)
+            _check_value(value, table, column)
+    return entry, key
+
+
 class _Model:
     """The read model on one connection: checked writes with a journal, and reads.
 
@@ -2168,24 +2199,13 @@ class _Model:
         of a replayed event's instructions): its values, or with ``stored`` the row
         as stored. None, nothing done, for any other change (or a row SQLite may
         store otherwise): _checked takes it."""
-        values = change.values
-        if change.op != "insert" or change.key is not None or values is None \
-                or values.__class__ is not dict:
+        if change.op != "insert":
             return None
-        columns = tuple(values)
-        sql = info.quiet_inserts.get(columns)
-        if sql is None:  # check_columns' test, and _checked's usual case
-            if not (values.keys() <= info.writable and len(info.pk) == 1
-                    and info.pk[0] in values):
-                return None
-            sql = info.quiet_inserts[columns] = info.insert_sql(columns)
-        key = values[info.pk[0]]
-        if key is None:
-            return None  # _checked says what is wrong
-        table = info.name
-        for column, value in values.items():
-            if value.__class__ is not str and value is not None:  # (those pass at once)
-                _check_value(value, table, column)
+        found = _keyed_values(info, change, info.quiet_inserts, info.insert_sql)
+        if found is None:
+            return None
+        sql, key = found
+        values: Dict[str, Any] = change.values  # type: ignore[assignment]
         row = _stored_row(info, values, info.defaults) if stored else values
         if row is None:
             return None
@@ -2205,23 +2225,12 @@ class _Model:
         without _checked's other cases, its copy of the values, or check_columns'
         test again (3.6% of rebuild()'s instructions on bench/past.py's upserts).
         None, nothing done, for any other change: _checked takes it."""
-        values = change.values
-        if change.key is not None or values is None or values.__class__ is not dict:
+        found = _keyed_values(info, change, info.quiet_upserts,
+                              lambda columns: tuple(c for c in columns if c != info.pk[0]))
+        if found is None:
             return None
-        columns = tuple(values)
-        others = info.quiet_upserts.get(columns)
-        if others is None:  # check_columns' test, and _checked's usual case
-            if not (values.keys() <= info.writable and len(info.pk) == 1
-                    and info.pk[0] in values):
-                return None
-            others = info.quiet_upserts[columns] = tuple(c for c in columns if c != info.pk[0])
-        key = values[info.pk[0]]
-        if key is None:
-            return None  # _checked says what is wrong
-        table = info.name
-        for column, value in values.items():
-            if value.__class__ is not str and value is not None:  # (those pass at once)
-                _check_value(value, table, column)
+        others, key = found
+        values: Dict[str, Any] = change.values  # type: ignore[assignment]
         params = (key,)
         before = self._row(info, params)
         if before is not None:
@@ -2232,7 +2241,7 @@ class _Model:
             if self._row(info, params) is not None:
                 raise _existing_row(info, params) from None
             raise
-        return _change("insert", table, info.key_of(after), after), None, after
+        return _change("insert", info.name, info.key_of(after), after), None, after
 
     def _checked(self, info: _TableInfo, change: Change
                  ) -> Tuple[str, Dict[str, Any], Optional[Tuple[Any, ...]]]:

@@ -13371,10 +13371,9 @@ def test_a_subscriber_that_cannot_take_event_and_changes_is_refused_at_subscribe
     assert heard == [1, 1]
 
 
-# reset_to() dropped every event not yet delivered, also those the checkpoint holds:
-#    with a slow subscriber in another thread, events committed before the checkpoint
-#    stayed in the log and no subscriber ever heard of them.
-def test_reset_to_keeps_undelivered_events_the_checkpoint_holds(tmp_path):
+def _held_subscriber(tmp_path):
+    """A store whose subscriber is held inside event 1 (its delivering thread waits
+    for ``go``) while event 2 commits: (store, heard, go, thread of event 1)."""
     store = fluxlite.open(str(tmp_path / "s.db"), schema=ONE_X, reducer=set_x)
     heard, inside, go = [], threading.Event(), threading.Event()
 
@@ -13389,6 +13388,14 @@ def test_reset_to_keeps_undelivered_events_the_checkpoint_holds(tmp_path):
     first.start()
     assert inside.wait(10)
     store.dispatch("set", "b")  # returns at once: the delivering thread will tell them
+    return store, heard, go, first
+
+
+# reset_to() dropped every event not yet delivered, also those the checkpoint holds:
+#    with a slow subscriber in another thread, events committed before the checkpoint
+#    stayed in the log and no subscriber ever heard of them.
+def test_reset_to_keeps_undelivered_events_the_checkpoint_holds(tmp_path):
+    store, heard, go, first = _held_subscriber(tmp_path)
     store.dispatch("set", "c")
     saved = store.checkpoint()  # at seq 3
     store.dispatch("set", "gone")  # seq 4, undone by the reset
@@ -14029,20 +14036,7 @@ def test_dogfood_a_change_whose_values_are_no_dict_says_how_to_match_one_value()
 #    test) took the checkpoint for one of another history, and dropped the events
 #    committed before it that a slow subscriber in another thread had not heard yet.
 def test_resets_a_second_reset_to_the_same_checkpoint_keeps_undelivered_events(tmp_path):
-    store = fluxlite.open(str(tmp_path / "s.db"), schema=ONE_X, reducer=set_x)
-    heard, inside, go = [], threading.Event(), threading.Event()
-
-    def slow(event, changes):
-        if event.seq == 1:
-            inside.set()
-            assert go.wait(10)
-        heard.append((event.seq, event.payload))
-
-    store.subscribe(slow)
-    first = threading.Thread(target=store.dispatch, args=("set", "a"))
-    first.start()
-    assert inside.wait(10)
-    store.dispatch("set", "b")  # returns at once: the delivering thread will tell them
+    store, heard, go, first = _held_subscriber(tmp_path)
     saved = store.checkpoint()  # at seq 2
     store.reset_to(saved)
     store.dispatch("set", "gone")  # seq 3, undone by the second reset
