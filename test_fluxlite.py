@@ -14319,13 +14319,15 @@ def test_apifuzz_path_with_a_lone_surrogate_is_a_usage_error(tmp_path):
 def test_apifuzz_a_deeply_nested_value_in_an_error_message_is_no_recursion_error():
     # The message quoted the value with !r: a dict nested thousands deep raised
     # RecursionError instead of the error that names the rule.
+    # (Python 3.13's repr() of it no longer raises: the value is shown cut short.)
     deep = _apifuzz_deep()
-    with pytest.raises(fluxlite.ChangesetError, match="nested too deeply"):
+    shown = "(nested too deeply to show|characters\\))"
+    with pytest.raises(fluxlite.ChangesetError, match=f"must be a table name.*{shown}"):
         fluxlite.Change("insert", deep)
-    with pytest.raises(fluxlite.UsageError, match="nested too deeply"):
+    with pytest.raises(fluxlite.UsageError, match=f"'deny' or 'allow'.*{shown}"):
         fluxlite.authorize({}, default=deep)
     with fluxlite.scenario(_APIFUZZ_SCHEMA, _apifuzz_reducer) as sc:
-        with pytest.raises(AssertionError, match="nested too deeply"):
+        with pytest.raises(AssertionError, match=f"given event 1 .*{shown}"):
             sc.given({"type": "put", "payload": {"id": "a"}, "oops": deep})
 
 
