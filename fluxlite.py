@@ -1392,6 +1392,10 @@ class _TableInfo:
             self._insert_sql[columns] = sql
         return sql
 
+    def non_key(self, columns: Tuple[str, ...]) -> Tuple[str, ...]:
+        """The columns an upsert of these columns sets besides the (one-column) key."""
+        return tuple(c for c in columns if c != self.pk[0])
+
     def upsert_sql(self, columns: Tuple[str, ...]) -> str:
         """One statement that inserts the row or updates it by key (replay's upsert)."""
         key = ("upsert", columns)
@@ -1923,10 +1927,11 @@ _Entry = TypeVar("_Entry")
 
 
 def _keyed_values(info: _TableInfo, change: Change, known: Dict[Tuple[str, ...], _Entry],
-                  make: Callable[[Tuple[str, ...]], _Entry]) -> Optional[Tuple[_Entry, Any]]:
+                  make: Callable[[_TableInfo, Tuple[str, ...]], _Entry]
+                  ) -> Optional[Tuple[_Entry, Any]]:
     """(entry, key) for the usual change of _Model._inserted and _upserted: values in a
     dict holding the table's one-column key, in columns check_columns passes (``known``
-    keeps ``make(columns)`` for each such column tuple, so the test runs once), each
+    keeps ``make(info, columns)`` for each such column tuple, so the test runs once), each
     value checked as _checked checks it. None for any other change, nothing checked:
     _checked takes it, and says what is wrong."""
     values = change.values
@@ -1938,7 +1943,7 @@ def _keyed_values(info: _TableInfo, change: Change, known: Dict[Tuple[str, ...],
         if not (values.keys() <= info.writable and len(info.pk) == 1
                 and info.pk[0] in values):
             return None
-        entry = known[columns] = make(columns)
+        entry = known[columns] = make(info, columns)
     key = values[info.pk[0]]
     if key is None:
         return None
@@ -2201,7 +2206,7 @@ class _Model:
         store otherwise): _checked takes it."""
         if change.op != "insert":
             return None
-        found = _keyed_values(info, change, info.quiet_inserts, info.insert_sql)
+        found = _keyed_values(info, change, info.quiet_inserts, _TableInfo.insert_sql)
         if found is None:
             return None
         sql, key = found
@@ -2225,8 +2230,7 @@ class _Model:
         without _checked's other cases, its copy of the values, or check_columns'
         test again (3.6% of rebuild()'s instructions on bench/past.py's upserts).
         None, nothing done, for any other change: _checked takes it."""
-        found = _keyed_values(info, change, info.quiet_upserts,
-                              lambda columns: tuple(c for c in columns if c != info.pk[0]))
+        found = _keyed_values(info, change, info.quiet_upserts, _TableInfo.non_key)
         if found is None:
             return None
         others, key = found
