@@ -3351,6 +3351,18 @@ def _restore_reducer(view: View, event: Event) -> List[Change]:
             f"maps the old row to the new shape, filling computed columns too."
         )
     writable = table._info.writable  # generated columns: SQLite computes them again
+    # A row logged before columns were added lacks them: restored over a live row it
+    # would keep that row's newer values there, into the table's default or NULL if
+    # deleted, a mix of versions no one asked for, silently.
+    missing = [c for c in table.columns if c in writable and c not in p["row"]]
+    if missing:
+        raise ChangesetError(
+            f"A {RESTORE!r} event's row lacks column(s) {', '.join(map(repr, missing))} "
+            f"that table {table.name!r} has now (the row has {', '.join(p['row']) or 'none'}): "
+            f"it was logged before they were added. Give open() an upcaster for "
+            f"{RESTORE!r} that maps the old row to the new shape, giving those columns "
+            f"the values the reducers would have given that version of the row."
+        )
     row = {c: v for c, v in p["row"].items() if c in writable}
     if table.get(key) is None:
         return [Change("insert", table.name, key, row)]

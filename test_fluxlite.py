@@ -15112,3 +15112,56 @@ def test_perfrebuild_an_upsert_reports_the_change_the_full_path_reports(tmp_path
     assert short[0][2][0]["values"] == {"qty": 3, "tag": "t"}
     monkeypatch.setattr(fluxlite._Model, "_upserted", lambda *args: None)
     assert run("full.db") == short
+
+
+# --- app2 (session 18): a user vendoring fluxlite into an expense tracker ---------------
+
+_APP2_V1 = "CREATE TABLE t (k TEXT PRIMARY KEY, a TEXT);"
+_APP2_V2 = "CREATE TABLE t (k TEXT PRIMARY KEY, a TEXT, b TEXT NOT NULL DEFAULT 'd', c TEXT);"
+
+
+def _app2_reducer(view, event):
+    p = event.payload
+    if event.type == "put":
+        extra = {"b": "b-" + p["a"], "c": "c-" + p["a"]} if "b" in view.t.columns else {}
+        return view.t.upsert(k=p["k"], a=p["a"], **extra)
+    if event.type == "del":
+        return view.t.delete(p["k"])
+    return None
+
+
+def _app2_logged_restores(path):
+    with fluxlite.open(path, schema=_APP2_V1, reducer=_app2_reducer, version=1) as store:
+        store.dispatch("put", {"k": "x", "a": "one"})
+        store.dispatch("put", {"k": "x", "a": "two"})
+        store.restore("t", "x", at=1)  # over a live row: an update
+        store.dispatch("put", {"k": "y", "a": "one"})
+        store.dispatch("del", {"k": "y"})
+        store.restore("t", "y")  # a deleted row: an insert
+
+
+def test_app2_a_restore_of_a_row_older_than_its_columns_is_refused_not_mixed(tmp_path):
+    """Without a fluxlite.restore upcaster, a v1 row restored over a live row kept the
+    newer values of the columns v2 added (x came back as 'one' with b 'b-two'), and a
+    deleted one took the defaults: silently. The rebuild now stops, naming the fix."""
+    path = str(tmp_path / "r.db")
+    _app2_logged_restores(path)
+    with pytest.raises(fluxlite.ChangesetError,
+                       match=r"row lacks column\(s\) 'b', 'c' that table 't' has now"
+                             r".*upcaster for 'fluxlite.restore'.*event 3"):
+        fluxlite.open(path, schema=_APP2_V2, reducer=_app2_reducer, version=2)
+    with fluxlite.open(path) as viewer:  # nothing changed: still the v1 model
+        assert viewer.version == 1 and viewer.view.t.columns == ("k", "a")
+
+    def fill(event):
+        row = event.payload["row"]
+        if "b" in row:
+            return None
+        new = {**row, "b": "b-" + row["a"], "c": "c-" + row["a"]}
+        return event.replace(payload={**event.payload, "row": new})
+
+    with fluxlite.open(path, schema=_APP2_V2, reducer=_app2_reducer, version=2,
+                       upcasters={fluxlite.RESTORE: fill}) as store:
+        assert store.view.t.all() == [{"k": "x", "a": "one", "b": "b-one", "c": "c-one"},
+                                      {"k": "y", "a": "one", "b": "b-one", "c": "c-one"}]
+        store.verify()

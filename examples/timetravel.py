@@ -80,7 +80,7 @@ def reducer_v2(view, event):
 
 def restore_v1_to_v2(event):
     """A fluxlite.restore logged under v1 carries a whole v1 row, replayed as is: give it
-    v2's columns, the computed one too (else a nullable new column would stay NULL)."""
+    v2's columns, the computed one too (without them the replay stops at it)."""
     p = event.payload
     if p["table"] != "items" or "qty" not in p["row"]:
         return event  # already the current shape: upcasters stop when nothing changes
