@@ -7143,7 +7143,6 @@ class Consumer:
         self._resets = store._resets
         self.position = self._acquire()
         self._renewed = time.monotonic()
-        store._leases[self._owner] = name  # store.close() gives it up
 
     def _acquire(self) -> int:
         store = self.store
@@ -7172,14 +7171,17 @@ class Consumer:
                 raise _storage_error(exc, store._path) from exc
             for _, owner in dropped:
                 store._leases.pop(owner, None)
+            # Before the lock is let go: a close() by another thread right after it
+            # released the leases it knew of and left this one held in the file (the
+            # name Busy to every other Consumer while this one lived, closed or not).
+            store._leases[self._owner] = self.name
         return position
 
     def __iter__(self) -> Iterator[Tuple[Event, List[Change]]]:
         self._check_not_closed("iterating")
         self._after_reset()  # (a reset_to() may have put back a file of this code)
         self._check_not_given_up()
-        cursor = _FollowCursor(self.store, self._start(), self._types)
-        return self._deliver(self.store._follow(cursor, 0))
+        return self._deliver(self.store._follow(self._placed_cursor(), 0))
 
     def follow(self, timeout: Optional[float] = None
                ) -> Generator[Tuple[Event, List[Change]], None, None]:
@@ -7190,6 +7192,14 @@ class Consumer:
         self._after_reset()  # (a reset_to() may have put back a file of this code)
         self._check_not_given_up()
         return self._deliver(self._wait_renewing(timeout))
+
+    def _placed_cursor(self) -> "_FollowCursor":
+        """A cursor at _start(), placed with the lock held from reading the position to
+        joining the cursors reset_to() moves: a reset_to() by another thread in between
+        left it at the erased history's position, past the events the new history wrote
+        at those seqs, which were skipped (and acked unseen by the next ack)."""
+        with self.store._lock:
+            return _FollowCursor(self.store, self._start(), self._types)
 
     def _start(self) -> int:
         """Where an iteration reads from: after the last ack, or after the last event a
@@ -7217,7 +7227,7 @@ class Consumer:
             self.position = self._finished = self._yielded = row[0] if row else 0
 
     def _wait_renewing(self, timeout: Optional[float]) -> "_Following":
-        cursor = _FollowCursor(self.store, self._start(), self._types)
+        cursor = self._placed_cursor()
         with self.store._lock:  # as close() reads them: it stops this one, or it sees closed
             self._following.add(cursor)
             cursor.stopped = self._closed  # (closed before the first next())
@@ -7266,7 +7276,9 @@ class Consumer:
         # body an earlier iteration saw through (it asked for the next one, or ran to the
         # end): only an event whose body raised or broke out comes again, not every
         # event yielded since the last ack (a worker polling in a with block).
-        last = self._start()
+        # With the resets it was read after: a reset_to() by another thread before the
+        # cursor is placed is taken in by the cursor's _start(), not seen below.
+        last, seen = self._start(), self._resets
         # A read that finds nothing new renews too: a worker polling a quiet log
         # (`for event, changes in consumer:` in a loop) would otherwise lose its name
         # to another process while it polls, and hit Conflict at its next event.
@@ -7274,8 +7286,8 @@ class Consumer:
             return  # the store was closed
         try:
             for event, changes in source:
-                if self._resets != self.store._resets:  # reset_to() in the loop: the seqs
-                    last = self._start()  # after the checkpoint's position are new events
+                if seen != self.store._resets:  # reset_to() in the loop: the seqs after
+                    last, seen = self._start(), self._resets  # its position are new events
                 if event.seq <= last:
                     continue
                 if self._closed:  # closed meanwhile (by the loop body, another thread): its

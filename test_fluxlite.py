@@ -15165,3 +15165,102 @@ def test_app2_a_restore_of_a_row_older_than_its_columns_is_refused_not_mixed(tmp
         assert store.view.t.all() == [{"k": "x", "a": "one", "b": "b-one", "c": "c-one"},
                                       {"k": "y", "a": "one", "b": "b-one", "c": "c-one"}]
         store.verify()
+
+
+# --- threads (session 18): one Store shared by threads, the newer features -----------
+
+_THREADS_SCHEMA = "CREATE TABLE kv (k TEXT PRIMARY KEY, v INTEGER)"
+
+
+def _threads_reducer(view, event):
+    return view.kv.upsert(k=event.payload, v=event.seq)
+
+
+def _threads_sets(store, prefix, n):
+    store.dispatch_many([{"type": "set", "payload": f"{prefix}{i}"} for i in range(n)])
+
+
+def test_threads_a_consumer_taken_while_another_thread_closes_the_store_frees_its_name(
+        tmp_path, monkeypatch):
+    # Found by review (threads): consumer() registered its lease with the store only
+    # after the lock was let go; a close() by another thread in between released the
+    # leases it knew of, not this one, which stayed held in the file: the name was
+    # Busy ("held by another Consumer of this process, still open; close() that one")
+    # for every other Consumer while that one lived, even after its close().
+    path = tmp_path / "s.db"
+    store = fluxlite.open(path, schema=_THREADS_SCHEMA, reducer=_threads_reducer)
+    store.dispatch("set", "a")
+    acquired, closed = threading.Event(), threading.Event()
+    acquire = fluxlite.Consumer._acquire
+
+    def pausing(self):
+        position = acquire(self)
+        acquired.set()
+        closed.wait(5)
+        return position
+    monkeypatch.setattr(fluxlite.Consumer, "_acquire", pausing)
+    taken = []
+    taker = threading.Thread(target=lambda: taken.append(store.consumer("mailer")))
+    taker.start()
+    assert acquired.wait(5)
+    store.close()
+    closed.set()
+    taker.join(5)
+    monkeypatch.setattr(fluxlite.Consumer, "_acquire", acquire)
+    taken[0].close()  # kept alive, as a worker's attribute would be
+    with fluxlite.open(path, schema=_THREADS_SCHEMA, reducer=_threads_reducer) as again:
+        assert again.query("SELECT owner, lease_until FROM fluxlite_consumers") == \
+            [{"owner": None, "lease_until": 0.0}]
+        again.consumer("mailer").close()
+        again.verify()
+
+
+@pytest.mark.parametrize("pause", ["deliver", "place"])
+def test_threads_a_consumer_following_while_another_thread_resets_skips_no_new_event(
+        tmp_path, monkeypatch, pause):
+    # Found by review (threads): a consumer's follow() read where to start (its
+    # position) and placed its cursor without holding the store's lock between; a
+    # reset_to() by another thread in between left the cursor at the erased history's
+    # position ("place"), or the loop's filter there ("deliver": the cursor's own read
+    # took the reset in, and the loop no longer saw it): the events the new history
+    # wrote at those seqs were never yielded, and the next ack acknowledged them unseen.
+    with fluxlite.open(tmp_path / "s.db", schema=_THREADS_SCHEMA,
+                       reducer=_threads_reducer) as store:
+        _threads_sets(store, "a", 10)
+        mailer = store.consumer("mailer")
+        mailer.ack(next(e for e, _ in mailer if e.seq == 5))
+        saved = store.checkpoint()  # head 10, the mailer at 5
+        _threads_sets(store, "b", 10)
+        assert [e.seq for e, _ in mailer][-1] == 20
+        mailer.ack(20)
+        paused, go = threading.Event(), threading.Event()
+        start, calls = fluxlite.Consumer._start, []
+
+        def pausing(self):
+            seq = start(self)
+            calls.append(seq)
+            # 1st call: the loop's filter (in _deliver); 2nd: the cursor's position
+            if len(calls) == {"deliver": 1, "place": 2}[pause]:
+                paused.set()
+                go.wait(5)
+            return seq
+        monkeypatch.setattr(fluxlite.Consumer, "_start", pausing)
+        heard = []
+        worker = threading.Thread(
+            target=lambda: heard.extend(e.seq for e, _ in mailer.follow(timeout=1)))
+        worker.start()
+        assert paused.wait(5)
+        resetting = threading.Thread(target=store.reset_to, args=(saved,))
+        resetting.start()
+        resetting.join(0.5)  # at once where it has room; else once the cursor is placed
+        go.set()
+        resetting.join(5)
+        _threads_sets(store, "c", 5)  # seqs 11..15 again: new events
+        worker.join(10)
+        # From the checkpoint's position (a reset before the cursor was placed), or past
+        # what the consumer had been given already (a reset while it follows).
+        assert heard == {"deliver": list(range(6, 16)), "place": list(range(11, 16))}[pause]
+        mailer.ack(15)
+        assert list(mailer) == []
+        saved.close()
+        store.verify()
