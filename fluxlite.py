@@ -1018,6 +1018,34 @@ def _empty_quietly(path: str) -> None:
         _log.warning("could not empty %r: %s", path, exc)
 
 
+def _empty_if_blank(path: str) -> None:
+    """Empty a store file that a fork() or replay(into=) killed at once (SIGKILL, a
+    power cut: no except clause ran) left made but holding no table: SQLite writes
+    its header when it switches the new file to WAL, before the copy's first commit.
+    Left as it is, the retry was refused as "has content" (or "not a fluxlite
+    store"); emptied, it is the empty file the retry accepts. Only when closing the
+    look left no -wal: another connection still open on it (a copy being made into
+    it now) keeps its -wal, and the file is left alone."""
+    if path in (":memory:", "") or not os.path.isfile(path) or not os.path.getsize(path):
+        return
+    file = _sqlite_file(path)
+    try:
+        conn = sqlite3.connect(_file_uri(file, "rw"), uri=True, isolation_level=None)
+    except sqlite3.Error:
+        return
+    try:
+        # Marked by another program (as open() tells): its file, whatever it holds.
+        blank = (conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+                 and conn.execute("PRAGMA user_version").fetchone()[0] == 0
+                 and conn.execute("PRAGMA application_id").fetchone()[0] in (0, APPLICATION_ID))
+    except sqlite3.Error:  # not a database, damaged, locked: not ours to empty
+        blank = False
+    finally:
+        conn.close()
+    if blank and not os.path.exists(file + "-wal"):
+        _empty_quietly(file)
+
+
 def _remove_quietly(path: str) -> None:
     """Remove a file fluxlite made, if it can: a file missing is fine, and one that
     cannot go (on Windows, while anything holds it open) must not replace the
@@ -4486,6 +4514,7 @@ class Store:
         """
         _check_sources(clock, ids)
         path = _path_argument(path, "fork(path=...)")
+        _empty_if_blank(path)
         if path != ":memory:" and os.path.exists(path) and os.path.getsize(path):
             raise UsageError(f"fork(path={path!r}) needs a new file; that one has content.")
         with self._lock:
@@ -5951,6 +5980,7 @@ class Store:
         if not isinstance(file, str):
             raise UsageError(f"into must be a path or ':memory:'; received {_describe(into)}.")
         _check_path(file)
+        _empty_if_blank(file)
         present = _present(file) if file != ":memory:" else {}
         created = file != ":memory:" and not present[""]
         blank: Optional[Checkpoint] = None

@@ -2989,3 +2989,264 @@ def test_soak_memory_fds_and_wal_stay_bounded(tmp_path, scale, figure):
            f"{r['wal_peak_in_rebuild_mb']:.1f} MB, truncated right after it (sizes after each "
            f"rebuild: {', '.join(f'{b[2]:.1f}' for b in r['rebuilds'])} MB); database "
            f"{r['db_mb']:.0f} MB")
+
+
+# =============================================================================================
+# crash (session 18): SIGKILL at traced points of every other multi-step operation
+# =============================================================================================
+
+# The child counts the lines fluxlite.py runs once ARM() is called (sys.settrace) and
+# SIGKILLs itself at line K: deterministic points, spread over the whole operation
+# (between two SQLite calls, two files, two transactions). K = 0 runs it through and
+# prints how many lines it took.
+_TRACED_PRELUDE = r'''
+import os, signal, sys, fluxlite
+_K, _count, _FILE = int(sys.argv[1]), 0, fluxlite.__file__
+
+
+def _line(frame, event, arg):
+    global _count
+    if event == "line":
+        _count += 1
+        if _count == _K:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return _line
+
+
+def ARM():
+    sys.settrace(lambda frame, event, arg: _line if frame.f_code.co_filename == _FILE else None)
+
+
+def DISARM():
+    sys.settrace(None)
+    print("LINES", _count, flush=True)
+
+
+SCHEMA = "CREATE TABLE accounts (id TEXT PRIMARY KEY, balance INTEGER NOT NULL);"
+SCHEMA2 = SCHEMA + " CREATE TABLE extra (id TEXT PRIMARY KEY);"
+
+
+def reducer(view, event):
+    p = event.payload
+    if event.type == "deposit":
+        row = view.accounts.get(p["account"])
+        return view.accounts.upsert(id=p["account"],
+                                    balance=(row["balance"] if row else 0) + p["amount"])
+    if event.type == "close":
+        return view.accounts.delete(p["account"])
+    return None
+'''
+_traced = {}  # the same schemas and reducer, for the checks in this process
+exec(_TRACED_PRELUDE[_TRACED_PRELUDE.index("SCHEMA = "):], _traced)
+T_SCHEMA, T_SCHEMA2, t_reducer = _traced["SCHEMA"], _traced["SCHEMA2"], _traced["reducer"]
+
+
+def _run_traced(body, k, cwd):
+    env = dict(os.environ, PYTHONPATH=FLUXLITE_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", _TRACED_PRELUDE + textwrap.dedent(body), str(k)],
+                          cwd=str(cwd), env=env, capture_output=True, text=True, timeout=120)
+
+
+def _t_store(directory, n=5, **options):
+    with fluxlite.open(str(directory / "s.db"), schema=T_SCHEMA, reducer=t_reducer,
+                       **options) as store:
+        for i in range(n):
+            store.dispatch("deposit", {"account": f"a{i % 3}", "amount": i + 1}, id=f"e{i}")
+
+
+def _t_log(path, **options):
+    """Opened writable with the same code: verify() passes; the log as (seq, id)."""
+    options.setdefault("schema", T_SCHEMA)
+    with fluxlite.open(str(path), reducer=t_reducer, **options) as store:
+        store.verify()
+        assert integrity(path) == [("ok",)]
+        return [(e.seq, e.id) for e in store.events()]
+
+
+_BEFORE = [(k + 1, f"e{k}") for k in range(5)]
+
+
+def _check_copy(directory, name, method):
+    """fork()/replay(into=) killed: the source is whole; the copy is whole, absent, or
+    refused with the StorageError saying what to do; a retry (after that advice) works."""
+    assert _t_log(directory / "s.db") == _BEFORE
+    target = directory / name
+    done = False
+    try:
+        if target.exists() and (target.stat().st_size or os.path.exists(f"{target}-wal")):
+            with fluxlite.open(str(target), readonly=True) as copy:
+                done = [(e.seq, e.id) for e in copy.events()] == _BEFORE
+    except fluxlite.StorageError as exc:  # an unfinished replay: its advice is followed
+        assert "unfinished replay" in str(exc) and "delete the file" in str(exc), exc
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f"{target}{suffix}")
+    except fluxlite.SchemaError as exc:  # a file made, no copy in it yet
+        assert "no fluxlite log" in str(exc), exc
+    if done:
+        assert _t_log(target) == _BEFORE
+        return
+    with fluxlite.open(str(directory / "s.db"), schema=T_SCHEMA, reducer=t_reducer) as store:
+        copy = store.fork(str(target)) if method == "fork" else store.replay(into=str(target))
+        copy.close()
+    assert _t_log(target) == _BEFORE
+
+
+def _check_restore(directory):
+    log = _t_log(directory / "s.db")
+    assert log[:6] == _BEFORE + [(6, "closed")] and len(log) in (6, 7), log
+    with fluxlite.open(str(directory / "s.db"), schema=T_SCHEMA, reducer=t_reducer) as store:
+        if len(log) == 6:
+            store.restore("accounts", "a1")
+        assert store.query("SELECT balance FROM accounts WHERE id = 'a1'") == [{"balance": 7}]
+
+
+def _check_consumer(directory):
+    assert _t_log(directory / "s.db") == _BEFORE
+    with fluxlite.open(str(directory / "s.db"), schema=T_SCHEMA, reducer=t_reducer) as store:
+        with store.consumer("c1") as consumer:  # a killed holder's lease is taken over at once
+            assert consumer.position in (0, 3)
+            assert [e.seq for e, _ in consumer][-1:] == [5]
+        with store.consumer("c1") as consumer:
+            assert consumer.position == 5
+
+
+def _adoptable(directory):
+    conn = sqlite3.connect(str(directory / "s.db"))
+    conn.execute("CREATE TABLE accounts (id TEXT PRIMARY KEY, balance INTEGER NOT NULL)")
+    conn.executemany("INSERT INTO accounts VALUES (?, ?)", [(f"a{i}", i) for i in range(50)])
+    conn.commit()
+    conn.close()
+
+
+def _check_adopted(directory):
+    with fluxlite.open(str(directory / "s.db"), schema=T_SCHEMA, reducer=t_reducer,
+                       adopt=True) as store:
+        store.verify()
+        assert store.query("SELECT count(*) AS n, sum(balance) AS s FROM accounts") == [
+            {"n": 50, "s": sum(range(50))}]
+
+
+def _restorable(directory):
+    _t_store(directory)
+    with fluxlite.open(str(directory / "s.db"), schema=T_SCHEMA, reducer=t_reducer) as store:
+        store.dispatch("close", {"account": "a1"}, id="closed")
+
+
+_OPEN = 'store = fluxlite.open("s.db", schema=SCHEMA, reducer=reducer)\n'
+# name: (make the store before, the child's operation (between ARM and DISARM), check after)
+_TRACED_OPERATIONS = {
+    "first open": (lambda d: None, 'ARM(); fluxlite.open("s.db", schema=SCHEMA, '
+                   'reducer=reducer).close(); DISARM()',
+                   lambda d: _t_log(d / "s.db") == []),
+    "close": (lambda d: None, _OPEN + 'for i in range(5): store.dispatch("deposit", '
+              '{"account": "a", "amount": 1}, id=f"e{i}")\nARM(); store.close(); DISARM()',
+              lambda d: _t_log(d / "s.db") == _BEFORE),
+    "checkpoint and reset_to": (
+        _t_store, _OPEN + 'ARM(); saved = store.checkpoint(); DISARM()\nfor i in range(3): '
+        'store.dispatch("deposit", {"account": "a", "amount": 1}, id=f"x{i}")\nARM(); '
+        'store.reset_to(saved); DISARM()',
+        lambda d: _t_log(d / "s.db") in (_BEFORE, _BEFORE + [(6 + i, f"x{i}") for i in range(3)])),
+    "fork into a file": (_t_store, _OPEN + 'ARM(); store.fork("f.db").close(); DISARM()',
+                         lambda d: _check_copy(d, "f.db", "fork") is None),
+    "replay into a file": (_t_store, _OPEN + 'ARM(); store.replay(into="r.db").close(); DISARM()',
+                           lambda d: _check_copy(d, "r.db", "replay") is None),
+    "adopting a filled file": (_adoptable, 'ARM(); fluxlite.open("s.db", schema=SCHEMA, '
+                               'reducer=reducer, adopt=True).close(); DISARM()',
+                               lambda d: _check_adopted(d) is None),
+    "rebuild on open": (lambda d: _t_store(d, version=1), 'ARM(); fluxlite.open("s.db", '
+                        'schema=SCHEMA2, reducer=reducer, version=2).close(); DISARM()',
+                        lambda d: _t_log(d / "s.db", schema=T_SCHEMA2, version=2) == _BEFORE),
+    "restore": (_restorable, _OPEN + 'ARM(); store.restore("accounts", "a1"); DISARM()',
+                lambda d: _check_restore(d) is None),
+    "consumer made, acked, closed": (
+        _t_store, _OPEN + 'ARM()\nconsumer = store.consumer("c1")\nfor event, _ in consumer:\n'
+        '    if event.seq == 3:\n        consumer.ack(event)\n        break\nconsumer.close()\n'
+        'DISARM()', lambda d: _check_consumer(d) is None),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("operation", list(_TRACED_OPERATIONS))
+def test_sigkill_at_traced_points_of_each_multi_step_operation(tmp_path, scale, operation,
+                                                                 figure):
+    """Killed at line K of fluxlite.py (K from the first line to the last, evenly and at
+    random): the store opens with the same code, verify() passes, the log is the one of
+    before or of after, and the operation, run again, succeeds."""
+    make, body, check = _TRACED_OPERATIONS[operation]
+    base = tmp_path / "base"
+    base.mkdir()
+    make(base)
+    run = _run_traced(body, 0, shutil.copytree(base, tmp_path / "whole"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = int(run.stdout.split("LINES")[-1].split()[0])
+    seed = _seed()
+    rng = random.Random(seed)
+    points = 12 if scale.name == "ci" else 120
+    ks = sorted({1, lines} | {lines * j // points for j in range(1, points)}
+                | {rng.randint(1, lines) for _ in range(points // 2)})
+    for k in ks:
+        directory = shutil.copytree(base, tmp_path / f"k{k}")
+        run = _run_traced(body, k, directory)
+        where = f"killed at line {k} of {lines} of {operation} {_replay_hint(seed)}"
+        assert run.returncode in (-signal.SIGKILL, 0), f"{where}: {run.stderr[-3000:]}"
+        assert check(directory), where
+        shutil.rmtree(directory)
+    figure(f"Crash (traced): SIGKILLs inside {operation}",
+           f"{len(ks)} kills at lines 1..{lines}; each reopened, verified, retried")
+
+
+_KILLED_AFTER_CONNECT = r'''
+import os, signal, sys, fluxlite
+SCHEMA = "CREATE TABLE accounts (id TEXT PRIMARY KEY, balance INTEGER NOT NULL);"
+store = fluxlite.open("s.db", schema=SCHEMA, reducer=lambda view, event: None)
+connect = fluxlite._connect
+
+
+def killed_after(path, *args, **kwargs):  # the new file made, nothing copied into it yet
+    conn = connect(path, *args, **kwargs)
+    if os.path.basename(path) == "copy.db":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return conn
+
+
+fluxlite._connect = killed_after
+store.fork("copy.db") if sys.argv[1] == "fork" else store.replay(into="copy.db")
+'''
+
+
+@pytest.mark.parametrize("method", ["fork", "replay"])
+def test_a_fork_or_replay_killed_before_its_first_commit_can_be_run_again(tmp_path, method):
+    """SQLite writes a new file's header as it switches it to WAL, before the copy's first
+    commit: a fork() or replay(into=) killed then left a database with no table, which
+    their retry refused ("has content", "not a fluxlite store") for ever."""
+    _t_store(tmp_path)
+    env = dict(os.environ, PYTHONPATH=FLUXLITE_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", _KILLED_AFTER_CONNECT, method], cwd=str(tmp_path),
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
+    assert (tmp_path / "copy.db").stat().st_size > 0  # the leftover this is about
+    with fluxlite.open(str(tmp_path / "s.db"), schema=T_SCHEMA, reducer=t_reducer) as store:
+        copy = store.fork(str(tmp_path / "copy.db")) if method == "fork" else store.replay(
+            into=str(tmp_path / "copy.db"))
+        copy.close()
+    assert _t_log(tmp_path / "copy.db") == _BEFORE
+    assert sorted(os.listdir(tmp_path)) == ["copy.db", "s.db"]
+
+
+def test_a_table_less_database_another_program_marked_is_not_emptied_for_a_fork(tmp_path):
+    """A SQLite database with no table but a user_version or application_id of another
+    program's is its file (as open() says): a fork() there is still refused, unchanged."""
+    _t_store(tmp_path)
+    marked = tmp_path / "marked.db"
+    conn = sqlite3.connect(str(marked))
+    conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    size = marked.stat().st_size
+    with fluxlite.open(str(tmp_path / "s.db"), schema=T_SCHEMA, reducer=t_reducer) as store:
+        with pytest.raises(fluxlite.UsageError, match="has content"):
+            store.fork(str(marked))
+    assert marked.stat().st_size == size
+    conn = sqlite3.connect(str(marked))
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 7
+    conn.close()
