@@ -8728,8 +8728,8 @@ def _check_format(conn: sqlite3.Connection, path: str, names: Set[str]) -> int:
     if user_version > FORMAT_VERSION:
         raise SchemaError(
             f"{path!r} was written by a newer fluxlite (on-disk format {user_version}; "
-            f"this is fluxlite {__version__}, format {FORMAT_VERSION}). Upgrade fluxlite "
-            f"to open it."
+            f"this is fluxlite {__version__}, format {FORMAT_VERSION}). Nothing was changed. "
+            f"Upgrade fluxlite to one whose FORMAT_VERSION is {user_version} or more to open it."
         )
     needed = {"events", "fluxlite_journal"} | ({"fluxlite_seals"} if user_version >= 2 else set())
     missing = needed - names
@@ -8758,20 +8758,23 @@ def _check_format(conn: sqlite3.Connection, path: str, names: Set[str]) -> int:
 
 
 def _stored_format(conn: sqlite3.Connection, names: Set[str]) -> int:
-    """PRAGMA user_version; or, where a copy made through SQL lost it (0: the sqlite3
-    shell's .dump or .recover piped into a new file, an operator's usual way to compact
-    or repair a database), the format a store with seals records in fluxlite_meta.
-    Taken for format 0, such a copy was "upgraded": its seals table made again, which
-    failed as "table fluxlite_seals already exists"."""
+    """The on-disk format, from every mark the file has: PRAGMA user_version, the
+    format fluxlite_meta records, and fluxlite_seals (format 2 made it), the highest
+    of them. A copy made through SQL loses user_version (0: the sqlite3 shell's .dump
+    or .recover piped into a new file, an operator's usual way to compact or repair a
+    database), and another program may set it; taken at its word, a store with seals
+    was "upgraded" (its seals table made again: "table fluxlite_seals already
+    exists"), and a newer fluxlite's file whose meta says so was opened."""
     user_version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if user_version or "fluxlite_seals" not in names:
-        return user_version
     try:
         row = conn.execute("SELECT value FROM fluxlite_meta WHERE key = 'format'").fetchone()
         recorded = json.loads(row[0]) if row is not None else None
     except (sqlite3.Error, TypeError, ValueError):  # damage: _read_meta() says what
-        return user_version
-    return recorded if isinstance(recorded, int) and recorded >= 2 else user_version
+        recorded = None
+    marks = [user_version, 2 if "fluxlite_seals" in names else 0]
+    if isinstance(recorded, int) and not isinstance(recorded, bool):
+        marks.append(recorded)
+    return max(marks)
 
 
 _OWN_COLUMNS = {

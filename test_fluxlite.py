@@ -1793,7 +1793,8 @@ def test_any_changed_character_in_the_log_or_journal_fails_verify(
 def test_a_format_1_store_is_sealed_when_opened_for_writing(tmp_path):
     target = str(tmp_path / "s.db")
     _sealed_store(target)
-    _by_hand(target, "DROP TABLE fluxlite_seals", "PRAGMA user_version = 1")
+    _by_hand(target, "DROP TABLE fluxlite_seals", "PRAGMA user_version = 1",
+             "UPDATE fluxlite_meta SET value = '1' WHERE key = 'format'")  # as format 1 wrote
     with fluxlite.open(target, readonly=True) as reader:  # read-only: opened as it is
         assert reader.head == 4
     with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
@@ -15264,3 +15265,136 @@ def test_threads_a_consumer_following_while_another_thread_resets_skips_no_new_e
         assert list(mailer) == []
         saved.close()
         store.verify()
+
+# --- upgrade (files written by earlier fluxlite code) -------------------------------
+
+_UPGRADE_DATA = pathlib.Path(__file__).parent / "tests_data" / "upgrade"
+_UPGRADE_SCHEMA = ("CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT);\n"
+                   "CREATE TABLE pairs (a TEXT, b INTEGER, v, PRIMARY KEY (a, b))")
+
+
+def _upgrade_reducer(view, event):
+    """The reducer tests_data/upgrade/README.md's stores were made with."""
+    p = event.payload
+    if event.type == "add":
+        return view.users.insert(name=p["name"], role=None)
+    if event.type == "grant":
+        return view.users.update(p["name"], role=p["role"])
+    if event.type == "drop":
+        return view.users.delete(p["name"])
+    if event.type == "pair":
+        return view.pairs.upsert(a=p["a"], b=p["b"], v=p["v"])
+    return None
+
+
+def _store_from_sql(path, sql, keep_marks=True):
+    """A store file from an SQL dump; without its header's marks, as a copy made
+    through the sqlite3 shell's .dump has none."""
+    if not keep_marks:
+        sql = "\n".join(line for line in sql.splitlines() if not line.startswith("PRAGMA "))
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(sql)
+
+
+# The layouts earlier commits wrote (found by creating a store with each commit's
+# fluxlite.py; see tests_data/upgrade/README.md): the first (format 1, no version,
+# generation or consumers), the last of format 1 (consumers, the first REPLACE
+# trigger) and the first of format 2 (seals, that trigger's first definition).
+@pytest.mark.parametrize("commit, version, consumed", [
+    ("28f8d42", None, 0), ("c9b2d54", 1, 1), ("51ae6d7", 1, 1)])
+@pytest.mark.parametrize("keep_marks", [True, False])
+def test_upgrade_a_store_made_by_an_earlier_fluxlite_opens_and_works(
+        tmp_path, commit, version, consumed, keep_marks):
+    path = str(tmp_path / "old.db")
+    _store_from_sql(path, (_UPGRADE_DATA / f"{commit}.sql").read_text("utf-8"), keep_marks)
+    with fluxlite.open(path, readonly=True) as reader:  # opened as it is
+        assert reader.head == 6
+        assert reader.view.users.all() == [{"name": "ann", "role": "admin"}]
+    with fluxlite.open(path, schema=_UPGRADE_SCHEMA, reducer=_upgrade_reducer,
+                       version=version) as store:
+        store.verify()
+        assert next(store.events()).actor == "alice"
+        assert [r.op for r in store.history("users", "bob")] == ["insert", "delete"]
+        assert [r.after for r in store.history("pairs", ("x", 1))] == [
+            {"a": "x", "b": 1, "v": 0.5}, {"a": "x", "b": 1, "v": "\u00e9"}]
+        assert store.at(2).users.count() == 2
+        assert store.at(time=datetime(2026, 1, 2, 3, 4, 6, 123456, tzinfo=timezone.utc)
+                        ).users.count() == 2
+        saved = store.checkpoint()
+        assert store.restore("users", "bob").seq == 7
+        store.dispatch("add", {"name": "cy"})
+        store.verify()
+        store.reset_to(saved)
+        assert store.head == 6
+        consumer = store.consumer("mailer")
+        assert next(iter(consumer))[0].seq == consumed + 1
+        consumer.close()
+        store.rebuild()
+        store.dispatch("add", {"name": "dee"})
+        store.verify()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == fluxlite.FORMAT_VERSION
+        assert conn.execute("SELECT max(seq) FROM fluxlite_seals").fetchone()[0] == 7
+    wider = _UPGRADE_SCHEMA.replace("role TEXT)", "role TEXT, note TEXT)")
+    with fluxlite.open(path, schema=wider, reducer=_upgrade_reducer, version=2) as store:
+        assert store.view.users.get("ann") == {"name": "ann", "role": "admin", "note": None}
+        store.verify()
+
+
+def test_upgrade_a_newer_format_recorded_in_fluxlite_meta_alone_is_refused(tmp_path):
+    # A file keeps its format in two places: PRAGMA user_version and fluxlite_meta's
+    # "format". A newer format in meta alone (a tool that rewrote the header) was
+    # opened, and written to, by this older code.
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+    newer = fluxlite.FORMAT_VERSION + 1
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("UPDATE fluxlite_meta SET value = ? WHERE key = 'format'", (str(newer),))
+        conn.commit()
+    before = pathlib.Path(path).read_bytes()
+    for options in ({"readonly": True}, {"schema": SCHEMA, "reducer": reducer}):
+        with pytest.raises(fluxlite.SchemaError,
+                           match=rf"newer fluxlite \(on-disk format {newer};.*Nothing was "
+                                 rf"changed\. Upgrade fluxlite to one whose FORMAT_VERSION "
+                                 rf"is {newer} or more"):
+            fluxlite.open(path, **options)
+    assert pathlib.Path(path).read_bytes() == before
+
+
+@pytest.mark.parametrize("mark", [1, -1])
+def test_upgrade_a_store_whose_user_version_another_program_lowered_opens(tmp_path, mark):
+    # Its seals say format 2; taken for format 1, it was "upgraded" and failed with
+    # "table fluxlite_seals already exists".
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(f"PRAGMA user_version = {mark}")
+    with fluxlite.open(path, readonly=True) as reader:
+        assert reader.head == 1
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "b")
+        store.verify()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == fluxlite.FORMAT_VERSION
+
+
+def test_upgrade_meta_keys_and_tables_this_fluxlite_does_not_know_are_kept_and_ignored(tmp_path):
+    # The README's rule: what an older fluxlite may ignore keeps the format number;
+    # what it may not gets a new one (and is refused above).
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "a")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("INSERT INTO fluxlite_meta VALUES ('from_the_future', '[1]')")
+        conn.execute("CREATE TABLE fluxlite_future (x)")
+        conn.commit()
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        add(store, "b")
+        store.rebuild()
+        store.verify()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT value FROM fluxlite_meta WHERE key = 'from_the_future'"
+                            ).fetchone() == ("[1]",)
+        assert conn.execute("SELECT count(*) FROM fluxlite_future").fetchone() == (0,)
