@@ -15398,3 +15398,172 @@ def test_upgrade_meta_keys_and_tables_this_fluxlite_does_not_know_are_kept_and_i
         assert conn.execute("SELECT value FROM fluxlite_meta WHERE key = 'from_the_future'"
                             ).fetchone() == ("[1]",)
         assert conn.execute("SELECT count(*) FROM fluxlite_future").fetchone() == (0,)
+
+# reads (eighteenth session): the read paths' fast paths return what the slow ones did --
+
+_READS_SCHEMA = ("CREATE TABLE pairs (a TEXT NOT NULL, b INTEGER NOT NULL, v, blob BLOB, "
+                 "note TEXT, PRIMARY KEY (a, b));\n"
+                 "CREATE TABLE nums (id INTEGER PRIMARY KEY, n INTEGER, f REAL, t TEXT)")
+_READS_ROWS = [
+    {"a": "x", "b": -(2**63), "v": None, "blob": None, "note": None},
+    {"a": "x", "b": 2**63 - 1, "v": 2**63 - 1, "blob": None, "note": "é, ß, 中"},
+    {"a": "é", "b": 0, "v": 1.5, "blob": None, "note": ""},
+    {"a": "", "b": 7, "v": "text", "blob": None, "note": "\u2028 line sep"},
+]
+
+
+def _reads_reducer(view, event):
+    if event.type == "blob":  # a BLOB only SQL can write into a read model: a reducer's
+        return None           # values are JSON; the test puts one in by hand below
+    return view.pairs.upsert(event.payload)
+
+
+def _reads_by_hand(path, sql, params=()):
+    raw = sqlite3.connect(path)
+    try:
+        cursor = raw.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
+    finally:
+        raw.close()
+
+
+def test_reads_get_find_all_count_return_what_plain_sqlite3_returns(tmp_path):
+    path = str(tmp_path / "r.db")
+    with fluxlite.open(path, schema=_READS_SCHEMA, reducer=_reads_reducer) as store:
+        for row in _READS_ROWS:
+            store.dispatch("put", row)
+        raw = sqlite3.connect(path)  # a BLOB, as another tool could have left one
+        raw.execute("UPDATE pairs SET blob = x'00ff10' WHERE a = 'é'")
+        raw.commit()
+        raw.close()
+        pairs = store.view.pairs
+        everything = _reads_by_hand(path, "SELECT * FROM pairs ORDER BY a, b")
+        assert pairs.all() == everything and len(everything) == 4
+        assert [r["blob"] for r in everything if r["a"] == "é"] == [b"\x00\xff\x10"]
+        for row in everything:
+            key = (row["a"], row["b"])
+            assert pairs.get(key) == row and pairs.get(list(key)) == row
+            assert key in pairs
+        assert pairs.get(("x", 2**63 - 2)) is None and ("nope", 1) not in pairs
+        assert pairs.find(a="x") == [r for r in everything if r["a"] == "x"]
+        assert pairs.find(note=None) == [r for r in everything if r["note"] is None]
+        assert pairs.find(a="x", b=-(2**63)) == [everything[1]]
+        assert pairs.count() == 4 and store.view.nums.count() == 0
+        with pytest.raises(fluxlite.UsageError, match="composite primary key"):
+            pairs.get("x")
+        with pytest.raises(fluxlite.UsageError, match="64-bit"):
+            pairs.get(("x", 2**63))
+        with store.at(2) as past:  # an as-of view reads through the same code
+            assert past.pairs.all() == [r for r in everything if r["a"] == "x"]
+            assert past.pairs.count() == 2
+            assert past.pairs.get(("x", 2**63 - 1))["note"] == "é, ß, 中"
+            assert past.pairs.get(("é", 0)) is None
+
+
+def test_reads_a_row_that_fails_to_read_still_closes_the_statement(tmp_path):
+    """_rows closes its cursor in a finally (no contextlib.closing): a row whose text
+    is not UTF-8 fails to read, and the store can still close cleanly afterwards."""
+    path = str(tmp_path / "r.db")
+    store = fluxlite.open(path, schema=_READS_SCHEMA, reducer=_reads_reducer)
+    store.dispatch("put", _READS_ROWS[0])
+    raw = sqlite3.connect(path)
+    raw.execute("UPDATE pairs SET note = CAST(x'ff' AS TEXT)")
+    raw.commit()
+    raw.close()
+    with pytest.raises(fluxlite.StorageError):
+        store.view.pairs.get(("x", -(2**63)))
+    with pytest.raises(fluxlite.StorageError):
+        store.view.pairs.all()
+    with pytest.raises(fluxlite.FluxliteError):
+        store.query("SELECT * FROM pairs")
+    assert store.view.pairs.count() == 1  # the connection is still usable
+    store.close()
+    assert not os.path.exists(path + "-wal")  # no statement was left open
+
+
+@pytest.mark.parametrize("value, ok", [
+    (2**63 - 1, True), (-(2**63), True), (2**63, False), (-(2**63) - 1, False),
+    ("é", True), ("abc", True), ("", True), ("\ud800", False), ("a\ud800", False),
+    (1.5, True), (None, True), (True, True), (b"\x00\xff", True), (float("inf"), True),
+])
+def test_reads_query_parameters_are_checked_as_before_the_fast_path(store, value, ok):
+    """query() skips its full parameter check for in-range ints, ASCII text, floats and
+    None: every value either side of each of those edges gets the answer it got."""
+    if ok:
+        assert store.query("SELECT ? AS v", (value,)) == [{"v": value}]
+        assert store.query("SELECT :x AS v", {"x": value}) == [{"v": value}]
+    else:
+        with pytest.raises(fluxlite.QueryError, match="query\\(\\) parameter"):
+            store.query("SELECT ? AS v", (value,))
+        with pytest.raises(fluxlite.QueryError, match="query\\(\\) parameter"):
+            store.query("SELECT :x AS v", {"x": value})
+
+
+def test_reads_query_parameter_subclasses_still_get_the_full_check(store):
+    class Big(int):
+        pass
+
+    class Text(str):
+        pass
+
+    with pytest.raises(fluxlite.QueryError, match="64-bit"):
+        store.query("SELECT ? AS v", (Big(2**64),))
+    with pytest.raises(fluxlite.QueryError, match="lone surrogate"):
+        store.query("SELECT ? AS v", (Text("\udc80"),))
+    assert store.query("SELECT ? AS v", [Big(3)]) == [{"v": 3}]
+
+
+def test_reads_count_and_get_after_another_connection_rebuilt_the_table(tmp_path):
+    """count()'s SQL is made once per table; the table rebuilt by other code under
+    the same name is still counted, and one gone is still a SchemaError."""
+    path = str(tmp_path / "r.db")
+    old = fluxlite.open(path, schema=NAMES_SCHEMA, reducer=names_reducer)
+    try:
+        old.dispatch("addUser", {"name": "a"})
+        assert old.view.users.count() == 1
+        wider = NAMES_SCHEMA.replace("role TEXT", "role TEXT, email TEXT")
+        with fluxlite.open(path, schema=wider, reducer=names_reducer) as new:
+            new.dispatch("addUser", {"name": "b"})
+            expected = new.view.users.all()
+        assert old.view.users.count() == 2
+        assert "email" in expected[0]
+        assert old.query("SELECT * FROM users ORDER BY name") == expected
+        other = NAMES_SCHEMA.replace("users", "people")
+        fluxlite.open(path, schema=other, reducer=lambda view, event: None).close()
+        with pytest.raises(fluxlite.SchemaError, match="rebuilt|not the ones"):
+            old.view.users.count()
+        with pytest.raises(fluxlite.SchemaError, match="rebuilt|not the ones"):
+            old.view.users.get(1)
+    finally:
+        old.close()
+
+
+def test_reads_event_by_seq_and_id_edges(store):
+    first = store.dispatch("addUser", {"name": "a"})
+    assert store.event(1) == first and store.event(first.id) == first
+    for missing in (0, -1, 2, 2**63 - 1, 2**63, 10**30, "", "no such id", "x" * 100_000):
+        assert store.event(missing) is None
+    for wrong in (True, 1.0, None, b"1", [1]):
+        with pytest.raises(fluxlite.UsageError, match="seq \\(int\\) or an id \\(str\\)"):
+            store.event(wrong)
+    with pytest.raises(fluxlite.UsageError, match="surrogate|Unicode"):
+        store.event("\ud800")
+
+
+def test_reads_the_reading_guard_converts_damage_only_and_never_swallows():
+    guard = fluxlite._reading("some.db")
+    with pytest.raises(fluxlite.StorageError, match="'some.db' is damaged: database disk "
+                                                     "image is malformed") as caught:
+        with guard:
+            raise sqlite3.DatabaseError("database disk image is malformed")
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        with guard:
+            raise sqlite3.OperationalError("no such table: events")
+    with pytest.raises(KeyError):
+        with guard:
+            raise KeyError("x")
+    with guard:  # reentrant and reusable: it keeps no state between uses
+        with guard:
+            pass
