@@ -413,7 +413,8 @@ class Event:
         unknown = set(changes) - {"type", "payload", "meta"}
         if unknown:
             raise UsageError(
-                f"Event.replace() changes type, payload or meta; received {sorted(unknown)}."
+                f"Event.replace() changes type, payload or meta; received "
+                f"[{', '.join(map(_quoted, sorted(unknown)))}]."
             )
         return dataclasses.replace(self, **changes)
 
@@ -470,7 +471,8 @@ class Change:
         unknown = set(changes) - {"op", "table", "key", "values"}
         if unknown:
             raise UsageError(
-                f"Change.replace() changes op, table, key or values; received {sorted(unknown)}."
+                f"Change.replace() changes op, table, key or values; received "
+                f"[{', '.join(map(_quoted, sorted(unknown)))}]."
             )
         return dataclasses.replace(self, **changes)
 
@@ -2009,6 +2011,9 @@ class _Model:
         info = self.tables.get(name) if isinstance(name, str) else None
         if info is None:
             known = ", ".join(sorted(self.tables)) or "none"
+            if not isinstance(name, str):
+                raise error(f"A table name is a str, one of: {known}; received "
+                            f"{_describe(name)}.")
             raise error(
                 f"Unknown table {_quoted(name)}; the read model has: {known}. Table names "
                 f"are case-sensitive and must match the schema."
@@ -2162,12 +2167,12 @@ class _Model:
         if generated:
             raise error(
                 f"{op} on {info.name!r} sets generated column(s) "
-                f"{', '.join(map(repr, generated))}; SQLite computes them. Leave them out."
+                f"{', '.join(map(_quoted, generated))}; SQLite computes them. Leave them out."
             )
         unknown = [c for c in values if c not in info.column_set]
         raise error(
             f"{op} on {info.name!r} names unknown column(s) "
-            f"{', '.join(map(repr, unknown))}; the table has: {', '.join(info.columns)}."
+            f"{', '.join(map(_quoted, unknown))}; the table has: {', '.join(info.columns)}."
         )
 
     def apply(self, changes: Sequence[Change], seq: int,
@@ -2563,7 +2568,8 @@ def _query_failure(exc: Exception, sql: str, params: Any) -> FluxliteError:
     if re.search(r"no such table: (main\.)?(events|fluxlite_)", str(exc)):
         text += ("; an at() view holds only the read-model tables as they were: read "
                  "the log with store.events(), or query it on the store")
-    if "bind" in str(exc) or isinstance(exc, OverflowError):
+    # (sqlite3 spells a dict given for ? placeholders "Binding 1 has no name")
+    if "bind" in str(exc).lower() or isinstance(exc, OverflowError):
         text += (f"; params: {_describe(params)}. Give one value per ? (a sequence), or a "
                  f"dict for :name placeholders; values are None, int, float, str or bytes")
     return QueryError(text + ".")
@@ -8872,6 +8878,19 @@ def _check_adoptable_names(path: str, tables: Iterable[str]) -> None:
         )
 
 
+def _check_not_a_stub(path: str) -> None:
+    """Refuse a file shorter than SQLite's smallest page (512 bytes), none of whose
+    pages a WAL beside it holds: not a database. SQLite opens a 1-byte one (`echo >
+    app.db` makes one) as an empty database, and a new store would overwrite it."""
+    if os.path.getsize(path) >= 512:
+        return
+    wal = path + "-wal"
+    if os.path.exists(wal) and os.path.getsize(wal):
+        return
+    raise _not_a_database(path, sqlite3.DatabaseError("file is not a database"),
+                          " Check the path, or choose a new file name.")
+
+
 def _foreign_database(path: str, adopt: bool) -> Optional[Tuple[List[str], str]]:
     """For an existing SQLite file with tables but no fluxlite log: its tables and
     journal mode, read without changing it (opening for writing switches it to WAL).
@@ -8879,6 +8898,7 @@ def _foreign_database(path: str, adopt: bool) -> Optional[Tuple[List[str], str]]
     adopted), also before it is changed."""
     if path == ":memory:" or not os.path.isfile(path) or os.path.getsize(path) == 0:
         return None
+    _check_not_a_stub(path)
     try:
         conn = sqlite3.connect(_file_uri(os.path.abspath(path), "ro"), uri=True)
         try:

@@ -1706,3 +1706,21 @@ def test_tail_follow_from_now_starts_on_a_log_with_a_damaged_recent_event(
     header, rule, *events = lines
     assert [_cells_under(header, line)[4:] for line in events] == [
         ["me", '{"name": "zoe"}']], lines
+
+
+# --- errors (eighteenth session)
+
+
+def test_errors_dispatch_into_a_one_byte_file_is_refused_and_leaves_it(work):
+    # SQLite opens a 1-byte file (`echo > new.db`) as an empty database: the
+    # command made it a store over its byte; now one line, exit 1, no traceback.
+    (work / "new.db").write_bytes(b"\n")
+    result = cli("dispatch", "new.db", "addUser", '{"name": "x"}', "--app", "cliapp:APP",
+                 cwd=work, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "fluxlite dispatch: error: 'new.db' is not a SQLite database (file is not a "
+        "database); fluxlite stores are SQLite files. Check the path, or choose a new "
+        "file name."]
+    assert (work / "new.db").read_bytes() == b"\n"
+    assert not os.path.exists(work / "new.db-wal")

@@ -15567,3 +15567,100 @@ def test_reads_the_reading_guard_converts_damage_only_and_never_swallows():
     with guard:  # reentrant and reusable: it keeps no state between uses
         with guard:
             pass
+
+# --- errors (eighteenth session): every error message states the rule, what was
+# received (described, never a huge repr) and the fix; nothing changes after one.
+
+
+def _errors_store(tmp_path):
+    store = fluxlite.open(str(tmp_path / "e.db"), schema=SCHEMA, reducer=reducer)
+    store.dispatch("addUser", {"name": "ann"})
+    store.dispatch("grantAccess", {"name": "ann", "right": "admin"})
+    return store
+
+
+def _errors_state(store):
+    return (store.head, store.query("SELECT * FROM users ORDER BY name"),
+            store.query("SELECT * FROM rights ORDER BY user, right"))
+
+
+def test_errors_a_dict_for_question_marks_says_what_params_take(tmp_path):
+    """sqlite3 spells this mismatch "Binding 1 has no name": it gets the params and
+    the fix that the other binding mistakes get."""
+    with _errors_store(tmp_path) as store:
+        before = _errors_state(store)
+        with pytest.raises(fluxlite.QueryError) as info:
+            store.query("SELECT * FROM users WHERE name = ?", {"name": "ann"})
+        text = str(info.value)
+        assert "Binding 1 has no name" in text
+        assert "params: {'name': 'ann'} (of type dict)" in text
+        assert "Give one value per ? (a sequence), or a dict for :name placeholders" in text
+        assert _errors_state(store) == before
+
+
+def test_errors_unknown_column_names_are_cut_short(tmp_path):
+    """A 5,000-character column name (a payload spread into insert(**p)) is not
+    repeated whole in the error: at most 200 characters of it, and its length."""
+    long = "x" * 5000
+    shown = f"{long[:200]!r}... (5000 characters)"
+
+    def reduce(view, event):
+        return view.users.insert({"name": "bob", long: 1})
+
+    with fluxlite.open(str(tmp_path / "c.db"), schema=SCHEMA, reducer=reduce) as store:
+        with pytest.raises(fluxlite.ChangesetError) as info:
+            store.dispatch("add")
+        assert f"insert on 'users' names unknown column(s) {shown}; the table has: " \
+               f"name, role, logins." == str(info.value)
+        assert store.head == 0 and store.view.users.all() == []
+        with pytest.raises(fluxlite.UsageError) as info:
+            store.view.users.find(**{long: 1})
+        assert shown in str(info.value) and len(str(info.value)) < 400
+
+
+def test_errors_replace_with_an_unknown_field_names_it_cut_short(tmp_path):
+    long = "y" * 5000
+    with _errors_store(tmp_path) as store:
+        event, change = store.event(1), store.changes(1)[0]
+        for value, fields in ((event, "type, payload or meta"),
+                              (change, "op, table, key or values")):
+            with pytest.raises(fluxlite.UsageError) as info:
+                value.replace(**{long: 1, "nope": 2})
+            text = str(info.value)
+            assert text.startswith(f"{type(value).__name__}.replace() changes {fields}; "
+                                   f"received ['nope', {long[:200]!r}... (5000 characters)]")
+            assert len(text) < 400
+
+
+@pytest.mark.parametrize("call", [
+    lambda store, table: store.history(table, "ann"),
+    lambda store, table: store.restore(table, "ann", at=1),
+])
+@pytest.mark.parametrize("table", [None, ["users"], 7])
+def test_errors_a_table_that_is_not_a_str_is_described(tmp_path, call, table):
+    """history()/restore() of a table that is not a str say so, with its type, not
+    "Unknown table None" with advice about the case of names."""
+    with _errors_store(tmp_path) as store:
+        before = _errors_state(store)
+        with pytest.raises(fluxlite.UsageError) as info:
+            call(store, table)
+        text = str(info.value)
+        assert "A table name is a str, one of: rights, users;" in text
+        assert f"received {table!r} (of type {type(table).__name__})" in text
+        assert "case-sensitive" not in text
+        assert _errors_state(store) == before
+
+
+@pytest.mark.parametrize("content", [b"\n", b"x", b"x" * 511])
+def test_errors_a_file_too_short_for_sqlite_is_not_made_a_store(tmp_path, content):
+    """SQLite opens a 1-byte file (what `echo > app.db` makes) as an empty database:
+    open() made it a store, overwriting the byte. A file shorter than SQLite's
+    smallest page is not a database: SchemaError, and the file is untouched."""
+    path = tmp_path / "short.db"
+    path.write_bytes(content)
+    for kwargs in ({"schema": SCHEMA, "reducer": reducer}, {}):
+        with pytest.raises(fluxlite.SchemaError, match="is not a SQLite database .*"
+                           "Check the path, or choose a new file name"):
+            fluxlite.open(str(path), **kwargs)
+        assert path.read_bytes() == content
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["short.db"]
