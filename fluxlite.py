@@ -171,11 +171,12 @@ _Mapping = collections.abc.Mapping  # for isinstance: faster than typing.Mapping
 # 1. Constants and pragmas
 ###############################################################################
 
-#: On-disk format. Stored in ``PRAGMA user_version``; a file with a higher
-#: number was written by a newer fluxlite and is refused.
+#: On-disk format. Stored in ``PRAGMA user_version`` (unless an adopted
+#: application's number is there: _app_marks) and fluxlite_meta; a file with a
+#: higher number was written by a newer fluxlite and is refused.
 FORMAT_VERSION = 2  # 2: fluxlite_seals (format 1 files are sealed on open)
 #: ``PRAGMA application_id``: the ASCII bytes "FLXT", so tools can tell a
-#: fluxlite file from any other SQLite file.
+#: fluxlite file from any other SQLite file (an adopted one keeps its own).
 APPLICATION_ID = 0x464C5854
 
 _DURABILITY = {"full": "FULL", "normal": "NORMAL"}
@@ -8795,8 +8796,11 @@ def _stored_format(conn: sqlite3.Connection, names: Set[str]) -> int:
     or .recover piped into a new file, an operator's usual way to compact or repair a
     database), and another program may set it; taken at its word, a store with seals
     was "upgraded" (its seals table made again: "table fluxlite_seals already
-    exists"), and a newer fluxlite's file whose meta says so was opened."""
-    user_version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    exists"), and a newer fluxlite's file whose meta says so was opened. In an
+    adopted file that keeps its application's marks (_app_marks), user_version is
+    the application's own number, not a format."""
+    user_version = 0 if _app_marks(conn) else int(
+        conn.execute("PRAGMA user_version").fetchone()[0])
     try:
         row = conn.execute("SELECT value FROM fluxlite_meta WHERE key = 'format'").fetchone()
         recorded = json.loads(row[0]) if row is not None else None
@@ -8806,6 +8810,18 @@ def _stored_format(conn: sqlite3.Connection, names: Set[str]) -> int:
     if isinstance(recorded, int) and not isinstance(recorded, bool):
         marks.append(recorded)
     return max(marks)
+
+
+def _app_marks(conn: sqlite3.Connection) -> Optional[Tuple[int, int]]:
+    """The header's (application_id, user_version) when another program set them:
+    an adopted application's, whose own code reads them (its migration number, its
+    file type). Adoption keeps them, and fluxlite then keeps its format in
+    fluxlite_meta alone; overwritten, the application re-ran its migrations on a
+    database that already had them. None when the header is fluxlite's or blank
+    (a copy made through SQL loses both)."""
+    marks = (int(conn.execute("PRAGMA application_id").fetchone()[0]),
+             int(conn.execute("PRAGMA user_version").fetchone()[0]))
+    return None if marks[0] == APPLICATION_ID or marks == (0, 0) else marks
 
 
 _OWN_COLUMNS = {
@@ -8823,7 +8839,8 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "fluxlite_meta" in names:
         user_version = _check_format(conn, path, names)
-        if user_version != conn.execute("PRAGMA user_version").fetchone()[0]:
+        if user_version != conn.execute("PRAGMA user_version").fetchone()[0] \
+                and not _app_marks(conn):
             # lost by a copy made through SQL (see _stored_format): put back
             conn.execute(f"PRAGMA user_version={user_version}")
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
@@ -8833,7 +8850,8 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
             conn.execute(_SEALS_DDL)
             _seal_unsealed(conn)
             _write_meta(conn, format=FORMAT_VERSION)
-            conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+            if not _app_marks(conn):
+                conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
         return _read_meta(conn)
     existing = names - {"sqlite_sequence"}
     if existing and not adopt:
@@ -8849,8 +8867,9 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
               else _create_schema(conn, schema, new_schema))
     _write_meta(conn, format=FORMAT_VERSION, schema=schema, tables=tables, version=version,
                 generation=0, created_by=f"fluxlite {__version__}")
-    conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
-    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    if not _app_marks(conn):  # an adopted application's stay: see _app_marks
+        conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
     return _read_meta(conn)
 
 
@@ -8925,7 +8944,7 @@ def _marked_by_another(path: str, application_id: int, user_version: int) -> Sch
         f"{path!r} is a SQLite database with no tables that another program marked as "
         f"its own (PRAGMA application_id = {application_id}, user_version = "
         f"{user_version}; fluxlite's application_id is {APPLICATION_ID}). Choose a new "
-        f"file, or pass adopt=True to take it over (its marks are overwritten)."
+        f"file, or pass adopt=True to take it over (its marks are kept)."
     )
 
 
@@ -8949,7 +8968,13 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: Set[str],
     """Take over an existing database: keep its tables, log their rows as a baseline."""
     scratch = sqlite3.connect(":memory:")
     try:
-        declared = _create_schema(scratch, schema)  # the schema's tables, parsed by SQLite
+        try:
+            declared = _create_schema(scratch, schema)  # the schema's tables, parsed by SQLite
+        except SchemaError:  # copied verbatim from a table that breaks a rule: how to mend it
+            _check_existing_rules(conn, [n for n in existing if re.search(
+                rf"CREATE\s+TABLE\s+(IF\s+NOT\s+EXISTS\s+)?[\"`\[]?{re.escape(n)}\b",
+                schema, re.IGNORECASE)])
+            raise
         for parent in set(_outside_references(scratch, declared)):  # the user's, as they are
             row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ? "
                                "COLLATE NOCASE", (parent,)).fetchone()
@@ -8965,6 +8990,7 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: Set[str],
     # SQLite's names are case-insensitive: the schema's "Users" is the file's "users".
     existing_names = {n.lower() for n in existing}
     adopted = [n for n in declared if n.lower() in existing_names]
+    _check_existing_rules(conn, adopted)
     for name in adopted:
         _check_adoptable(conn, name, _columns_as_declared(scratch_shapes[name]),
                          _columns_as_declared(conn.execute(f"PRAGMA table_xinfo({_quote(name)})")))
@@ -9069,6 +9095,26 @@ def _adopt(conn: sqlite3.Connection, schema: str, existing: Set[str],
     _check_baselines_replay(conn, schema, declared)
     _seal_unsealed(conn)
     return declared
+
+
+def _check_existing_rules(conn: sqlite3.Connection, names: Iterable[str]) -> None:
+    """An existing table that breaks a rule of the read model (a cascading
+    reference, a per-run default, no primary key): the schema cannot both follow
+    the rule and describe the table as it is, and each refusal alone sent the user
+    to the other. SQLite changes neither in place: the table must be made again."""
+    for name in names:
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ? "
+                           "COLLATE NOCASE", (name,)).fetchone()[0]
+        try:
+            _check_new_table(conn, name, sql)
+        except SchemaError as exc:
+            raise SchemaError(
+                f"Cannot adopt table {name!r} as it is: {exc} Nothing was changed. "
+                f"SQLite cannot change this in an existing table: make the table again "
+                f"as the rule asks (create it under a new name, copy the rows, drop the "
+                f"old one, rename the new one: https://sqlite.org/lang_altertable.html"
+                f"#otheralter), declare it so in the schema, then adopt."
+            ) from None
 
 
 def _parents_first(conn: sqlite3.Connection, names: List[str]) -> List[str]:
@@ -10141,7 +10187,8 @@ def _cmd_info(args: Any) -> int:
             # beside the file a symbolic link leads to, where SQLite puts the -wal
             "size_bytes": sum(os.path.getsize(store._file + s) for s in ("", "-wal")
                               if os.path.exists(store._file + s)),
-            "format": store._conn.execute("PRAGMA user_version").fetchone()[0],
+            "format": _stored_format(store._conn, {r[0] for r in store._conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}),
             "schema_version": store.version,
             "head": head,
             "first_event": first_last["first"], "last_event": first_last["last"],

@@ -15664,3 +15664,139 @@ def test_errors_a_file_too_short_for_sqlite_is_not_made_a_store(tmp_path, conten
             fluxlite.open(str(path), **kwargs)
         assert path.read_bytes() == content
         assert sorted(p.name for p in tmp_path.iterdir()) == ["short.db"]
+
+
+# --- adopt: an application's own header marks (PRAGMA user_version, application_id) ---
+
+def _adopt_app_db(path, *pragmas):
+    """An application's database before adoption: its users table, a table of its
+    own the schema does not mention, and its header marks."""
+    conn = sqlite3.connect(path)
+    for pragma in pragmas:
+        conn.execute(pragma)
+    conn.execute("CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT, "
+                 "logins INTEGER NOT NULL DEFAULT 0)")
+    conn.execute("CREATE TABLE app_settings (k TEXT, v TEXT)")
+    conn.execute("INSERT INTO users VALUES ('ann', 'admin', 3)")
+    conn.commit()
+    conn.close()
+
+
+def _adopt_header(path):
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return (conn.execute("PRAGMA application_id").fetchone()[0],
+                conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+@pytest.mark.parametrize("marks", [(0, 7), (1234567, 0), (0x47504B47, 10300)])
+def test_adopt_keeps_the_applications_user_version_and_application_id(tmp_path, marks):
+    # Adoption overwrote PRAGMA user_version (the app's migration number, 7) with
+    # fluxlite's format, 2: the app's own migration code then re-ran migrations 3 to
+    # 7 on a database that had them. A GeoPackage's application_id and user_version
+    # (what GIS tools identify it by) went too.
+    path = str(tmp_path / "app.db")
+    _adopt_app_db(path, f"PRAGMA application_id = {marks[0]}", f"PRAGMA user_version = {marks[1]}")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer, adopt=True) as store:
+        add(store, "bob")
+        store.verify()
+    assert _adopt_header(path) == marks
+    with fluxlite.open(path, readonly=True) as reader:
+        assert reader.head == 2
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:  # reopened: kept
+        add(store, "cy")
+        store.rebuild()
+        store.verify()
+        saved = store.checkpoint()
+        add(store, "dee")
+        store.reset_to(saved)
+    assert _adopt_header(path) == marks
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # the app's next migration
+        conn.execute("ALTER TABLE app_settings ADD COLUMN scope TEXT")
+        conn.execute(f"PRAGMA user_version = {marks[1] + 1}")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        assert store.head == 3 and store.view.users.get("ann")["logins"] == 3
+        store.verify()
+    assert _adopt_header(path) == (marks[0], marks[1] + 1)
+
+
+def test_adopt_an_adopted_files_newer_format_is_still_refused(tmp_path):
+    # With the application's user_version kept, fluxlite_meta's format is the mark a
+    # newer fluxlite's file is known by.
+    path = str(tmp_path / "app.db")
+    _adopt_app_db(path, "PRAGMA user_version = 7")
+    fluxlite.open(path, schema=SCHEMA, reducer=reducer, adopt=True).close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("UPDATE fluxlite_meta SET value = ? WHERE key = 'format'",
+                     (str(fluxlite.FORMAT_VERSION + 1),))
+        conn.commit()
+    with pytest.raises(fluxlite.SchemaError, match="newer fluxlite"):
+        fluxlite.open(path, schema=SCHEMA, reducer=reducer)
+    assert _adopt_header(path) == (0, 7)
+
+
+def test_adopt_a_table_less_database_another_program_marked_keeps_its_marks(tmp_path):
+    path = str(tmp_path / "app.db")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA application_id = 1234")
+        conn.execute("PRAGMA user_version = 7")
+    with pytest.raises(fluxlite.SchemaError, match=r"adopt=True to take it over \(its marks "
+                                                   r"are kept\)"):
+        fluxlite.open(path, schema=SCHEMA, reducer=reducer)
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer, adopt=True) as store:
+        add(store, "a")
+    assert _adopt_header(path) == (1234, 7)
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer) as store:
+        assert store.head == 1
+        store.verify()
+
+
+def test_adopt_cli_info_gives_the_format_not_the_applications_user_version(tmp_path, capsys):
+    path = str(tmp_path / "app.db")
+    _adopt_app_db(path, "PRAGMA user_version = 7")
+    fluxlite.open(path, schema=SCHEMA, reducer=reducer, adopt=True).close()
+    assert fluxlite.main(["info", path, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == fluxlite.FORMAT_VERSION
+
+
+@pytest.mark.parametrize("existing, rule", [
+    ("CREATE TABLE b (id INTEGER PRIMARY KEY, a INTEGER REFERENCES a(id) ON DELETE CASCADE)",
+     "ON DELETE CASCADE"),
+    ("CREATE TABLE b (id INTEGER PRIMARY KEY, a INTEGER REFERENCES a(id), "
+     "at TEXT DEFAULT CURRENT_TIMESTAMP)", "DEFAULT CURRENT_TIMESTAMP"),
+    ("CREATE TABLE b (id INTEGER, a INTEGER REFERENCES a(id))", "no primary key"),
+])
+def test_adopt_a_table_that_breaks_a_schema_rule_says_to_make_it_again(tmp_path, existing, rule):
+    # The schema copied verbatim was refused by the rule ("use NO ACTION"); with the
+    # rule followed, by the comparison ("make the schema describe the table as it
+    # is"): each message sent the user to the other, and neither said that SQLite
+    # cannot change the existing table in place.
+    path = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(f"CREATE TABLE a (id INTEGER PRIMARY KEY); {existing}; "
+                           f"INSERT INTO a VALUES (1); INSERT INTO b (id, a) VALUES (1, 1);")
+    def contents():
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return (conn.execute("SELECT name, sql FROM sqlite_master").fetchall(),
+                    conn.execute("SELECT * FROM b").fetchall(),
+                    conn.execute("PRAGMA journal_mode").fetchone())
+    before = contents()
+    followed = "CREATE TABLE b (id INTEGER PRIMARY KEY, a INTEGER REFERENCES a(id), at TEXT)"
+    for schema_b in (existing, followed if "at TEXT" in existing else
+                     "CREATE TABLE b (id INTEGER PRIMARY KEY, a INTEGER REFERENCES a(id))"):
+        with pytest.raises(fluxlite.SchemaError,
+                           match=rf"^Cannot adopt table 'b' as it is: .*{rule}.*Nothing was "
+                                 rf"changed\. SQLite cannot change this in an existing table: "
+                                 rf"make the table again"):
+            fluxlite.open(str(path), schema=f"CREATE TABLE a (id INTEGER PRIMARY KEY); {schema_b}",
+                          reducer=reducer, adopt=True)
+        assert contents() == before
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # made again, as the message says
+        conn.executescript("PRAGMA foreign_keys = OFF; BEGIN; "
+                           "CREATE TABLE b_new (id INTEGER PRIMARY KEY, a INTEGER REFERENCES a(id)); "
+                           "INSERT INTO b_new SELECT id, a FROM b; DROP TABLE b; "
+                           "ALTER TABLE b_new RENAME TO b; COMMIT;")
+    with fluxlite.open(str(path), schema="CREATE TABLE a (id INTEGER PRIMARY KEY); CREATE TABLE b "
+                       "(id INTEGER PRIMARY KEY, a INTEGER REFERENCES a(id))",
+                       reducer=reducer, adopt=True) as store:
+        assert store.head == 2
+        store.verify()
