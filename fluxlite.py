@@ -4078,7 +4078,7 @@ class Store:
         self._cursors: "weakref.WeakSet[_FollowCursor]" = weakref.WeakSet()  # reset_to() moves them
         # reset_to()s so far and the head the last left: a cursor placed without the
         # lock (afollow()) is moved as they moved the others when it joins them.
-        self._resets, self._reset_head = 0, 0
+        self._resets, self._reset_head = 0, _Reset(0, None, None, 0)
         # This store's log since its last reset_to(): a checkpoint taken in it holds
         # the same events up to its seq (see _after_reset, _Lineage).
         self._lineage = _Lineage(None, 0)
@@ -4742,10 +4742,11 @@ class Store:
             kept = min(head, _agreed(self._lineage, checkpoint._lineage, checkpoint.seq))
             while self._pending and self._pending[-1][0].seq > kept:
                 self._pending.pop()
+            reset = _Reset(head, self._lineage, checkpoint._lineage, checkpoint.seq)
             self._lineage = _Lineage(checkpoint._lineage, checkpoint.seq)
             for cursor in list(self._cursors):  # watch() and this store's followers
-                cursor.reset_to(head)
-            self._resets, self._reset_head = self._resets + 1, head
+                cursor.reset_to(reset)
+            self._resets, self._reset_head = self._resets + 1, reset
 
     def _check_page_size(self, checkpoint: Checkpoint) -> None:
         """SQLite's backup copies into a WAL file, or an in-memory database that holds
@@ -5624,7 +5625,9 @@ class Store:
                 # before the cursor goes on from the checkpoint's head).
                 if cursor.resets != cursor.read_resets:
                     break
+                cursor.handed = item[0].seq
                 yield item
+            cursor.handed = None
 
     def watch(self) -> None:
         """Also call this store's subscribers for events committed elsewhere.
@@ -6718,6 +6721,33 @@ def _agreed(ours: _Lineage, theirs: Optional[_Lineage], seq: int) -> int:
     return 0
 
 
+class _Reset:
+    """A reset_to(): the head it left, the history it erased (``before``) and the one
+    it put back (the checkpoint's, taken at ``seq``), for the followers it moves."""
+
+    __slots__ = ("head", "before", "into", "seq")
+
+    def __init__(self, head: int, before: Optional[_Lineage], into: Optional[_Lineage],
+                 seq: int) -> None:
+        self.head, self.before, self.into, self.seq = head, before, into, seq
+
+    def agreed(self, lineage: Optional[_Lineage]) -> Optional[int]:
+        """How far the log put back holds the events ``lineage`` held; None when the
+        two histories are not known to be related (a checkpoint another Store object
+        took of the file, say: the same events, for all this store can tell)."""
+        ours: Set[int] = set()
+        node = lineage
+        while node is not None:
+            ours.add(id(node))
+            node = node.parent
+        node = self.into
+        while node is not None and id(node) not in ours:
+            node = node.parent
+        if lineage is None or node is None:
+            return None
+        return _agreed(lineage, self.into, self.seq)
+
+
 class Checkpoint:
     """A copy of a whole store in memory, from Store.checkpoint(), for reset_to().
 
@@ -6813,6 +6843,10 @@ class _FollowCursor:
         self.store, self.position, self.wanted = store, position, wanted
         self.rewinds, self.generation = rewinds, generation
         self.reached = position  # the furthest it has been, across reset_to()s
+        self.reached_in: Optional[_Lineage] = None  # the history it got there in
+        # The last event follow() yielded of a batch it has not yielded all of (the
+        # position is already past the whole batch): None between batches.
+        self.handed: Optional[int] = None
         self.resets = 0  # reset_to()s of the store since: a batch read before one is stale
         self.read_resets = 0  # resets when the last batch was read (under the lock)
         self.version = -1
@@ -6824,13 +6858,23 @@ class _FollowCursor:
             self.placed_resets = store._resets
             self.attach()
 
-    def reset_to(self, head: int) -> None:
-        """Moved by a reset_to() that left the log at ``head``: back to it, or where
-        it was if it had not got there; never before what it delivered in any
-        history (a reset to an older checkpoint, then to a newer one, delivers
-        nothing again)."""
-        self.reached = max(self.reached, self.position)
-        self.position, self.version = min(self.reached, head), -1
+    def reset_to(self, reset: "_Reset") -> None:
+        """Moved by a reset_to() that left the log at ``reset.head``: back to the last
+        event it delivered that the new log holds too, in the history it delivered it
+        in (a reset to an older checkpoint, then to a newer one of that history,
+        delivers nothing again). Not past an event it never yielded: after a reset
+        within one history, the furthest it got in an erased one says nothing of the
+        events at those seqs now."""
+        if self.handed is not None:  # in the middle of a batch: the rest was not yielded
+            self.position, self.handed = self.handed, None
+        if self.position >= self.reached:
+            self.reached, self.reached_in = self.position, reset.before
+        here, there = reset.agreed(reset.before), reset.agreed(self.reached_in)
+        if here is None or there is None:  # as before histories were told apart
+            kept = self.reached
+        else:
+            kept = max(min(self.position, here), min(self.reached, there))
+        self.position, self.version = min(reset.head, kept), -1
         self.resets += 1
         self.generation = self.store._generation_text  # this reset's, moved for above
 
@@ -6857,7 +6901,7 @@ class _FollowCursor:
         store = self.store
         with store._lock:
             if store._resets != self.placed_resets:
-                self.reset_to(store._reset_head)
+                self.reset_to(store._reset_head)  # (the last reset's: as close as known)
             store._cursors.add(self)
             self.attached = True
 

@@ -15800,3 +15800,52 @@ def test_adopt_a_table_that_breaks_a_schema_rule_says_to_make_it_again(tmp_path,
                        reducer=reducer, adopt=True) as store:
         assert store.head == 2
         store.verify()
+
+
+# --- statem: followers after a reset_to() within the history they follow ---
+
+
+def _statem_store(tmp_path):
+    return fluxlite.open(tmp_path / "f.db", schema="CREATE TABLE t (k TEXT PRIMARY KEY);",
+                         reducer=lambda view, event: None, durability="normal")
+
+
+def test_a_follower_reset_to_a_checkpoint_of_its_history_yields_what_it_had_not(tmp_path):
+    # It followed 1..5, a reset went back to 2, it read 3 of the new history, then a
+    # reset to a checkpoint at 4 of that new history: 4 is still to come (it yielded
+    # only the erased history's 4 and 5), not skipped as "reached" before.
+    with _statem_store(tmp_path) as store:
+        store.dispatch("x", id="h1-1")
+        store.dispatch("x", id="h1-2")
+        at_two = store.checkpoint()
+        follower = store.follow(after=0, timeout=0.5)
+        for n in (3, 4, 5):
+            store.dispatch("x", id=f"h1-{n}")
+        assert [next(follower)[0].id for _ in range(5)] == [f"h1-{n}" for n in range(1, 6)]
+        store.reset_to(at_two)
+        store.dispatch("x", id="h2-3")
+        assert next(follower)[0].id == "h2-3"  # read alone: the position is 3
+        store.dispatch("x", id="h2-4")
+        at_four = store.checkpoint()
+        store.reset_to(at_four)
+        assert [e.id for e, _ in follower] == ["h2-4"]
+        # an older checkpoint of the first history, then a newer one: nothing again
+        follower = store.follow(after=0, timeout=0.5)
+        assert len(list(itertools.islice(follower, 4))) == 4
+        store.reset_to(at_two)
+        store.reset_to(at_four)
+        assert [e.id for e, _ in follower] == []
+        at_two.close()
+        at_four.close()
+
+
+def test_a_follower_holding_part_of_a_batch_yields_the_rest_after_a_reset_that_keeps_it(tmp_path):
+    with _statem_store(tmp_path) as store:
+        follower = store.follow(after=0, timeout=0.5)
+        for n in (1, 2, 3):
+            store.dispatch("x", id=f"e-{n}")
+        assert next(follower)[0].id == "e-1"  # 2 and 3 were read with it
+        saved = store.checkpoint()
+        store.reset_to(saved)  # the same log: 2 and 3 are still to come
+        assert [e.id for e, _ in follower] == ["e-2", "e-3"]
+        saved.close()

@@ -1040,3 +1040,207 @@ LoggedStoreMachineLong.TestCase.settings = settings(
     max_examples=100, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 test_one_store_against_a_model_long = pytest.mark.slow(LoggedStoreMachineLong.TestCase)
+
+
+# --- statem: two Store objects on one file, followers, a consumer, generation ---
+#
+# The machine above, with a second Store object on the same file (another process,
+# as far as the first can tell) that dispatches and resets too, a follower of each,
+# a durable consumer, and store.generation, checked against the model after each
+# step: a follower yields only events of the current history at their seqs, never
+# past one it has not yielded; the consumer yields the current history after its
+# acked (or seen-through) position, which a reset_to() of its store takes from the
+# checkpoint; generation moves at a reset_to() or rebuild and at nothing else.
+
+
+class TwoHandlesMachine(LoggedStoreMachine):
+
+    def __init__(self):
+        super().__init__()
+        self.gen = self.store.generation
+        self.open_the_rest()
+
+    def open_the_rest(self):
+        self.other = fluxlite.open(self.path, schema=SM_SCHEMA, reducer=sm_reducer,
+                                   version=self.version, durability="normal", clock=self.clock)
+        self.followers = {"here": self.store.follow(after=0, timeout=2),
+                          "there": self.other.follow(after=0, timeout=2)}
+        self.followed = {name: 0 for name in self.followers}  # the last seq yielded
+        self.seen = {name: set() for name in self.followers}  # every (seq, id) yielded
+        self.stale = {name: [] for name in self.followers}  # see read_followers
+        self.open_mailer()
+
+    def open_mailer(self):
+        self.mailer = self.store.consumer("mailer", lease=600)
+        self.acked = self.mailer.position
+        self.delivered = self.acked  # what it yielded since: not again
+
+    def close_the_rest(self):
+        for follower in self.followers.values():
+            follower.close()
+        self.mailer.close()
+        self.other.close()
+
+    def heard_elsewhere(self):
+        """The other store's commits and resets are not heard here: refill the mirror."""
+        self.mirror = sm_copy(self.live())
+
+    @rule(data=st.data())
+    def dispatch_elsewhere(self, data):
+        batch = [{"type": "apply", "payload": {"c": [["upsert", "tags", None, {
+            "name": data.draw(sm_name), "note": data.draw(sm_note)}]]}}]
+        if data.draw(st.booleans()):
+            batch.append(data.draw(sm_event))
+        try:
+            outcome = self.expected(batch, None)
+        except SmRefused:
+            before = dump(self.store)
+            with pytest.raises(fluxlite.FluxliteError):
+                self.other.dispatch_many([dict(e) for e in batch])
+            assert dump(self.store) == before
+            return
+        result = self.other.dispatch_many([dict(e) for e in batch])
+        states, new, journal, returned = outcome
+        assert [e.seq for e in result] == returned
+        self.commit(states, new, journal, result)
+        self.heard_elsewhere()
+
+    @rule(target=LoggedStoreMachine.checkpoints)
+    def checkpoint(self):
+        return super().checkpoint() + (self.acked_in_file(), self.mailer)
+
+    def acked_in_file(self):
+        row = self.store.query("SELECT position FROM fluxlite_consumers WHERE name = 'mailer'")
+        return row[0]["position"] if row else 0
+
+    @rule(saved=LoggedStoreMachine.checkpoints, elsewhere=st.booleans())
+    def reset_to(self, saved, elsewhere):
+        cp, version, head, states, events, journal, acked, mailer = saved
+        by = self.other if elsewhere else self.store
+        if version != self.version:
+            before = dump(self.store)
+            with pytest.raises(fluxlite.UsageError):
+                by.reset_to(cp)
+            assert dump(self.store) == before
+            return
+        by.reset_to(cp)
+        statistic(f"reset_to {'elsewhere' if elsewhere else 'here'}")
+        # The follower of the store that did not reset may still yield the rest of a
+        # batch it read before (as one in another process would): stale events.
+        self.stale["here" if elsewhere else "there"] = self.events
+        self.states, self.events, self.journal = list(states), list(events), list(journal)
+        self.heard_elsewhere()
+        self.gen = self.expect_new_generation()
+        if mailer is not self.mailer:  # its lease is not in the checkpoint: reopened (README)
+            self.mailer.close()
+            self.open_mailer()
+            assert self.acked == acked
+        elif not elsewhere:  # this store's consumer: from the checkpoint's position
+            self.acked = self.delivered = acked
+        # (one of another store is not moved: its position is its acks', README)
+
+    @rule(elsewhere=st.booleans())
+    def reset_to_the_head(self, elsewhere):
+        """A reset that erases nothing: followers holding part of a batch go on with it."""
+        saved = self.checkpoint()
+        try:
+            self.reset_to(saved, elsewhere)
+        finally:
+            saved[0].close()
+            self.open_checkpoints.remove(saved[0])
+
+    def expect_new_generation(self):
+        now = self.store.generation
+        assert now != self.gen and self.other.generation == now
+        return now
+
+    @rule()
+    def rebuild(self):
+        super().rebuild()
+        self.gen = self.expect_new_generation()
+
+    @rule(bump=st.booleans())
+    def reopen(self, bump):
+        self.close_the_rest()
+        super().reopen(bump)
+        self.open_the_rest()
+        if bump:  # a new version: rebuilt
+            self.gen = self.expect_new_generation()
+
+    @rule(data=st.data())
+    def read_followers(self, data):
+        for name, follower in self.followers.items():
+            # Not more than it must yield: what it already yielded of this history may
+            # not come again (this store's followers), or may (the other's, rewound).
+            ahead = len([e for e in self.events[self.followed[name]:]
+                         if e[:2] not in self.seen[name]])
+            for _ in range(data.draw(st.integers(0, max(0, ahead)))):
+                event, _ = next(follower)
+                seq = event.seq
+                stale = self.stale[name]
+                if len(stale) >= seq and stale[seq - 1][:2] == (seq, event.id) != \
+                        (self.events[seq - 1][:2] if len(self.events) >= seq else None):
+                    assert seq == self.followed[name] + 1, (name, seq)
+                    self.followed[name] = seq
+                    continue
+                self.stale[name] = []
+                assert (seq, event.id) == self.events[seq - 1][:2], (name, seq)
+                # Nothing of the current history before it that it never yielded.
+                missed = [e[:2] for e in self.events[:seq - 1] if e[:2] not in self.seen[name]]
+                assert not missed, (name, seq, missed)
+                self.followed[name] = seq
+                self.seen[name].add((seq, event.id))
+
+    @rule(data=st.data())
+    def consume(self, data):
+        got = [e.seq for e, _ in self.mailer]
+        start = max(self.acked, self.delivered)
+        assert got == [e[0] for e in self.events[start:]]
+        self.delivered = max(self.delivered, len(self.events))
+        if self.acked <= len(self.events) and data.draw(st.booleans()):
+            upto = data.draw(st.integers(self.acked, len(self.events)))
+            self.mailer.ack(upto)
+            self.acked = max(self.acked, upto)
+            assert self.acked_in_file() == self.acked
+
+    @rule(data=st.data())
+    def at_replay_and_history(self, data):
+        k = data.draw(st.integers(0, len(self.events)))
+        with self.store.at(k) as past, self.store.replay(upto=k) as replayed:
+            for table in ("items", "tags"):
+                assert past[table].all() == replayed.view[table].all(), (k, table)
+        table, key = data.draw(st.sampled_from(SM_ROWS))
+        arg = key if table == "items" else key[0]
+        # An event may change a row twice: the last revision of each seq is what at() shows.
+        last = {revision.seq: revision.after for revision in self.store.history(table, arg)}
+        for seq, after in last.items():
+            with self.store.at(seq) as then:
+                assert then[table].get(arg) == after
+
+    @invariant()
+    def both_stores_hold_one_gap_free_log(self):
+        want = [(seq, id) for seq, id, *_ in self.events]
+        for store in (self.store, self.other):
+            assert [(e.seq, e.id) for e in store.events()] == want
+            assert store.head == len(self.events)
+        assert self.store.generation == self.other.generation == self.gen
+
+    def teardown(self):
+        self.close_the_rest()
+        super().teardown()
+
+
+TwoHandlesMachine.TestCase.settings = settings(
+    max_examples=8, stateful_step_count=25, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+test_two_store_objects_followers_a_consumer_and_generation = TwoHandlesMachine.TestCase
+
+
+class TwoHandlesMachineLong(TwoHandlesMachine):
+    pass
+
+
+TwoHandlesMachineLong.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=50, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+test_two_store_objects_long = pytest.mark.slow(TwoHandlesMachineLong.TestCase)
