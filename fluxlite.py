@@ -1028,10 +1028,11 @@ def _empty_if_blank(path: str) -> None:
     Left as it is, the retry was refused as "has content" (or "not a fluxlite
     store"); emptied, it is the empty file the retry accepts. Only when closing the
     look left no -wal: another connection still open on it (a copy being made into
-    it now) keeps its -wal, and the file is left alone."""
+    it now) keeps its -wal, and the file is left alone; and only a file of exactly one
+    page, the header such a kill leaves."""
     if path in (":memory:", "") or not os.path.isfile(path) or not os.path.getsize(path):
         return
-    file = _sqlite_file(path)
+    file, page = _sqlite_file(path), 0
     try:
         conn = sqlite3.connect(_file_uri(file, "rw"), uri=True, isolation_level=None)
     except sqlite3.Error:
@@ -1041,11 +1042,16 @@ def _empty_if_blank(path: str) -> None:
         blank = (conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
                  and conn.execute("PRAGMA user_version").fetchone()[0] == 0
                  and conn.execute("PRAGMA application_id").fetchone()[0] in (0, APPLICATION_ID))
+        page = int(conn.execute("PRAGMA page_size").fetchone()[0])
     except sqlite3.Error:  # not a database, damaged, locked: not ours to empty
         blank = False
     finally:
         conn.close()
-    if blank and not os.path.exists(file + "-wal"):
+    # More than a page is damage, not a blank: a stray write that left page 1 an empty
+    # schema over a file of rows (PRAGMA page_count reads 1 from that header too). Its
+    # rows are still there for .recover: emptied, they were gone. Less is no header at
+    # all (SQLite reads `echo > file`'s one byte as an empty database): not ours.
+    if blank and not os.path.exists(file + "-wal") and os.path.getsize(file) == page:
         _empty_quietly(file)
 
 
@@ -8802,11 +8808,7 @@ def _check_format(conn: sqlite3.Connection, path: str, names: Set[str]) -> int:
     """The on-disk format of an existing store; SchemaError if newer or missing tables."""
     user_version = _stored_format(conn, names)
     if user_version > FORMAT_VERSION:
-        raise SchemaError(
-            f"{path!r} was written by a newer fluxlite (on-disk format {user_version}; "
-            f"this is fluxlite {__version__}, format {FORMAT_VERSION}). Nothing was changed. "
-            f"Upgrade fluxlite to one whose FORMAT_VERSION is {user_version} or more to open it."
-        )
+        raise _newer_format(conn, path, user_version)
     needed = {"events", "fluxlite_journal"} | ({"fluxlite_seals"} if user_version >= 2 else set())
     missing = needed - names
     if missing:
@@ -8833,6 +8835,36 @@ def _check_format(conn: sqlite3.Connection, path: str, names: Set[str]) -> int:
     return int(user_version)
 
 
+def _newer_format(conn: sqlite3.Connection, path: str, found: int) -> SchemaError:
+    """A format past this fluxlite's. Where only user_version says so and meta records
+    one this fluxlite knows (a newer fluxlite writes both), the likelier writer is a
+    program that began counting in user_version after fluxlite marked the file as its
+    own (an application's migration tool): "upgrade fluxlite" alone sent that user
+    after a fluxlite that does not exist."""
+    recorded = _recorded_format(conn)
+    other = ""
+    if recorded is not None and recorded <= FORMAT_VERSION:
+        other = (f" Its fluxlite_meta records format {recorded}, though: if another program "
+                 f"set PRAGMA user_version (an application's migration tool), that number is "
+                 f"fluxlite's mark in this file: set PRAGMA user_version = {recorded} and keep "
+                 f"that program's count elsewhere.")
+    return SchemaError(
+        f"{path!r} was written by a newer fluxlite (on-disk format {found}; this is "
+        f"fluxlite {__version__}, format {FORMAT_VERSION}). Nothing was changed. Upgrade "
+        f"fluxlite to one whose FORMAT_VERSION is {found} or more to open it.{other}"
+    )
+
+
+def _recorded_format(conn: sqlite3.Connection) -> Optional[int]:
+    """The format fluxlite_meta records, or None (none, or damage: _read_meta() says)."""
+    try:
+        row = conn.execute("SELECT value FROM fluxlite_meta WHERE key = 'format'").fetchone()
+        recorded = json.loads(row[0]) if row is not None else None
+    except (sqlite3.Error, TypeError, ValueError):
+        return None
+    return recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None
+
+
 def _stored_format(conn: sqlite3.Connection, names: Set[str]) -> int:
     """The on-disk format, from every mark the file has: PRAGMA user_version, the
     format fluxlite_meta records, and fluxlite_seals (format 2 made it), the highest
@@ -8845,15 +8877,9 @@ def _stored_format(conn: sqlite3.Connection, names: Set[str]) -> int:
     the application's own number, not a format."""
     user_version = 0 if _app_marks(conn) else int(
         conn.execute("PRAGMA user_version").fetchone()[0])
-    try:
-        row = conn.execute("SELECT value FROM fluxlite_meta WHERE key = 'format'").fetchone()
-        recorded = json.loads(row[0]) if row is not None else None
-    except (sqlite3.Error, TypeError, ValueError):  # damage: _read_meta() says what
-        recorded = None
-    marks = [user_version, 2 if "fluxlite_seals" in names else 0]
-    if isinstance(recorded, int) and not isinstance(recorded, bool):
-        marks.append(recorded)
-    return max(marks)
+    recorded = _recorded_format(conn)
+    return max(user_version, 2 if "fluxlite_seals" in names else 0,
+               0 if recorded is None else recorded)
 
 
 def _app_marks(conn: sqlite3.Connection) -> Optional[Tuple[int, int]]:

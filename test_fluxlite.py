@@ -15849,3 +15849,70 @@ def test_a_follower_holding_part_of_a_batch_yields_the_rest_after_a_reset_that_k
         store.reset_to(saved)  # the same log: 2 and 3 are still to come
         assert [e.id for e, _ in follower] == ["e-2", "e-3"]
         saved.close()
+
+# --- review1 (session 18): a review of the session's merges -----------------------------
+
+
+def test_review1_a_fork_or_replay_never_empties_a_file_of_other_than_one_page(tmp_path):
+    """_empty_if_blank() took any file whose page 1 holds no table for a blank left by
+    a killed fork(): a file of rows whose page 1 a stray write made an empty schema
+    (its header saying one page, as PRAGMA page_count then does) was truncated, and
+    the rows that .recover could still read were gone; and a one-byte file, which SQLite
+    reads as an empty database, was overwritten. Both are refused, as they were."""
+    blank, damaged = tmp_path / "blank.db", tmp_path / "damaged.db"
+    conn = sqlite3.connect(blank)
+    conn.execute("PRAGMA journal_mode=WAL")  # a killed fork() leaves this header
+    conn.close()
+    conn = sqlite3.connect(damaged)
+    conn.execute("CREATE TABLE notes (t TEXT)")
+    conn.executemany("INSERT INTO notes VALUES (?)", [(f"precious {i}" * 20,) for i in range(500)])
+    conn.commit()
+    conn.close()
+    with open(damaged, "r+b") as file:
+        file.write(blank.read_bytes())
+    before = damaged.read_bytes()
+    with fluxlite.open(str(tmp_path / "s.db"), schema=SCHEMA, reducer=reducer) as store:
+        store.dispatch("addUser", {"name": "Barack"})
+        with pytest.raises(fluxlite.UsageError, match="has content"):
+            store.fork(str(damaged))
+        assert damaged.read_bytes() == before
+        with pytest.raises(fluxlite.SchemaError, match="not a fluxlite store"):
+            store.replay(into=str(damaged))
+        assert damaged.read_bytes() == before
+        short = tmp_path / "short.db"
+        short.write_bytes(b"\n")  # echo > short.db: SQLite reads it as an empty database
+        with pytest.raises(fluxlite.UsageError, match="has content"):
+            store.fork(str(short))
+        assert short.read_bytes() == b"\n"
+        store.fork(str(blank)).close()  # the one-page blank is still taken as empty
+    with fluxlite.open(str(blank)) as copy:
+        assert copy.view.users.all()[0]["name"] == "Barack"
+
+
+def test_review1_a_user_version_counted_on_after_fluxlite_marked_the_file_names_its_cause(tmp_path):
+    """An unmarked database adopted gets fluxlite's marks; an application that then
+    counts its migrations in user_version (6) had its file called a newer fluxlite's,
+    with "upgrade fluxlite" as the only advice. The error names the other cause and
+    the number to put back, which opens it again."""
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT, "
+                 "logins INTEGER NOT NULL DEFAULT 0)")
+    conn.execute("INSERT INTO users (name) VALUES ('Barack')")
+    conn.commit()
+    conn.close()
+    schema = ("CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT, "
+              "logins INTEGER NOT NULL DEFAULT 0);")
+    with fluxlite.open(path, schema=schema, reducer=reducer, adopt=True) as store:
+        assert store.view.users.get("Barack") is not None
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 6")
+    conn.close()
+    with pytest.raises(fluxlite.SchemaError, match=r"newer fluxlite.*fluxlite_meta records "
+                       r"format 2.*another program.*set PRAGMA user_version = 2"):
+        fluxlite.open(path, schema=schema, reducer=reducer)
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    with fluxlite.open(path, schema=schema, reducer=reducer) as store:
+        store.verify()
