@@ -1030,7 +1030,7 @@ def _empty_if_blank(path: str) -> None:
     look left no -wal: another connection still open on it (a copy being made into
     it now) keeps its -wal, and the file is left alone; and only a file of exactly one
     page, the header such a kill leaves."""
-    if path in (":memory:", "") or not os.path.isfile(path) or not os.path.getsize(path):
+    if path in (":memory:", "") or not os.path.isfile(path) or os.path.getsize(path) < 512:
         return
     file, page = _sqlite_file(path), 0
     try:
@@ -2575,8 +2575,11 @@ def _query_failure(exc: Exception, sql: str, params: Any) -> FluxliteError:
     if re.search(r"no such table: (main\.)?(events|fluxlite_)", str(exc)):
         text += ("; an at() view holds only the read-model tables as they were: read "
                  "the log with store.events(), or query it on the store")
-    # (sqlite3 spells a dict given for ? placeholders "Binding 1 has no name")
-    if "bind" in str(exc).lower() or isinstance(exc, OverflowError):
+    # (sqlite3 spells a dict given for ? placeholders "Binding 1 has no name"). Only
+    # sqlite3's own binding errors, never SQLite's: those quote the SQL's names
+    # ("no such column: binding_id"), which are no reason to doubt the params.
+    if ("bind" in str(exc).lower() and not isinstance(exc, sqlite3.OperationalError)) \
+            or isinstance(exc, OverflowError):
         text += (f"; params: {_describe(params)}. Give one value per ? (a sequence), or a "
                  f"dict for :name placeholders; values are None, int, float, str or bytes")
     return QueryError(text + ".")
@@ -8968,13 +8971,11 @@ def _check_adoptable_names(path: str, tables: Iterable[str]) -> None:
 
 
 def _check_not_a_stub(path: str) -> None:
-    """Refuse a file shorter than SQLite's smallest page (512 bytes), none of whose
-    pages a WAL beside it holds: not a database. SQLite opens a 1-byte one (`echo >
-    app.db` makes one) as an empty database, and a new store would overwrite it."""
+    """Refuse a file shorter than SQLite's smallest page (512 bytes): not a database.
+    SQLite opens a 1-byte one (`echo > app.db` makes one) as an empty database, and a
+    new store would overwrite it. A -wal beside it changes nothing: SQLite reads no
+    WAL for a file of no pages, it deletes it (so the byte and the -wal were lost)."""
     if os.path.getsize(path) >= 512:
-        return
-    wal = path + "-wal"
-    if os.path.exists(wal) and os.path.getsize(wal):
         return
     raise _not_a_database(path, sqlite3.DatabaseError("file is not a database"),
                           " Check the path, or choose a new file name.")

@@ -15916,3 +15916,101 @@ def test_review1_a_user_version_counted_on_after_fluxlite_marked_the_file_names_
     conn.close()
     with fluxlite.open(path, schema=schema, reducer=reducer) as store:
         store.verify()
+
+# --- review2: review of the errors (af410c0) and adopt-marks (2b4e227) merges ---
+
+_REVIEW2_SCHEMA = "CREATE TABLE items (id TEXT PRIMARY KEY, bindings INTEGER)"
+
+
+def _review2_reducer(view, event):
+    return view.items.upsert(id=event.payload["id"], bindings=1)
+
+
+@pytest.mark.parametrize("sql", ["SELECT Binding FROM items", "SELECT binding_id FROM items",
+                                 "SELECT * FROM items WHERE Bind = 1"])
+def test_review2_sqlites_own_error_naming_bind_gets_no_params_advice(sql):
+    # The binding advice looked for "bind" in any error's text (lower-cased since
+    # af410c0): SQLite's "no such column: Binding" got "Give one value per ?..."
+    # advice about params that were fine.
+    with fluxlite.open(":memory:", schema=_REVIEW2_SCHEMA, reducer=_review2_reducer) as store:
+        with pytest.raises(fluxlite.QueryError) as info:
+            store.query(sql)
+        assert "no such column" in str(info.value)
+        assert "params:" not in str(info.value) and "one value per ?" not in str(info.value)
+        for params in ({"a": 1}, (1, 2), ()):  # sqlite3's own binding errors keep it
+            with pytest.raises(fluxlite.QueryError, match=r"one value per \?"):
+                store.query("SELECT * FROM items WHERE bindings = ?", params)
+
+
+def _review2_wal(tmp_path):
+    """A store's -wal with frames in it, as bytes (the store is closed after)."""
+    source = str(tmp_path / "source.db")
+    store = fluxlite.open(source, schema=_REVIEW2_SCHEMA, reducer=_review2_reducer,
+                          durability="normal")
+    store._conn.execute("PRAGMA wal_autocheckpoint = 0")
+    store.dispatch("add", {"id": "a"})
+    data = pathlib.Path(source + "-wal").read_bytes()
+    store.close()
+    assert data
+    return data
+
+
+def test_review2_a_1_byte_file_with_a_wal_beside_it_is_refused_too(tmp_path):
+    # _check_not_a_stub let a short file through when a non-empty -wal was beside
+    # it; but SQLite reads no WAL for a file of no pages, it deletes it: open()
+    # made a new store there, the byte and the -wal both gone.
+    wal = _review2_wal(tmp_path)
+    path = tmp_path / "app.db"
+    path.write_bytes(b"\n")
+    (tmp_path / "app.db-wal").write_bytes(wal)
+    with pytest.raises(fluxlite.SchemaError, match="is not a SQLite database"):
+        fluxlite.open(str(path), schema=_REVIEW2_SCHEMA, reducer=_review2_reducer)
+    assert path.read_bytes() == b"\n"
+    assert (tmp_path / "app.db-wal").read_bytes() == wal
+
+
+def test_review2_fork_and_replay_into_a_1_byte_file_leave_it_alone(tmp_path):
+    # open() refuses a 1-byte file since af410c0, but fork() and replay(into=) ran
+    # _empty_if_blank first, which took it (SQLite reads it as an empty database)
+    # for a blank one a killed copy left, emptied it and copied the store over it.
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"x")
+    with fluxlite.open(":memory:", schema=_REVIEW2_SCHEMA, reducer=_review2_reducer) as store:
+        store.dispatch("add", {"id": "a"})
+        with pytest.raises(fluxlite.UsageError, match="needs a new file; that one has content"):
+            store.fork(str(path))
+        assert path.read_bytes() == b"x"
+        with pytest.raises(fluxlite.FluxliteError):
+            store.replay(into=str(path))
+        assert path.read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db"]
+
+
+def test_review2_marks_set_after_a_blank_adoption_need_an_application_id(tmp_path):
+    # README (adoption): a database adopted with neither mark gets fluxlite's; a
+    # user_version set afterwards alone is taken for a format, with an
+    # application_id of the application's own it is kept.
+    path = str(tmp_path / "app.db")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE items (id TEXT PRIMARY KEY, bindings INTEGER)")
+        conn.execute("INSERT INTO items VALUES ('a', 1)")
+        conn.commit()
+    fluxlite.open(path, schema=_REVIEW2_SCHEMA, reducer=_review2_reducer, adopt=True).close()
+    header = "SELECT * FROM pragma_application_id, pragma_user_version"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute(header).fetchone() == (fluxlite.APPLICATION_ID, 2)
+        conn.execute("PRAGMA user_version = 5")
+    with pytest.raises(fluxlite.SchemaError, match="newer fluxlite"):
+        fluxlite.open(path, reducer=_review2_reducer)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA user_version = 1")
+    fluxlite.open(path, reducer=_review2_reducer).close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute(header).fetchone() == (fluxlite.APPLICATION_ID, 2)
+        conn.execute("PRAGMA application_id = 99")
+        conn.execute("PRAGMA user_version = 5")
+    with fluxlite.open(path, reducer=_review2_reducer) as store:
+        store.dispatch("add", {"id": "b"})
+        store.verify()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute(header).fetchone() == (99, 5)
