@@ -4085,9 +4085,10 @@ class Store:
         self._watcher: Optional[threading.Thread] = None
         self._watch_cursor: Optional[_FollowCursor] = None  # watch()'s place in the log
         self._cursors: "weakref.WeakSet[_FollowCursor]" = weakref.WeakSet()  # reset_to() moves them
-        # reset_to()s so far and the head the last left: a cursor placed without the
-        # lock (afollow()) is moved as they moved the others when it joins them.
-        self._resets, self._reset_head = 0, _Reset(0, None, None, 0)
+        # reset_to()s so far and the latest of them: a cursor placed without the lock
+        # (afollow()) is moved by each one since, in order, when it joins the others.
+        self._resets = 0
+        self._reset_log: Deque[_Reset] = collections.deque(maxlen=_Lineage._DEEPEST)
         # This store's log since its last reset_to(): a checkpoint taken in it holds
         # the same events up to its seq (see _after_reset, _Lineage).
         self._lineage = _Lineage(None, 0)
@@ -4755,7 +4756,8 @@ class Store:
             self._lineage = _Lineage(checkpoint._lineage, checkpoint.seq)
             for cursor in list(self._cursors):  # watch() and this store's followers
                 cursor.reset_to(reset)
-            self._resets, self._reset_head = self._resets + 1, reset
+            self._resets += 1
+            self._reset_log.append(reset)
 
     def _check_page_size(self, checkpoint: Checkpoint) -> None:
         """SQLite's backup copies into a WAL file, or an in-memory database that holds
@@ -6853,7 +6855,8 @@ class _FollowCursor:
         self.rewinds, self.generation = rewinds, generation
         self.reached = position  # the furthest it has been, across reset_to()s
         self.reached_in: Optional[_Lineage] = None  # the history it got there in
-        # The last event follow() yielded of a batch it has not yielded all of (the
+        # The last event a follower (follow(), afollow(), a consumer's) yielded of a
+        # batch it has not yielded all of, or the seq before the batch's first (the
         # position is already past the whole batch): None between batches.
         self.handed: Optional[int] = None
         self.resets = 0  # reset_to()s of the store since: a batch read before one is stale
@@ -6905,12 +6908,16 @@ class _FollowCursor:
 
     def attach(self) -> None:
         """Join the cursors reset_to() moves (it goes through them with the lock held),
-        moved as they were by the reset_to()s since the position was read (the last
-        one's head decides: each moves a cursor to min(reached, its head))."""
+        moved as they were by the reset_to()s since the position was read, each in
+        turn: the last alone took the position for one of its history, and after two
+        (back to a checkpoint, then on to a later one of the new history) skipped the
+        events the new history wrote at the seqs it had passed."""
         store = self.store
         with store._lock:
-            if store._resets != self.placed_resets:
-                self.reset_to(store._reset_head)  # (the last reset's: as close as known)
+            missed = store._resets - (self.placed_resets or 0)
+            if missed:  # (more than the log keeps: the oldest are forgotten)
+                for reset in list(store._reset_log)[-missed:]:
+                    self.reset_to(reset)
             store._cursors.add(self)
             self.attached = True
 
@@ -6933,6 +6940,10 @@ class _FollowCursor:
                 if (version, commits) != (self.version, self.commits):
                     self.version, self.commits = version, commits
                     batch = self.read(store)
+                    if queue is None:  # a follower's: the last batch is all yielded,
+                        # none of this one yet (a reset_to() by another thread before
+                        # the first took the position past the batch as delivered)
+                        self.handed = batch[0][0].seq - 1 if batch else None
                     if batch:
                         if queue is not None:
                             queue.extend(batch)
@@ -7051,7 +7062,9 @@ class AsyncFollower:
         while True:
             if self._batch:
                 if cursor.resets == cursor.read_resets:
-                    return self._batch.popleft()
+                    item = self._batch.popleft()
+                    cursor.handed = item[0].seq  # as Store._follow: the rest not yet
+                    return item
                 self._batch.clear()  # erased by reset_to(): see Store._follow
             if self._handed:  # the loop body is done with the last batch: ``timeout``
                 # counts from now, as follow()'s wait does (and this one's did), not from
@@ -7360,7 +7373,9 @@ class Consumer:
                     # thread): the rest is of the history it erased (see Store._follow).
                     if cursor.resets != cursor.read_resets:
                         break
+                    cursor.handed = item[0].seq  # (see Store._follow)
                     yield item
+                cursor.handed = None
                 if timeout is not None:  # seconds without new events
                     deadline = time.monotonic() + timeout
             elif deadline is not None and time.monotonic() >= deadline \

@@ -16014,3 +16014,88 @@ def test_review2_marks_set_after_a_blank_adoption_need_an_application_id(tmp_pat
         store.verify()
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute(header).fetchone() == (99, 5)
+
+
+# --- review3: followers across reset_to() (afollow() late, before a first yield) ---
+
+
+def test_an_afollow_placed_before_two_resets_yields_what_the_new_history_wrote(tmp_path):
+    # Placed at 5, not attached yet: a reset back to 2, four events of the new history,
+    # a reset to a checkpoint at 6 of it. follow() yields 3..6 of the new history; the
+    # attach that applied only the last reset took 5 as delivered and skipped 3..5.
+    with _statem_store(tmp_path) as store:
+        store.dispatch("x", id="h1-1")
+        store.dispatch("x", id="h1-2")
+        at_two = store.checkpoint()
+        for n in (3, 4, 5):
+            store.dispatch("x", id=f"h1-{n}")
+        follower = store.afollow(timeout=0.3)
+        store.reset_to(at_two)
+        for n in (3, 4, 5, 6):
+            store.dispatch("x", id=f"h2-{n}")
+        at_six = store.checkpoint()
+        store.reset_to(at_six)
+
+        async def main():
+            return [event.id async for event, _ in follower]
+        assert asyncio.run(main()) == ["h2-3", "h2-4", "h2-5", "h2-6"]
+        at_two.close()
+        at_six.close()
+
+
+def test_an_afollow_holding_part_of_a_batch_yields_the_rest_after_a_reset_that_keeps_it(
+        tmp_path):
+    with _statem_store(tmp_path) as store:
+        follower = store.afollow(after=0, timeout=0.3)
+        for n in (1, 2, 3):
+            store.dispatch("x", id=f"e-{n}")
+
+        async def main():
+            first, _ = await follower.__anext__()  # 2 and 3 were read with it
+            saved = store.checkpoint()
+            store.reset_to(saved)  # the same log: 2 and 3 are still to come
+            saved.close()
+            return [first.id] + [event.id async for event, _ in follower]
+        assert asyncio.run(main()) == ["e-1", "e-2", "e-3"]
+
+
+def test_a_reset_in_another_thread_before_the_first_event_of_a_batch_is_yielded_skips_none(
+        tmp_path, monkeypatch):
+    # The batch is read (the position is past it), then another thread resets to a
+    # checkpoint of the same log before the follower yields its first event.
+    with _statem_store(tmp_path) as store:
+        follower = store.follow(after=0, timeout=0.3)
+        for n in (1, 2, 3):
+            store.dispatch("x", id=f"e-{n}")
+        saved = store.checkpoint()
+        step, done = fluxlite._FollowCursor.step, []
+
+        def read_then_reset(cursor, *args, **kwargs):
+            batch = step(cursor, *args, **kwargs)
+            if batch and not done:
+                done.append(True)
+                other = threading.Thread(target=store.reset_to, args=(saved,))
+                other.start()
+                other.join()
+            return batch
+        monkeypatch.setattr(fluxlite._FollowCursor, "step", read_then_reset)
+        assert [event.id for event, _ in follower] == ["e-1", "e-2", "e-3"]
+        assert done
+        saved.close()
+
+
+def test_a_consumer_follow_holding_part_of_a_batch_yields_the_rest_after_a_reset_that_keeps_it(
+        tmp_path):
+    # Nothing acked: the checkpoint holds the consumer at 0 and all five events. The
+    # loop had yielded e-1 only; e-2..e-5 were skipped (and the next ack took them).
+    with _statem_store(tmp_path) as store:
+        consumer = store.consumer("worker")
+        for n in range(1, 6):
+            store.dispatch("x", id=f"e-{n}")
+        following = consumer.follow(timeout=0.3)
+        first, _ = next(following)
+        saved = store.checkpoint()
+        store.reset_to(saved)
+        assert [first.id] + [event.id for event, _ in following] == [
+            f"e-{n}" for n in range(1, 6)]
+        saved.close()
