@@ -4752,7 +4752,8 @@ class Store:
             kept = min(head, _agreed(self._lineage, checkpoint._lineage, checkpoint.seq))
             while self._pending and self._pending[-1][0].seq > kept:
                 self._pending.pop()
-            reset = _Reset(head, self._lineage, checkpoint._lineage, checkpoint.seq)
+            reset = _Reset(head, self._lineage, checkpoint._lineage, checkpoint.seq,
+                           _rewinds(meta), meta.get("generation", 0))
             self._lineage = _Lineage(checkpoint._lineage, checkpoint.seq)
             for cursor in list(self._cursors):  # watch() and this store's followers
                 cursor.reset_to(reset)
@@ -6734,13 +6735,25 @@ def _agreed(ours: _Lineage, theirs: Optional[_Lineage], seq: int) -> int:
 
 class _Reset:
     """A reset_to(): the head it left, the history it erased (``before``) and the one
-    it put back (the checkpoint's, taken at ``seq``), for the followers it moves."""
+    it put back (the checkpoint's, taken at ``seq``), for the followers it moves; and
+    the file's resets as it left them (``rewinds``, its own last, at ``generation``)."""
 
-    __slots__ = ("head", "before", "into", "seq")
+    __slots__ = ("head", "before", "into", "seq", "rewinds", "generation")
 
     def __init__(self, head: int, before: Optional[_Lineage], into: Optional[_Lineage],
-                 seq: int) -> None:
+                 seq: int, rewinds: List[List[int]], generation: int) -> None:
         self.head, self.before, self.into, self.seq = head, before, into, seq
+        self.rewinds, self.generation = rewinds, generation
+
+    def rewound_elsewhere(self, seen: Optional[str]) -> Optional[int]:
+        """Where the resets of other stores left the log since generation ``seen``
+        (the lowest head), before this one: None if none did."""
+        if seen is None:
+            return None
+        after = _generation_number(seen)
+        heads = [head for generation, head in self.rewinds
+                 if after < generation < self.generation]
+        return min(heads) if heads else None
 
     def agreed(self, lineage: Optional[_Lineage]) -> Optional[int]:
         """How far the log put back holds the events ``lineage`` held; None when the
@@ -6879,13 +6892,23 @@ class _FollowCursor:
         events at those seqs now."""
         if self.handed is not None:  # in the middle of a batch: the rest was not yielded
             self.position, self.handed = self.handed, None
-        if self.position >= self.reached:
-            self.reached, self.reached_in = self.position, reset.before
-        here, there = reset.agreed(reset.before), reset.agreed(self.reached_in)
-        if here is None or there is None:  # as before histories were told apart
-            kept = self.reached
+        elsewhere = reset.rewound_elsewhere(self.generation)
+        if elsewhere is not None:
+            # Another store reset the file since this cursor last read: this store's
+            # history says nothing of the log now. From where that reset left it (at
+            # worst a repeat); taken for unbroken, it went on from this reset's head,
+            # past the events written between the two, never yielded.
+            self.position = self.reached = min(self.position, elsewhere)
+            self.reached_in = None
+            kept = self.position
         else:
-            kept = max(min(self.position, here), min(self.reached, there))
+            if self.position >= self.reached:
+                self.reached, self.reached_in = self.position, reset.before
+            here, there = reset.agreed(reset.before), reset.agreed(self.reached_in)
+            if here is None or there is None:  # as before histories were told apart
+                kept = self.reached
+            else:
+                kept = max(min(self.position, here), min(self.reached, there))
         self.position, self.version = min(reset.head, kept), -1
         self.resets += 1
         self.generation = self.store._generation_text  # this reset's, moved for above

@@ -16099,3 +16099,31 @@ def test_a_consumer_follow_holding_part_of_a_batch_yields_the_rest_after_a_reset
         assert [first.id] + [event.id for event, _ in following] == [
             f"e-{n}" for n in range(1, 6)]
         saved.close()
+
+
+# --- a follower rewound by another store, then moved by its own store's reset ---------
+
+def test_a_follower_rewound_elsewhere_then_reset_here_skips_nothing(tmp_path):
+    """Another Store object on the file reset it to an empty checkpoint; this store then
+    reset to its own head before its follower read again. The follower took this
+    store's own history for unbroken, went on from that head, and never yielded the
+    events written after the other store's reset (found by the long two-Store state
+    machine of test_properties.py)."""
+    path = str(tmp_path / "s.db")
+    schema = "CREATE TABLE t (k INTEGER PRIMARY KEY)"
+    here = fluxlite.open(path, schema=schema, reducer=lambda view, event: None)
+    elsewhere = fluxlite.open(path, schema=schema, reducer=lambda view, event: None)
+    empty = elsewhere.checkpoint()
+    for i in range(3):
+        here.dispatch("old", {"i": i})
+    follower = here.follow(0, timeout=1)  # (ends after 1 s without a new event)
+    assert [next(follower)[0].type for _ in range(3)] == ["old"] * 3
+    elsewhere.reset_to(empty)
+    new = [here.dispatch("new", {"i": i}) for i in range(3)]
+    here.reset_to(here.checkpoint())
+    got = [event for event, _ in itertools.islice(follower, 3)]
+    assert [(e.seq, e.id) for e in got] == [(e.seq, e.id) for e in new]
+    follower.close()
+    here.close()
+    elsewhere.close()
+    empty.close()

@@ -1026,20 +1026,22 @@ class LoggedStoreMachine(RuleBasedStateMachine):
         self.dir.cleanup()
 
 
-LoggedStoreMachine.TestCase.settings = settings(
-    max_examples=10, stateful_step_count=25, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-test_one_store_against_a_model_through_the_public_api = LoggedStoreMachine.TestCase
+def _machine_tests(machine, examples):
+    """A state machine's test for the default suite (``examples`` runs of 25 steps)
+    and a longer one marked slow (100 runs of 50 steps)."""
+    class Long(machine):
+        pass
+
+    quick, long = machine.TestCase, Long.TestCase
+    for case, runs, steps in ((quick, examples, 25), (long, 100, 50)):
+        case.settings = settings(
+            max_examples=runs, stateful_step_count=steps, deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    return quick, pytest.mark.slow(long)
 
 
-class LoggedStoreMachineLong(LoggedStoreMachine):
-    pass
-
-
-LoggedStoreMachineLong.TestCase.settings = settings(
-    max_examples=100, stateful_step_count=50, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-test_one_store_against_a_model_long = pytest.mark.slow(LoggedStoreMachineLong.TestCase)
+(test_one_store_against_a_model_through_the_public_api,
+ test_one_store_against_a_model_long) = _machine_tests(LoggedStoreMachine, 10)
 
 
 # --- statem: two Store objects on one file, followers, a consumer, generation ---
@@ -1127,7 +1129,8 @@ class TwoHandlesMachine(LoggedStoreMachine):
         statistic(f"reset_to {'elsewhere' if elsewhere else 'here'}")
         # The follower of the store that did not reset may still yield the rest of a
         # batch it read before (as one in another process would): stale events.
-        self.stale["here" if elsewhere else "there"] = self.events
+        # (Of any history since it last yielded a fresh one: resets one after another.)
+        self.stale["here" if elsewhere else "there"].append(self.events)
         self.states, self.events, self.journal = list(states), list(events), list(journal)
         self.heard_elsewhere()
         self.gen = self.expect_new_generation()
@@ -1177,9 +1180,9 @@ class TwoHandlesMachine(LoggedStoreMachine):
             for _ in range(data.draw(st.integers(0, max(0, ahead)))):
                 event, _ = next(follower)
                 seq = event.seq
-                stale = self.stale[name]
-                if len(stale) >= seq and stale[seq - 1][:2] == (seq, event.id) != \
-                        (self.events[seq - 1][:2] if len(self.events) >= seq else None):
+                now = self.events[seq - 1][:2] if len(self.events) >= seq else None
+                if any(len(stale) >= seq and stale[seq - 1][:2] == (seq, event.id) != now
+                       for stale in self.stale[name]):
                     assert seq == self.followed[name] + 1, (name, seq)
                     self.followed[name] = seq
                     continue
@@ -1230,17 +1233,5 @@ class TwoHandlesMachine(LoggedStoreMachine):
         super().teardown()
 
 
-TwoHandlesMachine.TestCase.settings = settings(
-    max_examples=8, stateful_step_count=25, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-test_two_store_objects_followers_a_consumer_and_generation = TwoHandlesMachine.TestCase
-
-
-class TwoHandlesMachineLong(TwoHandlesMachine):
-    pass
-
-
-TwoHandlesMachineLong.TestCase.settings = settings(
-    max_examples=100, stateful_step_count=50, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-test_two_store_objects_long = pytest.mark.slow(TwoHandlesMachineLong.TestCase)
+(test_two_store_objects_followers_a_consumer_and_generation,
+ test_two_store_objects_long) = _machine_tests(TwoHandlesMachine, 8)
