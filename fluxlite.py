@@ -2886,9 +2886,12 @@ def _journal_rows(conn: sqlite3.Connection, after: int = 0) -> sqlite3.Cursor:
                         f"ORDER BY seq, n", (after,))
 
 
-def _stored_generation(conn: sqlite3.Connection) -> Optional[str]:
+def _stored_generation(conn: sqlite3.Connection) -> str:
+    """The file's generation as fluxlite_meta holds it; 0 in a file made before it was
+    kept (the first format), until a reset_to() or rebuild writes one: read as None
+    there, a follower or consumer took the first reset's for the one it started at."""
     row = conn.execute("SELECT value FROM fluxlite_meta WHERE key = 'generation'").fetchone()
-    return None if row is None else str(row[0])
+    return _dumps(0) if row is None else str(row[0])
 
 
 class _Pages:
@@ -4686,9 +4689,9 @@ class Store:
         For test suites: cheap rollback between tests of an on-disk store.
         Other connections to the file see the reset too. watch() and this
         store's followers go on from the checkpoint's head, its consumers from
-        their position in the checkpoint; followers of other stores (in this
-        process or others) at their next read (the file keeps the heads of its
-        last resets), not their consumers. Subscribers are not told: a copy of the tables a
+        their position in the checkpoint; followers and consumers of other stores
+        (in this process or others) at their next read (the file keeps the heads
+        of its last resets). Subscribers are not told: a copy of the tables a
         subscriber keeps must be refilled from the store (events committed
         before the checkpoint that they had not heard yet, they still hear).
         The file's generation is new after it, for stores elsewhere to tell.
@@ -4917,12 +4920,12 @@ class Store:
         return event
 
     def _commit(self, actions: Sequence[Mapping[str, Any]], expect_seq: Optional[int],
-                ack: Optional[Tuple[str, str, int, float]] = None) -> List[Event]:
+                ack: Optional[_Ack] = None) -> List[Event]:
         self._check_dispatchable()
         return self._commit_prepared([_prepare(a, self._ids) for a in actions], expect_seq, ack)
 
     def _commit_prepared(self, prepared: List[_Prepared], expect_seq: Optional[int] = None,
-                         ack: Optional[Tuple[str, str, int, float]] = None,
+                         ack: Optional[_Ack] = None,
                          failed: Optional[List[int]] = None) -> List[Event]:
         """Write the events in one transaction. ``failed``, if given, is told the
         position in ``prepared`` of the event whose reducer (or id) refused the batch."""
@@ -5002,7 +5005,7 @@ class Store:
 
     def _write(self, prepared: List[_Prepared], expect_seq: Optional[int],
                results: List[Event], committed: List[Tuple[Event, List[Change]]],
-               ack: Optional[Tuple[str, str, int, float]] = None,
+               ack: Optional[_Ack] = None,
                failed: Optional[List[int]] = None) -> None:
         conn = self._conn
         outermost = not conn.in_transaction  # a preview's transaction is rolled back
@@ -5804,7 +5807,7 @@ class Store:
         head, generation = conn.execute(
             "SELECT (SELECT max(seq) FROM events), "
             "(SELECT value FROM fluxlite_meta WHERE key = 'generation')").fetchone()
-        return int(head or 0), None if generation is None else str(generation)
+        return int(head or 0), _dumps(0) if generation is None else str(generation)
 
     # -- verify and replay --------------------------------------------------
 
@@ -6677,6 +6680,11 @@ def _refuse_locked(status: int, remaining: int, pages: int) -> None:
         raise sqlite3.OperationalError("database is locked")
 
 
+# A consumer's ack made with a dispatch: (name, owner, seq, lease, generation), the
+# arguments of _advance_consumer.
+_Ack = Tuple[str, str, int, float, Optional[str]]
+
+
 @dataclasses.dataclass
 class _Frame:
     """What one dispatch call tells the core, past the middleware chain."""
@@ -6684,7 +6692,7 @@ class _Frame:
     expect_seq: Optional[int] = None
     batch: Optional[List[_Prepared]] = None  # dispatch_many collects here (checked, encoded)
     preview: bool = False
-    ack: Optional[Tuple[str, str, int, float]] = None  # (consumer, owner, seq, lease) acked too
+    ack: Optional[_Ack] = None  # a consumer's ack in the dispatch's transaction
     acked: bool = False  # that ack committed (a middleware may still raise after next())
     changes: List[Change] = dataclasses.field(default_factory=list)
     refused: Optional[BaseException] = None  # a batch's event that next() refused
@@ -6862,10 +6870,12 @@ class _FollowCursor:
         """``resets``: the store's reset_to()s when ``position`` was read without the
         lock (afollow()); such a cursor is not in the store's cursors until attach().
         ``rewinds``: goes back after another store's reset_to() (see rewind()), from
-        ``generation``, the file's when ``position`` was read (None: its first read).
-        A consumer's does not: its position is the one its acks keep in the file."""
+        ``generation``, the file's when ``position`` was read (None: its first read)."""
         self.store, self.position, self.wanted = store, position, wanted
         self.rewinds, self.generation = rewinds, generation
+        # A consumer's: after another store's reset, it reads its position from the file
+        # (and goes back to it), in the snapshot the cursor reads the new history in.
+        self.rewound: Optional[Callable[[], int]] = None
         self.reached = position  # the furthest it has been, across reset_to()s
         self.reached_in: Optional[_Lineage] = None  # the history it got there in
         # The last event a follower (follow(), afollow(), a consumer's) yielded of a
@@ -6921,12 +6931,11 @@ class _FollowCursor:
         at the seqs they had passed. The file keeps the heads of its last resets,
         each with the generation it gave (see _stamp_generation)."""
         stored = _stored_generation(store._conn)
-        if self.generation is not None and stored != self.generation:
-            seen = _generation_number(self.generation)
-            heads = [head for generation, head in _rewinds(_read_meta(store._conn))
-                     if generation > seen]
-            if heads and min(heads) < self.position:
-                self.position, self.behind = min(heads), False
+        heads = _rewound_since(store._conn, self.generation, stored)
+        if heads and min(heads) < self.position:
+            self.position, self.behind = min(heads), False
+        if heads and self.rewound is not None:
+            self.position, self.behind = min(self.position, self.rewound()), False
         self.generation = stored
 
     def attach(self) -> None:
@@ -7238,11 +7247,14 @@ def _holder_is_dead(owner: Optional[str]) -> bool:
 
 
 def _advance_consumer(conn: sqlite3.Connection, name: str, owner: str, seq: int,
-                      lease: float = 30.0) -> None:
+                      lease: float = 30.0, generation: Optional[str] = None) -> None:
     """Move a consumer's position to seq (renewing its lease), in the caller's transaction.
-    A ``lease`` of 0 (a consumer that gave its name up) leaves the lease run out."""
-    row = conn.execute("SELECT position, owner FROM fluxlite_consumers WHERE name = ?",
-                       (name,)).fetchone()
+    A ``lease`` of 0 (a consumer that gave its name up) leaves the lease run out.
+    ``generation``: the file's when the consumer last read its position (see
+    Consumer._take_position); not past the head of a reset_to() since."""
+    # (The file's generation in the same read: an ack is a hot path.)
+    row = conn.execute("SELECT position, owner, (SELECT value FROM fluxlite_meta WHERE key = "
+                       "'generation') FROM fluxlite_consumers WHERE name = ?", (name,)).fetchone()
     if row is None or row[1] != owner:
         raise Conflict(
             f"Consumer {_quoted(name)} lost its lease (now held by {row[1]!r}); nothing was "
@@ -7251,6 +7263,9 @@ def _advance_consumer(conn: sqlite3.Connection, name: str, owner: str, seq: int,
             f"up, or erased by a reset_to() of a checkpoint taken before the consumer was "
             f"opened); nothing was acknowledged. Reopen the consumer."
         )
+    heads = _rewound_since(conn, generation, _dumps(0) if row[2] is None else str(row[2]))
+    if heads:  # seq is of the history that reset erased: the new one's events there
+        seq = min(seq, min(heads))  # were never yielded (acked, no one would get them)
     # Never past the head: an event yielded before a reset_to() (by any store on the
     # file) that rewound the log past it would otherwise be acked as a position that
     # the log's next events reach, and the name would skip them, reopened or not.
@@ -7292,6 +7307,10 @@ class Consumer:
         self._following: "weakref.WeakSet[_FollowCursor]" = weakref.WeakSet()
         _LIVE_CONSUMERS[self._owner] = self  # first: while it lives, its lease is not free
         self._resets = store._resets
+        # The file's generation when the position was read, and how often it was read
+        # again after a reset since (see _take_position): the loop's filter goes back.
+        self._generation: Optional[str] = None
+        self._retakes = 0
         self.position = self._acquire()
         self._renewed = time.monotonic()
 
@@ -7305,6 +7324,7 @@ class Consumer:
                         "SELECT position, owner, lease_until FROM fluxlite_consumers "
                         "WHERE name = ?", (self.name,)).fetchone()
                     position, owner, until = row if row else (0, None, 0.0)
+                    generation = _stored_generation(store._conn)
                     # Old code after another process rebuilt the file would hold the
                     # name only to fail at its first read, keeping the new code out.
                     store._check_model_current()
@@ -7326,6 +7346,7 @@ class Consumer:
             # released the leases it knew of and left this one held in the file (the
             # name Busy to every other Consumer while this one lived, closed or not).
             store._leases[self._owner] = self.name
+            self._generation = generation
         return position
 
     def __iter__(self) -> Iterator[Tuple[Event, List[Change]]]:
@@ -7350,7 +7371,10 @@ class Consumer:
         left it at the erased history's position, past the events the new history wrote
         at those seqs, which were skipped (and acked unseen by the next ack)."""
         with self.store._lock:
-            return _FollowCursor(self.store, self._start(), self._types)
+            cursor = _FollowCursor(self.store, self._start(), self._types, rewinds=True,
+                                   generation=self._generation)
+            cursor.rewound = self._take_position
+            return cursor
 
     def _start(self) -> int:
         """Where an iteration reads from: after the last ack, or after the last event a
@@ -7364,7 +7388,8 @@ class Consumer:
         """After the store's reset_to(): the position the checkpoint holds. The one in
         memory was of the history the reset erased: past it, the events dispatched
         since the reset (the same seqs again) were skipped, and acked unseen. (A lease
-        the checkpoint does not hold is lost: the next ack says so, with Conflict.)"""
+        the checkpoint does not hold is lost: the next ack says so, with Conflict.)
+        Another store's reset_to() (in any process) is taken in by the cursor's reads."""
         store = self.store
         with store._lock:
             if store._resets == self._resets or store._closed:
@@ -7373,9 +7398,20 @@ class Consumer:
             # The checkpoint holds this store's code (reset_to() checks it): a name given
             # up to another code's rebuild since is usable again, as the file says.
             self._gave_up = None
-            row = store._conn.execute("SELECT position FROM fluxlite_consumers "
-                                      "WHERE name = ?", (self.name,)).fetchone()
-            self.position = self._finished = self._yielded = row[0] if row else 0
+            with _read_txn(store._conn):
+                self._take_position()
+
+    def _take_position(self) -> int:
+        """In a read snapshot, with the store's lock: the position the file has after a
+        reset_to() (a cursor's read calls it for another store's, see rewind()). The
+        file's, not the cursor's, rules: the checkpoint may be of another history."""
+        conn = self.store._conn
+        self._generation = _stored_generation(conn)
+        row = conn.execute("SELECT position FROM fluxlite_consumers WHERE name = ?",
+                           (self.name,)).fetchone()
+        self.position = self._finished = self._yielded = row[0] if row else 0
+        self._retakes += 1
+        return self.position
 
     def _wait_renewing(self, timeout: Optional[float]) -> "_Following":
         cursor = self._placed_cursor()
@@ -7431,7 +7467,7 @@ class Consumer:
         # event yielded since the last ack (a worker polling in a with block).
         # With the resets it was read after: a reset_to() by another thread before the
         # cursor is placed is taken in by the cursor's _start(), not seen below.
-        last, seen = self._start(), self._resets
+        last, seen, retakes = self._start(), self._resets, self._retakes
         # A read that finds nothing new renews too: a worker polling a quiet log
         # (`for event, changes in consumer:` in a loop) would otherwise lose its name
         # to another process while it polls, and hit Conflict at its next event.
@@ -7439,8 +7475,10 @@ class Consumer:
             return  # the store was closed
         try:
             for event, changes in source:
-                if seen != self.store._resets:  # reset_to() in the loop: the seqs after
-                    last, seen = self._start(), self._resets  # its position are new events
+                # reset_to() in the loop (this store's, or another's that the cursor read
+                # took in): the seqs after its position are new events
+                if seen != self.store._resets or retakes != self._retakes:
+                    last, seen, retakes = self._start(), self._resets, self._retakes
                 if event.seq <= last:
                     continue
                 if self._closed:  # closed meanwhile (by the loop body, another thread): its
@@ -7467,7 +7505,7 @@ class Consumer:
             try:
                 with _write_txn(store._conn):
                     _advance_consumer(store._conn, self.name, self._owner, seq,
-                                      0.0 if self._gave_up else self._lease)
+                                      0.0 if self._gave_up else self._lease, self._generation)
                     store._check_file()  # an ack into a replaced file would be lost
                 if seq > self.position:  # (no call: a Ctrl-C comes before or after it)
                     self.position = seq
@@ -7498,7 +7536,7 @@ class Consumer:
         _check_expect_seq(expect_seq)
         frames = store._frame_stack()
         lease = 0.0 if self._gave_up else self._lease
-        frame = _Frame(expect_seq, ack=(self.name, self._owner, seq, lease))
+        frame = _Frame(expect_seq, ack=(self.name, self._owner, seq, lease, self._generation))
         frames.append(frame)
         try:
             result: Optional[Event] = store._chain(action)
@@ -8696,6 +8734,17 @@ def _rewinds(meta: Mapping[str, Any]) -> List[List[int]]:
         return []
     return [[pair[0], pair[1]] for pair in found if isinstance(pair, list) and len(pair) == 2
             and all(isinstance(n, int) and not isinstance(n, bool) for n in pair)]
+
+
+def _rewound_since(conn: sqlite3.Connection, generation: Optional[str],
+                   stored: Optional[str]) -> List[int]:
+    """The heads the file's reset_to()s since it had ``generation`` (it has ``stored``
+    now) left the log at: none without a reset since (a rebuild changes the generation
+    too, not the log). Past the last 16, the kept ones are all since, so never none."""
+    if generation is None or stored == generation:
+        return []
+    seen = _generation_number(generation)
+    return [head for number, head in _rewinds(_read_meta(conn)) if number > seen]
 
 
 def _generation_number(text: str) -> int:

@@ -16127,3 +16127,248 @@ def test_a_follower_rewound_elsewhere_then_reset_here_skips_nothing(tmp_path):
     here.close()
     elsewhere.close()
     empty.close()
+
+# --- consumers: a consumer of another Store across that store's reset_to() ----------
+
+
+def _consumers_puts(store, names):
+    store.dispatch_many([{"type": "put", "payload": {"id": name, "n": 1}} for name in names])
+
+
+def _consumers_ids(pairs):
+    return [event.payload["id"] for event, _ in pairs]
+
+
+def test_consumers_a_consumer_of_another_store_goes_on_from_the_file_after_its_reset(tmp_path):
+    # Found by review (consumers): a worker's consumer (another Store on the file) kept
+    # the position of the history another store's reset_to() erased: it never yielded
+    # the events the new history wrote at the seqs it had passed (at-least-once broken,
+    # quietly), and its next ack acknowledged them unseen.
+    path = str(tmp_path / "items.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as harness, \
+            fluxlite.open(path, reducer=items_reducer) as worker:
+        _consumers_puts(harness, ["a", "b"])
+        mailer = worker.consumer("mailer")
+        assert _consumers_ids(mailer) == ["a", "b"]
+        mailer.ack(2)
+        saved = harness.checkpoint()  # head 2, the mailer at 2 holding its lease
+        _consumers_puts(harness, ["old3", "old4", "old5"])
+        assert _consumers_ids(mailer) == ["old3", "old4", "old5"]
+        mailer.ack(5)
+        harness.reset_to(saved)
+        _consumers_puts(harness, ["new3", "new4", "new5", "new6"])
+        assert _consumers_ids(mailer) == ["new3", "new4", "new5", "new6"]
+        mailer.ack(6)  # the checkpoint holds its lease: still the mailer's
+        assert harness.query("SELECT position FROM fluxlite_consumers") == [{"position": 6}]
+        assert list(mailer) == []
+        saved.close()
+
+
+def test_consumers_a_loop_across_another_stores_reset_skips_no_new_event(tmp_path):
+    # Found by review (consumers): a follow() loop of a worker's consumer went on past
+    # the seqs it had passed, and the ack of the erased history's last event, made after
+    # the reset, moved the file's position over the new events written at those seqs.
+    path = str(tmp_path / "items.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as harness, \
+            fluxlite.open(path, reducer=items_reducer) as worker:
+        _consumers_puts(harness, ["a", "b"])
+        mailer = worker.consumer("mailer")
+        saved = harness.checkpoint()
+        _consumers_puts(harness, ["old3", "old4", "old5"])
+        seen = []
+        for event, _ in mailer.follow(timeout=0.2):
+            seen.append(event.payload["id"])
+            if seen[-1] == "old5":
+                harness.reset_to(saved)
+                _consumers_puts(harness, ["new3", "new4", "new5", "new6"])
+            mailer.ack(event)
+        assert seen == ["a", "b", "old3", "old4", "old5", "new3", "new4", "new5", "new6"]
+        assert harness.query("SELECT position FROM fluxlite_consumers") == [{"position": 6}]
+        saved.close()
+
+
+def test_consumers_an_ack_of_an_erased_event_acknowledges_no_new_one(tmp_path):
+    # Found by review (consumers): an ack, after another store's reset_to(), of an event
+    # the reset erased moved the file's position to that seq, over the events the new
+    # history had written there since: never delivered, to this worker or any other.
+    path = str(tmp_path / "items.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as harness, \
+            fluxlite.open(path, reducer=items_reducer) as worker:
+        _consumers_puts(harness, ["a", "b"])
+        mailer = worker.consumer("mailer")
+        saved = harness.checkpoint()
+        _consumers_puts(harness, ["old3", "old4", "old5"])
+        handed = list(mailer)
+        harness.reset_to(saved)
+        _consumers_puts(harness, ["new3", "new4", "new5"])
+        mailer.ack(handed[-1][0])  # its work done, after the reset
+        assert harness.query("SELECT position FROM fluxlite_consumers") == [{"position": 2}]
+        assert _consumers_ids(mailer) == ["new3", "new4", "new5"]
+        saved.close()
+
+
+def test_consumers_a_lease_another_stores_reset_erased_is_lost_at_the_next_ack(tmp_path):
+    # The lease rules kept: a consumer opened after the checkpoint has no lease in the
+    # file after the reset; it delivers the new events, and its ack is a Conflict.
+    path = str(tmp_path / "items.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as harness, \
+            fluxlite.open(path, reducer=items_reducer) as worker:
+        _consumers_puts(harness, ["a", "b"])
+        saved = harness.checkpoint()
+        late = worker.consumer("late")
+        assert _consumers_ids(late) == ["a", "b"]
+        late.ack(2)
+        harness.reset_to(saved)
+        _consumers_puts(harness, ["new3"])
+        assert _consumers_ids(late) == ["a", "b", "new3"]
+        with pytest.raises(fluxlite.Conflict, match=r"erased by a reset_to\(\)"):
+            late.ack(3)
+        saved.close()
+
+
+def test_consumers_another_stores_rebuild_gives_nothing_again(tmp_path):
+    # A rebuild changes the file's generation too, but not the log or the positions:
+    # the consumer is not sent back (what it yielded stays ackable, nothing comes twice).
+    path = str(tmp_path / "items.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as other, \
+            fluxlite.open(path, reducer=items_reducer) as worker:
+        _consumers_puts(other, ["a", "b", "c"])
+        mailer = worker.consumer("mailer")
+        assert _consumers_ids(mailer) == ["a", "b", "c"]
+        generation = worker.generation
+        other.rebuild()
+        assert worker.generation != generation
+        mailer.ack(3)
+        _consumers_puts(other, ["d"])
+        assert _consumers_ids(mailer) == ["d"]
+
+
+def test_consumers_a_consumer_goes_on_after_a_reset_in_another_process(tmp_path):
+    # The same with a real second process (a test harness) resetting the file.
+    path = str(tmp_path / "items.db")
+    harness_code = textwrap.dedent("""
+        import sys, fluxlite
+        def reducer(view, event):
+            return view.items.upsert(id=event.payload["id"], n=event.payload["n"])
+        store = fluxlite.open(sys.argv[1], reducer=reducer)
+        def puts(names):
+            store.dispatch_many([{"type": "put", "payload": {"id": n, "n": 1}} for n in names])
+        saved = store.checkpoint()
+        puts(["old3", "old4", "old5"])
+        print("ready", flush=True)
+        sys.stdin.readline()
+        store.reset_to(saved)
+        puts(["new3", "new4", "new5", "new6"])
+        store.close()
+        """)
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as worker:
+        _consumers_puts(worker, ["a", "b"])
+        mailer = worker.consumer("mailer")
+        assert _consumers_ids(mailer) == ["a", "b"]
+        mailer.ack(2)
+        harness = subprocess.Popen([sys.executable, "-c", harness_code, path],
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert harness.stdout.readline() == "ready\n"
+            assert _consumers_ids(mailer) == ["old3", "old4", "old5"]
+            mailer.ack(5)
+            harness.stdin.write("go\n")
+            harness.stdin.flush()
+            assert harness.wait(60) == 0
+            assert _consumers_ids(mailer) == ["new3", "new4", "new5", "new6"]
+            mailer.ack(6)
+            assert list(mailer) == []
+        finally:
+            if harness.poll() is None:
+                harness.kill()
+            harness.wait()
+            harness.stdin.close()
+            harness.stdout.close()
+
+
+def test_consumers_a_follow_waiting_across_another_stores_reset_yields_the_new_events(
+        tmp_path):
+    # Found by review (consumers): a worker's follow(), waiting for events past the
+    # erased history's head, never yielded those the new history wrote below it.
+    path = str(tmp_path / "items.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as harness, \
+            fluxlite.open(path, reducer=items_reducer) as worker:
+        _consumers_puts(harness, ["a", "b"])
+        mailer = worker.consumer("mailer")
+        assert _consumers_ids(mailer) == ["a", "b"]
+        mailer.ack(2)
+        saved = harness.checkpoint()
+        _consumers_puts(harness, ["old3", "old4", "old5"])
+        heard, waiting = [], threading.Event()
+
+        def work():
+            for event, _ in mailer.follow(timeout=2):
+                heard.append(event.payload["id"])
+                mailer.ack(event)
+                if event.seq == 5:
+                    waiting.set()
+        thread = threading.Thread(target=work)
+        thread.start()
+        assert waiting.wait(10)
+        harness.reset_to(saved)
+        _consumers_puts(harness, ["new3", "new4", "new5", "new6"])
+        thread.join(20)
+        assert heard == ["old3", "old4", "old5", "new3", "new4", "new5", "new6"]
+        assert harness.query("SELECT position FROM fluxlite_consumers") == [{"position": 6}]
+        saved.close()
+
+
+def test_consumers_a_file_of_the_first_format_tells_its_first_reset_too(tmp_path):
+    # Found by review (consumers): a file made before fluxlite_meta kept a generation
+    # has none until a reset writes one; read as "none yet", the first reset's was
+    # taken for the one the consumer started at, and it skipped the new events.
+    path = str(tmp_path / "old.db")
+    _store_from_sql(path, (_UPGRADE_DATA / "28f8d42.sql").read_text())
+    with fluxlite.open(path, schema=_UPGRADE_SCHEMA, reducer=_upgrade_reducer) as harness, \
+            fluxlite.open(path, reducer=_upgrade_reducer) as worker:
+        assert harness.query("SELECT value FROM fluxlite_meta WHERE key = 'generation'") == []
+        mailer = worker.consumer("mailer")
+        mailer.ack(list(mailer)[-1][0])
+        saved = harness.checkpoint()
+        harness.dispatch("add", {"name": "old"})
+        mailer.ack(list(mailer)[-1][0])
+        harness.reset_to(saved)
+        harness.dispatch("add", {"name": "new"})
+        assert [event.payload["name"] for event, _ in mailer] == ["new"]
+        saved.close()
+
+
+def test_consumers_a_follower_of_a_first_format_file_tells_its_first_reset(tmp_path):
+    # The same for a follow() of another store: the generation of a file of the first
+    # format was read as "none yet", and its first reset's taken for the start.
+    path = str(tmp_path / "old.db")
+    _store_from_sql(path, (_UPGRADE_DATA / "28f8d42.sql").read_text())
+    with fluxlite.open(path, schema=_UPGRADE_SCHEMA, reducer=_upgrade_reducer) as harness, \
+            fluxlite.open(path, reducer=_upgrade_reducer) as worker:
+        following = worker.follow(timeout=5)  # (without the fix: ends, not hangs)
+        saved = harness.checkpoint()
+        harness.dispatch("add", {"name": "old"})
+        assert next(following)[0].payload["name"] == "old"
+        harness.reset_to(saved)
+        harness.dispatch("add", {"name": "new"})
+        assert next(following)[0].payload["name"] == "new"
+        following.close()
+        saved.close()
+
+
+def test_consumers_an_ack_after_its_own_stores_reset_acknowledges_no_new_event(tmp_path):
+    # The same for a consumer of the resetting store, acking before its next read:
+    # the ack was kept below the head only, over the new events written since.
+    with fluxlite.open(tmp_path / "items.db", schema=ITEMS, reducer=items_reducer) as store:
+        _consumers_puts(store, ["a", "b"])
+        mailer = store.consumer("mailer")
+        saved = store.checkpoint()
+        _consumers_puts(store, ["old3", "old4", "old5"])
+        handed = list(mailer)
+        store.reset_to(saved)
+        _consumers_puts(store, ["new3", "new4", "new5"])
+        mailer.ack(handed[-1][0])
+        assert store.query("SELECT position FROM fluxlite_consumers") == [{"position": 2}]
+        assert _consumers_ids(mailer) == ["new3", "new4", "new5"]
+        saved.close()
