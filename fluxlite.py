@@ -8201,10 +8201,7 @@ def _reset_since(conn: sqlite3.Connection, generation: Optional[str]) -> bool:
     file since it had ``generation``, when the rebuild's replay began. A rebuild
     meanwhile changes the generation too, not the log: that one is no reason to
     replay again. Each reset's generation is in "rewinds", the newest kept last."""
-    if _stored_generation(conn) == generation:
-        return False
-    seen = 0 if generation is None else _generation_number(generation)
-    return any(number > seen for number, _ in _rewinds(_read_meta(conn)))
+    return bool(_rewound_since(conn, generation, _stored_generation(conn)))
 
 
 def _rebuilt_meanwhile(store: Store, schema: str, version: Any) -> Optional[int]:
