@@ -16135,6 +16135,17 @@ def _consumers_puts(store, names):
     store.dispatch_many([{"type": "put", "payload": {"id": name, "n": 1}} for name in names])
 
 
+@contextlib.contextmanager
+def _consumers_two_stores(tmp_path):
+    """The harness (the store with the schema) and a worker's Store on one file, the
+    log holding "a" and "b"."""
+    path = str(tmp_path / "items.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as harness, \
+            fluxlite.open(path, reducer=items_reducer) as worker:
+        _consumers_puts(harness, ["a", "b"])
+        yield harness, worker
+
+
 def _consumers_ids(pairs):
     return [event.payload["id"] for event, _ in pairs]
 
@@ -16144,10 +16155,7 @@ def test_consumers_a_consumer_of_another_store_goes_on_from_the_file_after_its_r
     # the position of the history another store's reset_to() erased: it never yielded
     # the events the new history wrote at the seqs it had passed (at-least-once broken,
     # quietly), and its next ack acknowledged them unseen.
-    path = str(tmp_path / "items.db")
-    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as harness, \
-            fluxlite.open(path, reducer=items_reducer) as worker:
-        _consumers_puts(harness, ["a", "b"])
+    with _consumers_two_stores(tmp_path) as (harness, worker):
         mailer = worker.consumer("mailer")
         assert _consumers_ids(mailer) == ["a", "b"]
         mailer.ack(2)
@@ -16168,10 +16176,7 @@ def test_consumers_a_loop_across_another_stores_reset_skips_no_new_event(tmp_pat
     # Found by review (consumers): a follow() loop of a worker's consumer went on past
     # the seqs it had passed, and the ack of the erased history's last event, made after
     # the reset, moved the file's position over the new events written at those seqs.
-    path = str(tmp_path / "items.db")
-    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as harness, \
-            fluxlite.open(path, reducer=items_reducer) as worker:
-        _consumers_puts(harness, ["a", "b"])
+    with _consumers_two_stores(tmp_path) as (harness, worker):
         mailer = worker.consumer("mailer")
         saved = harness.checkpoint()
         _consumers_puts(harness, ["old3", "old4", "old5"])
@@ -16191,10 +16196,7 @@ def test_consumers_an_ack_of_an_erased_event_acknowledges_no_new_one(tmp_path):
     # Found by review (consumers): an ack, after another store's reset_to(), of an event
     # the reset erased moved the file's position to that seq, over the events the new
     # history had written there since: never delivered, to this worker or any other.
-    path = str(tmp_path / "items.db")
-    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as harness, \
-            fluxlite.open(path, reducer=items_reducer) as worker:
-        _consumers_puts(harness, ["a", "b"])
+    with _consumers_two_stores(tmp_path) as (harness, worker):
         mailer = worker.consumer("mailer")
         saved = harness.checkpoint()
         _consumers_puts(harness, ["old3", "old4", "old5"])
@@ -16210,10 +16212,7 @@ def test_consumers_an_ack_of_an_erased_event_acknowledges_no_new_one(tmp_path):
 def test_consumers_a_lease_another_stores_reset_erased_is_lost_at_the_next_ack(tmp_path):
     # The lease rules kept: a consumer opened after the checkpoint has no lease in the
     # file after the reset; it delivers the new events, and its ack is a Conflict.
-    path = str(tmp_path / "items.db")
-    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as harness, \
-            fluxlite.open(path, reducer=items_reducer) as worker:
-        _consumers_puts(harness, ["a", "b"])
+    with _consumers_two_stores(tmp_path) as (harness, worker):
         saved = harness.checkpoint()
         late = worker.consumer("late")
         assert _consumers_ids(late) == ["a", "b"]
@@ -16291,10 +16290,7 @@ def test_consumers_a_follow_waiting_across_another_stores_reset_yields_the_new_e
         tmp_path):
     # Found by review (consumers): a worker's follow(), waiting for events past the
     # erased history's head, never yielded those the new history wrote below it.
-    path = str(tmp_path / "items.db")
-    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as harness, \
-            fluxlite.open(path, reducer=items_reducer) as worker:
-        _consumers_puts(harness, ["a", "b"])
+    with _consumers_two_stores(tmp_path) as (harness, worker):
         mailer = worker.consumer("mailer")
         assert _consumers_ids(mailer) == ["a", "b"]
         mailer.ack(2)
