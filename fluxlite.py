@@ -8981,6 +8981,19 @@ def _app_marks(conn: sqlite3.Connection) -> Optional[Tuple[int, int]]:
     return None if marks[0] == APPLICATION_ID or marks == (0, 0) else marks
 
 
+def _header_is_apps(conn: sqlite3.Connection) -> bool:
+    """Whether the header's marks are an adopted application's (_app_marks), also
+    once a copy made through SQL blanked them: adoption records that in
+    fluxlite_meta's app_header. Stamped with fluxlite's marks instead, such a copy
+    told the application its migration number was fluxlite's format, 2; blank, it
+    is what any SQLite file copied so would be, and the application can put its
+    own number back."""
+    if _app_marks(conn):
+        return True
+    row = conn.execute("SELECT value FROM fluxlite_meta WHERE key = 'app_header'").fetchone()
+    return row is not None and row[0] == "true"
+
+
 _OWN_COLUMNS = {
     "events": tuple(_EVENT_COLUMNS.split(", ")),
     "fluxlite_journal": tuple(_JOURNAL_COLUMNS.split(", ")),
@@ -8997,7 +9010,7 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
     if "fluxlite_meta" in names:
         user_version = _check_format(conn, path, names)
         if user_version != conn.execute("PRAGMA user_version").fetchone()[0] \
-                and not _app_marks(conn):
+                and not _header_is_apps(conn):
             # lost by a copy made through SQL (see _stored_format): put back
             conn.execute(f"PRAGMA user_version={user_version}")
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
@@ -9007,7 +9020,7 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
             conn.execute(_SEALS_DDL)
             _seal_unsealed(conn)
             _write_meta(conn, format=FORMAT_VERSION)
-            if not _app_marks(conn):
+            if not _header_is_apps(conn):
                 conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
         return _read_meta(conn)
     existing = names - {"sqlite_sequence"}
@@ -9024,7 +9037,9 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
               else _create_schema(conn, schema, new_schema))
     _write_meta(conn, format=FORMAT_VERSION, schema=schema, tables=tables, version=version,
                 generation=0, created_by=f"fluxlite {__version__}")
-    if not _app_marks(conn):  # an adopted application's stay: see _app_marks
+    if _app_marks(conn):  # an adopted application's stay: see _header_is_apps
+        _write_meta(conn, app_header=True)
+    else:
         conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
         conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
     return _read_meta(conn)

@@ -15719,6 +15719,31 @@ def test_adopt_keeps_the_applications_user_version_and_application_id(tmp_path, 
     assert _adopt_header(path) == (marks[0], marks[1] + 1)
 
 
+def test_adopt_a_copy_made_through_sql_is_not_stamped_with_fluxlites_marks(tmp_path):
+    # A .dump of an adopted application's file loses its header (as any SQLite
+    # file's): fluxlite then wrote its own marks into the copy, and the
+    # application's migration code read user_version 2 as its own number.
+    path, copy_path = str(tmp_path / "app.db"), str(tmp_path / "copy.db")
+    _adopt_app_db(path, "PRAGMA user_version = 7")
+    with fluxlite.open(path, schema=SCHEMA, reducer=reducer, adopt=True) as store:
+        add(store, "bob")
+    with contextlib.closing(sqlite3.connect(path)) as source, \
+            contextlib.closing(sqlite3.connect(copy_path)) as target:
+        target.executescript("\n".join(source.iterdump()))  # what .dump writes
+    assert _adopt_header(copy_path) == (0, 0)
+    with fluxlite.open(copy_path, schema=SCHEMA, reducer=reducer) as copy:
+        add(copy, "cy")
+        copy.rebuild()
+        copy.verify()
+    assert _adopt_header(copy_path) == (0, 0)
+    with contextlib.closing(sqlite3.connect(copy_path)) as conn:  # the app puts its own back
+        conn.execute("PRAGMA user_version = 7")
+    with fluxlite.open(copy_path, schema=SCHEMA, reducer=reducer) as copy:
+        assert copy.head == 3
+        copy.verify()
+    assert _adopt_header(copy_path) == (0, 7)
+
+
 def test_adopt_an_adopted_files_newer_format_is_still_refused(tmp_path):
     # With the application's user_version kept, fluxlite_meta's format is the mark a
     # newer fluxlite's file is known by.
