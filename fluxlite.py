@@ -129,6 +129,7 @@ import re
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 import tempfile
 import threading
@@ -9686,11 +9687,74 @@ def _check_path(path: str) -> None:
         raise UsageError(f"path {_quoted(path)} cannot be a file name: it holds a lone "
                          f"surrogate at character {exc.start}, which the file system's "
                          f"encoding cannot write; check how the path was built.") from None
+    if path.startswith("file:"):
+        raise _uri_refused(path)
     if path == "" or os.path.isdir(path):
-        raise UsageError(f"path must name a file (or be ':memory:'); {path!r} is "
+        raise UsageError(f"path must name a file (or be ':memory:'); {_quoted(path)} is "
                          f"{'a directory' if path else 'empty'}.")
-    if path != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise UsageError(f"The directory of {path!r} does not exist; create it first.")
+    if path == ":memory:":
+        return
+    kind = _special_file_kind(path)
+    if kind:  # SQLite fails on one with a bare "disk I/O error", or waits on a FIFO's writer
+        raise UsageError(f"path must name a regular file (or be ':memory:'); {_quoted(path)} "
+                         f"is {kind}, which cannot hold a store. Pass the path of a store file.")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise _missing_directory(path, directory)
+    _check_name_length(path, directory)
+
+
+def _uri_refused(path: str) -> UsageError:
+    """A path that SQLite (built with SQLITE_USE_URI, as Debian's and Homebrew's are)
+    reads as a URI even without uri=True: it would open another file than the one
+    fluxlite checks, creates and names, e.g. notes.db for "file:notes.db"."""
+    meant = urllib.parse.unquote(urllib.parse.urlsplit(path).path) or "notes.db"
+    return UsageError(
+        f"path {_quoted(path)} begins with 'file:', which SQLite reads as a URI; fluxlite "
+        f"takes a plain file path (or ':memory:'). Pass the file's path, such as "
+        f"{_quoted(meant)} (or put './' before it, for a file whose name begins with 'file:')."
+    )
+
+
+def _special_file_kind(path: str) -> Optional[str]:
+    """What a path names that is neither missing nor a regular file (nor a directory)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, a dangling link: a new file, checked on creation
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _missing_directory(path: str, directory: str) -> UsageError:
+    if os.path.exists(directory):  # a regular file where the directory should be
+        return UsageError(f"The directory of {_quoted(path)}, {_quoted(directory)}, is a file, "
+                          f"not a directory; check the path.")
+    # Not expanded, as by Python's open() and sqlite3: a "~" from a config file or a
+    # quoted shell argument is a directory named "~".
+    hint = (f" '~' is not expanded: pass os.path.expanduser(path), here "
+            f"{_quoted(os.path.expanduser(path))}." if path.startswith("~") else "")
+    return UsageError(f"The directory of {_quoted(path)} does not exist; create it first.{hint}")
+
+
+def _check_name_length(path: str, directory: str) -> None:
+    """SQLite keeps files beside a store, named after it: "-journal" (while it makes a new
+    one), "-wal" and "-shm". A name the file system takes with no room for the longest
+    suffix made an empty file that SQLite then could not open."""
+    try:
+        limit = os.pathconf(directory, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # Windows has no pathconf
+        return
+    length = len(os.fsencode(os.path.basename(path)))
+    if length + len("-journal") > limit:
+        raise UsageError(
+            f"The file name of {_quoted(path)} is {length} bytes long; this file system takes "
+            f"names of at most {limit}, and SQLite adds '-journal' to it for a file it keeps "
+            f"beside the store. Pass a name of at most {limit - len('-journal')} bytes."
+        )
 
 
 def _checked_ids(ids: Callable[[], Any]) -> Callable[[], str]:
@@ -11132,6 +11196,7 @@ def _cmd_backup(args: Any) -> int:
         # SQLite would create the file it names, past the 0600 creation below
         raise _CliError(f"{args.dest!r} is a symbolic link to a file that does not exist; "
                         f"backup writes a new file: name the file itself")
+    _check_path(args.dest)  # a missing directory, a FIFO, a 'file:' URI: before the source opens
     # A fluxlite store, else say so, of the source; closing it tidies the -wal and
     # -shm that a read-only connection leaves beside the file.
     with open(args.db, readonly=True) as source:
@@ -11139,8 +11204,7 @@ def _cmd_backup(args: Any) -> int:
         if not present[""]:
             _check_no_orphan_wal(args.dest)
         try:
-            with contextlib.suppress(FileExistsError):
-                os.close(os.open(args.dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            _create_file(args.dest)  # 0600; a read-only directory: a StorageError, not an OSError
             target = sqlite3.connect(args.dest)
             try:
                 # One step, in one read snapshot: in WAL mode a reader does not hold
@@ -11166,7 +11230,15 @@ def _cmd_demo(args: Any) -> int:
     import shutil
     made = args.dir is None or not os.path.isdir(args.dir)
     directory = args.dir or tempfile.mkdtemp(prefix="fluxlite-demo-")
-    os.makedirs(directory, exist_ok=True)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise _CliError(f"{directory!r} exists and is not a directory; demo builds its store "
+                        f"in a directory: name a new one, or an existing directory.")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:  # a file on the way, a read-only parent
+        raise _CliError(f"Could not create the directory {directory!r}: "
+                        f"{exc.strerror or exc}. Check that its parent directories exist "
+                        f"and are writable, or name another directory.") from exc
     path = os.path.join(directory, "demo.db")
     if os.path.lexists(path):  # never someone's file, nor an earlier tour they kept
         raise _CliError(f"{path!r} exists; demo writes a new store. Name a new directory, "

@@ -1724,3 +1724,56 @@ def test_errors_dispatch_into_a_one_byte_file_is_refused_and_leaves_it(work):
         "file name."]
     assert (work / "new.db").read_bytes() == b"\n"
     assert not os.path.exists(work / "new.db-wal")
+
+
+# paths (nineteenth session)
+
+
+def test_paths_backup_to_a_bad_destination_is_one_line_and_makes_nothing(work):
+    # backup printed a raw OSError ("[Errno 2] No such file or directory: ...") for
+    # a missing directory, wrote a FIFO's "disk I/O error", and for "file:copy.db"
+    # made copy.db through SQLite's URI reading, an empty "file:copy.db", and failed.
+    (work / "plain").write_text("")
+    cases = {"nope/copy.db": "The directory of 'nope/copy.db' does not exist; create it first.",
+             "plain/copy.db": "is a file, not a directory; check the path.",
+             "file:copy.db": "begins with 'file:', which SQLite reads as a URI"}
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(work / "pipe")
+        cases["pipe"] = "'pipe' is a FIFO (named pipe), which cannot hold a store."
+    before = sorted(os.listdir(work))
+    for dest, message in cases.items():
+        result = cli("backup", "app.db", dest, cwd=work, check=False)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fluxlite backup: error: "), lines
+        assert message in lines[0] and "Errno" not in lines[0], lines
+    assert sorted(os.listdir(work)) == before
+
+
+def test_paths_demo_in_a_file_is_one_line_and_makes_nothing(work):
+    # demo printed "[Errno 17] File exists: 'plain'" (and "[Errno 20] Not a directory").
+    (work / "plain").write_text("x")
+    cases = {"plain": "fluxlite demo: error: 'plain' exists and is not a directory; demo "
+                      "builds its store in a directory: name a new one, or an existing "
+                      "directory.",
+             "plain/tour": "fluxlite demo: error: Could not create the directory "
+                           "'plain/tour': Not a directory. Check that its parent directories "
+                           "exist and are writable, or name another directory."}
+    for directory, message in cases.items():
+        result = cli("demo", directory, cwd=work, check=False)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [message]
+    assert (work / "plain").read_text() == "x"
+
+
+def test_paths_import_into_a_file_uri_is_refused_and_makes_nothing(work):
+    # It imported into app.db (SQLite read "file:app.db" as a URI), beside an empty
+    # "file:app.db" that every command then read as "not a fluxlite store".
+    exported = cli("export", "app.db", cwd=work).stdout
+    (work / "events.jsonl").write_text(exported)
+    before = sorted(os.listdir(work))
+    result = cli("import", "file:other.db", "events.jsonl", "--app", "cliapp:APP", cwd=work,
+                 check=False)
+    assert result.returncode == 1
+    assert "begins with 'file:', which SQLite reads as a URI" in result.stderr
+    assert sorted(os.listdir(work)) == before

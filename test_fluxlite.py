@@ -16393,3 +16393,104 @@ def test_consumers_an_ack_after_its_own_stores_reset_acknowledges_no_new_event(t
         assert store.query("SELECT position FROM fluxlite_consumers") == [{"position": 2}]
         assert _consumers_ids(mailer) == ["new3", "new4", "new5"]
         saved.close()
+
+
+# paths (nineteenth session)
+
+
+def _paths_store(tmp_path):
+    store = fluxlite.open(tmp_path / "s.db", schema=ITEMS, reducer=items_reducer)
+    store.dispatch("put", {"id": "a", "n": 1})
+    return store
+
+
+@pytest.mark.parametrize("spelling", ["file:notes.db", "file:{dir}/notes.db", "file::memory:",
+                                      "file:notes.db?mode=memory"])
+def test_paths_a_file_uri_is_refused_everywhere_and_makes_nothing(tmp_path, monkeypatch,
+                                                                 spelling):
+    # SQLite built with SQLITE_USE_URI reads "file:notes.db" as a URI even without
+    # uri=True: open() made an empty "file:notes.db", kept the store in notes.db
+    # (mode 0644), and readonly=True read the empty one; "file::memory:" was a
+    # store in memory, lost at close.
+    monkeypatch.chdir(tmp_path)
+    path = spelling.format(dir=tmp_path)
+    with _paths_store(tmp_path) as store:
+        before = sorted(os.listdir(tmp_path))
+        calls = [lambda: fluxlite.open(path, schema=ITEMS, reducer=items_reducer),
+                 lambda: fluxlite.open(path, readonly=True),
+                 lambda: store.fork(path), lambda: store.replay(into=path)]
+        for call in calls:
+            with pytest.raises(fluxlite.UsageError, match="begins with 'file:', which SQLite "
+                                                          "reads as a URI") as info:
+                call()
+            assert repr(path) in str(info.value) and "put './' before it" in str(info.value)
+        assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_paths_a_name_beginning_with_file_is_one_file_every_way(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with fluxlite.open("./file:x.db", schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        assert store.fork().head == 1
+    with fluxlite.open("./file:x.db", readonly=True) as reader:
+        assert reader.head == 1
+    assert os.path.getsize(tmp_path / "file:x.db") > 0 and not os.path.exists(tmp_path / "x.db")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_paths_a_fifo_or_a_device_is_refused_with_a_usage_error(tmp_path):
+    # SQLite failed on a FIFO with a raw sqlite3.OperationalError ("disk I/O
+    # error"), readonly=True called it missing, fork() logged "could not empty".
+    fifo = tmp_path / "pipe.db"
+    os.mkfifo(fifo)
+    specials = [(str(fifo), "a FIFO (named pipe)")]
+    if os.path.exists("/dev/null"):
+        specials.append(("/dev/null", "a character device"))
+    with _paths_store(tmp_path) as store:
+        for path, kind in specials:
+            calls = [lambda: fluxlite.open(path, schema=ITEMS, reducer=items_reducer),
+                     lambda: fluxlite.open(path, readonly=True),
+                     lambda: store.fork(path), lambda: store.replay(into=path)]
+            for call in calls:
+                with pytest.raises(fluxlite.UsageError, match="must name a regular file") as info:
+                    call()
+                assert f"{path!r} is {kind}" in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["pipe.db", "s.db"]
+
+
+@pytest.mark.skipif(not hasattr(os, "pathconf"), reason="no pathconf (Windows): not checked")
+def test_paths_a_name_with_no_room_for_its_wal_is_refused_before_a_file_is_made(tmp_path):
+    # A name the file system takes but not with "-journal" after it made an empty file
+    # that SQLite then could not open (a StorageError blaming disk space); a longer
+    # one was a StorageError too, and fork() logged three "could not remove".
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    with _paths_store(tmp_path) as store:
+        for length in (limit - 7, limit + 40):
+            path = str(tmp_path / ("x" * length))
+            for call in (lambda: fluxlite.open(path, schema=ITEMS, reducer=items_reducer),
+                         lambda: store.fork(path), lambda: store.replay(into=path)):
+                with pytest.raises(fluxlite.UsageError, match=f"is {length} bytes long; this "
+                                   f"file system takes names of at most {limit}"):
+                    call()
+        with fluxlite.open(tmp_path / ("y" * (limit - 8)), schema=ITEMS) as fits:
+            assert fits.head == 0
+    assert sorted(os.listdir(tmp_path)) == ["s.db", "y" * (limit - 8)]
+
+
+def test_paths_a_tilde_is_not_expanded_and_the_message_says_how(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = "~/fluxlite-no-such-directory-3f9c/x.db"
+    with pytest.raises(fluxlite.UsageError) as info:
+        fluxlite.open(path, schema=ITEMS)
+    assert str(info.value) == (
+        f"The directory of {path!r} does not exist; create it first. '~' is not expanded: "
+        f"pass os.path.expanduser(path), here {os.path.expanduser(path)!r}.")
+    assert os.listdir(tmp_path) == []
+
+
+def test_paths_a_file_where_the_directory_should_be_is_named_so(tmp_path):
+    (tmp_path / "a.db").write_bytes(b"")
+    path = str(tmp_path / "a.db" / "x.db")
+    with pytest.raises(fluxlite.UsageError, match="is a file, not a directory; check the path"):
+        fluxlite.open(path, schema=ITEMS)
+    assert os.listdir(tmp_path) == ["a.db"]
