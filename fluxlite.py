@@ -4554,9 +4554,10 @@ class Store:
         """An independent copy (log, read model, journal), made with SQLite's backup API.
 
         ``path`` is ":memory:" or a new file. The copy has the same reducer,
-        middleware and upcasters, and the same clock and ids unless ``clock=``
-        or ``ids=`` give it its own: forks of one prepared store that share a
-        counter for ids get ids that depend on which fork ran first.
+        middleware and upcasters (not the subscribers), and the same clock and
+        ids unless ``clock=`` or ``ids=`` give it its own: forks of one prepared
+        store that share a counter for ids get ids that depend on which fork ran
+        first.
         """
         _check_sources(clock, ids)
         path = _path_argument(path, "fork(path=...)")
@@ -4665,6 +4666,8 @@ class Store:
             seq = copy.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
             checkpoint = Checkpoint(copy, seq)
             checkpoint._lineage = self._lineage
+            in_memory = self._file in (":memory:", "")
+            checkpoint._origin = weakref.ref(self) if in_memory else self._file
             return checkpoint
 
     def _check_not_in_progress(self, what: str) -> None:
@@ -4696,6 +4699,8 @@ class Store:
         subscriber keeps must be refilled from the store (events committed
         before the checkpoint that they had not heard yet, they still hear).
         The file's generation is new after it, for stores elsewhere to tell.
+        A checkpoint of another store of the same schema and version (a template
+        of a test suite) fits too: its consumers' positions come, not their leases.
         """
         if not isinstance(checkpoint, Checkpoint):
             raise UsageError(
@@ -4725,7 +4730,8 @@ class Store:
                     try:
                         # Python's backup() retries a locked file for ever; after
                         # busy_timeout it is Busy here, as for every other write.
-                        checkpoint._conn.backup(self._conn, progress=_refuse_locked)
+                        with _leases_left_out(checkpoint._conn, not checkpoint._taken_from(self)):
+                            checkpoint._conn.backup(self._conn, progress=_refuse_locked)
                     except sqlite3.Error:
                         raise
                     except BaseException:  # Ctrl-C (in _refuse_locked, or as it returned):
@@ -6791,10 +6797,19 @@ class Checkpoint:
         self._conn, self.seq = conn, seq
         self._lock = threading.Lock()  # held by reset_to() while it copies from _conn
         self._lineage: Optional[_Lineage] = None  # the store's history it was taken in
+        # The file it was taken of (its consumers' leases hold there), or the
+        # in-memory store itself.
+        self._origin: "Union[None, str, weakref.ReferenceType[Store]]" = None
         # A checkpoint dropped without close() (as test suites do) closes its copy:
         # left to the collector, Python 3.13 warns "unclosed database", which
         # -W error or pytest's filterwarnings=error makes a failure.
         weakref.finalize(self, conn.close)
+
+    def _taken_from(self, store: "Store") -> bool:
+        """Taken of this store's file (by any store on it), or of this in-memory store."""
+        if isinstance(self._origin, str):
+            return self._origin == store._file
+        return self._origin is not None and self._origin() is store
 
     def close(self) -> None:
         """Free the copy; reset_to() it afterwards is a UsageError."""
@@ -8707,6 +8722,35 @@ def _renew_generation(conn: sqlite3.Connection, before: Any) -> None:
             _write_meta(conn, generation=max(ours, before) + 1)
 
 
+@contextlib.contextmanager
+def _leases_left_out(copy: sqlite3.Connection, leave_out: bool) -> Iterator[None]:
+    """reset_to() a checkpoint of another store (a template's): the leases its copy
+    holds are that store's Consumers', which can never use this file and would keep
+    their names Busy here until they ran out (fork() releases them too). Left out of
+    what is copied, and put back in the copy after it: the checkpoint may go back to
+    its own store, where they are held. Positions are kept."""
+    held = _held_leases(copy) if leave_out else []
+    if held:
+        with copy:
+            copy.execute("UPDATE fluxlite_consumers SET owner = NULL, lease_until = 0")
+    try:
+        yield
+    finally:
+        if held:
+            with copy:
+                copy.executemany("UPDATE fluxlite_consumers SET owner = ?, lease_until = ? "
+                                 "WHERE name = ?", held)
+
+
+def _held_leases(conn: sqlite3.Connection) -> List[Tuple[str, float, str]]:
+    """(owner, lease_until, name) of the consumers holding a lease (none in a file
+    made before consumers were)."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'fluxlite_consumers'").fetchone():
+        return []
+    return conn.execute("SELECT owner, lease_until, name FROM fluxlite_consumers "
+                        "WHERE owner IS NOT NULL").fetchall()
+
+
 def _stamp_generation(copy: sqlite3.Connection, before: Any,
                       rewinds: List[List[int]], head: int) -> None:
     """Before reset_to() copies a checkpoint over the file: a generation past the
@@ -9947,6 +9991,27 @@ def _diff_changes(expected: List[Change], actual: List[Change]) -> List[str]:
     return lines
 
 
+def _refused(error: BaseException) -> str:
+    """How a scenario's event ended: a ReducerError or ChangesetError is a bug in the
+    code under test, which "refused" would take for the application's rule."""
+    if isinstance(error, _REFUSALS):
+        return "was refused"
+    return "failed (a bug in the code under test, not a refusal)"
+
+
+def _reordered(expected: List[Change], actual: List[Change]) -> bool:
+    """The same changes (matchers included), in another order."""
+    left = list(actual)
+    if len(left) != len(expected):
+        return False
+    for want in expected:
+        found = next((n for n, got in enumerate(left) if not _diff_changes([want], [got])), None)
+        if found is None:
+            return False
+        del left[found]
+    return True
+
+
 class Scenario:
     """Given / when / then for reducers, on an in-memory store. See scenario()."""
 
@@ -9994,15 +10059,14 @@ class Scenario:
 
     def given(self, *events: Any) -> "Scenario":
         """Events that already happened; each must be accepted."""
+        __tracebackhide__ = True  # pytest shows the test's line and this message, not ours
         for number, item in enumerate(events, 1):
             _check_scenario_event(item)  # not a refusal to assert on: the test's mistake
             try:
                 self.store.dispatch(_as_action(item))
             except FluxliteError as exc:
-                raise AssertionError(
-                    f"given event {number} ({_quoted(item)}) was refused: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
+                raise AssertionError(f"given event {number} ({_quoted(item)}) {_refused(exc)}: "
+                                     f"{type(exc).__name__}: {exc}") from exc
         return self
 
     def when(self, event: Any) -> "Scenario":
@@ -10018,13 +10082,13 @@ class Scenario:
         return self
 
     def _accepted(self) -> Event:
+        __tracebackhide__ = True
         if self._outcome is None:
             raise UsageError("Call when(event) before then(...).")
         event, error = self._outcome
         if error is not None:
-            raise AssertionError(
-                f"the event was refused: {type(error).__name__}: {error}"
-            ) from error
+            raise AssertionError(f"the event {_refused(error)}: {type(error).__name__}: "
+                                 f"{error}") from error
         if event is None:
             raise AssertionError("the event was " + (self._not_returned() or (
                 "neither committed nor refused: a middleware returned None without "
@@ -10043,6 +10107,7 @@ class Scenario:
 
     def then(self, *changes: Any) -> "Scenario":
         """The reducer returned exactly these changes (Change objects or dicts), in order."""
+        __tracebackhide__ = True
         event = self._accepted()
         expected = [_as_change(c) for c in (changes[0] if len(changes) == 1 and isinstance(
             changes[0], list) else changes)]
@@ -10060,6 +10125,13 @@ class Scenario:
                 f"reducer never sees it, so then() (which compares the reducer's changes) has "
                 f"none to compare. Check the rows it wrote with then_state().")
         if lines:
+            returned = self._returned_by_id.get(event.id, [])
+            if _reordered(expected, returned):  # not N changes that each differ
+                raise AssertionError(
+                    "the reducer returned the expected changes in another order (then() "
+                    "compares them in order, as they are applied):\n" + "\n".join(
+                        f"  change {n}: {c.op} on {c.table!r} key {c.key!r}"
+                        for n, c in enumerate(returned, 1)))
             # then() compares each change whole; a test that left columns out wanted
             # then_state(), which compares only the columns it is given.
             hint = ("\n(then() compares every value of each change: give them all, or "
@@ -10077,6 +10149,7 @@ class Scenario:
         ``error`` (Forbidden, say), with that class of error only. fluxlite's own refusal
         of a malformed event (a key "paylod", a payload that is not JSON) is taken only
         with ``error=InvalidEvent`` or ``match``: else a typo in the test's event passed."""
+        __tracebackhide__ = True
         if self._outcome is None:
             raise UsageError("Call when(event) before then_rejected().")
         if match is not None and not isinstance(match, str):
@@ -10114,6 +10187,7 @@ class Scenario:
     def then_state(self, table: str, rows: Sequence[Mapping[str, Any]]) -> "Scenario":
         """The table holds exactly these rows, by key, in any order; in each row the
         columns given (a column left out is not compared)."""
+        __tracebackhide__ = True
         info = self.store._model.table(table, error=UsageError)
         actual = {info.key_of(r): r for r in self.store.view[table].all()}
         # A list, read once: a generator checked here would be empty below, and compare
@@ -10188,8 +10262,8 @@ class Scenario:
         error = self._outcome[1] if self._outcome is not None else None
         if error is None:
             return ""
-        return (f"\n(the when event was refused, so none of its changes were applied: "
-                f"{type(error).__name__}: {error})")
+        return (f"\n(the when event {_refused(error)}, so none of its changes were "
+                f"applied: {type(error).__name__}: {error})")
 
     def close(self) -> None:
         """Close the scenario's in-memory store."""
