@@ -16616,3 +16616,73 @@ def test_harness_readme_recipe_resets_a_store_of_its_own_to_the_prepared_history
         assert next(per_test, "closed") == "closed"
     assert next(kept, "closed") == "closed"
     assert next(session, "closed") == "closed"
+
+# --- mutation testing (mut1): keys, the journal's rows, seals, combine ------------------
+# Each test here was written against a mutant of fluxlite.py (a flipped comparison, a
+# dropped check) that the suite before it let pass: see the mut1 report.
+
+
+def _handing(changes):
+    """A reducer that returns whatever ``changes`` holds when it runs."""
+    def reduce(view, event):
+        return list(changes)
+    return reduce
+
+
+def test_a_key_of_the_wrong_shape_or_type_is_refused_in_reads(store):
+    from decimal import Decimal
+    add(store, "a")
+    store.dispatch("grantAccess", {"name": "a", "right": "admin"})
+    rights, users = store.view.rights, store.view.users
+    # Text as long as the key is still no tuple: "ab" is not the key ("a", "b").
+    for key in ("ab", ("a", "admin", "x"), ("a",)):
+        with pytest.raises(fluxlite.UsageError, match="a key is a tuple of 2 values"):
+            rights.get(key)
+    with pytest.raises(fluxlite.UsageError, match="a key is a single value, received None"):
+        users.get(None)
+    # NaN would bind as NULL and find nothing; each part of a composite key is checked too.
+    for bad, rule in ((float("nan"), "finite numbers"), (2**70, "64-bit"),
+                      (Decimal("1"), "must be None, bool, int, float or str")):
+        with pytest.raises(fluxlite.UsageError, match=rule):
+            users.get(bad)
+        with pytest.raises(fluxlite.UsageError, match=rule):
+            rights.get(("a", bad))
+
+
+def test_a_key_of_the_wrong_shape_or_type_in_a_change_is_refused_and_changes_nothing(path):
+    changes = []
+    with fluxlite.open(path, schema=SCHEMA, reducer=_handing(changes)) as store:
+        changes[:] = [Change("insert", "rights", values={"user": "a", "right": "b"})]
+        store.dispatch("setup")
+        before = snapshot(store)
+        for key, rule in ((("a", "b", "x"), "a key is a tuple of 2 values"),
+                          ("ab", "a key is a tuple of 2 values"),
+                          (("a", float("nan")), "finite numbers"),
+                          (("a", 2**70), "64-bit")):
+            for change in (Change("delete", "rights", key),
+                           Change("upsert", "rights", key, {})):
+                changes[:] = [change]
+                with pytest.raises(fluxlite.ChangesetError, match=rule):
+                    store.dispatch("bad")
+                assert snapshot(store) == before
+
+
+def test_the_journal_keeps_each_key_as_json_and_each_row_whole_as_stored(path):
+    schema = SCHEMA + "CREATE TABLE counts (n INTEGER PRIMARY KEY, v REAL);"
+    changes = []
+    with fluxlite.open(path, schema=schema, reducer=_handing(changes)) as store:
+        changes[:] = [Change("insert", "users", values={"name": "a"}),
+                      Change("insert", "users", values={"name": "7"}),
+                      Change("insert", "rights", values={"user": "a", "right": "admin"}),
+                      Change("insert", "counts", values={"n": 7, "v": -0.0})]
+        store.dispatch("x")
+        assert [r["key"] for r in store.query("SELECT key FROM fluxlite_journal ORDER BY n")] \
+            == ['"a"', '"7"', '["a","admin"]', "7"]
+        # The text key "7" and the integer key 7 stay apart; a row's defaults are in it.
+        assert [r.after for r in store.history("users", "7")] == [{"name": "7", "role": None,
+                                                                 "logins": 0}]
+        # SQLite stores -0.0 as 0.0: the journal keeps the row as stored.
+        assert store.query("SELECT after FROM fluxlite_journal WHERE tbl = 'counts'") == [
+            {"after": '{"n":7,"v":0.0}'}]
+        assert [r.after for r in store.history("rights", ("a", "admin"))] == [
+            {"user": "a", "right": "admin"}]
