@@ -16686,3 +16686,47 @@ def test_the_journal_keeps_each_key_as_json_and_each_row_whole_as_stored(path):
             {"after": '{"n":7,"v":0.0}'}]
         assert [r.after for r in store.history("rights", ("a", "admin"))] == [
             {"user": "a", "right": "admin"}]
+
+# --- newcomer (session 19): the README's command-line transcripts and its counts --------
+
+
+def _readme_cli_output(line, capsys):
+    """What `fluxlite ...` prints (stdout, then stderr) and its exit status, run in-process."""
+    capsys.readouterr()
+    status = fluxlite.main(shlex.split(line)[1:])
+    out, err = capsys.readouterr()
+    return status, out + err
+
+
+def _as_shown(text):
+    """Output with what changes from run to run (ids, times, the tour's path) masked."""
+    text = re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<id>", text)
+    text = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6}\+00:00|Z)", "<time>", text)
+    text = re.sub(r"(?m)^(file +).*$", r"\1<path>", text)
+    text = re.sub(r"(?m)^(size bytes +)\d+$", r"\1<size>", text)  # SQLite's, not ours
+    return [line.rstrip() for line in text.strip().splitlines()]
+
+
+def test_readme_cli_transcript_prints_what_it_shows(tmp_path, monkeypatch, capsys):
+    # The `$ fluxlite ...` transcript of the tour's store was run by no test.
+    monkeypatch.chdir(tmp_path)
+    assert fluxlite.main(["demo", "tour"]) == 0
+    monkeypatch.chdir(tmp_path / "tour")
+    transcript = _readme_block_starting("text", "$ fluxlite log demo.db")
+    for shown in re.split(r"\n(?=\$ )", transcript.strip()):
+        command, _, expected = shown.partition("\n")
+        status, out = _readme_cli_output(command[2:], capsys)
+        assert status == (1 if "error:" in expected else 0), (command, out)
+        assert _as_shown(out) == _as_shown(expected), command
+
+
+def test_readme_query_placeholders_run_in_the_tours_directory(tmp_path, monkeypatch, capsys):
+    # "The examples below ran in that directory": the placeholder commands named
+    # app.db, which the tour does not make ("No such store file: 'app.db'").
+    monkeypatch.chdir(tmp_path)
+    assert fluxlite.main(["demo", "tour"]) == 0
+    monkeypatch.chdir(tmp_path / "tour")
+    for line in _readme_block_starting("sh", "fluxlite query ").splitlines():
+        status, out = _readme_cli_output(line, capsys)
+        assert status == 0, (line, out)
+        assert _as_shown(out)[2].startswith("Barack  President"), (line, out)
