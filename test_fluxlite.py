@@ -16730,3 +16730,53 @@ def test_readme_query_placeholders_run_in_the_tours_directory(tmp_path, monkeypa
         status, out = _readme_cli_output(line, capsys)
         assert status == 0, (line, out)
         assert _as_shown(out)[2].startswith("Barack  President"), (line, out)
+
+# --- mut2 (mutation testing of sections 9 and 10: dispatch, the log, the past) ---
+
+
+def test_replay_into_a_store_that_gained_an_event_meanwhile_refuses_to_renumber(tmp_path):
+    # The source's events are later than the other writer's (its clock is ahead), so
+    # ts never going back does not stop the copy: the seq check alone must, or the
+    # copy would log the source's event 1001 as 1002 and call the replay done.
+    rows = "CREATE TABLE t (id INTEGER PRIMARY KEY, x)"
+
+    def add(view, event):
+        return view.t.upsert(id=event.seq, x=event.payload)
+
+    src = fluxlite.open(":memory:", schema=rows, reducer=add,
+                        clock=lambda: datetime(2999, 1, 1, tzinfo=timezone.utc))
+    src.dispatch_many([{"type": "add", "payload": i} for i in range(1000)])
+    src.dispatch("add", 1000)  # a transaction of its own: the copy's second chunk
+    target = tmp_path / "target.db"
+    fluxlite.open(target, schema=rows, reducer=add).close()
+    other = fluxlite.open(target, schema=rows, reducer=add)
+    real, calls = src._transaction_end, []
+
+    def between_chunks(seq):
+        calls.append(seq)
+        if len(calls) == 2:  # after the first 1,000 events were committed into target
+            other.dispatch("add", "acknowledged")
+        return real(seq)
+
+    src._transaction_end = between_chunks
+    with pytest.raises(fluxlite.Conflict, match=r"has seq 1001 but would be seq 1002"):
+        src.replay(into=target)
+    other.close()
+    with fluxlite.open(target, readonly=True) as check:
+        assert check.head == 1001 and check.event(1001).payload == "acknowledged"
+    src.close()
+
+
+def test_a_closed_store_refuses_every_read_of_its_past(path):
+    # at(time=) finds its seq by a search of the log before at() checks anything
+    # else: it too must say "closed", not raise sqlite3's ProgrammingError.
+    store = fluxlite.open(path, schema=SCHEMA, reducer=reducer)
+    add(store, "a")
+    store.close()
+    now = datetime.now(timezone.utc)
+    for attempt in [lambda: store.at(1), lambda: store.at(time=now),
+                    lambda: store.history("users", "a"), lambda: store.restore("users", "a"),
+                    lambda: store.event(1), lambda: store.changes(1), lambda: store.verify(),
+                    lambda: store.replay(), lambda: store.rebuild()]:
+        with pytest.raises(fluxlite.UsageError, match="closed"):
+            attempt()
