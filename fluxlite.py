@@ -116,6 +116,7 @@ import collections
 import collections.abc
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import inspect
@@ -9033,8 +9034,10 @@ def _header_is_apps(conn: sqlite3.Connection) -> bool:
     told the application its migration number was fluxlite's format, 2; blank, it
     is what any SQLite file copied so would be, and the application can put its
     own number back."""
-    if _app_marks(conn):
-        return True
+    return bool(_app_marks(conn)) or _app_header_recorded(conn)
+
+
+def _app_header_recorded(conn: sqlite3.Connection) -> bool:
     row = conn.execute("SELECT value FROM fluxlite_meta WHERE key = 'app_header'").fetchone()
     return row is not None and row[0] == "true"
 
@@ -9059,6 +9062,10 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
             # lost by a copy made through SQL (see _stored_format): put back
             conn.execute(f"PRAGMA user_version={user_version}")
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        if _app_marks(conn) and not _app_header_recorded(conn):
+            # adopted before app_header was recorded (or in format 1): recorded while
+            # the header still shows the marks, or a later copy through SQL is stamped
+            _write_meta(conn, app_header=True)
         _restore_triggers(conn)
         conn.execute(_CONSUMERS_DDL)
         if user_version < 2:  # format 1 had no seals: seal what is there now
@@ -9787,18 +9794,36 @@ def _missing_directory(path: str, directory: str) -> UsageError:
 def _check_name_length(path: str, directory: str) -> None:
     """SQLite keeps files beside a store, named after it: "-journal" (while it makes a new
     one), "-wal" and "-shm". A name the file system takes with no room for the longest
-    suffix made an empty file that SQLite then could not open."""
+    suffix made an empty file that SQLite then could not open. An existing store needs
+    only "-wal" and "-shm" (a store renamed to a longer name opens): not refused. The
+    file system answers, not PC_NAME_MAX: that is -1 where there is no limit, and
+    counts characters, not bytes, on some (vfat, HFS+)."""
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        return
+    try:
+        os.lstat(path + "-journal")
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise _name_too_long(path, directory) from None
+    except ValueError:
+        pass
+
+
+def _name_too_long(path: str, directory: str) -> UsageError:
+    length = len(os.fsencode(os.path.basename(path)))
     try:
         limit = os.pathconf(directory, "PC_NAME_MAX")
     except (AttributeError, OSError, ValueError):  # Windows has no pathconf
-        return
-    length = len(os.fsencode(os.path.basename(path)))
-    if length + len("-journal") > limit:
-        raise UsageError(
-            f"The file name of {_quoted(path)} is {length} bytes long; this file system takes "
-            f"names of at most {limit}, and SQLite adds '-journal' to it for a file it keeps "
-            f"beside the store. Pass a name of at most {limit - len('-journal')} bytes."
-        )
+        limit = -1
+    if limit <= len("-journal") or length + len("-journal") <= limit:  # the whole path, then
+        return UsageError(
+            f"The path {_quoted(path)} is too long for this file system once SQLite adds "
+            f"'-journal' to it for a file it keeps beside the store. Pass a shorter path.")
+    return UsageError(
+        f"The file name of {_quoted(path)} is {length} bytes long; this file system takes "
+        f"names of at most {limit}, and SQLite adds '-journal' to it for a file it keeps "
+        f"beside the store. Pass a name of at most {limit - len('-journal')} bytes."
+    )
 
 
 def _checked_ids(ids: Callable[[], Any]) -> Callable[[], str]:
@@ -9996,7 +10021,9 @@ def _refused(error: BaseException) -> str:
     code under test, which "refused" would take for the application's rule."""
     if isinstance(error, _REFUSALS):
         return "was refused"
-    return "failed (a bug in the code under test, not a refusal)"
+    if isinstance(error, (ReducerError, ChangesetError)):
+        return "failed (a bug in the code under test, not a refusal)"
+    return "failed"  # a Conflict (an id reused by the test), a StorageError: said by its message
 
 
 def _reordered(expected: List[Change], actual: List[Change]) -> bool:
@@ -10130,7 +10157,8 @@ class Scenario:
                 raise AssertionError(
                     "the reducer returned the expected changes in another order (then() "
                     "compares them in order, as they are applied):\n" + "\n".join(
-                        f"  change {n}: {c.op} on {c.table!r} key {c.key!r}"
+                        f"  change {n}: {c.op} on {c.table!r} key {c.key!r}, values "
+                        f"{c.values!r}"  # two changes of one row differ only there
                         for n, c in enumerate(returned, 1)))
             # then() compares each change whole; a test that left columns out wanted
             # then_state(), which compares only the columns it is given.
