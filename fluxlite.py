@@ -513,13 +513,22 @@ class Revision:
 ###############################################################################
 
 
+def _unshowable(value: Any, exc: Exception) -> str:
+    """What a message says of a value whose repr() failed: "a int" read as a typo."""
+    name = type(value).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    if isinstance(exc, RecursionError):  # a dict nested thousands deep: the message, not a crash
+        return f"{article} {name} nested too deeply to show"
+    if isinstance(value, int):  # past Python's str() limit (4300 digits by default)
+        return f"{article} {name} of more digits than Python will show"
+    return f"{article} {name} that cannot be shown"
+
+
 def _describe(value: Any) -> str:
     try:
         text = repr(value)
-    except RecursionError:
-        return f"a {type(value).__name__} nested too deeply to show"
-    except Exception:  # e.g. an int past Python's 4300-digit str() limit
-        return f"a {type(value).__name__} that cannot be shown"
+    except Exception as exc:  # (RecursionError included)
+        return _unshowable(value, exc)
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{text} (of type {type(value).__name__})"
@@ -530,10 +539,8 @@ def _quoted(value: Any) -> str:
     table name, key or id is not repeated whole in an error (and in each log line of it)."""
     try:
         text = repr(value)
-    except RecursionError:  # a dict nested thousands deep: the message, not a crash
-        return f"a {type(value).__name__} nested too deeply to show"
-    except Exception:  # e.g. an int past Python's 4300-digit str() limit
-        return f"a {type(value).__name__} that cannot be shown"
+    except Exception as exc:
+        return _unshowable(value, exc)
     if len(text) <= 200:
         return text
     if isinstance(value, str):
@@ -9876,10 +9883,7 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
                       middleware=middleware, readonly_file=readonly)
         if rebuilding:
             if readonly:
-                raise SchemaError(
-                    f"The schema or version passed to open() differs from {path!r}'s, and "
-                    f"a read-only store cannot be rebuilt; open it writable to rebuild."
-                )
+                raise _readonly_rebuild(path, meta.get("version"), new_version)
             if reducer is None:
                 raise SchemaError(
                     f"The schema or version passed to open() differs from {path!r}'s; "
@@ -9893,6 +9897,16 @@ def _open_connection(conn: sqlite3.Connection, path: str, *, schema: Optional[st
         conn.close()
         raise
     return store
+
+
+def _readonly_rebuild(path: str, version: Any, wanted: Any) -> SchemaError:
+    other = ("schema" if _same_json(version, wanted) else
+             f"version ({_quoted(wanted)}; the file's is {_quoted(version)})")
+    return SchemaError(
+        f"open({path!r}, readonly=True) was given another {other} than the file's; a "
+        f"read-only store cannot rebuild its read model. Open it writable to rebuild, or "
+        f"leave out schema= and version= to read the file as it is."
+    )
 
 
 def _rebuild_on_open(store: Store, meta: Dict[str, Any], schema: str, version: Any) -> None:

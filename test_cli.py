@@ -1777,3 +1777,86 @@ def test_paths_import_into_a_file_uri_is_refused_and_makes_nothing(work):
     assert result.returncode == 1
     assert "begins with 'file:', which SQLite reads as a URI" in result.stderr
     assert sorted(os.listdir(work)) == before
+
+
+# --- uncovered (nineteenth session): command-line paths no test ran ----------------------
+
+def test_uncovered_verify_of_a_hand_edited_store_exits_1_with_the_diff(work):
+    # Scripts rely on verify's exit status: 0 when the replay matches, 1 with the diff.
+    conn = sqlite3.connect(work / "app.db")
+    conn.execute("UPDATE users SET role = 'intern' WHERE name = 'barack'")
+    conn.commit()
+    conn.close()
+    result = cli("verify", "app.db", "--app", "cliapp:APP", cwd=work, check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "Replaying the log does not give the live read model" in result.stderr
+    assert "users 'barack': role: live 'intern' != replay 'president'" in result.stderr
+
+
+def test_uncovered_rebuild_of_a_missing_store_makes_no_file(work):
+    result = cli("rebuild", "nope.db", "--app", "cliapp:APP", cwd=work, check=False)
+    assert result.returncode == 1 and "no such store file: 'nope.db'" in result.stderr
+    assert not (work / "nope.db").exists()
+
+
+def test_uncovered_backup_onto_an_existing_file_leaves_it_alone(work):
+    (work / "kept.db").write_text("someone's data")
+    result = cli("backup", "app.db", "kept.db", cwd=work, check=False)
+    assert result.returncode == 1 and "'kept.db' exists; backup writes a new file" in result.stderr
+    assert (work / "kept.db").read_text() == "someone's data"
+
+
+def test_uncovered_import_of_a_line_with_no_valid_seq_imports_nothing(work):
+    lines = cli("export", "app.db", cwd=work).stdout.splitlines()
+    first = json.loads(lines[0])
+    for seq in (0, "1", True):
+        (work / "bad.jsonl").write_text(json.dumps({**first, "seq": seq}) + "\n")
+        result = cli("import", "new.db", "bad.jsonl", "--app", "cliapp:APP", cwd=work,
+                     check=False)
+        assert result.returncode == 1, seq
+        assert f"bad.jsonl line 1: event {first['id']!r} has seq {seq!r}; seqs start at 1" \
+            in result.stderr
+        assert not (work / "new.db").exists()  # no empty store passing for an import
+
+
+def test_uncovered_query_and_history_print_tables_for_people(work):
+    assert cli("query", "app.db", "SELECT * FROM users WHERE name = 'nobody'",
+               cwd=work).stdout.strip() == "(no rows)"
+    text = cli("history", "app.db", "users", "joe", cwd=work).stdout
+    rows = [line.split() for line in text.strip().splitlines() if not line.startswith("-")]
+    assert rows[0][:4] == ["seq", "time", "type", "op"]
+    assert rows[1][2:4] == ["addUser", "insert"] and rows[2][2:] == ["removeUser", "delete",
+                                                                       "(deleted)"]
+
+
+def test_uncovered_dispatch_whose_middleware_commits_nothing_is_an_error(work):
+    (work / "quietapp.py").write_text(APP_MODULE + '''
+def swallow(store):
+    return lambda next_: lambda event: None  # ends every chain without next()
+
+QUIET = fluxlite.App(SCHEMA, reducer, middleware=[swallow])
+''')
+    result = cli("dispatch", "app.db", "addUser", '{"name": "x"}', "--app", "quietapp:QUIET",
+                 cwd=work, check=False)
+    assert result.returncode == 1
+    assert "middleware returned None and committed nothing: the event was not dispatched" \
+        in result.stderr
+    with fluxlite.open(work / "app.db", readonly=True) as store:
+        assert store.head == 5
+
+
+def test_uncovered_dispatch_to_a_missing_store_makes_no_file(work):
+    result = cli("dispatch", "nope.db", "addUser", '{"name": "x"}', "--app", "cliapp:APP",
+                 cwd=work, check=False)
+    assert result.returncode == 1 and "no such store file: 'nope.db'" in result.stderr
+    assert not (work / "nope.db").exists()
+
+
+def test_uncovered_import_skips_blank_lines_and_names_a_line_that_is_no_event(work):
+    lines = cli("export", "app.db", cwd=work).stdout.splitlines()
+    (work / "events.jsonl").write_text(lines[0] + "\n\n" + lines[1] + "\n" + '{"seq": 3}\n')
+    result = cli("import", "copy.db", "events.jsonl", "--app", "cliapp:APP", cwd=work,
+                 check=False)
+    assert result.returncode == 1
+    assert "events.jsonl line 4 is not an exported event" in result.stderr
+    assert not (work / "copy.db").exists()  # one batch, refused whole: no empty store left

@@ -16895,3 +16895,378 @@ def test_review1_scenario_reordered_changes_of_one_row_are_told_apart():
     assert str(info.value).splitlines()[1:] == ["  change 1: update on 't' key 1, values {'x': 2}",
                                                 "  change 2: update on 't' key 1, values {'x': 1}"]
     sc.close()
+
+# --- uncovered (nineteenth session): error paths no test ran ----------------------------
+# Each drives, through the public API, a branch a coverage run of the suite never
+# reached, and checks what it promises: the error's class and message, and that
+# nothing changed (the head, the rows, the file).
+
+def _uncovered_state(store):
+    """What a failed operation must leave as it was."""
+    return store.head, store.generation, store.query("SELECT * FROM items ORDER BY id")
+
+
+def test_uncovered_readonly_open_of_memory_or_of_a_missing_file_is_refused_and_makes_nothing(
+        tmp_path):
+    with pytest.raises(fluxlite.UsageError, match=r"':memory:' is always a new, empty store"):
+        fluxlite.open(":memory:", readonly=True)
+    missing = tmp_path / "missing.db"
+    with pytest.raises(fluxlite.UsageError, match=r"No such store file: .*missing\.db.*Check"):
+        fluxlite.open(str(missing), readonly=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_uncovered_open_refuses_an_app_that_is_not_an_app(tmp_path):
+    with pytest.raises(fluxlite.UsageError, match=r"app must be a fluxlite\.App; received "
+                                                  r"'myapp:APP' \(of type str\)"):
+        fluxlite.open(str(tmp_path / "s.db"), app="myapp:APP")
+    assert os.listdir(tmp_path) == []
+
+
+def test_uncovered_a_change_without_the_values_it_needs_writes_nothing():
+    changes = {"insert": fluxlite.Change("insert", "items", None, None),
+               "update": fluxlite.Change("update", "items", "a", None),
+               "nothing": fluxlite.Change("update", "items", "nobody", {})}
+
+    def reducer(view, event):
+        return changes[event.type] if event.type in changes else items_reducer(view, event)
+    with fluxlite.open(":memory:", schema=ITEMS, reducer=reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        before = _uncovered_state(store)
+        for op in ("insert", "update"):
+            with pytest.raises(fluxlite.ChangesetError,
+                               match=rf"^{op} on 'items' needs values .*received None\.$"):
+                store.dispatch(op)
+        with pytest.raises(fluxlite.ChangesetError, match=r"update on 'items' of key 'nobody' "
+                                                          r"which does not exist"):
+            store.dispatch("nothing")
+        assert _uncovered_state(store) == before
+        store.verify()
+
+
+def test_uncovered_autoincrement_past_the_largest_key_is_refused_and_writes_nothing():
+    schema = "CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT);"
+
+    def reducer(view, event):
+        return view.t.insert(**event.payload)
+    with fluxlite.open(":memory:", schema=schema, reducer=reducer) as store:
+        store.dispatch("add", {"id": 2**63 - 1, "v": "last"})
+        with pytest.raises(fluxlite.ChangesetError, match=r"the largest key \(2\*\*63-1\) is "
+                                                          r"taken.*Give the key in the insert"):
+            store.dispatch("add", {"v": "more"})
+        assert store.head == 1 and store.view.t.count() == 1
+        assert store.dispatch("add", {"id": 1, "v": "given"}).seq == 2
+        store.verify()
+
+
+def _rebuilding_middleware(store):
+    def wrap(next_):
+        def handle(event):
+            if event["type"] == "rebuild":
+                store.rebuild()
+            return next_(event)
+        return handle
+    return wrap
+
+
+@pytest.mark.parametrize("where", [":memory:", "file"])
+def test_uncovered_rebuild_from_a_previews_middleware_is_refused_and_the_store_goes_on(
+        tmp_path, where):
+    # The preview's transaction is open: a swap inside it would be rolled back with it.
+    path = where if where == ":memory:" else str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer,
+                       middleware=[_rebuilding_middleware]) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        before = _uncovered_state(store)
+        with pytest.raises(fluxlite.UsageError, match=r"rebuild\(\) cannot run inside a "
+                                                      r"dispatch or a preview; call it on its own"):
+            store.preview("rebuild", {"id": "b", "n": 2})
+        assert _uncovered_state(store) == before and not store._conn.in_transaction
+        assert store.preview("put", {"id": "b", "n": 2})[0].seq == 2  # previews work again
+        assert store.dispatch("rebuild", {"id": "b", "n": 2}).seq == 2  # (before the write)
+        store.verify()
+
+
+@pytest.mark.skipif(not hasattr(sqlite3.Connection, "setlimit"), reason="Python 3.11+")
+@pytest.mark.parametrize("where", [":memory:", "file"])
+def test_uncovered_a_row_too_long_for_the_journal_writes_nothing(tmp_path, where):
+    # The row fits the table, but its journal text (JSON, each " escaped) does not:
+    # the event, the row and the seal must all stay out.
+    schema = "CREATE TABLE items (id TEXT PRIMARY KEY, n TEXT);"
+
+    def reducer(view, event):
+        return view.items.upsert(id=event.payload["id"], n='"' * event.payload["n"])
+    path = where if where == ":memory:" else str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=schema, reducer=reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        before = _uncovered_state(store)
+        store._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 2000)
+        with pytest.raises(fluxlite.ChangesetError, match=r"longer, as the journal keeps it, "
+                                                          r"than SQLite stores.*Nothing was written"):
+            store.dispatch("put", {"id": "a", "n": 1500})
+        assert _uncovered_state(store) == before and not store._conn.in_transaction
+        assert store.dispatch("put", {"id": "b", "n": 2}).seq == 2
+        store.verify()
+
+
+def test_uncovered_rebuild_writes_a_journal_longer_than_one_chunk_exactly(tmp_path):
+    # A replay writes the journal 4,096 rows at a time: the rows past the first chunk
+    # (and the last, partial one) must all arrive, in order.
+    with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch_many([{"type": "put", "payload": {"id": f"k{n % 4500}", "n": n}}
+                             for n in range(9000)])
+        journal = "SELECT * FROM fluxlite_journal ORDER BY seq, n"
+        before = store._conn.execute(journal).fetchall()
+        store.rebuild()
+        assert store._conn.execute(journal).fetchall() == before and len(before) == 9000
+        store.verify()
+
+
+def test_uncovered_verify_names_at_most_twenty_differences_per_table(tmp_path):
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch_many([{"type": "put", "payload": {"id": f"k{n:02}", "n": n}}
+                             for n in range(25)])
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE items SET n = n + 100")  # a hand edit of every row
+    conn.commit()
+    conn.close()
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        with pytest.raises(fluxlite.ReplayMismatch) as caught:
+            store.verify()
+    lines = [line for line in str(caught.value).splitlines() if line.startswith("items")]
+    assert len(lines) == 21 and lines[-1] == "items: ... (more differences not shown)"
+    assert lines[0] == "items 'k00': n: live 100 != replay 0"
+
+
+def test_uncovered_a_readonly_open_with_other_code_is_refused_and_changes_nothing(tmp_path):
+    path = str(tmp_path / "s.db")
+    head = make_items(path)
+    size = os.path.getsize(path)
+    # The message said "differs from 'x.db''s", naming neither version.
+    for schema, version, other in [(ITEMS_V2, None, "schema"),
+                                   (ITEMS, 2, "version (2; the file's is None)")]:
+        with pytest.raises(fluxlite.SchemaError) as caught:
+            fluxlite.open(path, schema=schema, reducer=items_reducer, version=version,
+                          readonly=True)
+        assert str(caught.value) == (
+            f"open({path!r}, readonly=True) was given another {other} than the file's; a "
+            f"read-only store cannot rebuild its read model. Open it writable to rebuild, or "
+            f"leave out schema= and version= to read the file as it is.")
+    assert os.path.getsize(path) == size
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        assert store.head == head and store.version is None and store.schema == ITEMS
+        store.verify()
+
+
+def test_uncovered_a_rebuild_that_cannot_make_its_scratch_file_changes_nothing(
+        tmp_path, monkeypatch):
+    path = str(tmp_path / "s.db")
+    make_items(path)
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as store:
+        before = _uncovered_state(store)
+
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(tempfile, "mkstemp", full)
+        with pytest.raises(fluxlite.StorageError, match=r"No space left on device"):
+            store.rebuild()
+        monkeypatch.undo()
+        assert _uncovered_state(store) == before
+        assert [p for p in os.listdir(tmp_path) if "rebuild" in p] == []
+        store.rebuild()
+        assert store.generation == before[1] + 1
+        store.verify()
+
+
+def test_uncovered_a_new_version_whose_replay_breaks_a_deferred_reference_changes_nothing(
+        tmp_path):
+    path = str(tmp_path / "s.db")
+    old = "CREATE TABLE a (id TEXT PRIMARY KEY, b TEXT);"
+    new = ("CREATE TABLE a (id TEXT PRIMARY KEY, b TEXT REFERENCES bb(id) DEFERRABLE "
+           "INITIALLY DEFERRED); CREATE TABLE bb (id TEXT PRIMARY KEY);")
+
+    def reducer(view, event):
+        return view.a.insert(**event.payload)
+    with fluxlite.open(path, schema=old, reducer=reducer) as store:
+        store.dispatch("add", {"id": "1", "b": "nowhere"})
+    with pytest.raises(fluxlite.ChangesetError, match=r"The replayed events break a deferred "
+                                                      r"constraint.*changed nothing in the file"):
+        fluxlite.open(path, schema=new, reducer=reducer, version=2)
+    with fluxlite.open(path, schema=old, reducer=reducer) as store:
+        assert store.version is None and store.view.tables == ["a"]
+        assert store.view.a.all() == [{"id": "1", "b": "nowhere"}]
+        store.verify()
+
+
+def test_uncovered_scenario_misuse_is_a_usage_error_naming_the_fix():
+    with pytest.raises(fluxlite.UsageError, match=r"scenario\(\) needs the reducer to test.*"
+                                                  r"received 'items_reducer' \(of type str\)"):
+        fluxlite.scenario(ITEMS, "items_reducer")
+    with fluxlite.scenario(ITEMS, items_reducer) as sc:
+        with pytest.raises(fluxlite.UsageError, match=r"^Call when\(event\) before "
+                                                      r"then_rejected\(\)\.$"):
+            sc.then_rejected()
+        sc.when(("put", {"id": "a", "n": 1}))
+        with pytest.raises(fluxlite.UsageError, match=r"Expected changes are Change objects "
+                                                      r"or dicts; received 'insert' \(of type str\)"):
+            sc.then("insert")
+
+
+def test_uncovered_a_table_shows_its_name_and_columns_and_hides_no_private_name():
+    with fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer) as store:
+        assert repr(store.view.items) == "<fluxlite.Table items ('id', 'n')>"
+        with pytest.raises(AttributeError):
+            store.view._items  # (copy.copy and pickle probe such names: a plain AttributeError)
+        assert not hasattr(store.view, "__wrapped__")
+
+
+def test_uncovered_a_middleware_whose_wrap_returns_no_function_is_refused(tmp_path):
+    def forgetful(store):
+        return lambda next_: None  # forgot to return its handler
+    with pytest.raises(fluxlite.UsageError, match=r"A middleware returned None \(of type NoneType\); "
+                                                  r"middleware has the shape store -> next -> event"):
+        with fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer,
+                           middleware=[forgetful]) as store:
+            store.dispatch("put", {"id": "a", "n": 1})
+
+
+def test_uncovered_a_preview_whose_reference_check_fails_ends_its_transaction(monkeypatch):
+    with fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        before = _uncovered_state(store)
+
+        def failing(conn):
+            raise sqlite3.OperationalError("disk I/O error")
+        monkeypatch.setattr(fluxlite, "_deferred_fk_violations", failing)
+        with pytest.raises(fluxlite.StorageError, match=r"disk I/O error"):
+            store.preview("put", {"id": "b", "n": 2})
+        monkeypatch.undo()
+        assert _uncovered_state(store) == before and not store._conn.in_transaction
+        assert store.preview("put", {"id": "b", "n": 2})[0].seq == 2
+        assert store.dispatch("put", {"id": "b", "n": 2}).seq == 2
+        store.verify()
+
+
+def test_uncovered_a_failed_save_of_a_replaced_store_leaves_no_partial_copy(
+        tmp_path, monkeypatch, caplog):
+    path = str(tmp_path / "s.db")
+    head = make_items(str(tmp_path / "other.db"))
+    store = fluxlite.open(path, schema=ITEMS, reducer=items_reducer)
+    store.dispatch("put", {"id": "a", "n": 1})
+    os.replace(tmp_path / "other.db", path)
+    create = fluxlite._create_file
+
+    def disk_fills(target):  # the copy's file made, then the disk full
+        create(target)
+        if ".replaced-" in target:
+            raise fluxlite.StorageError("No space left on device")
+    monkeypatch.setattr(fluxlite, "_create_file", disk_fills)
+    with caplog.at_level(logging.ERROR, logger="fluxlite"):
+        store.close()
+    assert "saving the old store" in caplog.text and "No space left" in caplog.text
+    assert sorted(os.listdir(tmp_path)) == ["s.db"]
+    monkeypatch.undo()
+    with fluxlite.open(path, schema=ITEMS, reducer=items_reducer) as other:
+        assert other.head == head  # the file put at the path, untouched by the old store
+        other.verify()
+
+
+@pytest.mark.skipif(not hasattr(sys, "set_int_max_str_digits"), reason="Python 3.11+")
+def test_uncovered_an_integer_too_long_to_show_is_named_readably(monkeypatch):
+    # repr() of an int past Python's digit limit fails: messages said "a int that cannot
+    # be shown" ("seq=a int that cannot be shown is outside the log").
+    huge = 10**5000
+    with fluxlite.open(":memory:", schema=ITEMS, reducer=items_reducer) as store:
+        with pytest.raises(fluxlite.InvalidEvent, match=r"received an int of more digits than "
+                                                        r"Python will show\.$"):
+            store.dispatch(huge)
+        with pytest.raises(fluxlite.UsageError, match=r"^seq=an int of more digits than Python "
+                                                      r"will show is outside the log"):
+            store.at(huge)
+        with pytest.raises(fluxlite.UsageError, match=r"received an int of more digits than "
+                                                      r"Python will show, outside SQLite's"):
+            store.history("items", huge)
+        assert store.head == 0
+    class Odd:
+        def __repr__(self):
+            raise ValueError("no")
+    assert fluxlite._quoted(Odd()) == "an Odd that cannot be shown"
+    assert fluxlite._describe([huge]) == "a list that cannot be shown"
+
+
+def test_uncovered_a_format_1_store_opened_read_only_is_read_and_verified_as_it_is(tmp_path):
+    # Format 1 had no seals, and a read-only store cannot add them: its reads that
+    # check seals (verify(), a transaction's end for changes() and history()) go without.
+    target = str(tmp_path / "s.db")
+    _sealed_store(target)
+    _by_hand(target, "DROP TABLE fluxlite_seals", "PRAGMA user_version = 1",
+             "UPDATE fluxlite_meta SET value = '1' WHERE key = 'format'")
+    before = pathlib.Path(target).read_bytes()
+    with fluxlite.open(target, reducer=reducer, readonly=True) as reader:
+        reader.verify()
+        assert [c.op for c in reader.changes(4)] and reader.history("users", "a")
+        with reader.at(2) as past:
+            assert past.seq == 2
+    assert pathlib.Path(target).read_bytes() == before
+
+
+class _FailsAt:
+    """A store's connection whose statement ``sql`` fails as a full disk would."""
+
+    def __init__(self, conn, sql, error):
+        self._conn, self._sql, self._error = conn, sql, error
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    def execute(self, sql, *args):
+        if sql.startswith(self._sql):
+            raise self._error
+        return self._conn.execute(sql, *args)
+
+
+@pytest.mark.parametrize("error", [sqlite3.OperationalError("database or disk is full"),
+                                   KeyboardInterrupt("injected")])
+def test_uncovered_a_fork_whose_lease_reset_fails_leaves_no_file(tmp_path, monkeypatch, error):
+    # The copy's consumer leases are cleared after the copy opened: a failure there
+    # must close the copy and remove its file, as a failed copy does.
+    with fluxlite.open(str(tmp_path / "s.db"), schema=ITEMS, reducer=items_reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        opened = fluxlite._open_connection
+
+        def failing(conn, path, **kwargs):
+            copy = opened(conn, path, **kwargs)
+            copy._conn = _FailsAt(copy._conn, "UPDATE fluxlite_consumers", error)
+            return copy
+        monkeypatch.setattr(fluxlite, "_open_connection", failing)
+        expected = fluxlite.StorageError if isinstance(error, sqlite3.Error) else KeyboardInterrupt
+        with pytest.raises(expected, match="full|injected"):
+            store.fork(str(tmp_path / "copy.db"))
+        monkeypatch.undo()
+        assert sorted(os.listdir(tmp_path)) == ["s.db", "s.db-shm", "s.db-wal"]
+        with store.fork(str(tmp_path / "copy.db")) as copy:
+            assert copy.head == 1
+            copy.verify()
+
+
+def test_uncovered_ctrl_c_in_a_batch_is_no_items_refusal_and_writes_nothing(tmp_path):
+    # A KeyboardInterrupt from the second item's reducer is not that item's refusal: it
+    # gets no batch_index or note, and the batch's first event is not committed.
+    def reducer(view, event):
+        if event.type == "stop":
+            raise KeyboardInterrupt("injected")
+        return items_reducer(view, event)
+    path = str(tmp_path / "s.db")
+    with fluxlite.open(path, schema=ITEMS, reducer=reducer) as store:
+        store.dispatch("put", {"id": "a", "n": 1})
+        before = _uncovered_state(store)
+        with pytest.raises(KeyboardInterrupt, match="injected") as caught:
+            store.dispatch_many([{"type": "put", "payload": {"id": "b", "n": 2}},
+                                 {"type": "stop", "payload": {"id": "b"}}])
+        assert not hasattr(caught.value, "batch_index")
+        assert not getattr(caught.value, "__notes__", [])
+        assert _uncovered_state(store) == before and not store._conn.in_transaction
+        assert _other_writer_can_write(path)
+        assert store.dispatch("put", {"id": "b", "n": 2}).seq == 2
+        store.verify()
