@@ -17270,3 +17270,123 @@ def test_uncovered_ctrl_c_in_a_batch_is_no_items_refusal_and_writes_nothing(tmp_
         assert _other_writer_can_write(path)
         assert store.dispatch("put", {"id": "b", "n": 2}).seq == 2
         store.verify()
+
+
+# --- mutation testing (mut3): seals, the read-only query guard, schema checks, upcasters ---
+# Each test here was written against a mutant of fluxlite.py (a changed constant, a
+# dropped statement) that the suite before it let pass: see the mut3 report.
+
+
+def test_an_empty_log_adopted_or_upgraded_from_format_1_is_sealed_from_its_first_event(tmp_path):
+    # No events, no seal: a seal at seq 1 over nothing would make the first dispatch
+    # fail on the seal's unique seq, after open() had said the store was fine.
+    adopted = str(tmp_path / "app.db")
+    conn = sqlite3.connect(adopted)
+    conn.executescript(SCHEMA)  # an application's tables, still empty
+    conn.close()
+    old = str(tmp_path / "old.db")
+    with fluxlite.open(old, schema=SCHEMA, reducer=reducer):
+        pass
+    _by_hand(old, "DROP TABLE fluxlite_seals", "PRAGMA user_version = 1",
+             "UPDATE fluxlite_meta SET value = '1' WHERE key = 'format'")  # as format 1 wrote
+    for target, adopt in ((adopted, True), (old, False)):
+        with fluxlite.open(target, schema=SCHEMA, reducer=reducer, adopt=adopt) as store:
+            assert store.head == 0
+            assert store.query("SELECT seq FROM fluxlite_seals") == []
+            add(store, "a")
+            store.verify()
+            assert store.query("SELECT seq FROM fluxlite_seals") == [{"seq": 1}]
+
+
+def test_verify_finds_the_last_events_deleted_by_hand(tmp_path):
+    # The seals after the last row still read are each checked, and named by their
+    # events: here the one of an event that is gone.
+    target = str(tmp_path / "s.db")
+    _sealed_store(target)  # seals at 1, 3 (a batch of two) and 4
+    _by_hand(target, "DROP TRIGGER fluxlite_events_no_delete",
+             "DELETE FROM fluxlite_journal WHERE seq = 4", "DELETE FROM events WHERE seq = 4")
+    with fluxlite.open(target, schema=SCHEMA, reducer=reducer) as store:
+        with pytest.raises(fluxlite.StorageError, match=r"events 4\.\.4 of the log do not match"):
+            store.verify()
+
+
+# Each of these is refused by the authorizer's action code for it alone: a transaction
+# left open by query() would fail every later dispatch, and ALTER TABLE changes the read
+# model behind the reducers (SQLite writes sqlite_master for it by an UPDATE, which the
+# authorizer lets through, so nothing else stops it).
+QUERY_SCHEMA_AND_TRANSACTION_STATEMENTS = [
+    "BEGIN", "BEGIN IMMEDIATE", "COMMIT", "ROLLBACK", "SAVEPOINT s", "RELEASE s",
+    "ALTER TABLE users ADD COLUMN z", "ALTER TABLE users RENAME TO u2",
+    "ALTER TABLE users RENAME COLUMN role TO r2",
+    "CREATE INDEX i ON users (role)", "CREATE VIEW v AS SELECT 1", "CREATE TEMP TABLE t (a)",
+    "CREATE TEMP VIEW v AS SELECT 1",
+    "CREATE TEMP TRIGGER tr AFTER INSERT ON users BEGIN SELECT 1; END",
+    "DROP INDEX rights_by_right", "REPLACE INTO users (name) VALUES ('z')"]
+
+
+def test_query_refuses_transaction_control_and_schema_changes(path):
+    sqls = list(QUERY_SCHEMA_AND_TRANSACTION_STATEMENTS)
+
+    def querying(view, event):
+        if event.type == "query":
+            view.query(event.payload)
+        return reducer(view, event)
+    with fluxlite.open(path, schema=SCHEMA, reducer=querying) as store:
+        add(store, "a")
+        before = snapshot(store)
+        for sql in sqls:
+            for where in (store, store.view):
+                with pytest.raises(fluxlite.QueryError, match=r"query\(\) is read-only"):
+                    where.query(sql)
+            with pytest.raises(fluxlite.QueryError, match=r"read-only.*inside a reducer"):
+                store.dispatch("query", sql)
+            assert snapshot(store) == before, sql
+            assert store.query("SELECT count(*) AS n FROM temp.sqlite_master") == [{"n": 0}]
+            assert not store._conn.in_transaction, sql
+        assert add(store, "b").seq == 2
+        store.verify()
+
+
+def test_only_the_reserved_names_themselves_are_refused_as_table_names():
+    # events, fluxlite_* and sqlite_* (any case): a name that holds one is not one.
+    for name in ("user_events", "events_archive", "eventsx", "fluxlite", "my_fluxlite_x",
+                 "sqlite", "x_sqlite_y"):
+        with fluxlite.open(":memory:", schema=f"CREATE TABLE {name} (k TEXT PRIMARY KEY);",
+                           reducer=lambda view, event: None) as store:
+            assert store.query(f"SELECT count(*) AS n FROM {name}") == [{"n": 0}]
+    for name in ("events", "EVENTS", "fluxlite_", "fluxlite_x", "Fluxlite_Meta", "sqlite_x"):
+        with pytest.raises(fluxlite.SchemaError, match=f"Table name '{name}' is reserved"):
+            fluxlite.open(":memory:", schema=f"CREATE TABLE {name} (k TEXT PRIMARY KEY);",
+                          reducer=lambda view, event: None)
+
+
+def test_schema_statements_are_told_apart_in_any_case():
+    schema = ("create table t (k text primary key, v integer);\n"
+              "-- a comment first\nCreate Unique Index t_v on t (v);")
+    with fluxlite.open(":memory:", schema=schema, reducer=lambda view, event: None) as store:
+        assert store.query("SELECT name FROM sqlite_master WHERE tbl_name = 't' "
+                           "AND type = 'index' AND sql IS NOT NULL") == [{"name": "t_v"}]
+    for other in ("create view w as select 1", "create trigger g after insert on t begin "
+                  "select 1; end", "create temp table u (k primary key)",
+                  "create virtual table f using fts5(a)"):
+        with pytest.raises(fluxlite.SchemaError, match="is not CREATE TABLE or CREATE INDEX"):
+            fluxlite.open(":memory:", schema=schema + ";" + other,
+                          reducer=lambda view, event: None)
+
+
+def test_a_reducer_may_not_read_the_log_by_a_query_text_query_ran_first(path):
+    # A statement is authorized when SQLite prepares it; sqlite3 keeps prepared
+    # statements by their text, so query()'s and a reducer's must never share one.
+    sql = "SELECT count(*) AS n FROM events"
+
+    def peeking(view, event):
+        if event.type == "peek":
+            view.query(sql)
+        return reducer(view, event)
+    with fluxlite.open(path, schema=SCHEMA, reducer=peeking) as store:
+        add(store, "a")
+        for _ in range(2):  # prepared, then from sqlite3's statement cache
+            assert store.query(sql) == [{"n": 1}]
+            with pytest.raises(fluxlite.QueryError, match="read-model tables"):
+                store.dispatch("peek")
+        assert store.head == 1
