@@ -4675,7 +4675,10 @@ class Store:
             checkpoint = Checkpoint(copy, seq)
             checkpoint._lineage = self._lineage
             in_memory = self._file in (":memory:", "")
-            checkpoint._origin = weakref.ref(self) if in_memory else self._file
+            # the file itself, not its name: a file moved since, or another at the
+            # path, is told apart
+            checkpoint._origin = weakref.ref(self) if in_memory else (
+                self._file_id if self._file_id is not None else self._file)
             return checkpoint
 
     def _check_not_in_progress(self, what: str) -> None:
@@ -6807,7 +6810,7 @@ class Checkpoint:
         self._lineage: Optional[_Lineage] = None  # the store's history it was taken in
         # The file it was taken of (its consumers' leases hold there), or the
         # in-memory store itself.
-        self._origin: "Union[None, str, weakref.ReferenceType[Store]]" = None
+        self._origin: "Union[None, str, Tuple[int, int], weakref.ReferenceType[Store]]" = None
         # A checkpoint dropped without close() (as test suites do) closes its copy:
         # left to the collector, Python 3.13 warns "unclosed database", which
         # -W error or pytest's filterwarnings=error makes a failure.
@@ -6815,6 +6818,8 @@ class Checkpoint:
 
     def _taken_from(self, store: "Store") -> bool:
         """Taken of this store's file (by any store on it), or of this in-memory store."""
+        if isinstance(self._origin, tuple):
+            return self._origin == store._file_id
         if isinstance(self._origin, str):
             return self._origin == store._file
         return self._origin is not None and self._origin() is store

@@ -16546,6 +16546,31 @@ def test_harness_reset_to_another_stores_checkpoint_frees_its_consumers_names(tm
         saved.close()
 
 
+def test_harness_a_checkpoint_knows_its_file_by_identity_not_by_name(tmp_path):
+    # The checkpoint's origin was the path's text: another store's file made at the
+    # template's path (the template moved away) was given the template's leases,
+    # and the template's own file, reset under its new name, lost them, as if it
+    # were another store's.
+    def owners(store):
+        return [r["owner"] for r in store.query("SELECT owner FROM fluxlite_consumers")]
+    template_path = tmp_path / "template.db"
+    with fluxlite.open(template_path, schema=ITEMS, reducer=items_reducer) as template:
+        _consumers_puts(template, ["a", "b"])
+        with template.consumer("mailer") as theirs:
+            theirs.ack(next(iter(theirs))[0])
+            saved = template.checkpoint()
+    os.replace(template_path, tmp_path / "moved.db")
+    with fluxlite.open(template_path, schema=ITEMS, reducer=items_reducer) as store:
+        store.reset_to(saved)
+        assert owners(store) == [None]  # another file: positions come, not leases
+        with store.consumer("mailer") as mine:
+            assert _consumers_ids(mine) == ["b"]
+    with fluxlite.open(tmp_path / "moved.db", schema=ITEMS, reducer=items_reducer) as moved:
+        moved.reset_to(saved)  # the file it was taken of, under its new name
+        assert owners(moved) != [None]  # as it was at the checkpoint
+    saved.close()
+
+
 def test_harness_scenario_failures_hide_fluxlites_frames_from_pytest():
     # pytest printed the source of then_rejected() (60 lines of fluxlite) above the
     # message; a frame with __tracebackhide__ is left out of its report.
