@@ -1860,3 +1860,20 @@ def test_uncovered_import_skips_blank_lines_and_names_a_line_that_is_no_event(wo
     assert result.returncode == 1
     assert "events.jsonl line 4 is not an exported event" in result.stderr
     assert not (work / "copy.db").exists()  # one batch, refused whole: no empty store left
+
+# --- mut4: mutation testing of _write (a copied event's id already logged at another seq) ---
+
+
+def test_import_refuses_an_event_whose_id_the_store_has_at_another_seq(work):
+    # An export --after 5 imported onto a store of 5 events: its line at seq 6 carries
+    # the id of the store's seq 1. Skipped as a resend, it would be missing from the
+    # copy (and every later seq off by one): the import is refused, nothing written.
+    lines = cli("export", "app.db", cwd=work).stdout.splitlines()
+    first = json.loads(lines[0])
+    (work / "reused.jsonl").write_text(json.dumps({**first, "seq": 6}) + "\n")
+    before = cli("export", "app.db", cwd=work).stdout
+    result = cli("import", "app.db", "reused.jsonl", "--app", "cliapp:APP", cwd=work,
+                 check=False)
+    assert result.returncode == 1, result.stdout
+    assert "is copied as seq 6, but seq 1 has that id already" in result.stderr
+    assert cli("export", "app.db", cwd=work).stdout == before
