@@ -17450,3 +17450,50 @@ def test_a_retry_in_the_other_shape_matches_when_only_the_old_type_has_an_upcast
         assert events[0] == events[1] and store.head == 2
         assert store.view.items.all() == [{"id": "a", "n": 1}]
         store.verify()
+
+
+# --- mut5: mutation testing of dispatch_many, _notify, _deliver_pending -------------
+
+
+@pytest.mark.parametrize("how", ["dispatch", "dispatch_many"])
+def test_a_next_kept_by_a_middleware_is_refused_after_the_dispatch_returned(how):
+    # A middleware that keeps next() and calls it later (a queue, a retry timer) must
+    # hear that the dispatch is over: after a batch, a next() that answered None and
+    # appended to the finished batch would lose the event without a word.
+    kept = []
+
+    def keep(store_):
+        def wrap(next_):
+            kept.append(next_)
+            return next_
+        return wrap
+    schema = "CREATE TABLE t (id TEXT PRIMARY KEY);"
+    put = lambda view, event: view.t.insert(id=event.payload)  # noqa: E731
+    with fluxlite.open(":memory:", schema=schema, reducer=put, middleware=[keep]) as store:
+        if how == "dispatch":
+            store.dispatch("put", "a")
+        else:
+            store.dispatch_many([{"type": "put", "payload": "a"}])
+        with pytest.raises(fluxlite.UsageError, match="outside the dispatch"):
+            kept[0]({"type": "put", "payload": "b", "meta": {}})
+        assert store.head == 1 and store.view.t.all() == [{"id": "a"}]
+        assert [e.seq for e in store.dispatch_many([{"type": "put", "payload": "c"}])] == [2]
+
+
+def test_dispatch_many_takes_any_mapping_as_an_event_as_dispatch_does():
+    # dispatch() takes a Mapping event; a batch of them (read-only proxies of
+    # configured events, a frozen mapping type) must be taken alike, not refused
+    # as "not an event dict". A (type, payload) pair stays refused.
+    import types as types_module
+    schema = "CREATE TABLE t (id TEXT PRIMARY KEY);"
+    put = lambda view, event: view.t.insert(id=event.payload)  # noqa: E731
+    proxy = types_module.MappingProxyType
+    with fluxlite.open(":memory:", schema=schema, reducer=put) as store:
+        events = store.dispatch_many([proxy({"type": "put", "payload": "a"}),
+                                      {"type": "put", "payload": "b"}])
+        assert [e.seq for e in events] == [1, 2]
+        assert store.dispatch(proxy({"type": "put", "payload": "c"})).seq == 3
+        with pytest.raises(fluxlite.InvalidEvent, match="item 0 is") as refused:
+            store.dispatch_many([("put", "d")])
+        assert refused.value.batch_index == 0
+        assert store.view.t.all() == [{"id": "a"}, {"id": "b"}, {"id": "c"}]
