@@ -9039,17 +9039,13 @@ def _app_marks(conn: sqlite3.Connection) -> Optional[Tuple[int, int]]:
     return None if marks[0] == APPLICATION_ID or marks == (0, 0) else marks
 
 
-def _header_is_apps(conn: sqlite3.Connection) -> bool:
-    """Whether the header's marks are an adopted application's (_app_marks), also
+def _app_header_recorded(conn: sqlite3.Connection) -> bool:
+    """Whether the header's marks are an adopted application's (_app_marks), even
     once a copy made through SQL blanked them: adoption records that in
     fluxlite_meta's app_header. Stamped with fluxlite's marks instead, such a copy
     told the application its migration number was fluxlite's format, 2; blank, it
     is what any SQLite file copied so would be, and the application can put its
     own number back."""
-    return bool(_app_marks(conn)) or _app_header_recorded(conn)
-
-
-def _app_header_recorded(conn: sqlite3.Connection) -> bool:
     row = conn.execute("SELECT value FROM fluxlite_meta WHERE key = 'app_header'").fetchone()
     return row is not None and row[0] == "true"
 
@@ -9069,22 +9065,23 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "fluxlite_meta" in names:
         user_version = _check_format(conn, path, names)
-        if user_version != conn.execute("PRAGMA user_version").fetchone()[0] \
-                and not _header_is_apps(conn):
-            # lost by a copy made through SQL (see _stored_format): put back
-            conn.execute(f"PRAGMA user_version={user_version}")
-            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-        if _app_marks(conn) and not _app_header_recorded(conn):
+        apps = _app_header_recorded(conn)  # the header's marks are an application's
+        if not apps and _app_marks(conn):
             # adopted before app_header was recorded (or in format 1): recorded while
             # the header still shows the marks, or a later copy through SQL is stamped
             _write_meta(conn, app_header=True)
+            apps = True
+        if user_version != conn.execute("PRAGMA user_version").fetchone()[0] and not apps:
+            # lost by a copy made through SQL (see _stored_format): put back
+            conn.execute(f"PRAGMA user_version={user_version}")
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         _restore_triggers(conn)
         conn.execute(_CONSUMERS_DDL)
         if user_version < 2:  # format 1 had no seals: seal what is there now
             conn.execute(_SEALS_DDL)
             _seal_unsealed(conn)
             _write_meta(conn, format=FORMAT_VERSION)
-            if not _header_is_apps(conn):
+            if not apps:
                 conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
         return _read_meta(conn)
     existing = names - {"sqlite_sequence"}
@@ -9101,7 +9098,7 @@ def _initialise(conn: sqlite3.Connection, path: str, schema: Optional[str], vers
               else _create_schema(conn, schema, new_schema))
     _write_meta(conn, format=FORMAT_VERSION, schema=schema, tables=tables, version=version,
                 generation=0, created_by=f"fluxlite {__version__}")
-    if _app_marks(conn):  # an adopted application's stay: see _header_is_apps
+    if _app_marks(conn):  # an adopted application's stay: see _app_header_recorded
         _write_meta(conn, app_header=True)
     else:
         conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
