@@ -1850,6 +1850,15 @@ def _temp_objects(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT count(*) FROM temp.sqlite_master").fetchone()[0])
 
 
+def _newer_syntax_hint(exc: BaseException) -> str:
+    # The same DDL can be valid where it was written and a syntax error on the
+    # older SQLite of another machine (Debian 11's 3.34, say): name this one.
+    if "syntax error" not in str(exc) and "unknown table option" not in str(exc):
+        return ""
+    return (f" This Python's SQLite is {sqlite3.sqlite_version}: syntax a later SQLite "
+            f"added (STRICT tables came in 3.37, for one) is a syntax error in it.")
+
+
 def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> List[str]:
     """Run the user's DDL (inside the caller's transaction); return the new tables.
     ``new``: a schema not yet accepted by a store (see _check_new_table)."""
@@ -1878,7 +1887,7 @@ def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> L
             raise SchemaError(
                 f"Schema statement {number} failed: {exc}. Statement: "
                 f"{statement[:200]!r}. Note `events`, `fluxlite_*` and `sqlite_*` "
-                f"are reserved table names."
+                f"are reserved table names.{_newer_syntax_hint(exc)}"
             ) from exc
         if _temp_objects(conn) != temporary:
             # CREATE TABLE temp.x: not in the file, gone on close; and a temp table

@@ -2595,8 +2595,11 @@ def tamper(path, sql, client):
     if client == "sqlite3 shell":
         if SQLITE3_CLI is None:
             skip_outside_ci("the sqlite3 command-line shell is not installed (apt-get install sqlite3)")
+        # Another program, with its own SQLite: CI's older-SQLite run points
+        # LD_LIBRARY_PATH at a library for Python only (see .ci/run).
+        shell_env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
         result = subprocess.run([SQLITE3_CLI, str(path), sql], capture_output=True, text=True,
-                                timeout=60)
+                                timeout=60, env=shell_env)
         return result.returncode != 0, result.stderr.strip()
     conn = sqlite3.connect(str(path))
     try:
