@@ -319,7 +319,7 @@ _MIN_SQLITE = (3, 26, 0)
 
 
 class FluxliteError(Exception):
-    """Root of every error fluxlite raises on purpose."""
+    """Root of every error fluxlite raises on purpose; ``batch_index``: see dispatch_many()."""
 
     # Set when dispatch_many() refused the batch for one of its items: that item's
     # 0-based index in the list given (see _name_batch_item; also on a middleware's
@@ -348,7 +348,7 @@ class ChangesetError(FluxliteError):
 
 
 class Conflict(FluxliteError):
-    """An id was reused with other content, or expect_seq did not match."""
+    """An id was reused with other content, expect_seq did not match, or a consumer lost its lease."""
 
 
 class SchemaError(FluxliteError):
@@ -368,11 +368,16 @@ class UsageError(FluxliteError):
 
 
 class Busy(FluxliteError):
-    """Another connection held the write lock longer than busy_timeout; retry."""
+    """Held by another connection or process; nothing was written: retry.
+
+    The write lock (past busy_timeout, 10 s); a consumer name (another open Consumer,
+    or a live process's); the file, reset or rebuilt by another process during each of
+    verify()'s or rebuild()'s replays.
+    """
 
 
 class StorageError(FluxliteError):
-    """SQLite could not read or write the file (disk full, read-only, I/O error)."""
+    """SQLite could not read or write the file (disk full, read-only, I/O error), or it is damaged."""
 
 
 # view.nope and view["nope"]: a UsageError, and what Python's protocols expect
@@ -392,11 +397,13 @@ class _NoTableKey(UsageError, KeyError):
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """One committed event: the log's unit. Immutable.
+    """One committed event: the log's unit. Its fields cannot be reassigned.
 
     ``payload`` and ``meta`` are the values as stored (after the JSON round
-    trip), so reducers see the same input live and in replay. ``ts`` is a
-    timezone-aware UTC datetime that never decreases along ``seq``.
+    trip), so reducers see the same input live and in replay; they are plain
+    dicts and lists, shared, not copied: a reducer must not mutate them (what
+    subscribers and dispatch()'s caller see would change, not the log). ``ts`` is
+    a timezone-aware UTC datetime that never decreases along ``seq``.
     """
 
     seq: int
@@ -3141,9 +3148,10 @@ def _check_seal(path: str, seal: Sequence[Any], last: int, events: Any,
 class Table:
     """One read-model table: reads, and builders for the Changes a reducer returns.
 
-    Reads see the live model (inside a reducer: the transaction in progress).
-    Builders only make Change values; nothing is written until the reducer
-    returns them and the store applies them.
+    Reads see the model of the table's view, ``table.view``: the live one (inside
+    a reducer: the transaction in progress), or the past for a table of an at()
+    view. Builders only make Change values; nothing is written until the reducer
+    returns them and the store applies them. ``key in table`` is ``get(key) is not None``.
     """
 
     def __init__(self, view: "View", info: _TableInfo) -> None:
@@ -4135,13 +4143,22 @@ class Store:
 
     @property
     def schema(self) -> str:
-        """The read-model DDL the file holds now (after a rebuild, the new one)."""
+        """The read-model DDL this store runs (after its rebuild, the new one).
+
+        The file's, as it was opened, for a store with a reducer: after another
+        store's rebuild with other code, it writes nothing (SchemaError) until reopened.
+        A store opened without a reducer follows the file's.
+        """
         self._take_files_code()
         return self._schema
 
     @property
     def version(self) -> Any:
-        """The application's schema/reducer version recorded in the file (any JSON value)."""
+        """The application's schema/reducer version this store runs (any JSON value).
+
+        As for ``schema``: the file's, as of open() or this store's rebuild (a store
+        opened without a reducer follows the file's).
+        """
         self._take_files_code()
         return self._version
 
@@ -4433,9 +4450,12 @@ class Store:
     def dispatch_many(self, events: Iterable[Mapping[str, Any]], *,
                       expect_seq: Optional[int] = None, actor: Optional[str] = None
                       ) -> List[Event]:
-        """Dispatch event dicts in one transaction, all or nothing.
+        """Dispatch event dicts in one transaction, all or nothing; return the committed events.
 
-        ``actor`` is recorded as every event's ``meta["actor"]``, as dispatch()'s.
+        ``actor`` is recorded as every event's ``meta["actor"]``, as dispatch()'s;
+        ``expect_seq`` is dispatch()'s, for the whole batch (a Conflict unless the
+        log's head is that seq).
+        A refusal names the refused item: its ``batch_index`` in the list (from 0).
 
         Each event goes through the middleware chain first (there ``next``
         returns None, since nothing is committed until the whole batch has
@@ -4521,13 +4541,14 @@ class Store:
     def preview(self, type: Union[str, Mapping[str, Any]], payload: Any = None, *,
                 meta: Optional[Mapping[str, Any]] = None, id: Optional[str] = None,
                 actor: Optional[str] = None, expect_seq: Optional[int] = None
-                ) -> Tuple[Event, List[Change]]:
+                ) -> Tuple[Optional[Event], List[Change]]:
         """Dry run: what dispatch() would commit, as (event, changes); nothing is kept.
 
-        Middleware, access control and the reducer run inside a transaction
-        that is rolled back (events middleware dispatches included); no
-        subscriber is called and the head does not move. A refusal or error
-        is raised exactly as dispatch() would raise it.
+        The arguments are dispatch()'s. Middleware, access control and the reducer
+        run inside a transaction that is rolled back (events middleware dispatches
+        included); no subscriber is called and the head does not move. A refusal or
+        error is raised exactly as dispatch() would raise it; a middleware that ends
+        the chain without calling next gives (None, []), as dispatch() gives None.
         """
         action = _action_from(type, payload, meta, id, actor)
         self._check_dispatchable()
@@ -5458,7 +5479,11 @@ class Store:
     # -- reading ---------------------------------------------------------------
 
     def query(self, sql: str, params: Any = ()) -> List[Dict[str, Any]]:
-        """Read-only SQL on the store (read model and log); rows as dicts."""
+        """Read-only SQL on the store (read model and log); rows as dicts.
+
+        ``params``: a tuple or list (one value per ``?``) or a dict (for ``:name``).
+        Writes are refused (QueryError); so, inside a reducer, is a read of anything
+        but the read-model tables."""
         self._check_open()
         try:
             return self._model.query(sql, params)
@@ -5508,7 +5533,10 @@ class Store:
 
     def events(self, after: int = 0, *, types: Union[None, str, Iterable[str]] = None,
                limit: Optional[int] = None) -> Iterator[Event]:
-        """Events with seq > after, in seq order; streamed page by page."""
+        """Events with seq > after, in seq order; streamed page by page.
+
+        ``types`` (a str or an iterable of them) keeps those types only (as upcast);
+        ``limit`` stops after that many events yielded."""
         _check_count(after, "after", "a seq (int >= 0)")
         _check_count(limit, "limit", "an int >= 0 or None", none=True)
         wanted = self._kept_types(types)
@@ -6176,7 +6204,7 @@ class Store:
         changed the file meanwhile, holding it throughout; after another
         process's reset_to() during that one too, it runs again: Busy after three
         such replays, nothing changed). If any event fails, nothing changes and
-        the error names it.
+        the error names it. ``progress(seq)`` is called every 1,000 events replayed.
         """
         self._require_reducer("rebuild()")
         _check_progress(progress)
@@ -6403,7 +6431,8 @@ class Store:
 
         Dispatches a ``fluxlite.restore`` event (payload: table, key, row)
         through the normal pipeline, so middleware and access control apply
-        to it by that type and replay reproduces it.
+        to it by that type and replay reproduces it; ``actor``, ``meta`` and ``id``
+        are dispatch()'s. Returns that event (as dispatch() does).
         """
         # Only the version needed is read: a row's history can be long.
         if at is None:
@@ -7566,7 +7595,9 @@ class Consumer:
                  expect_seq: Optional[int] = None) -> Optional[Event]:
         """Dispatch an event and acknowledge ``ack`` in the same transaction (exactly-once).
 
-        The other arguments are those of Store.dispatch()."""
+        The other arguments are those of Store.dispatch(). The ack commits with the
+        event: if it is refused, or a middleware ends the chain without calling next
+        (None is returned), nothing is acknowledged."""
         seq = self._ackable(ack, "dispatch(ack=...)")
         store = self.store
         action = _action_from(type, payload, meta, id, actor)
@@ -9595,8 +9626,9 @@ class App:
     def open(self, path: Union[str, "os.PathLike[str]"], *, durability: str = "full",
              adopt: bool = False, clock: Optional[Callable[[], datetime]] = None,
              ids: Optional[Callable[[], str]] = None, readonly: bool = False) -> "Store":
-        """fluxlite.open(path, app=self, ...): ``durability``, ``adopt``, ``clock``,
-        ``ids`` and ``readonly`` are open()'s."""
+        """Open (or create) a store of this application: fluxlite.open(path, app=self, ...).
+
+        ``durability``, ``adopt``, ``clock``, ``ids`` and ``readonly`` are open()'s."""
         return open(path, app=self, durability=durability, adopt=adopt, clock=clock, ids=ids,
                     readonly=readonly)
 
@@ -10065,7 +10097,10 @@ def _reordered(expected: List[Change], actual: List[Change]) -> bool:
 
 
 class Scenario:
-    """Given / when / then for reducers, on an in-memory store. See scenario()."""
+    """Given / when / then for reducers, on an in-memory store. See scenario().
+
+    ``store`` is that Store, for reads the then_* methods do not cover.
+    """
 
     def __init__(self, schema: str, reducer: Union[Reducer, Mapping[str, CollectionReducer]],
                  *, upcasters: Optional[Mapping[str, Upcaster]] = None,
@@ -11592,7 +11627,11 @@ def _restore_output(changed: List[Tuple[Any, str, Optional[str]]]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The `fluxlite` command. Returns the exit status."""
+    """The `fluxlite` command. Returns the exit status.
+
+    As argparse does, a usage error (exit status 2), ``--help`` and ``--version``
+    raise SystemExit instead.
+    """
     changed = _output_in_utf8()
     try:
         return _main(argv)

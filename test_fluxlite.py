@@ -17521,3 +17521,96 @@ def test_a_schema_syntax_error_names_the_sqlite_that_refused_it():
                       reducer=lambda view, event: None)
     assert "This Python's SQLite" not in str(caught.value)
 
+
+# --- docs (session 20): docstrings and help() -------------------------------------------
+
+
+def _public_members():
+    """(qualified name, object) of every public class and function of __all__, and of
+    every public method and property those classes define."""
+    for name in fluxlite.__all__:
+        obj = getattr(fluxlite, name)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue  # the constants and type aliases
+        yield name, obj
+        if inspect.isclass(obj):
+            for member, value in vars(obj).items():
+                if member.startswith("_"):
+                    continue
+                if isinstance(value, property):
+                    yield f"{name}.{member}", value.fget
+                elif inspect.isfunction(value):
+                    yield f"{name}.{member}", value
+
+
+def test_every_public_member_of_every_public_class_has_a_summary_line():
+    # help(Consumer.ack), help(Table.find), an IDE's hover: each first line says
+    # what it does (the Store-only test above let other classes' members go bare).
+    bare = [name for name, obj in _public_members()
+            if not (inspect.getdoc(obj) or "").strip().splitlines()]
+    assert bare == []
+    import pydoc
+    text = pydoc.render_doc(fluxlite, renderer=pydoc.plaintext)  # renders, and lists them all
+    assert all(name in text for name in fluxlite.__all__)
+
+
+def test_preview_is_annotated_and_documented_to_give_none_when_the_chain_ends():
+    # A middleware that ends the chain without next(): dispatch() gives None, and
+    # preview() (None, []); its annotation said Tuple[Event, ...], so a type checker
+    # let preview(...)[0].seq through.
+    hints = typing.get_type_hints(fluxlite.Store.preview)
+    assert hints["return"] == typing.Tuple[typing.Optional[fluxlite.Event],
+                                           typing.List[fluxlite.Change]]
+    assert "(None, [])" in fluxlite.Store.preview.__doc__
+
+    def swallow(store):
+        return lambda next_: (lambda event: None if event["type"] == "noop" else next_(event))
+    schema = "CREATE TABLE t (id TEXT PRIMARY KEY);"
+    put = lambda view, event: view.t.insert(id=event.payload)  # noqa: E731
+    with fluxlite.open(":memory:", schema=schema, reducer=put, middleware=[swallow]) as store:
+        assert store.preview("noop", "a") == (None, [])
+        assert store.dispatch("noop", "a") is None and store.head == 0
+
+
+def test_a_consumers_dispatch_ended_by_a_middleware_acks_nothing_as_documented(tmp_path):
+    def swallow(store):
+        return lambda next_: (lambda event: None if event["type"] == "noop" else next_(event))
+    schema = "CREATE TABLE t (id TEXT PRIMARY KEY);"
+    put = lambda view, event: view.t.insert(id=event.payload) if event.type == "put" else None  # noqa: E731,E501
+    with fluxlite.open(tmp_path / "s.db", schema=schema, reducer=put,
+                       middleware=[swallow]) as store:
+        store.dispatch("put", "a")
+        with store.consumer("c") as consumer:
+            first, _ = next(iter(consumer))
+            assert consumer.dispatch("noop", "b", ack=first) is None
+            consumer.close()  # (without the with block's ack of what it yielded)
+        with store.consumer("c") as again:
+            assert [event.seq for event, _ in again] == [1]
+    assert "nothing is acknowledged" in fluxlite.Consumer.dispatch.__doc__
+
+
+def test_main_documents_that_argparse_exits_raise_system_exit(capsys):
+    assert "SystemExit" in fluxlite.main.__doc__
+    for argv, status in ((["--version"], 0), (["no-such-command"], 2)):
+        with pytest.raises(SystemExit) as exited:
+            fluxlite.main(argv)
+        assert exited.value.code == status
+    capsys.readouterr()
+
+
+def test_schema_and_version_are_this_stores_until_it_is_reopened(tmp_path):
+    # Their docstrings said "the file holds now": a store with a reducer keeps the
+    # code it was opened with after another store's rebuild (and refuses to write);
+    # one opened without a reducer follows the file.
+    path = tmp_path / "s.db"
+    schema = "CREATE TABLE t (id TEXT PRIMARY KEY);"
+    put = lambda view, event: view.t.insert(id=event.payload)  # noqa: E731
+    with fluxlite.open(path, schema=schema, reducer=put, version=1) as old, \
+            fluxlite.open(path) as reader:
+        old.dispatch("put", "a")
+        with fluxlite.open(path, schema=schema, reducer=put, version=2):
+            assert (old.version, reader.version) == (1, 2)
+            with pytest.raises(fluxlite.SchemaError, match="another version"):
+                old.dispatch("put", "b")
+    assert "this store runs" in fluxlite.Store.schema.__doc__
+    assert "this store runs" in fluxlite.Store.version.__doc__
