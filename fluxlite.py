@@ -3232,7 +3232,12 @@ class Table:
         return _change("insert", self._info.name, None, self._values(row, columns, "insert"))
 
     def upsert(self, row: Optional[Mapping[str, Any]] = None, /, **columns: Any) -> Change:
-        """A Change inserting the row, or updating it if its key exists."""
+        """A Change inserting the row, or updating it if its key exists.
+
+        Columns left out keep their values (or take their defaults, inserted): an
+        upsert of the key alone on an existing row, like an update() of no columns,
+        is an update that changes nothing, reported with no values and kept in
+        history()."""
         return _change("upsert", self._info.name, None, self._values(row, columns, "upsert"))
 
     def update(self, key: Any, values: Optional[Mapping[str, Any]] = None, /,

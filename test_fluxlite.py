@@ -17614,3 +17614,22 @@ def test_schema_and_version_are_this_stores_until_it_is_reopened(tmp_path):
                 old.dispatch("put", "b")
     assert "this store runs" in fluxlite.Store.schema.__doc__
     assert "this store runs" in fluxlite.Store.version.__doc__
+
+
+def test_an_upsert_of_the_key_alone_is_documented_as_it_behaves():
+    """Left undocumented until the twentieth session: the key alone inserts the
+    defaults, and on an existing row is an update of nothing, heard and kept."""
+    schema = "CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT DEFAULT 'd', n INT)"
+    heard = []
+    with fluxlite.open(":memory:", schema=schema,
+                       reducer=lambda view, event: view.t.upsert(k=event.payload)) as store:
+        store.subscribe(lambda event, changes: heard.append([c.to_dict() for c in changes]))
+        store.dispatch("touch", "a")
+        store.dispatch("touch", "a")
+        assert store.view.t.all() == [{"k": "a", "v": "d", "n": None}]
+        assert heard[1] == [{"op": "update", "table": "t", "key": "a", "values": {}}]
+        versions = store.history("t", "a")
+        assert [v.op for v in versions] == ["insert", "update"]
+        assert versions[1].before == versions[1].after
+        store.verify()
+    assert "an update that changes nothing" in fluxlite.Table.upsert.__doc__
