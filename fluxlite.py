@@ -198,10 +198,10 @@ _WAL_CEILING = 4 * 1024 * 1024
 _PRAGMAS: Dict[str, Any] = {
     # Takes effect only in a new file (an existing one keeps its own size). A
     # commit writes every page it touches to the WAL whole, and a dispatch
-    # touches about eight (the log and its indexes, the row, the journal and
-    # its index, the seal): at half SQLite's default of 4096, each commit and
-    # each checkpoint moves half the bytes. bench/run.py: single dispatches
-    # 10-15% faster, batches, replays and at() unchanged.
+    # touches about nine (the log, its indexes and sqlite_sequence, the row,
+    # the journal and its index, the seal): at half SQLite's default of 4096,
+    # each commit and each checkpoint moves half the bytes. bench/run.py:
+    # single dispatches 10-15% faster, batches, replays and at() unchanged.
     "page_size": 2048,
     "busy_timeout": 10_000,  # ms a writer waits for another process's lock
     "journal_mode": "wal",
