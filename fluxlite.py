@@ -1287,6 +1287,19 @@ class _WalCheckpointer:
             thread.join(wait)
 
 
+def _sync_directory(file: str) -> None:
+    """fsync the directory holding ``file`` (best effort: POSIX only, where a
+    directory opens; an error leaves the removal as durable as it was)."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(os.path.dirname(os.path.abspath(file)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _close_last(file: str) -> None:
     """Open and close ``file`` once through a connection that can write. SQLite copies
     the WAL into the file, and removes the -wal and -shm, only when the file's last
@@ -4359,10 +4372,17 @@ class Store:
         store made at the path since then has its own).
         """
         now = _file_ids(self._file)
+        removed = False
         for suffix in ("-wal", "-shm"):
             if now[suffix] is not None and now[suffix] == self._file_ids.get(suffix):
                 with contextlib.suppress(OSError):
                     os.remove(self._file + suffix)
+                    removed = True
+        if removed:
+            # A removal is on disk only once its directory is: after a power cut the
+            # -wal could be back beside the file now at the path (its rename, synced
+            # by SQLite with the saved copy's -wal), and replayed into it.
+            _sync_directory(self._file)
 
     def __enter__(self) -> "Store":
         return self
