@@ -1870,13 +1870,21 @@ def _temp_objects(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT count(*) FROM temp.sqlite_master").fetchone()[0])
 
 
+# What an older SQLite says of SQL a later one added: STRICT (3.37), concat_ws()
+# (3.44), jsonb() (3.45), 1_000 (3.46).
+_NEWER_SQL_ERRORS = ("syntax error", "unknown table option", "no such function",
+                     "unrecognized token")
+
+
 def _newer_syntax_hint(exc: BaseException) -> str:
-    # The same DDL can be valid where it was written and a syntax error on the
-    # older SQLite of another machine (Debian 11's 3.34, say): name this one.
-    if "syntax error" not in str(exc) and "unknown table option" not in str(exc):
+    # The same DDL can be valid where it was written and an error on the older
+    # SQLite of another machine (Debian 11's 3.34, say): name this one. Said as an
+    # if: the same errors come of a plain typo, on the newest SQLite too.
+    if not any(fragment in str(exc) for fragment in _NEWER_SQL_ERRORS):
         return ""
-    return (f" This Python's SQLite is {sqlite3.sqlite_version}: syntax a later SQLite "
-            f"added (STRICT tables came in 3.37, for one) is a syntax error in it.")
+    return (f" This Python's SQLite is {sqlite3.sqlite_version}: if the statement is "
+            f"valid where it was written, it may use SQL a later SQLite added (STRICT "
+            f"tables came in 3.37, for one).")
 
 
 def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> List[str]:
@@ -5507,8 +5515,8 @@ class Store:
         """Read-only SQL on the store (read model and log); rows as dicts.
 
         ``params``: a tuple or list (one value per ``?``) or a dict (for ``:name``).
-        Writes are refused (QueryError); so, inside a reducer, is a read of anything
-        but the read-model tables."""
+        Writes are refused (QueryError). Inside a reducer this is refused whole
+        (UsageError): a reducer reads through ``view.query()``, the read-model tables only."""
         self._check_open()
         try:
             return self._model.query(sql, params)

@@ -17633,3 +17633,45 @@ def test_an_upsert_of_the_key_alone_is_documented_as_it_behaves():
         assert versions[1].before == versions[1].after
         store.verify()
     assert "an update that changes nothing" in fluxlite.Table.upsert.__doc__
+
+
+# --- review20 (the twentieth session's review of its own merges) ------------------------
+
+@pytest.mark.parametrize("ddl", [
+    # what an older SQLite says of a function or a token a later one added
+    # (concat_ws() 3.44, 1_000 3.46: names and tokens no SQLite has stand in)
+    "CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT CHECK (v <> no_such_function_yet(k)))",
+    "CREATE TABLE t (k TEXT PRIMARY KEY, n INT DEFAULT (0x))",
+    # a plain typo: the hint is an if, never a claim the SQLite is too old
+    "CREATE TABLE t (k TEXT PRIMARY KEY, n INT NOT NUL)",
+])
+def test_a_schema_error_newer_sql_causes_names_this_sqlite_as_a_possibility(ddl):
+    with pytest.raises(fluxlite.SchemaError) as caught:
+        fluxlite.open(":memory:", schema=ddl, reducer=lambda view, event: None)
+    text = str(caught.value)
+    assert (f"This Python's SQLite is {sqlite3.sqlite_version}: if the statement is valid "
+            f"where it was written, it may use SQL a later SQLite added") in text
+    assert "is a syntax error in it" not in text
+
+
+def test_store_query_inside_a_reducer_is_refused_whole_as_its_docstring_says():
+    # Its docstring said only reads of other than read-model tables were refused
+    # there (QueryError): that is view.query(); store.query() is a UsageError.
+    schema = "CREATE TABLE t (k TEXT PRIMARY KEY)"
+    caught = []
+
+    def reducer(view, event):
+        with pytest.raises(fluxlite.UsageError) as refused:
+            store.query("SELECT count(*) AS n FROM t")
+        caught.append(refused.value)
+        assert view.query("SELECT count(*) AS n FROM t") == [{"n": 0}]
+        with pytest.raises(fluxlite.QueryError):
+            view.query("SELECT count(*) AS n FROM events")
+        return None
+
+    with fluxlite.open(":memory:", schema=schema, reducer=reducer) as store:
+        store.dispatch("x", {})
+    assert caught and not isinstance(caught[0], fluxlite.QueryError)
+    doc = " ".join(fluxlite.Store.query.__doc__.split())
+    assert "Inside a reducer this is refused whole (UsageError)" in doc
+    assert "view.query()" in doc
