@@ -1356,6 +1356,9 @@ def _read_txn(conn: sqlite3.Connection) -> Iterator[None]:
 def _storage_error(exc: sqlite3.Error, path: str) -> FluxliteError:
     """A SQLite failure below fluxlite's rules, as a FluxliteError saying what to do."""
     text = str(exc)
+    missing = _missing_function_error(exc, f"Writing {path!r}", " Nothing was written.")
+    if missing is not None:
+        return missing
     if "no such table" in text:
         return SchemaError(
             f"{path!r} lacks a table the read model needs ({text}): the schema references "
@@ -1887,6 +1890,66 @@ def _newer_syntax_hint(exc: BaseException) -> str:
             f"tables came in 3.37, for one).")
 
 
+# SQLite says "no such function: f" when it prepares a statement that calls f, and
+# "unknown function: f()" when a stored schema's expression (a generated column, a
+# CHECK, an index) first needs it; a table-valued JSON function is "no such table".
+_MISSING_FUNCTION = re.compile(r"no such function: (\w+)|unknown function: (\w+)\(\)|"
+                               r"no such table: (?:main\.)?(jsonb?_(?:each|tree))\b")
+
+
+@functools.lru_cache(maxsize=None)
+def _sqlite_has_json() -> bool:
+    """Whether this SQLite has the JSON functions (built in since 3.38, unless a
+    build leaves them out with SQLITE_OMIT_JSON; an optional extension before)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("SELECT json('1')")
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+    return True
+
+
+def _no_json_hint(exc: BaseException) -> str:
+    """A sentence saying that this SQLite lacks the JSON function ``exc`` names."""
+    found = _MISSING_FUNCTION.search(str(exc))
+    name = next(n for n in found.groups() if n) if found else ""
+    if not name.lower().startswith("json") or _sqlite_has_json():
+        return ""
+    return (f" This Python's SQLite ({sqlite3.sqlite_version}) was built without the "
+            f"JSON functions ({name}() among them: built in since SQLite 3.38 unless "
+            f"left out with SQLITE_OMIT_JSON, an optional extension before). Run on a "
+            f"SQLite that has them, or do the JSON work in Python (in the reducer, or "
+            f"on the rows read).")
+
+
+def _missing_function_hint(exc: BaseException) -> str:
+    """A sentence naming why a function is missing: a SQLite without the JSON
+    functions, or one older than the SQLite the schema or SQL was written on."""
+    found = _MISSING_FUNCTION.search(str(exc))
+    if found is None:
+        return ""
+    name = next(n for n in found.groups() if n)
+    return _no_json_hint(exc) or (
+        f" This Python's SQLite ({sqlite3.sqlite_version}) has no {name}(): check its "
+        f"spelling; a function a later SQLite added (the jsonb_ ones came in 3.45, for "
+        f"one), or one this build leaves out, needs a SQLite that has it.")
+
+
+def _missing_function_error(exc: BaseException, what: str,
+                            after: str = "") -> Optional[SchemaError]:
+    """The schema calls a function this SQLite lacks (written where SQLite had it):
+    every write, or read, of the tables that call it fails the same way."""
+    hint = _missing_function_hint(exc)
+    if not hint or "no such table" in str(exc):
+        return None
+    return SchemaError(
+        f"{what} failed: the read model's schema calls a function this SQLite lacks "
+        f"({exc}), in a generated column, a CHECK or an index.{after}{hint}"
+    )
+
+
 def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> List[str]:
     """Run the user's DDL (inside the caller's transaction); return the new tables.
     ``new``: a schema not yet accepted by a store (see _check_new_table)."""
@@ -1915,7 +1978,7 @@ def _create_schema(conn: sqlite3.Connection, schema: str, new: bool = True) -> L
             raise SchemaError(
                 f"Schema statement {number} failed: {exc}. Statement: "
                 f"{statement[:200]!r}. Note `events`, `fluxlite_*` and `sqlite_*` "
-                f"are reserved table names.{_newer_syntax_hint(exc)}"
+                f"are reserved table names.{_no_json_hint(exc) or _newer_syntax_hint(exc)}"
             ) from exc
         if _temp_objects(conn) != temporary:
             # CREATE TABLE temp.x: not in the file, gone on close; and a temp table
@@ -2628,7 +2691,7 @@ def _query_failure(exc: Exception, sql: str, params: Any) -> FluxliteError:
             or isinstance(exc, OverflowError):
         text += (f"; params: {_describe(params)}. Give one value per ? (a sequence), or a "
                  f"dict for :name placeholders; values are None, int, float, str or bytes")
-    return QueryError(text + ".")
+    return QueryError(text + "." + _missing_function_hint(exc))
 
 
 def _read_failure(exc: Exception, params: Sequence[Any]) -> FluxliteError:
@@ -2649,7 +2712,8 @@ def _read_failure(exc: Exception, params: Sequence[Any]) -> FluxliteError:
             f"A value looked up in the read model cannot be a SQLite value ({text}): "
             f"received {_describe(params)}. Look up text, a number within 64 bits, or None."
         )
-    return StorageError(f"Reading the read model failed: {text}.")
+    missing = _missing_function_error(exc, "Reading the read model")
+    return missing or StorageError(f"Reading the read model failed: {text}.")
 
 
 def _damaged_model(exc: sqlite3.Error) -> StorageError:
@@ -3070,7 +3134,13 @@ def _sealed(conn: sqlite3.Connection, path: str, rows: Iterable[Sequence[Any]]
 def _check_integrity(conn: sqlite3.Connection, path: str) -> None:
     """SQLite's own check of every page, and of every index against its table:
     damage the seals cannot see (an index that answers id lookups wrongly)."""
-    problems = [row[0] for row in conn.execute("PRAGMA integrity_check(10)")]
+    try:  # it computes each index's expressions: a function this SQLite lacks fails it
+        problems = [row[0] for row in conn.execute("PRAGMA integrity_check(10)")]
+    except sqlite3.OperationalError as exc:
+        missing = _missing_function_error(exc, f"Checking {path!r}")
+        if missing is None:
+            raise
+        raise missing from exc
     if problems != ["ok"]:
         raise _integrity_error(path, problems)
 
@@ -3136,7 +3206,7 @@ class _IntegrityCheck:
             with store._lock, _reading(self._path):
                 try:
                     _check_integrity(store._conn, self._path)
-                except StorageError as damage:
+                except FluxliteError as damage:  # or a schema this SQLite cannot check
                     raise damage from cause
             return
         if self._problems != ["ok"]:
@@ -7948,7 +8018,12 @@ def _as_of(store: Store, seq: int) -> View:
             # scanned all the changed rows of all tables (500 tables and a tail of
             # 100,000 changes: 17 s, a slower at(0) than a whole replay).
             conn.execute("CREATE INDEX temp.fluxlite_undo_tbl ON fluxlite_undo (tbl)")
-            _undo(conn, model)
+            try:
+                _undo(conn, model)
+            except sqlite3.OperationalError as exc:  # (not the copy's: that went in SQL)
+                if not live or str(exc) != "too many SQL variables":
+                    raise
+                raise _too_wide_to_undo(conn, model) from exc
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -7972,6 +8047,25 @@ def _too_wide_to_copy(store: Store) -> UsageError:
         f"({sqlite3.sqlite_version}) binds in one statement ({limit}; 999 before SQLite "
         f"3.32). Open the store from a file (not ':memory:', and outside a preview): its "
         f"at() copies rows inside SQLite. Or split the table into narrower ones."
+    )
+
+
+def _too_wide_to_undo(conn: sqlite3.Connection, model: _Model) -> UsageError:
+    """at() of a wide table whose earlier rows went back one statement per row."""
+    limit = _variable_limit(conn)
+    wide = [n for n, i in model.tables.items() if len(i.writable_columns) > limit]
+    if not _sqlite_has_json():  # the functions that put rows back inside SQLite
+        why = (f"this SQLite ({sqlite3.sqlite_version}) was built without the JSON "
+               f"functions that do it inside SQLite")
+        fix = "Run on a SQLite that has them (built in since SQLite 3.38), or split"
+    else:
+        why, fix = ("a JSON path cannot name a column with a '\"' or a control character "
+                    "in its name, nor carry a value with a NUL", "Rename such columns, or split")
+    return UsageError(
+        f"at() puts back the earlier rows of {', '.join(map(_quoted, wide)) or 'a table'} "
+        f"one statement per row here ({why}), and a row has more columns than this SQLite "
+        f"binds in one statement ({limit}; 999 before SQLite 3.32). {fix} the table into "
+        f"narrower ones."
     )
 
 

@@ -51,6 +51,19 @@ ROOT = pathlib.Path(__file__).resolve().parent
 needs_strict_tables = pytest.mark.skipif(sqlite3.sqlite_version_info < (3, 37, 0),
                                          reason="STRICT tables came in SQLite 3.37")
 
+
+def _sqlite_has_json_functions():
+    try:
+        sqlite3.connect(":memory:").execute("SELECT json('1')").close()
+    except sqlite3.OperationalError:
+        return False
+    return True
+
+
+# And on a SQLite built without the JSON functions (SQLITE_OMIT_JSON; optional before 3.38).
+needs_json_functions = pytest.mark.skipif(not _sqlite_has_json_functions(),
+                                          reason="this SQLite lacks the JSON functions")
+
 SCHEMA = """
 -- the White House read model
 CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT, logins INTEGER NOT NULL DEFAULT 0);
@@ -888,6 +901,7 @@ def test_a_reducer_cannot_reach_the_log_through_the_store(store, peek):
     assert store.head == 1 and "reducing" not in repr(store)
 
 
+@needs_json_functions
 def test_query_reads_json_and_names_columns_as_written(store):
     add(store, "a")
     assert list(store.query("SELECT count(*)")[0]) == ["count(*)"]
@@ -2336,6 +2350,7 @@ def test_a_fork_inside_a_subscriber_or_beside_a_busy_thread_leaves_the_child_wor
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+@needs_json_functions
 def test_a_forked_child_may_open_the_store_again_and_keeps_what_it_writes(tmp_path):
     # The child's own connection while the parent writes (and reopens): nothing lost.
     result = run_child(f"""
@@ -8584,6 +8599,7 @@ def test_a_polling_consumer_keeps_its_lease_while_the_log_is_quiet(tmp_path):
         assert [event.seq for event, _ in worker] == [2]  # no Conflict
 
 
+@needs_json_functions
 def test_a_reducer_may_use_json_each_first_on_a_new_store(tmp_path):
     # Found by review: SQLite reads sqlite_master's ROWID when json_each is first used
     # on a connection, and the reducer's ban on sqlite_* tables refused that: a reducer
@@ -9335,10 +9351,14 @@ def test_a_schema_expression_reading_the_clock_or_time_zone_is_a_changeset_error
 
 
 @pytest.mark.parametrize("schema", [
-    "CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT, a AS (json_extract(d, '$.a')))",
-    "CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT, a INTEGER AS (json_extract(d, '$.a')) STORED)",
-    "CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT CHECK (json_extract(d, '$.a') IS NOT 0))",
-    "CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT); CREATE INDEX t_a ON t (json_extract(d, '$.a'))",
+    pytest.param("CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT, a AS (json_extract(d, '$.a')))",
+                 marks=needs_json_functions),
+    pytest.param("CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT, a INTEGER AS (json_extract(d, '$.a')) STORED)",
+                 marks=needs_json_functions),
+    pytest.param("CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT CHECK (json_extract(d, '$.a') IS NOT 0))",
+                 marks=needs_json_functions),
+    pytest.param("CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT); CREATE INDEX t_a ON t (json_extract(d, '$.a'))",
+                 marks=needs_json_functions),
     "CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT, a AS (d LIKE 'x%' ESCAPE d))",
 ])
 def test_a_schema_expression_failing_on_a_value_is_a_changeset_error(tmp_path, schema):
@@ -9356,6 +9376,7 @@ def test_a_schema_expression_failing_on_a_value_is_a_changeset_error(tmp_path, s
         store.verify()
 
 
+@needs_json_functions
 def test_a_rebuild_whose_schema_expression_fails_on_an_old_value_names_the_event(tmp_path):
     # A new schema adds a generated column over text that an old event stored as no
     # JSON: the rebuild is refused with a FluxliteError naming that event (it was a
@@ -10990,6 +11011,7 @@ def test_a_change_wider_than_sqlite_binds_is_a_changeset_error_saying_so(tmp_pat
 
 
 @pytest.mark.skipif(not hasattr(sqlite3.Connection, "setlimit"), reason="Python 3.11+")
+@needs_json_functions  # (without them, see test_at_of_a_wide_table_without_json_functions...)
 def test_at_of_a_table_wider_than_sqlite_binds(tmp_path, monkeypatch):
     # Found by review: at() bound one JSON path per column to undo a table, and on a
     # table wider than SQLite binds fell back to whole-row inserts: a raw
@@ -12717,6 +12739,7 @@ def _json_path_reducer(view, event):
     return view.docs.insert(id=event.payload["id"], d='{"a": 1}', p=event.payload["p"])
 
 
+@needs_json_functions
 def test_a_bad_json_path_in_a_schema_expression_is_the_changes_error():
     """A generated column (or CHECK, or index) whose JSON path is not one fails on
     that row: the change's ChangesetError, as for malformed JSON. SQLite 3.45
@@ -17675,3 +17698,99 @@ def test_store_query_inside_a_reducer_is_refused_whole_as_its_docstring_says():
     doc = " ".join(fluxlite.Store.query.__doc__.split())
     assert "Inside a reducer this is refused whole (UsageError)" in doc
     assert "view.query()" in doc
+
+
+# --- nojson: a SQLite without the JSON functions (a build with SQLITE_OMIT_JSON, or
+# one before 3.38 without JSON1), and a schema calling a function this SQLite lacks.
+# Run for real on such a build (the twentieth session's nojson helper: Debian's 3.40.1
+# source built with -DSQLITE_OMIT_JSON, under LD_LIBRARY_PATH); monkeypatched here.
+
+def _with_function_twice(monkeypatch):
+    """Every new connection has twice(x), as a SQLite with a function this one lacks."""
+    connect = sqlite3.connect
+
+    def with_twice(*args, **kwargs):
+        conn = connect(*args, **kwargs)
+        conn.create_function("twice", 1, lambda x: None if x is None else 2 * x,
+                             deterministic=True)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", with_twice)
+
+
+def test_a_stored_schema_calling_a_function_this_sqlite_lacks_is_a_schema_error(
+        tmp_path, monkeypatch):
+    # Found on a real SQLite without the JSON functions: a store made where SQLite had
+    # json_extract() (a generated column, an index over it) opened, then its dispatch was
+    # a StorageError saying to check free disk space, and verify() raised a raw
+    # sqlite3.OperationalError ("unknown function: json_extract()").
+    path = str(tmp_path / "f.db")
+    schema = ("CREATE TABLE t (k INTEGER PRIMARY KEY, n INT, d AS (twice(n)));"
+              "CREATE INDEX t_d ON t (twice(n));")
+    reducer = lambda view, event: view.t.upsert(k=event.payload, n=event.payload)  # noqa: E731
+    _with_function_twice(monkeypatch)
+    with fluxlite.open(path, schema=schema, reducer=reducer) as store:
+        store.dispatch("put", 1)
+        assert store.view.t.get(1) == {"k": 1, "n": 1, "d": 2}
+    monkeypatch.undo()
+    with fluxlite.open(path, schema=schema, reducer=reducer) as store:
+        lacks = r"calls a function this SQLite lacks \(unknown function: twice\(\)\)"
+        with pytest.raises(fluxlite.SchemaError, match=lacks + r".*Nothing was written\. "
+                                                       r".*has no twice\(\)"):
+            store.dispatch("put", 2)
+        assert store.head == 1
+        with pytest.raises(fluxlite.SchemaError, match=lacks):
+            store.view.t.get(1)
+        with pytest.raises(fluxlite.SchemaError, match="has no twice"):
+            store.verify()
+        with pytest.raises(fluxlite.QueryError, match=r"has no twice\(\): check its spelling"):
+            store.query("SELECT d FROM t")
+        assert store.query("SELECT k, n FROM t") == [{"k": 1, "n": 1}]
+
+
+def test_json_sql_on_a_sqlite_without_the_json_functions_says_so(monkeypatch):
+    # Found on a real SQLite without them: query() and a schema calling json_extract()
+    # failed with SQLite's "no such function: json_extract" alone, the same words as a
+    # misspelt name, with nothing saying that this build left the JSON functions out.
+    name = "json_extract"
+    if _sqlite_has_json_functions():  # a name no SQLite has, on a build "without" them
+        name = "json_nosuch"
+        with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as store:
+            with pytest.raises(fluxlite.QueryError, match=r"has no json_nosuch\(\)") as info:
+                store.query("SELECT json_nosuch(1) AS a")  # (a newer jsonb_ one, say)
+            assert "built without" not in str(info.value)
+        monkeypatch.setattr(fluxlite, "_sqlite_has_json", lambda: False)
+    without = r"SQLite \(\d+\.\d+\.\d+\) was built without the JSON functions"
+    with fluxlite.open(":memory:", schema=SCHEMA, reducer=reducer) as store:
+        with pytest.raises(fluxlite.QueryError, match=without):
+            store.query(f"SELECT {name}('{{}}', '$.a') AS a")
+        if name == "json_extract":
+            with pytest.raises(fluxlite.QueryError, match=without):
+                store.query("SELECT value FROM json_each('[1]')")
+    with pytest.raises(fluxlite.SchemaError, match=without):
+        fluxlite.open(":memory:", reducer=reducer, schema=(
+            f"CREATE TABLE t (k INTEGER PRIMARY KEY, d TEXT, a AS ({name}(d, '$.a')))"))
+
+
+@pytest.mark.skipif(not hasattr(sqlite3.Connection, "setlimit"), reason="Python 3.11+")
+def test_at_of_a_wide_table_without_json_functions_says_why(tmp_path, monkeypatch):
+    # Found on a real SQLite without them: at() of a store in a file puts earlier rows
+    # back one statement per row there, and for a table wider than SQLite binds said
+    # "Open the store from a file (not ':memory:' ...)" to a store opened from one.
+    _binding_at_most(monkeypatch, 10)
+    if _sqlite_has_json_functions():
+        def no_json(conn, model, names):
+            raise sqlite3.OperationalError("no such function: json_extract")
+        monkeypatch.setattr(fluxlite, "_undo_in_sql", no_json)
+        monkeypatch.setattr(fluxlite, "_sqlite_has_json", lambda: False)
+    with fluxlite.open(str(tmp_path / "w.db"), schema=WIDE, reducer=wide_reducer) as store:
+        store.dispatch("some", {"id": 1, "v": "a"})
+        store.dispatch("set", {"id": 1, "v": "b"})
+        with pytest.raises(fluxlite.UsageError, match=r"puts back the earlier rows of 'wide' "
+                           r"one statement per row here \(this SQLite .* was built without "
+                           r"the JSON functions") as info:
+            store.at(1)
+        assert "from a file" not in str(info.value)
+        assert store.head == 2
+        with store.at(2) as now:
+            assert now.wide.get(1)["c1"] == "b"
