@@ -10783,12 +10783,8 @@ def _log_pages(store: Store, args: Any) -> Iterator[List[Dict[str, Any]]]:
 
 
 def _has_json_functions(store: Store) -> bool:
-    """SQLite has had them built in since 3.38; a build before may have left them out."""
-    try:
-        store.query("SELECT json_extract('{}', '$.a') AS a")
-    except QueryError:
-        return False
-    return True
+    """Whether ``store``'s SQLite (this process's) has the JSON functions."""
+    return _sqlite_has_json()
 
 
 def _actor_of(row: Mapping[str, Any]) -> Any:
